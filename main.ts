@@ -1,0 +1,98 @@
+/**
+ * sni-proxy command line: parses flags, loads the config, starts the proxy and wires signals.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { ConfigError, loadConfig } from "./src/config.ts";
+import { closeLogging, logger, setupLogging } from "./src/log.ts";
+import { Proxy } from "./src/proxy.ts";
+
+/** The release this source tree is. */
+export const VERSION = "0.1.0";
+
+const USAGE = `sni-proxy ${VERSION}: route TLS (by SNI) and HTTP (by Host) to backends
+
+Usage: sni-proxy [--config PATH] [--check] [--version] [--help]
+
+  --config PATH  config file (default: config.json)
+  --check        validate the config, print every error (or "config OK"), exit 0/1
+  --version      print the version
+  --help         print this help
+
+Signals: SIGHUP reloads the config; SIGTERM/SIGINT drain and exit.`;
+
+async function main(args: string[]): Promise<number> {
+  let flags;
+  try {
+    flags = parseArgs({
+      args,
+      options: {
+        config: { type: "string", default: "config.json" },
+        check: { type: "boolean", default: false },
+        version: { type: "boolean", default: false },
+        help: { type: "boolean", default: false },
+      },
+      strict: true,
+      allowPositionals: false,
+    }).values;
+  } catch (e) {
+    console.error(`sni-proxy: ${(e as Error).message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (flags.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  if (flags.version) {
+    console.log(`sni-proxy ${VERSION} (deno ${Deno.version.deno})`);
+    return 0;
+  }
+
+  let config;
+  try {
+    config = await loadConfig(flags.config);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    for (const line of e.errors) console.error(`${flags.config}: ${line}`);
+    return 1;
+  }
+  if (flags.check) {
+    console.log("config OK");
+    return 0;
+  }
+
+  await setupLogging(config.log);
+  const log = logger("main");
+  let proxy: Proxy;
+  try {
+    proxy = Proxy.start(config);
+  } catch (e) {
+    log.error(`cannot start: ${(e as Error).message}`);
+    await closeLogging();
+    return 1;
+  }
+
+  const stopped = Promise.withResolvers<void>();
+  const stop = (signal: string) => {
+    log.info(`${signal}: stopping`);
+    proxy.shutdown().then(stopped.resolve, stopped.reject);
+  };
+  Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
+  Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
+  Deno.addSignalListener("SIGHUP", async () => {
+    try {
+      proxy.reload(await loadConfig(flags.config));
+    } catch (e) {
+      const lines = e instanceof ConfigError ? e.errors : [(e as Error).message];
+      log.error(`reload failed, keeping the running config: ${lines.join("; ")}`);
+    }
+  });
+  await stopped.promise;
+  await closeLogging();
+  return 0;
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}

@@ -1,0 +1,277 @@
+/**
+ * Config file: JSON validated against a schema, then resolved into the typed form the
+ * proxy runs on. Every error carries the JSON path of the bad field.
+ *
+ * @module
+ */
+import { z } from "zod";
+import { type Cidr, isIpAddress, parseCidr } from "./acl.ts";
+import { compilePattern, type NamePattern } from "./router.ts";
+
+/** How a route picks one of its backends. */
+export type Balance = "round_robin" | "random" | "least_conn" | "source_hash";
+
+/** A `host:port` backend; `dynamic` means the host is the client's requested name (`$sni`). */
+export interface BackendAddress {
+  /** As written in the config, for logs. */
+  text: string;
+  /** IP literal (no brackets) or DNS name; empty for dynamic backends. */
+  host: string;
+  port: number;
+  dynamic: boolean;
+}
+
+/** A listening socket. */
+export interface ListenerConfig {
+  address: string;
+  hostname: string;
+  port: number;
+  protocol: "tls" | "http";
+}
+
+/** A route: names it serves and the backends it sends them to. */
+export interface RouteConfig {
+  match: NamePattern;
+  backends: BackendAddress[];
+  balance: Balance;
+  /** Required for dynamic backends: names they may connect to. */
+  allow: NamePattern[] | null;
+}
+
+/** The resolved, validated config the proxy runs on. */
+export interface Config {
+  /** Absolute path of the file it came from. */
+  path: string;
+  listeners: ListenerConfig[];
+  routes: RouteConfig[];
+  defaultBackend: BackendAddress | null;
+  timeouts: { clientHelloMs: number; connectMs: number; idleMs: number; drainMs: number };
+  limits: { maxConnections: number; maxClientHelloBytes: number };
+  acl: { allow: Cidr[]; deny: Cidr[] };
+  log: {
+    level: "debug" | "info" | "warning" | "error";
+    file: string | null;
+    accessLog: string | null;
+    maxFileBytes: number;
+    maxFiles: number;
+  };
+  ebpf: { enabled: boolean; sockmapEnabled: boolean; dnsCacheEnabled: boolean };
+}
+
+/** Raised when a config cannot be used; `errors` lists every problem, each with its path. */
+export class ConfigError extends Error {
+  readonly errors: string[];
+  constructor(source: string, errors: string[]) {
+    super(`${source}: ${errors.length} error(s):\n  ${errors.join("\n  ")}`);
+    this.name = "ConfigError";
+    this.errors = errors;
+  }
+}
+
+const ms = (def: number) => z.number().int().min(1).max(86_400_000).default(def);
+const pathOrOff = (def: string) =>
+  z.union([z.string().min(1), z.literal(false)], { error: "expected a file path or false" })
+    .default(def);
+
+const schema = z.strictObject({
+  listeners: z.array(z.strictObject({
+    address: z.string(),
+    protocol: z.enum(["tls", "http"]).default("tls"),
+  })).min(1, { error: "at least one listener is required" }),
+  routes: z.array(z.strictObject({
+    match: z.string(),
+    backends: z.array(z.string()).min(1, { error: "at least one backend is required" }),
+    balance: z.enum(["round_robin", "random", "least_conn", "source_hash"]).default(
+      "round_robin",
+    ),
+    allow: z.array(z.string()).optional(),
+  })),
+  default_backend: z.string().optional(),
+  timeouts: z.strictObject({
+    client_hello_ms: ms(10_000),
+    connect_ms: ms(5_000),
+    idle_ms: ms(300_000),
+    drain_ms: ms(30_000),
+  }).prefault({}),
+  limits: z.strictObject({
+    max_connections: z.number().int().min(1).max(1_000_000).default(10_000),
+    max_client_hello_bytes: z.number().int().min(512).max(1_048_576).default(16_384),
+  }).prefault({}),
+  acl: z.strictObject({
+    allow: z.array(z.string()).default([]),
+    deny: z.array(z.string()).default([]),
+  }).prefault({}),
+  log: z.strictObject({
+    level: z.enum(["debug", "info", "warning", "error"]).default("info"),
+    file: pathOrOff("logs/sni-proxy.log"),
+    access_log: pathOrOff("logs/access.log"),
+    max_file_bytes: z.number().int().min(4096).default(10 * 1024 * 1024),
+    max_files: z.number().int().min(1).max(1000).default(5),
+  }).prefault({}),
+  ebpf: z.strictObject({
+    enabled: z.boolean().default(false),
+    sockmap_enabled: z.boolean().default(false),
+    dns_cache_enabled: z.boolean().default(false),
+  }).prefault({}),
+});
+
+/** Formats `["routes", 2, "backends", 0]` as `routes[2].backends[0]`. */
+export function formatPath(path: readonly PropertyKey[]): string {
+  let out = "";
+  for (const part of path) {
+    if (typeof part === "number") out += `[${part}]`;
+    else out += out === "" ? String(part) : `.${String(part)}`;
+  }
+  return out === "" ? "(top level)" : out;
+}
+
+/** Splits `host:port` / `[v6]:port`; throws with a reason. */
+function splitHostPort(text: string, minPort: number): { host: string; port: number } {
+  let host: string;
+  let portText: string;
+  if (text.startsWith("[")) {
+    const close = text.indexOf("]");
+    if (close < 0 || text[close + 1] !== ":") throw new Error(`expected "[IPv6]:port"`);
+    host = text.slice(1, close);
+    portText = text.slice(close + 2);
+    if (!isIpAddress(host) || !host.includes(":")) {
+      throw new Error(`"${host}" is not an IPv6 address`);
+    }
+  } else {
+    const colon = text.lastIndexOf(":");
+    if (colon < 0) throw new Error(`expected "host:port"`);
+    host = text.slice(0, colon);
+    portText = text.slice(colon + 1);
+    if (host.includes(":")) throw new Error(`IPv6 addresses need brackets: "[${host}]:port"`);
+  }
+  if (!/^[0-9]{1,5}$/.test(portText)) throw new Error(`port "${portText}" is not a number`);
+  const port = Number(portText);
+  if (port < minPort || port > 65535) throw new Error(`port out of range (${minPort}-65535)`);
+  return { host, port };
+}
+
+const hostnameRe = /^(?=.{1,253}$)([a-zA-Z0-9_]([a-zA-Z0-9_-]{0,61}[a-zA-Z0-9_])?\.?)+$/;
+
+function parseBackend(text: string): BackendAddress {
+  const { host, port } = splitHostPort(text, 1);
+  if (host === "$sni") return { text, host: "", port, dynamic: true };
+  if (!isIpAddress(host) && !hostnameRe.test(host)) {
+    throw new Error(`"${host}" is not an IP address, a host name or $sni`);
+  }
+  return { text, host, port, dynamic: false };
+}
+
+function parseListener(text: string): { hostname: string; port: number } {
+  const { host, port } = splitHostPort(text, 0);
+  if (!isIpAddress(host)) throw new Error(`listener host must be an IP address, got "${host}"`);
+  return { hostname: host, port };
+}
+
+/**
+ * Validates a parsed JSON value and resolves it. `path` is the file it came from (relative
+ * log paths are resolved against its directory). Throws ConfigError listing every problem.
+ */
+export function resolveConfig(raw: unknown, path: string): Config {
+  const parsed = schema.safeParse(raw);
+  if (!parsed.success) {
+    throw new ConfigError(
+      path,
+      parsed.error.issues.map((i) => `${formatPath(i.path)}: ${i.message}`),
+    );
+  }
+  const c = parsed.data;
+  const errors: string[] = [];
+  const at = <T>(where: PropertyKey[], f: () => T): T | undefined => {
+    try {
+      return f();
+    } catch (e) {
+      errors.push(`${formatPath(where)}: ${(e as Error).message}`);
+      return undefined;
+    }
+  };
+
+  const listeners = c.listeners.map((l, i) => {
+    const a = at(["listeners", i, "address"], () => parseListener(l.address));
+    return { ...l, hostname: a?.hostname ?? "", port: a?.port ?? 0 };
+  });
+  const routes: RouteConfig[] = c.routes.map((r, i) => {
+    const backends = r.backends.map((b, j) =>
+      at(["routes", i, "backends", j], () => parseBackend(b))
+    )
+      .filter((b): b is BackendAddress => b !== undefined);
+    const dynamic = backends.some((b) => b.dynamic);
+    if (dynamic && (!r.allow || r.allow.length === 0)) {
+      errors.push(
+        `${formatPath(["routes", i, "allow"])}: a route with a $sni backend needs an allow list ` +
+          `of name patterns (otherwise it is an open proxy)`,
+      );
+    }
+    const allow = r.allow?.map((p, j) => at(["routes", i, "allow", j], () => compilePattern(p)))
+      .filter((p): p is NamePattern => p !== undefined) ?? null;
+    return {
+      match: at(["routes", i, "match"], () => compilePattern(r.match)) ?? compilePattern("*"),
+      backends,
+      balance: r.balance,
+      allow: dynamic ? allow : null,
+    };
+  });
+  const defaultBackend = c.default_backend === undefined ? null : at(["default_backend"], () => {
+    const b = parseBackend(c.default_backend!);
+    if (b.dynamic) throw new Error("default_backend cannot be $sni");
+    return b;
+  }) ?? null;
+  const cidrs = (list: string[], key: string) =>
+    list.map((t, i) => at(["acl", key, i], () => parseCidr(t)))
+      .filter((x): x is Cidr => x !== undefined);
+  const acl = { allow: cidrs(c.acl.allow, "allow"), deny: cidrs(c.acl.deny, "deny") };
+
+  if (errors.length > 0) throw new ConfigError(path, errors);
+  const dir = path.includes("/") ? path.slice(0, path.lastIndexOf("/") + 1) : "";
+  const rel = (p: string | false) => (p === false ? null : p.startsWith("/") ? p : dir + p);
+  return {
+    path,
+    listeners,
+    routes,
+    defaultBackend,
+    timeouts: {
+      clientHelloMs: c.timeouts.client_hello_ms,
+      connectMs: c.timeouts.connect_ms,
+      idleMs: c.timeouts.idle_ms,
+      drainMs: c.timeouts.drain_ms,
+    },
+    limits: {
+      maxConnections: c.limits.max_connections,
+      maxClientHelloBytes: c.limits.max_client_hello_bytes,
+    },
+    acl,
+    log: {
+      level: c.log.level,
+      file: rel(c.log.file),
+      accessLog: rel(c.log.access_log),
+      maxFileBytes: c.log.max_file_bytes,
+      maxFiles: c.log.max_files,
+    },
+    ebpf: {
+      enabled: c.ebpf.enabled,
+      sockmapEnabled: c.ebpf.sockmap_enabled,
+      dnsCacheEnabled: c.ebpf.dns_cache_enabled,
+    },
+  };
+}
+
+/** Reads, parses and resolves a config file. Throws ConfigError (also for I/O and JSON errors). */
+export async function loadConfig(path: string): Promise<Config> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (e) {
+    throw new ConfigError(path, [`cannot read file: ${(e as Error).message}`]);
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (e) {
+    throw new ConfigError(path, [`not valid JSON: ${(e as Error).message}`]);
+  }
+  return resolveConfig(raw, path);
+}

@@ -1,0 +1,110 @@
+/**
+ * Listener: one listening socket's accept loop. Applies the connection limit and the ACL
+ * (before reading a byte), then hands each connection to a new Session.
+ *
+ * @module
+ */
+import type { ListenerConfig } from "./config.ts";
+import { logger, writeAccess } from "./log.ts";
+import { Metrics } from "./metrics.ts";
+import { closeQuietly } from "./relay.ts";
+import { errText, formatAddr, Session } from "./session.ts";
+import type { RoutingTable } from "./table.ts";
+
+const log = logger("listener");
+
+/** What a listener needs from the proxy that owns it. */
+export interface ListenerHost {
+  /** The routing table new connections are served by (swapped on reload). */
+  readonly table: RoutingTable;
+  readonly metrics: Metrics;
+  /** Resolves when a connection slot is free (immediately when under the limit). */
+  waitForSlot(): Promise<void>;
+  /** Registers a live session until its promise settles. */
+  track(session: Session, done: Promise<void>): void;
+}
+
+/** A bound listening socket and its accept loop. */
+export class Listener {
+  readonly config: ListenerConfig;
+  /** The bound address (`127.0.0.1:8443`), with the real port when the config said 0. */
+  readonly address: string;
+  readonly #socket: Deno.TcpListener;
+  readonly #host: ListenerHost;
+  #closed = false;
+
+  /** Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. */
+  constructor(config: ListenerConfig, host: ListenerHost) {
+    this.config = config;
+    this.#host = host;
+    try {
+      this.#socket = Deno.listen({
+        hostname: config.hostname,
+        port: config.port,
+        transport: "tcp",
+      });
+    } catch (e) {
+      throw new Error(`cannot listen on ${config.address}: ${errText(e)}`);
+    }
+    this.address = formatAddr(this.#socket.addr);
+  }
+
+  /** Accepts until close(). */
+  async serve(): Promise<void> {
+    const host = this.#host;
+    for (;;) {
+      await host.waitForSlot();
+      if (this.#closed) return;
+      let conn: Deno.TcpConn;
+      try {
+        conn = await this.#socket.accept();
+      } catch (e) {
+        if (this.#closed) return;
+        // EMFILE and friends: log, back off briefly, keep serving
+        log.error(`accept on ${this.address} failed: ${errText(e)}`);
+        await new Promise((r) => setTimeout(r, 100));
+        continue;
+      }
+      host.metrics.accepted++;
+      const table = host.table;
+      const remote = conn.remoteAddr as Deno.NetAddr;
+      if (!table.acl.permits(remote.hostname)) {
+        closeQuietly(conn);
+        Metrics.bump(host.metrics.closed, "acl_denied");
+        log.info(`${formatAddr(remote)} denied by acl on ${this.address}`);
+        writeAccess({
+          time: new Date().toISOString(),
+          client: formatAddr(remote),
+          listener: this.address,
+          sni: null,
+          route: null,
+          backend: null,
+          bytes_up: 0,
+          bytes_down: 0,
+          duration_ms: 0,
+          close_reason: "acl_denied",
+          mode: "userspace",
+        });
+        continue;
+      }
+      const session = new Session(conn, {
+        table,
+        listener: this.address,
+        protocol: this.config.protocol,
+        metrics: host.metrics,
+      });
+      host.track(session, session.run());
+    }
+  }
+
+  /** Stops accepting; live sessions are not touched. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      this.#socket.close();
+    } catch {
+      // already closed
+    }
+  }
+}

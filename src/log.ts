@@ -1,0 +1,94 @@
+/**
+ * Logging: the operator's log (stderr plus a size-rotated file) and the access log (one JSON
+ * line per connection, also rotated), both through LogTape.
+ *
+ * @module
+ */
+import {
+  configure,
+  defaultTextFormatter,
+  dispose,
+  getLogger,
+  type Logger,
+  type LogRecord,
+  type Sink,
+} from "@logtape/logtape";
+import { getRotatingFileSink } from "@logtape/file";
+import type { Config } from "./config.ts";
+
+/** One connection, as written to the access log when it closes. */
+export interface AccessEntry {
+  time: string;
+  client: string;
+  listener: string;
+  sni: string | null;
+  route: string | null;
+  backend: string | null;
+  bytes_up: number;
+  bytes_down: number;
+  duration_ms: number;
+  close_reason: string;
+  mode: "userspace" | "kernel";
+  error?: string;
+}
+
+/** The category every proxy logger lives under. */
+export const LOG_ROOT = "sni-proxy";
+const ACCESS_ROOT = "sni-proxy-access";
+
+/** A logger for one concern, e.g. `logger("session")`. */
+export function logger(name: string): Logger {
+  return getLogger([LOG_ROOT, name]);
+}
+
+const encoder = new TextEncoder();
+
+/** stderr, written synchronously so a crash or exit never loses the last lines. */
+const stderrSink: Sink = (record: LogRecord) => {
+  Deno.stderr.writeSync(encoder.encode(defaultTextFormatter(record)));
+};
+
+function fileSink(path: string, cfg: Config["log"], formatter?: (r: LogRecord) => string): Sink {
+  const dir = path.slice(0, path.lastIndexOf("/"));
+  if (dir) Deno.mkdirSync(dir, { recursive: true });
+  return getRotatingFileSink(path, {
+    maxSize: cfg.maxFileBytes,
+    maxFiles: cfg.maxFiles,
+    formatter,
+    flushInterval: 500,
+  });
+}
+
+/** Sets up the sinks from the config's `log` section. Call once at start. */
+export async function setupLogging(cfg: Config["log"]): Promise<void> {
+  const sinks: Record<string, Sink> = { stderr: stderrSink };
+  const proxySinks = ["stderr"];
+  if (cfg.file) {
+    sinks.file = fileSink(cfg.file, cfg);
+    proxySinks.push("file");
+  }
+  if (cfg.accessLog) {
+    sinks.access = fileSink(cfg.accessLog, cfg, (r) => JSON.stringify(r.properties) + "\n");
+  }
+  await configure({
+    reset: true,
+    sinks,
+    loggers: [
+      { category: [LOG_ROOT], lowestLevel: cfg.level, sinks: proxySinks },
+      { category: [ACCESS_ROOT], lowestLevel: "info", sinks: cfg.accessLog ? ["access"] : [] },
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
+    ],
+  });
+}
+
+const accessLogger = getLogger([ACCESS_ROOT]);
+
+/** Writes one access-log line (a no-op when the access log is off). */
+export function writeAccess(entry: AccessEntry): void {
+  accessLogger.info("access", entry as unknown as Record<string, unknown>);
+}
+
+/** Flushes and closes every sink; call before exit. */
+export async function closeLogging(): Promise<void> {
+  await dispose();
+}

@@ -1,0 +1,134 @@
+/**
+ * The proxy: its listeners, the current routing table, the live sessions, the connection
+ * limit, reload and drain.
+ *
+ * @module
+ */
+import type { Config } from "./config.ts";
+import { Listener, type ListenerHost } from "./listener.ts";
+import { logger } from "./log.ts";
+import { Metrics } from "./metrics.ts";
+import type { Session } from "./session.ts";
+import { buildTable, type RoutingTable } from "./table.ts";
+
+const log = logger("proxy");
+
+/** A running proxy. */
+export class Proxy implements ListenerHost {
+  table: RoutingTable;
+  readonly metrics = new Metrics();
+  readonly listeners: Listener[] = [];
+  readonly #sessions = new Map<Session, Promise<void>>();
+  #slotWaiters: (() => void)[] = [];
+  #limitLogged = false;
+  #stopping = false;
+
+  private constructor(config: Config) {
+    this.table = buildTable(config);
+  }
+
+  /** Binds every listener (all or none) and starts accepting. */
+  static start(config: Config): Proxy {
+    const proxy = new Proxy(config);
+    try {
+      for (const l of config.listeners) proxy.listeners.push(new Listener(l, proxy));
+    } catch (e) {
+      for (const l of proxy.listeners) l.close();
+      throw e;
+    }
+    for (const l of proxy.listeners) {
+      log.info(`listening on ${l.address} (${l.config.protocol})`);
+      l.serve().catch((e) => log.error(`listener ${l.address} stopped: ${e}`));
+    }
+    if (config.ebpf.enabled) {
+      log.warn(
+        "ebpf.enabled is set but the eBPF fast path is not part of this build yet: " +
+          "userspace mode in use",
+      );
+    }
+    log.info(
+      `ready: ${proxy.listeners.length} listener(s), ${config.routes.length} route(s), ` +
+        `mode userspace`,
+    );
+    return proxy;
+  }
+
+  /** Live sessions. */
+  get active(): number {
+    return this.#sessions.size;
+  }
+
+  waitForSlot(): Promise<void> {
+    if (this.#stopping || this.#sessions.size < this.table.config.limits.maxConnections) {
+      return Promise.resolve();
+    }
+    if (!this.#limitLogged) {
+      this.#limitLogged = true;
+      log.warn(
+        `limits.max_connections (${this.table.config.limits.maxConnections}) reached: ` +
+          `not accepting until a connection closes`,
+      );
+    }
+    return new Promise((resolve) => this.#slotWaiters.push(resolve));
+  }
+
+  track(session: Session, done: Promise<void>): void {
+    this.#sessions.set(session, done);
+    this.metrics.active = this.#sessions.size;
+    done.finally(() => {
+      this.#sessions.delete(session);
+      this.metrics.active = this.#sessions.size;
+      this.#wakeWaiters();
+    });
+  }
+
+  #wakeWaiters(): void {
+    const max = this.table.config.limits.maxConnections;
+    while (this.#slotWaiters.length > 0 && (this.#stopping || this.#sessions.size < max)) {
+      this.#slotWaiters.shift()!();
+    }
+    if (this.#slotWaiters.length === 0 && this.#limitLogged) {
+      this.#limitLogged = false;
+      log.info("accepting again: below limits.max_connections");
+    }
+  }
+
+  /** Serves new connections by `config` from now on; live connections keep their table. */
+  reload(config: Config): void {
+    const old = this.table.config;
+    if (JSON.stringify(old.listeners) !== JSON.stringify(config.listeners)) {
+      log.warn("reload: listener changes take effect only after a restart");
+    }
+    if (JSON.stringify(old.log) !== JSON.stringify(config.log)) {
+      log.warn("reload: log changes take effect only after a restart");
+    }
+    this.table = buildTable({ ...config, listeners: old.listeners, log: old.log });
+    this.#wakeWaiters();
+    log.info(
+      `reloaded ${config.path}: ${config.routes.length} route(s); ` +
+        `${this.#sessions.size} live connection(s) keep their routes`,
+    );
+  }
+
+  /** Stops accepting, lets live sessions finish for up to drain_ms, then ends the rest. */
+  async shutdown(): Promise<void> {
+    if (this.#stopping) return;
+    this.#stopping = true;
+    for (const l of this.listeners) l.close();
+    this.#wakeWaiters();
+    const drainMs = this.table.config.timeouts.drainMs;
+    if (this.#sessions.size > 0) {
+      log.info(`draining ${this.#sessions.size} connection(s) for up to ${drainMs} ms`);
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const expired = new Promise<boolean>((r) => (timer = setTimeout(() => r(true), drainMs)));
+      const drained = Promise.all(this.#sessions.values()).then(() => false);
+      if (await Promise.race([drained, expired])) {
+        log.warn(`drain time over: closing ${this.#sessions.size} connection(s)`);
+        for (const s of this.#sessions.keys()) s.stop("shutdown");
+        await Promise.all(this.#sessions.values());
+      }
+      clearTimeout(timer);
+    }
+    log.info("stopped");
+  }
+}

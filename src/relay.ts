@@ -1,0 +1,128 @@
+/**
+ * Userspace relay: copies bytes both ways between a client and its backend until both
+ * directions end, with half-close, idle timeout and reset handling.
+ *
+ * Each direction is a read()/write() loop over one reused buffer. Deno's `readable`/`pipeTo`
+ * is not used: it closes the whole socket at EOF (no half-close) and is slower on small
+ * messages.
+ *
+ * @module
+ */
+
+/** Why a relay ended. */
+export type RelayEnd =
+  | "done"
+  | "idle_timeout"
+  | "client_reset"
+  | "backend_reset"
+  | "shutdown"
+  | "error";
+
+/** First buffer of each direction; idle connections keep only this much. */
+const INITIAL_BUFFER = 2048;
+/** A direction's buffer grows (x4) up to this while reads keep filling it. */
+const MAX_BUFFER = 64 * 1024;
+
+/** A running relay between `client` and `backend`. Both conns are closed when it ends. */
+export class Relay {
+  readonly #client: Deno.Conn;
+  readonly #backend: Deno.Conn;
+  readonly #idleMs: number;
+  #end: RelayEnd | null = null;
+  #error: unknown = null;
+  #lastActive = Date.now();
+  #idleTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Bytes client → backend copied by this relay. */
+  bytesUp = 0;
+  /** Bytes backend → client copied by this relay. */
+  bytesDown = 0;
+
+  constructor(client: Deno.Conn, backend: Deno.Conn, idleMs: number) {
+    this.#client = client;
+    this.#backend = backend;
+    this.#idleMs = idleMs;
+  }
+
+  /** The error behind a reset or error end, for the log. */
+  get error(): unknown {
+    return this.#error;
+  }
+
+  /** Relays until both directions are done (or the relay is stopped); closes both conns. */
+  async run(): Promise<RelayEnd> {
+    this.#armIdle(this.#idleMs);
+    await Promise.all([
+      this.#pump(this.#client, this.#backend, true),
+      this.#pump(this.#backend, this.#client, false),
+    ]);
+    this.#finish("done", null);
+    return this.#end!;
+  }
+
+  /** Ends the relay now with `reason` (e.g. shutdown); both conns are closed. */
+  stop(reason: RelayEnd): void {
+    this.#finish(reason, null);
+  }
+
+  #finish(reason: RelayEnd, error: unknown): void {
+    if (this.#end !== null) return;
+    this.#end = reason;
+    this.#error = error;
+    clearTimeout(this.#idleTimer);
+    closeQuietly(this.#client);
+    closeQuietly(this.#backend);
+  }
+
+  #armIdle(delay: number): void {
+    this.#idleTimer = setTimeout(() => {
+      const idleFor = Date.now() - this.#lastActive;
+      if (idleFor >= this.#idleMs) this.#finish("idle_timeout", null);
+      else this.#armIdle(this.#idleMs - idleFor);
+    }, delay);
+  }
+
+  async #pump(src: Deno.Conn, dst: Deno.Conn, up: boolean): Promise<void> {
+    let buf = new Uint8Array(INITIAL_BUFFER);
+    for (;;) {
+      let n: number | null;
+      try {
+        n = await src.read(buf);
+      } catch (e) {
+        this.#finish(up ? "client_reset" : "backend_reset", e);
+        return;
+      }
+      if (this.#end !== null) return;
+      if (n === null) {
+        // EOF: pass the half-close on; the other direction keeps flowing until it ends too
+        try {
+          await (dst as Deno.TcpConn).closeWrite();
+        } catch {
+          // the peer is already gone; its own direction reports that
+        }
+        return;
+      }
+      this.#lastActive = Date.now();
+      try {
+        let off = 0;
+        while (off < n) off += await dst.write(buf.subarray(off, n));
+      } catch (e) {
+        this.#finish(up ? "backend_reset" : "client_reset", e);
+        return;
+      }
+      if (up) this.bytesUp += n;
+      else this.bytesDown += n;
+      if (n === buf.length && buf.length < MAX_BUFFER) {
+        buf = new Uint8Array(Math.min(buf.length * 4, MAX_BUFFER));
+      }
+    }
+  }
+}
+
+/** Closes a conn, ignoring "already closed". */
+export function closeQuietly(conn: Deno.Conn): void {
+  try {
+    conn.close();
+  } catch {
+    // already closed
+  }
+}

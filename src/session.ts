@@ -1,0 +1,304 @@
+/**
+ * One client connection's life: read the ClientHello (or HTTP head) → route by name → connect
+ * the backend → forward the bytes read so far → relay until both sides are done → access log.
+ *
+ * @module
+ */
+import { BackendPool } from "./backend.ts";
+import type { Backend } from "./backend.ts";
+import { ClientHelloError, ClientHelloParser } from "./clienthello.ts";
+import { HttpHostParser, HttpRequestError } from "./http.ts";
+import { logger, writeAccess } from "./log.ts";
+import { Metrics } from "./metrics.ts";
+import { closeQuietly, Relay, type RelayEnd } from "./relay.ts";
+import { resolveHost } from "./resolver.ts";
+import type { RoutingTable } from "./table.ts";
+
+const log = logger("session");
+
+/** Why a session ended, as written to the access log. */
+export type CloseReason =
+  | RelayEnd
+  | "client_hello_timeout"
+  | "bad_client_hello"
+  | "no_route"
+  | "connect_failed"
+  | "acl_denied";
+
+/** What a session needs from the proxy around it. */
+export interface SessionContext {
+  table: RoutingTable;
+  /** The listener's bound address, e.g. `127.0.0.1:8443`. */
+  listener: string;
+  protocol: "tls" | "http";
+  metrics: Metrics;
+}
+
+/** TLS fatal alert `unrecognized_name` (112), sent when no route takes the name. */
+const ALERT_UNRECOGNIZED_NAME = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70]);
+const HTTP_MISDIRECTED = new TextEncoder().encode(
+  "HTTP/1.1 421 Misdirected Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+);
+
+/** `host:port` with brackets around IPv6 hosts. */
+export function formatAddr(addr: Deno.Addr): string {
+  const a = addr as Deno.NetAddr;
+  return a.hostname.includes(":") ? `[${a.hostname}]:${a.port}` : `${a.hostname}:${a.port}`;
+}
+
+class Stopped extends Error {}
+
+/** One accepted client connection. */
+export class Session {
+  readonly #client: Deno.TcpConn;
+  readonly #ctx: SessionContext;
+  readonly #started = Date.now();
+  readonly #clientAddr: string;
+  #backendConn: Deno.TcpConn | null = null;
+  #relay: Relay | null = null;
+  #stopReason: CloseReason | null = null;
+  #connectAbort = new AbortController();
+  #sni: string | null = null;
+  #route: string | null = null;
+  #backend: string | null = null;
+  /** Bytes of the hello (or HTTP head) forwarded to the backend before the relay started. */
+  #helloBytes = 0;
+  #earlyError: unknown = null;
+
+  constructor(client: Deno.TcpConn, ctx: SessionContext) {
+    this.#client = client;
+    this.#ctx = ctx;
+    this.#clientAddr = formatAddr(client.remoteAddr);
+  }
+
+  /** Serves the connection to its end. Never throws. */
+  async run(): Promise<void> {
+    const m = this.#ctx.metrics;
+    let reason: CloseReason = "error";
+    let error: unknown = null;
+    let picked: Backend | null = null;
+    try {
+      const name = await this.#readName();
+      if (name === undefined) {
+        reason = this.#stopReason!;
+        error = this.#earlyError;
+        return;
+      }
+      const pool = this.#route_(name);
+      if (!pool) {
+        reason = "no_route";
+        await this.#refuse();
+        return;
+      }
+      picked = pool.pick((this.#client.remoteAddr as Deno.NetAddr).hostname);
+      picked.active++;
+      const target = picked.address;
+      const host = target.dynamic ? name! : target.host;
+      this.#backend = target.dynamic ? `${host}:${target.port}` : target.text;
+      try {
+        this.#backendConn = await this.#connect(host, target.port);
+      } catch (e) {
+        if (this.#stopReason) throw new Stopped();
+        reason = "connect_failed";
+        error = e;
+        m.connectFailures++;
+        log.warn(`connect to ${this.#backend} failed for ${this.#clientAddr}: ${errText(e)}`);
+        return;
+      }
+      const backend = this.#backendConn;
+      backend.setNoDelay(true);
+      this.#client.setNoDelay(true);
+      await writeAll(backend, this.#pending!);
+      this.#helloBytes = this.#pending!.length;
+      this.#pending = null;
+      const relay = new Relay(this.#client, backend, this.#ctx.table.config.timeouts.idleMs);
+      this.#relay = relay;
+      if (this.#stopReason) relay.stop("shutdown");
+      reason = await relay.run();
+      error = relay.error;
+    } catch (e) {
+      if (e instanceof Stopped || this.#stopReason) {
+        reason = this.#stopReason ?? "shutdown";
+      } else {
+        reason = "error";
+        error = e;
+        log.warn(`session ${this.#clientAddr}: ${errText(e)}`);
+      }
+    } finally {
+      if (picked) picked.active--;
+      closeQuietly(this.#client);
+      if (this.#backendConn) closeQuietly(this.#backendConn);
+      this.#finish(reason, error);
+    }
+  }
+
+  /** Ends the session now (drain deadline passed). */
+  stop(reason: CloseReason = "shutdown"): void {
+    if (this.#stopReason) return;
+    this.#stopReason = reason;
+    if (this.#relay) {
+      this.#relay.stop(reason as RelayEnd);
+    } else {
+      this.#connectAbort.abort();
+      closeQuietly(this.#client);
+    }
+  }
+
+  /** Bytes read from the client before the backend was connected; forwarded as-is. */
+  #pending: Uint8Array | null = null;
+
+  /**
+   * Reads until the parser has the name. Returns the name (null: client sent none), or
+   * undefined after closing a connection that sent a bad or no hello in time.
+   */
+  async #readName(): Promise<string | null | undefined> {
+    const { clientHelloMs } = this.#ctx.table.config.timeouts;
+    const max = this.#ctx.table.config.limits.maxClientHelloBytes;
+    const parser = this.#ctx.protocol === "tls"
+      ? new ClientHelloParser(max)
+      : new HttpHostParser(max);
+    const timer = setTimeout(() => this.stop("client_hello_timeout"), clientHelloMs);
+    const buf = new Uint8Array(2048);
+    try {
+      for (;;) {
+        let n: number | null;
+        try {
+          n = await this.#client.read(buf);
+        } catch (e) {
+          if (this.#stopReason) throw new Stopped();
+          this.#finishEarly("client_reset", e);
+          return undefined;
+        }
+        const result = n === null ? parser.end() : parser.push(buf.subarray(0, n));
+        if (result) {
+          this.#pending = parser.data.slice();
+          this.#sni = result.serverName;
+          return result.serverName;
+        }
+      }
+    } catch (e) {
+      if (e instanceof Stopped || this.#stopReason) throw new Stopped();
+      if (e instanceof ClientHelloError || e instanceof HttpRequestError) {
+        Metrics.bump(this.#ctx.metrics.helloErrors, e.kind);
+        log.info(
+          `bad ${
+            this.#ctx.protocol === "tls" ? "ClientHello" : "HTTP request"
+          } from ${this.#clientAddr}: ${e.kind}: ${e.message}`,
+        );
+        this.#finishEarly("bad_client_hello", e);
+        return undefined;
+      }
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Picks the pool for `name`, or null when the connection must be refused. */
+  #route_(name: string | null): BackendPool | null {
+    const { router, defaultPool } = this.#ctx.table;
+    const found = router.lookup(name);
+    if (found.kind === "route") {
+      this.#route = found.route.pattern.text;
+      return found.route.target;
+    }
+    if (found.kind === "not_allowed") {
+      log.info(
+        `${this.#clientAddr}: name "${name}" matches route "${found.route.pattern.text}" but not its allow list`,
+      );
+      return null;
+    }
+    if (defaultPool) {
+      this.#route = "default_backend";
+      return defaultPool;
+    }
+    log.info(
+      `${this.#clientAddr}: no route for ${name === null ? "a hello without SNI" : `"${name}"`}`,
+    );
+    return null;
+  }
+
+  async #refuse(): Promise<void> {
+    const msg = this.#ctx.protocol === "tls" ? ALERT_UNRECOGNIZED_NAME : HTTP_MISDIRECTED;
+    try {
+      await writeAll(this.#client, msg);
+      await this.#client.closeWrite();
+    } catch {
+      // the client is gone already
+    }
+  }
+
+  /** Connects to `host:port`, trying each resolved address within one connect_ms budget. */
+  async #connect(host: string, port: number): Promise<Deno.TcpConn> {
+    const signal = AbortSignal.any([
+      this.#connectAbort.signal,
+      AbortSignal.timeout(this.#ctx.table.config.timeouts.connectMs),
+    ]);
+    const addresses = await abortable(resolveHost(host), signal);
+    let lastError: unknown = null;
+    for (const hostname of addresses) {
+      if (signal.aborted) break;
+      try {
+        return await Deno.connect({ hostname, port, signal });
+      } catch (e) {
+        lastError = e;
+      }
+    }
+    if (signal.aborted && !this.#connectAbort.signal.aborted) {
+      throw new Error(`timed out after ${this.#ctx.table.config.timeouts.connectMs} ms`);
+    }
+    throw lastError ?? new Error("connect aborted");
+  }
+
+  /** Ends the session before routing (bad or missing hello); run() reports it. */
+  #finishEarly(reason: CloseReason, error: unknown): void {
+    this.#stopReason ??= reason;
+    this.#earlyError = error;
+    closeQuietly(this.#client);
+  }
+
+  #finish(reason: CloseReason, error: unknown): void {
+    const m = this.#ctx.metrics;
+    const finalReason = this.#stopReason && reason === "error" ? this.#stopReason : reason;
+    const relay = this.#relay;
+    const up = this.#helloBytes + (relay?.bytesUp ?? 0);
+    const down = relay?.bytesDown ?? 0;
+    m.bytesUp += up;
+    m.bytesDown += down;
+    Metrics.bump(m.closed, finalReason);
+    writeAccess({
+      time: new Date().toISOString(),
+      client: this.#clientAddr,
+      listener: this.#ctx.listener,
+      sni: this.#sni,
+      route: this.#route,
+      backend: this.#backend,
+      bytes_up: up,
+      bytes_down: down,
+      duration_ms: Date.now() - this.#started,
+      close_reason: finalReason,
+      mode: "userspace",
+      ...(error && finalReason !== "done" ? { error: errText(error) } : {}),
+    });
+    log.debug(`${this.#clientAddr} closed: ${finalReason}`);
+  }
+}
+
+async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
+  let off = 0;
+  while (off < data.length) off += await conn.write(data.subarray(off));
+}
+
+function abortable<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    p.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
+}
+
+/** A short text for an error, for logs. */
+export function errText(e: unknown): string {
+  return e instanceof Error ? `${e.name === "Error" ? "" : e.name + ": "}${e.message}` : String(e);
+}

@@ -1,0 +1,35 @@
+/**
+ * The routing table a connection is served by: routes with their backend pools, the default
+ * backend, the ACL and the limits of one config. Built whole from a config and swapped whole
+ * on reload, so a live connection keeps the table it started with.
+ *
+ * @module
+ */
+import { Acl } from "./acl.ts";
+import { BackendPool } from "./backend.ts";
+import type { Config } from "./config.ts";
+import { Router } from "./router.ts";
+
+/** Everything a new connection needs to be routed. */
+export interface RoutingTable {
+  config: Config;
+  router: Router<BackendPool>;
+  defaultPool: BackendPool | null;
+  acl: Acl;
+}
+
+/** Builds the routing table of a validated config. */
+export function buildTable(config: Config): RoutingTable {
+  return {
+    config,
+    router: new Router(config.routes.map((r) => ({
+      pattern: r.match,
+      allow: r.allow,
+      target: new BackendPool(r.backends, r.balance),
+    }))),
+    defaultPool: config.defaultBackend
+      ? new BackendPool([config.defaultBackend], "round_robin")
+      : null,
+    acl: new Acl(config.acl.allow, config.acl.deny),
+  };
+}

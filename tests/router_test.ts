@@ -1,0 +1,98 @@
+import assert from "node:assert/strict";
+import { Acl, parseCidr } from "../src/acl.ts";
+import { BackendPool } from "../src/backend.ts";
+import { compilePattern, Router } from "../src/router.ts";
+
+function router(...patterns: string[]) {
+  return new Router(
+    patterns.map((p, i) => ({ pattern: compilePattern(p), allow: null, target: i })),
+  );
+}
+
+function routed(r: Router<number>, name: string | null): number | null {
+  const found = r.lookup(name);
+  return found.kind === "route" ? found.route.target : null;
+}
+
+Deno.test("exact names match case-insensitively, with or without a trailing dot", () => {
+  const r = router("a.test");
+  assert.equal(routed(r, "a.test"), 0);
+  assert.equal(routed(r, "A.TeSt."), 0);
+  assert.equal(routed(r, "b.a.test"), null);
+  assert.equal(routed(r, null), null);
+});
+
+Deno.test("a wildcard matches one or more labels but not the bare domain", () => {
+  const r = router("*.b.test");
+  assert.equal(routed(r, "x.b.test"), 0);
+  assert.equal(routed(r, "x.y.B.test"), 0);
+  assert.equal(routed(r, "b.test"), null);
+  assert.equal(routed(r, "xb.test"), null);
+});
+
+Deno.test("regex routes, '*' catch-all and first match wins", () => {
+  const r = router("~^api[0-9]+\\.c\\.test$", "a.test", "*");
+  assert.equal(routed(r, "api12.c.test"), 0);
+  assert.equal(routed(r, "API7.C.TEST"), 0);
+  assert.equal(routed(r, "apix.c.test"), 2);
+  assert.equal(routed(r, "a.test"), 1);
+  assert.equal(routed(r, null), null, "no SNI is for default_backend, not '*'");
+});
+
+Deno.test("a dynamic route refuses names outside its allow list", () => {
+  const r = new Router([{
+    pattern: compilePattern("*"),
+    allow: [compilePattern("*.ok.test")],
+    target: 0,
+  }]);
+  assert.equal(r.lookup("x.ok.test").kind, "route");
+  assert.equal(r.lookup("evil.test").kind, "not_allowed");
+});
+
+Deno.test("bad patterns are refused with a reason", () => {
+  assert.throws(() => compilePattern("~(("), /bad regular expression/);
+  assert.throws(() => compilePattern("a.*.test"), /not a name/);
+  assert.throws(() => compilePattern("exa mple.com"), /not a name/);
+});
+
+Deno.test("ACL: deny wins, allow lists restrict, IPv4-mapped IPv6 folds to IPv4", () => {
+  const acl = new Acl([parseCidr("127.0.0.0/8"), parseCidr("2001:db8::/32")], [
+    parseCidr("127.0.0.2/32"),
+  ]);
+  assert.equal(acl.permits("127.0.0.1"), true);
+  assert.equal(acl.permits("127.0.0.2"), false);
+  assert.equal(acl.permits("::ffff:127.0.0.2"), false);
+  assert.equal(acl.permits("::ffff:127.0.0.9"), true);
+  assert.equal(acl.permits("10.0.0.1"), false);
+  assert.equal(acl.permits("2001:db8:1::5"), true);
+  assert.equal(acl.permits("2001:db9::5"), false);
+  assert.equal(acl.permits("::1"), false);
+  assert.equal(new Acl([], []).permits("garbage"), true);
+  assert.equal(new Acl([parseCidr("::/0")], []).permits("fe80::1"), true);
+  assert.throws(() => parseCidr("1.2.3.4/40"), /prefix length/);
+  assert.throws(() => parseCidr("1.2.3"), /not an IP/);
+});
+
+Deno.test("balancing: round robin rotates, source hash sticks, least_conn picks the idlest", () => {
+  const addrs = [1, 2, 3].map((i) => ({ text: `h${i}:1`, host: `h${i}`, port: 1, dynamic: false }));
+  const rr = new BackendPool(addrs, "round_robin");
+  assert.deepEqual([0, 1, 2, 3].map(() => rr.pick("1.1.1.1").address.host), [
+    "h1",
+    "h2",
+    "h3",
+    "h1",
+  ]);
+  const sh = new BackendPool(addrs, "source_hash");
+  const first = sh.pick("203.0.113.7");
+  for (let i = 0; i < 10; i++) assert.equal(sh.pick("203.0.113.7"), first);
+  const spread = new Set(Array.from({ length: 50 }, (_, i) => sh.pick(`10.0.0.${i}`)));
+  assert.equal(spread.size, 3, "different clients spread over all backends");
+  const lc = new BackendPool(addrs, "least_conn");
+  lc.backends[0].active = 5;
+  lc.backends[1].active = 1;
+  lc.backends[2].active = 3;
+  assert.equal(lc.pick("x").address.host, "h2");
+  const rnd = new BackendPool(addrs, "random");
+  const seen = new Set(Array.from({ length: 100 }, () => rnd.pick("x")));
+  assert.equal(seen.size, 3);
+});
