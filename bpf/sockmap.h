@@ -1,0 +1,58 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Map key/value layouts shared by the kernel programs (sockmap.bpf.c) and userspace.
+ * The TypeScript mirror lives in src/kernel.ts (search "bpf/sockmap.h"): change both together.
+ * Every field is a fixed-size integer and every struct is padding-free, so the same bytes mean
+ * the same thing on both sides.
+ */
+#ifndef SNI_PROXY_SOCKMAP_H
+#define SNI_PROXY_SOCKMAP_H
+
+#include <linux/types.h>
+
+#define SNI_AF_INET 2
+#define SNI_AF_INET6 10
+
+/*
+ * A TCP socket's 4-tuple as seen from that socket. An IPv4-mapped IPv6 socket (a dual-stack
+ * listener accepting an IPv4 client) is stored as SNI_AF_INET, so userspace never has to know
+ * which kind of listener accepted it. 44 bytes.
+ */
+struct sni_sock_key {
+	__u32 family;      /* SNI_AF_INET or SNI_AF_INET6 */
+	__u32 local_port;  /* host byte order */
+	__u32 remote_port; /* host byte order */
+	__u32 local_ip[4]; /* network byte order; IPv4 in [0], [1..3] zero */
+	__u32 remote_ip[4];
+};
+
+/*
+ * Pairing entry, keyed by the receiving socket: what arrives on it goes to `peer`. Written by
+ * userspace once a session is routed; the counters are written by the verdict program. 64 bytes.
+ */
+struct sni_pair {
+	struct sni_sock_key peer;
+	__u32 _pad;    /* keeps the counters 8-byte aligned */
+	__u64 bytes;   /* payload bytes received on this socket and redirected to peer */
+	__u64 packets; /* skbs redirected */
+};
+
+/* Single-entry array (key 0), written by userspace before attaching. 0 = leave as is. */
+struct sni_config {
+	__u32 sndbuf; /* SO_SNDBUF for every inserted socket */
+	__u32 rcvbuf; /* SO_RCVBUF for every inserted socket */
+};
+
+/* Per-CPU counters (single-entry per-CPU array, key 0). 64 bytes. */
+struct sni_stats {
+	__u64 bytes_spliced;     /* payload bytes redirected socket to socket */
+	__u64 packets_spliced;   /* skbs redirected */
+	__u64 redirect_failures; /* pair found but peer not in the sockhash: passed to userspace */
+	__u64 passed;            /* skbs without a pair, passed to userspace */
+	__u64 sockets_inserted;  /* established sockets inserted into the sockhash */
+	__u64 insert_failures;   /* bpf_sock_hash_update failed (map full, ...) */
+	__u64 setsockopt_failures;
+	__u64 _reserved;
+};
+
+#endif /* SNI_PROXY_SOCKMAP_H */

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Build sni-proxy.
+#   ./build.sh           build the eBPF object (bpf/sockmap.bpf.o); same as `./build.sh bpf`
+#   ./build.sh binary    build the binary ./sni-proxy (deno compile; embeds bpf/sockmap.bpf.o)
+#   ./build.sh all       both
+#   ./build.sh --check   check the toolchain (clang, BPF target, libbpf headers); exit 0 or 1
+# Environment: CLANG (default clang), DENO (default deno, then .tools/node_modules/.bin/deno),
+# DENORT_BIN (a local denort runtime for `deno compile` on machines that cannot download it).
+set -euo pipefail
+
+cd "$(dirname "$0")"
+CLANG="${CLANG:-clang}"
+BPF_SRC=bpf/sockmap.bpf.c
+BPF_OBJ=bpf/sockmap.bpf.o
+# Debian/Ubuntu keep asm/types.h under the multiarch dir, which -target bpf does not search.
+MULTIARCH_INC="/usr/include/$(uname -m)-linux-gnu"
+
+fail() { echo "build.sh: $*" >&2; exit 1; }
+
+check_toolchain() {
+	local ok=0
+	if ! command -v "$CLANG" >/dev/null 2>&1; then
+		echo "MISSING clang ($CLANG): install it (Debian: apt-get install -y clang llvm)"; ok=1
+	elif ! "$CLANG" -print-targets 2>/dev/null | grep -qw bpf; then
+		echo "MISSING the BPF target in $CLANG: install an LLVM build with the bpf backend"; ok=1
+	else
+		echo "ok      clang: $("$CLANG" --version | head -n1)"
+	fi
+	if [ -f /usr/include/bpf/bpf_helpers.h ]; then
+		echo "ok      libbpf headers: /usr/include/bpf"
+	else
+		echo "MISSING libbpf headers (bpf/bpf_helpers.h): apt-get install -y libbpf-dev"; ok=1
+	fi
+	if [ -f /usr/include/linux/bpf.h ]; then
+		echo "ok      kernel uapi headers: /usr/include/linux/bpf.h"
+	else
+		echo "MISSING linux uapi headers (linux/bpf.h): apt-get install -y linux-libc-dev"; ok=1
+	fi
+	if [ -f "$MULTIARCH_INC/asm/types.h" ] || [ -f /usr/include/asm/types.h ]; then
+		echo "ok      asm/types.h"
+	else
+		echo "MISSING asm/types.h: apt-get install -y linux-libc-dev (or gcc-multilib)"; ok=1
+	fi
+	if ldconfig -p 2>/dev/null | grep -q 'libbpf\.so\.1'; then
+		echo "ok      runtime libbpf.so.1"
+	else
+		echo "MISSING runtime libbpf.so.1 (needed to run the fast path): apt-get install -y libbpf1"; ok=1
+	fi
+	if [ "$ok" -eq 0 ]; then echo "toolchain OK"; else echo "toolchain incomplete"; fi
+	return "$ok"
+}
+
+build_bpf() {
+	command -v "$CLANG" >/dev/null 2>&1 || fail "clang not found; run ./build.sh --check"
+	"$CLANG" -O2 -g -target bpf -Wall -Werror -I"$MULTIARCH_INC" -c "$BPF_SRC" -o "$BPF_OBJ.tmp"
+	mv -f "$BPF_OBJ.tmp" "$BPF_OBJ"
+	echo "built $BPF_OBJ"
+}
+
+find_deno() {
+	if [ -n "${DENO:-}" ]; then echo "$DENO"; return; fi
+	if command -v deno >/dev/null 2>&1; then echo deno; return; fi
+	if [ -x .tools/node_modules/.bin/deno ]; then echo .tools/node_modules/.bin/deno; return; fi
+	fail "deno not found: install it (npm install deno@2.9) or set DENO=/path/to/deno"
+}
+
+compile_binary() {
+	local deno log
+	deno="$(find_deno)"
+	[ -f "$BPF_OBJ" ] || build_bpf
+	log="$(mktemp)"
+	if [ -n "${DENORT_BIN:-}" ] && [ ! -x "$DENORT_BIN" ]; then
+		fail "DENORT_BIN=$DENORT_BIN is not an executable denort runtime"
+	fi
+	# deno compile reads DENORT_BIN from the environment; an empty value would be taken as a path
+	[ -n "${DENORT_BIN:-}" ] || unset DENORT_BIN
+	if ! "$deno" compile -A --unstable-net --include "$BPF_OBJ" -o sni-proxy main.ts 2>&1 |
+		tee "$log"; then
+		if grep -qiE 'denort|download|fetch|network|dns|connect' "$log"; then
+			echo "build.sh: deno compile could not fetch the denort runtime; download denort" \
+				"for this deno version elsewhere and set DENORT_BIN=/path/to/denort" >&2
+		fi
+		rm -f "$log"
+		fail "deno compile failed"
+	fi
+	rm -f "$log"
+	echo "built ./sni-proxy"
+}
+
+case "${1:-bpf}" in
+--check) check_toolchain ;;
+bpf) build_bpf ;;
+binary) compile_binary ;;
+all) build_bpf && compile_binary ;;
+-h | --help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
+*) fail "unknown argument '$1' (use --check, bpf, binary or nothing)" ;;
+esac
