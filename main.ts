@@ -66,7 +66,7 @@ async function main(args: string[]): Promise<number> {
   const log = logger("main");
   let proxy: Proxy;
   try {
-    proxy = Proxy.start(config);
+    proxy = await Proxy.start(config);
   } catch (e) {
     log.error(`cannot start: ${(e as Error).message}`);
     await closeLogging();

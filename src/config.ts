@@ -55,7 +55,22 @@ export interface Config {
     maxFileBytes: number;
     maxFiles: number;
   };
-  ebpf: { enabled: boolean; sockmapEnabled: boolean; dnsCacheEnabled: boolean };
+  ebpf: {
+    enabled: boolean;
+    sockmapEnabled: boolean;
+    dnsCacheEnabled: boolean;
+    /** Capacity of the pairing map (2 entries per spliced connection). */
+    maxPairs: number;
+    /** Capacity of the sockhash (one entry per proxy socket). */
+    maxSockets: number;
+    /** SO_SNDBUF / SO_RCVBUF of spliced sockets; 0 keeps the kernel's autotuning. */
+    sndbuf: number;
+    rcvbuf: number;
+    /** How long a closing spliced side waits for the kernel's redirect queue to drain. */
+    drainTimeoutMs: number;
+    /** A BPF object file to load instead of the bundled one (absolute path), or null. */
+    object: string | null;
+  };
 }
 
 /** Raised when a config cannot be used; `errors` lists every problem, each with its path. */
@@ -112,6 +127,14 @@ const schema = z.strictObject({
     enabled: z.boolean().default(false),
     sockmap_enabled: z.boolean().default(false),
     dns_cache_enabled: z.boolean().default(false),
+    maps: z.strictObject({
+      pairs: z.number().int().min(64).max(16_777_216).default(131_072),
+      sockets: z.number().int().min(64).max(16_777_216).default(131_072),
+    }).prefault({}),
+    sndbuf: z.number().int().min(0).max(1 << 30).default(0),
+    rcvbuf: z.number().int().min(0).max(1 << 30).default(0),
+    drain_timeout_ms: ms(5_000),
+    object: z.string().min(1).optional(),
   }).prefault({}),
 });
 
@@ -255,6 +278,12 @@ export function resolveConfig(raw: unknown, path: string): Config {
       enabled: c.ebpf.enabled,
       sockmapEnabled: c.ebpf.sockmap_enabled,
       dnsCacheEnabled: c.ebpf.dns_cache_enabled,
+      maxPairs: c.ebpf.maps.pairs,
+      maxSockets: c.ebpf.maps.sockets,
+      sndbuf: c.ebpf.sndbuf,
+      rcvbuf: c.ebpf.rcvbuf,
+      drainTimeoutMs: c.ebpf.drain_timeout_ms,
+      object: c.ebpf.object === undefined ? null : rel(c.ebpf.object),
     },
   };
 }

@@ -5,6 +5,7 @@
  * @module
  */
 import type { ListenerConfig } from "./config.ts";
+import type { KernelAccel } from "./kernel.ts";
 import { logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { closeQuietly } from "./relay.ts";
@@ -18,6 +19,8 @@ export interface ListenerHost {
   /** The routing table new connections are served by (swapped on reload). */
   readonly table: RoutingTable;
   readonly metrics: Metrics;
+  /** The eBPF fast path, or null in userspace mode. */
+  readonly kernel: KernelAccel | null;
   /** Resolves when a connection slot is free (immediately when under the limit). */
   waitForSlot(): Promise<void>;
   /** Registers a live session until its promise settles. */
@@ -83,7 +86,7 @@ export class Listener {
           bytes_down: 0,
           duration_ms: 0,
           close_reason: "acl_denied",
-          mode: "userspace",
+          mode: host.kernel ? "kernel" : "userspace",
         });
         continue;
       }
@@ -92,6 +95,7 @@ export class Listener {
         listener: this.address,
         protocol: this.config.protocol,
         metrics: host.metrics,
+        kernel: host.kernel,
       });
       host.track(session, session.run());
     }

@@ -5,6 +5,7 @@
  * @module
  */
 import type { Config } from "./config.ts";
+import { KernelAccel, KernelAccelError } from "./kernel.ts";
 import { Listener, type ListenerHost } from "./listener.ts";
 import { logger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
@@ -18,6 +19,7 @@ export class Proxy implements ListenerHost {
   table: RoutingTable;
   readonly metrics = new Metrics();
   readonly listeners: Listener[] = [];
+  kernel: KernelAccel | null = null;
   readonly #sessions = new Map<Session, Promise<void>>();
   #slotWaiters: (() => void)[] = [];
   #limitLogged = false;
@@ -27,28 +29,32 @@ export class Proxy implements ListenerHost {
     this.table = buildTable(config);
   }
 
-  /** Binds every listener (all or none) and starts accepting. */
-  static start(config: Config): Proxy {
+  /**
+   * Attaches the eBPF fast path when the config asks for it (falling back to userspace mode
+   * with one warning when it cannot), binds every listener (all or none) and starts accepting.
+   */
+  static async start(config: Config): Promise<Proxy> {
     const proxy = new Proxy(config);
+    // before the listeners: sockets take the cgroup (and so the sock_ops program) of the
+    // listener they were accepted on
+    if (config.ebpf.enabled && config.ebpf.sockmapEnabled) proxy.kernel = await openKernel(config);
     try {
       for (const l of config.listeners) proxy.listeners.push(new Listener(l, proxy));
     } catch (e) {
       for (const l of proxy.listeners) l.close();
+      await proxy.kernel?.close();
       throw e;
     }
     for (const l of proxy.listeners) {
       log.info(`listening on ${l.address} (${l.config.protocol})`);
       l.serve().catch((e) => log.error(`listener ${l.address} stopped: ${e}`));
     }
-    if (config.ebpf.enabled) {
-      log.warn(
-        "ebpf.enabled is set but the eBPF fast path is not part of this build yet: " +
-          "userspace mode in use",
-      );
+    if (config.ebpf.enabled && !config.ebpf.sockmapEnabled) {
+      log.info("ebpf.sockmap_enabled is false: userspace mode in use");
     }
     log.info(
       `ready: ${proxy.listeners.length} listener(s), ${config.routes.length} route(s), ` +
-        `mode userspace`,
+        `mode ${proxy.kernel ? "kernel" : "userspace"}`,
     );
     return proxy;
   }
@@ -129,6 +135,38 @@ export class Proxy implements ListenerHost {
       }
       clearTimeout(timer);
     }
+    await this.kernel?.close();
     log.info("stopped");
+  }
+}
+
+const kernelLog = logger("kernel");
+
+/** Opens the fast path, or logs one warning with cause and fix and returns null. */
+async function openKernel(config: Config): Promise<KernelAccel | null> {
+  const e = config.ebpf;
+  try {
+    const kernel = await KernelAccel.open({
+      maxPairs: e.maxPairs,
+      maxSockets: e.maxSockets,
+      sndbuf: e.sndbuf,
+      rcvbuf: e.rcvbuf,
+      object: e.object ? await readObject(e.object) : undefined,
+      log: (level, message) => kernelLog[level === "warning" ? "warn" : level](message),
+    });
+    log.info(`eBPF fast path on: sockmap splicing (pins in ${kernel.pinDir})`);
+    return kernel;
+  } catch (err) {
+    const why = err instanceof KernelAccelError ? err.message : String(err);
+    log.warn(`eBPF fast path unavailable, userspace mode in use: ${why}`);
+    return null;
+  }
+}
+
+async function readObject(path: string): Promise<Uint8Array> {
+  try {
+    return await Deno.readFile(path);
+  } catch (e) {
+    throw new Error(`cannot read ebpf.object ${path}: ${(e as Error).message}`);
   }
 }

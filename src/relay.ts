@@ -23,11 +23,26 @@ const INITIAL_BUFFER = 2048;
 /** A direction's buffer grows (x4) up to this while reads keep filling it. */
 const MAX_BUFFER = 64 * 1024;
 
+/** Hooks for a relay whose bytes are (mostly) spliced in the kernel. */
+export interface SpliceHooks {
+  /**
+   * Called at EOF of one direction before the half-close is passed on: resolves once the
+   * receiving socket has taken every byte the kernel redirected to it (closing earlier
+   * loses them). `up` is client → backend; `userspaceBytes` what this relay wrote that way,
+   * not counting bytes written before the relay started.
+   */
+  beforeHalfClose(up: boolean, userspaceBytes: number): Promise<void>;
+  /** Bytes spliced so far (both ways), so the idle timer sees traffic it never reads. */
+  splicedBytes(): number;
+}
+
 /** A running relay between `client` and `backend`. Both conns are closed when it ends. */
 export class Relay {
   readonly #client: Deno.Conn;
   readonly #backend: Deno.Conn;
   readonly #idleMs: number;
+  readonly #splice: SpliceHooks | null;
+  #splicedSeen = 0;
   #end: RelayEnd | null = null;
   #error: unknown = null;
   #lastActive = Date.now();
@@ -37,10 +52,11 @@ export class Relay {
   /** Bytes backend → client copied by this relay. */
   bytesDown = 0;
 
-  constructor(client: Deno.Conn, backend: Deno.Conn, idleMs: number) {
+  constructor(client: Deno.Conn, backend: Deno.Conn, idleMs: number, splice?: SpliceHooks) {
     this.#client = client;
     this.#backend = backend;
     this.#idleMs = idleMs;
+    this.#splice = splice ?? null;
   }
 
   /** The error behind a reset or error end, for the log. */
@@ -75,6 +91,13 @@ export class Relay {
 
   #armIdle(delay: number): void {
     this.#idleTimer = setTimeout(() => {
+      if (this.#splice) {
+        const spliced = this.#splice.splicedBytes();
+        if (spliced !== this.#splicedSeen) {
+          this.#splicedSeen = spliced;
+          this.#lastActive = Date.now();
+        }
+      }
       const idleFor = Date.now() - this.#lastActive;
       if (idleFor >= this.#idleMs) this.#finish("idle_timeout", null);
       else this.#armIdle(this.#idleMs - idleFor);
@@ -95,6 +118,9 @@ export class Relay {
       if (n === null) {
         // EOF: pass the half-close on; the other direction keeps flowing until it ends too
         try {
+          if (this.#splice) {
+            await this.#splice.beforeHalfClose(up, up ? this.bytesUp : this.bytesDown);
+          }
           await (dst as Deno.TcpConn).closeWrite();
         } catch {
           // the peer is already gone; its own direction reports that

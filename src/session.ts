@@ -6,11 +6,12 @@
  */
 import { BackendPool } from "./backend.ts";
 import type { Backend } from "./backend.ts";
-import { ClientHelloError, ClientHelloParser } from "./clienthello.ts";
+import { type ClientHello, ClientHelloError, ClientHelloParser } from "./clienthello.ts";
+import type { KernelAccel, SplicePair } from "./kernel.ts";
 import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
-import { closeQuietly, Relay, type RelayEnd } from "./relay.ts";
+import { closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
 import { resolveHost } from "./resolver.ts";
 import type { RoutingTable } from "./table.ts";
 
@@ -32,6 +33,8 @@ export interface SessionContext {
   listener: string;
   protocol: "tls" | "http";
   metrics: Metrics;
+  /** The eBPF fast path, when it is on; null: userspace mode. */
+  kernel: KernelAccel | null;
 }
 
 /** TLS fatal alert `unrecognized_name` (112), sent when no route takes the name. */
@@ -59,6 +62,11 @@ export class Session {
   #stopReason: CloseReason | null = null;
   #connectAbort = new AbortController();
   #sni: string | null = null;
+  /** The parsed ClientHello (TLS listeners only). */
+  #hello: ClientHello | null = null;
+  #splice: SplicePair | null = null;
+  /** Bytes the kernel redirected each way, read when the pair is removed. */
+  #spliced = { up: 0, down: 0 };
   #route: string | null = null;
   #backend: string | null = null;
   /** Bytes of the hello (or HTTP head) forwarded to the backend before the relay started. */
@@ -108,10 +116,19 @@ export class Session {
       const backend = this.#backendConn;
       backend.setNoDelay(true);
       this.#client.setNoDelay(true);
+      // pair before forwarding the hello: the backend answers nothing until it has the hello
+      // and a TLS client sends nothing more until it has the answer, so no byte can pass the
+      // kernel path ahead of one still in userspace
+      const hooks = this.#trySplice(backend);
       await writeAll(backend, this.#pending!);
       this.#helloBytes = this.#pending!.length;
       this.#pending = null;
-      const relay = new Relay(this.#client, backend, this.#ctx.table.config.timeouts.idleMs);
+      const relay = new Relay(
+        this.#client,
+        backend,
+        this.#ctx.table.config.timeouts.idleMs,
+        hooks,
+      );
       this.#relay = relay;
       if (this.#stopReason) relay.stop("shutdown");
       reason = await relay.run();
@@ -126,6 +143,10 @@ export class Session {
       }
     } finally {
       if (picked) picked.active--;
+      if (this.#splice) {
+        const c = this.#ctx.kernel!.unpair(this.#splice);
+        this.#spliced = { up: c.aToB, down: c.bToA };
+      }
       closeQuietly(this.#client);
       if (this.#backendConn) closeQuietly(this.#backendConn);
       this.#finish(reason, error);
@@ -173,6 +194,7 @@ export class Session {
         if (result) {
           this.#pending = parser.data.slice();
           this.#sni = result.serverName;
+          if (this.#ctx.protocol === "tls") this.#hello = result as ClientHello;
           return result.serverName;
         }
       }
@@ -192,6 +214,52 @@ export class Session {
     } finally {
       clearTimeout(timer);
     }
+  }
+
+  /**
+   * Hands the pair to the kernel when the fast path is on and the connection qualifies;
+   * returns the relay's hooks for a spliced pair, undefined to stay in userspace.
+   */
+  #trySplice(backend: Deno.TcpConn): SpliceHooks | undefined {
+    const kernel = this.#ctx.kernel;
+    const hello = this.#hello;
+    if (!kernel || !hello) return undefined;
+    if (hello.earlyData || this.#pending!.length !== hello.recordBytes) {
+      log.debug(
+        `${this.#clientAddr}: userspace mode (${
+          hello.earlyData ? "early_data in the hello" : "bytes after the hello"
+        })`,
+      );
+      return undefined;
+    }
+    const client = this.#client;
+    try {
+      this.#splice = kernel.pair(
+        { local: client.localAddr, remote: client.remoteAddr },
+        { local: backend.localAddr, remote: backend.remoteAddr },
+      );
+    } catch (e) {
+      log.debug(`${this.#clientAddr}: userspace mode: ${errText(e)}`);
+      return undefined;
+    }
+    const pair = this.#splice;
+    const drainMs = this.#ctx.table.config.ebpf.drainTimeoutMs;
+    return {
+      beforeHalfClose: async (up, userspaceBytes) => {
+        const bytes = up ? this.#helloBytes + userspaceBytes : userspaceBytes;
+        const r = await kernel.waitDrained(pair, up ? "b" : "a", bytes, { timeoutMs: drainMs });
+        if (!r.drained && r.socketFound) {
+          log.warn(
+            `${this.#clientAddr}: ${up ? "backend" : "client"} socket took ${r.taken} of ` +
+              `${r.expected} bytes within ebpf.drain_timeout_ms (${drainMs}); half-closing anyway`,
+          );
+        }
+      },
+      splicedBytes: () => {
+        const c = kernel.counters(pair);
+        return c.aToB + c.bToA;
+      },
+    };
   }
 
   /** Picks the pool for `name`, or null when the connection must be refused. */
@@ -261,8 +329,8 @@ export class Session {
     const m = this.#ctx.metrics;
     const finalReason = this.#stopReason && reason === "error" ? this.#stopReason : reason;
     const relay = this.#relay;
-    const up = this.#helloBytes + (relay?.bytesUp ?? 0);
-    const down = relay?.bytesDown ?? 0;
+    const up = this.#helloBytes + (relay?.bytesUp ?? 0) + this.#spliced.up;
+    const down = (relay?.bytesDown ?? 0) + this.#spliced.down;
     m.bytesUp += up;
     m.bytesDown += down;
     Metrics.bump(m.closed, finalReason);
@@ -277,7 +345,7 @@ export class Session {
       bytes_down: down,
       duration_ms: Date.now() - this.#started,
       close_reason: finalReason,
-      mode: "userspace",
+      mode: this.#splice ? "kernel" : "userspace",
       ...(error && finalReason !== "done" ? { error: errText(error) } : {}),
     });
     log.debug(`${this.#clientAddr} closed: ${finalReason}`);
