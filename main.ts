@@ -4,7 +4,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { ConfigError, loadConfig } from "./src/config.ts";
+import { type Config, ConfigError, loadConfig } from "./src/config.ts";
 import { closeLogging, logger, setupLogging } from "./src/log.ts";
 import { Proxy } from "./src/proxy.ts";
 
@@ -14,18 +14,21 @@ export const VERSION = "0.1.0";
 const USAGE = `sni-proxy ${VERSION}: route TLS (by SNI) and HTTP (by Host) to backends
 
 Usage: sni-proxy [--config PATH] [--check] [--version] [--help]
+       sni-proxy stats [--config PATH]
 
   --config PATH  config file (default: config.json)
   --check        validate the config, print every error (or "config OK"), exit 0/1
   --version      print the version
   --help         print this help
 
+  stats          print the running proxy's counters (from its metrics.address endpoint)
+
 Signals: SIGHUP reloads the config; SIGTERM/SIGINT drain and exit.`;
 
 async function main(args: string[]): Promise<number> {
-  let flags;
+  let parsed;
   try {
-    flags = parseArgs({
+    parsed = parseArgs({
       args,
       options: {
         config: { type: "string", default: "config.json" },
@@ -34,10 +37,16 @@ async function main(args: string[]): Promise<number> {
         help: { type: "boolean", default: false },
       },
       strict: true,
-      allowPositionals: false,
-    }).values;
+      allowPositionals: true,
+    });
   } catch (e) {
     console.error(`sni-proxy: ${(e as Error).message}\n\n${USAGE}`);
+    return 2;
+  }
+  const flags = parsed.values;
+  const command = parsed.positionals[0];
+  if (parsed.positionals.length > 1 || (command !== undefined && command !== "stats")) {
+    console.error(`sni-proxy: unknown command "${parsed.positionals.join(" ")}"\n\n${USAGE}`);
     return 2;
   }
   if (flags.help) {
@@ -61,6 +70,7 @@ async function main(args: string[]): Promise<number> {
     console.log("config OK");
     return 0;
   }
+  if (command === "stats") return await printStats(config);
 
   await setupLogging(config.log);
   const log = logger("main");
@@ -90,6 +100,35 @@ async function main(args: string[]): Promise<number> {
   });
   await stopped.promise;
   await closeLogging();
+  return 0;
+}
+
+/** `sni-proxy stats`: fetch /stats from the running proxy and print a table. */
+async function printStats(config: Config): Promise<number> {
+  if (!config.metrics) {
+    console.error(`sni-proxy stats: set metrics.address in ${config.path} (and restart the proxy)`);
+    return 1;
+  }
+  const url = `http://${config.metrics.address}/stats`;
+  let stats: Record<string, unknown>;
+  try {
+    const res = await fetch(url, { signal: AbortSignal.timeout(3000) });
+    stats = await res.json();
+  } catch (e) {
+    console.error(
+      `sni-proxy stats: cannot read ${url}: ${(e as Error).message} (is the proxy running?)`,
+    );
+    return 1;
+  }
+  const rows: [string, string][] = [];
+  const walk = (prefix: string, value: unknown) => {
+    if (value && typeof value === "object") {
+      for (const [k, v] of Object.entries(value)) walk(prefix ? `${prefix}.${k}` : k, v);
+    } else rows.push([prefix, String(value)]);
+  };
+  walk("", stats);
+  const width = Math.max(...rows.map(([k]) => k.length));
+  for (const [k, v] of rows) console.log(`${k.padEnd(width)}  ${v.padStart(14)}`);
   return 0;
 }
 

@@ -55,6 +55,8 @@ export interface Config {
     maxFileBytes: number;
     maxFiles: number;
   };
+  /** The metrics endpoint, or null when off. */
+  metrics: { address: string; hostname: string; port: number } | null;
   ebpf: {
     enabled: boolean;
     sockmapEnabled: boolean;
@@ -123,6 +125,7 @@ const schema = z.strictObject({
     max_file_bytes: z.number().int().min(4096).default(10 * 1024 * 1024),
     max_files: z.number().int().min(1).max(1000).default(5),
   }).prefault({}),
+  metrics: z.strictObject({ address: z.string() }).optional(),
   ebpf: z.strictObject({
     enabled: z.boolean().default(false),
     sockmap_enabled: z.boolean().default(false),
@@ -247,6 +250,11 @@ export function resolveConfig(raw: unknown, path: string): Config {
     list.map((t, i) => at(["acl", key, i], () => parseCidr(t)))
       .filter((x): x is Cidr => x !== undefined);
   const acl = { allow: cidrs(c.acl.allow, "allow"), deny: cidrs(c.acl.deny, "deny") };
+  const metrics = c.metrics === undefined ? null : at(
+    ["metrics", "address"],
+    () => ({ address: c.metrics!.address, ...parseListener(c.metrics!.address) }),
+  ) ??
+    null;
 
   if (errors.length > 0) throw new ConfigError(path, errors);
   const dir = path.includes("/") ? path.slice(0, path.lastIndexOf("/") + 1) : "";
@@ -274,6 +282,7 @@ export function resolveConfig(raw: unknown, path: string): Config {
       maxFileBytes: c.log.max_file_bytes,
       maxFiles: c.log.max_files,
     },
+    metrics,
     ebpf: {
       enabled: c.ebpf.enabled,
       sockmapEnabled: c.ebpf.sockmap_enabled,

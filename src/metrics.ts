@@ -1,24 +1,138 @@
 /**
- * In-process counters. Plain numbers and maps, bumped on connection events (never per chunk),
- * read by logs now and by the metrics endpoint later.
+ * Counters: userspace ones are plain numbers and maps bumped on connection events (never per
+ * chunk); kernel ones are read from the per-CPU maps when asked. Rendered as Prometheus text
+ * and as JSON.
  *
  * @module
  */
 
-/** Counters of the userspace side of the proxy. */
+/** Kernel-side counters, summed over CPUs (see src/kernel.ts and src/xdp.ts). */
+export type KernelCounters = Record<string, number>;
+
+/** Counters of the proxy. */
 export class Metrics {
   accepted = 0;
   active = 0;
   /** Closed connections by close reason. */
   readonly closed = new Map<string, number>();
+  /** Connections routed, by route `match` (or `default_backend`). */
+  readonly byRoute = new Map<string, number>();
+  /** Connections sent, by backend. */
+  readonly byBackend = new Map<string, number>();
   /** ClientHello / HTTP head parse errors by kind. */
   readonly helloErrors = new Map<string, number>();
   connectFailures = 0;
+  /** Connections relayed in userspace / spliced in the kernel. */
+  readonly byMode = new Map<string, number>();
+  /** Bytes each way (userspace and kernel paths together). */
   bytesUp = 0;
   bytesDown = 0;
+  /** Bytes the Deno process itself copied (userspace mode and the hello). */
+  bytesUserspace = 0;
+  dnsHits = 0;
+  dnsMisses = 0;
+  /** Sources of kernel counters, by prefix (e.g. `sockmap`, `xdp`). */
+  readonly kernelSources = new Map<string, () => KernelCounters>();
 
   /** Adds one to `key` in `map`. */
   static bump(map: Map<string, number>, key: string): void {
     map.set(key, (map.get(key) ?? 0) + 1);
   }
+
+  /** Everything as one plain object (the `/stats` JSON). */
+  snapshot(): Record<string, unknown> {
+    const kernel: Record<string, KernelCounters> = {};
+    for (const [name, read] of this.kernelSources) kernel[name] = safeRead(read);
+    return {
+      connections: {
+        accepted: this.accepted,
+        active: this.active,
+        closed: Object.fromEntries(this.closed),
+        by_route: Object.fromEntries(this.byRoute),
+        by_backend: Object.fromEntries(this.byBackend),
+        by_mode: Object.fromEntries(this.byMode),
+        connect_failures: this.connectFailures,
+      },
+      hello_errors: Object.fromEntries(this.helloErrors),
+      bytes: { up: this.bytesUp, down: this.bytesDown, userspace: this.bytesUserspace },
+      dns: { hits: this.dnsHits, misses: this.dnsMisses },
+      kernel,
+    };
+  }
+
+  /** Prometheus text exposition format 0.0.4. */
+  prometheus(): string {
+    const out: string[] = [];
+    const family = (name: string, type: "counter" | "gauge", help: string) => {
+      out.push(`# HELP sni_proxy_${name} ${help}`, `# TYPE sni_proxy_${name} ${type}`);
+    };
+    const sample = (name: string, value: number, labels?: Record<string, string>) => {
+      const l = labels
+        ? `{${Object.entries(labels).map(([k, v]) => `${k}="${escapeLabel(v)}"`).join(",")}}`
+        : "";
+      out.push(`sni_proxy_${name}${l} ${value}`);
+    };
+    const labelled = (
+      name: string,
+      help: string,
+      label: string,
+      map: Map<string, number>,
+    ) => {
+      family(name, "counter", help);
+      for (const [k, v] of map) sample(name, v, { [label]: k });
+    };
+    family("connections_accepted_total", "counter", "Connections accepted.");
+    sample("connections_accepted_total", this.accepted);
+    family("connections_active", "gauge", "Connections open now.");
+    sample("connections_active", this.active);
+    labelled("connections_closed_total", "Connections closed, by reason.", "reason", this.closed);
+    labelled("connections_route_total", "Connections routed, by route.", "route", this.byRoute);
+    labelled(
+      "connections_backend_total",
+      "Connections sent to a backend.",
+      "backend",
+      this.byBackend,
+    );
+    labelled("connections_mode_total", "Connections by relay mode.", "mode", this.byMode);
+    labelled(
+      "hello_errors_total",
+      "Bad ClientHellos / HTTP heads, by kind.",
+      "kind",
+      this.helloErrors,
+    );
+    family("connect_failures_total", "counter", "Backend connects that failed.");
+    sample("connect_failures_total", this.connectFailures);
+    family("bytes_total", "counter", "Bytes relayed, by direction (up: client to backend).");
+    sample("bytes_total", this.bytesUp, { direction: "up" });
+    sample("bytes_total", this.bytesDown, { direction: "down" });
+    family("userspace_bytes_total", "counter", "Bytes copied by the proxy process itself.");
+    sample("userspace_bytes_total", this.bytesUserspace);
+    family("dns_cache_total", "counter", "DNS cache lookups, by result.");
+    sample("dns_cache_total", this.dnsHits, { result: "hit" });
+    sample("dns_cache_total", this.dnsMisses, { result: "miss" });
+    for (const [source, read] of this.kernelSources) {
+      for (const [key, value] of Object.entries(safeRead(read))) {
+        const name = `kernel_${source}_${snake(key)}_total`;
+        family(name, "counter", `eBPF ${source} counter ${key} (summed over CPUs).`);
+        sample(name, value);
+      }
+    }
+    return out.join("\n") + "\n";
+  }
+}
+
+function safeRead(read: () => KernelCounters): KernelCounters {
+  try {
+    return read();
+  } catch {
+    return {};
+  }
+}
+
+function snake(key: string): string {
+  return key.replace(/[A-Z]/g, (c) => "_" + c.toLowerCase()).replace(/[^a-z0-9_]/g, "_");
+}
+
+function escapeLabel(v: string): string {
+  return v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
 }

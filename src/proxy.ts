@@ -9,6 +9,7 @@ import { KernelAccel, KernelAccelError } from "./kernel.ts";
 import { Listener, type ListenerHost } from "./listener.ts";
 import { logger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
+import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
 import type { Session } from "./session.ts";
 import { buildTable, type RoutingTable } from "./table.ts";
 
@@ -20,6 +21,7 @@ export class Proxy implements ListenerHost {
   readonly metrics = new Metrics();
   readonly listeners: Listener[] = [];
   kernel: KernelAccel | null = null;
+  #metricsServer: MetricsServer | null = null;
   readonly #sessions = new Map<Session, Promise<void>>();
   #slotWaiters: (() => void)[] = [];
   #limitLogged = false;
@@ -38,8 +40,21 @@ export class Proxy implements ListenerHost {
     // before the listeners: sockets take the cgroup (and so the sock_ops program) of the
     // listener they were accepted on
     if (config.ebpf.enabled && config.ebpf.sockmapEnabled) proxy.kernel = await openKernel(config);
+    const kernel = proxy.kernel;
+    if (kernel) {
+      proxy.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
+    }
     try {
       for (const l of config.listeners) proxy.listeners.push(new Listener(l, proxy));
+      if (config.metrics) {
+        const { hostname, port } = config.metrics;
+        proxy.#metricsServer = await serveMetrics(
+          proxy.metrics,
+          hostname,
+          port,
+          () => !proxy.#stopping,
+        );
+      }
     } catch (e) {
       for (const l of proxy.listeners) l.close();
       await proxy.kernel?.close();
@@ -135,6 +150,7 @@ export class Proxy implements ListenerHost {
       }
       clearTimeout(timer);
     }
+    await this.#metricsServer?.close();
     await this.kernel?.close();
     log.info("stopped");
   }

@@ -333,6 +333,10 @@ export class Session {
     const down = (relay?.bytesDown ?? 0) + this.#spliced.down;
     m.bytesUp += up;
     m.bytesDown += down;
+    m.bytesUserspace += up + down - this.#spliced.up - this.#spliced.down;
+    if (this.#route) Metrics.bump(m.byRoute, this.#route);
+    if (this.#backend) Metrics.bump(m.byBackend, this.#backend);
+    if (relay) Metrics.bump(m.byMode, this.#splice ? "kernel" : "userspace");
     Metrics.bump(m.closed, finalReason);
     writeAccess({
       time: new Date().toISOString(),

@@ -1,0 +1,63 @@
+/**
+ * The metrics endpoint: `GET /metrics` (Prometheus text), `GET /stats` (JSON), `GET /healthz`.
+ *
+ * @module
+ */
+import { logger } from "./log.ts";
+import type { Metrics } from "./metrics.ts";
+
+const log = logger("metrics");
+
+/** A running metrics HTTP server. */
+export interface MetricsServer {
+  /** Bound address, e.g. `127.0.0.1:9090`. */
+  address: string;
+  close(): Promise<void>;
+}
+
+/** Serves `metrics` on `hostname:port`; resolves once listening. */
+export async function serveMetrics(
+  metrics: Metrics,
+  hostname: string,
+  port: number,
+  healthy: () => boolean,
+): Promise<MetricsServer> {
+  const listening = Promise.withResolvers<Deno.NetAddr>();
+  const server = Deno.serve({
+    hostname,
+    port,
+    onListen: (addr) => listening.resolve(addr as Deno.NetAddr),
+    onError: (e) => {
+      log.warn(`metrics request failed: ${e}`);
+      return new Response("internal error\n", { status: 500 });
+    },
+  }, (req) => {
+    const path = new URL(req.url).pathname;
+    if (req.method !== "GET" && req.method !== "HEAD") {
+      return new Response("method not allowed\n", { status: 405, headers: { allow: "GET" } });
+    }
+    switch (path) {
+      case "/metrics":
+        return new Response(metrics.prometheus(), {
+          headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" },
+        });
+      case "/stats":
+        return Response.json(metrics.snapshot());
+      case "/healthz":
+        return healthy() ? new Response("ok\n") : new Response("stopping\n", { status: 503 });
+      default:
+        return new Response("not found: try /metrics, /stats or /healthz\n", { status: 404 });
+    }
+  });
+  const addr = await Promise.race([
+    listening.promise,
+    server.finished.then(() => {
+      throw new Error(`cannot serve metrics on ${hostname}:${port}`);
+    }),
+  ]);
+  const address = addr.hostname.includes(":")
+    ? `[${addr.hostname}]:${addr.port}`
+    : `${addr.hostname}:${addr.port}`;
+  log.info(`metrics on http://${address}/metrics`);
+  return { address, close: () => server.shutdown() };
+}
