@@ -56,6 +56,7 @@ function fileSink(path: string, cfg: Config["log"], formatter?: (r: LogRecord) =
     maxFiles: cfg.maxFiles,
     formatter,
     flushInterval: 500,
+    nonBlocking: true,
   });
 }
 

@@ -1,0 +1,449 @@
+/**
+ * Test harness: certificates made at test time, real TLS/HTTP backends, the real proxy as a
+ * child process (`deno run main.ts`), and clients (Deno TLS, curl, openssl).
+ */
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+
+const ROOT = new URL("..", import.meta.url).pathname;
+const NAMES = [
+  "a.test",
+  "*.b.test",
+  "x.y.b.test",
+  "b.test",
+  "api7.c.test",
+  "apix.c.test",
+  "other.test",
+  "evil.test",
+  "localhost",
+];
+
+/** A CA and one leaf certificate for every test name, made once per test process. */
+export interface Certs {
+  dir: string;
+  ca: string;
+  caFile: string;
+  cert: string;
+  key: string;
+}
+
+let certsPromise: Promise<Certs> | null = null;
+
+async function run(cmd: string, args: string[], cwd?: string): Promise<string> {
+  const out = await new Deno.Command(cmd, { args, cwd, stdin: "null" }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  if (!out.success) throw new Error(`${cmd} ${args.join(" ")} failed:\n${text}`);
+  return text;
+}
+
+/** Makes (once) a CA and a leaf for the test names with openssl. */
+export function certs(): Promise<Certs> {
+  certsPromise ??= (async () => {
+    const dir = await Deno.makeTempDir({ prefix: "sni-certs-" });
+    const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    await run("openssl", [
+      "req",
+      "-x509",
+      ...ec,
+      "-days",
+      "2",
+      "-subj",
+      "/CN=sni-proxy test CA",
+      "-keyout",
+      "ca.key",
+      "-out",
+      "ca.pem",
+    ], dir);
+    await run("openssl", [
+      "req",
+      ...ec,
+      "-subj",
+      "/CN=a.test",
+      "-keyout",
+      "leaf.key",
+      "-out",
+      "leaf.csr",
+    ], dir);
+    await Deno.writeTextFile(
+      `${dir}/ext.cnf`,
+      `subjectAltName=${NAMES.map((n) => `DNS:${n}`).join(",")},IP:127.0.0.1,IP:::1\n` +
+        "basicConstraints=critical,CA:FALSE\n",
+    );
+    await run("openssl", [
+      "x509",
+      "-req",
+      "-in",
+      "leaf.csr",
+      "-CA",
+      "ca.pem",
+      "-CAkey",
+      "ca.key",
+      "-CAcreateserial",
+      "-days",
+      "2",
+      "-extfile",
+      "ext.cnf",
+      "-out",
+      "leaf.pem",
+    ], dir);
+    return {
+      dir,
+      ca: await Deno.readTextFile(`${dir}/ca.pem`),
+      caFile: `${dir}/ca.pem`,
+      cert: await Deno.readTextFile(`${dir}/leaf.pem`),
+      key: await Deno.readTextFile(`${dir}/leaf.key`),
+    };
+  })();
+  return certsPromise;
+}
+
+/** A backend that answers every HTTP request with its name (HTTPS, or plain with tls false). */
+export interface NamedBackend {
+  name: string;
+  port: number;
+  /** `127.0.0.1:PORT` or `[::1]:PORT`. */
+  address: string;
+  /** SNI/Host names it was asked for, in order. */
+  seen: string[];
+  close(): Promise<void>;
+}
+
+/** Starts an HTTP(S) backend answering `NAME` to every request. */
+export async function namedBackend(
+  name: string,
+  opts: { tls?: boolean; hostname?: string } = {},
+): Promise<NamedBackend> {
+  const c = await certs();
+  const hostname = opts.hostname ?? "127.0.0.1";
+  const seen: string[] = [];
+  const ready = Promise.withResolvers<number>();
+  const server = Deno.serve({
+    hostname,
+    port: 0,
+    ...(opts.tls === false ? {} : { cert: c.cert, key: c.key }),
+    onListen: (a) => ready.resolve(a.port),
+  }, (req) => {
+    seen.push(new URL(req.url).hostname);
+    return new Response(name, { headers: { "x-backend": name } });
+  });
+  const port = await ready.promise;
+  return {
+    name,
+    port,
+    address: hostname.includes(":") ? `[${hostname}]:${port}` : `${hostname}:${port}`,
+    seen,
+    close: () => server.shutdown(),
+  };
+}
+
+/** A raw TLS backend: each connection is handed to `handle`. */
+export interface TlsBackend {
+  port: number;
+  address: string;
+  close(): void;
+  /** Settles when every handler has finished. */
+  idle(): Promise<void>;
+}
+
+/** Starts a TLS listener whose connections run `handle`. */
+export async function tlsBackend(
+  handle: (conn: Deno.TlsConn) => Promise<void>,
+  hostname = "127.0.0.1",
+): Promise<TlsBackend> {
+  const c = await certs();
+  const listener = Deno.listenTls({ hostname, port: 0, cert: c.cert, key: c.key });
+  const running = new Set<Promise<void>>();
+  (async () => {
+    for await (const conn of listener) {
+      const p = handle(conn).catch(() => {}).finally(() => {
+        running.delete(p);
+        try {
+          conn.close();
+        } catch { /* closed */ }
+      });
+      running.add(p);
+    }
+  })().catch(() => {});
+  const port = (listener.addr as Deno.NetAddr).port;
+  return {
+    port,
+    address: hostname.includes(":") ? `[${hostname}]:${port}` : `${hostname}:${port}`,
+    close: () => listener.close(),
+    idle: async () => {
+      while (running.size) await Promise.allSettled([...running]);
+    },
+  };
+}
+
+/** Echoes every byte back, passes EOF on as closeWrite. */
+export function echo(conn: Deno.TlsConn): Promise<void> {
+  return (async () => {
+    const buf = new Uint8Array(65536);
+    for (;;) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      await writeAll(conn, buf.subarray(0, n));
+    }
+    await conn.closeWrite();
+  })();
+}
+
+/** Writes all of `data`. */
+export async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
+  let off = 0;
+  while (off < data.length) off += await conn.write(data.subarray(off));
+}
+
+/** Reads until EOF (or error); returns the byte count and sha256. */
+export async function drain(conn: Deno.Conn): Promise<{ bytes: number; sha256: string }> {
+  const h = createHash("sha256");
+  const buf = new Uint8Array(65536);
+  let bytes = 0;
+  for (;;) {
+    const n = await conn.read(buf);
+    if (n === null) break;
+    h.update(buf.subarray(0, n));
+    bytes += n;
+  }
+  return { bytes, sha256: h.digest("hex") };
+}
+
+/** Reads until EOF, concatenated. */
+export async function readAll(conn: Deno.Conn): Promise<Uint8Array> {
+  const parts: Uint8Array[] = [];
+  const buf = new Uint8Array(65536);
+  for (;;) {
+    const n = await conn.read(buf);
+    if (n === null) break;
+    parts.push(buf.slice(0, n));
+  }
+  const out = new Uint8Array(parts.reduce((s, p) => s + p.length, 0));
+  let off = 0;
+  for (const p of parts) {
+    out.set(p, off);
+    off += p.length;
+  }
+  return out;
+}
+
+/** A TLS client to `port` on 127.0.0.1 (or `host`) that sends SNI `serverName`. */
+export async function tlsClient(
+  port: number,
+  serverName: string,
+  host = "127.0.0.1",
+): Promise<Deno.TlsConn> {
+  const c = await certs();
+  const raw = await Deno.connect({ hostname: host, port });
+  const conn = await Deno.startTls(raw, { hostname: serverName, caCerts: [c.ca] });
+  await conn.handshake();
+  return conn;
+}
+
+/** `curl` over HTTPS (or HTTP) to NAME on the proxy; returns the body, or throws with curl's error. */
+export async function curl(
+  port: number,
+  name: string,
+  opts: { http?: boolean; ip?: string; extra?: string[] } = {},
+): Promise<{ code: number; body: string; stderr: string }> {
+  const c = await certs();
+  const ip = opts.ip ?? "127.0.0.1";
+  const scheme = opts.http ? "http" : "https";
+  const out = await new Deno.Command("curl", {
+    args: [
+      "-sS",
+      "--max-time",
+      "10",
+      "--cacert",
+      c.caFile,
+      "--resolve",
+      `${name}:${port}:${ip.includes(":") ? `[${ip}]` : ip}`,
+      ...(opts.extra ?? []),
+      `${scheme}://${name}:${port}/`,
+    ],
+    stdin: "null",
+  }).output();
+  return {
+    code: out.code,
+    body: new TextDecoder().decode(out.stdout),
+    stderr: new TextDecoder().decode(out.stderr),
+  };
+}
+
+/** A running proxy process. */
+export interface ProxyProcess {
+  /** Listener ports in config order. */
+  ports: number[];
+  pid: number;
+  configPath: string;
+  /** Everything it printed to stderr so far. */
+  stderr(): string;
+  /** Waits until stderr contains `text` (or fails after `ms`). */
+  waitFor(text: string | RegExp, ms?: number): Promise<void>;
+  /** Access-log entries so far. */
+  access(): Promise<Record<string, unknown>[]>;
+  /** Waits for an access entry matching `pred`. */
+  waitAccess(
+    pred: (e: Record<string, unknown>) => boolean,
+    ms?: number,
+  ): Promise<Record<string, unknown>>;
+  signal(sig: Deno.Signal): void;
+  /** Sends SIGTERM (unless already exited) and returns the exit code. */
+  stop(): Promise<number>;
+  status: Promise<Deno.CommandStatus>;
+}
+
+/** Writes `config` (with a test access log and no log file) and starts the proxy on it. */
+export async function startProxy(
+  config: Record<string, unknown>,
+  opts: { env?: Record<string, string>; wrapper?: string[] } = {},
+): Promise<ProxyProcess> {
+  const dir = await Deno.makeTempDir({ prefix: "sni-proxy-test-" });
+  const accessPath = `${dir}/access.log`;
+  const full = {
+    ...config,
+    log: { level: "debug", file: false, access_log: accessPath, ...(config.log ?? {}) },
+  };
+  const configPath = `${dir}/config.json`;
+  await Deno.writeTextFile(configPath, JSON.stringify(full, null, 2));
+  const args = ["run", "-A", "--unstable-net", `${ROOT}main.ts`, "--config", configPath];
+  const wrapper = opts.wrapper ?? [];
+  const child = new Deno.Command(wrapper[0] ?? Deno.execPath(), {
+    args: wrapper.length ? [...wrapper.slice(1), Deno.execPath(), ...args] : args,
+    cwd: ROOT,
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+    env: opts.env,
+  }).spawn();
+  let text = "";
+  const waiters = new Set<() => void>();
+  const pump = (async () => {
+    const decoder = new TextDecoder();
+    for await (const chunk of child.stderr) {
+      text += decoder.decode(chunk, { stream: true });
+      for (const w of waiters) w();
+    }
+  })();
+  const waitFor = async (what: string | RegExp, ms = 15000) => {
+    const has = () => (typeof what === "string" ? text.includes(what) : what.test(text));
+    if (has()) return;
+    const done = Promise.withResolvers<void>();
+    const check = () => has() && done.resolve();
+    waiters.add(check);
+    const timer = setTimeout(
+      () => done.reject(new Error(`proxy did not print ${what} within ${ms} ms; stderr:\n${text}`)),
+      ms,
+    );
+    try {
+      await Promise.race([
+        done.promise,
+        child.status.then(() => {
+          if (!has()) throw new Error(`proxy exited before printing ${what}; stderr:\n${text}`);
+        }),
+      ]);
+    } finally {
+      clearTimeout(timer);
+      waiters.delete(check);
+    }
+  };
+  try {
+    await waitFor("ready");
+  } catch (e) {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* exited */ }
+    await pump;
+    throw e;
+  }
+  const ports = [...text.matchAll(/listening on (?:\[[^\]]+\]|[0-9.]+):(\d+)/g)].map((m) =>
+    Number(m[1])
+  );
+  const access = async () => {
+    try {
+      const t = await Deno.readTextFile(accessPath);
+      return t.split("\n").filter(Boolean).map((l) => JSON.parse(l));
+    } catch {
+      return [];
+    }
+  };
+  let exited = false;
+  child.status.then(() => (exited = true));
+  return {
+    ports,
+    pid: child.pid,
+    configPath,
+    stderr: () => text,
+    waitFor,
+    access,
+    waitAccess: async (pred, ms = 8000) => {
+      const deadline = Date.now() + ms;
+      for (;;) {
+        const found = (await access()).find(pred);
+        if (found) return found;
+        if (Date.now() > deadline) {
+          throw new Error(
+            `no matching access entry in ${ms} ms: ${JSON.stringify(await access())}`,
+          );
+        }
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    },
+    signal: (sig) => child.kill(sig),
+    stop: async () => {
+      if (!exited) {
+        try {
+          child.kill("SIGTERM");
+        } catch { /* exited */ }
+      }
+      const s = await child.status;
+      await pump;
+      return s.code;
+    },
+    status: child.status,
+  };
+}
+
+/** Runs `f` with the proxy, always stopping it; asserts it exits 0 unless told otherwise. */
+export async function withProxy(
+  config: Record<string, unknown>,
+  f: (p: ProxyProcess) => Promise<void>,
+): Promise<void> {
+  const p = await startProxy(config);
+  try {
+    await f(p);
+  } finally {
+    const code = await p.stop();
+    assert.equal(code, 0, `proxy exit code; stderr:\n${p.stderr()}`);
+  }
+}
+
+/** A free TCP port with nothing listening (bound then closed). */
+export function closedPort(): number {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  return port;
+}
+
+/** Deterministic pseudo-random bytes (fast; xorshift). */
+export function randomBytes(n: number, seed = 1): Uint8Array {
+  const out = new Uint8Array(n);
+  const words = new Uint32Array(out.buffer, 0, n >> 2);
+  let x = seed || 1;
+  for (let i = 0; i < words.length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    words[i] = x;
+  }
+  for (let i = words.length * 4; i < n; i++) out[i] = i & 0xff;
+  return out;
+}
+
+/** sha256 hex of bytes. */
+export function sha256(data: Uint8Array): string {
+  return createHash("sha256").update(data).digest("hex");
+}
+
+/** Resolves after `ms`. */
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
