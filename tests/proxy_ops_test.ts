@@ -1,0 +1,297 @@
+/** End to end: the command line, config errors, reload, drain, limits and the metrics endpoint. */
+import assert from "node:assert/strict";
+import {
+  curl,
+  echo,
+  namedBackend,
+  readAll,
+  sleep,
+  startProxy,
+  tlsBackend,
+  tlsClient,
+  withProxy,
+  writeAll,
+} from "./proxy_harness.ts";
+
+const MAIN = new URL("../main.ts", import.meta.url).pathname;
+
+async function cli(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const o = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--unstable-net", MAIN, ...args],
+    stdin: "null",
+  }).output();
+  return {
+    code: o.code,
+    out: new TextDecoder().decode(o.stdout),
+    err: new TextDecoder().decode(o.stderr),
+  };
+}
+
+async function configFile(config: unknown): Promise<string> {
+  const path = await Deno.makeTempFile({ suffix: ".json" });
+  await Deno.writeTextFile(path, typeof config === "string" ? config : JSON.stringify(config));
+  return path;
+}
+
+Deno.test("--version, --help, unknown flags and commands", async () => {
+  const v = await cli(["--version"]);
+  assert.equal(v.code, 0);
+  assert.match(v.out, /^sni-proxy \d+\.\d+\.\d+/);
+  const h = await cli(["--help"]);
+  assert.equal(h.code, 0);
+  assert.match(h.out, /--config PATH/);
+  const bad = await cli(["--bogus"]);
+  assert.equal(bad.code, 2);
+  assert.match(bad.err, /bogus/);
+  assert.equal((await cli(["frobnicate"])).code, 2);
+});
+
+Deno.test("--check accepts the bundled config.json and lists every error of a bad one with its path", async () => {
+  const good = await cli([
+    "--check",
+    "--config",
+    new URL("../config.json", import.meta.url).pathname,
+  ]);
+  assert.equal(good.code, 0, good.err);
+  assert.match(good.out, /config OK/);
+  const path = await configFile({
+    listeners: [{ address: "127.0.0.1:70000" }, { address: "nowhere:1", protocol: "udp" }],
+    routes: [
+      { match: "~[", backends: ["127.0.0.1:0"] },
+      { match: "*", backends: ["$sni:443"] },
+      { match: "a.test", backends: [], balance: "fastest" },
+    ],
+    acl: { deny: ["10.0.0.0/40"] },
+    timeouts: { idle_ms: "soon" },
+  });
+  const r = await cli(["--check", "--config", path]);
+  assert.equal(r.code, 1);
+  const lines = r.err.trim().split("\n");
+  for (
+    const p of [
+      "listeners[1].protocol",
+      "routes[2].backends",
+      "routes[2].balance",
+      "timeouts.idle_ms",
+    ]
+  ) {
+    assert.ok(lines.some((l) => l.includes(`${path}: ${p}:`)), `no line for ${p} in:\n${r.err}`);
+  }
+  // semantic errors are listed once the shape is right
+  const path2 = await configFile({
+    listeners: [{ address: "127.0.0.1:70000" }],
+    routes: [
+      { match: "~[", backends: ["127.0.0.1:0"] },
+      { match: "*", backends: ["$sni:443"] },
+    ],
+    acl: { deny: ["10.0.0.0/40"] },
+  });
+  const r2 = await cli(["--check", "--config", path2]);
+  assert.equal(r2.code, 1);
+  for (
+    const p of [
+      "listeners[0].address: port out of range",
+      "routes[0].match: bad regular expression",
+      "routes[0].backends[0]: port out of range",
+      "routes[1].allow: a route with a $sni backend needs an allow list",
+      "acl.deny[0]: prefix length",
+    ]
+  ) {
+    assert.ok(r2.err.includes(p), `missing "${p}" in:\n${r2.err}`);
+  }
+  const notJson = await cli(["--check", "--config", await configFile("{ nope")]);
+  assert.equal(notJson.code, 1);
+  assert.match(notJson.err, /not valid JSON/);
+  const missing = await cli(["--config", "/nonexistent/sni.json"]);
+  assert.equal(missing.code, 1);
+  assert.match(missing.err, /cannot read file/);
+});
+
+Deno.test("SIGHUP with a good config switches new connections; a live one keeps its backend", async () => {
+  const one = await namedBackend("one");
+  const two = await namedBackend("two");
+  const live = await tlsBackend(echo);
+  const config = (target: string) => ({
+    listeners: [{ address: "127.0.0.1:0" }],
+    routes: [
+      { match: "a.test", backends: [target] },
+      { match: "other.test", backends: [live.address] },
+    ],
+  });
+  try {
+    await withProxy(config(one.address), async (p) => {
+      assert.equal((await curl(p.ports[0], "a.test")).body, "one");
+      const conn = await tlsClient(p.ports[0], "other.test");
+      await writeAll(conn, new Uint8Array([1]));
+      const cfg = JSON.parse(await Deno.readTextFile(p.configPath));
+      cfg.routes = config(two.address).routes;
+      cfg.listeners = [{ address: "127.0.0.1:0" }];
+      await Deno.writeTextFile(p.configPath, JSON.stringify(cfg));
+      p.signal("SIGHUP");
+      await p.waitFor("reloaded");
+      assert.equal((await curl(p.ports[0], "a.test")).body, "two");
+      await writeAll(conn, new Uint8Array([2]));
+      await conn.closeWrite();
+      assert.deepEqual([...(await readAll(conn))], [1, 2], "the live connection kept flowing");
+      conn.close();
+    });
+  } finally {
+    await one.close();
+    await two.close();
+    live.close();
+  }
+});
+
+Deno.test("SIGHUP with a bad config is logged with its errors and the old routes stay", async () => {
+  const one = await namedBackend("one");
+  try {
+    await withProxy({
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [{ match: "a.test", backends: [one.address] }],
+    }, async (p) => {
+      const cfg = JSON.parse(await Deno.readTextFile(p.configPath));
+      cfg.routes[0].backends = ["127.0.0.1:99999"];
+      await Deno.writeTextFile(p.configPath, JSON.stringify(cfg));
+      p.signal("SIGHUP");
+      await p.waitFor(/reload failed.*routes\[0\]\.backends\[0\]: port out of range/);
+      assert.equal((await curl(p.ports[0], "a.test")).body, "one");
+    });
+  } finally {
+    await one.close();
+  }
+});
+
+Deno.test("SIGTERM stops accepting, lets a live connection finish, then exits 0", async () => {
+  const live = await tlsBackend(echo);
+  try {
+    const p = await startProxy({
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [{ match: "a.test", backends: [live.address] }],
+      timeouts: { drain_ms: 10000 },
+    });
+    const conn = await tlsClient(p.ports[0], "a.test");
+    await writeAll(conn, new Uint8Array([7]));
+    p.signal("SIGTERM");
+    await p.waitFor("draining 1 connection");
+    const refused = await Deno.connect({ hostname: "127.0.0.1", port: p.ports[0] }).then(
+      (c) => (c.close(), false),
+      () => true,
+    );
+    assert.ok(refused, "no new connections while draining");
+    await sleep(200);
+    await writeAll(conn, new Uint8Array([8]));
+    await conn.closeWrite();
+    assert.deepEqual([...(await readAll(conn))], [7, 8]);
+    conn.close();
+    assert.equal((await p.status).code, 0);
+    assert.equal(await p.stop(), 0);
+  } finally {
+    live.close();
+  }
+});
+
+Deno.test("the drain deadline closes what is left and still exits 0", async () => {
+  const live = await tlsBackend(echo);
+  try {
+    const p = await startProxy({
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [{ match: "a.test", backends: [live.address] }],
+      timeouts: { drain_ms: 300 },
+    });
+    const conn = await tlsClient(p.ports[0], "a.test");
+    p.signal("SIGTERM");
+    assert.equal((await p.status).code, 0);
+    await p.stop();
+    assert.match(p.stderr(), /drain time over: closing 1 connection/);
+    const e = await p.waitAccess(() => true);
+    assert.equal(e.close_reason, "shutdown");
+    conn.close();
+  } finally {
+    live.close();
+  }
+});
+
+Deno.test("at max_connections new clients wait (logged) and are served when a slot frees", async () => {
+  const backend = await tlsBackend(echo);
+  try {
+    await withProxy({
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [{ match: "a.test", backends: [backend.address] }],
+      limits: { max_connections: 2 },
+    }, async (p) => {
+      const a = await tlsClient(p.ports[0], "a.test");
+      const b = await tlsClient(p.ports[0], "a.test");
+      let thirdDone = false;
+      const third = tlsClient(p.ports[0], "a.test").then((c) => {
+        thirdDone = true;
+        return c;
+      });
+      await p.waitFor("limits.max_connections (2) reached");
+      await sleep(300);
+      assert.equal(thirdDone, false, "the third handshake waits for a slot");
+      a.close();
+      const c = await third;
+      await writeAll(c, new Uint8Array([5]));
+      await c.closeWrite();
+      assert.deepEqual([...(await readAll(c))], [5]);
+      c.close();
+      b.close();
+    });
+  } finally {
+    backend.close();
+  }
+});
+
+Deno.test("the metrics endpoint serves Prometheus text, JSON stats and health", async () => {
+  const one = await namedBackend("one");
+  const port = (() => {
+    const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const p = (l.addr as Deno.NetAddr).port;
+    l.close();
+    return p;
+  })();
+  try {
+    await withProxy({
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [{ match: "a.test", backends: [one.address] }],
+      metrics: { address: `127.0.0.1:${port}` },
+    }, async (p) => {
+      assert.equal((await curl(p.ports[0], "a.test")).body, "one");
+      await curl(p.ports[0], "nomatch.test");
+      await p.waitAccess((e) => e.sni === "nomatch.test");
+      const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      assert.match(text, /^sni_proxy_connections_accepted_total 2$/m);
+      assert.match(text, /^sni_proxy_connections_route_total\{route="a\.test"\} 1$/m);
+      assert.match(text, /^sni_proxy_connections_closed_total\{reason="no_route"\} 1$/m);
+      assert.match(text, /^sni_proxy_connections_mode_total\{mode="userspace"\} 1$/m);
+      const promtool = await new Deno.Command("promtool", {
+        args: ["check", "metrics"],
+        stdin: "piped",
+        stdout: "piped",
+        stderr: "piped",
+      })
+        .spawn();
+      const w = promtool.stdin.getWriter();
+      await w.write(new TextEncoder().encode(text));
+      await w.close();
+      const checked = await promtool.output();
+      assert.equal(
+        checked.code,
+        0,
+        `promtool: ${new TextDecoder().decode(checked.stdout)}${
+          new TextDecoder().decode(checked.stderr)
+        }`,
+      );
+      const stats = await (await fetch(`http://127.0.0.1:${port}/stats`)).json();
+      assert.equal(stats.connections.by_route["a.test"], 1);
+      const health = await fetch(`http://127.0.0.1:${port}/healthz`);
+      assert.equal(health.status, 200);
+      await health.body?.cancel();
+      const table = await cli(["stats", "--config", p.configPath]);
+      assert.equal(table.code, 0, table.err);
+      assert.match(table.out, /connections\.by_route\.a\.test\s+1/);
+    });
+  } finally {
+    await one.close();
+  }
+});
