@@ -19,6 +19,7 @@ const args = parseArgs({
     quick: { type: "boolean", default: false },
     idle: { type: "string", default: "5000" },
     modes: { type: "string", default: "direct,userspace,kernel" },
+    "idle-only": { type: "boolean", default: false },
   },
 }).values;
 const DURATION = args.quick ? "3s" : "8s";
@@ -168,7 +169,16 @@ async function startProxy(dir: string, backendPort: number, kernel: boolean): Pr
   const path = `${dir}/proxy-${kernel ? "kernel" : "userspace"}.json`;
   await Deno.writeTextFile(path, JSON.stringify(config));
   const proc = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--unstable-net", `${ROOT}main.ts`, "--config", path],
+    // the same flags as `deno task start` (a small young generation keeps idle RSS down)
+    args: [
+      "run",
+      "-A",
+      "--unstable-net",
+      "--v8-flags=--max-semi-space-size=4",
+      `${ROOT}main.ts`,
+      "--config",
+      path,
+    ],
     stdin: "null",
     stdout: "null",
     stderr: "piped",
@@ -184,9 +194,15 @@ async function startProxy(dir: string, backendPort: number, kernel: boolean): Pr
     proc.kill("SIGKILL");
     throw new Error(`kernel mode unavailable:\n${text}`);
   }
-  // keep draining stderr so the proxy never blocks on a full pipe
+  // keep draining stderr so the proxy never blocks on a full pipe; keep warnings for the report
   (async () => {
-    while (!(await reader.read()).done) { /* discard */ }
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      for (const line of value.split("\n")) {
+        if (/\[(WRN|ERR|FTL)\]/.test(line)) console.error(`    proxy: ${line}`);
+      }
+    }
   })().catch(() => {});
   const port = Number(/listening on 127\.0\.0\.1:(\d+)/.exec(text)![1]);
   return {
@@ -261,14 +277,25 @@ async function idleRss(port: number, pid: number, n: number): Promise<number> {
   await new Promise((r) => setTimeout(r, 500));
   const before = rssKiB(pid);
   try {
+    let failed = 0;
+    let firstError = "";
     for (let i = 0; i < n; i += 100) {
-      await Promise.all(Array.from({ length: Math.min(100, n - i) }, async () => {
-        const raw = await Deno.connect({ hostname: "127.0.0.1", port });
-        const tls = await Deno.startTls(raw, { hostname: "localhost", caCerts: [backendCert] });
-        await tls.handshake();
-        conns.push(tls);
-      }));
+      const batch = await Promise.allSettled(
+        Array.from({ length: Math.min(100, n - i) }, async () => {
+          const raw = await Deno.connect({ hostname: "127.0.0.1", port });
+          const tls = await Deno.startTls(raw, { hostname: "localhost", caCerts: [backendCert] });
+          conns.push(tls);
+          await tls.handshake();
+        }),
+      );
+      for (const r of batch) {
+        if (r.status === "rejected") {
+          failed++;
+          firstError ||= `${r.reason} (after ${conns.length} connections)`;
+        }
+      }
     }
+    if (failed) throw new Error(`${failed} of ${n} idle connections failed: ${firstError}`);
     await new Promise((r) => setTimeout(r, 1500));
     return (rssKiB(pid) - before) / n;
   } finally {
@@ -285,6 +312,12 @@ async function measure(mode: Mode, dir: string, nginxPort: number): Promise<Row>
   if (mode !== "direct") proxy = await startProxy(dir, nginxPort, mode === "kernel");
   const port = proxy?.port ?? nginxPort;
   try {
+    if (args["idle-only"]) {
+      if (!proxy) throw new Error("--idle-only needs a proxy mode");
+      const idle = await idleRss(port, proxy.pid, IDLE_CONNS);
+      console.log(`  ${mode}: ${idle.toFixed(1)} KiB per idle connection at ${IDLE_CONNS}`);
+      return { idleKiBPerConn: idle } as Row;
+    }
     console.log(`  ${mode}: bulk...`);
     const b = await bulk(port);
     console.log(`  ${mode}: wrk keep-alive...`);
@@ -378,6 +411,12 @@ async function main() {
       }
     }
   } finally {
+    const errors = await Deno.readTextFile(`${dir}/error.log`).catch(() => "");
+    if (errors.trim()) {
+      console.error(
+        `nginx error.log (last lines):\n${errors.trim().split("\n").slice(-5).join("\n")}`,
+      );
+    }
     nginx.proc.kill("SIGTERM");
     await nginx.proc.status;
     await Deno.remove(dir, { recursive: true }).catch(() => {});

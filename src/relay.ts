@@ -42,6 +42,7 @@ export class Relay {
   readonly #backend: Deno.Conn;
   readonly #idleMs: number;
   readonly #splice: SpliceHooks | null;
+  #clientBuffer: Uint8Array | null;
   #splicedSeen = 0;
   #end: RelayEnd | null = null;
   #error: unknown = null;
@@ -52,7 +53,18 @@ export class Relay {
   /** Bytes backend → client copied by this relay. */
   bytesDown = 0;
 
-  constructor(client: Deno.Conn, backend: Deno.Conn, idleMs: number, splice?: SpliceHooks) {
+  /**
+   * `clientBuffer`: a buffer to read the client with (the one the hello was read into), so a
+   * new connection allocates one buffer less.
+   */
+  constructor(
+    client: Deno.Conn,
+    backend: Deno.Conn,
+    idleMs: number,
+    splice?: SpliceHooks,
+    clientBuffer?: Uint8Array,
+  ) {
+    this.#clientBuffer = clientBuffer ?? null;
     this.#client = client;
     this.#backend = backend;
     this.#idleMs = idleMs;
@@ -105,7 +117,9 @@ export class Relay {
   }
 
   async #pump(src: Deno.Conn, dst: Deno.Conn, up: boolean): Promise<void> {
-    let buf = new Uint8Array(INITIAL_BUFFER);
+    let buf = (up && this.#clientBuffer) || new Uint8Array(INITIAL_BUFFER);
+    this.#clientBuffer = null;
+    let full = false;
     for (;;) {
       let n: number | null;
       try {
@@ -137,9 +151,14 @@ export class Relay {
       }
       if (up) this.bytesUp += n;
       else this.bytesDown += n;
-      if (n === buf.length && buf.length < MAX_BUFFER) {
-        buf = new Uint8Array(Math.min(buf.length * 4, MAX_BUFFER));
-      }
+      // grow only after two full reads in a row: a TLS handshake flight fills the small buffer
+      // once, a bulk transfer keeps filling it; idle connections keep the small one
+      if (n === buf.length) {
+        if (full && buf.length < MAX_BUFFER) {
+          buf = new Uint8Array(Math.min(buf.length * 4, MAX_BUFFER));
+          full = false;
+        } else full = true;
+      } else full = false;
     }
   }
 }

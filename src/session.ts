@@ -128,7 +128,9 @@ export class Session {
         backend,
         this.#ctx.table.config.timeouts.idleMs,
         hooks,
+        this.#readBuffer,
       );
+      this.#readBuffer = undefined;
       this.#relay = relay;
       if (this.#stopReason) relay.stop("shutdown");
       reason = await relay.run();
@@ -165,6 +167,9 @@ export class Session {
     }
   }
 
+  /** The buffer the hello was read into; the relay reads the client with it afterwards. */
+  #readBuffer: Uint8Array | undefined;
+
   /** Bytes read from the client before the backend was connected; forwarded as-is. */
   #pending: Uint8Array | null = null;
 
@@ -180,6 +185,7 @@ export class Session {
       : new HttpHostParser(max);
     const timer = setTimeout(() => this.stop("client_hello_timeout"), clientHelloMs);
     const buf = new Uint8Array(2048);
+    this.#readBuffer = buf;
     try {
       for (;;) {
         let n: number | null;
@@ -192,7 +198,8 @@ export class Session {
         }
         const result = n === null ? parser.end() : parser.push(buf.subarray(0, n));
         if (result) {
-          this.#pending = parser.data.slice();
+          // a view, not a copy: the parser is not fed again
+          this.#pending = parser.data;
           this.#sni = result.serverName;
           if (this.#ctx.protocol === "tls") this.#hello = result as ClientHello;
           return result.serverName;
@@ -298,24 +305,33 @@ export class Session {
 
   /** Connects to `host:port`, trying each resolved address within one connect_ms budget. */
   async #connect(host: string, port: number): Promise<Deno.TcpConn> {
-    const signal = AbortSignal.any([
-      this.#connectAbort.signal,
-      AbortSignal.timeout(this.#ctx.table.config.timeouts.connectMs),
-    ]);
-    const addresses = await abortable(resolveHost(host), signal);
-    let lastError: unknown = null;
-    for (const hostname of addresses) {
-      if (signal.aborted) break;
-      try {
-        return await Deno.connect({ hostname, port, signal });
-      } catch (e) {
-        lastError = e;
+    const connectMs = this.#ctx.table.config.timeouts.connectMs;
+    // one controller for both shutdown and the deadline; the timer is cleared once connected
+    // so no per-connection timer outlives the connect
+    const abort = this.#connectAbort;
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      abort.abort();
+    }, connectMs);
+    try {
+      const addresses = await abortable(resolveHost(host), abort.signal);
+      let lastError: unknown = null;
+      for (const hostname of addresses) {
+        if (abort.signal.aborted) break;
+        try {
+          return await Deno.connect({ hostname, port, signal: abort.signal });
+        } catch (e) {
+          lastError = e;
+        }
       }
+      throw lastError ?? new Error("connect aborted");
+    } catch (e) {
+      if (timedOut) throw new Error(`timed out after ${connectMs} ms`);
+      throw e;
+    } finally {
+      clearTimeout(timer);
     }
-    if (signal.aborted && !this.#connectAbort.signal.aborted) {
-      throw new Error(`timed out after ${this.#ctx.table.config.timeouts.connectMs} ms`);
-    }
-    throw lastError ?? new Error("connect aborted");
   }
 
   /** Ends the session before routing (bad or missing hello); run() reports it. */
