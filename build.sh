@@ -74,7 +74,7 @@ compile_binary() {
 	fi
 	# deno compile reads DENORT_BIN from the environment; an empty value would be taken as a path
 	[ -n "${DENORT_BIN:-}" ] || unset DENORT_BIN
-	if ! "$deno" compile -A --unstable-net --include "$BPF_OBJ" -o sni-proxy main.ts 2>&1 |
+	if ! "$deno" compile -A --unstable-net --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" -o sni-proxy main.ts 2>&1 |
 		tee "$log"; then
 		if grep -qiE 'denort|download|fetch|network|dns|connect' "$log"; then
 			echo "build.sh: deno compile could not fetch the denort runtime; download denort" \
