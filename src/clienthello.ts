@@ -1,25 +1,39 @@
 /**
  * Incremental TLS ClientHello parser: takes bytes in any split (one at a time included),
- * reassembles a handshake message spread over several records and segments, and returns the
+ * reassembles a handshake message spread over several records and TCP segments, and returns the
  * server name, ALPN list and the presence of early_data and encrypted_client_hello. Every
- * malformed, truncated, oversized or non-TLS input ends in a {@link ClientHelloError}.
+ * malformed, truncated, oversized or non-TLS input ends in a {@link ClientHelloError}; no other
+ * exception escapes.
+ *
+ * Cost: bytes are copied once into one growing buffer (doubling); a record is looked at only
+ * when its header, and then its whole payload, is there, so feeding one byte at a time is linear.
+ * A hello in one record is parsed in place; one spread over several records is copied once.
  *
  * @module
  */
 
 /** What was wrong with the bytes. */
 export type ClientHelloErrorKind =
+  /** First byte not a TLS record type we accept / garbage. */
   | "not_tls"
+  /** SSLv2-format hello. */
   | "sslv2"
+  /** A record that is not a handshake record (alert, application data...) before the hello is done. */
   | "not_handshake"
+  /** The handshake message is not a client_hello. */
   | "not_client_hello"
+  /** A length field is inconsistent with its container, or a record length is 0 or over 2^14. */
   | "bad_length"
+  /** Malformed extension block, SNI or ALPN list structure. */
   | "bad_extension"
+  /** Empty or illegal server name, or no host_name entry in the SNI list. */
   | "bad_server_name"
+  /** More than maxBytes would be needed to complete the hello. */
   | "too_large"
+  /** end() (peer EOF) before the hello was complete. */
   | "truncated";
 
-/** A hello the proxy cannot route; `kind` says why. */
+/** A hello the proxy cannot route; `kind` says why, the message names the cause. */
 export class ClientHelloError extends Error {
   readonly kind: ClientHelloErrorKind;
   constructor(kind: ClientHelloErrorKind, message: string) {
@@ -39,56 +53,81 @@ export interface ClientHello {
   earlyData: boolean;
   /** The encrypted_client_hello (0xfe0d) extension is present. */
   encryptedClientHello: boolean;
-  /** Bytes of the TLS records that carried the hello, record headers included. */
+  /**
+   * Bytes of the TLS records that carried the hello, record headers included. Bytes pushed
+   * beyond this are application data the client sent early.
+   */
   recordBytes: number;
 }
 
-const RECORD_HANDSHAKE = 22;
-const HANDSHAKE_CLIENT_HELLO = 1;
 const RECORD_HEADER = 5;
-/** TLSPlaintext.length must not exceed 2^14. */
+/** TLSPlaintext.length must not exceed 2^14 (RFC 8446 5.1). */
 const MAX_RECORD = 16384;
+const CT_CHANGE_CIPHER_SPEC = 20;
+const CT_ALERT = 21;
+const CT_HANDSHAKE = 22;
+const CT_APPLICATION_DATA = 23;
+const CT_HEARTBEAT = 24;
+const HANDSHAKE_CLIENT_HELLO = 1;
+const HANDSHAKE_HEADER = 4;
 const EXT_SERVER_NAME = 0;
 const EXT_ALPN = 16;
 const EXT_EARLY_DATA = 42;
 const EXT_ECH = 0xfe0d;
+const NAME_TYPE_HOST_NAME = 0;
+/** First buffer size: most hellos fit (517 B from OpenSSL, ~1.9 KB post-quantum browsers). */
+const INITIAL_BUFFER = 2048;
 
 const latin1 = new TextDecoder("latin1");
 
 /** Parses one ClientHello from bytes as they arrive. */
 export class ClientHelloParser {
   readonly #max: number;
-  #buf: Uint8Array;
+  #buf: Uint8Array = new Uint8Array(0);
   #len = 0;
   /** Offset in #buf of the next record header not yet consumed. */
   #recordOff = 0;
-  /** Handshake bytes reassembled from record payloads. */
-  #hs: Uint8Array | null = null;
+  /** Handshake payload fragments as [start, end) offset pairs into #buf, in order. */
+  #fragments: number[] = [];
+  /** Handshake bytes received so far (sum of the fragments). */
   #hsLen = 0;
+  /** The handshake message's total length with its 4-byte header, once known. */
+  #msgLen = -1;
   #result: ClientHello | null = null;
+  #error: ClientHelloError | null = null;
 
-  /** `maxBytes`: the most bytes (records with headers) a hello may take. */
+  /** `maxBytes`: the most bytes (records with their headers) a hello may take. */
   constructor(maxBytes = 16384) {
-    this.#max = maxBytes;
-    this.#buf = new Uint8Array(Math.min(1024, maxBytes + RECORD_HEADER));
+    this.#max = Number.isFinite(maxBytes) && maxBytes > 0 ? Math.floor(maxBytes) : 0;
   }
 
-  /** Every byte pushed so far, unchanged (a view, valid until the next push). */
+  /** Every byte pushed so far, unchanged, in order (a view, valid until the next push). */
   get data(): Uint8Array {
     return this.#buf.subarray(0, this.#len);
   }
 
-  /** Feeds the next bytes; returns the hello once complete, else null. Throws ClientHelloError. */
+  /**
+   * Feeds the next bytes (any split). Returns the hello once complete, else null; after
+   * completion the bytes are still appended to {@link data} and the same hello is returned.
+   * Throws {@link ClientHelloError} (again on every later call once it has thrown).
+   */
   push(chunk: Uint8Array): ClientHello | null {
     this.#append(chunk);
     if (this.#result) return this.#result;
-    this.#advance();
+    if (this.#error) throw this.#error;
+    try {
+      this.#advance();
+    } catch (e) {
+      if (e instanceof ClientHelloError) this.#error = e;
+      throw e;
+    }
     return this.#result;
   }
 
   /** The peer ended its side: returns the hello if complete, else throws `truncated`. */
   end(): ClientHello {
     if (this.#result) return this.#result;
+    if (this.#error) throw this.#error;
     throw new ClientHelloError(
       "truncated",
       `connection ended after ${this.#len} bytes, before the ClientHello was complete`,
@@ -98,7 +137,7 @@ export class ClientHelloParser {
   #append(chunk: Uint8Array): void {
     const need = this.#len + chunk.length;
     if (need > this.#buf.length) {
-      let cap = this.#buf.length * 2;
+      let cap = Math.max(this.#buf.length * 2, INITIAL_BUFFER);
       while (cap < need) cap *= 2;
       const next = new Uint8Array(cap);
       next.set(this.#buf.subarray(0, this.#len));
@@ -108,84 +147,154 @@ export class ClientHelloParser {
     this.#len = need;
   }
 
+  /** Consumes every complete record; sets #result when the hello is complete. */
   #advance(): void {
     const b = this.#buf;
-    if (this.#recordOff === 0 && this.#len > 0 && b[0] !== RECORD_HANDSHAKE) {
-      // SSLv2-compatible hello: 2-byte length with the high bit set, then msg type 1
-      if (b[0] & 0x80) {
-        if (this.#len < 3) return;
-        if (b[2] === 1) throw new ClientHelloError("sslv2", "SSLv2-format ClientHello");
-      }
-      throw new ClientHelloError("not_tls", `not a TLS handshake (first byte 0x${hex(b[0])})`);
-    }
-    while (this.#len - this.#recordOff >= RECORD_HEADER) {
+    for (;;) {
       const off = this.#recordOff;
-      if (b[off] !== RECORD_HANDSHAKE) {
-        throw new ClientHelloError(
-          "not_handshake",
-          `record of type ${b[off]} before the ClientHello was complete`,
-        );
-      }
-      if (b[off + 1] !== 3 || b[off + 2] > 4) {
-        throw new ClientHelloError(
-          "not_tls",
-          `unknown record version ${b[off + 1]}.${b[off + 2]}`,
-        );
-      }
+      const avail = this.#len - off;
+      if (avail <= 0) return;
+      this.#checkRecordStart(b, off, avail);
+      if (avail < RECORD_HEADER) return;
       const length = (b[off + 3] << 8) | b[off + 4];
-      if (length === 0 || length > MAX_RECORD) {
-        throw new ClientHelloError("bad_length", `handshake record length ${length}`);
+      if (length === 0) throw new ClientHelloError("bad_length", "handshake record of length 0");
+      if (length > MAX_RECORD) {
+        throw new ClientHelloError("bad_length", `record length ${length} over 2^14`);
       }
       const end = off + RECORD_HEADER + length;
       if (end > this.#max) {
-        throw new ClientHelloError("too_large", `ClientHello larger than ${this.#max} bytes`);
+        throw new ClientHelloError(
+          "too_large",
+          `ClientHello needs more than ${this.#max} bytes (a record ends at byte ${end})`,
+        );
       }
+      // refuse a wrong handshake type as soon as its byte is in, not when the record is
+      if (this.#hsLen === 0 && avail > RECORD_HEADER) checkHandshakeType(b[off + RECORD_HEADER]);
       if (this.#len < end) return;
-      this.#appendHandshake(b.subarray(off + RECORD_HEADER, end));
+      this.#fragments.push(off + RECORD_HEADER, end);
+      this.#hsLen += length;
       this.#recordOff = end;
-      if (this.#hsLen >= 4) {
-        const hs = this.#hs!;
-        if (hs[0] !== HANDSHAKE_CLIENT_HELLO) {
-          throw new ClientHelloError("not_client_hello", `handshake message type ${hs[0]}`);
-        }
-        const msgLen = (hs[1] << 16) | (hs[2] << 8) | hs[3];
-        // the records carrying it need at least one 5-byte header per 2^14 bytes
-        if (4 + msgLen + RECORD_HEADER > this.#max) {
-          throw new ClientHelloError("too_large", `ClientHello of ${4 + msgLen} bytes`);
-        }
-        if (this.#hsLen >= 4 + msgLen) {
-          this.#result = parseBody(hs.subarray(4, 4 + msgLen), end);
-          return;
-        }
+      if (this.#msgLen < 0 && this.#hsLen >= HANDSHAKE_HEADER) {
+        const h = this.#handshakeHeader();
+        this.#msgLen = HANDSHAKE_HEADER + ((h[1] << 16) | (h[2] << 8) | h[3]);
+      }
+      if (this.#msgLen < 0) continue;
+      const missing = this.#msgLen - this.#hsLen;
+      if (missing <= 0) {
+        this.#result = parseBody(this.#message(), end);
+        return;
+      }
+      // the rest needs at least one more record: its header plus the missing bytes
+      if (end + RECORD_HEADER + missing > this.#max) {
+        throw new ClientHelloError(
+          "too_large",
+          `ClientHello of ${this.#msgLen} bytes does not fit in ${this.#max} bytes`,
+        );
       }
     }
   }
 
-  #appendHandshake(payload: Uint8Array): void {
-    if (this.#hs === null && payload.length >= 4) {
-      // common case: the whole message in one record; parse it in place
-      this.#hs = payload;
-      this.#hsLen = payload.length;
+  /** Checks the record header bytes that are there (1 to 5). */
+  #checkRecordStart(b: Uint8Array, off: number, avail: number): void {
+    const type = b[off];
+    if (type === CT_HANDSHAKE) {
+      if (avail >= 2 && b[off + 1] !== 3) {
+        throw new ClientHelloError("not_tls", `record version major ${b[off + 1]}, not 3`);
+      }
+      if (avail >= 3 && b[off + 2] > 4) {
+        throw new ClientHelloError("not_tls", `record version 3.${b[off + 2]} unknown`);
+      }
       return;
     }
-    const need = this.#hsLen + payload.length;
-    const next = new Uint8Array(need);
-    if (this.#hs) next.set(this.#hs.subarray(0, this.#hsLen));
-    next.set(payload, this.#hsLen);
-    this.#hs = next;
-    this.#hsLen = need;
+    if (off === 0 && type & 0x80) {
+      // SSLv2: 2-byte length with the high bit set, then message type 1 (client hello)
+      if (avail < 3) return;
+      if (b[2] === 1) throw new ClientHelloError("sslv2", "SSLv2-format ClientHello");
+      throw new ClientHelloError("not_tls", `not TLS (first byte 0x${hex(type)})`);
+    }
+    const known = type === CT_ALERT || type === CT_APPLICATION_DATA ||
+      type === CT_CHANGE_CIPHER_SPEC || type === CT_HEARTBEAT;
+    if (!known) {
+      throw new ClientHelloError(
+        "not_tls",
+        `not TLS (record type 0x${hex(type)} at byte ${off})`,
+      );
+    }
+    // a real record type: tell "TLS, but not a hello" from garbage by its version
+    if (avail >= 2 && b[off + 1] !== 3) {
+      throw new ClientHelloError("not_tls", `not TLS (record type ${type}, version ${b[off + 1]})`);
+    }
+    if (avail < 2) return;
+    throw new ClientHelloError(
+      "not_handshake",
+      `record of type ${type} (${recordTypeName(type)}) before the ClientHello was complete`,
+    );
+  }
+
+  /** The first 4 handshake bytes, which may be spread over several fragments. */
+  #handshakeHeader(): Uint8Array {
+    const f = this.#fragments;
+    if (f[1] - f[0] >= HANDSHAKE_HEADER) return this.#buf.subarray(f[0], f[0] + HANDSHAKE_HEADER);
+    const h = new Uint8Array(HANDSHAKE_HEADER);
+    let n = 0;
+    for (let i = 0; n < HANDSHAKE_HEADER; i += 2) {
+      for (let j = f[i]; j < f[i + 1] && n < HANDSHAKE_HEADER; j++) h[n++] = this.#buf[j];
+    }
+    return h;
+  }
+
+  /** The whole handshake message body (without its 4-byte header): in place, or joined once. */
+  #message(): Uint8Array {
+    const f = this.#fragments;
+    const total = this.#msgLen;
+    if (f[1] - f[0] >= total) return this.#buf.subarray(f[0] + HANDSHAKE_HEADER, f[0] + total);
+    const joined = new Uint8Array(total);
+    let n = 0;
+    for (let i = 0; i < f.length && n < total; i += 2) {
+      const part = this.#buf.subarray(f[i], Math.min(f[i + 1], f[i] + total - n));
+      joined.set(part, n);
+      n += part.length;
+    }
+    return joined.subarray(HANDSHAKE_HEADER);
   }
 }
 
-/** A bounds-checked reader over one length-delimited block. */
+function checkHandshakeType(type: number): void {
+  if (type !== HANDSHAKE_CLIENT_HELLO) {
+    throw new ClientHelloError(
+      "not_client_hello",
+      `handshake message type ${type}, not client_hello (1)`,
+    );
+  }
+}
+
+function recordTypeName(type: number): string {
+  switch (type) {
+    case CT_ALERT:
+      return "alert";
+    case CT_APPLICATION_DATA:
+      return "application_data";
+    case CT_CHANGE_CIPHER_SPEC:
+      return "change_cipher_spec";
+    default:
+      return "heartbeat";
+  }
+}
+
+/** A bounds-checked reader over one length-delimited block [pos, end) of `b`. */
 class Reader {
   pos: number;
-  constructor(readonly b: Uint8Array, pos: number, readonly end: number) {
+  constructor(
+    readonly b: Uint8Array,
+    pos: number,
+    readonly end: number,
+    readonly kind: ClientHelloErrorKind = "bad_length",
+  ) {
     this.pos = pos;
   }
   need(n: number, what: string): void {
     if (this.pos + n > this.end) {
-      throw new ClientHelloError("bad_length", `${what} runs past its container`);
+      throw new ClientHelloError(this.kind, `${what} runs past its container`);
     }
   }
   u8(what: string): number {
@@ -198,29 +307,30 @@ class Reader {
     this.pos += 2;
     return v;
   }
-  /** A vector with a 1- or 2-byte length: returns [start, end] and skips it. */
-  vec(lenBytes: 1 | 2, what: string): [number, number] {
+  /** Skips a vector with a 1- or 2-byte length; returns its content's start (end is `pos`). */
+  vec(lenBytes: 1 | 2, what: string): number {
     const n = lenBytes === 1 ? this.u8(what) : this.u16(what);
     this.need(n, what);
     const start = this.pos;
     this.pos += n;
-    return [start, this.pos];
+    return start;
   }
 }
 
+/** Parses a ClientHello body (after the 4-byte handshake header); `body` is exactly the message. */
 function parseBody(body: Uint8Array, recordBytes: number): ClientHello {
   const r = new Reader(body, 0, body.length);
   r.u16("legacy_version");
   r.need(32, "random");
   r.pos += 32;
-  const [sidStart, sidEnd] = r.vec(1, "session_id");
-  if (sidEnd - sidStart > 32) throw new ClientHelloError("bad_length", "session_id over 32 bytes");
-  const [csStart, csEnd] = r.vec(2, "cipher_suites");
-  if (csEnd === csStart || (csEnd - csStart) % 2 !== 0) {
-    throw new ClientHelloError("bad_length", "cipher_suites length is zero or odd");
+  const sid = r.vec(1, "session_id");
+  if (r.pos - sid > 32) throw new ClientHelloError("bad_length", "session_id over 32 bytes");
+  const cs = r.vec(2, "cipher_suites");
+  if (r.pos === cs || (r.pos - cs) % 2 !== 0) {
+    throw new ClientHelloError("bad_length", `cipher_suites length ${r.pos - cs} is zero or odd`);
   }
-  const [cmStart, cmEnd] = r.vec(1, "compression_methods");
-  if (cmEnd === cmStart) throw new ClientHelloError("bad_length", "no compression methods");
+  const cm = r.vec(1, "compression_methods");
+  if (r.pos === cm) throw new ClientHelloError("bad_length", "no compression methods");
   const hello: ClientHello = {
     serverName: null,
     alpn: [],
@@ -228,29 +338,45 @@ function parseBody(body: Uint8Array, recordBytes: number): ClientHello {
     encryptedClientHello: false,
     recordBytes,
   };
-  if (r.pos === r.end) return hello; // no extensions (allowed before TLS 1.3)
-  const [extStart, extEnd] = r.vec(2, "extensions");
-  if (extEnd !== r.end) {
-    throw new ClientHelloError("bad_length", "bytes after the extensions block");
+  if (r.pos === r.end) return hello; // no extensions at all (allowed before TLS 1.3)
+  const extStart = r.vec(2, "extensions");
+  if (r.pos !== r.end) {
+    throw new ClientHelloError(
+      "bad_length",
+      `${r.end - r.pos} bytes after the extensions block, inside the ClientHello`,
+    );
   }
   const seen = new Set<number>();
-  const ext = new Reader(body, extStart, extEnd);
+  const ext = new Reader(body, extStart, r.end);
   while (ext.pos < ext.end) {
+    if (ext.end - ext.pos < 4) throw new ClientHelloError("bad_extension", "extension header cut");
     const type = ext.u16("extension type");
-    const [start, end] = ext.vec(2, `extension ${type}`);
+    const len = ext.u16("extension length");
+    if (ext.pos + len > ext.end) {
+      throw new ClientHelloError(
+        "bad_extension",
+        `extension ${type} length ${len} runs past the extensions block`,
+      );
+    }
+    const start = ext.pos;
+    ext.pos += len;
     if (seen.has(type)) throw new ClientHelloError("bad_extension", `extension ${type} repeated`);
     seen.add(type);
     switch (type) {
       case EXT_SERVER_NAME:
-        hello.serverName = parseServerName(body, start, end);
+        hello.serverName = parseServerName(body, start, ext.pos);
         break;
       case EXT_ALPN:
-        hello.alpn = parseAlpn(body, start, end);
+        hello.alpn = parseAlpn(body, start, ext.pos);
         break;
       case EXT_EARLY_DATA:
+        if (len !== 0) {
+          throw new ClientHelloError("bad_extension", `early_data with ${len} bytes, not empty`);
+        }
         hello.earlyData = true;
         break;
       case EXT_ECH:
+        if (len === 0) throw new ClientHelloError("bad_extension", "empty encrypted_client_hello");
         hello.encryptedClientHello = true;
         break;
     }
@@ -258,34 +384,56 @@ function parseBody(body: Uint8Array, recordBytes: number): ClientHello {
   return hello;
 }
 
-function parseServerName(b: Uint8Array, start: number, end: number): string | null {
-  const r = new Reader(b, start, end);
-  const [listStart, listEnd] = r.vec(2, "server_name list");
-  if (listEnd !== end) throw new ClientHelloError("bad_extension", "server_name list length");
-  const list = new Reader(b, listStart, listEnd);
-  let name: string | null = null;
-  while (list.pos < list.end) {
-    const nameType = list.u8("server_name type");
-    const [s, e] = list.vec(2, "server_name");
-    if (nameType !== 0) continue; // only host_name (0) is defined; skip unknown types
-    if (name !== null) throw new ClientHelloError("bad_server_name", "two host_name entries");
-    name = validateHostName(b, s, e);
+/** server_name extension (RFC 6066 3): a non-empty list with exactly one host_name. */
+function parseServerName(b: Uint8Array, start: number, end: number): string {
+  const r = new Reader(b, start, end, "bad_extension");
+  if (end - start < 2) throw new ClientHelloError("bad_extension", "server_name list cut");
+  const listStart = r.vec(2, "server_name list");
+  if (r.pos !== end || r.pos === listStart) {
+    throw new ClientHelloError(
+      "bad_extension",
+      `server_name list length ${r.pos - listStart} does not fill the extension (${
+        end - start - 2
+      })`,
+    );
   }
+  r.pos = listStart;
+  let name: string | null = null;
+  while (r.pos < end) {
+    if (end - r.pos < 3) throw new ClientHelloError("bad_extension", "server_name entry cut");
+    const nameType = r.u8("server_name type");
+    const len = r.u16("server_name length");
+    if (r.pos + len > end) {
+      throw new ClientHelloError("bad_extension", `server_name length ${len} runs past its list`);
+    }
+    const s = r.pos;
+    r.pos += len;
+    if (nameType !== NAME_TYPE_HOST_NAME) continue; // no other type is defined; skip it
+    if (name !== null) throw new ClientHelloError("bad_server_name", "two host_name entries");
+    name = validateHostName(b, s, r.pos);
+  }
+  if (name === null) throw new ClientHelloError("bad_server_name", "no host_name in server_name");
   return name;
 }
 
+/** ALPN extension (RFC 7301 3.1): a non-empty list of non-empty names. */
 function parseAlpn(b: Uint8Array, start: number, end: number): string[] {
-  const r = new Reader(b, start, end);
-  const [listStart, listEnd] = r.vec(2, "ALPN list");
-  if (listEnd !== end || listEnd === listStart) {
-    throw new ClientHelloError("bad_extension", "ALPN list length");
+  const r = new Reader(b, start, end, "bad_extension");
+  if (end - start < 2) throw new ClientHelloError("bad_extension", "ALPN list cut");
+  const listStart = r.vec(2, "ALPN list");
+  if (r.pos !== end || r.pos === listStart) {
+    throw new ClientHelloError("bad_extension", "ALPN list length does not fill the extension");
   }
-  const list = new Reader(b, listStart, listEnd);
+  r.pos = listStart;
   const names: string[] = [];
-  while (list.pos < list.end) {
-    const [s, e] = list.vec(1, "ALPN protocol");
-    if (s === e) throw new ClientHelloError("bad_extension", "empty ALPN protocol name");
-    names.push(latin1.decode(b.subarray(s, e)));
+  while (r.pos < end) {
+    const len = r.u8("ALPN protocol length");
+    if (len === 0) throw new ClientHelloError("bad_extension", "empty ALPN protocol name");
+    if (r.pos + len > end) {
+      throw new ClientHelloError("bad_extension", `ALPN name length ${len} runs past its list`);
+    }
+    names.push(latin1.decode(b.subarray(r.pos, r.pos + len)));
+    r.pos += len;
   }
   return names;
 }
@@ -293,6 +441,9 @@ function parseAlpn(b: Uint8Array, start: number, end: number): string[] {
 /** Checks a host_name's bytes (letters, digits, '-', '_', '.'), returns it normalized. */
 function validateHostName(b: Uint8Array, s: number, e: number): string {
   if (s === e) throw new ClientHelloError("bad_server_name", "empty server name");
+  if (e - s > 254) {
+    throw new ClientHelloError("bad_server_name", `server name of ${e - s} bytes, over 253`);
+  }
   let labelLen = 0;
   for (let i = s; i < e; i++) {
     const c = b[i];
@@ -307,16 +458,18 @@ function validateHostName(b: Uint8Array, s: number, e: number): string {
     const ok = (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || (c >= 0x30 && c <= 0x39) ||
       c === 0x2d || c === 0x5f;
     if (!ok) {
-      throw new ClientHelloError("bad_server_name", `byte 0x${hex(c)} in server name`);
+      throw new ClientHelloError(
+        "bad_server_name",
+        `byte 0x${hex(c)} at ${i - s} in server name is not a letter, digit, '-', '_' or '.'`,
+      );
     }
     if (++labelLen > 63) throw new ClientHelloError("bad_server_name", "label over 63 bytes");
   }
-  let name = latin1.decode(b.subarray(s, e)).toLowerCase();
-  if (name.endsWith(".")) name = name.slice(0, -1);
-  if (name.length > 253) {
-    throw new ClientHelloError("bad_server_name", "server name over 253 bytes");
+  const trimmed = b[e - 1] === 0x2e ? e - 1 : e;
+  if (trimmed - s > 253) {
+    throw new ClientHelloError("bad_server_name", `server name of ${trimmed - s} bytes, over 253`);
   }
-  return name;
+  return latin1.decode(b.subarray(s, trimmed)).toLowerCase();
 }
 
 function hex(n: number): string {
