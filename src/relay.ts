@@ -34,6 +34,11 @@ export interface SpliceHooks {
   beforeHalfClose(up: boolean, userspaceBytes: number): Promise<void>;
   /** Bytes spliced so far (both ways), so the idle timer sees traffic it never reads. */
   splicedBytes(): number;
+  /**
+   * Called once, just before the sockets are closed: remove the pairing while both 4-tuples
+   * are still taken, so a new connection reusing one never meets a stale entry.
+   */
+  release(): void;
 }
 
 /** A running relay between `client` and `backend`. Both conns are closed when it ends. */
@@ -97,6 +102,7 @@ export class Relay {
     this.#end = reason;
     this.#error = error;
     clearTimeout(this.#idleTimer);
+    this.#splice?.release();
     closeQuietly(this.#client);
     closeQuietly(this.#backend);
   }

@@ -65,6 +65,7 @@ export class Session {
   /** The parsed ClientHello (TLS listeners only). */
   #hello: ClientHello | null = null;
   #splice: SplicePair | null = null;
+  #unpaired = false;
   /** Bytes the kernel redirected each way, read when the pair is removed. */
   #spliced = { up: 0, down: 0 };
   #route: string | null = null;
@@ -145,10 +146,7 @@ export class Session {
       }
     } finally {
       if (picked) picked.active--;
-      if (this.#splice) {
-        const c = this.#ctx.kernel!.unpair(this.#splice);
-        this.#spliced = { up: c.aToB, down: c.bToA };
-      }
+      this.#unpair();
       closeQuietly(this.#client);
       if (this.#backendConn) closeQuietly(this.#backendConn);
       this.#finish(reason, error);
@@ -262,11 +260,20 @@ export class Session {
           );
         }
       },
+      release: () => this.#unpair(),
       splicedBytes: () => {
         const c = kernel.counters(pair);
         return c.aToB + c.bToA;
       },
     };
+  }
+
+  /** Removes the kernel pairing (once) and keeps its final byte counts for the access log. */
+  #unpair(): void {
+    if (!this.#splice || this.#unpaired) return;
+    this.#unpaired = true;
+    const c = this.#ctx.kernel!.unpair(this.#splice);
+    this.#spliced = { up: c.aToB, down: c.bToA };
   }
 
   /** Picks the pool for `name`, or null when the connection must be refused. */
