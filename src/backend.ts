@@ -15,11 +15,18 @@ export interface Backend {
 export class BackendPool {
   readonly backends: Backend[];
   readonly balance: Balance;
+  /** PROXY protocol version to send to these backends, or null. */
+  readonly proxyProtocol: "v1" | "v2" | null;
   #next = 0;
 
-  constructor(addresses: BackendAddress[], balance: Balance) {
+  constructor(
+    addresses: BackendAddress[],
+    balance: Balance,
+    proxyProtocol: "v1" | "v2" | null = null,
+  ) {
     this.backends = addresses.map((address) => ({ address, active: 0 }));
     this.balance = balance;
+    this.proxyProtocol = proxyProtocol;
   }
 
   /** Picks a backend for a client at `clientIp`. The caller brackets its use with acquire/release. */

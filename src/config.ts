@@ -36,6 +36,8 @@ export interface RouteConfig {
   balance: Balance;
   /** Required for dynamic backends: names they may connect to. */
   allow: NamePattern[] | null;
+  /** PROXY protocol header to send to the backend before the client's bytes. */
+  proxyProtocol: "v1" | "v2" | null;
 }
 
 /** The resolved, validated config the proxy runs on. */
@@ -102,6 +104,7 @@ const schema = z.strictObject({
       "round_robin",
     ),
     allow: z.array(z.string()).optional(),
+    proxy_protocol: z.enum(["v1", "v2"]).optional(),
   })),
   default_backend: z.string().optional(),
   timeouts: z.strictObject({
@@ -239,6 +242,7 @@ export function resolveConfig(raw: unknown, path: string): Config {
       backends,
       balance: r.balance,
       allow: dynamic ? allow : null,
+      proxyProtocol: r.proxy_protocol ?? null,
     };
   });
   const defaultBackend = c.default_backend === undefined ? null : at(["default_backend"], () => {

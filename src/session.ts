@@ -12,6 +12,7 @@ import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
+import { proxyHeader } from "./proxyproto.ts";
 import { resolveHost } from "./resolver.ts";
 import type { RoutingTable } from "./table.ts";
 
@@ -72,6 +73,8 @@ export class Session {
   #backend: string | null = null;
   /** Bytes of the hello (or HTTP head) forwarded to the backend before the relay started. */
   #helloBytes = 0;
+  /** Bytes of the PROXY protocol header written before the hello (not the client's bytes). */
+  #headerBytes = 0;
   #earlyError: unknown = null;
 
   constructor(client: Deno.TcpConn, ctx: SessionContext) {
@@ -121,7 +124,19 @@ export class Session {
       // and a TLS client sends nothing more until it has the answer, so no byte can pass the
       // kernel path ahead of one still in userspace
       const hooks = this.#trySplice(backend);
-      await writeAll(backend, this.#pending!);
+      let first = this.#pending!;
+      if (pool.proxyProtocol) {
+        const header = proxyHeader(
+          pool.proxyProtocol,
+          this.#client.remoteAddr as Deno.NetAddr,
+          this.#client.localAddr as Deno.NetAddr,
+        );
+        this.#headerBytes = header.length;
+        first = new Uint8Array(header.length + first.length);
+        first.set(header);
+        first.set(this.#pending!, header.length);
+      }
+      await writeAll(backend, first);
       this.#helloBytes = this.#pending!.length;
       this.#pending = null;
       const relay = new Relay(
@@ -251,7 +266,7 @@ export class Session {
     const drainMs = this.#ctx.table.config.ebpf.drainTimeoutMs;
     return {
       beforeHalfClose: async (up, userspaceBytes) => {
-        const bytes = up ? this.#helloBytes + userspaceBytes : userspaceBytes;
+        const bytes = up ? this.#headerBytes + this.#helloBytes + userspaceBytes : userspaceBytes;
         const r = await kernel.waitDrained(pair, up ? "b" : "a", bytes, { timeoutMs: drainMs });
         if (!r.drained && r.socketFound) {
           log.warn(

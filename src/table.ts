@@ -25,7 +25,7 @@ export function buildTable(config: Config): RoutingTable {
     router: new Router(config.routes.map((r) => ({
       pattern: r.match,
       allow: r.allow,
-      target: new BackendPool(r.backends, r.balance),
+      target: new BackendPool(r.backends, r.balance, r.proxyProtocol),
     }))),
     defaultPool: config.defaultBackend
       ? new BackendPool([config.defaultBackend], "round_robin")

@@ -1,0 +1,150 @@
+/**
+ * PROXY protocol v1/v2 to backends, end to end: a backend that parses the header per the
+ * spec (independently of src/) sees the real client and server addresses, then the client's
+ * hello byte for byte.
+ */
+import assert from "node:assert/strict";
+import { readAll, withProxy } from "./proxy_harness.ts";
+
+const chromiumHello = await Deno.readFile(
+  new URL("./fixtures/hellos/chromium_pq.bin", import.meta.url),
+);
+const helloName = "pq.example"; // the name the Chromium fixture asked for
+
+interface Seen {
+  header: string | { family: number; src: string; dst: string; sport: number; dport: number };
+  rest: Uint8Array;
+}
+
+/** Decodes a v1 line or a v2 binary header (spec section 2.1 / 2.2). */
+function decode(bytes: Uint8Array): Seen {
+  const sig = [0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a];
+  if (sig.every((b, i) => bytes[i] === b)) {
+    assert.equal(bytes[12], 0x21, "version 2, PROXY command");
+    const family = bytes[13];
+    const len = (bytes[14] << 8) | bytes[15];
+    const body = bytes.subarray(16, 16 + len);
+    const v6 = family === 0x21;
+    assert.ok(family === 0x11 || family === 0x21, `family byte ${family}`);
+    assert.equal(len, v6 ? 36 : 12);
+    const n = v6 ? 16 : 4;
+    const ip = (b: Uint8Array) =>
+      v6
+        ? Array.from({ length: 8 }, (_, i) => ((b[2 * i] << 8) | b[2 * i + 1]).toString(16)).join(
+          ":",
+        )
+        : [...b].join(".");
+    const dv = new DataView(body.buffer, body.byteOffset, body.length);
+    return {
+      header: {
+        family,
+        src: ip(body.subarray(0, n)),
+        dst: ip(body.subarray(n, 2 * n)),
+        sport: dv.getUint16(2 * n),
+        dport: dv.getUint16(2 * n + 2),
+      },
+      rest: bytes.subarray(16 + len),
+    };
+  }
+  const end = bytes.indexOf(0x0a);
+  assert.ok(end > 0 && bytes[end - 1] === 0x0d, "v1 header ends with CRLF");
+  return {
+    header: new TextDecoder().decode(bytes.subarray(0, end - 1)),
+    rest: bytes.subarray(end + 1),
+  };
+}
+
+/** A plain TCP backend that records everything the proxy sends on one connection. */
+function recordingBackend(hostname: string) {
+  const listener = Deno.listen({ hostname, port: 0 });
+  const seen = (async () => {
+    const conn = await listener.accept();
+    // the client sends only the hello and then waits: read until the whole hello is in
+    const parts: number[] = [];
+    const buf = new Uint8Array(4096);
+    while (parts.length < chromiumHello.length + 16) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      parts.push(...buf.subarray(0, n));
+      const d = decode(new Uint8Array(parts));
+      if (d.rest.length >= chromiumHello.length) break;
+    }
+    conn.close();
+    listener.close();
+    return decode(new Uint8Array(parts));
+  })();
+  const port = (listener.addr as Deno.NetAddr).port;
+  return {
+    address: hostname.includes(":") ? `[${hostname}]:${port}` : `${hostname}:${port}`,
+    seen,
+  };
+}
+
+async function viaProxy(
+  version: "v1" | "v2",
+  listen: string,
+  connectTo: string,
+  backendHost: string,
+): Promise<{ seen: Seen; client: Deno.NetAddr; server: Deno.NetAddr }> {
+  const backend = recordingBackend(backendHost);
+  let result!: { seen: Seen; client: Deno.NetAddr; server: Deno.NetAddr };
+  await withProxy({
+    listeners: [{ address: listen }],
+    routes: [{ match: helloName, backends: [backend.address], proxy_protocol: version }],
+  }, async (p) => {
+    const conn = await Deno.connect({ hostname: connectTo, port: p.ports[0] });
+    await conn.write(chromiumHello);
+    const seen = await backend.seen;
+    result = {
+      seen,
+      client: conn.localAddr as Deno.NetAddr,
+      server: conn.remoteAddr as Deno.NetAddr,
+    };
+    await readAll(conn).catch(() => {});
+    conn.close();
+  });
+  return result;
+}
+
+Deno.test("PROXY v1 over IPv4 names the client and the address it connected to", async () => {
+  const { seen, client, server } = await viaProxy("v1", "127.0.0.1:0", "127.0.0.1", "127.0.0.1");
+  assert.equal(seen.header, `PROXY TCP4 127.0.0.1 127.0.0.1 ${client.port} ${server.port}`);
+  assert.deepEqual(seen.rest, chromiumHello, "the hello follows the header unchanged");
+});
+
+Deno.test("PROXY v1 over IPv6", async () => {
+  const { seen, client, server } = await viaProxy("v1", "[::1]:0", "::1", "::1");
+  assert.equal(seen.header, `PROXY TCP6 ::1 ::1 ${client.port} ${server.port}`);
+  assert.deepEqual(seen.rest, chromiumHello);
+});
+
+Deno.test("PROXY v2 binary header over IPv4 and IPv6", async () => {
+  const v4 = await viaProxy("v2", "127.0.0.1:0", "127.0.0.1", "127.0.0.1");
+  assert.deepEqual(v4.seen.header, {
+    family: 0x11,
+    src: "127.0.0.1",
+    dst: "127.0.0.1",
+    sport: v4.client.port,
+    dport: v4.server.port,
+  });
+  assert.deepEqual(v4.seen.rest, chromiumHello);
+  const v6 = await viaProxy("v2", "[::1]:0", "::1", "::1");
+  assert.deepEqual(v6.seen.header, {
+    family: 0x21,
+    src: "0:0:0:0:0:0:0:1",
+    dst: "0:0:0:0:0:0:0:1",
+    sport: v6.client.port,
+    dport: v6.server.port,
+  });
+  assert.deepEqual(v6.seen.rest, chromiumHello);
+});
+
+Deno.test("an IPv4 client on a dual-stack listener is announced as IPv4, not IPv4-mapped", async () => {
+  const v1 = await viaProxy("v1", "[::]:0", "127.0.0.1", "127.0.0.1");
+  assert.equal(
+    v1.seen.header,
+    `PROXY TCP4 127.0.0.1 127.0.0.1 ${v1.client.port} ${v1.server.port}`,
+  );
+  const v2 = await viaProxy("v2", "[::]:0", "127.0.0.1", "127.0.0.1");
+  assert.equal((v2.seen.header as { family: number }).family, 0x11);
+});
