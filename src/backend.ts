@@ -1,55 +1,178 @@
 /**
- * Backend pools: the backends of one route and how a connection picks among them.
+ * Backend pools: the backends of one route, their health, and how a connection picks one.
+ *
+ * Health is passive (consecutive connect failures mark a backend down for a back-off) and,
+ * when configured, active (a TCP connect every interval; `fall` failures mark it down, `rise`
+ * successes up again). Every balancing mode skips down backends.
  *
  * @module
  */
-import type { BackendAddress, Balance } from "./config.ts";
+import type { BackendAddress, Balance, HealthConfig } from "./config.ts";
+import { logger } from "./log.ts";
 
-/** One backend with its live-connection count (for least_conn and the access log). */
+const log = logger("backend");
+
+/** One backend with its live-connection count and health. */
 export interface Backend {
   address: BackendAddress;
   active: number;
+  /** Consecutive failed connects (passive) or checks (active). */
+  failures: number;
+  /** Consecutive good active checks while down. */
+  successes: number;
+  /** Down until this time (ms since epoch); 0 when up. Active checks keep it down until `rise`. */
+  downUntil: number;
 }
 
-/** The backends of one route, with the route's balancing mode. */
+/** The backends of one route, with the route's balancing mode and health settings. */
 export class BackendPool {
   readonly backends: Backend[];
   readonly balance: Balance;
   /** PROXY protocol version to send to these backends, or null. */
   readonly proxyProtocol: "v1" | "v2" | null;
+  /** For log lines: the route's `match`. */
+  readonly name: string;
+  readonly #health: HealthConfig;
   #next = 0;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #stopped = false;
 
   constructor(
+    name: string,
     addresses: BackendAddress[],
     balance: Balance,
     proxyProtocol: "v1" | "v2" | null = null,
+    health: HealthConfig = { maxFails: 3, failTimeoutMs: 10_000, active: null },
   ) {
-    this.backends = addresses.map((address) => ({ address, active: 0 }));
+    this.name = name;
+    this.backends = addresses.map((address) => ({
+      address,
+      active: 0,
+      failures: 0,
+      successes: 0,
+      downUntil: 0,
+    }));
     this.balance = balance;
     this.proxyProtocol = proxyProtocol;
+    this.#health = health;
   }
 
-  /** Picks a backend for a client at `clientIp`. The caller brackets its use with acquire/release. */
-  pick(clientIp: string): Backend {
+  /** Whether `b` may be picked now. */
+  isUp(b: Backend, now = Date.now()): boolean {
+    return b.downUntil <= now;
+  }
+
+  /**
+   * Picks an up backend for a client at `clientIp`, skipping `exclude` (backends this
+   * connection already failed on); null when every backend is down.
+   */
+  pick(clientIp: string, exclude?: ReadonlySet<Backend>): Backend | null {
     const list = this.backends;
-    if (list.length === 1) return list[0];
+    const now = Date.now();
+    const usable = (b: Backend) => this.isUp(b, now) && !exclude?.has(b);
     switch (this.balance) {
-      case "random":
-        return list[Math.floor(Math.random() * list.length)];
+      case "random": {
+        const up = list.filter(usable);
+        return up.length ? up[Math.floor(Math.random() * up.length)] : null;
+      }
       case "least_conn": {
         // start after the last pick so ties rotate instead of piling on the first backend
-        let best = list[this.#next % list.length];
-        for (let i = 1; i < list.length; i++) {
+        let best: Backend | null = null;
+        for (let i = 0; i < list.length; i++) {
           const b = list[(this.#next + i) % list.length];
-          if (b.active < best.active) best = b;
+          if (usable(b) && (!best || b.active < best.active)) best = b;
         }
-        this.#next = (list.indexOf(best) + 1) % list.length;
+        if (best) this.#next = (list.indexOf(best) + 1) % list.length;
         return best;
       }
-      case "source_hash":
-        return list[fnv1a(clientIp) % list.length];
+      case "source_hash": {
+        // walk on from the hashed slot, so a down backend's clients spread and others stay put
+        const start = fnv1a(clientIp) % list.length;
+        for (let i = 0; i < list.length; i++) {
+          const b = list[(start + i) % list.length];
+          if (usable(b)) return b;
+        }
+        return null;
+      }
       default:
-        return list[this.#next++ % list.length];
+        for (let i = 0; i < list.length; i++) {
+          const b = list[this.#next++ % list.length];
+          if (usable(b)) return b;
+        }
+        return null;
+    }
+  }
+
+  /** A connect to `b` succeeded. */
+  connected(b: Backend): void {
+    b.failures = 0;
+  }
+
+  /** A connect to `b` failed: after max_fails in a row it is down for fail_timeout_ms. */
+  connectFailed(b: Backend, reason: string): void {
+    b.failures++;
+    if (b.failures >= this.#health.maxFails && this.isUp(b)) {
+      b.downUntil = Date.now() + this.#health.failTimeoutMs;
+      log.warn(
+        `backend ${b.address.text} of route "${this.name}" down for ` +
+          `${this.#health.failTimeoutMs} ms after ${b.failures} failed connects (${reason})`,
+      );
+    }
+  }
+
+  /** Starts active checks, if configured. */
+  startChecks(): void {
+    const active = this.#health.active;
+    if (!active || this.#stopped) return;
+    const round = async () => {
+      await Promise.all(this.backends.map((b) => this.#check(b, active.timeoutMs)));
+      if (!this.#stopped) this.#timer = setTimeout(round, active.intervalMs);
+    };
+    this.#timer = setTimeout(round, 0);
+  }
+
+  /** Stops active checks (the pool's table was replaced or the proxy stops). */
+  stopChecks(): void {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+  }
+
+  async #check(b: Backend, timeoutMs: number): Promise<void> {
+    const active = this.#health.active!;
+    if (b.address.dynamic) return;
+    let ok = false;
+    let why = "";
+    try {
+      const conn = await Deno.connect({
+        hostname: b.address.host,
+        port: b.address.port,
+        signal: AbortSignal.timeout(timeoutMs),
+      });
+      conn.close();
+      ok = true;
+    } catch (e) {
+      why = e instanceof Error ? e.message : String(e);
+    }
+    if (this.#stopped) return;
+    const wasUp = this.isUp(b);
+    if (ok) {
+      b.failures = 0;
+      if (!wasUp && ++b.successes >= active.rise) {
+        b.downUntil = 0;
+        b.successes = 0;
+        log.info(
+          `backend ${b.address.text} of route "${this.name}" up (${active.rise} good checks)`,
+        );
+      }
+    } else {
+      b.successes = 0;
+      if (wasUp && ++b.failures >= active.fall) {
+        // down until enough good checks bring it back
+        b.downUntil = Number.MAX_SAFE_INTEGER;
+        log.warn(
+          `backend ${b.address.text} of route "${this.name}" down: ${active.fall} failed checks (${why})`,
+        );
+      }
     }
   }
 }

@@ -29,6 +29,16 @@ export interface ListenerConfig {
   protocol: "tls" | "http";
 }
 
+/** Backend health settings of a route. */
+export interface HealthConfig {
+  /** Consecutive failed connects that mark a backend down (passive check). */
+  maxFails: number;
+  /** How long a passively failed backend stays down. */
+  failTimeoutMs: number;
+  /** Active TCP connect checks, or null. */
+  active: { intervalMs: number; timeoutMs: number; rise: number; fall: number } | null;
+}
+
 /** A route: names it serves and the backends it sends them to. */
 export interface RouteConfig {
   match: NamePattern;
@@ -38,6 +48,7 @@ export interface RouteConfig {
   allow: NamePattern[] | null;
   /** PROXY protocol header to send to the backend before the client's bytes. */
   proxyProtocol: "v1" | "v2" | null;
+  health: HealthConfig;
 }
 
 /** The resolved, validated config the proxy runs on. */
@@ -105,6 +116,16 @@ const schema = z.strictObject({
     ),
     allow: z.array(z.string()).optional(),
     proxy_protocol: z.enum(["v1", "v2"]).optional(),
+    health: z.strictObject({
+      max_fails: z.number().int().min(1).max(1000).default(3),
+      fail_timeout_ms: ms(10_000),
+      check: z.strictObject({
+        interval_ms: ms(2_000),
+        timeout_ms: ms(1_000),
+        rise: z.number().int().min(1).max(100).default(2),
+        fall: z.number().int().min(1).max(100).default(3),
+      }).optional(),
+    }).prefault({}),
   })),
   default_backend: z.string().optional(),
   timeouts: z.strictObject({
@@ -243,6 +264,18 @@ export function resolveConfig(raw: unknown, path: string): Config {
       balance: r.balance,
       allow: dynamic ? allow : null,
       proxyProtocol: r.proxy_protocol ?? null,
+      health: {
+        maxFails: r.health.max_fails,
+        failTimeoutMs: r.health.fail_timeout_ms,
+        active: r.health.check
+          ? {
+            intervalMs: r.health.check.interval_ms,
+            timeoutMs: r.health.check.timeout_ms,
+            rise: r.health.check.rise,
+            fall: r.health.check.fall,
+          }
+          : null,
+      },
     };
   });
   const defaultBackend = c.default_backend === undefined ? null : at(["default_backend"], () => {

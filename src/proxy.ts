@@ -11,7 +11,7 @@ import { logger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
 import type { Session } from "./session.ts";
-import { buildTable, type RoutingTable } from "./table.ts";
+import { buildTable, type RoutingTable, startHealthChecks, stopHealthChecks } from "./table.ts";
 
 const log = logger("proxy");
 
@@ -67,6 +67,7 @@ export class Proxy implements ListenerHost {
     if (config.ebpf.enabled && !config.ebpf.sockmapEnabled) {
       log.info("ebpf.sockmap_enabled is false: userspace mode in use");
     }
+    startHealthChecks(proxy.table);
     log.info(
       `ready: ${proxy.listeners.length} listener(s), ${config.routes.length} route(s), ` +
         `mode ${proxy.kernel ? "kernel" : "userspace"}`,
@@ -123,7 +124,10 @@ export class Proxy implements ListenerHost {
     if (JSON.stringify(old.log) !== JSON.stringify(config.log)) {
       log.warn("reload: log changes take effect only after a restart");
     }
+    const previous = this.table;
     this.table = buildTable({ ...config, listeners: old.listeners, log: old.log });
+    stopHealthChecks(previous);
+    startHealthChecks(this.table);
     this.#wakeWaiters();
     log.info(
       `reloaded ${config.path}: ${config.routes.length} route(s); ` +
@@ -136,6 +140,7 @@ export class Proxy implements ListenerHost {
     if (this.#stopping) return;
     this.#stopping = true;
     for (const l of this.listeners) l.close();
+    stopHealthChecks(this.table);
     this.#wakeWaiters();
     const drainMs = this.table.config.timeouts.drainMs;
     if (this.#sessions.size > 0) {

@@ -25,6 +25,7 @@ export type CloseReason =
   | "bad_client_hello"
   | "no_route"
   | "connect_failed"
+  | "no_backend"
   | "acl_denied";
 
 /** What a session needs from the proxy around it. */
@@ -40,8 +41,13 @@ export interface SessionContext {
 
 /** TLS fatal alert `unrecognized_name` (112), sent when no route takes the name. */
 const ALERT_UNRECOGNIZED_NAME = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70]);
+/** TLS fatal alert `internal_error` (80), sent when every backend of the route is down. */
+const ALERT_INTERNAL_ERROR = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50]);
 const HTTP_MISDIRECTED = new TextEncoder().encode(
   "HTTP/1.1 421 Misdirected Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+);
+const HTTP_UNAVAILABLE = new TextEncoder().encode(
+  "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
 );
 
 /** `host:port` with brackets around IPv6 hosts. */
@@ -102,21 +108,38 @@ export class Session {
         await this.#refuse();
         return;
       }
-      picked = pool.pick((this.#client.remoteAddr as Deno.NetAddr).hostname);
-      picked.active++;
-      const target = picked.address;
-      const host = target.dynamic ? name! : target.host;
-      this.#backend = target.dynamic ? `${host}:${target.port}` : target.text;
-      try {
-        this.#backendConn = await this.#connect(host, target.port);
-      } catch (e) {
-        if (this.#stopReason) throw new Stopped();
-        reason = "connect_failed";
-        error = e;
-        m.connectFailures++;
-        log.warn(`connect to ${this.#backend} failed for ${this.#clientAddr}: ${errText(e)}`);
-        return;
+      // try backends until one connects: a failed one is marked (passive health) and skipped
+      const clientIp = (this.#client.remoteAddr as Deno.NetAddr).hostname;
+      const tried = new Set<Backend>();
+      while (!this.#backendConn) {
+        const b = pool.pick(clientIp, tried);
+        if (!b) {
+          if (tried.size === 0) {
+            reason = "no_backend";
+            log.warn(`all backends of route "${pool.name}" are down: refusing ${this.#clientAddr}`);
+            await this.#refuse(true);
+          } else reason = "connect_failed";
+          return;
+        }
+        tried.add(b);
+        picked = b;
+        b.active++;
+        const host = b.address.dynamic ? name! : b.address.host;
+        this.#backend = b.address.dynamic ? `${host}:${b.address.port}` : b.address.text;
+        try {
+          this.#backendConn = await this.#connect(host, b.address.port);
+          pool.connected(b);
+        } catch (e) {
+          if (this.#stopReason) throw new Stopped();
+          b.active--;
+          picked = null;
+          error = e;
+          m.connectFailures++;
+          log.warn(`connect to ${this.#backend} failed for ${this.#clientAddr}: ${errText(e)}`);
+          if (!b.address.dynamic) pool.connectFailed(b, errText(e));
+        }
       }
+      error = null;
       const backend = this.#backendConn;
       backend.setNoDelay(true);
       this.#client.setNoDelay(true);
@@ -315,8 +338,12 @@ export class Session {
     return null;
   }
 
-  async #refuse(): Promise<void> {
-    const msg = this.#ctx.protocol === "tls" ? ALERT_UNRECOGNIZED_NAME : HTTP_MISDIRECTED;
+  /** Tells the client no: no route (TLS alert / HTTP 421) or no backend up (alert / 503). */
+  async #refuse(noBackend = false): Promise<void> {
+    const tls = this.#ctx.protocol === "tls";
+    const msg = noBackend
+      ? (tls ? ALERT_INTERNAL_ERROR : HTTP_UNAVAILABLE)
+      : (tls ? ALERT_UNRECOGNIZED_NAME : HTTP_MISDIRECTED);
     try {
       await writeAll(this.#client, msg);
       await this.#client.closeWrite();

@@ -18,6 +18,16 @@ export interface RoutingTable {
   acl: Acl;
 }
 
+/** Starts the active health checks of every pool of `table`. */
+export function startHealthChecks(table: RoutingTable): void {
+  for (const r of table.router.routes) r.target.startChecks();
+}
+
+/** Stops them (the table was replaced, or the proxy stops). */
+export function stopHealthChecks(table: RoutingTable): void {
+  for (const r of table.router.routes) r.target.stopChecks();
+}
+
 /** Builds the routing table of a validated config. */
 export function buildTable(config: Config): RoutingTable {
   return {
@@ -25,10 +35,10 @@ export function buildTable(config: Config): RoutingTable {
     router: new Router(config.routes.map((r) => ({
       pattern: r.match,
       allow: r.allow,
-      target: new BackendPool(r.backends, r.balance, r.proxyProtocol),
+      target: new BackendPool(r.match.text, r.backends, r.balance, r.proxyProtocol, r.health),
     }))),
     defaultPool: config.defaultBackend
-      ? new BackendPool([config.defaultBackend], "round_robin")
+      ? new BackendPool("default_backend", [config.defaultBackend], "round_robin")
       : null,
     acl: new Acl(config.acl.allow, config.acl.deny),
   };

@@ -75,24 +75,53 @@ Deno.test("ACL: deny wins, allow lists restrict, IPv4-mapped IPv6 folds to IPv4"
 
 Deno.test("balancing: round robin rotates, source hash sticks, least_conn picks the idlest", () => {
   const addrs = [1, 2, 3].map((i) => ({ text: `h${i}:1`, host: `h${i}`, port: 1, dynamic: false }));
-  const rr = new BackendPool(addrs, "round_robin");
-  assert.deepEqual([0, 1, 2, 3].map(() => rr.pick("1.1.1.1").address.host), [
+  const rr = new BackendPool("r", addrs, "round_robin");
+  assert.deepEqual([0, 1, 2, 3].map(() => rr.pick("1.1.1.1")!.address.host), [
     "h1",
     "h2",
     "h3",
     "h1",
   ]);
-  const sh = new BackendPool(addrs, "source_hash");
+  const sh = new BackendPool("r", addrs, "source_hash");
   const first = sh.pick("203.0.113.7");
   for (let i = 0; i < 10; i++) assert.equal(sh.pick("203.0.113.7"), first);
   const spread = new Set(Array.from({ length: 50 }, (_, i) => sh.pick(`10.0.0.${i}`)));
   assert.equal(spread.size, 3, "different clients spread over all backends");
-  const lc = new BackendPool(addrs, "least_conn");
+  const lc = new BackendPool("r", addrs, "least_conn");
   lc.backends[0].active = 5;
   lc.backends[1].active = 1;
   lc.backends[2].active = 3;
-  assert.equal(lc.pick("x").address.host, "h2");
-  const rnd = new BackendPool(addrs, "random");
+  assert.equal(lc.pick("x")!.address.host, "h2");
+  const rnd = new BackendPool("r", addrs, "random");
   const seen = new Set(Array.from({ length: 100 }, () => rnd.pick("x")));
   assert.equal(seen.size, 3);
+});
+
+Deno.test("passive health: max_fails connect failures take a backend out for fail_timeout_ms", async () => {
+  const addrs = [1, 2].map((i) => ({ text: `h${i}:1`, host: `h${i}`, port: 1, dynamic: false }));
+  for (const mode of ["round_robin", "random", "least_conn", "source_hash"] as const) {
+    const pool = new BackendPool("r", addrs, mode, null, {
+      maxFails: 2,
+      failTimeoutMs: 200,
+      active: null,
+    });
+    const [h1, h2] = pool.backends;
+    pool.connectFailed(h1, "refused");
+    assert.ok(pool.isUp(h1), "one failure is not enough");
+    pool.connectFailed(h1, "refused");
+    assert.ok(!pool.isUp(h1));
+    for (let i = 0; i < 10; i++) {
+      assert.equal(pool.pick(`10.0.0.${i}`), h2, `${mode} skips the down one`);
+    }
+    assert.equal(
+      pool.pick("x", new Set([h2])),
+      null,
+      "nothing left when the only up one is excluded",
+    );
+    pool.connectFailed(h2, "refused");
+    pool.connectFailed(h2, "refused");
+    assert.equal(pool.pick("x"), null, `${mode}: all down`);
+    await new Promise((r) => setTimeout(r, 250));
+    assert.ok(pool.pick("x") !== null, `${mode}: back after fail_timeout_ms`);
+  }
 });
