@@ -68,6 +68,18 @@ export interface Config {
     maxFileBytes: number;
     maxFiles: number;
   };
+  /** Backend name resolution and its cache. */
+  dns: {
+    /** null: the nameservers of /etc/resolv.conf. */
+    servers: { ipAddr: string; port: number }[] | null;
+    minTtlMs: number;
+    maxTtlMs: number;
+    negativeTtlMs: number;
+    cacheEntries: number;
+    timeoutMs: number;
+    attempts: number;
+    hostsFile: string | null;
+  };
   /** The metrics endpoint, or null when off. */
   metrics: { address: string; hostname: string; port: number } | null;
   ebpf: {
@@ -148,6 +160,16 @@ const schema = z.strictObject({
     access_log: pathOrOff("logs/access.log"),
     max_file_bytes: z.number().int().min(4096).default(10 * 1024 * 1024),
     max_files: z.number().int().min(1).max(1000).default(5),
+  }).prefault({}),
+  dns: z.strictObject({
+    servers: z.array(z.string()).min(1).optional(),
+    min_ttl_s: z.number().int().min(0).max(86_400).default(5),
+    max_ttl_s: z.number().int().min(1).max(604_800).default(3600),
+    negative_ttl_s: z.number().int().min(0).max(86_400).default(10),
+    cache_entries: z.number().int().min(16).max(16_777_216).default(4096),
+    timeout_ms: ms(2_000),
+    attempts: z.number().int().min(1).max(10).default(2),
+    hosts_file: pathOrOff("/etc/hosts"),
   }).prefault({}),
   metrics: z.strictObject({ address: z.string() }).optional(),
   ebpf: z.strictObject({
@@ -293,6 +315,20 @@ export function resolveConfig(raw: unknown, path: string): Config {
   ) ??
     null;
 
+  const servers = c.dns.servers?.map((text, i) =>
+    at(["dns", "servers", i], () => {
+      const { hostname, port } = text.includes("]") || /:\d+$/.test(text) && !text.includes("::")
+        ? parseListener(text)
+        : { hostname: text.replace(/^\[|\]$/g, ""), port: 53 };
+      if (!isIpAddress(hostname)) throw new Error(`"${text}" is not an IP address`);
+      if (port === 0) throw new Error("port out of range (1-65535)");
+      return { ipAddr: hostname, port };
+    })
+  ).filter((x): x is { ipAddr: string; port: number } => x !== undefined) ?? null;
+  if (c.dns.min_ttl_s > c.dns.max_ttl_s) {
+    errors.push("dns.min_ttl_s: larger than dns.max_ttl_s");
+  }
+
   if (errors.length > 0) throw new ConfigError(path, errors);
   const dir = path.includes("/") ? path.slice(0, path.lastIndexOf("/") + 1) : "";
   const rel = (p: string | false) => (p === false ? null : p.startsWith("/") ? p : dir + p);
@@ -318,6 +354,16 @@ export function resolveConfig(raw: unknown, path: string): Config {
       accessLog: rel(c.log.access_log),
       maxFileBytes: c.log.max_file_bytes,
       maxFiles: c.log.max_files,
+    },
+    dns: {
+      servers,
+      minTtlMs: c.dns.min_ttl_s * 1000,
+      maxTtlMs: c.dns.max_ttl_s * 1000,
+      negativeTtlMs: c.dns.negative_ttl_s * 1000,
+      cacheEntries: c.dns.cache_entries,
+      timeoutMs: c.dns.timeout_ms,
+      attempts: c.dns.attempts,
+      hostsFile: c.dns.hosts_file === false ? null : c.dns.hosts_file,
     },
     metrics,
     ebpf: {

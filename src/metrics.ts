@@ -29,8 +29,10 @@ export class Metrics {
   bytesDown = 0;
   /** Bytes the Deno process itself copied (userspace mode and the hello). */
   bytesUserspace = 0;
-  dnsHits = 0;
-  dnsMisses = 0;
+  /** DNS cache counters, when a resolver is configured. */
+  dnsSource:
+    | (() => { hits: number; negativeHits: number; lookups: number; coalesced: number })
+    | null = null;
   /** Sources of kernel counters, by prefix (e.g. `sockmap`, `xdp`). */
   readonly kernelSources = new Map<string, () => KernelCounters>();
 
@@ -55,7 +57,7 @@ export class Metrics {
       },
       hello_errors: Object.fromEntries(this.helloErrors),
       bytes: { up: this.bytesUp, down: this.bytesDown, userspace: this.bytesUserspace },
-      dns: { hits: this.dnsHits, misses: this.dnsMisses },
+      dns: this.dnsSource?.() ?? {},
       kernel,
     };
   }
@@ -107,9 +109,14 @@ export class Metrics {
     sample("bytes_total", this.bytesDown, { direction: "down" });
     family("userspace_bytes_total", "counter", "Bytes copied by the proxy process itself.");
     sample("userspace_bytes_total", this.bytesUserspace);
-    family("dns_cache_total", "counter", "DNS cache lookups, by result.");
-    sample("dns_cache_total", this.dnsHits, { result: "hit" });
-    sample("dns_cache_total", this.dnsMisses, { result: "miss" });
+    const dns = this.dnsSource?.();
+    if (dns) {
+      family("dns_cache_total", "counter", "Backend name lookups, by how they were answered.");
+      sample("dns_cache_total", dns.hits, { result: "hit" });
+      sample("dns_cache_total", dns.negativeHits, { result: "negative_hit" });
+      sample("dns_cache_total", dns.coalesced, { result: "coalesced" });
+      sample("dns_cache_total", dns.lookups, { result: "miss" });
+    }
     for (const [source, read] of this.kernelSources) {
       for (const [key, value] of Object.entries(safeRead(read))) {
         const name = `kernel_${source}_${snake(key)}_total`;

@@ -9,6 +9,7 @@ import { KernelAccel, KernelAccelError } from "./kernel.ts";
 import { Listener, type ListenerHost } from "./listener.ts";
 import { logger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
+import { configureResolver, DEFAULT_DNS_PIN_PATH, type Resolver } from "./resolver.ts";
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
 import type { Session } from "./session.ts";
 import { buildTable, type RoutingTable, startHealthChecks, stopHealthChecks } from "./table.ts";
@@ -40,6 +41,7 @@ export class Proxy implements ListenerHost {
     // before the listeners: sockets take the cgroup (and so the sock_ops program) of the
     // listener they were accepted on
     if (config.ebpf.enabled && config.ebpf.sockmapEnabled) proxy.kernel = await openKernel(config);
+    proxy.#configureDns(config);
     const kernel = proxy.kernel;
     if (kernel) {
       proxy.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
@@ -73,6 +75,27 @@ export class Proxy implements ListenerHost {
         `mode ${proxy.kernel ? "kernel" : "userspace"}`,
     );
     return proxy;
+  }
+
+  #resolver: Resolver | null = null;
+
+  /** (Re)creates the backend resolver and its cache from the config. */
+  #configureDns(config: Config): void {
+    const d = config.dns;
+    const pinned = config.ebpf.enabled && config.ebpf.dnsCacheEnabled;
+    this.#resolver = configureResolver({
+      servers: d.servers ?? undefined,
+      minTtlMs: d.minTtlMs,
+      maxTtlMs: d.maxTtlMs,
+      negativeTtlMs: d.negativeTtlMs,
+      maxEntries: d.cacheEntries,
+      timeoutMs: d.timeoutMs,
+      attempts: d.attempts,
+      hostsFile: d.hostsFile,
+      pinned: pinned ? { path: DEFAULT_DNS_PIN_PATH } : null,
+    }, (level, message) => dnsLog[level === "warning" ? "warn" : level](message));
+    const resolver = this.#resolver;
+    this.metrics.dnsSource = () => resolver.cache.stats;
   }
 
   /** Live sessions. */
@@ -124,6 +147,12 @@ export class Proxy implements ListenerHost {
     if (JSON.stringify(old.log) !== JSON.stringify(config.log)) {
       log.warn("reload: log changes take effect only after a restart");
     }
+    if (
+      JSON.stringify(old.dns) !== JSON.stringify(config.dns) ||
+      old.ebpf.dnsCacheEnabled !== config.ebpf.dnsCacheEnabled
+    ) {
+      this.#configureDns(config);
+    }
     const previous = this.table;
     this.table = buildTable({ ...config, listeners: old.listeners, log: old.log });
     stopHealthChecks(previous);
@@ -162,6 +191,7 @@ export class Proxy implements ListenerHost {
 }
 
 const kernelLog = logger("kernel");
+const dnsLog = logger("dns");
 
 /** Opens the fast path, or logs one warning with cause and fix and returns null. */
 async function openKernel(config: Config): Promise<KernelAccel | null> {

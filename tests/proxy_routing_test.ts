@@ -251,3 +251,31 @@ Deno.test("a backend that refuses the connection: client closed, logged, proxy k
     await closeAll(b);
   }
 });
+
+Deno.test("$sni backends resolve through the configured DNS servers, cached by TTL", async () => {
+  const { startFakeDns } = await import("./fixtures/dns_server.ts");
+  const b = await backends("resolved");
+  const dns = startFakeDns({ "web.b.test": { a: ["127.0.0.1"], ttl: 300 } });
+  try {
+    await withProxy({
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [{ match: "*.b.test", backends: [`$sni:${b.resolved.port}`], allow: ["*.b.test"] }],
+      dns: { servers: [`${dns.server.ipAddr}:${dns.server.port}`], hosts_file: false },
+      metrics: { address: `127.0.0.1:${closedPort()}` },
+    }, async (p) => {
+      for (let i = 0; i < 3; i++) {
+        const r = await curl(p.ports[0], "web.b.test");
+        assert.equal(r.body, "resolved", r.stderr);
+      }
+      assert.equal(dns.queries("web.b.test", "A"), 1, "one DNS query, then cache hits");
+      const e = await p.waitAccess((e) => e.sni === "web.b.test");
+      assert.equal(e.backend, `web.b.test:${b.resolved.port}`);
+      const unknown = await curl(p.ports[0], "nx.b.test");
+      assert.notEqual(unknown.code, 0, "a name DNS does not know is refused");
+      await p.waitFor(/connect to nx\.b\.test:\d+ failed/);
+    });
+  } finally {
+    await dns.close();
+    await closeAll(b);
+  }
+});
