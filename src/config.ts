@@ -27,6 +27,8 @@ export interface ListenerConfig {
   hostname: string;
   port: number;
   protocol: "tls" | "http";
+  /** Sources trusted to send a PROXY protocol header first (empty: none). */
+  acceptProxyProtocol: Cidr[];
 }
 
 /** Backend health settings of a route. */
@@ -119,6 +121,7 @@ const schema = z.strictObject({
   listeners: z.array(z.strictObject({
     address: z.string(),
     protocol: z.enum(["tls", "http"]).default("tls"),
+    accept_proxy_protocol: z.array(z.string()).default([]),
   })).min(1, { error: "at least one listener is required" }),
   routes: z.array(z.strictObject({
     match: z.string(),
@@ -264,7 +267,16 @@ export function resolveConfig(raw: unknown, path: string): Config {
 
   const listeners = c.listeners.map((l, i) => {
     const a = at(["listeners", i, "address"], () => parseListener(l.address));
-    return { ...l, hostname: a?.hostname ?? "", port: a?.port ?? 0 };
+    const trusted = l.accept_proxy_protocol.map((t, j) =>
+      at(["listeners", i, "accept_proxy_protocol", j], () => parseCidr(t))
+    ).filter((x): x is Cidr => x !== undefined);
+    return {
+      address: l.address,
+      protocol: l.protocol,
+      hostname: a?.hostname ?? "",
+      port: a?.port ?? 0,
+      acceptProxyProtocol: trusted,
+    };
   });
   const routes: RouteConfig[] = c.routes.map((r, i) => {
     const backends = r.backends.map((b, j) =>

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { Acl } from "./acl.ts";
 import type { ListenerConfig } from "./config.ts";
 import type { KernelAccel } from "./kernel.ts";
 import { logger, writeAccess } from "./log.ts";
@@ -34,12 +35,17 @@ export class Listener {
   readonly address: string;
   readonly #socket: Deno.TcpListener;
   readonly #host: ListenerHost;
+  /** Sources that send a PROXY header first; null when the listener accepts none. */
+  readonly #trusted: Acl | null;
   #closed = false;
 
   /** Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. */
   constructor(config: ListenerConfig, host: ListenerHost) {
     this.config = config;
     this.#host = host;
+    this.#trusted = config.acceptProxyProtocol.length
+      ? new Acl(config.acceptProxyProtocol, [])
+      : null;
     try {
       this.#socket = Deno.listen({
         hostname: config.hostname,
@@ -71,7 +77,9 @@ export class Listener {
       host.metrics.accepted++;
       const table = host.table;
       const remote = conn.remoteAddr as Deno.NetAddr;
-      if (!table.acl.permits(remote.hostname)) {
+      // a trusted balancer's clients are checked by the session, once the header names them
+      const trustedProxy = this.#trusted?.permits(remote.hostname) ?? false;
+      if (!trustedProxy && !table.acl.permits(remote.hostname)) {
         closeQuietly(conn);
         Metrics.bump(host.metrics.closed, "acl_denied");
         log.info(`${formatAddr(remote)} denied by acl on ${this.address}`);
@@ -95,6 +103,7 @@ export class Listener {
         listener: this.address,
         protocol: this.config.protocol,
         metrics: host.metrics,
+        trustedProxy,
         kernel: host.kernel,
       });
       host.track(session, session.run());

@@ -79,3 +79,101 @@ export function proxyHeader(
     server.port & 0xff,
   ]);
 }
+
+/** A PROXY header a trusted load balancer sent that cannot be used. */
+export class ProxyHeaderError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ProxyHeaderError";
+  }
+}
+
+/** What a received PROXY header says. */
+export interface ReceivedProxyHeader {
+  /** The real client and the address it connected to; null for LOCAL / UNKNOWN (health checks). */
+  source: Deno.NetAddr | null;
+  destination: Deno.NetAddr | null;
+  /** Bytes of the header; what follows belongs to the client. */
+  headerBytes: number;
+}
+
+const V1_MAX = 107;
+const decoder = new TextDecoder("latin1");
+
+/**
+ * Parses a PROXY protocol v1 or v2 header at the start of `bytes`. Returns null while more
+ * bytes are needed; throws ProxyHeaderError when it is not a valid header.
+ */
+export function parseProxyHeader(bytes: Uint8Array): ReceivedProxyHeader | null {
+  const n = Math.min(bytes.length, V2_SIGNATURE.length);
+  const v2 = V2_SIGNATURE.slice(0, n).every((b, i) => bytes[i] === b);
+  if (v2 && n === V2_SIGNATURE.length) return parseV2(bytes);
+  const v1Prefix = "PROXY ";
+  const m = Math.min(bytes.length, v1Prefix.length);
+  const v1 = [...v1Prefix.slice(0, m)].every((c, i) => bytes[i] === c.charCodeAt(0));
+  if (!v1 && !v2) throw new ProxyHeaderError("a trusted source sent no PROXY protocol header");
+  if (v2) return null;
+  const end = bytes.indexOf(0x0a);
+  if (end < 0) {
+    if (bytes.length >= V1_MAX) throw new ProxyHeaderError("PROXY v1 line longer than 107 bytes");
+    return null;
+  }
+  if (end + 1 > V1_MAX || bytes[end - 1] !== 0x0d) {
+    throw new ProxyHeaderError("PROXY v1 line not ended by CRLF within 107 bytes");
+  }
+  const parts = decoder.decode(bytes.subarray(0, end - 1)).split(" ");
+  if (parts[1] === "UNKNOWN") return { source: null, destination: null, headerBytes: end + 1 };
+  if (parts.length !== 6 || (parts[1] !== "TCP4" && parts[1] !== "TCP6")) {
+    throw new ProxyHeaderError(`bad PROXY v1 line: ${parts.join(" ")}`);
+  }
+  const [, family, src, dst, sport, dport] = parts;
+  const ports = [sport, dport].map((p) => (/^\d{1,5}$/.test(p) ? Number(p) : -1));
+  const v6 = family === "TCP6";
+  for (const ip of [src, dst]) {
+    if (!isIpAddress(ip) || ip.includes(":") !== v6) {
+      throw new ProxyHeaderError(`bad ${family} address "${ip}" in PROXY v1 line`);
+    }
+  }
+  if (ports.some((p) => p < 0 || p > 65535)) {
+    throw new ProxyHeaderError("bad port in PROXY v1 line");
+  }
+  return {
+    source: { transport: "tcp", hostname: src, port: ports[0] },
+    destination: { transport: "tcp", hostname: dst, port: ports[1] },
+    headerBytes: end + 1,
+  };
+}
+
+function parseV2(bytes: Uint8Array): ReceivedProxyHeader | null {
+  if (bytes.length < 16) return null;
+  const verCmd = bytes[12];
+  const fam = bytes[13];
+  const len = (bytes[14] << 8) | bytes[15];
+  if (verCmd >> 4 !== 2) throw new ProxyHeaderError(`PROXY v2 header with version ${verCmd >> 4}`);
+  if (bytes.length < 16 + len) return null;
+  const cmd = verCmd & 0x0f;
+  const headerBytes = 16 + len;
+  if (cmd === 0) return { source: null, destination: null, headerBytes }; // LOCAL
+  if (cmd !== 1) throw new ProxyHeaderError(`PROXY v2 command ${cmd}`);
+  const body = bytes.subarray(16, 16 + len);
+  const view = new DataView(body.buffer, body.byteOffset, body.length);
+  if (fam === 0x11 && len >= 12) {
+    const ip = (o: number) => [...body.subarray(o, o + 4)].join(".");
+    return {
+      source: { transport: "tcp", hostname: ip(0), port: view.getUint16(8) },
+      destination: { transport: "tcp", hostname: ip(4), port: view.getUint16(10) },
+      headerBytes,
+    };
+  }
+  if (fam === 0x21 && len >= 36) {
+    const ip = (o: number) =>
+      Array.from({ length: 8 }, (_, i) => view.getUint16(o + 2 * i).toString(16)).join(":");
+    return {
+      source: { transport: "tcp", hostname: ip(0), port: view.getUint16(32) },
+      destination: { transport: "tcp", hostname: ip(16), port: view.getUint16(34) },
+      headerBytes,
+    };
+  }
+  if ((fam & 0xf0) === 0) return { source: null, destination: null, headerBytes }; // UNSPEC
+  throw new ProxyHeaderError(`PROXY v2 family 0x${fam.toString(16)} with ${len} address bytes`);
+}

@@ -12,7 +12,12 @@ import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
-import { proxyHeader } from "./proxyproto.ts";
+import {
+  parseProxyHeader,
+  proxyHeader,
+  ProxyHeaderError,
+  type ReceivedProxyHeader,
+} from "./proxyproto.ts";
 import { resolveHost } from "./resolver.ts";
 import type { RoutingTable } from "./table.ts";
 
@@ -26,6 +31,7 @@ export type CloseReason =
   | "no_route"
   | "connect_failed"
   | "no_backend"
+  | "bad_proxy_header"
   | "acl_denied";
 
 /** What a session needs from the proxy around it. */
@@ -35,6 +41,11 @@ export interface SessionContext {
   listener: string;
   protocol: "tls" | "http";
   metrics: Metrics;
+  /**
+   * The connection comes from a trusted load balancer (`accept_proxy_protocol`): it starts
+   * with a PROXY header naming the real client, and the ACL applies to that client.
+   */
+  trustedProxy: boolean;
   /** The eBPF fast path, when it is on; null: userspace mode. */
   kernel: KernelAccel | null;
 }
@@ -63,7 +74,10 @@ export class Session {
   readonly #client: Deno.TcpConn;
   readonly #ctx: SessionContext;
   readonly #started = Date.now();
-  readonly #clientAddr: string;
+  #clientAddr: string;
+  /** The client and the address it connected to: the socket's, or a trusted PROXY header's. */
+  #clientNet: Deno.NetAddr;
+  #serverNet: Deno.NetAddr;
   #backendConn: Deno.TcpConn | null = null;
   #relay: Relay | null = null;
   #stopReason: CloseReason | null = null;
@@ -87,6 +101,8 @@ export class Session {
     this.#client = client;
     this.#ctx = ctx;
     this.#clientAddr = formatAddr(client.remoteAddr);
+    this.#clientNet = client.remoteAddr as Deno.NetAddr;
+    this.#serverNet = client.localAddr as Deno.NetAddr;
   }
 
   /** Serves the connection to its end. Never throws. */
@@ -109,7 +125,7 @@ export class Session {
         return;
       }
       // try backends until one connects: a failed one is marked (passive health) and skipped
-      const clientIp = (this.#client.remoteAddr as Deno.NetAddr).hostname;
+      const clientIp = this.#clientNet.hostname;
       const tried = new Set<Backend>();
       while (!this.#backendConn) {
         const b = pool.pick(clientIp, tried);
@@ -151,8 +167,8 @@ export class Session {
       if (pool.proxyProtocol) {
         const header = proxyHeader(
           pool.proxyProtocol,
-          this.#client.remoteAddr as Deno.NetAddr,
-          this.#client.localAddr as Deno.NetAddr,
+          this.#clientNet,
+          this.#serverNet,
         );
         this.#headerBytes = header.length;
         first = new Uint8Array(header.length + first.length);
@@ -220,6 +236,7 @@ export class Session {
       ? new ClientHelloParser(max)
       : new HttpHostParser(max);
     const timer = setTimeout(() => this.stop("client_hello_timeout"), clientHelloMs);
+    let header: Uint8Array | null = this.#ctx.trustedProxy ? new Uint8Array(0) : null;
     const buf = new Uint8Array(2048);
     this.#readBuffer = buf;
     try {
@@ -232,7 +249,21 @@ export class Session {
           this.#finishEarly("client_reset", e);
           return undefined;
         }
-        const result = n === null ? parser.end() : parser.push(buf.subarray(0, n));
+        let chunk: Uint8Array | null = n === null ? null : buf.subarray(0, n);
+        if (header !== null) {
+          if (chunk === null) {
+            throw new ProxyHeaderError("connection ended inside the PROXY header");
+          }
+          header = concat(header, chunk);
+          const h = parseProxyHeader(header);
+          if (!h) continue;
+          const rest: Uint8Array = header.subarray(h.headerBytes);
+          header = null;
+          if (!this.#acceptProxyHeader(h)) return undefined;
+          if (rest.length === 0) continue;
+          chunk = rest;
+        }
+        const result = chunk === null ? parser.end() : parser.push(chunk);
         if (result) {
           // a view, not a copy: the parser is not fed again
           this.#pending = parser.data;
@@ -243,6 +274,11 @@ export class Session {
       }
     } catch (e) {
       if (e instanceof Stopped || this.#stopReason) throw new Stopped();
+      if (e instanceof ProxyHeaderError) {
+        log.warn(`bad PROXY header from trusted ${this.#clientAddr}: ${e.message}`);
+        this.#finishEarly("bad_proxy_header", e);
+        return undefined;
+      }
       if (e instanceof ClientHelloError || e instanceof HttpRequestError) {
         Metrics.bump(this.#ctx.metrics.helloErrors, e.kind);
         log.info(
@@ -312,6 +348,23 @@ export class Session {
     this.#unpaired = true;
     const c = this.#ctx.kernel!.unpair(this.#splice);
     this.#spliced = { up: c.aToB, down: c.bToA };
+  }
+
+  /**
+   * Takes the real client from a trusted load balancer's PROXY header and applies the ACL to
+   * it. Returns false (connection closed, acl_denied) when the ACL refuses it.
+   */
+  #acceptProxyHeader(h: ReceivedProxyHeader): boolean {
+    if (!h.source || !h.destination) return true; // LOCAL: the balancer's own check
+    const via = this.#clientAddr;
+    this.#clientNet = h.source;
+    this.#serverNet = h.destination;
+    this.#clientAddr = formatAddr(h.source);
+    log.debug(`${via}: PROXY header says client ${this.#clientAddr}`);
+    if (this.#ctx.table.acl.permits(h.source.hostname)) return true;
+    log.info(`${this.#clientAddr} (via ${via}) denied by acl`);
+    this.#finishEarly("acl_denied", null);
+    return false;
   }
 
   /** Picks the pool for `name`, or null when the connection must be refused. */
@@ -419,6 +472,13 @@ export class Session {
     });
     log.debug(`${this.#clientAddr} closed: ${finalReason}`);
   }
+}
+
+function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
+  const out = new Uint8Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
 }
 
 async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {

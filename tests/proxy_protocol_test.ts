@@ -148,3 +148,98 @@ Deno.test("an IPv4 client on a dual-stack listener is announced as IPv4, not IPv
   const v2 = await viaProxy("v2", "[::]:0", "127.0.0.1", "127.0.0.1");
   assert.equal((v2.seen.header as { family: number }).family, 0x11);
 });
+
+/** Sends `prefix` then the Chromium hello from 127.0.0.1 to a proxy that trusts `trusted`. */
+async function fromBalancer(
+  prefix: Uint8Array,
+  opts: { trusted: string[]; deny?: string[] },
+) {
+  const backend = recordingBackend("127.0.0.1");
+  let outcome!: { seen: Seen | null; access: Record<string, unknown> };
+  await withProxy({
+    listeners: [{ address: "127.0.0.1:0", accept_proxy_protocol: opts.trusted }],
+    routes: [{ match: helloName, backends: [backend.address], proxy_protocol: "v1" }],
+    acl: { deny: opts.deny ?? [] },
+  }, async (p) => {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: p.ports[0] });
+    await conn.write(new Uint8Array([...prefix, ...chromiumHello]));
+    const seen = await Promise.race([
+      backend.seen,
+      new Promise<null>((r) => setTimeout(() => r(null), 1500)),
+    ]);
+    await readAll(conn).catch(() => {});
+    conn.close();
+    outcome = { seen, access: await p.waitAccess(() => true) };
+  });
+  return outcome;
+}
+
+const v1Line = (src: string, dst: string, sp: number, dp: number) =>
+  new TextEncoder().encode(
+    `PROXY ${src.includes(":") ? "TCP6" : "TCP4"} ${src} ${dst} ${sp} ${dp}\r\n`,
+  );
+
+Deno.test("a trusted balancer's PROXY v1 header names the client for logs, ACL and the backend", async () => {
+  const r = await fromBalancer(v1Line("203.0.113.7", "198.51.100.1", 40000, 443), {
+    trusted: ["127.0.0.1/32"],
+  });
+  assert.equal(r.access.client, "203.0.113.7:40000");
+  assert.equal(r.access.close_reason, "done");
+  assert.equal(r.seen?.header, "PROXY TCP4 203.0.113.7 198.51.100.1 40000 443");
+  assert.deepEqual(r.seen?.rest, chromiumHello);
+});
+
+Deno.test("a trusted balancer's PROXY v2 header (IPv6 client) is understood", async () => {
+  const body = new Uint8Array(36);
+  body.set([0x20, 0x01, 0x0d, 0xb8], 0); // 2001:db8::5
+  body[15] = 5;
+  body.set([0x20, 0x01, 0x0d, 0xb8], 16); // 2001:db8::1
+  body[31] = 1;
+  new DataView(body.buffer).setUint16(32, 50000);
+  new DataView(body.buffer).setUint16(34, 443);
+  const header = new Uint8Array([
+    0x0d,
+    0x0a,
+    0x0d,
+    0x0a,
+    0x00,
+    0x0d,
+    0x0a,
+    0x51,
+    0x55,
+    0x49,
+    0x54,
+    0x0a,
+    0x21,
+    0x21,
+    0,
+    36,
+    ...body,
+  ]);
+  const r = await fromBalancer(header, { trusted: ["127.0.0.0/8"] });
+  assert.equal(r.access.client, "[2001:db8:0:0:0:0:0:5]:50000");
+  assert.match(
+    String(r.seen?.header),
+    /^PROXY TCP6 2001:db8:0:0:0:0:0:5 2001:db8:0:0:0:0:0:1 50000 443$/,
+  );
+});
+
+Deno.test("the ACL applies to the client the header names, not to the balancer", async () => {
+  const r = await fromBalancer(v1Line("203.0.113.7", "198.51.100.1", 40000, 443), {
+    trusted: ["127.0.0.1/32"],
+    deny: ["203.0.113.0/24"],
+  });
+  assert.equal(r.seen, null, "nothing reaches the backend");
+  assert.equal(r.access.close_reason, "acl_denied");
+  assert.equal(r.access.client, "203.0.113.7:40000");
+});
+
+Deno.test("a trusted source without a header is refused; an untrusted one's header is not believed", async () => {
+  const missing = await fromBalancer(new Uint8Array(), { trusted: ["127.0.0.1/32"] });
+  assert.equal(missing.access.close_reason, "bad_proxy_header");
+  const untrusted = await fromBalancer(v1Line("203.0.113.7", "198.51.100.1", 1, 2), {
+    trusted: ["10.0.0.0/8"],
+  });
+  assert.equal(untrusted.access.close_reason, "bad_client_hello");
+  assert.match(String(untrusted.access.client), /^127\.0\.0\.1:/);
+});
