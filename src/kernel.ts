@@ -638,19 +638,26 @@ export class KernelAccel {
     const timeoutMs = opts.timeoutMs ?? 5000;
     const start = performance.now();
     const sourceKey = toward === "a" ? p.keyB : p.keyA;
+    const source = toward === "a" ? p.tupleB : p.tupleA;
     const target = toward === "a" ? p.tupleA : p.tupleB;
     const synOffset = p.synOffset[toward];
     let delay = 1;
     for (;;) {
+      // The source's EOF can reach userspace while the verdict program has not yet seen the
+      // last bytes before it (strparser runs apart from recvmsg): until the source's receive
+      // queue holds nothing but the FIN (rcv_nxt - copied_seq <= 1, the FIN being the last
+      // sequence number), the redirect counter is not final. Call only after a real EOF.
+      const src = this.#diag.query(source);
+      const sourceDone = !src || src.readQueue <= 1;
       const expected = this.#readBytes(sourceKey) + userspaceBytes;
       const info = this.#diag.query(target);
       const taken = info
         ? info.bytesAcked - synOffset + (opts.until === "acked" ? 0 : info.writeQueue)
         : 0;
       const waitedMs = performance.now() - start;
-      if (!info || taken >= expected || waitedMs >= timeoutMs) {
+      if (!info || (sourceDone && taken >= expected) || waitedMs >= timeoutMs) {
         return {
-          drained: !!info && taken >= expected,
+          drained: !!info && sourceDone && taken >= expected,
           expected,
           taken,
           waitedMs,

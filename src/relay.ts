@@ -32,6 +32,12 @@ export interface SpliceHooks {
    * not counting bytes written before the relay started.
    */
   beforeHalfClose(up: boolean, userspaceBytes: number): Promise<void>;
+  /**
+   * Whether the EOF a read just returned is real (the socket has the peer's FIN). A socket in
+   * a sockmap can wake its reader with nothing to read when bytes were redirected away, and
+   * the read then returns 0; such a false EOF must not half-close the other side.
+   */
+  eofIsReal(up: boolean): boolean;
   /** Bytes spliced so far (both ways), so the idle timer sees traffic it never reads. */
   splicedBytes(): number;
   /**
@@ -48,6 +54,9 @@ export class Relay {
   readonly #idleMs: number;
   readonly #splice: SpliceHooks | null;
   #clientBuffer: Uint8Array | null;
+  /** Conns whose write side this relay has shut down. */
+  readonly #halfClosed = new Set<Deno.Conn>();
+  #spuriousPipes = 0;
   #splicedSeen = 0;
   #end: RelayEnd | null = null;
   #error: unknown = null;
@@ -131,16 +140,30 @@ export class Relay {
       try {
         n = await src.read(buf);
       } catch (e) {
+        // A spliced socket whose write side we shut down can report EPIPE once to its reader:
+        // the kernel's redirect worker found it closed for sending, after every byte meant for
+        // it had been taken (checked before the half-close). The error is cleared by being
+        // reported; the socket still receives, so keep reading.
+        if (
+          this.#splice && e instanceof Deno.errors.BrokenPipe && this.#halfClosed.has(src) &&
+          ++this.#spuriousPipes <= 8
+        ) continue;
         this.#finish(up ? "client_reset" : "backend_reset", e);
         return;
       }
       if (this.#end !== null) return;
+      if (n === null && this.#splice && !this.#splice.eofIsReal(up)) {
+        // a false EOF of a spliced socket: wait a moment (it may repeat) and read again
+        await new Promise((r) => setTimeout(r, 1));
+        continue;
+      }
       if (n === null) {
         // EOF: pass the half-close on; the other direction keeps flowing until it ends too
         try {
           if (this.#splice) {
             await this.#splice.beforeHalfClose(up, up ? this.bytesUp : this.bytesDown);
           }
+          this.#halfClosed.add(dst);
           await (dst as Deno.TcpConn).closeWrite();
         } catch {
           // the peer is already gone; its own direction reports that

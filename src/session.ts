@@ -327,6 +327,10 @@ export class Session {
       beforeHalfClose: async (up, userspaceBytes) => {
         const bytes = up ? this.#headerBytes + this.#helloBytes + userspaceBytes : userspaceBytes;
         const r = await kernel.waitDrained(pair, up ? "b" : "a", bytes, { timeoutMs: drainMs });
+        log.debug(
+          `${this.#clientAddr}: ${up ? "client" : "backend"} EOF; ${up ? "backend" : "client"} ` +
+            `socket took ${r.taken}/${r.expected} bytes in ${r.waitedMs.toFixed(1)} ms`,
+        );
         if (!r.drained && r.socketFound) {
           log.warn(
             `${this.#clientAddr}: ${up ? "backend" : "client"} socket took ${r.taken} of ` +
@@ -335,6 +339,20 @@ export class Session {
         }
       },
       release: () => this.#unpair(),
+      eofIsReal: (up) => {
+        const conn = up ? this.#client : backend;
+        const info = kernel.tcpInfo({ local: conn.localAddr, remote: conn.remoteAddr });
+        // gone, or any state after the peer's FIN: CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, CLOSE
+        const real = !info || [6, 7, 8, 9, 11].includes(info.state);
+        if (!real) {
+          log.debug(
+            `${this.#clientAddr}: false EOF on the ${up ? "client" : "backend"} socket (state ${
+              info!.state
+            })`,
+          );
+        }
+        return real;
+      },
       splicedBytes: () => {
         const c = kernel.counters(pair);
         return c.aToB + c.bToA;
