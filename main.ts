@@ -4,9 +4,10 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { type Config, ConfigError, loadConfig } from "./src/config.ts";
+import { ConfigError, loadConfig } from "./src/config.ts";
 import { closeLogging, logger, setupLogging } from "./src/log.ts";
 import { Proxy } from "./src/proxy.ts";
+import { printStats } from "./src/stats_cli.ts";
 
 /** The release this source tree is. */
 export const VERSION = "0.1.0";
@@ -100,35 +101,6 @@ async function main(args: string[]): Promise<number> {
   });
   await stopped.promise;
   await closeLogging();
-  return 0;
-}
-
-/** `sni-proxy stats`: fetch /stats from the running proxy and print a table. */
-async function printStats(config: Config): Promise<number> {
-  if (!config.metrics) {
-    console.error(`sni-proxy stats: set metrics.address in ${config.path} (and restart the proxy)`);
-    return 1;
-  }
-  const url = `http://${config.metrics.address}/stats`;
-  let stats: Record<string, unknown>;
-  try {
-    const res = await fetch(url, { signal: AbortSignal.timeout(3000) });
-    stats = await res.json();
-  } catch (e) {
-    console.error(
-      `sni-proxy stats: cannot read ${url}: ${(e as Error).message} (is the proxy running?)`,
-    );
-    return 1;
-  }
-  const rows: [string, string][] = [];
-  const walk = (prefix: string, value: unknown) => {
-    if (value && typeof value === "object") {
-      for (const [k, v] of Object.entries(value)) walk(prefix ? `${prefix}.${k}` : k, v);
-    } else rows.push([prefix, String(value)]);
-  };
-  walk("", stats);
-  const width = Math.max(...rows.map(([k]) => k.length));
-  for (const [k, v] of rows) console.log(`${k.padEnd(width)}  ${v.padStart(14)}`);
   return 0;
 }
 

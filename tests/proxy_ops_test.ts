@@ -295,3 +295,35 @@ Deno.test("the metrics endpoint serves Prometheus text, JSON stats and health", 
     await one.close();
   }
 });
+
+const isRoot = Deno.uid() === 0;
+if (!isRoot) console.warn("!!! SKIPPING the pinned-map stats test: it needs root (eBPF)");
+
+Deno.test({
+  name: "'stats' without a metrics endpoint reads the pinned kernel counters",
+  ignore: !isRoot,
+  fn: async () => {
+    const backend = await tlsBackend(echo);
+    try {
+      await withProxy({
+        listeners: [{ address: "127.0.0.1:0" }],
+        routes: [{ match: "a.test", backends: [backend.address] }],
+        ebpf: { enabled: true, sockmap_enabled: true },
+      }, async (p) => {
+        await p.waitFor("mode kernel");
+        const conn = await tlsClient(p.ports[0], "a.test");
+        const payload = new Uint8Array(1 << 20).fill(9);
+        await Promise.all([writeAll(conn, payload).then(() => conn.closeWrite()), readAll(conn)]);
+        conn.close();
+        await p.waitAccess((e) => e.mode === "kernel");
+        const table = await cli(["stats", "--config", p.configPath]);
+        assert.equal(table.code, 0, table.err);
+        const spliced = Number(/kernel\.sockmap\.bytes_spliced\s+(\d+)/.exec(table.out)?.[1]);
+        // 1 MiB each way went through; nearly all of it must have been spliced in the kernel
+        assert.ok(spliced > 2e6, `~2 MiB spliced, got ${spliced}:\n${table.out}`);
+      });
+    } finally {
+      backend.close();
+    }
+  },
+});
