@@ -185,7 +185,7 @@ async function startProxy(dir: string, backendPort: number, kernel: boolean): Pr
   }).spawn();
   let text = "";
   const reader = proc.stderr.pipeThrough(new TextDecoderStream()).getReader();
-  while (!text.includes("ready")) {
+  while (!text.includes("sni-proxy·proxy: ready: ")) {
     const { value, done } = await reader.read();
     if (done) throw new Error(`proxy exited:\n${text}`);
     text += value;

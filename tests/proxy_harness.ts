@@ -347,7 +347,7 @@ export async function startProxy(
     }
   };
   try {
-    await waitFor("ready");
+    await waitFor("] sni-proxy·proxy: ready: ");
   } catch (e) {
     try {
       child.kill("SIGKILL");
