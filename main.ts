@@ -75,7 +75,35 @@ async function main(args: string[]): Promise<number> {
 
   await setupLogging(config.log);
   const log = logger("main");
-  let proxy: Proxy;
+  // signals are handled from before the first connection: one that arrives while the proxy
+  // starts is acted on once it has started, never left to kill the process
+  let proxy: Proxy | null = null;
+  let stopRequested: string | null = null;
+  let reloadRequested = false;
+  const stopped = Promise.withResolvers<void>();
+  const stop = (signal: string) => {
+    if (!proxy) {
+      stopRequested = signal;
+      return;
+    }
+    log.info(`${signal}: stopping`);
+    proxy.shutdown().then(stopped.resolve, stopped.reject);
+  };
+  const reload = async () => {
+    if (!proxy) {
+      reloadRequested = true;
+      return;
+    }
+    try {
+      proxy.reload(await loadConfig(flags.config));
+    } catch (e) {
+      const lines = e instanceof ConfigError ? e.errors : [(e as Error).message];
+      log.error(`reload failed, keeping the running config: ${lines.join("; ")}`);
+    }
+  };
+  Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
+  Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
+  Deno.addSignalListener("SIGHUP", reload);
   try {
     proxy = await Proxy.start(config);
   } catch (e) {
@@ -83,22 +111,8 @@ async function main(args: string[]): Promise<number> {
     await closeLogging();
     return 1;
   }
-
-  const stopped = Promise.withResolvers<void>();
-  const stop = (signal: string) => {
-    log.info(`${signal}: stopping`);
-    proxy.shutdown().then(stopped.resolve, stopped.reject);
-  };
-  Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
-  Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
-  Deno.addSignalListener("SIGHUP", async () => {
-    try {
-      proxy.reload(await loadConfig(flags.config));
-    } catch (e) {
-      const lines = e instanceof ConfigError ? e.errors : [(e as Error).message];
-      log.error(`reload failed, keeping the running config: ${lines.join("; ")}`);
-    }
-  });
+  if (stopRequested) stop(stopRequested);
+  else if (reloadRequested) await reload();
   await stopped.promise;
   await closeLogging();
   return 0;

@@ -243,16 +243,53 @@ function parseListener(text: string): { hostname: string; port: number } {
 }
 
 /**
+ * Checks the string values whose meaning the schema cannot see (addresses, patterns, CIDRs)
+ * wherever they are strings, on input that failed the schema: each error with its path.
+ */
+function valueErrors(raw: unknown): string[] {
+  const errors: string[] = [];
+  const obj = (v: unknown): Record<string, unknown> =>
+    v !== null && typeof v === "object" && !Array.isArray(v) ? v as Record<string, unknown> : {};
+  const list = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
+  const check = (where: PropertyKey[], value: unknown, f: (s: string) => unknown) => {
+    if (typeof value !== "string") return;
+    try {
+      f(value);
+    } catch (e) {
+      errors.push(`${formatPath(where)}: ${(e as Error).message}`);
+    }
+  };
+  const top = obj(raw);
+  list(top.listeners).forEach((l, i) => {
+    check(["listeners", i, "address"], obj(l).address, parseListener);
+    list(obj(l).accept_proxy_protocol).forEach((c, j) =>
+      check(["listeners", i, "accept_proxy_protocol", j], c, parseCidr)
+    );
+  });
+  list(top.routes).forEach((r, i) => {
+    check(["routes", i, "match"], obj(r).match, compilePattern);
+    list(obj(r).backends).forEach((b, j) => check(["routes", i, "backends", j], b, parseBackend));
+    list(obj(r).allow).forEach((a, j) => check(["routes", i, "allow", j], a, compilePattern));
+  });
+  check(["default_backend"], top.default_backend, parseBackend);
+  for (const key of ["allow", "deny"]) {
+    list(obj(top.acl)[key]).forEach((c, i) => check(["acl", key, i], c, parseCidr));
+  }
+  check(["metrics", "address"], obj(top.metrics).address, parseListener);
+  return errors;
+}
+
+/**
  * Validates a parsed JSON value and resolves it. `path` is the file it came from (relative
  * log paths are resolved against its directory). Throws ConfigError listing every problem.
  */
 export function resolveConfig(raw: unknown, path: string): Config {
   const parsed = schema.safeParse(raw);
   if (!parsed.success) {
-    throw new ConfigError(
-      path,
-      parsed.error.issues.map((i) => `${formatPath(i.path)}: ${i.message}`),
-    );
+    // list the value errors of the fields that are well-typed too, so one --check shows all
+    const errors = parsed.error.issues.map((i) => `${formatPath(i.path)}: ${i.message}`);
+    for (const e of valueErrors(raw)) if (!errors.includes(e)) errors.push(e);
+    throw new ConfigError(path, errors);
   }
   const c = parsed.data;
   const errors: string[] = [];
