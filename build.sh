@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build sni-proxy.
-#   ./build.sh           build the eBPF object (bpf/sockmap.bpf.o); same as `./build.sh bpf`
+#   ./build.sh           build the eBPF objects (every bpf/*.bpf.c); same as `./build.sh bpf`
 #   ./build.sh binary    build the binary ./sni-proxy (deno compile; embeds bpf/sockmap.bpf.o)
 #   ./build.sh all       both
 #   ./build.sh --check   check the toolchain (clang, BPF target, libbpf headers); exit 0 or 1
@@ -50,11 +50,17 @@ check_toolchain() {
 	return "$ok"
 }
 
+# Every bpf/*.bpf.c becomes bpf/*.bpf.o (sockmap fast path, XDP filter, ...).
 build_bpf() {
 	command -v "$CLANG" >/dev/null 2>&1 || fail "clang not found; run ./build.sh --check"
-	"$CLANG" -O2 -g -target bpf -Wall -Werror -I"$MULTIARCH_INC" -c "$BPF_SRC" -o "$BPF_OBJ.tmp"
-	mv -f "$BPF_OBJ.tmp" "$BPF_OBJ"
-	echo "built $BPF_OBJ"
+	local src obj
+	for src in bpf/*.bpf.c; do
+		obj="${src%.c}.o"
+		"$CLANG" -O2 -g -target bpf -Wall -Werror -I"$MULTIARCH_INC" -c "$src" -o "$obj.tmp" ||
+			{ rm -f "$obj.tmp"; fail "compiling $src failed"; }
+		mv -f "$obj.tmp" "$obj"
+		echo "built $obj"
+	done
 }
 
 find_deno() {
@@ -67,14 +73,14 @@ find_deno() {
 compile_binary() {
 	local deno log
 	deno="$(find_deno)"
-	[ -f "$BPF_OBJ" ] || build_bpf
+	[ -f "$BPF_OBJ" ] && [ -f bpf/xdp.bpf.o ] || build_bpf
 	log="$(mktemp)"
 	if [ -n "${DENORT_BIN:-}" ] && [ ! -x "$DENORT_BIN" ]; then
 		fail "DENORT_BIN=$DENORT_BIN is not an executable denort runtime"
 	fi
 	# deno compile reads DENORT_BIN from the environment; an empty value would be taken as a path
 	[ -n "${DENORT_BIN:-}" ] || unset DENORT_BIN
-	if ! "$deno" compile -A --unstable-net --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" -o sni-proxy main.ts 2>&1 |
+	if ! "$deno" compile -A --unstable-net --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" --include bpf/xdp.bpf.o -o sni-proxy main.ts 2>&1 |
 		tee "$log"; then
 		if grep -qiE 'denort|download|fetch|network|dns|connect' "$log"; then
 			echo "build.sh: deno compile could not fetch the denort runtime; download denort" \

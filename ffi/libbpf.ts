@@ -79,6 +79,9 @@ const LIBBPF_SYMBOLS = {
     parameters: ["i32", "u32", "u32", "buffer", "buffer", "buffer"],
     result: "i32",
   },
+  bpf_link_create: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  bpf_xdp_query: { parameters: ["i32", "i32", "buffer"], result: "i32" },
+  bpf_prog_get_fd_by_id: { parameters: ["u32"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type LibbpfSymbols = Deno.DynamicLibrary<typeof LIBBPF_SYMBOLS>["symbols"];
@@ -89,6 +92,7 @@ export const BpfAttachType = {
   SK_SKB_STREAM_PARSER: 4,
   SK_SKB_STREAM_VERDICT: 5,
   SK_SKB_VERDICT: 38,
+  XDP: 37,
 } as const;
 
 /** enum bpf_map_type values this binding treats specially (linux/bpf.h). */
@@ -99,6 +103,7 @@ export const BpfMapType = {
   PERCPU_ARRAY: 6,
   LRU_HASH: 9,
   LRU_PERCPU_HASH: 10,
+  LPM_TRIE: 11,
   SOCKMAP: 15,
   SOCKHASH: 18,
 } as const;
@@ -860,4 +865,104 @@ export function mapInfo(fd: number, what = `fd ${fd}`): BpfMapInfo {
     flags: v.getUint32(20, true),
     name: new TextDecoder().decode(nameBytes.subarray(0, end < 0 ? 16 : end)),
   };
+}
+
+/** XDP attach flags (linux/if_link.h XDP_FLAGS_*). */
+export const XdpFlags = {
+  UPDATE_IF_NOEXIST: 1 << 0,
+  SKB_MODE: 1 << 1,
+  DRV_MODE: 1 << 2,
+  HW_MODE: 1 << 3,
+  REPLACE: 1 << 4,
+} as const;
+
+const LINK_CREATE_OPTS_SIZE = 64; // sizeof(struct bpf_link_create_opts) in libbpf 1.1
+const XDP_QUERY_OPTS_SIZE = 32; // sizeof(struct bpf_xdp_query_opts) up to attach_mode
+const PROG_INFO_SIZE = 232; // sizeof(struct bpf_prog_info) in linux 6.1 uapi; zeroed tail is ok
+
+/**
+ * bpf_link_create: attach program `progFd` to `targetFd` (an ifindex for BPF_XDP, a cgroup fd,
+ * ...) through a new BPF link; `flags` go to link_create.flags (XDP: one of the XdpFlags modes).
+ * Returns the link fd: the attachment lives while an fd (or pin) refers to it, so it goes away
+ * with the process. Detach early with {@link linkDetachFd}, then close the fd with closeFd.
+ */
+export function linkCreate(
+  progFd: number,
+  targetFd: number,
+  attachType: number,
+  flags = 0,
+  what = `prog fd ${progFd} -> ${targetFd}`,
+): number {
+  const opts = new Uint8Array(LINK_CREATE_OPTS_SIZE);
+  const view = new DataView(opts.buffer);
+  view.setBigUint64(0, BigInt(LINK_CREATE_OPTS_SIZE), true); // sz
+  view.setUint32(8, flags, true);
+  return check(
+    libbpf().bpf_link_create(progFd, targetFd, attachType, opts),
+    `bpf_link_create(${what})`,
+  );
+}
+
+/** The XDP programs attached to an interface (bpf_xdp_query); ids are 0 when none. */
+export interface XdpQueryResult {
+  /** The program id when exactly one mode has one (prog_id). */
+  progId: number;
+  /** Native (driver) mode program id. */
+  drvProgId: number;
+  /** Generic (skb) mode program id. */
+  skbProgId: number;
+  /** Offloaded (hardware) program id. */
+  hwProgId: number;
+  /** enum XDP_ATTACHED_*: 0 none, 1 drv, 2 skb, 3 hw, 4 multi. */
+  attachMode: number;
+}
+
+/** bpf_xdp_query: which XDP programs are attached to `ifindex` (netlink, any attach method). */
+export function xdpQuery(ifindex: number): XdpQueryResult {
+  const opts = new Uint8Array(XDP_QUERY_OPTS_SIZE);
+  const view = new DataView(opts.buffer);
+  view.setBigUint64(0, BigInt(XDP_QUERY_OPTS_SIZE), true); // sz
+  check(libbpf().bpf_xdp_query(ifindex, 0, opts), `bpf_xdp_query(ifindex ${ifindex})`);
+  return {
+    progId: view.getUint32(8, true),
+    drvProgId: view.getUint32(12, true),
+    hwProgId: view.getUint32(16, true),
+    skbProgId: view.getUint32(20, true),
+    attachMode: view.getUint8(24),
+  };
+}
+
+/** What the kernel reports about a loaded program (struct bpf_prog_info, first fields). */
+export interface BpfProgInfo {
+  /** enum bpf_prog_type. */
+  type: number;
+  id: number;
+  /** The program's name as the kernel keeps it (at most 15 characters). */
+  name: string;
+  /** Hex tag (hash of the instructions), as `bpftool prog show` prints it. */
+  tag: string;
+}
+
+/** The program with kernel id `id`: bpf_prog_get_fd_by_id + bpf_obj_get_info_by_fd. */
+export function progInfoById(id: number): BpfProgInfo {
+  const fd = check(libbpf().bpf_prog_get_fd_by_id(id), `bpf_prog_get_fd_by_id(${id})`);
+  try {
+    const info = new Uint8Array(PROG_INFO_SIZE);
+    const len = new Uint32Array([PROG_INFO_SIZE]);
+    check(
+      libbpf().bpf_obj_get_info_by_fd(fd, info, new Uint8Array(len.buffer)),
+      `bpf_obj_get_info_by_fd(prog ${id})`,
+    );
+    const v = new DataView(info.buffer);
+    const nameBytes = info.subarray(64, 80);
+    const end = nameBytes.indexOf(0);
+    return {
+      type: v.getUint32(0, true),
+      id: v.getUint32(4, true),
+      name: new TextDecoder().decode(nameBytes.subarray(0, end < 0 ? 16 : end)),
+      tag: Array.from(info.subarray(8, 16), (b) => b.toString(16).padStart(2, "0")).join(""),
+    };
+  } finally {
+    closeFd(fd);
+  }
 }

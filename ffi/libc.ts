@@ -15,6 +15,7 @@ const LIBC_SYMBOLS = {
   send: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
   recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
   vsnprintf: { parameters: ["buffer", "usize", "pointer", "pointer"], result: "i32" },
+  if_nametoindex: { parameters: ["buffer"], result: "u32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The opened libc with its typed symbol table. */
@@ -111,4 +112,12 @@ export function closeFd(fd: number): void {
 export function mountFs(fstype: string, target: string): void {
   const rc = libc().mount(cString(fstype), cString(target), cString(fstype), 0n, null);
   if (rc !== 0) throw new SyscallError(`mount -t ${fstype} ${target}`, errno());
+}
+
+/**
+ * if_nametoindex(3): the index of network interface `name` in this process's network namespace,
+ * or 0 when there is none (errno ENODEV).
+ */
+export function ifNameToIndex(name: string): number {
+  return libc().if_nametoindex(cString(name));
 }

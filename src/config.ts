@@ -99,6 +99,8 @@ export interface Config {
     drainTimeoutMs: number;
     /** A BPF object file to load instead of the bundled one (absolute path), or null. */
     object: string | null;
+    /** XDP source filtering from the ACL, or null when off. */
+    xdp: { interfaces: string[]; mode: "auto" | "native" | "generic"; maxEntries: number } | null;
   };
 }
 
@@ -187,6 +189,15 @@ const schema = z.strictObject({
     rcvbuf: z.number().int().min(0).max(1 << 30).default(0),
     drain_timeout_ms: ms(5_000),
     object: z.string().min(1).optional(),
+    xdp: z.strictObject({
+      interfaces: z.array(
+        z.string().regex(/^[a-zA-Z0-9_.:@-]{1,15}$/, {
+          error: "not an interface name",
+        }),
+      ).min(1),
+      mode: z.enum(["auto", "native", "generic"]).default("auto"),
+      max_entries: z.number().int().min(1).max(1_048_576).default(16_384),
+    }).optional(),
   }).prefault({}),
 });
 
@@ -425,6 +436,13 @@ export function resolveConfig(raw: unknown, path: string): Config {
       rcvbuf: c.ebpf.rcvbuf,
       drainTimeoutMs: c.ebpf.drain_timeout_ms,
       object: c.ebpf.object === undefined ? null : rel(c.ebpf.object),
+      xdp: c.ebpf.xdp
+        ? {
+          interfaces: c.ebpf.xdp.interfaces,
+          mode: c.ebpf.xdp.mode,
+          maxEntries: c.ebpf.xdp.max_entries,
+        }
+        : null,
     },
   };
 }

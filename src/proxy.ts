@@ -6,6 +6,7 @@
  */
 import type { Config } from "./config.ts";
 import { KernelAccel, KernelAccelError } from "./kernel.ts";
+import { XdpError, XdpFilter } from "./xdp.ts";
 import { Listener, type ListenerHost } from "./listener.ts";
 import { logger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
@@ -22,6 +23,8 @@ export class Proxy implements ListenerHost {
   readonly metrics = new Metrics();
   readonly listeners: Listener[] = [];
   kernel: KernelAccel | null = null;
+  /** The XDP source filter, when configured and attached. */
+  xdp: XdpFilter | null = null;
   #metricsServer: MetricsServer | null = null;
   readonly #sessions = new Map<Session, Promise<void>>();
   #slotWaiters: (() => void)[] = [];
@@ -69,6 +72,11 @@ export class Proxy implements ListenerHost {
     if (config.ebpf.enabled && !config.ebpf.sockmapEnabled) {
       log.info("ebpf.sockmap_enabled is false: userspace mode in use");
     }
+    if (config.ebpf.enabled && config.ebpf.xdp) {
+      proxy.xdp = await openXdp(config, proxy.#tcpPorts());
+      const xdp = proxy.xdp;
+      if (xdp) proxy.metrics.kernelSources.set("xdp", () => flattenXdp(xdp.stats()));
+    }
     startHealthChecks(proxy.table);
     log.info(
       `ready: ${proxy.listeners.length} listener(s), ${config.routes.length} route(s), ` +
@@ -96,6 +104,15 @@ export class Proxy implements ListenerHost {
     }, (level, message) => dnsLog[level === "warning" ? "warn" : level](message));
     const resolver = this.#resolver;
     this.metrics.dnsSource = () => resolver.cache.stats;
+  }
+
+  /** The bound TCP ports of the listeners (what the XDP allow rule protects). */
+  #tcpPorts(): number[] {
+    return [
+      ...new Set(
+        this.listeners.map((l) => Number(l.address.slice(l.address.lastIndexOf(":") + 1))),
+      ),
+    ];
   }
 
   /** Live sessions. */
@@ -157,6 +174,15 @@ export class Proxy implements ListenerHost {
     this.table = buildTable({ ...config, listeners: old.listeners, log: old.log });
     stopHealthChecks(previous);
     startHealthChecks(this.table);
+    if (this.xdp) {
+      try {
+        this.xdp.update(config.acl.deny, config.acl.allow, this.#tcpPorts());
+      } catch (e) {
+        log.error(
+          `reload: XDP lists not updated, the previous ones stay in force: ${(e as Error).message}`,
+        );
+      }
+    }
     this.#wakeWaiters();
     log.info(
       `reloaded ${config.path}: ${config.routes.length} route(s); ` +
@@ -185,6 +211,7 @@ export class Proxy implements ListenerHost {
       clearTimeout(timer);
     }
     await this.#metricsServer?.close();
+    this.xdp?.close();
     await this.kernel?.close();
     log.info("stopped");
   }
@@ -220,4 +247,45 @@ async function readObject(path: string): Promise<Uint8Array> {
   } catch (e) {
     throw new Error(`cannot read ebpf.object ${path}: ${(e as Error).message}`);
   }
+}
+
+const xdpLog = logger("xdp");
+
+/** Attaches the XDP filter, or logs one warning with cause and fix and returns null. */
+async function openXdp(config: Config, ports: number[]): Promise<XdpFilter | null> {
+  const x = config.ebpf.xdp!;
+  try {
+    const filter = await XdpFilter.open({
+      interfaces: x.interfaces,
+      mode: x.mode,
+      deny: config.acl.deny,
+      allow: config.acl.allow,
+      ports,
+      maxEntries: x.maxEntries,
+      log: (level, message) => xdpLog[level === "warning" ? "warn" : level](message),
+    });
+    log.info(
+      `XDP source filter on ${
+        filter.attachments.map((a) => `${a.interface} (${a.mode})`).join(", ")
+      }: ${config.acl.deny.length} deny, ${config.acl.allow.length} allow CIDRs`,
+    );
+    return filter;
+  } catch (e) {
+    const why = e instanceof XdpError ? e.message : String(e);
+    log.warn(`XDP filter unavailable, the userspace ACL alone applies: ${why}`);
+    return null;
+  }
+}
+
+function flattenXdp(s: ReturnType<XdpFilter["stats"]>): Record<string, number> {
+  const out: Record<string, number> = {
+    passed: s.passed,
+    droppedDeny: s.droppedDeny,
+    droppedNotAllowed: s.droppedNotAllowed,
+  };
+  for (const fam of ["ipv4", "ipv6"] as const) {
+    out[`${fam}DroppedDeny`] = s[fam].droppedDeny;
+    out[`${fam}DroppedNotAllowed`] = s[fam].droppedNotAllowed;
+  }
+  return out;
 }

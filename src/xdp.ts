@@ -1,0 +1,731 @@
+/**
+ * Loader and control of the XDP source filter (bpf/xdp.bpf.c): the first line of the source
+ * ACL, in the driver (or generic XDP) before the kernel allocates an skb. The userspace ACL of
+ * the listener stays the second line.
+ *
+ * XdpFilter.open() loads the object, fills the deny/allow tries and the port set, and attaches
+ * the program to every configured interface through a BPF link (BPF_LINK_CREATE). A link lives
+ * as long as an fd refers to it, so the filter goes away with the process even on SIGKILL; it is
+ * never pinned. update() rewrites the maps in place (the program stays attached): new entries
+ * are added before removed ones are deleted, so there is no moment without filtering.
+ * @module
+ */
+
+import {
+  BpfAttachType,
+  BpfError,
+  type BpfMap,
+  BpfObject,
+  libbpf,
+  linkCreate,
+  linkDetachFd,
+  progInfoById,
+  setLibbpfLogger,
+  XdpFlags,
+  xdpQuery,
+} from "../ffi/libbpf.ts";
+import { closeFd, ifNameToIndex } from "../ffi/libc.ts";
+import type { Cidr } from "./acl.ts";
+
+/** Log sink of the loader (same levels as the proxy's logger). */
+export type XdpLog = (level: "debug" | "info" | "warning" | "error", message: string) => void;
+
+/**
+ * Where the program runs: `native` in the driver (fastest; the driver must support XDP),
+ * `generic` after skb allocation (any device), `auto` native with a logged fallback to generic.
+ */
+export type XdpMode = "auto" | "native" | "generic";
+
+/** Options of {@link XdpFilter.open}. */
+export interface XdpFilterOptions {
+  /** Interface names in this process's network namespace, e.g. `["eth0"]`. */
+  interfaces: string[];
+  mode: XdpMode;
+  /** Sources whose packets are all dropped (acl.deny). */
+  deny: Cidr[];
+  /** When non-empty, TCP to `ports` from sources outside these is dropped (acl.allow). */
+  allow: Cidr[];
+  /** The proxy's listening TCP ports (the allow list applies to these only). */
+  ports: number[];
+  /** Capacity of each of the four tries (deny/allow x IPv4/IPv6); default 16384. */
+  maxEntries?: number;
+  /** Receives loader and libbpf messages. */
+  log: XdpLog;
+  /** The compiled object's bytes; default: read bpf/xdp.bpf.o next to this source tree. */
+  object?: Uint8Array;
+}
+
+/** Packets seen by the program, by outcome. */
+export interface XdpCounters {
+  passed: number;
+  /** Source in the deny list. */
+  droppedDeny: number;
+  /** TCP to a listening port from a source outside a non-empty allow list. */
+  droppedNotAllowed: number;
+}
+
+/** Sum over CPUs and interfaces of the filter's counters, in total and per address family. */
+export interface XdpStats extends XdpCounters {
+  ipv4: XdpCounters;
+  ipv6: XdpCounters;
+  /** Non-IP frames (ARP, ...) and frames too short to parse; always passed. */
+  other: XdpCounters;
+}
+
+/** Where the filter is attached. */
+export interface XdpAttachment {
+  interface: string;
+  ifindex: number;
+  /** The mode in effect (in `auto`, what the fallback chose). */
+  mode: "native" | "generic";
+  /** The kernel's id of the attached program (`bpftool prog show id N`). */
+  programId: number;
+}
+
+/** Why the XDP filter could not be set up or updated: `message` names the cause and the fix. */
+export class XdpError extends Error {
+  /**
+   * Short machine-readable cause: `bad_option`, `unsupported_platform`, `old_kernel`, `not_root`,
+   * `no_libbpf`, `no_object`, `bad_object`, `no_interface`, `load_failed`, `verifier_rejected`,
+   * `interface_busy`, `native_unsupported`, `not_permitted`, `attach_failed`, `too_many_entries`,
+   * `update_failed`, `closed`.
+   */
+  readonly reason: string;
+  /** What the operator can do about it. */
+  readonly fix: string;
+  /** The interface concerned, when there is one. */
+  readonly interface?: string;
+  constructor(
+    reason: string,
+    cause: string,
+    fix: string,
+    options?: { cause?: unknown; interface?: string },
+  ) {
+    super(`${cause}; ${fix}`, options);
+    this.name = "XdpError";
+    this.reason = reason;
+    this.fix = fix;
+    this.interface = options?.interface;
+  }
+}
+
+// Layouts mirrored from bpf/xdp.h (struct sni_lpm_v4/v6, sni_xdp_config, sni_xdp_stats).
+const LPM_V4_SIZE = 8; // prefixlen u32 (host order), addr[4] network order
+const LPM_V6_SIZE = 20; // prefixlen u32, addr[16]
+const TRIE_VALUE = new Uint8Array([1, 0, 0, 0]); // u32, unused by the program
+const PORT_VALUE = new Uint8Array([1]);
+const CONFIG_SIZE = 8; // allow_active u32, reserved u32
+const STATS_SIZE = 32; // passed, dropped_deny, dropped_not_allowed, reserved: u64 each
+const STATS_INDEX = { ipv4: 0, ipv6: 1, other: 2 } as const;
+const STATS_KEYS = [0, 1, 2].map((i) => new Uint8Array(new Uint32Array([i]).buffer));
+const PORTS_MAX = 1024; // max_entries of `ports` in bpf/xdp.bpf.c
+const DEFAULT_MAX_ENTRIES = 16384;
+const PROGRAM = "sni_xdp_filter";
+const TRIES = ["deny_v4", "deny_v6", "allow_v4", "allow_v6"] as const;
+type TrieName = typeof TRIES[number];
+
+const EPERM = 1;
+const E2BIG = 7;
+const ENOMEM = 12;
+const EBUSY = 16;
+const EEXIST = 17;
+const EINVAL = 22;
+const ENOSPC = 28;
+const EOPNOTSUPP = 95;
+const ENOTSUPP = 524;
+
+/** The key bytes of a CIDR in its family's trie, host bits cleared (so equal blocks are equal). */
+export function lpmKey(cidr: Cidr): Uint8Array {
+  const key = new Uint8Array(cidr.v6 ? LPM_V6_SIZE : LPM_V4_SIZE);
+  const v = new DataView(key.buffer);
+  v.setUint32(0, cidr.prefix, true);
+  const first = cidr.v6 ? 0 : 3;
+  for (let i = first; i < 4; i++) {
+    const bits = Math.max(0, Math.min(32, cidr.prefix - 32 * (i - first)));
+    const mask = bits === 0 ? 0 : bits === 32 ? 0xffffffff : ~(0xffffffff >>> bits) >>> 0;
+    v.setUint32(4 + 4 * (i - first), (cidr.words[i] & mask) >>> 0, false);
+  }
+  return key;
+}
+
+function hex(bytes: Uint8Array): string {
+  let s = "";
+  for (const b of bytes) s += b.toString(16).padStart(2, "0");
+  return s;
+}
+
+/** One map's wanted content: key hex -> key bytes (plus the CIDR text for messages). */
+type Entries = Map<string, { key: Uint8Array; text: string }>;
+
+interface Wanted {
+  deny_v4: Entries;
+  deny_v6: Entries;
+  allow_v4: Entries;
+  allow_v6: Entries;
+  ports: Entries;
+  allowActive: boolean;
+}
+
+function wanted(deny: Cidr[], allow: Cidr[], ports: number[]): Wanted {
+  const w: Wanted = {
+    deny_v4: new Map(),
+    deny_v6: new Map(),
+    allow_v4: new Map(),
+    allow_v6: new Map(),
+    ports: new Map(),
+    allowActive: allow.length > 0,
+  };
+  for (const [list, kind] of [[deny, "deny"], [allow, "allow"]] as const) {
+    for (const c of list) {
+      const key = lpmKey(c);
+      w[`${kind}_${c.v6 ? "v6" : "v4"}`].set(hex(key), { key, text: c.text });
+    }
+  }
+  for (const p of ports) {
+    if (!Number.isInteger(p) || p < 1 || p > 65535) {
+      throw new XdpError("bad_option", `port ${p} is out of range`, "ports must be 1-65535");
+    }
+    const key = new Uint8Array([p >> 8, p & 0xff]); // network byte order, as in the TCP header
+    w.ports.set(hex(key), { key, text: String(p) });
+  }
+  return w;
+}
+
+const TRIE_LABEL: Record<TrieName, string> = {
+  deny_v4: "IPv4 deny",
+  deny_v6: "IPv6 deny",
+  allow_v4: "IPv4 allow",
+  allow_v6: "IPv6 allow",
+};
+
+/**
+ * Refuse lists that do not fit. During update() a trie holds the old and the new entries
+ * together for a moment (add first, then delete), so `prev` entries not in `w` count too.
+ */
+function checkCapacity(w: Wanted, maxEntries: number, prev?: Wanted): void {
+  for (const name of TRIES) {
+    let size = w[name].size;
+    if (prev) { for (const k of prev[name].keys()) if (!w[name].has(k)) size++; }
+    if (size > maxEntries) {
+      throw new XdpError(
+        "too_many_entries",
+        `${w[name].size} ${TRIE_LABEL[name]} CIDRs${
+          prev && size > w[name].size ? ` (${size} while replacing the previous list)` : ""
+        } exceed the XDP trie capacity (${maxEntries})`,
+        "merge CIDRs into wider blocks or raise the XDP map capacity (maxEntries)",
+      );
+    }
+  }
+  let ports = w.ports.size;
+  if (prev) { for (const k of prev.ports.keys()) if (!w.ports.has(k)) ports++; }
+  if (ports > PORTS_MAX) {
+    throw new XdpError(
+      "too_many_entries",
+      `${w.ports.size} listening ports exceed the XDP port set (${PORTS_MAX})`,
+      "use fewer listeners",
+    );
+  }
+}
+
+/** Effective capabilities of this process (bit set from /proc/self/status CapEff). */
+async function effectiveCaps(): Promise<bigint> {
+  const status = await Deno.readTextFile("/proc/self/status");
+  const m = status.match(/^CapEff:\s*([0-9a-f]+)$/m);
+  return m ? BigInt("0x" + m[1]) : 0n;
+}
+
+const CAP_NET_ADMIN = 12n;
+const CAP_SYS_ADMIN = 21n;
+const CAP_BPF = 39n;
+
+function kernelVersion(): [number, number] {
+  const m = Deno.osRelease().match(/^(\d+)\.(\d+)/);
+  return m ? [Number(m[1]), Number(m[2])] : [0, 0];
+}
+
+/** Describe the XDP program(s) already on `ifindex`, and the command that removes them. */
+function describeOccupant(ifname: string, ifindex: number): { what: string; fix: string } {
+  let q;
+  try {
+    q = xdpQuery(ifindex);
+  } catch (e) {
+    return {
+      what: `another XDP program (query failed: ${(e as Error).message})`,
+      fix: `inspect it with \`ip link show dev ${ifname}\` and remove it with ` +
+        `\`ip link set dev ${ifname} xdp off\``,
+    };
+  }
+  const found: string[] = [];
+  const commands: string[] = [];
+  for (
+    const [id, mode, off] of [
+      [q.drvProgId, "native", "xdp"],
+      [q.skbProgId, "generic", "xdpgeneric"],
+      [q.hwProgId, "offloaded", "xdpoffload"],
+    ] as const
+  ) {
+    if (!id) continue;
+    let name = "";
+    try {
+      name = progInfoById(id).name;
+    } catch { /* gone meanwhile, or no permission: the id still identifies it */ }
+    found.push(
+      `${name ? `"${name}" ` : ""}(id ${id}, ${mode} mode; \`bpftool prog show id ${id}\`)`,
+    );
+    commands.push(`\`ip link set dev ${ifname} ${off} off\``);
+  }
+  if (found.length === 0) {
+    return {
+      what: "another XDP program (it was gone when queried)",
+      fix: `retry; check with \`ip link show dev ${ifname}\``,
+    };
+  }
+  return {
+    what: `XDP program ${found.join(" and ")}`,
+    fix:
+      `remove it with ${
+        commands.join(" and ")
+      } (the command for its mode; plain \`ip link set dev ${ifname} xdp off\` ` +
+      `only removes a native-mode program); if it belongs to a BPF link (\`bpftool link\`, e.g. ` +
+      `another sni-proxy) stop that process instead; or list another interface`,
+  };
+}
+
+/**
+ * The XDP source filter, loaded and attached to its interfaces. Use {@link XdpFilter.open};
+ * update() on reload; close() detaches everything (the kernel also does at process exit).
+ */
+export class XdpFilter {
+  readonly #obj: BpfObject;
+  readonly #maps: Record<TrieName | "ports" | "xdp_config", BpfMap>;
+  readonly #stats: BpfMap;
+  readonly #statsBuf: Uint8Array;
+  readonly #links: { fd: number; attachment: XdpAttachment }[];
+  readonly #log: XdpLog;
+  readonly #maxEntries: number;
+  #current: Wanted;
+  #closed = false;
+
+  private constructor(init: {
+    obj: BpfObject;
+    links: { fd: number; attachment: XdpAttachment }[];
+    log: XdpLog;
+    maxEntries: number;
+    current: Wanted;
+  }) {
+    this.#obj = init.obj;
+    this.#maps = XdpFilter.#mapsOf(init.obj);
+    this.#stats = init.obj.map("xdp_stats");
+    this.#statsBuf = new Uint8Array(this.#stats.valueBufferSize);
+    this.#links = init.links;
+    this.#log = init.log;
+    this.#maxEntries = init.maxEntries;
+    this.#current = init.current;
+  }
+
+  static #mapsOf(obj: BpfObject): Record<TrieName | "ports" | "xdp_config", BpfMap> {
+    return {
+      deny_v4: obj.map("deny_v4"),
+      deny_v6: obj.map("deny_v6"),
+      allow_v4: obj.map("allow_v4"),
+      allow_v6: obj.map("allow_v6"),
+      ports: obj.map("ports"),
+      xdp_config: obj.map("xdp_config"),
+    };
+  }
+
+  /**
+   * Load the filter, fill its maps and attach it to every interface.
+   * @throws {XdpError} naming the cause and the fix; nothing stays attached then.
+   */
+  static async open(options: XdpFilterOptions): Promise<XdpFilter> {
+    const log = options.log;
+    const maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES;
+    if (!Number.isInteger(maxEntries) || maxEntries < 1 || maxEntries > 16_777_216) {
+      throw new XdpError(
+        "bad_option",
+        `maxEntries must be an integer from 1 to 16777216 (got ${maxEntries})`,
+        "fix the XDP map capacity in the config",
+      );
+    }
+    if (!["auto", "native", "generic"].includes(options.mode)) {
+      throw new XdpError(
+        "bad_option",
+        `XDP mode must be "auto", "native" or "generic" (got ${JSON.stringify(options.mode)})`,
+        "fix ebpf.xdp.mode in the config",
+      );
+    }
+    if (options.interfaces.length === 0) {
+      throw new XdpError(
+        "bad_option",
+        "no interface to attach the XDP filter to",
+        "list at least one in ebpf.xdp.interfaces",
+      );
+    }
+    const dup = options.interfaces.find((n, i) => options.interfaces.indexOf(n) !== i);
+    if (dup !== undefined) {
+      throw new XdpError(
+        "bad_option",
+        `interface "${dup}" is listed twice`,
+        "list each interface once in ebpf.xdp.interfaces",
+      );
+    }
+    const want = wanted(options.deny, options.allow, options.ports);
+    checkCapacity(want, maxEntries);
+
+    if (Deno.build.os !== "linux" || !["x86_64", "aarch64"].includes(Deno.build.arch)) {
+      throw new XdpError(
+        "unsupported_platform",
+        `the XDP filter needs Linux on x86_64 or aarch64 (this is ${Deno.build.os}/${Deno.build.arch})`,
+        "remove ebpf.xdp from the config (the userspace ACL still applies)",
+      );
+    }
+    const [kmaj, kmin] = kernelVersion();
+    if (kmaj < 5 || (kmaj === 5 && kmin < 9)) {
+      throw new XdpError(
+        "old_kernel",
+        `kernel ${Deno.osRelease()} is older than 5.9 (no BPF links for XDP)`,
+        "upgrade to Linux 5.9 or later, or remove ebpf.xdp from the config",
+      );
+    }
+    const caps = await effectiveCaps();
+    const has = (c: bigint) => (caps >> c) & 1n;
+    if (!has(CAP_SYS_ADMIN) && !(has(CAP_BPF) && has(CAP_NET_ADMIN))) {
+      throw new XdpError(
+        "not_root",
+        "not permitted to load and attach XDP programs (no CAP_BPF + CAP_NET_ADMIN, not root)",
+        "run as root, or grant CAP_BPF and CAP_NET_ADMIN",
+      );
+    }
+    try {
+      libbpf();
+    } catch (e) {
+      throw new XdpError(
+        "no_libbpf",
+        (e as Error).message,
+        "install libbpf 1.x (Debian: apt-get install -y libbpf1)",
+        { cause: e },
+      );
+    }
+
+    // Resolve every interface before loading anything: a typo fails fast and cleanly.
+    const ifaces = options.interfaces.map((name) => {
+      const ifindex = ifNameToIndex(name);
+      if (ifindex === 0) {
+        throw new XdpError(
+          "no_interface",
+          `network interface "${name}" does not exist (in this network namespace)`,
+          "fix ebpf.xdp.interfaces; `ip -br link` lists the interfaces",
+          { interface: name },
+        );
+      }
+      return { name, ifindex };
+    });
+
+    setLibbpfLogger((level, message) => {
+      log(level === "warn" ? "warning" : "debug", `libbpf: ${message.replace(/^libbpf: /, "")}`);
+    });
+
+    let elf = options.object;
+    if (!elf) {
+      const url = new URL("../bpf/xdp.bpf.o", import.meta.url);
+      try {
+        elf = await Deno.readFile(url);
+      } catch (e) {
+        throw new XdpError(
+          "no_object",
+          `cannot read the XDP object ${url.pathname}: ${(e as Error).message}`,
+          "build it with ./build.sh (needs clang)",
+          { cause: e },
+        );
+      }
+    }
+    let obj: BpfObject;
+    try {
+      obj = BpfObject.openMem(elf, "sni_xdp");
+    } catch (e) {
+      throw new XdpError(
+        "bad_object",
+        `the XDP object is unusable: ${(e as Error).message}`,
+        "rebuild it with ./build.sh",
+        { cause: e },
+      );
+    }
+
+    const links: { fd: number; attachment: XdpAttachment }[] = [];
+    try {
+      try {
+        for (const name of TRIES) obj.map(name).setMaxEntries(maxEntries);
+        obj.load();
+      } catch (e) {
+        throw loadError(e, maxEntries);
+      }
+      const maps = XdpFilter.#mapsOf(obj);
+      // Maps first, then attach: the program never runs with empty lists.
+      for (const name of [...TRIES, "ports"] as const) {
+        for (const { key, text } of want[name].values()) {
+          try {
+            maps[name].update(key, name === "ports" ? PORT_VALUE : TRIE_VALUE);
+          } catch (e) {
+            throw new XdpError(
+              "update_failed",
+              `cannot add ${text} to the XDP map ${name}: ${(e as Error).message}`,
+              "check the entry and the map capacity",
+              { cause: e },
+            );
+          }
+        }
+      }
+      writeConfig(maps.xdp_config, want.allowActive);
+
+      const progFd = obj.program(PROGRAM).fd;
+      for (const { name, ifindex } of ifaces) {
+        links.push(attach(progFd, name, ifindex, options.mode, log));
+      }
+    } catch (e) {
+      for (const l of links) detachLink(l.fd, l.attachment.interface, log);
+      obj.close();
+      throw e;
+    }
+    const filter = new XdpFilter({ obj, links, log, maxEntries, current: want });
+    log(
+      "info",
+      `XDP source filter attached to ${
+        links.map((l) => `${l.attachment.interface} (${l.attachment.mode})`).join(", ")
+      }: ${want.deny_v4.size + want.deny_v6.size} deny, ${
+        want.allow_v4.size + want.allow_v6.size
+      } allow CIDRs, ports ${[...want.ports.values()].map((p) => p.text).join(",") || "none"}`,
+    );
+    return filter;
+  }
+
+  /** Where the filter is attached (one entry per interface, in the order given). */
+  get attachments(): readonly XdpAttachment[] {
+    return this.#links.map((l) => l.attachment);
+  }
+
+  /**
+   * Replace the lists in place, while attached (on SIGHUP). New entries are added first, the
+   * allow-list switch is set, then removed entries are deleted, so a source denied before and
+   * after is never let through, even when its covering block changes (e.g. /32 -> /30).
+   * @throws {XdpError} when an entry cannot be added (capacity): the previous lists stay in
+   * force, unchanged.
+   */
+  update(deny: Cidr[], allow: Cidr[], ports: number[]): void {
+    if (this.#closed) {
+      throw new XdpError("closed", "the XDP filter is closed", "open a new one");
+    }
+    const prev = this.#current;
+    const next = wanted(deny, allow, ports);
+    checkCapacity(next, this.#maxEntries, prev);
+    const names = [...TRIES, "ports"] as const;
+    const added: [typeof names[number], Uint8Array][] = [];
+    try {
+      for (const name of names) {
+        for (const [k, { key, text }] of next[name]) {
+          if (prev[name].has(k)) continue;
+          try {
+            this.#maps[name].update(key, name === "ports" ? PORT_VALUE : TRIE_VALUE);
+          } catch (e) {
+            throw new XdpError(
+              "update_failed",
+              `cannot add ${text} to the XDP map ${name}: ${(e as Error).message}`,
+              "the previous XDP lists stay in force; check the map capacity",
+              { cause: e },
+            );
+          }
+          added.push([name, key]);
+        }
+      }
+    } catch (e) {
+      for (const [name, key] of added) {
+        try {
+          this.#maps[name].delete(key);
+        } catch { /* nothing better to do: the entry was ours and new */ }
+      }
+      throw e;
+    }
+    if (next.allowActive !== prev.allowActive) writeConfig(this.#maps.xdp_config, next.allowActive);
+    let removed = 0;
+    for (const name of names) {
+      for (const [k, { key }] of prev[name]) {
+        if (next[name].has(k)) continue;
+        this.#maps[name].delete(key);
+        removed++;
+      }
+    }
+    this.#current = next;
+    this.#log(
+      "info",
+      `XDP source filter updated in place: ${added.length} entries added, ${removed} removed (${
+        next.deny_v4.size + next.deny_v6.size
+      } deny, ${next.allow_v4.size + next.allow_v6.size} allow CIDRs)`,
+    );
+  }
+
+  /** The program's counters summed over CPUs (and interfaces). */
+  stats(): XdpStats {
+    const family = (index: number): XdpCounters => {
+      const sums = [0, 0, 0];
+      if (!this.#closed && this.#stats.lookup(STATS_KEYS[index], this.#statsBuf)) {
+        const v = new DataView(this.#statsBuf.buffer);
+        for (let off = 0; off < this.#statsBuf.length; off += STATS_SIZE) {
+          for (let i = 0; i < 3; i++) sums[i] += Number(v.getBigUint64(off + i * 8, true));
+        }
+      }
+      return { passed: sums[0], droppedDeny: sums[1], droppedNotAllowed: sums[2] };
+    };
+    const ipv4 = family(STATS_INDEX.ipv4);
+    const ipv6 = family(STATS_INDEX.ipv6);
+    const other = family(STATS_INDEX.other);
+    return {
+      passed: ipv4.passed + ipv6.passed + other.passed,
+      droppedDeny: ipv4.droppedDeny + ipv6.droppedDeny,
+      droppedNotAllowed: ipv4.droppedNotAllowed + ipv6.droppedNotAllowed,
+      ipv4,
+      ipv6,
+      other,
+    };
+  }
+
+  /** Detach from every interface and free the program and maps. Idempotent. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const l of this.#links) detachLink(l.fd, l.attachment.interface, this.#log);
+    this.#obj.close();
+    this.#log(
+      "info",
+      `XDP source filter detached from ${
+        this.#links.map((l) => l.attachment.interface).join(", ")
+      }`,
+    );
+  }
+}
+
+function writeConfig(map: BpfMap, allowActive: boolean): void {
+  const cfg = new Uint8Array(CONFIG_SIZE);
+  new DataView(cfg.buffer).setUint32(0, allowActive ? 1 : 0, true);
+  map.update(new Uint8Array(4), cfg);
+}
+
+function detachLink(fd: number, ifname: string, log: XdpLog): void {
+  try {
+    linkDetachFd(fd, `XDP link on ${ifname}`);
+  } catch (e) {
+    // ENOLINK/EINVAL when the interface went away (the link was detached with it)
+    log("debug", `XDP detach from ${ifname}: ${(e as Error).message}`);
+  }
+  closeFd(fd);
+}
+
+function attach(
+  progFd: number,
+  ifname: string,
+  ifindex: number,
+  mode: XdpMode,
+  log: XdpLog,
+): { fd: number; attachment: XdpAttachment } {
+  const tryMode = (m: "native" | "generic"): number => {
+    const flags = m === "native" ? XdpFlags.DRV_MODE : XdpFlags.SKB_MODE;
+    return linkCreate(progFd, ifindex, BpfAttachType.XDP, flags, `XDP ${m} on ${ifname}`);
+  };
+  const done = (fd: number, m: "native" | "generic") => {
+    let programId = 0;
+    try {
+      const q = xdpQuery(ifindex);
+      programId = m === "native" ? q.drvProgId : q.skbProgId;
+    } catch { /* informational only */ }
+    return { fd, attachment: { interface: ifname, ifindex, mode: m, programId } };
+  };
+  const fail = (e: unknown, m: "native" | "generic"): never => {
+    const err = e as BpfError;
+    const code = e instanceof BpfError ? err.errno : 0;
+    if (code === EBUSY || code === EEXIST) {
+      const o = describeOccupant(ifname, ifindex);
+      throw new XdpError(
+        "interface_busy",
+        `cannot attach the XDP filter to ${ifname} (${m} mode): ${err.errnoName}, ${o.what} is already attached`,
+        o.fix,
+        { cause: e, interface: ifname },
+      );
+    }
+    if (m === "native" && (code === EOPNOTSUPP || code === ENOTSUPP || code === EINVAL)) {
+      throw new XdpError(
+        "native_unsupported",
+        `the driver of ${ifname} does not support native XDP (${err.errnoName})`,
+        'set ebpf.xdp.mode to "generic" (or "auto", which falls back to it)',
+        { cause: e, interface: ifname },
+      );
+    }
+    throw new XdpError(
+      code === EPERM ? "not_permitted" : "attach_failed",
+      `cannot attach the XDP filter to ${ifname} (${m} mode): ${err.message}`,
+      code === EPERM
+        ? "run as root (CAP_BPF + CAP_NET_ADMIN); check kernel lockdown"
+        : "check the interface is up and supports XDP (`ip -d link show dev " + ifname + "`)",
+      { cause: e, interface: ifname },
+    );
+  };
+
+  if (mode === "generic") {
+    try {
+      return done(tryMode("generic"), "generic");
+    } catch (e) {
+      return fail(e, "generic");
+    }
+  }
+  try {
+    return done(tryMode("native"), "native");
+  } catch (e) {
+    const code = e instanceof BpfError ? e.errno : 0;
+    const unsupported = code === EOPNOTSUPP || code === ENOTSUPP || code === EINVAL;
+    if (mode === "native" || !unsupported) return fail(e, "native");
+    log(
+      "warning",
+      `native XDP is not supported on ${ifname} (${(e as BpfError).errnoName}); ` +
+        `using generic XDP there (slower: runs after skb allocation)`,
+    );
+  }
+  try {
+    return done(tryMode("generic"), "generic");
+  } catch (e) {
+    return fail(e, "generic");
+  }
+}
+
+function loadError(e: unknown, maxEntries: number): Error {
+  if (!(e instanceof BpfError)) return e as Error;
+  if (e.verifierLog) {
+    return new XdpError(
+      "verifier_rejected",
+      `the kernel verifier rejected the XDP program (${e.errnoName}):\n${
+        e.verifierLog.trimEnd().split("\n").slice(-20).join("\n")
+      }`,
+      "this kernel lacks a feature the program needs; remove ebpf.xdp or upgrade the kernel",
+      { cause: e },
+    );
+  }
+  if (e.errno === ENOMEM || e.errno === E2BIG || e.errno === ENOSPC) {
+    return new XdpError(
+      "load_failed",
+      `the kernel could not create the XDP maps (${e.errnoName}; ${maxEntries} entries per trie)`,
+      "lower the XDP map capacity, or raise RLIMIT_MEMLOCK (ulimit -l) on kernels before 5.11",
+      { cause: e },
+    );
+  }
+  if (e.errno === EPERM) {
+    return new XdpError(
+      "not_permitted",
+      `loading the XDP program was refused (EPERM): ${e.message}`,
+      "run as root with CAP_BPF and CAP_NET_ADMIN; check kernel lockdown",
+      { cause: e },
+    );
+  }
+  return new XdpError(
+    "load_failed",
+    `loading the XDP object failed: ${e.message}`,
+    "check the kernel supports XDP and LPM_TRIE maps",
+    { cause: e },
+  );
+}
