@@ -89,16 +89,17 @@ export function parseCidr(text: string): Cidr {
   const addrText = slash < 0 ? text : text.slice(0, slash);
   const ip = parseIp(addrText);
   if (!ip || addrText.startsWith("[")) throw new Error(`not an IP address: "${addrText}"`);
-  const max = ip.v6 ? 128 : 32;
-  let prefix = max;
+  // an IPv4-mapped block written in IPv6 form (::ffff:a.b.c.d/N) is folded to IPv4; its
+  // prefix counts the 96 mapping bits, so only /96../128 keep their meaning
+  const mapped = !ip.v6 && addrText.includes(":");
+  const [min, max] = mapped ? [96, 128] : [0, ip.v6 ? 128 : 32];
+  let prefix = ip.v6 ? 128 : 32;
   if (slash >= 0) {
     const p = text.slice(slash + 1);
-    if (!/^[0-9]{1,3}$/.test(p) || Number(p) > max) {
-      throw new Error(`prefix length must be 0-${max}, got "${p}"`);
+    if (!/^[0-9]{1,3}$/.test(p) || Number(p) < min || Number(p) > max) {
+      throw new Error(`prefix length must be ${min}-${max}, got "${p}"`);
     }
-    prefix = Number(p);
-    // an IPv4-mapped block written in IPv6 form keeps its meaning after folding
-    if (!ip.v6 && addrText.includes(":")) prefix = Math.max(0, prefix - 96);
+    prefix = mapped ? Number(p) - 96 : Number(p);
   }
   return { text, v6: ip.v6, words: ip.words, prefix };
 }

@@ -71,6 +71,11 @@ Deno.test("ACL: deny wins, allow lists restrict, IPv4-mapped IPv6 folds to IPv4"
   assert.equal(new Acl([parseCidr("::/0")], []).permits("fe80::1"), true);
   assert.throws(() => parseCidr("1.2.3.4/40"), /prefix length/);
   assert.throws(() => parseCidr("1.2.3"), /not an IP/);
+  // IPv4-mapped blocks keep their meaning: ::ffff:10.1.2.0/120 is 10.1.2.0/24
+  const mapped = new Acl([], [parseCidr("::ffff:10.1.2.0/120")]);
+  assert.equal(mapped.permits("10.1.2.9"), false);
+  assert.equal(mapped.permits("10.1.3.9"), true);
+  assert.throws(() => parseCidr("::ffff:10.1.2.3/24"), /prefix length must be 96-128/);
 });
 
 Deno.test("balancing: round robin rotates, source hash sticks, least_conn picks the idlest", () => {
