@@ -41,6 +41,7 @@ export interface TcpSocketInfo {
 }
 
 const AF_NETLINK = 16;
+const TCP_LISTEN = 10;
 const SOCK_RAW = 3;
 const SOCK_CLOEXEC = 0o2000000;
 const NETLINK_SOCK_DIAG = 4;
@@ -116,6 +117,12 @@ export class SockDiag implements Disposable {
         throw new SyscallError("sock_diag query", err);
       }
       if (type !== SOCK_DIAG_BY_FAMILY) throw new SyscallError("sock_diag reply type", 71);
+      // the kernel may answer with a socket that only matches part of the tuple (the listener
+      // on that port once the connection is gone): that is "no such socket"
+      const state = this.#resp[17];
+      const same = r.getUint16(20, false) === t.localPort &&
+        r.getUint16(22, false) === t.remotePort;
+      if (state === TCP_LISTEN || !same) return null;
       return this.#parse(Math.min(n, r.getUint32(0, true)));
     }
   }

@@ -2,6 +2,7 @@
 import assert from "node:assert/strict";
 import {
   curl,
+  drain,
   echo,
   namedBackend,
   readAll,
@@ -303,7 +304,11 @@ Deno.test({
   name: "'stats' without a metrics endpoint reads the pinned kernel counters",
   ignore: !isRoot,
   fn: async () => {
-    const backend = await tlsBackend(echo);
+    // one way (upload into a sink): the open echo-tail bug of kernel mode stays out of this test
+    const backend = await tlsBackend(async (c) => {
+      await drain(c);
+      await c.closeWrite();
+    });
     try {
       await withProxy({
         listeners: [{ address: "127.0.0.1:0" }],
@@ -312,15 +317,15 @@ Deno.test({
       }, async (p) => {
         await p.waitFor("mode kernel");
         const conn = await tlsClient(p.ports[0], "a.test");
-        const payload = new Uint8Array(1 << 20).fill(9);
+        const payload = new Uint8Array(3 << 20).fill(9);
         await Promise.all([writeAll(conn, payload).then(() => conn.closeWrite()), readAll(conn)]);
         conn.close();
         await p.waitAccess((e) => e.mode === "kernel");
         const table = await cli(["stats", "--config", p.configPath]);
         assert.equal(table.code, 0, table.err);
         const spliced = Number(/kernel\.sockmap\.bytes_spliced\s+(\d+)/.exec(table.out)?.[1]);
-        // 1 MiB each way went through; nearly all of it must have been spliced in the kernel
-        assert.ok(spliced > 2e6, `~2 MiB spliced, got ${spliced}:\n${table.out}`);
+        // 3 MiB went through; nearly all of it must have been spliced in the kernel
+        assert.ok(spliced > 3e6, `~3 MiB spliced, got ${spliced}:\n${table.out}`);
       });
     } finally {
       backend.close();
