@@ -170,6 +170,8 @@ int sni_verdict(struct __sk_buff *skb)
 	if (st) {
 		st->bytes_spliced += len;
 		st->packets_spliced++;
+		if (pair->upstream)
+			st->bytes_upstream += len;
 	}
 	return SK_PASS;
 }

@@ -32,7 +32,7 @@ struct sni_sock_key {
  */
 struct sni_pair {
 	struct sni_sock_key peer;
-	__u32 _pad;    /* keeps the counters 8-byte aligned */
+	__u32 upstream; /* 1: this is the client's socket (its bytes go to the backend); also aligns */
 	__u64 bytes;   /* payload bytes received on this socket and redirected to peer */
 	__u64 packets; /* skbs redirected */
 };
@@ -52,7 +52,7 @@ struct sni_stats {
 	__u64 sockets_inserted;  /* established sockets inserted into the sockhash */
 	__u64 insert_failures;   /* bpf_sock_hash_update failed (map full, ...) */
 	__u64 setsockopt_failures;
-	__u64 _reserved;
+	__u64 bytes_upstream;    /* the part of bytes_spliced that went client -> backend */
 };
 
 #endif /* SNI_PROXY_SOCKMAP_H */

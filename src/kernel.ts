@@ -98,6 +98,10 @@ export interface PairCounters {
 /** Sum over CPUs of the kernel programs' counters (struct sni_stats). */
 export interface KernelStats {
   bytesSpliced: number;
+  /** Of bytesSpliced: client → backend (the `a` side of pair() is the client's). */
+  bytesUpstream: number;
+  /** Of bytesSpliced: backend → client. */
+  bytesDownstream: number;
   packetsSpliced: number;
   redirectFailures: number;
   passed: number;
@@ -149,7 +153,8 @@ export class SplicePair {
 // Layouts mirrored from bpf/sockmap.h (struct sni_sock_key, sni_pair, sni_config, sni_stats).
 // Host-order fields are little endian: the fast path supports x86_64 and aarch64 only.
 const KEY_SIZE = 44; // family u32, local_port u32, remote_port u32, local_ip[16], remote_ip[16]
-const PAIR_SIZE = 64; // peer key (44), pad u32, bytes u64 @48, packets u64 @56
+const PAIR_SIZE = 64; // peer key (44), upstream u32 @44, bytes u64 @48, packets u64 @56
+const PAIR_UPSTREAM = 44;
 const PAIR_BYTES = 48;
 const CONFIG_SIZE = 8; // sndbuf u32, rcvbuf u32
 const STATS_SIZE = 64; // 8 x u64 (last reserved)
@@ -576,9 +581,9 @@ export class KernelAccel {
       const offset = info.bytesAcked + info.writeQueue - (writtenBefore[side] ?? 0);
       p.synOffset[side] = offset === 1 ? 1 : 0;
     }
-    this.#writePair(p.keyA, p.keyB);
+    this.#writePair(p.keyA, p.keyB, true);
     try {
-      this.#writePair(p.keyB, p.keyA);
+      this.#writePair(p.keyB, p.keyA, false);
     } catch (e) {
       this.#pairs.delete(p.keyA);
       throw e;
@@ -586,9 +591,11 @@ export class KernelAccel {
     return p;
   }
 
-  #writePair(key: Uint8Array, peer: Uint8Array): void {
+  /** `upstream`: `key` is the client side (a of pair()), so its bytes count as upstream. */
+  #writePair(key: Uint8Array, peer: Uint8Array, upstream: boolean): void {
     this.#pairBuf.fill(0);
     this.#pairBuf.set(peer, 0);
+    this.#pairView.setUint32(PAIR_UPSTREAM, upstream ? 1 : 0, true);
     this.#pairs.update(key, this.#pairBuf, BPF_ANY);
   }
 
@@ -689,6 +696,8 @@ export class KernelAccel {
       socketsInserted: sums[4],
       insertFailures: sums[5],
       setsockoptFailures: sums[6],
+      bytesUpstream: sums[7],
+      bytesDownstream: sums[0] - sums[7],
     };
   }
 

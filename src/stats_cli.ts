@@ -17,6 +17,7 @@ const SOCKMAP_STATS = [
   "sockets_inserted",
   "insert_failures",
   "setsockopt_failures",
+  "bytes_upstream",
 ];
 
 /** Prints the table; returns the exit code. */

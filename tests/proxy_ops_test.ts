@@ -326,6 +326,9 @@ Deno.test({
         const spliced = Number(/kernel\.sockmap\.bytes_spliced\s+(\d+)/.exec(table.out)?.[1]);
         // 3 MiB went through; nearly all of it must have been spliced in the kernel
         assert.ok(spliced > 3e6, `~3 MiB spliced, got ${spliced}:\n${table.out}`);
+        // and the per-CPU counters tell the direction: nearly all of it went upstream
+        const upstream = Number(/kernel\.sockmap\.bytes_upstream\s+(\d+)/.exec(table.out)?.[1]);
+        assert.ok(upstream > 3e6 && spliced - upstream < 1e5, `upstream ${upstream} of ${spliced}`);
       });
     } finally {
       backend.close();
