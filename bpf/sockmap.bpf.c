@@ -170,8 +170,10 @@ int sni_verdict(struct __sk_buff *skb)
 	if (st) {
 		st->bytes_spliced += len;
 		st->packets_spliced++;
-		if (pair->upstream)
+		if (pair->upstream) {
 			st->bytes_upstream += len;
+			st->packets_upstream++;
+		}
 	}
 	return SK_PASS;
 }

@@ -102,6 +102,9 @@ export interface KernelStats {
   bytesUpstream: number;
   /** Of bytesSpliced: backend → client. */
   bytesDownstream: number;
+  /** Of packetsSpliced: client → backend / backend → client. */
+  packetsUpstream: number;
+  packetsDownstream: number;
   packetsSpliced: number;
   redirectFailures: number;
   passed: number;
@@ -157,7 +160,8 @@ const PAIR_SIZE = 64; // peer key (44), upstream u32 @44, bytes u64 @48, packets
 const PAIR_UPSTREAM = 44;
 const PAIR_BYTES = 48;
 const CONFIG_SIZE = 8; // sndbuf u32, rcvbuf u32
-const STATS_SIZE = 64; // 8 x u64 (last reserved)
+const STATS_FIELDS = 9; // struct sni_stats: 9 x u64
+const STATS_SIZE = STATS_FIELDS * 8;
 const SOCKHASH_VALUE_SIZE = 8; // a userspace lookup returns the socket cookie
 
 const PIN_MAPS = ["sni_sockhash", "sni_pairs", "sni_stats", "sni_config"] as const;
@@ -680,12 +684,14 @@ export class KernelAccel {
   stats(): KernelStats {
     const buf = this.#statsBuf;
     const ok = this.#stats.lookup(new Uint8Array(4), buf);
-    const sums = new Array<number>(8).fill(0);
+    const sums = new Array<number>(STATS_FIELDS).fill(0);
     if (ok) {
       const v = new DataView(buf.buffer);
       const stride = Math.ceil(STATS_SIZE / 8) * 8;
       for (let cpu = 0; cpu < buf.length / stride; cpu++) {
-        for (let i = 0; i < 8; i++) sums[i] += Number(v.getBigUint64(cpu * stride + i * 8, true));
+        for (let i = 0; i < STATS_FIELDS; i++) {
+          sums[i] += Number(v.getBigUint64(cpu * stride + i * 8, true));
+        }
       }
     }
     return {
@@ -698,6 +704,8 @@ export class KernelAccel {
       setsockoptFailures: sums[6],
       bytesUpstream: sums[7],
       bytesDownstream: sums[0] - sums[7],
+      packetsUpstream: sums[8],
+      packetsDownstream: sums[1] - sums[8],
     };
   }
 

@@ -18,6 +18,7 @@ const SOCKMAP_STATS = [
   "insert_failures",
   "setsockopt_failures",
   "bytes_upstream",
+  "packets_upstream",
 ];
 
 /** Prints the table; returns the exit code. */
