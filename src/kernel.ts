@@ -87,6 +87,48 @@ export class KernelAccelError extends Error {
   }
 }
 
+/**
+ * Opens one of the project's BPF objects: `given` bytes, or bpf/`file` beside this source tree
+ * (embedded in the compiled binary). libbpf's own log goes to `log`. Failures become
+ * `fail(reason, cause, fix, error)`: `no_object` (not built) or `bad_object`.
+ */
+export async function openBpfObject(
+  file: string,
+  objName: string,
+  label: string,
+  given: Uint8Array | undefined,
+  log: KernelLog,
+  fail: (reason: string, cause: string, fix: string, e: unknown) => Error,
+): Promise<BpfObject> {
+  setLibbpfLogger((level, message) => {
+    log(level === "warn" ? "warning" : "debug", `libbpf: ${message.replace(/^libbpf: /, "")}`);
+  });
+  let elf = given;
+  if (!elf) {
+    const url = new URL(`../bpf/${file}`, import.meta.url);
+    try {
+      elf = await Deno.readFile(url);
+    } catch (e) {
+      throw fail(
+        "no_object",
+        `cannot read the ${label} object ${url.pathname}: ${(e as Error).message}`,
+        "build it with ./build.sh (needs clang)",
+        e,
+      );
+    }
+  }
+  try {
+    return BpfObject.openMem(elf, objName);
+  } catch (e) {
+    throw fail(
+      "bad_object",
+      `the ${label} object is unusable: ${(e as Error).message}`,
+      "rebuild it with ./build.sh",
+      e,
+    );
+  }
+}
+
 /** Bytes redirected in the kernel, per direction of a pair. */
 export interface PairCounters {
   /** Received on socket a, redirected to b's egress. */
@@ -394,36 +436,14 @@ export class KernelAccel {
         { cause: e },
       );
     }
-    setLibbpfLogger((level, message) => {
-      log(level === "warn" ? "warning" : "debug", `libbpf: ${message.replace(/^libbpf: /, "")}`);
-    });
-
-    let elf = options.object;
-    if (!elf) {
-      const url = new URL("../bpf/sockmap.bpf.o", import.meta.url);
-      try {
-        elf = await Deno.readFile(url);
-      } catch (e) {
-        throw new KernelAccelError(
-          "no_object",
-          `cannot read the eBPF object ${url.pathname}: ${(e as Error).message}`,
-          "build it with ./build.sh (needs clang)",
-          { cause: e },
-        );
-      }
-    }
-
-    let obj: BpfObject;
-    try {
-      obj = BpfObject.openMem(elf, "sni_sockmap");
-    } catch (e) {
-      throw new KernelAccelError(
-        "bad_object",
-        `the eBPF object is unusable: ${(e as Error).message}`,
-        "rebuild it with ./build.sh",
-        { cause: e },
-      );
-    }
+    const obj = await openBpfObject(
+      "sockmap.bpf.o",
+      "sni_sockmap",
+      "eBPF",
+      options.object,
+      log,
+      (reason, cause, fix, e) => new KernelAccelError(reason, cause, fix, { cause: e }),
+    );
 
     // cgroup v2 and bpffs
     let cgroupMount: string;

@@ -20,12 +20,12 @@ import {
   linkCreate,
   linkDetachFd,
   progInfoById,
-  setLibbpfLogger,
   XdpFlags,
   xdpQuery,
 } from "../ffi/libbpf.ts";
 import { closeFd, ifNameToIndex } from "../ffi/libc.ts";
 import type { Cidr } from "./acl.ts";
+import { openBpfObject } from "./kernel.ts";
 
 /** Log sink of the loader (same levels as the proxy's logger). */
 export type XdpLog = (level: "debug" | "info" | "warning" | "error", message: string) => void;
@@ -422,35 +422,14 @@ export class XdpFilter {
       return { name, ifindex };
     });
 
-    setLibbpfLogger((level, message) => {
-      log(level === "warn" ? "warning" : "debug", `libbpf: ${message.replace(/^libbpf: /, "")}`);
-    });
-
-    let elf = options.object;
-    if (!elf) {
-      const url = new URL("../bpf/xdp.bpf.o", import.meta.url);
-      try {
-        elf = await Deno.readFile(url);
-      } catch (e) {
-        throw new XdpError(
-          "no_object",
-          `cannot read the XDP object ${url.pathname}: ${(e as Error).message}`,
-          "build it with ./build.sh (needs clang)",
-          { cause: e },
-        );
-      }
-    }
-    let obj: BpfObject;
-    try {
-      obj = BpfObject.openMem(elf, "sni_xdp");
-    } catch (e) {
-      throw new XdpError(
-        "bad_object",
-        `the XDP object is unusable: ${(e as Error).message}`,
-        "rebuild it with ./build.sh",
-        { cause: e },
-      );
-    }
+    const obj = await openBpfObject(
+      "xdp.bpf.o",
+      "sni_xdp",
+      "XDP",
+      options.object,
+      log,
+      (reason, cause, fix, e) => new XdpError(reason, cause, fix, { cause: e }),
+    );
 
     const links: { fd: number; attachment: XdpAttachment }[] = [];
     try {
