@@ -21,7 +21,7 @@ check_toolchain() {
 	local ok=0
 	if ! command -v "$CLANG" >/dev/null 2>&1; then
 		echo "MISSING clang ($CLANG): install it (Debian: apt-get install -y clang llvm)"; ok=1
-	elif ! "$CLANG" -print-targets 2>/dev/null | grep -qw bpf; then
+	elif ! "$CLANG" -print-targets 2>/dev/null | grep -w bpf >/dev/null; then
 		echo "MISSING the BPF target in $CLANG: install an LLVM build with the bpf backend"; ok=1
 	else
 		echo "ok      clang: $("$CLANG" --version | head -n1)"
@@ -41,7 +41,8 @@ check_toolchain() {
 	else
 		echo "MISSING asm/types.h: apt-get install -y linux-libc-dev (or gcc-multilib)"; ok=1
 	fi
-	if ldconfig -p 2>/dev/null | grep -q 'libbpf\.so\.1'; then
+	# no grep -q: under pipefail its early exit would SIGPIPE ldconfig and fail the check at random
+	if ldconfig -p 2>/dev/null | grep 'libbpf\.so\.1' >/dev/null; then
 		echo "ok      runtime libbpf.so.1"
 	else
 		echo "MISSING runtime libbpf.so.1 (needed to run the fast path): apt-get install -y libbpf1"; ok=1
