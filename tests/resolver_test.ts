@@ -472,9 +472,20 @@ Deno.test("resolver: the system hosts file answers localhost by default", async 
 
 Deno.test("queryDns: a truncated UDP answer is retried over TCP", async () => {
   // a server that answers every UDP query with TC set and serves the full answer over TCP
-  const udp = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+  // the same port number for UDP and TCP: take a free TCP port, then its UDP twin (retry if taken)
+  const { udp, tcp } = (() => {
+    for (let i = 0;; i++) {
+      const tcp = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+      try {
+        const port = (tcp.addr as Deno.NetAddr).port;
+        return { tcp, udp: Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port }) };
+      } catch (e) {
+        tcp.close();
+        if (i > 20) throw e;
+      }
+    }
+  })();
   const port = (udp.addr as Deno.NetAddr).port;
-  const tcp = Deno.listen({ hostname: "127.0.0.1", port });
   const many = Array.from({ length: 100 }, (_, i) => `10.2.${i >> 8}.${i & 0xff}`);
   const fake = startFakeDns({ "big.test": { a: many, ttl: 42 } }); // builds the full answer
   const udpLoop = (async () => {
