@@ -426,9 +426,12 @@ export class Session {
   /** Connects to `host:port`, trying each resolved address within one connect_ms budget. */
   async #connect(host: string, port: number): Promise<Deno.TcpConn> {
     const connectMs = this.#ctx.table.config.timeouts.connectMs;
-    // one controller for both shutdown and the deadline; the timer is cleared once connected
-    // so no per-connection timer outlives the connect
-    const abort = this.#connectAbort;
+    // one controller per attempt, aborted by its deadline or by the session's stop; the timer
+    // is cleared once connected so no per-connection timer outlives the connect, and a timed-out
+    // attempt leaves the next backend's attempt unaborted
+    const abort = new AbortController();
+    const onStop = () => abort.abort();
+    this.#connectAbort.signal.addEventListener("abort", onStop, { once: true });
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
@@ -451,6 +454,7 @@ export class Session {
       throw e;
     } finally {
       clearTimeout(timer);
+      this.#connectAbort.signal.removeEventListener("abort", onStop);
     }
   }
 
