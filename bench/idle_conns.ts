@@ -1,0 +1,129 @@
+/**
+ * Memory per idle proxied connection: open N TLS connections through the proxy (a full
+ * handshake with nginx behind it, so the proxy has routed, connected and relayed both ways),
+ * leave them idle and compare the proxy's RSS before and after.
+ *
+ * @module
+ */
+import { rssBreakdownKiB, rssKiB, sleep } from "./procs.ts";
+
+/** Result of the idle test. */
+export interface IdleResult {
+  connections: number;
+  /** proxy RSS growth per connection, KiB */
+  kibPerConn: number;
+  /** of which anonymous memory (heap, buffers), KiB per connection */
+  anonKibPerConn: number;
+  rssBeforeKiB: number;
+  rssAfterKiB: number;
+  /** seconds to open all connections */
+  openSeconds: number;
+  /** seconds from the client closing them until the proxy had closed its sockets too */
+  closeSeconds: number;
+}
+
+/** Connections opened at a time. */
+const BATCH = 100;
+
+/** Opens `n` TLS connections to 127.0.0.1:`port` (SNI localhost); closes them via the result. */
+async function openIdle(port: number, n: number, caCert: string): Promise<Deno.TlsConn[]> {
+  const conns: Deno.TlsConn[] = [];
+  let failed = 0;
+  let firstError = "";
+  try {
+    for (let i = 0; i < n; i += BATCH) {
+      const batch = await Promise.allSettled(
+        Array.from({ length: Math.min(BATCH, n - i) }, async () => {
+          const raw = await Deno.connect({ hostname: "127.0.0.1", port });
+          const tls = await Deno.startTls(raw, { hostname: "localhost", caCerts: [caCert] });
+          conns.push(tls);
+          await tls.handshake();
+        }),
+      );
+      for (const r of batch) {
+        if (r.status === "rejected") {
+          failed++;
+          firstError ||= `${r.reason} (with ${conns.length} open)`;
+        }
+      }
+      if (failed) break;
+    }
+  } catch (e) {
+    closeAll(conns);
+    throw e;
+  }
+  if (failed) {
+    closeAll(conns);
+    throw new Error(`idle connections failed: ${firstError}`);
+  }
+  return conns;
+}
+
+function closeAll(conns: Deno.TlsConn[]): void {
+  for (const c of conns) {
+    try {
+      c.close();
+    } catch { /* closed */ }
+  }
+}
+
+/**
+ * Measures the proxy's (`pid`) RSS growth per idle connection at `n` connections. A warm-up of
+ * a few hundred connections first, so one-time costs (code compiled on first use, first
+ * buffers) do not count as per-connection memory.
+ */
+export async function idleRss(
+  port: number,
+  pid: number,
+  n: number,
+  caCert: string,
+): Promise<IdleResult> {
+  closeAll(await openIdle(port, Math.min(200, n), caCert));
+  await sleep(1000);
+  const fdsBefore = fdCount(pid);
+  const before = rssKiB(pid);
+  const anonBefore = rssBreakdownKiB(pid).anon;
+  const t0 = performance.now();
+  const conns = await openIdle(port, n, caCert);
+  const openSeconds = (performance.now() - t0) / 1000;
+  let after: number;
+  let anonAfter: number;
+  try {
+    // let the proxy finish its side (backend handshake bytes relayed, timers set)
+    await sleep(1500);
+    after = rssKiB(pid);
+    anonAfter = rssBreakdownKiB(pid).anon;
+  } finally {
+    closeAll(conns);
+  }
+  // wait for the proxy to close its 2n sockets, so that stopping it next is a clean drain
+  const t1 = performance.now();
+  while (fdCount(pid) > fdsBefore + 10) {
+    if (performance.now() - t1 > CLOSE_WAIT_MS) {
+      throw new Error(
+        `the proxy still holds ${fdCount(pid) - fdsBefore} sockets ${CLOSE_WAIT_MS} ms after ` +
+          `its ${n} idle clients closed`,
+      );
+    }
+    await sleep(50);
+  }
+  return {
+    connections: n,
+    kibPerConn: (after - before) / n,
+    anonKibPerConn: (anonAfter - anonBefore) / n,
+    rssBeforeKiB: before,
+    rssAfterKiB: after,
+    openSeconds,
+    closeSeconds: (performance.now() - t1) / 1000,
+  };
+}
+
+/** How long the proxy may take to close its side of the idle connections. */
+const CLOSE_WAIT_MS = 20_000;
+
+/** Open file descriptors of a process. */
+function fdCount(pid: number): number {
+  let n = 0;
+  for (const _ of Deno.readDirSync(`/proc/${pid}/fd`)) n++;
+  return n;
+}

@@ -1,0 +1,126 @@
+/**
+ * The proxy under test, started as `deno run ... main.ts --config GENERATED` with one listener
+ * on a free port and one route (`localhost`) to the benchmark's nginx. Each proxy mode the
+ * bench measures is one {@link ProxyMode}: its name (the table column) and its `ebpf` config.
+ *
+ * @module
+ */
+import { spawn, stop } from "./procs.ts";
+
+const ROOT = new URL("..", import.meta.url).pathname;
+
+/** One proxy configuration to measure: a column of the table. */
+export interface ProxyMode {
+  /** Column name, and the mode the proxy must report in its `ready:` line. */
+  name: "userspace" | "kernel";
+  /** The `ebpf` section of the generated config. */
+  ebpf: Record<string, unknown>;
+  /** Checks or builds what the mode needs; returns why it cannot run, or null. */
+  prepare?: () => Promise<string | null>;
+}
+
+/** The proxy modes, in table order: userspace first (the reference for later columns). */
+export const PROXY_MODES: ProxyMode[] = [
+  { name: "userspace", ebpf: { enabled: false } },
+  {
+    name: "kernel",
+    ebpf: { enabled: true, sockmap_enabled: true },
+    prepare: async () => {
+      if (Deno.uid() !== 0) return "needs root (CAP_BPF, CAP_NET_ADMIN)";
+      try {
+        await Deno.stat(`${ROOT}bpf/sockmap.bpf.o`);
+        return null;
+      } catch { /* not built yet */ }
+      const o = await new Deno.Command("bash", { args: [`${ROOT}build.sh`], stdin: "null" })
+        .output();
+      if (o.success) return null;
+      return `./build.sh failed: ${new TextDecoder().decode(o.stderr).trim().split("\n")[0]}`;
+    },
+  },
+];
+
+/** A running proxy. */
+export interface Proxy {
+  port: number;
+  /** The deno process running main.ts (the one whose RSS and CPU are measured). */
+  pid: number;
+  stop(): Promise<void>;
+}
+
+/** How long the proxy may take from spawn to its `ready:` line. */
+const READY_TIMEOUT_MS = 30_000;
+
+/** Starts the proxy in `mode` in front of `backendPort`; resolves once it is ready. */
+export async function startProxy(dir: string, backendPort: number, mode: ProxyMode) {
+  const config = {
+    listeners: [{ address: "127.0.0.1:0" }],
+    routes: [{ match: "localhost", backends: [`127.0.0.1:${backendPort}`] }],
+    timeouts: { drain_ms: 1000 },
+    limits: { max_connections: 20000 },
+    // info, not warning: the port chosen for address :0 is logged at info level
+    log: { level: "info", file: false, access_log: false },
+    ebpf: mode.ebpf,
+  };
+  const path = `${dir}/proxy-${mode.name}.json`;
+  await Deno.writeTextFile(path, JSON.stringify(config, null, 2));
+  const proc = spawn(Deno.execPath(), {
+    // the same flags as `deno task start` (a small V8 young generation keeps idle RSS down)
+    args: [
+      "run",
+      "-A",
+      "--unstable-net",
+      "--v8-flags=--max-semi-space-size=4",
+      `${ROOT}main.ts`,
+      "--config",
+      path,
+    ],
+    stdout: "null",
+    stderr: "piped",
+  });
+  const reader = proc.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  let text = "";
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`no 'ready:' line within ${READY_TIMEOUT_MS} ms`)),
+        READY_TIMEOUT_MS,
+      );
+    });
+    while (!/ready: .*\n/.test(text)) {
+      const { value, done } = await Promise.race([reader.read(), timeout]);
+      if (done) throw new Error(`it exited (${(await proc.status).code})`);
+      text += value;
+    }
+    const ready = /ready: .*mode (\w+)/.exec(text);
+    if (ready?.[1] !== mode.name) {
+      // the proxy says why in a warning: "eBPF fast path unavailable, userspace mode in use: …"
+      const why = text.split("\n").filter((l) => l.includes("[WRN]") || l.includes("[ERR]"))
+        .map((l) => l.replace(/^.*?\[(WRN|ERR)\] \S+ /, "")).join("; ");
+      throw new Error(`it runs in ${ready?.[1] ?? "an unknown"} mode, not ${mode.name}: ${why}`);
+    }
+  } catch (e) {
+    clearTimeout(timer);
+    await stop(proc, "SIGKILL");
+    throw new Error(
+      `proxy (${mode.name}) did not start: ${(e as Error).message}\n--- its log:\n${text}`,
+    );
+  }
+  clearTimeout(timer);
+  const port = Number(/listening on 127\.0\.0\.1:(\d+)/.exec(text)?.[1]);
+  if (!port) {
+    await stop(proc, "SIGKILL");
+    throw new Error(`proxy (${mode.name}) logged no 'listening on 127.0.0.1:PORT':\n${text}`);
+  }
+  // keep draining stderr so the proxy never blocks on a full pipe; show its warnings
+  (async () => {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      for (const line of value.split("\n")) {
+        if (/\[(WRN|ERR|FTL)\]/.test(line)) console.error(`    proxy: ${line}`);
+      }
+    }
+  })().catch(() => {});
+  return { port, pid: proc.pid, stop: () => stop(proc, "SIGTERM") } satisfies Proxy;
+}
