@@ -88,6 +88,36 @@ export class KernelAccelError extends Error {
 }
 
 /**
+ * Fails with `not_root` unless this process may load BPF programs (CAP_SYS_ADMIN, or CAP_BPF
+ * with CAP_NET_ADMIN), or with `no_libbpf` when libbpf.so.1 cannot be loaded.
+ */
+export async function checkBpfAccess(
+  action: string,
+  privilegeFix: string,
+  fail: (reason: string, cause: string, fix: string, e?: unknown) => Error,
+): Promise<void> {
+  const caps = await effectiveCaps();
+  const has = (c: bigint) => (caps >> c) & 1n;
+  if (!has(CAP_SYS_ADMIN) && !(has(CAP_BPF) && has(CAP_NET_ADMIN))) {
+    throw fail(
+      "not_root",
+      `not permitted to ${action} (no CAP_BPF + CAP_NET_ADMIN, not root)`,
+      privilegeFix,
+    );
+  }
+  try {
+    libbpf();
+  } catch (e) {
+    throw fail(
+      "no_libbpf",
+      (e as Error).message,
+      "install libbpf 1.x (Debian: apt-get install -y libbpf1)",
+      e,
+    );
+  }
+}
+
+/**
  * Opens one of the project's BPF objects: `given` bytes, or bpf/`file` beside this source tree
  * (embedded in the compiled binary). libbpf's own log goes to `log`. Failures become
  * `fail(reason, cause, fix, error)`: `no_object` (not built) or `bad_object`.
@@ -417,25 +447,11 @@ export class KernelAccel {
         "upgrade to Linux 5.10 or later for the sockmap fast path",
       );
     }
-    const caps = await effectiveCaps();
-    const has = (c: bigint) => (caps >> c) & 1n;
-    if (!has(CAP_SYS_ADMIN) && !(has(CAP_BPF) && has(CAP_NET_ADMIN))) {
-      throw new KernelAccelError(
-        "not_root",
-        "not permitted to load eBPF programs (no CAP_BPF + CAP_NET_ADMIN, not root)",
-        "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (cgroup and bpffs mounts)",
-      );
-    }
-    try {
-      libbpf();
-    } catch (e) {
-      throw new KernelAccelError(
-        "no_libbpf",
-        (e as Error).message,
-        "install libbpf 1.x (Debian: apt-get install -y libbpf1)",
-        { cause: e },
-      );
-    }
+    await checkBpfAccess(
+      "load eBPF programs",
+      "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (cgroup and bpffs mounts)",
+      (reason, cause, fix, e) => new KernelAccelError(reason, cause, fix, { cause: e }),
+    );
     const obj = await openBpfObject(
       "sockmap.bpf.o",
       "sni_sockmap",

@@ -16,7 +16,6 @@ import {
   BpfError,
   type BpfMap,
   BpfObject,
-  libbpf,
   linkCreate,
   linkDetachFd,
   progInfoById,
@@ -25,7 +24,7 @@ import {
 } from "../ffi/libbpf.ts";
 import { closeFd, ifNameToIndex } from "../ffi/libc.ts";
 import type { Cidr } from "./acl.ts";
-import { openBpfObject } from "./kernel.ts";
+import { checkBpfAccess, openBpfObject } from "./kernel.ts";
 
 /** Log sink of the loader (same levels as the proxy's logger). */
 export type XdpLog = (level: "debug" | "info" | "warning" | "error", message: string) => void;
@@ -227,17 +226,6 @@ function checkCapacity(w: Wanted, maxEntries: number, prev?: Wanted): void {
   }
 }
 
-/** Effective capabilities of this process (bit set from /proc/self/status CapEff). */
-async function effectiveCaps(): Promise<bigint> {
-  const status = await Deno.readTextFile("/proc/self/status");
-  const m = status.match(/^CapEff:\s*([0-9a-f]+)$/m);
-  return m ? BigInt("0x" + m[1]) : 0n;
-}
-
-const CAP_NET_ADMIN = 12n;
-const CAP_SYS_ADMIN = 21n;
-const CAP_BPF = 39n;
-
 function kernelVersion(): [number, number] {
   const m = Deno.osRelease().match(/^(\d+)\.(\d+)/);
   return m ? [Number(m[1]), Number(m[2])] : [0, 0];
@@ -388,25 +376,11 @@ export class XdpFilter {
         "upgrade to Linux 5.9 or later, or remove ebpf.xdp from the config",
       );
     }
-    const caps = await effectiveCaps();
-    const has = (c: bigint) => (caps >> c) & 1n;
-    if (!has(CAP_SYS_ADMIN) && !(has(CAP_BPF) && has(CAP_NET_ADMIN))) {
-      throw new XdpError(
-        "not_root",
-        "not permitted to load and attach XDP programs (no CAP_BPF + CAP_NET_ADMIN, not root)",
-        "run as root, or grant CAP_BPF and CAP_NET_ADMIN",
-      );
-    }
-    try {
-      libbpf();
-    } catch (e) {
-      throw new XdpError(
-        "no_libbpf",
-        (e as Error).message,
-        "install libbpf 1.x (Debian: apt-get install -y libbpf1)",
-        { cause: e },
-      );
-    }
+    await checkBpfAccess(
+      "load and attach XDP programs",
+      "run as root, or grant CAP_BPF and CAP_NET_ADMIN",
+      (reason, cause, fix, e) => new XdpError(reason, cause, fix, { cause: e }),
+    );
 
     // Resolve every interface before loading anything: a typo fails fast and cleanly.
     const ifaces = options.interfaces.map((name) => {
