@@ -150,6 +150,18 @@ int sni_verdict(struct __sk_buff *skb)
 	__u32 len = skb->len;
 
 	st = stats();
+	/*
+	 * A FIN arrives as an skb without payload. TCP has already taken note of it (userspace reads
+	 * EOF from the socket state), so the empty skb is dropped. Either other verdict breaks a
+	 * stream: redirected, the peer's redirect worker sends 0 bytes, takes that for a broken pipe
+	 * and stops (EPIPE on the peer, anything queued after it dropped); passed, it is queued
+	 * behind the bytes being redirected to this socket, and the same worker stalls on it.
+	 */
+	if (!len) {
+		if (st)
+			st->empty_dropped++;
+		return SK_DROP;
+	}
 	if (!FILL_KEY(&key, skb))
 		return SK_PASS;
 	pair = bpf_map_lookup_elem(&sni_pairs, &key);

@@ -43,7 +43,7 @@ struct sni_config {
 	__u32 rcvbuf; /* SO_RCVBUF for every inserted socket */
 };
 
-/* Per-CPU counters (single-entry per-CPU array, key 0). 72 bytes. */
+/* Per-CPU counters (single-entry per-CPU array, key 0). 80 bytes. */
 struct sni_stats {
 	__u64 bytes_spliced;     /* payload bytes redirected socket to socket */
 	__u64 packets_spliced;   /* skbs redirected */
@@ -54,6 +54,7 @@ struct sni_stats {
 	__u64 setsockopt_failures;
 	__u64 bytes_upstream;    /* the part of bytes_spliced that went client -> backend */
 	__u64 packets_upstream;  /* the part of packets_spliced that went client -> backend */
+	__u64 empty_dropped;     /* skbs without payload (a FIN) dropped: TCP already saw the FIN */
 };
 
 #endif /* SNI_PROXY_SOCKMAP_H */

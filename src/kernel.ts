@@ -183,6 +183,8 @@ export interface KernelStats {
   socketsInserted: number;
   insertFailures: number;
   setsockoptFailures: number;
+  /** Payload-less skbs (a FIN) dropped by the verdict: TCP has already seen the FIN. */
+  emptyDropped: number;
 }
 
 /** Result of {@link KernelAccel.waitDrained}. */
@@ -232,7 +234,7 @@ const PAIR_SIZE = 64; // peer key (44), upstream u32 @44, bytes u64 @48, packets
 const PAIR_UPSTREAM = 44;
 const PAIR_BYTES = 48;
 const CONFIG_SIZE = 8; // sndbuf u32, rcvbuf u32
-const STATS_FIELDS = 9; // struct sni_stats: 9 x u64
+const STATS_FIELDS = 10; // struct sni_stats: 10 x u64
 const STATS_SIZE = STATS_FIELDS * 8;
 const SOCKHASH_VALUE_SIZE = 8; // a userspace lookup returns the socket cookie
 
@@ -675,12 +677,14 @@ export class KernelAccel {
    * `until: "queued"` (default) means in the socket's TCP write queue or acked (safe to
    * closeWrite()/close()); `"acked"` waits for the peer's ACK. Bounded by `timeoutMs`.
    * Call it before closeWrite() of the target socket (an acked FIN would count as a byte).
+   * `sourceFinal` (default true): the source is at EOF, so also wait until its receive queue
+   * is empty; false when userspace is about to write bytes it read mid-stream.
    */
   async waitDrained(
     p: SplicePair,
     toward: "a" | "b",
     userspaceBytes: number,
-    opts: { timeoutMs?: number; until?: "queued" | "acked" } = {},
+    opts: { timeoutMs?: number; until?: "queued" | "acked"; sourceFinal?: boolean } = {},
   ): Promise<DrainResult> {
     const timeoutMs = opts.timeoutMs ?? 5000;
     const start = performance.now();
@@ -694,7 +698,7 @@ export class KernelAccel {
       // last bytes before it (strparser runs apart from recvmsg): until the source's receive
       // queue holds nothing but the FIN (rcv_nxt - copied_seq <= 1, the FIN being the last
       // sequence number), the redirect counter is not final. Call only after a real EOF.
-      const src = this.#diag.query(source);
+      const src = opts.sourceFinal === false ? null : this.#diag.query(source);
       const sourceDone = !src || src.readQueue <= 1;
       const expected = this.#readBytes(sourceKey) + userspaceBytes;
       const info = this.#diag.query(target);
@@ -742,6 +746,7 @@ export class KernelAccel {
       bytesDownstream: sums[0] - sums[7],
       packetsUpstream: sums[8],
       packetsDownstream: sums[1] - sums[8],
+      emptyDropped: sums[9],
     };
   }
 

@@ -26,12 +26,17 @@ const MAX_BUFFER = 64 * 1024;
 /** Hooks for a relay whose bytes are (mostly) spliced in the kernel. */
 export interface SpliceHooks {
   /**
-   * Called at EOF of one direction before the half-close is passed on: resolves once the
-   * receiving socket has taken every byte the kernel redirected to it (closing earlier
-   * loses them). `up` is client → backend; `userspaceBytes` what this relay wrote that way,
-   * not counting bytes written before the relay started.
+   * Resolves once the receiving socket of a direction (`up`: client → backend) has taken every
+   * byte the kernel redirected to it, so whatever userspace does to that socket next comes after
+   * those bytes. Called at EOF, before the half-close is passed on (shutting down earlier loses
+   * bytes still in the kernel's redirect queue), and before writing bytes that a spliced socket
+   * delivered to userspace: a socket leaves the sockmap when it closes (e.g. FIN_WAIT2 →
+   * TIME_WAIT with its last data and FIN in one segment), and that data then reaches the reader
+   * instead of the redirect; written at once it could overtake redirected bytes still queued.
+   * `userspaceBytes`: what this relay wrote that way so far, not counting bytes written before
+   * the relay started.
    */
-  beforeHalfClose(up: boolean, userspaceBytes: number): Promise<void>;
+  drainKernel(up: boolean, userspaceBytes: number, atEof: boolean): Promise<void>;
   /**
    * Whether the EOF a read just returned is real (the socket has the peer's FIN). A socket in
    * a sockmap can wake its reader with nothing to read when bytes were redirected away, and
@@ -54,9 +59,6 @@ export class Relay {
   readonly #idleMs: number;
   readonly #splice: SpliceHooks | null;
   #clientBuffer: Uint8Array | null;
-  /** Conns whose write side this relay has shut down. */
-  readonly #halfClosed = new Set<Deno.Conn>();
-  #spuriousPipes = 0;
   #splicedSeen = 0;
   #end: RelayEnd | null = null;
   #error: unknown = null;
@@ -140,14 +142,6 @@ export class Relay {
       try {
         n = await src.read(buf);
       } catch (e) {
-        // A spliced socket whose write side we shut down can report EPIPE once to its reader:
-        // the kernel's redirect worker found it closed for sending, after every byte meant for
-        // it had been taken (checked before the half-close). The error is cleared by being
-        // reported; the socket still receives, so keep reading.
-        if (
-          this.#splice && e instanceof Deno.errors.BrokenPipe && this.#halfClosed.has(src) &&
-          ++this.#spuriousPipes <= 8
-        ) continue;
         this.#finish(up ? "client_reset" : "backend_reset", e);
         return;
       }
@@ -161,9 +155,8 @@ export class Relay {
         // EOF: pass the half-close on; the other direction keeps flowing until it ends too
         try {
           if (this.#splice) {
-            await this.#splice.beforeHalfClose(up, up ? this.bytesUp : this.bytesDown);
+            await this.#splice.drainKernel(up, up ? this.bytesUp : this.bytesDown, true);
           }
-          this.#halfClosed.add(dst);
           await (dst as Deno.TcpConn).closeWrite();
         } catch {
           // the peer is already gone; its own direction reports that
@@ -171,6 +164,10 @@ export class Relay {
         return;
       }
       this.#lastActive = Date.now();
+      if (this.#splice) {
+        await this.#splice.drainKernel(up, up ? this.bytesUp : this.bytesDown, false);
+      }
+      if (this.#end !== null) return;
       try {
         let off = 0;
         while (off < n) off += await dst.write(buf.subarray(off, n));

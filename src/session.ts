@@ -324,17 +324,24 @@ export class Session {
     const pair = this.#splice;
     const drainMs = this.#ctx.table.config.ebpf.drainTimeoutMs;
     return {
-      beforeHalfClose: async (up, userspaceBytes) => {
+      drainKernel: async (up, userspaceBytes, atEof) => {
         const bytes = up ? this.#headerBytes + this.#helloBytes + userspaceBytes : userspaceBytes;
-        const r = await kernel.waitDrained(pair, up ? "b" : "a", bytes, { timeoutMs: drainMs });
+        const r = await kernel.waitDrained(pair, up ? "b" : "a", bytes, {
+          timeoutMs: drainMs,
+          sourceFinal: atEof,
+        });
+        const from = up ? "client" : "backend";
+        const to = up ? "backend" : "client";
         log.debug(
-          `${this.#clientAddr}: ${up ? "client" : "backend"} EOF; ${up ? "backend" : "client"} ` +
-            `socket took ${r.taken}/${r.expected} bytes in ${r.waitedMs.toFixed(1)} ms`,
+          `${this.#clientAddr}: ${
+            atEof ? `${from} EOF` : `bytes from the ${from} in userspace`
+          }; ` +
+            `${to} socket took ${r.taken}/${r.expected} bytes in ${r.waitedMs.toFixed(1)} ms`,
         );
         if (!r.drained && r.socketFound) {
           log.warn(
-            `${this.#clientAddr}: ${up ? "backend" : "client"} socket took ${r.taken} of ` +
-              `${r.expected} bytes within ebpf.drain_timeout_ms (${drainMs}); half-closing anyway`,
+            `${this.#clientAddr}: ${to} socket took ${r.taken} of ${r.expected} bytes within ` +
+              `ebpf.drain_timeout_ms (${drainMs}); ${atEof ? "half-closing" : "writing"} anyway`,
           );
         }
       },

@@ -19,6 +19,7 @@ const SOCKMAP_STATS = [
   "setsockopt_failures",
   "bytes_upstream",
   "packets_upstream",
+  "empty_dropped",
 ];
 
 /** Prints the table; returns the exit code. */

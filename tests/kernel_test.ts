@@ -538,7 +538,7 @@ Deno.test({
     assert.equal(pairs.delete(new Uint8Array(44)), true);
     assert.equal(pairs.delete(new Uint8Array(44)), false);
     const stats = obj.map("sni_stats");
-    assert.equal(stats.valueBufferSize, 72 * KernelAccel.possibleCpus()); // struct sni_stats: 9 x u64
+    assert.equal(stats.valueBufferSize, 80 * KernelAccel.possibleCpus()); // struct sni_stats: 10 x u64
   },
 });
 
