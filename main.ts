@@ -4,10 +4,11 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { ConfigError, loadConfig } from "./src/config.ts";
+import { type Config, ConfigError, loadConfig } from "./src/config.ts";
 import { closeLogging, logger, setupLogging } from "./src/log.ts";
 import { Proxy } from "./src/proxy.ts";
 import { printStats } from "./src/stats_cli.ts";
+import { runWorker, Supervisor, workerSpec } from "./src/workers.ts";
 
 /** The release this source tree is. */
 export const VERSION = "0.1.0";
@@ -24,7 +25,16 @@ Usage: sni-proxy [--config PATH] [--check] [--version] [--help]
 
   stats          print the running proxy's counters (from its metrics.address endpoint)
 
+With "workers" above 1 (default: one per CPU) this process supervises that many worker
+processes sharing the listeners.
+
 Signals: SIGHUP reloads the config; SIGTERM/SIGINT drain and exit.`;
+
+/** What main drives: the proxy itself (one process) or the supervisor of its workers. */
+interface Running {
+  reload(config: Config): void;
+  shutdown(): Promise<void>;
+}
 
 async function main(args: string[]): Promise<number> {
   let parsed;
@@ -59,6 +69,9 @@ async function main(args: string[]): Promise<number> {
     return 0;
   }
 
+  const spec = command === undefined && !flags.check ? workerSpec() : null;
+  if (spec) return await runWorker(spec, flags.config);
+
   let config;
   try {
     config = await loadConfig(flags.config);
@@ -77,7 +90,7 @@ async function main(args: string[]): Promise<number> {
   const log = logger("main");
   // signals are handled from before the first connection: one that arrives while the proxy
   // starts is acted on once it has started, never left to kill the process
-  let proxy: Proxy | null = null;
+  let proxy: Running | null = null;
   let stopRequested: string | null = null;
   let reloadRequested = false;
   const stopped = Promise.withResolvers<void>();
@@ -105,7 +118,7 @@ async function main(args: string[]): Promise<number> {
   Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
   Deno.addSignalListener("SIGHUP", reload);
   try {
-    proxy = await Proxy.start(config);
+    proxy = config.workers > 1 ? await Supervisor.start(config) : await Proxy.start(config);
   } catch (e) {
     log.error(`cannot start: ${(e as Error).message}`);
     await closeLogging();

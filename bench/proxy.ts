@@ -15,6 +15,8 @@ export interface ProxyMode {
   name: "userspace" | "kernel";
   /** The `ebpf` section of the generated config. */
   ebpf: Record<string, unknown>;
+  /** `workers` of the generated config (default 1: the table compares one proxy process). */
+  workers?: number;
   /** Checks or builds what the mode needs; returns why it cannot run, or null. */
   prepare?: () => Promise<string | null>;
 }
@@ -53,6 +55,7 @@ const READY_TIMEOUT_MS = 30_000;
 /** Starts the proxy in `mode` in front of `backendPort`; resolves once it is ready. */
 export async function startProxy(dir: string, backendPort: number, mode: ProxyMode) {
   const config = {
+    workers: mode.workers ?? 1,
     listeners: [{ address: "127.0.0.1:0" }],
     routes: [{ match: "localhost", backends: [`127.0.0.1:${backendPort}`] }],
     timeouts: { drain_ms: 1000 },

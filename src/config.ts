@@ -57,6 +57,8 @@ export interface RouteConfig {
 export interface Config {
   /** Absolute path of the file it came from. */
   path: string;
+  /** Proxy processes sharing the listeners (SO_REUSEPORT); 1: a single process, no supervisor. */
+  workers: number;
   listeners: ListenerConfig[];
   routes: RouteConfig[];
   defaultBackend: BackendAddress | null;
@@ -120,6 +122,9 @@ const pathOrOff = (def: string) =>
     .default(def);
 
 const schema = z.strictObject({
+  workers: z.union([z.literal("auto"), z.number().int().min(1).max(256)], {
+    error: 'expected "auto" or a whole number from 1 to 256',
+  }).default("auto"),
   listeners: z.array(z.strictObject({
     address: z.string(),
     protocol: z.enum(["tls", "http"]).default("tls"),
@@ -394,6 +399,7 @@ export function resolveConfig(raw: unknown, path: string): Config {
   const rel = (p: string | false) => (p === false ? null : p.startsWith("/") ? p : dir + p);
   return {
     path,
+    workers: c.workers === "auto" ? Math.max(1, navigator.hardwareConcurrency || 1) : c.workers,
     listeners,
     routes,
     defaultBackend,

@@ -19,6 +19,7 @@ import {
   BpfError,
   type BpfLink,
   type BpfMap,
+  BpfMapFd,
   BpfObject,
   type BpfProgram,
   libbpf,
@@ -339,61 +340,123 @@ async function currentCgroup2(): Promise<string> {
   return line ? line.slice(3) : "/";
 }
 
+/** The element operations KernelAccel needs, whether the map is owned or opened from a pin. */
+interface ElementMap {
+  readonly fd: number;
+  update(key: Uint8Array, value: Uint8Array, flags?: bigint): void;
+  lookup(key: Uint8Array, out: Uint8Array): boolean;
+  delete(key: Uint8Array): boolean;
+  keys(): Generator<Uint8Array>;
+}
+
+/** What the process that loaded the programs owns (and undoes in close()). */
+interface Owner {
+  obj: BpfObject;
+  verdict: BpfProgram;
+  link: BpfLink;
+  cgroupFd: number;
+  cgroupMount: string;
+  originalCgroup: string;
+  verdictType: number;
+}
+
 /**
- * The eBPF splice fast path, loaded and attached. One per process.
- * Use {@link KernelAccel.open}; close() detaches everything and removes the pins.
+ * The eBPF splice fast path. The process that {@link KernelAccel.open}s it loads, attaches
+ * and pins the programs (one per machine); worker processes started from it (so in its cgroup)
+ * {@link KernelAccel.attach} to the pinned maps. close() undoes what the instance did.
  */
 export class KernelAccel {
-  readonly #obj: BpfObject;
-  readonly #sockhash: BpfMap;
-  readonly #pairs: BpfMap;
-  readonly #stats: BpfMap;
-  readonly #verdict: BpfProgram;
-  readonly #link: BpfLink;
-  readonly #cgroupFd: number;
+  readonly #owner: Owner | null;
+  readonly #sockhash: ElementMap;
+  readonly #pairs: ElementMap;
+  readonly #stats: BpfMap | null;
+  /** Maps this instance opened from pins (closed by close()). */
+  readonly #opened: BpfMapFd[];
   readonly #log: KernelLog;
   readonly #diag: SockDiag;
   /** The pin dir in use, or null when not pinning. */
   readonly pinDir: string | null;
-  /** The cgroup v2 dir this process was moved into. */
+  /** The cgroup v2 dir the sock_ops program is attached to. */
   readonly cgroupDir: string;
-  readonly #cgroupMount: string;
-  readonly #originalCgroup: string;
   readonly #pairBuf = new Uint8Array(PAIR_SIZE);
   readonly #pairView = new DataView(this.#pairBuf.buffer);
   readonly #cookieBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
   readonly #statsBuf: Uint8Array;
-  readonly #verdictType: number;
   #closed = false;
   static #open = false;
 
   private constructor(init: {
-    obj: BpfObject;
-    link: BpfLink;
-    cgroupFd: number;
+    owner: Owner | null;
+    sockhash: ElementMap;
+    pairs: ElementMap;
+    stats: BpfMap | null;
+    opened?: BpfMapFd[];
     log: KernelLog;
     diag: SockDiag;
     pinDir: string | null;
     cgroupDir: string;
-    cgroupMount: string;
-    originalCgroup: string;
-    verdictType: number;
   }) {
-    this.#obj = init.obj;
-    this.#sockhash = init.obj.map("sni_sockhash");
-    this.#pairs = init.obj.map("sni_pairs");
-    this.#stats = init.obj.map("sni_stats");
-    this.#verdict = init.obj.program("sni_verdict");
-    this.#link = init.link;
-    this.#cgroupFd = init.cgroupFd;
+    this.#owner = init.owner;
+    this.#sockhash = init.sockhash;
+    this.#pairs = init.pairs;
+    this.#stats = init.stats;
+    this.#opened = init.opened ?? [];
     this.#log = init.log;
     this.#diag = init.diag;
     this.pinDir = init.pinDir;
     this.cgroupDir = init.cgroupDir;
-    this.#cgroupMount = init.cgroupMount;
-    this.#originalCgroup = init.originalCgroup;
-    this.#verdictType = init.verdictType;
-    this.#statsBuf = new Uint8Array(this.#stats.valueBufferSize);
+    this.#statsBuf = new Uint8Array(init.stats?.valueBufferSize ?? 0);
+  }
+
+  /**
+   * Use the fast path another process of this proxy loaded and pinned (see open()): opens the
+   * pinned sockhash and pairing maps. The calling process must already be in the cgroup the
+   * sock_ops program is attached to (a worker inherits it from the process that spawned it).
+   * @throws {KernelAccelError} when the pins are missing or of another layout.
+   */
+  static attach(log: KernelLog, pinDir: string = DEFAULT_PIN_DIR): KernelAccel {
+    const opened: BpfMapFd[] = [];
+    const openMap = (name: string, keySize: number, valueSize: number): BpfMapFd => {
+      let m: BpfMapFd;
+      try {
+        m = BpfMapFd.openPinned(`${pinDir}/${name}`);
+      } catch (e) {
+        throw new KernelAccelError(
+          "no_pins",
+          `cannot open the pinned map ${pinDir}/${name}: ${(e as Error).message}`,
+          "the process that loads the fast path (the supervisor) must be running",
+          { cause: e },
+        );
+      }
+      opened.push(m);
+      if (m.info.keySize !== keySize || m.info.valueSize !== valueSize) {
+        throw new KernelAccelError(
+          "pin_mismatch",
+          `${pinDir}/${name} has key/value sizes ${m.info.keySize}/${m.info.valueSize}, ` +
+            `expected ${keySize}/${valueSize}`,
+          "the pins belong to another version of sni-proxy: restart the proxy",
+        );
+      }
+      return m;
+    };
+    try {
+      const sockhash = openMap("sni_sockhash", KEY_SIZE, SOCKHASH_VALUE_SIZE);
+      const pairs = openMap("sni_pairs", KEY_SIZE, PAIR_SIZE);
+      return new KernelAccel({
+        owner: null,
+        sockhash,
+        pairs,
+        stats: null,
+        opened,
+        log,
+        diag: SockDiag.open(),
+        pinDir,
+        cgroupDir: "",
+      });
+    } catch (e) {
+      for (const m of opened) m.close();
+      throw e;
+    }
   }
 
   /**
@@ -535,16 +598,22 @@ export class KernelAccel {
       }
       KernelAccel.#open = true;
       const accel = new KernelAccel({
-        obj,
-        link,
-        cgroupFd,
+        owner: {
+          obj,
+          verdict: obj.program("sni_verdict"),
+          link,
+          cgroupFd,
+          cgroupMount,
+          originalCgroup,
+          verdictType,
+        },
+        sockhash: obj.map("sni_sockhash"),
+        pairs: obj.map("sni_pairs"),
+        stats: obj.map("sni_stats"),
         log,
         diag: SockDiag.open(),
         pinDir,
         cgroupDir,
-        cgroupMount,
-        originalCgroup,
-        verdictType,
       });
       log(
         "info",
@@ -723,7 +792,7 @@ export class KernelAccel {
   /** The kernel programs' counters summed over CPUs. */
   stats(): KernelStats {
     const buf = this.#statsBuf;
-    const ok = this.#stats.lookup(new Uint8Array(4), buf);
+    const ok = this.#stats?.lookup(new Uint8Array(4), buf) ?? false;
     const sums = new Array<number>(STATS_FIELDS).fill(0);
     if (ok) {
       const v = new DataView(buf.buffer);
@@ -764,11 +833,15 @@ export class KernelAccel {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    this.#diag.close();
+    for (const m of this.#opened) m.close();
+    const owner = this.#owner;
+    if (!owner) return;
     KernelAccel.#open = false;
     const warn = (what: string, e: unknown) =>
       this.#log("warning", `eBPF close: ${what}: ${(e as Error).message}`);
     try {
-      this.#link.detach();
+      owner.link.detach();
     } catch (e) {
       warn("detach sock_ops", e);
     }
@@ -778,17 +851,16 @@ export class KernelAccel {
       }
       await Deno.remove(this.pinDir).catch(() => {});
     }
-    this.#link.destroy();
-    closeFd(this.#cgroupFd);
+    owner.link.destroy();
+    closeFd(owner.cgroupFd);
     try {
-      this.#verdict.detachFromMap(this.#sockhash, this.#verdictType);
+      owner.verdict.detachFromMap(owner.obj.map("sni_sockhash"), owner.verdictType);
     } catch (e) {
       warn("detach verdict", e);
     }
-    this.#diag.close();
-    this.#obj.close();
-    const original = `${this.#cgroupMount}${
-      this.#originalCgroup === "/" ? "" : this.#originalCgroup
+    owner.obj.close();
+    const original = `${owner.cgroupMount}${
+      owner.originalCgroup === "/" ? "" : owner.originalCgroup
     }`;
     await moveTo(original).catch((e) => warn(`move back to cgroup ${original}`, e));
     // The cgroup dir is dedicated to the proxy (a previous run may have created it): remove it
@@ -797,9 +869,9 @@ export class KernelAccel {
     this.#log("info", "eBPF sockmap fast path detached");
   }
 
-  /** The cgroup dir fd the sock_ops program is attached to (for bpf_prog_query). */
+  /** The cgroup dir fd the sock_ops program is attached to (-1 in an attached worker). */
   get cgroupFd(): number {
-    return this.#cgroupFd;
+    return this.#owner?.cgroupFd ?? -1;
   }
 
   /** The sockhash map fd (for bpf_prog_query in tests/diagnostics). */

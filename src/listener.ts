@@ -39,8 +39,12 @@ export class Listener {
   readonly #trusted: Acl | null;
   #closed = false;
 
-  /** Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. */
-  constructor(config: ListenerConfig, host: ListenerHost) {
+  /**
+   * Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. `reusePort`:
+   * share the address with the other worker processes (SO_REUSEPORT; the kernel spreads new
+   * connections over them).
+   */
+  constructor(config: ListenerConfig, host: ListenerHost, reusePort = false) {
     this.config = config;
     this.#host = host;
     this.#trusted = config.acceptProxyProtocol.length
@@ -51,6 +55,7 @@ export class Listener {
         hostname: config.hostname,
         port: config.port,
         transport: "tcp",
+        reusePort,
       });
     } catch (e) {
       throw new Error(`cannot listen on ${config.address}: ${errText(e)}`);

@@ -29,6 +29,8 @@ export interface AccessEntry {
   duration_ms: number;
   close_reason: string;
   mode: "userspace" | "kernel";
+  /** The worker process that served it (multi-process mode only). */
+  worker?: number;
   error?: string;
 }
 
@@ -79,6 +81,60 @@ export async function setupLogging(cfg: Config["log"]): Promise<void> {
       { category: [ACCESS_ROOT], lowestLevel: "info", sinks: cfg.accessLog ? ["access"] : [] },
       { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
     ],
+  });
+}
+
+/**
+ * A log line a worker process sends to its supervisor, which writes it to the sinks (so one
+ * process owns the files and their rotation).
+ */
+export type ForwardedLog =
+  | { t: "log"; ts: number; level: LogRecord["level"]; category: string[]; msg: string }
+  | { t: "access"; e: AccessEntry };
+
+/**
+ * Worker-process logging: every record (level and above) and every access entry goes to
+ * `send` instead of a sink of this process.
+ */
+export async function setupWorkerLogging(
+  level: Config["log"]["level"],
+  worker: number,
+  send: (line: ForwardedLog) => void,
+): Promise<void> {
+  const forward: Sink = (r: LogRecord) => {
+    const msg = r.message.map((part, i) => i % 2 === 0 ? part : stringify(part)).join("");
+    send({ t: "log", ts: r.timestamp, level: r.level, category: r.category.slice(1), msg });
+  };
+  const access: Sink = (r: LogRecord) => {
+    send({ t: "access", e: { ...(r.properties as unknown as AccessEntry), worker } });
+  };
+  await configure({
+    reset: true,
+    sinks: { forward, access, stderr: stderrSink },
+    loggers: [
+      { category: [LOG_ROOT], lowestLevel: level, sinks: ["forward"] },
+      { category: [ACCESS_ROOT], lowestLevel: "info", sinks: ["access"] },
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
+    ],
+  });
+}
+
+function stringify(v: unknown): string {
+  return typeof v === "string" ? v : Deno.inspect(v);
+}
+
+/** Writes a worker's forwarded line to this process's sinks, its category marked `workerN`. */
+export function writeForwarded(worker: number, line: ForwardedLog): void {
+  if (line.t === "access") {
+    accessLogger.info("access", line.e as unknown as Record<string, unknown>);
+    return;
+  }
+  getLogger([LOG_ROOT, `worker${worker}`, ...line.category]).emit({
+    timestamp: line.ts,
+    level: line.level,
+    message: [line.msg],
+    rawMessage: line.msg,
+    properties: {},
   });
 }
 

@@ -42,7 +42,7 @@ export class Metrics {
   }
 
   /** Everything as one plain object (the `/stats` JSON). */
-  snapshot(): Record<string, unknown> {
+  snapshot(): MetricsSnapshot {
     const kernel: Record<string, KernelCounters> = {};
     for (const [name, read] of this.kernelSources) kernel[name] = safeRead(read);
     return {
@@ -64,68 +64,109 @@ export class Metrics {
 
   /** Prometheus text exposition format 0.0.4. */
   prometheus(): string {
-    const out: string[] = [];
-    const family = (name: string, type: "counter" | "gauge", help: string) => {
-      out.push(`# HELP sni_proxy_${name} ${help}`, `# TYPE sni_proxy_${name} ${type}`);
-    };
-    const sample = (name: string, value: number, labels?: Record<string, string>) => {
-      const l = labels
-        ? `{${Object.entries(labels).map(([k, v]) => `${k}="${escapeLabel(v)}"`).join(",")}}`
-        : "";
-      out.push(`sni_proxy_${name}${l} ${value}`);
-    };
-    const labelled = (
-      name: string,
-      help: string,
-      label: string,
-      map: Map<string, number>,
-    ) => {
-      family(name, "counter", help);
-      for (const [k, v] of map) sample(name, v, { [label]: k });
-    };
-    family("connections_accepted_total", "counter", "Connections accepted.");
-    sample("connections_accepted_total", this.accepted);
-    family("connections_active", "gauge", "Connections open now.");
-    sample("connections_active", this.active);
-    labelled("connections_closed_total", "Connections closed, by reason.", "reason", this.closed);
-    labelled("connections_route_total", "Connections routed, by route.", "route", this.byRoute);
-    labelled(
-      "connections_backend_total",
-      "Connections sent to a backend.",
-      "backend",
-      this.byBackend,
-    );
-    labelled("connections_mode_total", "Connections by relay mode.", "mode", this.byMode);
-    labelled(
-      "hello_errors_total",
-      "Bad ClientHellos / HTTP heads, by kind.",
-      "kind",
-      this.helloErrors,
-    );
-    family("connect_failures_total", "counter", "Backend connects that failed.");
-    sample("connect_failures_total", this.connectFailures);
-    family("bytes_total", "counter", "Bytes relayed, by direction (up: client to backend).");
-    sample("bytes_total", this.bytesUp, { direction: "up" });
-    sample("bytes_total", this.bytesDown, { direction: "down" });
-    family("userspace_bytes_total", "counter", "Bytes copied by the proxy process itself.");
-    sample("userspace_bytes_total", this.bytesUserspace);
-    const dns = this.dnsSource?.();
-    if (dns) {
-      family("dns_cache_total", "counter", "Backend name lookups, by how they were answered.");
-      sample("dns_cache_total", dns.hits, { result: "hit" });
-      sample("dns_cache_total", dns.negativeHits, { result: "negative_hit" });
-      sample("dns_cache_total", dns.coalesced, { result: "coalesced" });
-      sample("dns_cache_total", dns.lookups, { result: "miss" });
-    }
-    for (const [source, read] of this.kernelSources) {
-      for (const [key, value] of Object.entries(safeRead(read))) {
-        const name = `kernel_${source}_${snake(key)}_total`;
-        family(name, "counter", `eBPF ${source} counter ${key} (summed over CPUs).`);
-        sample(name, value);
+    return renderPrometheus(this.snapshot());
+  }
+}
+
+/** The counters as plain data: the `/stats` JSON, and what worker processes report. */
+export interface MetricsSnapshot {
+  connections: {
+    accepted: number;
+    active: number;
+    closed: Record<string, number>;
+    by_route: Record<string, number>;
+    by_backend: Record<string, number>;
+    by_mode: Record<string, number>;
+    connect_failures: number;
+  };
+  hello_errors: Record<string, number>;
+  bytes: { up: number; down: number; userspace: number };
+  dns: { hits?: number; negativeHits?: number; lookups?: number; coalesced?: number };
+  kernel: Record<string, KernelCounters>;
+}
+
+/**
+ * Adds `b` into `a`, field by field (numbers are summed, objects merged the same way): the
+ * counters of several worker processes as one proxy's. Returns `a`.
+ */
+export function addSnapshot(a: MetricsSnapshot, b: MetricsSnapshot): MetricsSnapshot {
+  const add = (x: Record<string, unknown>, y: Record<string, unknown>) => {
+    for (const [k, v] of Object.entries(y)) {
+      if (typeof v === "number") x[k] = ((x[k] as number | undefined) ?? 0) + v;
+      else if (v && typeof v === "object") {
+        x[k] ??= {};
+        add(x[k] as Record<string, unknown>, v as Record<string, unknown>);
       }
     }
-    return out.join("\n") + "\n";
+  };
+  add(a as unknown as Record<string, unknown>, b as unknown as Record<string, unknown>);
+  return a;
+}
+
+/** An all-zero snapshot (the start of a sum). */
+export function emptySnapshot(): MetricsSnapshot {
+  return new Metrics().snapshot();
+}
+
+/** Prometheus text exposition format 0.0.4 of a snapshot. */
+export function renderPrometheus(snap: MetricsSnapshot): string {
+  const out: string[] = [];
+  const family = (name: string, type: "counter" | "gauge", help: string) => {
+    out.push(`# HELP sni_proxy_${name} ${help}`, `# TYPE sni_proxy_${name} ${type}`);
+  };
+  const sample = (name: string, value: number, labels?: Record<string, string>) => {
+    const l = labels
+      ? `{${Object.entries(labels).map(([k, v]) => `${k}="${escapeLabel(v)}"`).join(",")}}`
+      : "";
+    out.push(`sni_proxy_${name}${l} ${value}`);
+  };
+  const labelled = (name: string, help: string, label: string, map: Record<string, number>) => {
+    family(name, "counter", help);
+    for (const [k, v] of Object.entries(map)) sample(name, v, { [label]: k });
+  };
+  const c = snap.connections;
+  family("connections_accepted_total", "counter", "Connections accepted.");
+  sample("connections_accepted_total", c.accepted);
+  family("connections_active", "gauge", "Connections open now.");
+  sample("connections_active", c.active);
+  labelled("connections_closed_total", "Connections closed, by reason.", "reason", c.closed);
+  labelled("connections_route_total", "Connections routed, by route.", "route", c.by_route);
+  labelled(
+    "connections_backend_total",
+    "Connections sent to a backend.",
+    "backend",
+    c.by_backend,
+  );
+  labelled("connections_mode_total", "Connections by relay mode.", "mode", c.by_mode);
+  labelled(
+    "hello_errors_total",
+    "Bad ClientHellos / HTTP heads, by kind.",
+    "kind",
+    snap.hello_errors,
+  );
+  family("connect_failures_total", "counter", "Backend connects that failed.");
+  sample("connect_failures_total", c.connect_failures);
+  family("bytes_total", "counter", "Bytes relayed, by direction (up: client to backend).");
+  sample("bytes_total", snap.bytes.up, { direction: "up" });
+  sample("bytes_total", snap.bytes.down, { direction: "down" });
+  family("userspace_bytes_total", "counter", "Bytes copied by the proxy process itself.");
+  sample("userspace_bytes_total", snap.bytes.userspace);
+  const dns = snap.dns;
+  if (dns.hits !== undefined) {
+    family("dns_cache_total", "counter", "Backend name lookups, by how they were answered.");
+    sample("dns_cache_total", dns.hits, { result: "hit" });
+    sample("dns_cache_total", dns.negativeHits ?? 0, { result: "negative_hit" });
+    sample("dns_cache_total", dns.coalesced ?? 0, { result: "coalesced" });
+    sample("dns_cache_total", dns.lookups ?? 0, { result: "miss" });
   }
+  for (const [source, counters] of Object.entries(snap.kernel)) {
+    for (const [key, value] of Object.entries(counters)) {
+      const name = `kernel_${source}_${snake(key)}_total`;
+      family(name, "counter", `eBPF ${source} counter ${key} (summed over CPUs).`);
+      sample(name, value);
+    }
+  }
+  return out.join("\n") + "\n";
 }
 
 function safeRead(read: () => KernelCounters): KernelCounters {

@@ -4,7 +4,7 @@
  * @module
  */
 import { logger } from "./log.ts";
-import type { Metrics } from "./metrics.ts";
+import { type MetricsSnapshot, renderPrometheus } from "./metrics.ts";
 
 const log = logger("metrics");
 
@@ -15,9 +15,12 @@ export interface MetricsServer {
   close(): Promise<void>;
 }
 
-/** Serves `metrics` on `hostname:port`; resolves once listening. */
+/**
+ * Serves the counters `snapshot` returns (this process's, or the sum over worker processes)
+ * on `hostname:port`; resolves once listening.
+ */
 export async function serveMetrics(
-  metrics: Metrics,
+  snapshot: () => MetricsSnapshot | Promise<MetricsSnapshot>,
   hostname: string,
   port: number,
   healthy: () => boolean,
@@ -31,18 +34,18 @@ export async function serveMetrics(
       log.warn(`metrics request failed: ${e}`);
       return new Response("internal error\n", { status: 500 });
     },
-  }, (req) => {
+  }, async (req) => {
     const path = new URL(req.url).pathname;
     if (req.method !== "GET" && req.method !== "HEAD") {
       return new Response("method not allowed\n", { status: 405, headers: { allow: "GET" } });
     }
     switch (path) {
       case "/metrics":
-        return new Response(metrics.prometheus(), {
+        return new Response(renderPrometheus(await snapshot()), {
           headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" },
         });
       case "/stats":
-        return Response.json(metrics.snapshot());
+        return Response.json(await snapshot());
       case "/healthz":
         return healthy() ? new Response("ok\n") : new Response("stopping\n", { status: 503 });
       default:

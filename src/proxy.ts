@@ -17,6 +17,16 @@ import { buildTable, type RoutingTable, startHealthChecks, stopHealthChecks } fr
 
 const log = logger("proxy");
 
+/** This process's part when the proxy runs as several worker processes (see workers.ts). */
+export interface WorkerRole {
+  /** 1-based. */
+  index: number;
+  /** Worker processes in all. */
+  count: number;
+  /** The supervisor loaded the eBPF fast path: attach to its pins. */
+  kernel: boolean;
+}
+
 /** A running proxy. */
 export class Proxy implements ListenerHost {
   table: RoutingTable;
@@ -31,30 +41,41 @@ export class Proxy implements ListenerHost {
   #limitLogged = false;
   #stopping = false;
 
-  private constructor(config: Config) {
+  /** Set when this process is one of several workers; null: the whole proxy. */
+  readonly worker: WorkerRole | null;
+
+  private constructor(config: Config, worker: WorkerRole | null) {
     this.table = buildTable(config);
+    this.worker = worker;
   }
 
   /**
    * Attaches the eBPF fast path when the config asks for it (falling back to userspace mode
    * with one warning when it cannot), binds every listener (all or none) and starts accepting.
    */
-  static async start(config: Config): Promise<Proxy> {
-    const proxy = new Proxy(config);
+  static async start(config: Config, worker: WorkerRole | null = null): Promise<Proxy> {
+    const proxy = new Proxy(config, worker);
     // before the listeners: sockets take the cgroup (and so the sock_ops program) of the
-    // listener they were accepted on
-    if (config.ebpf.enabled && config.ebpf.sockmapEnabled) proxy.kernel = await openKernel(config);
+    // listener they were accepted on. A worker uses what its supervisor loaded; the supervisor
+    // reads the kernel counters and serves the metrics endpoint and the XDP filter.
+    if (worker) {
+      if (worker.kernel) proxy.kernel = attachKernel();
+    } else if (config.ebpf.enabled && config.ebpf.sockmapEnabled) {
+      proxy.kernel = await openKernel(config);
+    }
     proxy.#configureDns(config);
     const kernel = proxy.kernel;
-    if (kernel) {
+    if (kernel && !worker) {
       proxy.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
     }
     try {
-      for (const l of config.listeners) proxy.listeners.push(new Listener(l, proxy));
-      if (config.metrics) {
+      for (const l of config.listeners) {
+        proxy.listeners.push(new Listener(l, proxy, worker !== null));
+      }
+      if (config.metrics && !worker) {
         const { hostname, port } = config.metrics;
         proxy.#metricsServer = await serveMetrics(
-          proxy.metrics,
+          () => proxy.metrics.snapshot(),
           hostname,
           port,
           () => !proxy.#stopping,
@@ -65,20 +86,22 @@ export class Proxy implements ListenerHost {
       await proxy.kernel?.close();
       throw e;
     }
+    // a worker's lines would repeat the supervisor's once per worker
+    const info = worker ? log.debug.bind(log) : log.info.bind(log);
     for (const l of proxy.listeners) {
-      log.info(`listening on ${l.address} (${l.config.protocol})`);
+      info(`listening on ${l.address} (${l.config.protocol})`);
       l.serve().catch((e) => log.error(`listener ${l.address} stopped: ${e}`));
     }
-    if (config.ebpf.enabled && !config.ebpf.sockmapEnabled) {
+    if (config.ebpf.enabled && !config.ebpf.sockmapEnabled && !worker) {
       log.info("ebpf.sockmap_enabled is false: userspace mode in use");
     }
-    if (config.ebpf.enabled && config.ebpf.xdp) {
+    if (config.ebpf.enabled && config.ebpf.xdp && !worker) {
       proxy.xdp = await openXdp(config, proxy.#tcpPorts());
       const xdp = proxy.xdp;
       if (xdp) proxy.metrics.kernelSources.set("xdp", () => flattenXdp(xdp.stats()));
     }
     startHealthChecks(proxy.table);
-    log.info(
+    info(
       `ready: ${proxy.listeners.length} listener(s), ${config.routes.length} route(s), ` +
         `mode ${proxy.kernel ? "kernel" : "userspace"}`,
     );
@@ -220,8 +243,21 @@ export class Proxy implements ListenerHost {
 const kernelLog = logger("kernel");
 const dnsLog = logger("dns");
 
+/** A worker's use of the supervisor's fast path, or null (one warning) when it cannot. */
+function attachKernel(): KernelAccel | null {
+  try {
+    return KernelAccel.attach((level, message) =>
+      kernelLog[level === "warning" ? "warn" : level](message)
+    );
+  } catch (err) {
+    const why = err instanceof KernelAccelError ? err.message : String(err);
+    log.warn(`eBPF fast path unavailable in this worker, userspace mode in use: ${why}`);
+    return null;
+  }
+}
+
 /** Opens the fast path, or logs one warning with cause and fix and returns null. */
-async function openKernel(config: Config): Promise<KernelAccel | null> {
+export async function openKernel(config: Config): Promise<KernelAccel | null> {
   const e = config.ebpf;
   try {
     const kernel = await KernelAccel.open({
@@ -252,7 +288,7 @@ async function readObject(path: string): Promise<Uint8Array> {
 const xdpLog = logger("xdp");
 
 /** Attaches the XDP filter, or logs one warning with cause and fix and returns null. */
-async function openXdp(config: Config, ports: number[]): Promise<XdpFilter | null> {
+export async function openXdp(config: Config, ports: number[]): Promise<XdpFilter | null> {
   const x = config.ebpf.xdp!;
   try {
     const filter = await XdpFilter.open({
@@ -277,7 +313,7 @@ async function openXdp(config: Config, ports: number[]): Promise<XdpFilter | nul
   }
 }
 
-function flattenXdp(s: ReturnType<XdpFilter["stats"]>): Record<string, number> {
+export function flattenXdp(s: ReturnType<XdpFilter["stats"]>): Record<string, number> {
   const out: Record<string, number> = {
     passed: s.passed,
     droppedDeny: s.droppedDeny,

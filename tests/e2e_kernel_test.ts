@@ -563,6 +563,55 @@ ktest(
 );
 
 ktest(
+  "kernel mode with workers: 2: the supervisor loads the programs once, both workers splice through its pins",
+  async (scope) => {
+    const backend = await rawServer(scope, echoHandler);
+    const proxy = await startKernelProxy(scope, {
+      workers: 2,
+      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+      routes: [{ match: "a.test", backends: [backend.address] }],
+      ebpf: kernelEbpf(),
+    });
+    assert.match(proxy.stderr(), /ready: 2 workers \(pids \d+, \d+\).*mode kernel/);
+    assert.doesNotMatch(proxy.stderr(), /unavailable/);
+    const payload = POOL.subarray(0, 256 * 1024);
+    const want = createHash("sha256").update(payload).digest("hex");
+    for (let i = 0; i < 30; i++) {
+      const conn = await tlsConnect(proxy.port(), "a.test");
+      try {
+        const [, got] = await Promise.all([
+          writeAll(conn, payload).then(() => conn.closeWrite()),
+          drainHash(conn),
+        ]);
+        assert.deepEqual(got, { bytes: payload.length, sha256: want }, `echo ${i}`);
+      } finally {
+        conn.close();
+      }
+    }
+    const entries = await within(
+      10_000,
+      "30 access entries",
+      (async () => {
+        for (;;) {
+          const e = await entriesFor(proxy, backend.address);
+          if (e.length >= 30) return e;
+          await sleep(50);
+        }
+      })(),
+    );
+    assert.ok(
+      entries.every((e) => e.mode === "kernel" && e.close_reason === "done"),
+      JSON.stringify(entries.filter((e) => e.mode !== "kernel" || e.close_reason !== "done")),
+    );
+    const workers = new Set(entries.map((e) => (e as { worker?: number }).worker));
+    assert.deepEqual([...workers].sort(), [1, 2], "both workers served and spliced");
+    assert.equal(await waitPairEntries(0), 0, "pair-map entries removed");
+    await assertCleanStop(proxy);
+  },
+  60_000,
+);
+
+ktest(
   "kernel and userspace sessions side by side: TLS spliced; HTTP, early data and bytes after the hello stay in userspace",
   async (scope) => {
     const received: number[] = [];

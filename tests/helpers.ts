@@ -803,7 +803,9 @@ function withTestDefaults(
     level: "debug",
     ...(config.log as Record<string, unknown> ?? {}),
   };
-  return { ...config, timeouts, log };
+  // one process unless the test asks for workers: what most tests observe (pids, strace, RSS)
+  // is the proxy process itself; tests/proxy_workers_test.ts covers several
+  return { workers: 1, ...config, timeouts, log };
 }
 
 /** Spawns `main.ts` with `args` and collects its output (for CLI tests). */
@@ -931,8 +933,10 @@ export async function startProxy(
     await stop(5000);
   });
 
-  await waitForLog(/\bready\b/, opts.readyMs ?? 20_000);
-  const listening = [...text.matchAll(/listening on (\[[^\]]+\]|[0-9.]+):(\d+) \((\w+)\)/g)];
+  await waitForLog(/sni-proxy·proxy: ready: /, opts.readyMs ?? 20_000);
+  const listening = [
+    ...text.matchAll(/sni-proxy·proxy: listening on (\[[^\]]+\]|[0-9.]+):(\d+) \((\w+)\)/g),
+  ];
   const infos = listening.map((m) => ({
     host: m[1].replace(/^\[|\]$/g, ""),
     port: Number(m[2]),

@@ -448,6 +448,7 @@ export async function startProxyAs(
   scope.defer(() => Deno.remove(dir, { recursive: true }).catch(() => {}));
   const accessLogPath = `${dir}/access.log`;
   const full = {
+    workers: 1,
     ...config,
     timeouts: { drain_ms: 2000, ...(config.timeouts as object ?? {}) },
     log: { file: false, access_log: accessLogPath, level: "info" },

@@ -300,6 +300,7 @@ export async function startProxy(
   const dir = await Deno.makeTempDir({ prefix: "sni-proxy-test-" });
   const accessPath = `${dir}/access.log`;
   const full = {
+    workers: 1, // one process unless asked: see tests/proxy_workers_test.ts for several
     ...config,
     log: { level: "debug", file: false, access_log: accessPath, ...(config.log ?? {}) },
   };
@@ -355,9 +356,8 @@ export async function startProxy(
     await pump;
     throw e;
   }
-  const ports = [...text.matchAll(/listening on (?:\[[^\]]+\]|[0-9.]+):(\d+)/g)].map((m) =>
-    Number(m[1])
-  );
+  const ports = [...text.matchAll(/sni-proxy·proxy: listening on (?:\[[^\]]+\]|[0-9.]+):(\d+)/g)]
+    .map((m) => Number(m[1]));
   const access = async () => {
     try {
       const t = await Deno.readTextFile(accessPath);

@@ -1,0 +1,468 @@
+/**
+ * Multi-process mode (`workers` > 1). The process started by the operator becomes the
+ * supervisor: it loads the eBPF fast path and the XDP filter (once per machine), serves the
+ * metrics endpoint, owns the log files, and starts `workers` processes of this same program.
+ * Each worker runs the whole proxy on listeners shared with SO_REUSEPORT (the kernel spreads
+ * new connections over them), attaches to the pinned eBPF maps, and sends its log lines,
+ * access entries and counters to the supervisor over its stdout. SIGHUP and SIGTERM are passed
+ * on to every worker; a worker that dies is restarted (with a back-off) and logged; a worker
+ * whose supervisor is gone (its stdin closes) drains and exits.
+ *
+ * @module
+ */
+import { type Config, ConfigError, type ListenerConfig, loadConfig } from "./config.ts";
+import type { KernelAccel } from "./kernel.ts";
+import {
+  closeLogging,
+  type ForwardedLog,
+  logger,
+  setupWorkerLogging,
+  writeForwarded,
+} from "./log.ts";
+import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "./metrics.ts";
+import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
+import { flattenXdp, openKernel, openXdp, Proxy, type WorkerRole } from "./proxy.ts";
+import type { XdpFilter } from "./xdp.ts";
+
+// the supervisor is the proxy to the operator: its lines read like the single-process ones
+const log = logger("proxy");
+
+/** The environment variable through which the supervisor tells a process it is a worker. */
+const WORKER_ENV = "SNI_PROXY_WORKER";
+/** How long a new worker may take to bind its listeners and say it is ready. */
+const READY_TIMEOUT_MS = 30_000;
+/** How long the supervisor waits for a worker's counters. */
+const STATS_TIMEOUT_MS = 1_000;
+/** Restart back-off after a crash: doubles while workers keep dying young. */
+const RESTART_MIN_MS = 100;
+const RESTART_MAX_MS = 10_000;
+/** A worker that lived this long resets the back-off. */
+const STABLE_MS = 10_000;
+
+/** What the supervisor passes to a worker (as JSON in SNI_PROXY_WORKER). */
+export interface WorkerSpec extends WorkerRole {
+  /** The listeners' ports as the supervisor resolved them (a config port 0 gets a real one). */
+  ports: number[];
+}
+
+/** This process's worker spec, or null when it was not started as a worker. */
+export function workerSpec(): WorkerSpec | null {
+  const text = Deno.env.get(WORKER_ENV);
+  if (!text) return null;
+  const spec = JSON.parse(text) as WorkerSpec;
+  // the workers' own children (none today) must not take themselves for workers
+  Deno.env.delete(WORKER_ENV);
+  return spec;
+}
+
+/** A worker's config: the supervisor's ports, and its share of limits.max_connections. */
+export function workerConfig(config: Config, spec: WorkerSpec): Config {
+  return {
+    ...config,
+    listeners: config.listeners.map((l, i) => withPort(l, spec.ports[i] ?? l.port)),
+    limits: {
+      ...config.limits,
+      maxConnections: Math.ceil(config.limits.maxConnections / spec.count),
+    },
+  };
+}
+
+function withPort(l: ListenerConfig, port: number): ListenerConfig {
+  if (l.port === port) return l;
+  const host = l.hostname.includes(":") ? `[${l.hostname}]` : l.hostname;
+  return { ...l, port, address: `${host}:${port}` };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker side
+
+const encoder = new TextEncoder();
+
+/** Writes one JSON line to stdout (the pipe to the supervisor), whole. */
+function send(line: unknown): void {
+  const bytes = encoder.encode(JSON.stringify(line) + "\n");
+  let off = 0;
+  while (off < bytes.length) off += Deno.stdout.writeSync(bytes.subarray(off));
+}
+
+/**
+ * Runs this process as worker `spec.index`: the proxy on shared listeners until SIGTERM/SIGINT
+ * or until the supervisor goes away. Returns the exit code.
+ */
+export async function runWorker(spec: WorkerSpec, configPath: string): Promise<number> {
+  let config: Config;
+  try {
+    config = await loadConfig(configPath);
+  } catch (e) {
+    const lines = e instanceof ConfigError ? e.errors : [(e as Error).message];
+    for (const line of lines) console.error(`worker ${spec.index}: ${configPath}: ${line}`);
+    return 1;
+  }
+  await setupWorkerLogging(config.log.level, spec.index, send);
+  const wlog = logger("worker");
+  let proxy: Proxy | null = null;
+  const stopped = Promise.withResolvers<void>();
+  let stopping = false;
+  const stop = (why: string) => {
+    if (stopping) return;
+    stopping = true;
+    wlog.debug(`${why}: stopping`);
+    if (proxy) proxy.shutdown().then(stopped.resolve, stopped.reject);
+  };
+  const reload = async () => {
+    if (!proxy) return;
+    try {
+      proxy.reload(workerConfig(await loadConfig(configPath), spec));
+    } catch (e) {
+      const lines = e instanceof ConfigError ? e.errors : [(e as Error).message];
+      wlog.error(`reload failed, keeping the running config: ${lines.join("; ")}`);
+    }
+  };
+  Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
+  Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
+  Deno.addSignalListener("SIGHUP", reload);
+  try {
+    proxy = await Proxy.start(workerConfig(config, spec), spec);
+  } catch (e) {
+    wlog.error(`cannot start: ${(e as Error).message}`);
+    await closeLogging();
+    return 1;
+  }
+  if (stopping) {
+    stopping = false;
+    stop("signal during start");
+  }
+  send({ t: "ready", pid: Deno.pid });
+  answerSupervisor(proxy, () => stop("supervisor gone"));
+  await stopped.promise;
+  await closeLogging();
+  return 0;
+}
+
+/** Answers the supervisor's requests on stdin; calls `gone` at EOF (the supervisor died). */
+function answerSupervisor(proxy: Proxy, gone: () => void): void {
+  (async () => {
+    for await (const line of lines(Deno.stdin.readable)) {
+      const req = JSON.parse(line) as { t: string; id: number };
+      if (req.t === "stats") send({ t: "stats", id: req.id, s: proxy.metrics.snapshot() });
+    }
+  })().catch(() => {}).finally(gone);
+}
+
+/** Splits a byte stream into lines (without the newline). */
+async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
+  const decoder = new TextDecoder();
+  let rest = "";
+  for await (const chunk of stream) {
+    rest += decoder.decode(chunk, { stream: true });
+    let nl: number;
+    while ((nl = rest.indexOf("\n")) >= 0) {
+      yield rest.slice(0, nl);
+      rest = rest.slice(nl + 1);
+    }
+  }
+  if (rest) yield rest;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supervisor side
+
+/** Lines a worker sends on its stdout. */
+type WorkerLine =
+  | ForwardedLog
+  | { t: "ready"; pid: number }
+  | { t: "stats"; id: number; s: MetricsSnapshot };
+
+/** The command that runs this program again: the compiled binary, or deno run of main.ts. */
+function selfCommand(configPath: string): { cmd: string; args: string[] } {
+  if (Deno.build.standalone) return { cmd: Deno.execPath(), args: ["--config", configPath] };
+  const main = new URL(Deno.mainModule);
+  const denoJson = new URL("./deno.json", main).pathname;
+  let config: string[] = [];
+  try {
+    Deno.statSync(denoJson);
+    config = ["--config", denoJson];
+  } catch {
+    // no deno.json beside main.ts: deno finds one from the working directory, if any
+  }
+  return {
+    cmd: Deno.execPath(),
+    args: [
+      "run",
+      "-A",
+      "--unstable-net",
+      "--v8-flags=--max-semi-space-size=4",
+      ...config,
+      main.pathname,
+      "--config",
+      configPath,
+    ],
+  };
+}
+
+/** One worker process, from spawn to exit. */
+class WorkerProcess {
+  readonly index: number;
+  readonly child: Deno.ChildProcess;
+  readonly startedAt = Date.now();
+  readonly ready: Promise<number>;
+  readonly exited: Promise<Deno.CommandStatus>;
+  #isReady = false;
+  #stdin: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #pending = new Map<number, (s: MetricsSnapshot) => void>();
+
+  constructor(index: number, spec: WorkerSpec, configPath: string) {
+    this.index = index;
+    const { cmd, args } = selfCommand(configPath);
+    this.child = new Deno.Command(cmd, {
+      args,
+      env: { [WORKER_ENV]: JSON.stringify(spec) },
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    this.#stdin = this.child.stdin.getWriter();
+    this.exited = this.child.status;
+    const ready = Promise.withResolvers<number>();
+    this.ready = ready.promise;
+    this.ready.catch(() => {});
+    this.#read(ready.resolve).catch((e) => log.warn(`worker ${index} output: ${e}`));
+    this.exited.then((s) => ready.reject(new Error(`exited (${describeStatus(s)})`)));
+  }
+
+  get pid(): number {
+    return this.child.pid;
+  }
+
+  async #read(onReady: (pid: number) => void): Promise<void> {
+    for await (const text of lines(this.child.stdout)) {
+      let line: WorkerLine;
+      try {
+        line = JSON.parse(text);
+      } catch {
+        log.warn(`worker ${this.index}: ${text}`);
+        continue;
+      }
+      if (line.t === "log" || line.t === "access") writeForwarded(this.index, line);
+      else if (line.t === "ready") {
+        this.#isReady = true;
+        onReady(line.pid);
+      } else if (line.t === "stats") {
+        this.#pending.get(line.id)?.(line.s);
+        this.#pending.delete(line.id);
+      }
+    }
+  }
+
+  /** The worker's counters, or null when it does not answer in time. */
+  async stats(id: number): Promise<MetricsSnapshot | null> {
+    if (!this.#isReady) return null;
+    const answer = Promise.withResolvers<MetricsSnapshot | null>();
+    this.#pending.set(id, answer.resolve);
+    const timer = setTimeout(() => answer.resolve(null), STATS_TIMEOUT_MS);
+    try {
+      await this.#stdin.write(encoder.encode(JSON.stringify({ t: "stats", id }) + "\n"));
+      return await answer.promise;
+    } catch {
+      return null;
+    } finally {
+      clearTimeout(timer);
+      this.#pending.delete(id);
+    }
+  }
+
+  signal(sig: Deno.Signal): void {
+    try {
+      this.child.kill(sig);
+    } catch {
+      // already gone
+    }
+  }
+}
+
+function describeStatus(s: Deno.CommandStatus): string {
+  return s.signal ? `signal ${s.signal}` : `exit code ${s.code}`;
+}
+
+/** Picks a free port for each listener whose config says port 0, so all workers share it. */
+function resolvePorts(listeners: ListenerConfig[]): number[] {
+  return listeners.map((l) => {
+    if (l.port !== 0) return l.port;
+    const probe = Deno.listen({ hostname: l.hostname, port: 0 });
+    const port = (probe.addr as Deno.NetAddr).port;
+    probe.close();
+    return port;
+  });
+}
+
+/** The supervisor of `config.workers` worker processes. */
+export class Supervisor {
+  #config: Config;
+  readonly #spec: Omit<WorkerSpec, "index">;
+  readonly #workers: (WorkerProcess | null)[];
+  readonly #kernel: KernelAccel | null;
+  #xdp: XdpFilter | null = null;
+  #metricsServer: MetricsServer | null = null;
+  #stopping = false;
+  #statsId = 0;
+  readonly #backoff: number[];
+
+  private constructor(config: Config, spec: Omit<WorkerSpec, "index">, kernel: KernelAccel | null) {
+    this.#config = config;
+    this.#spec = spec;
+    this.#kernel = kernel;
+    this.#workers = new Array(config.workers).fill(null);
+    this.#backoff = new Array(config.workers).fill(RESTART_MIN_MS);
+  }
+
+  /**
+   * Loads the fast path (when configured), starts every worker and waits until each has bound
+   * its listeners; then the XDP filter and the metrics endpoint. Throws (having stopped what
+   * it started) when a worker cannot start.
+   */
+  static async start(config: Config): Promise<Supervisor> {
+    const ports = resolvePorts(config.listeners);
+    // before the workers: they inherit this process's cgroup, where the sock_ops program sees
+    // their sockets
+    const kernel = config.ebpf.enabled && config.ebpf.sockmapEnabled
+      ? await openKernel(config)
+      : null;
+    const sup = new Supervisor(config, { count: config.workers, kernel: !!kernel, ports }, kernel);
+    try {
+      await Promise.all(sup.#workers.map((_, i) => sup.#spawn(i)));
+    } catch (e) {
+      await sup.#stopWorkers();
+      await kernel?.close();
+      throw e;
+    }
+    const resolved = config.listeners.map((l, i) => withPort(l, ports[i]));
+    for (const l of resolved) log.info(`listening on ${l.address} (${l.protocol})`);
+    if (config.ebpf.enabled && config.ebpf.xdp) {
+      sup.#xdp = await openXdp(config, [...new Set(ports)]);
+    }
+    if (config.metrics) {
+      sup.#metricsServer = await serveMetrics(
+        () => sup.snapshot(),
+        config.metrics.hostname,
+        config.metrics.port,
+        () => !sup.#stopping,
+      );
+    }
+    log.info(
+      `ready: ${config.workers} workers (pids ${sup.#workers.map((w) => w!.pid).join(", ")}), ` +
+        `${resolved.length} listener(s), ${config.routes.length} route(s), ` +
+        `mode ${kernel ? "kernel" : "userspace"}`,
+    );
+    return sup;
+  }
+
+  /** Starts worker `i` (0-based) and waits until it is ready; throws when it exits first. */
+  async #spawn(i: number): Promise<void> {
+    const w = new WorkerProcess(i + 1, { ...this.#spec, index: i + 1 }, this.#config.path);
+    this.#workers[i] = w;
+    w.exited.then((status) => this.#exited(i, w, status));
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`not ready within ${READY_TIMEOUT_MS} ms`)),
+        READY_TIMEOUT_MS,
+      );
+    });
+    try {
+      await Promise.race([w.ready, timeout]);
+      log.debug(`worker ${i + 1} ready (pid ${w.pid})`);
+    } catch (e) {
+      w.signal("SIGKILL");
+      throw new Error(`worker ${i + 1} (pid ${w.pid}) did not start: ${(e as Error).message}`);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** A worker ended: expected while stopping; otherwise logged and restarted after a back-off. */
+  #exited(i: number, w: WorkerProcess, status: Deno.CommandStatus): void {
+    if (this.#stopping || this.#workers[i] !== w) return;
+    const lived = Date.now() - w.startedAt;
+    this.#backoff[i] = lived >= STABLE_MS
+      ? RESTART_MIN_MS
+      : Math.min(this.#backoff[i] * 2, RESTART_MAX_MS);
+    const delay = this.#backoff[i];
+    log.error(
+      `worker ${i + 1} (pid ${w.pid}) exited unexpectedly (${describeStatus(status)}) after ` +
+        `${(lived / 1000).toFixed(1)} s; restarting it in ${delay} ms`,
+    );
+    this.#workers[i] = null;
+    setTimeout(() => {
+      if (this.#stopping) return;
+      this.#spawn(i).then(
+        () => log.info(`worker ${i + 1} restarted (pid ${this.#workers[i]?.pid})`),
+        (e) => log.error(`restart failed: ${(e as Error).message}`),
+      );
+    }, delay);
+  }
+
+  /** The sum of every worker's counters, plus the kernel's (read once, here). */
+  async snapshot(): Promise<MetricsSnapshot> {
+    const id = ++this.#statsId;
+    const parts = await Promise.all(this.#workers.map((w) => w?.stats(id) ?? null));
+    const sum = emptySnapshot();
+    for (const p of parts) if (p) addSnapshot(sum, p);
+    const kernel = this.#kernel;
+    if (kernel) sum.kernel.sockmap = { ...kernel.stats() };
+    const xdp = this.#xdp;
+    if (xdp) sum.kernel.xdp = flattenXdp(xdp.stats());
+    return sum;
+  }
+
+  /** Applies a (valid) new config: XDP lists here, then SIGHUP to every worker. */
+  reload(config: Config): void {
+    const old = this.#config;
+    if (config.workers !== old.workers) {
+      log.warn(`reload: workers stays ${old.workers} until a restart`);
+    }
+    this.#config = { ...config, workers: old.workers, listeners: old.listeners };
+    if (this.#xdp) {
+      try {
+        this.#xdp.update(config.acl.deny, config.acl.allow, [...new Set(this.#spec.ports)]);
+      } catch (e) {
+        log.error(
+          `reload: XDP lists not updated, the previous ones stay in force: ${(e as Error).message}`,
+        );
+      }
+    }
+    for (const w of this.#workers) w?.signal("SIGHUP");
+    log.info(`reload: ${config.path} passed to ${this.#workers.filter((w) => w).length} workers`);
+  }
+
+  /** SIGTERM to every worker (each drains for up to drain_ms), then frees the fast path. */
+  async shutdown(): Promise<void> {
+    if (this.#stopping) return;
+    this.#stopping = true;
+    await this.#stopWorkers();
+    await this.#metricsServer?.close();
+    this.#xdp?.close();
+    await this.#kernel?.close();
+    log.info("stopped");
+  }
+
+  async #stopWorkers(): Promise<void> {
+    this.#stopping = true;
+    const live = this.#workers.filter((w): w is WorkerProcess => w !== null);
+    for (const w of live) w.signal("SIGTERM");
+    // a worker ends its sessions at drain_ms; past that (plus its own exit) it is killed
+    const graceMs = this.#config.timeouts.drainMs + 5_000;
+    await Promise.all(live.map(async (w) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const killed = new Promise<void>((r) => {
+        timer = setTimeout(() => {
+          log.warn(`worker ${w.index} (pid ${w.pid}) did not exit in ${graceMs} ms: killing it`);
+          w.signal("SIGKILL");
+          r();
+        }, graceMs);
+      });
+      await Promise.race([w.exited, killed]);
+      await w.exited;
+      clearTimeout(timer);
+    }));
+  }
+}
