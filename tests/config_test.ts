@@ -32,6 +32,24 @@ Deno.test("a minimal config gets the documented defaults", () => {
   assert.equal(c.log.file, "/etc/sni/logs/sni-proxy.log", "relative to the config's directory");
   assert.equal(c.log.accessLog, "/etc/sni/logs/access.log");
   assert.equal(c.ebpf.enabled, false);
+  assert.equal(c.workers, navigator.hardwareConcurrency, "workers: one per CPU");
+});
+
+Deno.test("workers: auto, a number, or an error naming the field", () => {
+  assert.equal(
+    resolveConfig({ ...base, workers: "auto" }, "/c.json").workers,
+    navigator.hardwareConcurrency,
+  );
+  assert.equal(resolveConfig({ ...base, workers: 3 }, "/c.json").workers, 3);
+  for (const bad of [0, 1.5, 257, "many", null]) {
+    const errors = errorsOf({ ...base, workers: bad });
+    assert.equal(errors.length, 1, JSON.stringify(errors));
+    assert.match(
+      errors[0],
+      /^workers: (expected "auto" or a whole number from 1 to 256|Too small: expected number to be >=1|Too big: expected number to be <=256)$/,
+      `${bad}`,
+    );
+  }
 });
 
 Deno.test("IPv6 listeners and backends, hostnames and $sni parse", () => {
