@@ -4,8 +4,9 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { type Config, ConfigError, loadConfig } from "./src/config.ts";
-import { closeLogging, logger, setupLogging } from "./src/log.ts";
+import { ConfigError, loadConfig } from "./src/config.ts";
+import { runUntilStopped } from "./src/lifecycle.ts";
+import { logger, setupLogging } from "./src/log.ts";
 import { Proxy } from "./src/proxy.ts";
 import { printStats } from "./src/stats_cli.ts";
 import { runWorker, Supervisor, workerSpec } from "./src/workers.ts";
@@ -29,12 +30,6 @@ With "workers" above 1 (default: one per CPU) this process supervises that many 
 processes sharing the listeners.
 
 Signals: SIGHUP reloads the config; SIGTERM/SIGINT drain and exit.`;
-
-/** What main drives: the proxy itself (one process) or the supervisor of its workers. */
-interface Running {
-  reload(config: Config): void;
-  shutdown(): Promise<void>;
-}
 
 async function main(args: string[]): Promise<number> {
   let parsed;
@@ -87,48 +82,12 @@ async function main(args: string[]): Promise<number> {
   if (command === "stats") return await printStats(config);
 
   await setupLogging(config.log);
-  const log = logger("main");
-  // signals are handled from before the first connection: one that arrives while the proxy
-  // starts is acted on once it has started, never left to kill the process
-  let proxy: Running | null = null;
-  let stopRequested: string | null = null;
-  let reloadRequested = false;
-  const stopped = Promise.withResolvers<void>();
-  const stop = (signal: string) => {
-    if (!proxy) {
-      stopRequested = signal;
-      return;
-    }
-    log.info(`${signal}: stopping`);
-    proxy.shutdown().then(stopped.resolve, stopped.reject);
-  };
-  const reload = async () => {
-    if (!proxy) {
-      reloadRequested = true;
-      return;
-    }
-    try {
-      proxy.reload(await loadConfig(flags.config));
-    } catch (e) {
-      const lines = e instanceof ConfigError ? e.errors : [(e as Error).message];
-      log.error(`reload failed, keeping the running config: ${lines.join("; ")}`);
-    }
-  };
-  Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
-  Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
-  Deno.addSignalListener("SIGHUP", reload);
-  try {
-    proxy = config.workers > 1 ? await Supervisor.start(config) : await Proxy.start(config);
-  } catch (e) {
-    log.error(`cannot start: ${(e as Error).message}`);
-    await closeLogging();
-    return 1;
-  }
-  if (stopRequested) stop(stopRequested);
-  else if (reloadRequested) await reload();
-  await stopped.promise;
-  await closeLogging();
-  return 0;
+  const proxyConfig = config;
+  return await runUntilStopped({
+    start: () => proxyConfig.workers > 1 ? Supervisor.start(proxyConfig) : Proxy.start(proxyConfig),
+    configPath: flags.config,
+    log: logger("main"),
+  });
 }
 
 if (import.meta.main) {

@@ -12,13 +12,8 @@
  */
 import { type Config, ConfigError, type ListenerConfig, loadConfig } from "./config.ts";
 import type { KernelAccel } from "./kernel.ts";
-import {
-  closeLogging,
-  type ForwardedLog,
-  logger,
-  setupWorkerLogging,
-  writeForwarded,
-} from "./log.ts";
+import { runUntilStopped } from "./lifecycle.ts";
+import { type ForwardedLog, logger, setupWorkerLogging, writeForwarded } from "./log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "./metrics.ts";
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
 import { flattenXdp, openKernel, openXdp, Proxy, type WorkerRole } from "./proxy.ts";
@@ -99,44 +94,17 @@ export async function runWorker(spec: WorkerSpec, configPath: string): Promise<n
     return 1;
   }
   await setupWorkerLogging(config.log.level, spec.index, send);
-  const wlog = logger("worker");
   let proxy: Proxy | null = null;
-  const stopped = Promise.withResolvers<void>();
-  let stopping = false;
-  const stop = (why: string) => {
-    if (stopping) return;
-    stopping = true;
-    wlog.debug(`${why}: stopping`);
-    if (proxy) proxy.shutdown().then(stopped.resolve, stopped.reject);
-  };
-  const reload = async () => {
-    if (!proxy) return;
-    try {
-      proxy.reload(workerConfig(await loadConfig(configPath), spec));
-    } catch (e) {
-      const lines = e instanceof ConfigError ? e.errors : [(e as Error).message];
-      wlog.error(`reload failed, keeping the running config: ${lines.join("; ")}`);
-    }
-  };
-  Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
-  Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
-  Deno.addSignalListener("SIGHUP", reload);
-  try {
-    proxy = await Proxy.start(workerConfig(config, spec), spec);
-  } catch (e) {
-    wlog.error(`cannot start: ${(e as Error).message}`);
-    await closeLogging();
-    return 1;
-  }
-  if (stopping) {
-    stopping = false;
-    stop("signal during start");
-  }
-  send({ t: "ready", pid: Deno.pid });
-  answerSupervisor(proxy, () => stop("supervisor gone"));
-  await stopped.promise;
-  await closeLogging();
-  return 0;
+  return await runUntilStopped({
+    start: async () => (proxy = await Proxy.start(workerConfig(config, spec), spec)),
+    configPath,
+    adapt: (c) => workerConfig(c, spec),
+    log: logger("worker"),
+    onStarted: (stop) => {
+      send({ t: "ready", pid: Deno.pid });
+      answerSupervisor(proxy!, () => stop("supervisor gone"));
+    },
+  });
 }
 
 /** Answers the supervisor's requests on stdin; calls `gone` at EOF (the supervisor died). */

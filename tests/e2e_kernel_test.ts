@@ -42,7 +42,7 @@ import {
 import {
   cpuTimeMs,
   describeMismatch,
-  entriesFor,
+  entriesAtLeast,
   GO,
   kernelEbpf,
   kernelSkipReason,
@@ -268,17 +268,7 @@ ktest(
         { bytes: DUPLEX_BYTES, sha256: down },
         `round ${round} downstream`,
       );
-      const entries = await within(
-        10_000,
-        "access entry",
-        (async () => {
-          for (;;) {
-            const e = await entriesFor(proxy, backend.address);
-            if (e.length >= round) return e;
-            await sleep(50);
-          }
-        })(),
-      );
+      const entries = await entriesAtLeast(proxy, backend.address, round);
       const e = entries[round - 1];
       assert.equal(e.mode, "kernel", JSON.stringify(e));
       assert.equal(e.close_reason, "done", JSON.stringify(e));
@@ -337,17 +327,7 @@ ktest(
         server.close();
       }
     }
-    const entries = await within(
-      10_000,
-      "6 access entries",
-      (async () => {
-        for (;;) {
-          const e = await entriesFor(proxy, backend.address);
-          if (e.length >= 6) return e;
-          await sleep(50);
-        }
-      })(),
-    );
+    const entries = await entriesAtLeast(proxy, backend.address, 6);
     for (const e of entries) {
       assert.equal(e.mode, "kernel", JSON.stringify(e));
       assert.equal(e.close_reason, "done", JSON.stringify(e));
@@ -512,6 +492,32 @@ ktest(
   90_000,
 );
 
+/**
+ * `count` TLS connections in a row, each writing `payload` then closing its write side and
+ * reading the echo to EOF; returns a line per connection whose echo was not intact.
+ */
+async function tlsEchoes(port: number, payload: Uint8Array, count: number): Promise<string[]> {
+  const want = createHash("sha256").update(payload).digest("hex");
+  const bad: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const conn = await tlsConnect(port, "a.test");
+    try {
+      const [, got] = await Promise.all([
+        writeAll(conn, payload).then(() => conn.closeWrite()),
+        drainHash(conn),
+      ]);
+      if (got.bytes !== payload.length || got.sha256 !== want) {
+        bad.push(`#${i}: ${got.bytes} bytes${got.bytes === payload.length ? ", other bytes" : ""}`);
+      }
+    } catch (e) {
+      bad.push(`#${i}: ${(e as Error).name}: ${(e as Error).message}`);
+    } finally {
+      conn.close();
+    }
+  }
+  return bad;
+}
+
 // The backend's last bytes and its FIN often arrive in one segment after the proxy has shut down
 // its write side: the backend socket then leaves the sockmap (FIN_WAIT2 -> TIME_WAIT) and those
 // bytes reach the proxy process instead of the redirect. Written at once they could overtake
@@ -526,35 +532,9 @@ ktest(
       routes: [{ match: "a.test", backends: [backend.address] }],
       ebpf: kernelEbpf(),
     });
-    const payload = POOL.subarray(0, MiB);
-    const want = createHash("sha256").update(payload).digest("hex");
-    const bad: string[] = [];
-    for (let i = 0; i < 100; i++) {
-      const conn = await tlsConnect(proxy.port(), "a.test");
-      try {
-        const [, got] = await Promise.all([
-          writeAll(conn, payload).then(() => conn.closeWrite()),
-          drainHash(conn),
-        ]);
-        if (got.bytes !== MiB || got.sha256 !== want) bad.push(`#${i}: ${got.bytes} bytes`);
-      } catch (e) {
-        bad.push(`#${i}: ${(e as Error).name}: ${(e as Error).message}`);
-      } finally {
-        conn.close();
-      }
-    }
+    const bad = await tlsEchoes(proxy.port(), POOL.subarray(0, MiB), 100);
     assert.deepEqual(bad, [], `${bad.length} of 100 echoes broken`);
-    const entries = await within(
-      10_000,
-      "100 access entries",
-      (async () => {
-        for (;;) {
-          const e = await entriesFor(proxy, backend.address);
-          if (e.length >= 100) return e;
-          await sleep(50);
-        }
-      })(),
-    );
+    const entries = await entriesAtLeast(proxy, backend.address, 100);
     assert.ok(entries.every((e) => e.mode === "kernel" && e.close_reason === "done"));
     assert.deepEqual(backend.errors, []);
     await assertCleanStop(proxy);
@@ -574,31 +554,9 @@ ktest(
     });
     assert.match(proxy.stderr(), /ready: 2 workers \(pids \d+, \d+\).*mode kernel/);
     assert.doesNotMatch(proxy.stderr(), /unavailable/);
-    const payload = POOL.subarray(0, 256 * 1024);
-    const want = createHash("sha256").update(payload).digest("hex");
-    for (let i = 0; i < 30; i++) {
-      const conn = await tlsConnect(proxy.port(), "a.test");
-      try {
-        const [, got] = await Promise.all([
-          writeAll(conn, payload).then(() => conn.closeWrite()),
-          drainHash(conn),
-        ]);
-        assert.deepEqual(got, { bytes: payload.length, sha256: want }, `echo ${i}`);
-      } finally {
-        conn.close();
-      }
-    }
-    const entries = await within(
-      10_000,
-      "30 access entries",
-      (async () => {
-        for (;;) {
-          const e = await entriesFor(proxy, backend.address);
-          if (e.length >= 30) return e;
-          await sleep(50);
-        }
-      })(),
-    );
+    const bad = await tlsEchoes(proxy.port(), POOL.subarray(0, 256 * 1024), 30);
+    assert.deepEqual(bad, [], `${bad.length} of 30 echoes broken`);
+    const entries = await entriesAtLeast(proxy, backend.address, 30);
     assert.ok(
       entries.every((e) => e.mode === "kernel" && e.close_reason === "done"),
       JSON.stringify(entries.filter((e) => e.mode !== "kernel" || e.close_reason !== "done")),

@@ -420,6 +420,24 @@ export async function entriesFor(
   return (await proxy.access()).filter((e) => e.backend === backend);
 }
 
+/** Polls until the access log has at least `n` entries for `backend` (fails after `ms`). */
+export async function entriesAtLeast(
+  proxy: ProxyProcess,
+  backend: string,
+  n: number,
+  ms = 10_000,
+): Promise<AccessEntry[]> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const e = await entriesFor(proxy, backend);
+    if (e.length >= n) return e;
+    if (Date.now() > deadline) {
+      throw new Error(`${e.length} of ${n} access entries for ${backend} after ${ms} ms`);
+    }
+    await sleep(50);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A proxy under another user / command prefix (fallback tests)
 

@@ -40,6 +40,19 @@ async function waitGone(pids: number[], ms = 10_000): Promise<void> {
   }
 }
 
+/** An echo backend behind a proxy with two workers routing `a.test` to it. */
+async function echoProxy(extra: Record<string, unknown> = {}) {
+  const backend = await tlsBackend(echo);
+  const p = await startProxy({
+    workers: 2,
+    listeners: [{ address: "127.0.0.1:0" }],
+    routes: [{ match: "a.test", backends: [backend.address] }],
+    log: { level: "info" },
+    ...extra,
+  });
+  return { backend, p };
+}
+
 /** Waits until the access log has `n` entries (the file sink flushes every 500 ms). */
 async function accessEntries(p: ProxyProcess, n: number): Promise<Record<string, unknown>[]> {
   for (let t = 0;; t++) {
@@ -67,14 +80,7 @@ async function echoOnce(port: number, bytes = 1000): Promise<number> {
 }
 
 Deno.test("workers: 2 share the listener; access log and /metrics add up to one proxy", async () => {
-  const backend = await tlsBackend(echo);
-  const p = await startProxy({
-    workers: 2,
-    listeners: [{ address: "127.0.0.1:0" }],
-    routes: [{ match: "a.test", backends: [backend.address] }],
-    metrics: { address: "127.0.0.1:0" },
-    log: { level: "info" },
-  });
+  const { backend, p } = await echoProxy({ metrics: { address: "127.0.0.1:0" } });
   try {
     const pids = workerPids(p.stderr());
     assert.equal(pids.length, 2);
@@ -140,13 +146,7 @@ Deno.test("workers: SIGHUP reaches every worker; SIGTERM stops them all and exit
 });
 
 Deno.test("workers: a killed worker is logged and restarted; a killed supervisor takes its workers along", async () => {
-  const backend = await tlsBackend(echo);
-  const p = await startProxy({
-    workers: 2,
-    listeners: [{ address: "127.0.0.1:0" }],
-    routes: [{ match: "a.test", backends: [backend.address] }],
-    log: { level: "info" },
-  });
+  const { backend, p } = await echoProxy();
   try {
     const [first, second] = workerPids(p.stderr());
     Deno.kill(first, "SIGKILL");

@@ -1,0 +1,80 @@
+/**
+ * A process's life around whatever serves: start, SIGHUP reloads, SIGTERM/SIGINT drain and stop.
+ * Shared by the single-process proxy, the supervisor and each worker.
+ *
+ * @module
+ */
+import type { Logger } from "@logtape/logtape";
+import { type Config, ConfigError, loadConfig } from "./config.ts";
+import { closeLogging } from "./log.ts";
+
+/** What runs until stopped: the proxy itself, or the supervisor of its workers. */
+export interface Running {
+  reload(config: Config): void;
+  shutdown(): Promise<void>;
+}
+
+/** How {@link runUntilStopped} starts and reloads. */
+export interface LifecycleOptions {
+  start: () => Promise<Running>;
+  /** The config file SIGHUP reloads. */
+  configPath: string;
+  /** Applied to every reloaded config before it is used (a worker's share of limits). */
+  adapt?: (config: Config) => Config;
+  log: Logger;
+  /** Runs once started; may stop the process later (a worker whose supervisor is gone). */
+  onStarted?: (stop: (why: string) => void) => void;
+}
+
+/**
+ * Starts, then serves until SIGTERM/SIGINT has drained it; resolves with the exit code (1 when
+ * the start fails). Signals are handled from before the start: one that arrives while starting
+ * is acted on once started, never left to kill the process.
+ */
+export async function runUntilStopped(opts: LifecycleOptions): Promise<number> {
+  const { log } = opts;
+  let running: Running | null = null;
+  let stopRequested: string | null = null;
+  let stopping = false;
+  let reloadRequested = false;
+  const stopped = Promise.withResolvers<void>();
+  const stop = (why: string) => {
+    if (!running) {
+      stopRequested ??= why;
+      return;
+    }
+    if (stopping) return;
+    stopping = true;
+    log.info(`${why}: stopping`);
+    running.shutdown().then(stopped.resolve, stopped.reject);
+  };
+  const reload = async () => {
+    if (!running) {
+      reloadRequested = true;
+      return;
+    }
+    try {
+      const config = await loadConfig(opts.configPath);
+      running.reload(opts.adapt ? opts.adapt(config) : config);
+    } catch (e) {
+      const lines = e instanceof ConfigError ? e.errors : [(e as Error).message];
+      log.error(`reload failed, keeping the running config: ${lines.join("; ")}`);
+    }
+  };
+  Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
+  Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
+  Deno.addSignalListener("SIGHUP", reload);
+  try {
+    running = await opts.start();
+  } catch (e) {
+    log.error(`cannot start: ${(e as Error).message}`);
+    await closeLogging();
+    return 1;
+  }
+  opts.onStarted?.(stop);
+  if (stopRequested) stop(stopRequested);
+  else if (reloadRequested) await reload();
+  await stopped.promise;
+  await closeLogging();
+  return 0;
+}
