@@ -11,8 +11,10 @@ const ROOT = new URL("..", import.meta.url).pathname;
 
 /** One proxy configuration to measure: a column of the table. */
 export interface ProxyMode {
-  /** Column name, and the mode the proxy must report in its `ready:` line. */
-  name: "userspace" | "kernel";
+  /** Column name. */
+  name: "userspace" | "kernel" | "workers";
+  /** The mode the proxy must report in its `ready:` line (default: the name). */
+  reports?: "userspace" | "kernel";
   /** The `ebpf` section of the generated config. */
   ebpf: Record<string, unknown>;
   /** `workers` of the generated config (default 1: the table compares one proxy process). */
@@ -24,6 +26,13 @@ export interface ProxyMode {
 /** The proxy modes, in table order: userspace first (the reference for later columns). */
 export const PROXY_MODES: ProxyMode[] = [
   { name: "userspace", ebpf: { enabled: false } },
+  // userspace mode in one process per CPU (a supervisor and its workers)
+  {
+    name: "workers",
+    reports: "userspace",
+    ebpf: { enabled: false },
+    workers: navigator.hardwareConcurrency,
+  },
   {
     name: "kernel",
     ebpf: { enabled: true, sockmap_enabled: true },
@@ -46,6 +55,8 @@ export interface Proxy {
   port: number;
   /** The deno process running main.ts (the one whose RSS and CPU are measured). */
   pid: number;
+  /** All its processes: pid, and its workers when it has any (their CPU is added up). */
+  pids: number[];
   stop(): Promise<void>;
 }
 
@@ -96,11 +107,13 @@ export async function startProxy(dir: string, backendPort: number, mode: ProxyMo
       text += value;
     }
     const ready = /ready: .*mode (\w+)/.exec(text);
-    if (ready?.[1] !== mode.name) {
+    if (ready?.[1] !== (mode.reports ?? mode.name)) {
       // the proxy says why in a warning: "eBPF fast path unavailable, userspace mode in use: …"
       const why = text.split("\n").filter((l) => l.includes("[WRN]") || l.includes("[ERR]"))
         .map((l) => l.replace(/^.*?\[(WRN|ERR)\] \S+ /, "")).join("; ");
-      throw new Error(`it runs in ${ready?.[1] ?? "an unknown"} mode, not ${mode.name}: ${why}`);
+      throw new Error(
+        `it runs in ${ready?.[1] ?? "an unknown"} mode, not ${mode.reports ?? mode.name}: ${why}`,
+      );
     }
   } catch (e) {
     clearTimeout(timer);
@@ -125,5 +138,13 @@ export async function startProxy(dir: string, backendPort: number, mode: ProxyMo
       }
     }
   })().catch(() => {});
-  return { port, pid: proc.pid, stop: () => stop(proc, "SIGTERM") } satisfies Proxy;
+  const workerPids = /ready: \d+ workers \(pids ([\d, ]+)\)/.exec(text)?.[1].split(", ").map(
+    Number,
+  );
+  return {
+    port,
+    pid: proc.pid,
+    pids: [proc.pid, ...(workerPids ?? [])],
+    stop: () => stop(proc, "SIGTERM"),
+  } satisfies Proxy;
 }

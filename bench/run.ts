@@ -99,7 +99,8 @@ async function measureIdle(
   results: Map<string, ModeResult>,
   skipped: Record<string, string>,
 ): Promise<void> {
-  for (const mode of modes) {
+  // RSS per connection is one process's figure: the workers column has several processes
+  for (const mode of modes.filter((m) => (m.workers ?? 1) === 1)) {
     console.log(`${mode.name}: ${IDLE_CONNS} idle connections...`);
     try {
       // fresh: a proxy that served the load tests keeps its grown heap and buffers, and new
@@ -141,7 +142,7 @@ async function measureLoad(
     name,
     port,
     proxy,
-    watch: { proxy: proxy ? [proxy.pid] : [], nginx: nginx.pids },
+    watch: { proxy: proxy ? proxy.pids : [], nginx: nginx.pids },
     bulk: [],
     keepAlive: [],
     newConnection: [],
