@@ -175,7 +175,8 @@ class WorkerProcess {
   readonly startedAt = Date.now();
   readonly ready: Promise<number>;
   readonly exited: Promise<Deno.CommandStatus>;
-  #isReady = false;
+  /** True once the worker said it serves. */
+  isReady = false;
   #stdin: WritableStreamDefaultWriter<Uint8Array>;
   readonly #pending = new Map<number, (s: MetricsSnapshot) => void>();
 
@@ -213,7 +214,7 @@ class WorkerProcess {
       }
       if (line.t === "log" || line.t === "access") writeForwarded(this.index, line);
       else if (line.t === "ready") {
-        this.#isReady = true;
+        this.isReady = true;
         onReady(line.pid);
       } else if (line.t === "stats") {
         this.#pending.get(line.id)?.(line.s);
@@ -224,7 +225,7 @@ class WorkerProcess {
 
   /** The worker's counters, or null when it does not answer in time. */
   async stats(id: number): Promise<MetricsSnapshot | null> {
-    if (!this.#isReady) return null;
+    if (!this.isReady) return null;
     const answer = Promise.withResolvers<MetricsSnapshot | null>();
     this.#pending.set(id, answer.resolve);
     const timer = setTimeout(() => answer.resolve(null), STATS_TIMEOUT_MS);
@@ -349,24 +350,34 @@ export class Supervisor {
 
   /** A worker ended: expected while stopping; otherwise logged and restarted after a back-off. */
   #exited(i: number, w: WorkerProcess, status: Deno.CommandStatus): void {
-    if (this.#stopping || this.#workers[i] !== w) return;
+    // one that never got ready is reported by #spawn's caller
+    if (this.#stopping || this.#workers[i] !== w || !w.isReady) return;
     const lived = Date.now() - w.startedAt;
     this.#backoff[i] = lived >= STABLE_MS
       ? RESTART_MIN_MS
       : Math.min(this.#backoff[i] * 2, RESTART_MAX_MS);
-    const delay = this.#backoff[i];
     log.error(
       `worker ${i + 1} (pid ${w.pid}) exited unexpectedly (${describeStatus(status)}) after ` +
-        `${(lived / 1000).toFixed(1)} s; restarting it in ${delay} ms`,
+        `${(lived / 1000).toFixed(1)} s; restarting it in ${this.#backoff[i]} ms`,
     );
     this.#workers[i] = null;
+    this.#restart(i);
+  }
+
+  /** Starts worker `i` again after its back-off; keeps trying (logged) while it fails. */
+  #restart(i: number): void {
     setTimeout(() => {
       if (this.#stopping) return;
       this.#spawn(i).then(
         () => log.info(`worker ${i + 1} restarted (pid ${this.#workers[i]?.pid})`),
-        (e) => log.error(`restart failed: ${(e as Error).message}`),
+        (e) => {
+          this.#workers[i] = null;
+          this.#backoff[i] = Math.min(this.#backoff[i] * 2, RESTART_MAX_MS);
+          log.error(`${(e as Error).message}; trying again in ${this.#backoff[i]} ms`);
+          this.#restart(i);
+        },
       );
-    }, delay);
+    }, this.#backoff[i]);
   }
 
   /** The sum of every worker's counters, plus the kernel's (read once, here). */
