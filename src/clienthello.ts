@@ -11,6 +11,7 @@
  *
  * @module
  */
+import { HeadParser } from "./headparser.ts";
 
 /** What was wrong with the bytes. */
 export type ClientHelloErrorKind =
@@ -81,78 +82,38 @@ const INITIAL_BUFFER = 2048;
 const latin1 = new TextDecoder("latin1");
 
 /** Parses one ClientHello from bytes as they arrive. */
-export class ClientHelloParser {
-  readonly #max: number;
-  #buf: Uint8Array = new Uint8Array(0);
-  #len = 0;
-  /** Offset in #buf of the next record header not yet consumed. */
+export class ClientHelloParser extends HeadParser<ClientHello> {
+  /** Offset in `buf` of the next record header not yet consumed. */
   #recordOff = 0;
-  /** Handshake payload fragments as [start, end) offset pairs into #buf, in order. */
+  /** Handshake payload fragments as [start, end) offset pairs into `buf`, in order. */
   #fragments: number[] = [];
   /** Handshake bytes received so far (sum of the fragments). */
   #hsLen = 0;
   /** The handshake message's total length with its 4-byte header, once known. */
   #msgLen = -1;
-  #result: ClientHello | null = null;
-  #error: ClientHelloError | null = null;
 
   /** `maxBytes`: the most bytes (records with their headers) a hello may take. */
   constructor(maxBytes = 16384) {
-    this.#max = Number.isFinite(maxBytes) && maxBytes > 0 ? Math.floor(maxBytes) : 0;
+    super(maxBytes, INITIAL_BUFFER);
   }
 
-  /** Every byte pushed so far, unchanged, in order (a view, valid until the next push). */
-  get data(): Uint8Array {
-    return this.#buf.subarray(0, this.#len);
-  }
-
-  /**
-   * Feeds the next bytes (any split). Returns the hello once complete, else null; after
-   * completion the bytes are still appended to {@link data} and the same hello is returned.
-   * Throws {@link ClientHelloError} (again on every later call once it has thrown).
-   */
-  push(chunk: Uint8Array): ClientHello | null {
-    this.#append(chunk);
-    if (this.#result) return this.#result;
-    if (this.#error) throw this.#error;
-    try {
-      this.#advance();
-    } catch (e) {
-      if (e instanceof ClientHelloError) this.#error = e;
-      throw e;
-    }
-    return this.#result;
-  }
-
-  /** The peer ended its side: returns the hello if complete, else throws `truncated`. */
-  end(): ClientHello {
-    if (this.#result) return this.#result;
-    if (this.#error) throw this.#error;
-    throw new ClientHelloError(
+  protected truncated(): ClientHelloError {
+    return new ClientHelloError(
       "truncated",
-      `connection ended after ${this.#len} bytes, before the ClientHello was complete`,
+      `connection ended after ${this.len} bytes, before the ClientHello was complete`,
     );
   }
 
-  #append(chunk: Uint8Array): void {
-    const need = this.#len + chunk.length;
-    if (need > this.#buf.length) {
-      let cap = Math.max(this.#buf.length * 2, INITIAL_BUFFER);
-      while (cap < need) cap *= 2;
-      const next = new Uint8Array(cap);
-      next.set(this.#buf.subarray(0, this.#len));
-      this.#buf = next;
-    }
-    this.#buf.set(chunk, this.#len);
-    this.#len = need;
+  protected isParseError(e: unknown): boolean {
+    return e instanceof ClientHelloError;
   }
 
-  /** Consumes every complete record; sets #result when the hello is complete. */
-  #advance(): void {
-    const b = this.#buf;
+  /** Consumes every complete record; sets `result` when the hello is complete. */
+  protected advance(): void {
+    const b = this.buf;
     for (;;) {
       const off = this.#recordOff;
-      const avail = this.#len - off;
+      const avail = this.len - off;
       if (avail <= 0) return;
       this.#checkRecordStart(b, off, avail);
       if (avail < RECORD_HEADER) return;
@@ -162,15 +123,15 @@ export class ClientHelloParser {
         throw new ClientHelloError("bad_length", `record length ${length} over 2^14`);
       }
       const end = off + RECORD_HEADER + length;
-      if (end > this.#max) {
+      if (end > this.maxBytes) {
         throw new ClientHelloError(
           "too_large",
-          `ClientHello needs more than ${this.#max} bytes (a record ends at byte ${end})`,
+          `ClientHello needs more than ${this.maxBytes} bytes (a record ends at byte ${end})`,
         );
       }
       // refuse a wrong handshake type as soon as its byte is in, not when the record is
       if (this.#hsLen === 0 && avail > RECORD_HEADER) checkHandshakeType(b[off + RECORD_HEADER]);
-      if (this.#len < end) return;
+      if (this.len < end) return;
       this.#fragments.push(off + RECORD_HEADER, end);
       this.#hsLen += length;
       this.#recordOff = end;
@@ -181,14 +142,14 @@ export class ClientHelloParser {
       if (this.#msgLen < 0) continue;
       const missing = this.#msgLen - this.#hsLen;
       if (missing <= 0) {
-        this.#result = parseBody(this.#message(), end);
+        this.result = parseBody(this.#message(), end);
         return;
       }
       // the rest needs at least one more record: its header plus the missing bytes
-      if (end + RECORD_HEADER + missing > this.#max) {
+      if (end + RECORD_HEADER + missing > this.maxBytes) {
         throw new ClientHelloError(
           "too_large",
-          `ClientHello of ${this.#msgLen} bytes does not fit in ${this.#max} bytes`,
+          `ClientHello of ${this.#msgLen} bytes does not fit in ${this.maxBytes} bytes`,
         );
       }
     }
@@ -234,11 +195,11 @@ export class ClientHelloParser {
   /** The first 4 handshake bytes, which may be spread over several fragments. */
   #handshakeHeader(): Uint8Array {
     const f = this.#fragments;
-    if (f[1] - f[0] >= HANDSHAKE_HEADER) return this.#buf.subarray(f[0], f[0] + HANDSHAKE_HEADER);
+    if (f[1] - f[0] >= HANDSHAKE_HEADER) return this.buf.subarray(f[0], f[0] + HANDSHAKE_HEADER);
     const h = new Uint8Array(HANDSHAKE_HEADER);
     let n = 0;
     for (let i = 0; n < HANDSHAKE_HEADER; i += 2) {
-      for (let j = f[i]; j < f[i + 1] && n < HANDSHAKE_HEADER; j++) h[n++] = this.#buf[j];
+      for (let j = f[i]; j < f[i + 1] && n < HANDSHAKE_HEADER; j++) h[n++] = this.buf[j];
     }
     return h;
   }
@@ -247,11 +208,11 @@ export class ClientHelloParser {
   #message(): Uint8Array {
     const f = this.#fragments;
     const total = this.#msgLen;
-    if (f[1] - f[0] >= total) return this.#buf.subarray(f[0] + HANDSHAKE_HEADER, f[0] + total);
+    if (f[1] - f[0] >= total) return this.buf.subarray(f[0] + HANDSHAKE_HEADER, f[0] + total);
     const joined = new Uint8Array(total);
     let n = 0;
     for (let i = 0; i < f.length && n < total; i += 2) {
-      const part = this.#buf.subarray(f[i], Math.min(f[i + 1], f[i] + total - n));
+      const part = this.buf.subarray(f[i], Math.min(f[i + 1], f[i] + total - n));
       joined.set(part, n);
       n += part.length;
     }

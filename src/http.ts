@@ -8,6 +8,7 @@
  *
  * @module
  */
+import { HeadParser } from "./headparser.ts";
 
 /** What was wrong with the bytes. */
 export type HttpRequestErrorKind =
@@ -59,89 +60,49 @@ const port = /^[0-9]{1,5}$/;
 const absoluteTarget = /^https?:\/\/([^/?#]*)/i;
 
 /** Parses one HTTP/1.x request head from bytes as they arrive. */
-export class HttpHostParser {
-  readonly #max: number;
-  #buf: Uint8Array = new Uint8Array(0);
-  #len = 0;
+export class HttpHostParser extends HeadParser<HttpRequestHead> {
   /** The method has been checked (a space followed a valid token). */
   #methodOk = false;
   /** Where the method check resumes. */
   #methodScan = 0;
   /** Where the search for the blank line resumes. */
   #scan = 0;
-  #result: HttpRequestHead | null = null;
-  #error: HttpRequestError | null = null;
 
   /** `maxBytes`: the most bytes the request head may take. */
   constructor(maxBytes = 16384) {
-    this.#max = Number.isFinite(maxBytes) && maxBytes > 0 ? Math.floor(maxBytes) : 0;
+    super(maxBytes, INITIAL_BUFFER);
   }
 
-  /** Every byte pushed so far, unchanged, in order (a view, valid until the next push). */
-  get data(): Uint8Array {
-    return this.#buf.subarray(0, this.#len);
-  }
-
-  /**
-   * Feeds the next bytes (any split). Returns the head once complete, else null; after
-   * completion the bytes are still appended to {@link data} and the same head is returned.
-   * Throws {@link HttpRequestError} (again on every later call once it has thrown).
-   */
-  push(chunk: Uint8Array): HttpRequestHead | null {
-    this.#append(chunk);
-    if (this.#result) return this.#result;
-    if (this.#error) throw this.#error;
-    try {
-      this.#advance();
-    } catch (e) {
-      if (e instanceof HttpRequestError) this.#error = e;
-      throw e;
-    }
-    return this.#result;
-  }
-
-  /** The peer ended its side: returns the head if complete, else throws `truncated`. */
-  end(): HttpRequestHead {
-    if (this.#result) return this.#result;
-    if (this.#error) throw this.#error;
-    throw new HttpRequestError(
+  protected truncated(): HttpRequestError {
+    return new HttpRequestError(
       "truncated",
-      `connection ended after ${this.#len} bytes, before the request head was complete`,
+      `connection ended after ${this.len} bytes, before the request head was complete`,
     );
   }
 
-  #append(chunk: Uint8Array): void {
-    const need = this.#len + chunk.length;
-    if (need > this.#buf.length) {
-      let cap = Math.max(this.#buf.length * 2, INITIAL_BUFFER);
-      while (cap < need) cap *= 2;
-      const next = new Uint8Array(cap);
-      next.set(this.#buf.subarray(0, this.#len));
-      this.#buf = next;
-    }
-    this.#buf.set(chunk, this.#len);
-    this.#len = need;
+  protected isParseError(e: unknown): boolean {
+    return e instanceof HttpRequestError;
   }
 
-  #advance(): void {
+  protected advance(): void {
     if (!this.#methodOk) this.#checkMethod();
     const end = this.#findHeadEnd();
     if (end < 0) {
-      if (this.#len >= this.#max) {
+      if (this.len >= this.maxBytes) {
         throw new HttpRequestError(
           "too_large",
-          `request head larger than ${this.#max} bytes (no blank line yet)`,
+          `request head larger than ${this.maxBytes} bytes (no blank line yet)`,
         );
       }
       return;
     }
-    this.#result = parseHead(latin1.decode(this.#buf.subarray(0, end)), end);
+    this.result = parseHead(latin1.decode(this.buf.subarray(0, end)), end);
   }
 
   /** Refuses early what cannot be HTTP (a TLS hello, binary) instead of waiting for a timeout. */
   #checkMethod(): void {
-    const b = this.#buf;
-    const n = Math.min(this.#len, MAX_METHOD + 1);
+    const b = this.buf;
+    const n = Math.min(this.len, MAX_METHOD + 1);
     for (let i = this.#methodScan; i < n; i++) {
       const c = b[i];
       if (c === SP && i > 0) {
@@ -155,7 +116,7 @@ export class HttpHostParser {
         );
       }
     }
-    if (this.#len > MAX_METHOD) {
+    if (this.len > MAX_METHOD) {
       throw new HttpRequestError("not_http", `HTTP method longer than ${MAX_METHOD} bytes`);
     }
     this.#methodScan = n;
@@ -163,8 +124,8 @@ export class HttpHostParser {
 
   /** Offset just past the blank line (CRLFCRLF or bare LFs), or -1; looks at each byte once. */
   #findHeadEnd(): number {
-    const b = this.#buf;
-    const limit = Math.min(this.#len, this.#max);
+    const b = this.buf;
+    const limit = Math.min(this.len, this.maxBytes);
     for (let i = Math.max(this.#scan, 1); i < limit; i++) {
       if (b[i] !== LF) continue;
       if (b[i - 1] === LF) return i + 1;
