@@ -89,6 +89,37 @@ export class KernelAccelError extends Error {
 }
 
 /**
+ * Fails with `unsupported_platform` off Linux on x86_64/aarch64 (the map layouts are little
+ * endian), and with `old_kernel` below `minKernel`. `feature` names what needs it ("the XDP
+ * filter"), `needs` what that kernel brings, `fallback` what to do instead.
+ */
+export function checkPlatform(
+  feature: string,
+  minKernel: [number, number],
+  needs: string,
+  fallback: string,
+  fail: (reason: string, cause: string, fix: string) => Error,
+): void {
+  if (Deno.build.os !== "linux" || !["x86_64", "aarch64"].includes(Deno.build.arch)) {
+    throw fail(
+      "unsupported_platform",
+      `${feature} needs Linux on x86_64 or aarch64 (this is ${Deno.build.os}/${Deno.build.arch})`,
+      fallback,
+    );
+  }
+  const m = Deno.osRelease().match(/^(\d+)\.(\d+)/);
+  const [major, minor] = m ? [Number(m[1]), Number(m[2])] : [0, 0];
+  const [wantMajor, wantMinor] = minKernel;
+  if (major < wantMajor || (major === wantMajor && minor < wantMinor)) {
+    throw fail(
+      "old_kernel",
+      `kernel ${Deno.osRelease()} is older than ${wantMajor}.${wantMinor} (${needs})`,
+      `upgrade to Linux ${wantMajor}.${wantMinor} or later, or ${fallback}`,
+    );
+  }
+}
+
+/**
  * Fails with `not_root` unless this process may load BPF programs (CAP_SYS_ADMIN, or CAP_BPF
  * with CAP_NET_ADMIN), or with `no_libbpf` when libbpf.so.1 cannot be loaded.
  */
@@ -328,11 +359,6 @@ const CAP_NET_ADMIN = 12n;
 const CAP_SYS_ADMIN = 21n;
 const CAP_BPF = 39n;
 
-function kernelVersion(): [number, number] {
-  const m = Deno.osRelease().match(/^(\d+)\.(\d+)/);
-  return m ? [Number(m[1]), Number(m[2])] : [0, 0];
-}
-
 /** The cgroup v2 path of this process relative to the cgroup2 mount ("/" for the root). */
 async function currentCgroup2(): Promise<string> {
   const text = await Deno.readTextFile("/proc/self/cgroup");
@@ -497,21 +523,13 @@ export class KernelAccel {
         "close() the first KernelAccel before opening another",
       );
     }
-    if (Deno.build.os !== "linux" || !["x86_64", "aarch64"].includes(Deno.build.arch)) {
-      throw new KernelAccelError(
-        "unsupported_platform",
-        `eBPF fast path needs Linux on x86_64 or aarch64 (this is ${Deno.build.os}/${Deno.build.arch})`,
-        "run in userspace mode",
-      );
-    }
-    const [kmaj, kmin] = kernelVersion();
-    if (kmaj < 5 || (kmaj === 5 && kmin < 10)) {
-      throw new KernelAccelError(
-        "old_kernel",
-        `kernel ${Deno.osRelease()} is older than 5.10`,
-        "upgrade to Linux 5.10 or later for the sockmap fast path",
-      );
-    }
+    checkPlatform(
+      "the eBPF fast path",
+      [5, 10],
+      "sockmap with sk_skb verdicts, sock_ops",
+      "run in userspace mode",
+      (reason, cause, fix) => new KernelAccelError(reason, cause, fix),
+    );
     await checkBpfAccess(
       "load eBPF programs",
       "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (cgroup and bpffs mounts)",

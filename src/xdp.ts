@@ -24,7 +24,7 @@ import {
 } from "../ffi/libbpf.ts";
 import { closeFd, ifNameToIndex } from "../ffi/libc.ts";
 import type { Cidr } from "./acl.ts";
-import { checkBpfAccess, openBpfObject } from "./kernel.ts";
+import { checkBpfAccess, checkPlatform, openBpfObject } from "./kernel.ts";
 
 /** Log sink of the loader (same levels as the proxy's logger). */
 export type XdpLog = (level: "debug" | "info" | "warning" | "error", message: string) => void;
@@ -226,11 +226,6 @@ function checkCapacity(w: Wanted, maxEntries: number, prev?: Wanted): void {
   }
 }
 
-function kernelVersion(): [number, number] {
-  const m = Deno.osRelease().match(/^(\d+)\.(\d+)/);
-  return m ? [Number(m[1]), Number(m[2])] : [0, 0];
-}
-
 /** Describe the XDP program(s) already on `ifindex`, and the command that removes them. */
 function describeOccupant(ifname: string, ifindex: number): { what: string; fix: string } {
   let q;
@@ -361,21 +356,13 @@ export class XdpFilter {
     const want = wanted(options.deny, options.allow, options.ports);
     checkCapacity(want, maxEntries);
 
-    if (Deno.build.os !== "linux" || !["x86_64", "aarch64"].includes(Deno.build.arch)) {
-      throw new XdpError(
-        "unsupported_platform",
-        `the XDP filter needs Linux on x86_64 or aarch64 (this is ${Deno.build.os}/${Deno.build.arch})`,
-        "remove ebpf.xdp from the config (the userspace ACL still applies)",
-      );
-    }
-    const [kmaj, kmin] = kernelVersion();
-    if (kmaj < 5 || (kmaj === 5 && kmin < 9)) {
-      throw new XdpError(
-        "old_kernel",
-        `kernel ${Deno.osRelease()} is older than 5.9 (no BPF links for XDP)`,
-        "upgrade to Linux 5.9 or later, or remove ebpf.xdp from the config",
-      );
-    }
+    checkPlatform(
+      "the XDP filter",
+      [5, 9],
+      "BPF links for XDP",
+      "remove ebpf.xdp from the config (the userspace ACL still applies)",
+      (reason, cause, fix) => new XdpError(reason, cause, fix),
+    );
     await checkBpfAccess(
       "load and attach XDP programs",
       "run as root, or grant CAP_BPF and CAP_NET_ADMIN",
