@@ -4,6 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import { drainHash, makeCerts, readToEnd, writeAll } from "./helpers.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 const NAMES = [
@@ -29,71 +30,15 @@ export interface Certs {
 
 let certsPromise: Promise<Certs> | null = null;
 
-async function run(cmd: string, args: string[], cwd?: string): Promise<string> {
-  const out = await new Deno.Command(cmd, { args, cwd, stdin: "null" }).output();
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
-  if (!out.success) throw new Error(`${cmd} ${args.join(" ")} failed:\n${text}`);
-  return text;
-}
-
 /** Makes (once) a CA and a leaf for the test names with openssl. */
 export function certs(): Promise<Certs> {
-  certsPromise ??= (async () => {
-    const dir = await Deno.makeTempDir({ prefix: "sni-certs-" });
-    const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    await run("openssl", [
-      "req",
-      "-x509",
-      ...ec,
-      "-days",
-      "2",
-      "-subj",
-      "/CN=sni-proxy test CA",
-      "-keyout",
-      "ca.key",
-      "-out",
-      "ca.pem",
-    ], dir);
-    await run("openssl", [
-      "req",
-      ...ec,
-      "-subj",
-      "/CN=a.test",
-      "-keyout",
-      "leaf.key",
-      "-out",
-      "leaf.csr",
-    ], dir);
-    await Deno.writeTextFile(
-      `${dir}/ext.cnf`,
-      `subjectAltName=${NAMES.map((n) => `DNS:${n}`).join(",")},IP:127.0.0.1,IP:::1\n` +
-        "basicConstraints=critical,CA:FALSE\n",
-    );
-    await run("openssl", [
-      "x509",
-      "-req",
-      "-in",
-      "leaf.csr",
-      "-CA",
-      "ca.pem",
-      "-CAkey",
-      "ca.key",
-      "-CAcreateserial",
-      "-days",
-      "2",
-      "-extfile",
-      "ext.cnf",
-      "-out",
-      "leaf.pem",
-    ], dir);
-    return {
-      dir,
-      ca: await Deno.readTextFile(`${dir}/ca.pem`),
-      caFile: `${dir}/ca.pem`,
-      cert: await Deno.readTextFile(`${dir}/leaf.pem`),
-      key: await Deno.readTextFile(`${dir}/leaf.key`),
-    };
-  })();
+  certsPromise ??= makeCerts(NAMES).then((c) => ({
+    dir: c.dir,
+    ca: c.caPem,
+    caFile: c.caFile,
+    cert: c.certPem,
+    key: c.keyPem,
+  }));
   return certsPromise;
 }
 
@@ -188,43 +133,8 @@ export function echo(conn: Deno.TlsConn): Promise<void> {
   })();
 }
 
-/** Writes all of `data`. */
-export async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
-  let off = 0;
-  while (off < data.length) off += await conn.write(data.subarray(off));
-}
-
-/** Reads until EOF (or error); returns the byte count and sha256. */
-export async function drain(conn: Deno.Conn): Promise<{ bytes: number; sha256: string }> {
-  const h = createHash("sha256");
-  const buf = new Uint8Array(65536);
-  let bytes = 0;
-  for (;;) {
-    const n = await conn.read(buf);
-    if (n === null) break;
-    h.update(buf.subarray(0, n));
-    bytes += n;
-  }
-  return { bytes, sha256: h.digest("hex") };
-}
-
-/** Reads until EOF, concatenated. */
-export async function readAll(conn: Deno.Conn): Promise<Uint8Array> {
-  const parts: Uint8Array[] = [];
-  const buf = new Uint8Array(65536);
-  for (;;) {
-    const n = await conn.read(buf);
-    if (n === null) break;
-    parts.push(buf.slice(0, n));
-  }
-  const out = new Uint8Array(parts.reduce((s, p) => s + p.length, 0));
-  let off = 0;
-  for (const p of parts) {
-    out.set(p, off);
-    off += p.length;
-  }
-  return out;
-}
+// byte-stream helpers shared with the other end-to-end suite
+export { drainHash as drain, readToEnd as readAll, writeAll };
 
 /** A TLS client to `port` on 127.0.0.1 (or `host`) that sends SNI `serverName`. */
 export async function tlsClient(
