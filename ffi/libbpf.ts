@@ -143,7 +143,8 @@ export class BpfError extends Error {
   }
 }
 
-function logTail(log: string, lines = 25): string {
+/** The last `lines` lines of a (verifier) log, with "..." when some were cut. */
+export function logTail(log: string, lines = 25): string {
   const all = log.trimEnd().split("\n");
   return (all.length > lines ? ["...", ...all.slice(-lines)] : all).join("\n");
 }

@@ -24,6 +24,7 @@ import {
   type BpfProgram,
   libbpf,
   linkDetachFd,
+  logTail,
   objGet,
   possibleCpus,
   setLibbpfLogger,
@@ -1002,7 +1003,7 @@ function loadError(e: unknown, o: KernelAccelOptions): Error {
     return new KernelAccelError(
       "verifier_rejected",
       `the kernel verifier rejected the eBPF program (${e.errnoName}):\n${
-        e.verifierLog.trimEnd().split("\n").slice(-20).join("\n")
+        logTail(e.verifierLog, 20)
       }`,
       "this kernel lacks a feature the program needs; run in userspace mode or upgrade the kernel",
       { cause: e },

@@ -18,6 +18,7 @@ import {
   BpfObject,
   linkCreate,
   linkDetachFd,
+  logTail,
   progInfoById,
   XdpFlags,
   xdpQuery,
@@ -640,7 +641,7 @@ function loadError(e: unknown, maxEntries: number): Error {
     return new XdpError(
       "verifier_rejected",
       `the kernel verifier rejected the XDP program (${e.errnoName}):\n${
-        e.verifierLog.trimEnd().split("\n").slice(-20).join("\n")
+        logTail(e.verifierLog, 20)
       }`,
       "this kernel lacks a feature the program needs; remove ebpf.xdp or upgrade the kernel",
       { cause: e },

@@ -6,6 +6,7 @@
  *
  * @module
  */
+import type { AccessEntry as LoggedAccessEntry } from "../src/log.ts";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import net from "node:net";
@@ -745,21 +746,8 @@ export function unusedPort(): number {
 // ---------------------------------------------------------------------------------------------
 // The proxy process
 
-/** One access-log entry, as documented in the README. */
-export interface AccessEntry {
-  time: string;
-  client: string;
-  listener: string;
-  sni: string | null;
-  route: string | null;
-  backend: string | null;
-  bytes_up: number;
-  bytes_down: number;
-  duration_ms: number;
-  close_reason: string;
-  mode: string;
-  [field: string]: unknown;
-}
+/** One access-log entry as read back from the file (src/log.ts writes it). */
+export type AccessEntry = LoggedAccessEntry & Record<string, unknown>;
 
 /** A listener as the proxy logged it. */
 export interface ListenerInfo {

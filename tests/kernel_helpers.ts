@@ -36,7 +36,33 @@ async function mtime(path: string): Promise<number> {
   }
 }
 
-async function hasCommand(cmd: string): Promise<boolean> {
+/**
+ * Builds the BPF objects (build.sh bpf) when bpf/NAME.bpf.o is missing or older than its
+ * sources; returns why that failed, or null.
+ */
+export async function ensureBpfObject(name: "sockmap" | "xdp"): Promise<string | null> {
+  const obj = await mtime(`${ROOT}bpf/${name}.bpf.o`);
+  const src = Math.max(
+    await mtime(`${ROOT}bpf/${name}.bpf.c`),
+    await mtime(`${ROOT}bpf/${name}.h`),
+  );
+  if (obj >= src && obj > 0) return null;
+  try {
+    const out = await new Deno.Command("bash", {
+      args: [`${ROOT}build.sh`, "bpf"],
+      stderr: "piped",
+    }).output();
+    if (out.success) return null;
+    return `build.sh bpf failed (install clang: apt-get install -y clang llvm libbpf-dev): ${
+      decoder.decode(out.stderr)
+    }`;
+  } catch (e) {
+    return `cannot run build.sh: ${(e as Error).message}`;
+  }
+}
+
+/** Whether `cmd` is on PATH. */
+export async function hasCommand(cmd: string): Promise<boolean> {
   try {
     const out = await new Deno.Command("sh", { args: ["-c", `command -v ${cmd}`] }).output();
     return out.success;
@@ -47,7 +73,7 @@ async function hasCommand(cmd: string): Promise<boolean> {
 
 /**
  * Why the kernel-mode tests cannot run here (null: they can). Builds bpf/sockmap.bpf.o when it
- * is missing or older than its sources, like tests/kernel_test.ts.
+ * is missing or older than its sources.
  */
 export async function kernelSkipReason(): Promise<string | null> {
   if (Deno.build.os !== "linux") return "not Linux";
@@ -57,23 +83,8 @@ export async function kernelSkipReason(): Promise<string | null> {
   } catch (e) {
     return `${(e as Error).message} (apt-get install -y libbpf1)`;
   }
-  const obj = await mtime(`${ROOT}bpf/sockmap.bpf.o`);
-  const src = Math.max(
-    await mtime(`${ROOT}bpf/sockmap.bpf.c`),
-    await mtime(`${ROOT}bpf/sockmap.h`),
-  );
-  if (obj <= 0 || obj < src) {
-    const out = await new Deno.Command("bash", {
-      args: [`${ROOT}build.sh`, "bpf"],
-      stderr: "piped",
-    })
-      .output().catch((e) => ({ success: false, stderr: new TextEncoder().encode(String(e)) }));
-    if (!out.success) {
-      return `build.sh bpf failed (install clang: apt-get install -y clang llvm libbpf-dev): ${
-        decoder.decode(out.stderr)
-      }`;
-    }
-  }
+  const build = await ensureBpfObject("sockmap");
+  if (build) return build;
   if (!(await cgroup2Mount())) return "no cgroup2 mount";
   for (const cmd of ["bpftool", "strace", "clang", "setpriv"]) {
     if (!(await hasCommand(cmd))) return `${cmd} not installed (apt-get install -y ${cmd})`;

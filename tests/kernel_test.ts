@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { BpfAttachType, BpfError, BpfObject, libbpf, queryProgIds } from "../ffi/libbpf.ts";
 import { closeFd, openDirectory } from "../ffi/libc.ts";
+import { ensureBpfObject } from "./kernel_helpers.ts";
 import {
   KernelAccel,
   KernelAccelError,
@@ -21,34 +22,6 @@ const ROOT = new URL("..", import.meta.url).pathname;
 const OBJECT = `${ROOT}bpf/sockmap.bpf.o`;
 const PIN_DIR = "/sys/fs/bpf/sni-proxy-test";
 
-async function mtime(path: string): Promise<number> {
-  try {
-    return (await Deno.stat(path)).mtime?.getTime() ?? 0;
-  } catch {
-    return -1;
-  }
-}
-
-/** Build bpf/sockmap.bpf.o when missing or older than its sources; returns an error text. */
-async function ensureObject(): Promise<string | null> {
-  const obj = await mtime(OBJECT);
-  const src = Math.max(
-    await mtime(`${ROOT}bpf/sockmap.bpf.c`),
-    await mtime(`${ROOT}bpf/sockmap.h`),
-  );
-  if (obj >= src && obj > 0) return null;
-  try {
-    const out = await new Deno.Command("bash", {
-      args: [`${ROOT}build.sh`, "bpf"],
-      stderr: "piped",
-    })
-      .output();
-    return out.success ? null : `build.sh bpf failed: ${new TextDecoder().decode(out.stderr)}`;
-  } catch (e) {
-    return `cannot run build.sh: ${(e as Error).message}`;
-  }
-}
-
 async function skipReason(): Promise<string | null> {
   if (Deno.build.os !== "linux") return "not Linux";
   if (Deno.uid() !== 0) return "not root (the eBPF tests need root: sudo deno task test)";
@@ -57,8 +30,8 @@ async function skipReason(): Promise<string | null> {
   } catch (e) {
     return `${(e as Error).message}`;
   }
-  const build = await ensureObject();
-  if (build) return `${build} (install clang: apt-get install -y clang llvm libbpf-dev)`;
+  const build = await ensureBpfObject("sockmap");
+  if (build) return build;
   const mounts = await Deno.readTextFile("/proc/self/mounts");
   if (!/ cgroup2 /.test(mounts) && !(await Deno.stat("/sys/fs/cgroup").catch(() => null))) {
     return "no cgroup2 mount and no /sys/fs/cgroup";

@@ -12,6 +12,7 @@
 import assert from "node:assert/strict";
 import { parseCidr } from "../src/acl.ts";
 import { lpmKey } from "../src/xdp.ts";
+import { ensureBpfObject, hasCommand } from "./kernel_helpers.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 const OBJECT = `${ROOT}bpf/xdp.bpf.o`;
@@ -29,53 +30,21 @@ const UDP_PORT = 9999;
 const DENO = Deno.execPath();
 const dec = new TextDecoder();
 
-async function mtime(path: string): Promise<number> {
-  try {
-    return (await Deno.stat(path)).mtime?.getTime() ?? 0;
-  } catch {
-    return -1;
-  }
-}
-
-/** Build bpf/xdp.bpf.o when missing or older than its sources; returns an error text. */
-async function ensureObject(): Promise<string | null> {
-  const obj = await mtime(OBJECT);
-  const src = Math.max(await mtime(`${ROOT}bpf/xdp.bpf.c`), await mtime(`${ROOT}bpf/xdp.h`));
-  if (obj >= src && obj > 0) return null;
-  try {
-    const out = await new Deno.Command("bash", {
-      args: [`${ROOT}build.sh`, "bpf"],
-      stderr: "piped",
-    })
-      .output();
-    return out.success ? null : `build.sh bpf failed: ${dec.decode(out.stderr)}`;
-  } catch (e) {
-    return `cannot run build.sh: ${(e as Error).message}`;
-  }
-}
-
-async function has(cmd: string): Promise<boolean> {
-  try {
-    const out = await new Deno.Command("sh", { args: ["-c", `command -v ${cmd}`] }).output();
-    return out.success;
-  } catch {
-    return false;
-  }
-}
-
 async function skipReason(): Promise<string | null> {
   if (Deno.build.os !== "linux") return "not Linux";
   if (Deno.uid() !== 0) return "not root (the XDP tests need root: sudo deno task test)";
   for (const cmd of ["ip", "curl", "openssl"]) {
-    if (!(await has(cmd))) return `${cmd} missing (apt-get install -y iproute2 curl openssl)`;
+    if (!(await hasCommand(cmd))) {
+      return `${cmd} missing (apt-get install -y iproute2 curl openssl)`;
+    }
   }
   try {
     Deno.dlopen("libbpf.so.1", {}).close();
   } catch (e) {
     return `libbpf.so.1: ${(e as Error).message} (apt-get install -y libbpf1)`;
   }
-  const build = await ensureObject();
-  if (build) return `${build} (install clang: apt-get install -y clang llvm libbpf-dev)`;
+  const build = await ensureBpfObject("xdp");
+  if (build) return build;
   return null;
 }
 
