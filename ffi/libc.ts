@@ -1,7 +1,8 @@
 /**
  * The few libc functions the eBPF fast path needs that Deno has no API for: file descriptors for
  * directories (cgroup attach), mount(2) (cgroup2/bpffs), netlink sockets (sock_diag), errno and
- * vsnprintf (rendering libbpf's va_list log messages). Opened lazily on first use.
+ * vsnprintf (rendering libbpf's va_list log messages), and the socket and epoll calls that let a
+ * spliced pair live outside Deno's event loop. Opened lazily on first use.
  * @module
  */
 
@@ -16,6 +17,13 @@ const LIBC_SYMBOLS = {
   recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
   vsnprintf: { parameters: ["buffer", "usize", "pointer", "pointer"], result: "i32" },
   if_nametoindex: { parameters: ["buffer"], result: "u32" },
+  shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
+  epoll_create1: { parameters: ["i32"], result: "i32" },
+  epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  // on a thread of its own: the wait blocks
+  epoll_wait: { parameters: ["i32", "buffer", "i32", "i32"], result: "i32", nonblocking: true },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The opened libc with its typed symbol table. */
@@ -52,8 +60,11 @@ const ERRNO_NAMES: Record<number, string> = {
   22: "EINVAL",
   24: "EMFILE",
   28: "ENOSPC",
+  32: "EPIPE",
   38: "ENOSYS",
   95: "EOPNOTSUPP",
+  104: "ECONNRESET",
+  110: "ETIMEDOUT",
   524: "ENOTSUPP",
 };
 
@@ -120,4 +131,152 @@ export function mountFs(fstype: string, target: string): void {
  */
 export function ifNameToIndex(name: string): number {
   return libc().if_nametoindex(cString(name));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sockets by fd, and epoll: a spliced socket pair is watched outside Deno's event loop
+
+/** errno values the socket helpers below hand back (negated) for callers to branch on. */
+export const EINTR = 4;
+export const EAGAIN = 11;
+
+const F_DUPFD_CLOEXEC = 1030;
+const SOL_SOCKET = 1;
+const SO_ERROR = 4;
+const SO_COOKIE = 57;
+const IPPROTO_TCP = 6;
+const TCP_INFO = 11;
+const SHUT_WR = 1;
+
+/** The lowest fd not in use (the one the next socket or file gets), or -1. */
+export function lowestFreeFd(): number {
+  const fd = libc().fcntl(0, F_DUPFD_CLOEXEC, 0);
+  if (fd >= 0) libc().close(fd);
+  return fd;
+}
+
+const MSG_NOSIGNAL = 0x4000;
+
+/** recv(2) from a socket: bytes read, 0 at EOF, or -errno (-EAGAIN: nothing there now). */
+export function recvFd(fd: number, buf: Uint8Array): number {
+  const n = Number(libc().recv(fd, buf, BigInt(buf.length), 0));
+  return n < 0 ? -errno() : n;
+}
+
+/** send(2) to a socket without SIGPIPE: bytes written, or -errno (-EPIPE: the peer is gone). */
+export function sendFd(fd: number, buf: Uint8Array): number {
+  const n = Number(libc().send(fd, buf, BigInt(buf.length), MSG_NOSIGNAL));
+  return n < 0 ? -errno() : n;
+}
+
+/** shutdown(2) of a socket's sending side (sends the FIN); 0 or -errno. */
+export function shutdownWrite(fd: number): number {
+  return libc().shutdown(fd, SHUT_WR) === 0 ? 0 : -errno();
+}
+
+const optBuf = new Uint8Array(8);
+const optView = new DataView(optBuf.buffer);
+const optLen = new Uint8Array(4);
+const optLenView = new DataView(optLen.buffer);
+
+function getsockopt(fd: number, level: number, name: number, size: number): boolean {
+  optBuf.fill(0);
+  optLenView.setUint32(0, size, true);
+  return libc().getsockopt(fd, level, name, optBuf, optLen) === 0;
+}
+
+/** The socket's cookie (SO_COOKIE), the id a sockhash lookup returns; null when not a socket. */
+export function socketCookie(fd: number): bigint | null {
+  return getsockopt(fd, SOL_SOCKET, SO_COOKIE, 8) ? optView.getBigUint64(0, true) : null;
+}
+
+/** The socket's pending error (SO_ERROR, e.g. ECONNRESET), 0 for none; clears it. */
+export function socketError(fd: number): number {
+  return getsockopt(fd, SOL_SOCKET, SO_ERROR, 4) ? optView.getInt32(0, true) : errno();
+}
+
+/** The TCP state of a socket (tcpi_state, the first byte of struct tcp_info), or -1. */
+export function tcpState(fd: number): number {
+  // a short optlen makes the kernel copy only the first bytes of struct tcp_info
+  return getsockopt(fd, IPPROTO_TCP, TCP_INFO, 8) ? optBuf[0] : -1;
+}
+
+export const EPOLLIN = 0x001;
+export const EPOLLERR = 0x008;
+export const EPOLLHUP = 0x010;
+export const EPOLLRDHUP = 0x2000;
+export const EPOLLET = 1 << 31;
+const EPOLL_CLOEXEC = 0o2000000;
+const EPOLL_CTL_ADD = 1;
+const EPOLL_CTL_DEL = 2;
+/** struct epoll_event is packed (12 bytes) on x86_64 only; 16 bytes with padding elsewhere. */
+const EVENT_SIZE = Deno.build.arch === "x86_64" ? 12 : 16;
+const EVENT_DATA = Deno.build.arch === "x86_64" ? 4 : 8;
+
+const noEvent = new Uint8Array(EVENT_SIZE);
+
+/** Takes `fd` out of the epoll instance `epfd` (not necessarily ours); 0 or -errno. */
+export function epollDelete(epfd: number, fd: number): number {
+  return libc().epoll_ctl(epfd, EPOLL_CTL_DEL, fd, noEvent) === 0 ? 0 : -errno();
+}
+
+/** An epoll instance whose wait runs off the JS thread (the event loop stays free). */
+export class Epoll {
+  readonly #fd: number;
+  readonly #ctl = new Uint8Array(EVENT_SIZE);
+  readonly #ctlView = new DataView(this.#ctl.buffer);
+  readonly #events: Uint8Array<ArrayBuffer>;
+  readonly #eventsView: DataView;
+  readonly #max: number;
+  #waiting = false;
+
+  /** `maxEvents`: how many events one wait() returns at most. */
+  constructor(maxEvents = 256) {
+    this.#fd = libc().epoll_create1(EPOLL_CLOEXEC);
+    if (this.#fd < 0) throw new SyscallError("epoll_create1", errno());
+    this.#max = maxEvents;
+    this.#events = new Uint8Array(maxEvents * EVENT_SIZE);
+    this.#eventsView = new DataView(this.#events.buffer);
+  }
+
+  /** Watches `fd` for `events`; `id` (a safe integer) comes back with each of its events. */
+  add(fd: number, events: number, id: number): void {
+    this.#ctlView.setUint32(0, events >>> 0, true);
+    this.#ctlView.setBigUint64(EVENT_DATA, BigInt(id), true);
+    if (libc().epoll_ctl(this.#fd, EPOLL_CTL_ADD, fd, this.#ctl) !== 0) {
+      throw new SyscallError(`epoll_ctl(ADD, ${fd})`, errno());
+    }
+  }
+
+  /** Stops watching `fd` (closing it does that too). */
+  delete(fd: number): void {
+    epollDelete(this.#fd, fd);
+  }
+
+  /**
+   * Waits up to `timeoutMs` for events and calls `onEvent(id, events)` for each; resolves to
+   * how many there were. One wait at a time.
+   */
+  async wait(timeoutMs: number, onEvent: (id: number, events: number) => void): Promise<number> {
+    if (this.#waiting) throw new Error("Epoll.wait: a wait is already running");
+    this.#waiting = true;
+    let n: number;
+    try {
+      n = await libc().epoll_wait(this.#fd, this.#events, this.#max, timeoutMs);
+    } finally {
+      this.#waiting = false;
+    }
+    // -1 is EINTR (a signal reached that thread): an empty round
+    const v = this.#eventsView;
+    for (let i = 0; i < n; i++) {
+      const at = i * EVENT_SIZE;
+      onEvent(Number(v.getBigUint64(at + EVENT_DATA, true)), v.getUint32(at, true));
+    }
+    return Math.max(n, 0);
+  }
+
+  /** Closes the epoll fd; call only when no wait is running. */
+  close(): void {
+    libc().close(this.#fd);
+  }
 }

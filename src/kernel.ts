@@ -249,6 +249,8 @@ export class SplicePair {
   readonly tupleB: SocketTuple;
   /** @internal 1 for a socket whose acked count includes its SYN (actively opened), else 0. */
   readonly synOffset = { a: 0, b: 0 };
+  /** The sockets' cookies (SO_COOKIE) as the sockhash holds them: which sockets were paired. */
+  readonly cookies = { a: 0n, b: 0n };
   /** @internal */
   constructor(a: SocketAddrs, b: SocketAddrs, tupleA: SocketTuple, tupleB: SocketTuple) {
     this.a = a;
@@ -408,6 +410,7 @@ export class KernelAccel {
   readonly #pairBuf = new Uint8Array(PAIR_SIZE);
   readonly #pairView = new DataView(this.#pairBuf.buffer);
   readonly #cookieBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
+  readonly #cookieView = new DataView(this.#cookieBuf.buffer);
   readonly #statsBuf: Uint8Array;
   #closed = false;
   static #open = false;
@@ -688,7 +691,7 @@ export class KernelAccel {
    */
   pair(a: SocketAddrs, b: SocketAddrs, writtenBefore: { a?: number; b?: number } = {}): SplicePair {
     const p = new SplicePair(a, b, socketTuple(a), socketTuple(b));
-    for (const [key, s] of [[p.keyA, a], [p.keyB, b]] as const) {
+    for (const [side, key, s] of [["a", p.keyA, a], ["b", p.keyB, b]] as const) {
       if (!this.#sockhash.lookup(key, this.#cookieBuf)) {
         throw new KernelAccelError(
           "socket_not_tracked",
@@ -696,6 +699,7 @@ export class KernelAccel {
           "it was established before the fast path was attached (or its listener was created before); it stays in userspace mode",
         );
       }
+      p.cookies[side] = this.#cookieView.getBigUint64(0, true);
     }
     // acked + write queue counts the SYN of an actively opened socket once it is acked; learn
     // that offset now, while the bytes written are known, so waitDrained compares exactly.

@@ -52,18 +52,78 @@ export interface SpliceHooks {
   release(): void;
 }
 
-/** A running relay between `client` and `backend`. Both conns are closed when it ends. */
-export class Relay {
-  readonly #client: Deno.Conn;
-  readonly #backend: Deno.Conn;
+/** What a session needs of a relay, userspace or spliced. */
+export interface ByteRelay {
+  /** Relays until both directions are done (or the relay is stopped); closes both sockets. */
+  run(): Promise<RelayEnd>;
+  /** Ends the relay now with `reason` (e.g. shutdown); both sockets are closed. */
+  stop(reason: RelayEnd): void;
+  /** The error behind a reset or error end, for the log. */
+  readonly error: unknown;
+  /** Bytes client → backend this relay copied itself (not the kernel's). */
+  readonly bytesUp: number;
+  /** Bytes backend → client this relay copied itself. */
+  readonly bytesDown: number;
+}
+
+/**
+ * The idle timeout of a relay: fires `onIdle` once nothing moved for `idleMs`, counting bytes the
+ * kernel spliced (read from `splice` when the timer is due: no per-chunk work for them).
+ */
+export class IdleTimer {
   readonly #idleMs: number;
   readonly #splice: SpliceHooks | null;
-  #clientBuffer: Uint8Array | null;
+  readonly #onIdle: () => void;
   #splicedSeen = 0;
+  #lastActive = Date.now();
+  #timer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(idleMs: number, splice: SpliceHooks | null, onIdle: () => void) {
+    this.#idleMs = idleMs;
+    this.#splice = splice;
+    this.#onIdle = onIdle;
+  }
+
+  /** Starts the timer. */
+  start(): void {
+    this.#arm(this.#idleMs);
+  }
+
+  /** Bytes moved now. */
+  touch(): void {
+    this.#lastActive = Date.now();
+  }
+
+  /** Stops the timer for good. */
+  clear(): void {
+    clearTimeout(this.#timer);
+  }
+
+  #arm(delay: number): void {
+    this.#timer = setTimeout(() => {
+      if (this.#splice) {
+        const spliced = this.#splice.splicedBytes();
+        if (spliced !== this.#splicedSeen) {
+          this.#splicedSeen = spliced;
+          this.#lastActive = Date.now();
+        }
+      }
+      const idleFor = Date.now() - this.#lastActive;
+      if (idleFor >= this.#idleMs) this.#onIdle();
+      else this.#arm(this.#idleMs - idleFor);
+    }, delay);
+  }
+}
+
+/** A running relay between `client` and `backend`. Both conns are closed when it ends. */
+export class Relay implements ByteRelay {
+  readonly #client: Deno.Conn;
+  readonly #backend: Deno.Conn;
+  readonly #splice: SpliceHooks | null;
+  readonly #idle: IdleTimer;
+  #clientBuffer: Uint8Array | null;
   #end: RelayEnd | null = null;
   #error: unknown = null;
-  #lastActive = Date.now();
-  #idleTimer: ReturnType<typeof setTimeout> | undefined;
   /** Bytes client → backend copied by this relay. */
   bytesUp = 0;
   /** Bytes backend → client copied by this relay. */
@@ -83,8 +143,8 @@ export class Relay {
     this.#clientBuffer = clientBuffer ?? null;
     this.#client = client;
     this.#backend = backend;
-    this.#idleMs = idleMs;
     this.#splice = splice ?? null;
+    this.#idle = new IdleTimer(idleMs, this.#splice, () => this.#finish("idle_timeout", null));
   }
 
   /** The error behind a reset or error end, for the log. */
@@ -94,7 +154,7 @@ export class Relay {
 
   /** Relays until both directions are done (or the relay is stopped); closes both conns. */
   async run(): Promise<RelayEnd> {
-    this.#armIdle(this.#idleMs);
+    this.#idle.start();
     await Promise.all([
       this.#pump(this.#client, this.#backend, true),
       this.#pump(this.#backend, this.#client, false),
@@ -112,25 +172,10 @@ export class Relay {
     if (this.#end !== null) return;
     this.#end = reason;
     this.#error = error;
-    clearTimeout(this.#idleTimer);
+    this.#idle.clear();
     this.#splice?.release();
     closeQuietly(this.#client);
     closeQuietly(this.#backend);
-  }
-
-  #armIdle(delay: number): void {
-    this.#idleTimer = setTimeout(() => {
-      if (this.#splice) {
-        const spliced = this.#splice.splicedBytes();
-        if (spliced !== this.#splicedSeen) {
-          this.#splicedSeen = spliced;
-          this.#lastActive = Date.now();
-        }
-      }
-      const idleFor = Date.now() - this.#lastActive;
-      if (idleFor >= this.#idleMs) this.#finish("idle_timeout", null);
-      else this.#armIdle(this.#idleMs - idleFor);
-    }, delay);
   }
 
   async #pump(src: Deno.Conn, dst: Deno.Conn, up: boolean): Promise<void> {
@@ -163,7 +208,7 @@ export class Relay {
         }
         return;
       }
-      this.#lastActive = Date.now();
+      this.#idle.touch();
       if (this.#splice) {
         await this.#splice.drainKernel(up, up ? this.bytesUp : this.bytesDown, false);
       }

@@ -11,7 +11,8 @@ import type { KernelAccel, SplicePair } from "./kernel.ts";
 import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
-import { closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
+import { type ByteRelay, closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
+import { backendFdHint, detachSockets, SplicedRelay } from "./spliced.ts";
 import {
   parseProxyHeader,
   proxyHeader,
@@ -69,6 +70,9 @@ export function formatAddr(addr: Deno.Addr): string {
 
 class Stopped extends Error {}
 
+/** The warning that spliced sockets cannot leave Deno's event loop was logged. */
+let detachWarned = false;
+
 /** One accepted client connection. */
 export class Session {
   readonly #client: Deno.TcpConn;
@@ -79,7 +83,7 @@ export class Session {
   #clientNet: Deno.NetAddr;
   #serverNet: Deno.NetAddr;
   #backendConn: Deno.TcpConn | null = null;
-  #relay: Relay | null = null;
+  #relay: ByteRelay | null = null;
   #stopReason: CloseReason | null = null;
   #connectAbort = new AbortController();
   #sni: string | null = null;
@@ -96,6 +100,8 @@ export class Session {
   /** Bytes of the PROXY protocol header written before the hello (not the client's bytes). */
   #headerBytes = 0;
   #earlyError: unknown = null;
+  /** Kernel mode: the fd the backend socket most likely got (see detachSockets). */
+  #backendFdHint = -1;
 
   constructor(client: Deno.TcpConn, ctx: SessionContext) {
     this.#client = client;
@@ -178,13 +184,9 @@ export class Session {
       await writeAll(backend, first);
       this.#helloBytes = this.#pending!.length;
       this.#pending = null;
-      const relay = new Relay(
-        this.#client,
-        backend,
-        this.#ctx.table.config.timeouts.idleMs,
-        hooks,
-        this.#readBuffer,
-      );
+      const idleMs = this.#ctx.table.config.timeouts.idleMs;
+      const relay = (hooks && this.#spliced_(backend, idleMs, hooks)) ??
+        new Relay(this.#client, backend, idleMs, hooks, this.#readBuffer);
       this.#readBuffer = undefined;
       this.#relay = relay;
       if (this.#stopReason) relay.stop("shutdown");
@@ -367,6 +369,25 @@ export class Session {
     };
   }
 
+  /**
+   * The relay of a spliced pair with its sockets out of Deno's event loop, or null (logged once)
+   * when they cannot be taken: the userspace relay then serves the spliced pair.
+   */
+  #spliced_(backend: Deno.TcpConn, idleMs: number, hooks: SpliceHooks): SplicedRelay | null {
+    const pair = detachSockets(this.#client, backend, this.#splice!.cookies, this.#backendFdHint);
+    if (typeof pair === "string") {
+      if (!detachWarned) {
+        detachWarned = true;
+        log.warn(
+          `kernel mode: spliced sockets stay in Deno's event loop (${pair}); ` +
+            `the proxy is woken by their traffic`,
+        );
+      }
+      return null;
+    }
+    return new SplicedRelay(pair, idleMs, hooks);
+  }
+
   /** Removes the kernel pairing (once) and keeps its final byte counts for the access log. */
   #unpair(): void {
     if (!this.#splice || this.#unpaired) return;
@@ -450,6 +471,7 @@ export class Session {
       for (const hostname of addresses) {
         if (abort.signal.aborted) break;
         try {
+          if (this.#ctx.kernel) this.#backendFdHint = backendFdHint();
           return await Deno.connect({ hostname, port, signal: abort.signal });
         } catch (e) {
           lastError = e;

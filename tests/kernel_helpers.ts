@@ -181,14 +181,17 @@ export interface SyscallBytes {
   calls: number;
   /** Bytes per syscall name, e.g. `{ recvfrom: 517 }`. */
   bySyscall: Record<string, number>;
+  /** epoll waits that returned events: how often something woke the process. */
+  wakeups: number;
 }
 
 const READS = new Set(["read", "readv", "pread64", "preadv", "recvfrom", "recvmsg"]);
 const WRITES = new Set(["write", "writev", "pwrite64", "pwritev", "sendto", "sendmsg"]);
+const WAITS = new Set(["epoll_wait", "epoll_pwait", "epoll_pwait2"]);
 
 /**
- * Counts the bytes a process moves through read/write syscalls, from outside, with strace
- * attached to all its threads. /proc/PID/io cannot do this: Deno reads and writes sockets with
+ * Counts the bytes a process moves through read/write syscalls, and its epoll wakeups, from
+ * outside, with strace attached to all its threads. /proc/PID/io cannot do this: Deno reads and writes sockets with
  * recvfrom/sendto, which rchar/wchar do not count.
  */
 export class SyscallMeter {
@@ -210,7 +213,7 @@ export class SyscallMeter {
       args: [
         "-f",
         "-e",
-        `trace=${[...READS, ...WRITES].join(",")}`,
+        `trace=${[...READS, ...WRITES, ...WAITS].join(",")}`,
         "-e",
         "signal=none",
         "-s",
@@ -264,7 +267,7 @@ export class SyscallMeter {
     await this.#child.status;
     await this.#stderr;
     const text = await Deno.readTextFile(this.#file);
-    const result: SyscallBytes = { read: 0, written: 0, calls: 0, bySyscall: {} };
+    const result: SyscallBytes = { read: 0, written: 0, calls: 0, bySyscall: {}, wakeups: 0 };
     for (const line of text.split("\n")) {
       // `12 recvfrom(...) = 65536` or `12 <... recvfrom resumed>...) = 65536`
       const m = /^\d+\s+(?:<\.\.\. (\w+) resumed>|(\w+)\().*\)\s+=\s+(\d+)/.exec(line);
@@ -272,6 +275,10 @@ export class SyscallMeter {
       const name = m[1] ?? m[2];
       const n = Number(m[3]);
       if (n <= 0) continue;
+      if (WAITS.has(name)) {
+        result.wakeups++;
+        continue;
+      }
       if (READS.has(name)) result.read += n;
       else if (WRITES.has(name)) result.written += n;
       else continue;
