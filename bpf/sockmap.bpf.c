@@ -6,6 +6,10 @@
  *   socket of the proxy (passive and active) into sni_sockhash, keyed by its 4-tuple.
  * - sni_verdict (sk_skb verdict, attached to sni_sockhash) redirects what a paired socket receives
  *   to the peer socket's egress and counts it; unpaired traffic is passed to userspace.
+ * - sni_spliced holds the sockets of pairs whose userspace watches them itself (userspace moves
+ *   both there, by fd, before the pair carries a byte). Its verdict (sni_verdict_spliced, the same
+ *   logic) runs under the stream parser sni_parser (each received skb is one message), which,
+ *   unlike the plain verdict mode, wakes no reader of the socket after a redirect.
  *
  * Plain uapi headers only (no CO-RE, no vmlinux.h): the object loads on kernels without BTF.
  */
@@ -26,6 +30,13 @@ struct {
 	__type(key, struct sni_sock_key);
 	__type(value, __u64); /* 8 bytes: a userspace lookup returns the socket cookie */
 } sni_sockhash SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sni_sock_key);
+	__type(value, __u64); /* userspace inserts a socket by fd */
+} sni_spliced SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -141,8 +152,8 @@ int sni_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-SEC("sk_skb/stream_verdict")
-int sni_verdict(struct __sk_buff *skb)
+/* Redirect what a paired socket received to its peer in `sockets`; pass everything else. */
+static __always_inline int splice_verdict(struct __sk_buff *skb, void *sockets)
 {
 	struct sni_sock_key key, peer;
 	struct sni_pair *pair;
@@ -171,7 +182,7 @@ int sni_verdict(struct __sk_buff *skb)
 		return SK_PASS;
 	}
 	__builtin_memcpy(&peer, &pair->peer, sizeof(peer));
-	if (bpf_sk_redirect_hash(skb, &sni_sockhash, &peer, 0) != SK_PASS) {
+	if (bpf_sk_redirect_hash(skb, sockets, &peer, 0) != SK_PASS) {
 		/* Peer gone (closed, not inserted): hand the bytes to userspace, never drop them. */
 		if (st)
 			st->redirect_failures++;
@@ -188,6 +199,25 @@ int sni_verdict(struct __sk_buff *skb)
 		}
 	}
 	return SK_PASS;
+}
+
+SEC("sk_skb/stream_verdict")
+int sni_verdict(struct __sk_buff *skb)
+{
+	return splice_verdict(skb, &sni_sockhash);
+}
+
+SEC("sk_skb/stream_verdict")
+int sni_verdict_spliced(struct __sk_buff *skb)
+{
+	return splice_verdict(skb, &sni_spliced);
+}
+
+/* Each skb as it comes is one message: the parser only puts the verdict under the strparser. */
+SEC("sk_skb/stream_parser")
+int sni_parser(struct __sk_buff *skb)
+{
+	return skb->len;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -273,9 +273,14 @@ const STATS_FIELDS = 10; // struct sni_stats: 10 x u64
 const STATS_SIZE = STATS_FIELDS * 8;
 const SOCKHASH_VALUE_SIZE = 8; // a userspace lookup returns the socket cookie
 
-const PIN_MAPS = ["sni_sockhash", "sni_pairs", "sni_stats", "sni_config"] as const;
+const PIN_MAPS = ["sni_sockhash", "sni_spliced", "sni_pairs", "sni_stats", "sni_config"] as const;
 const PIN_LINK = "sockops_link";
 const DEFAULT_PIN_DIR = "/sys/fs/bpf/sni-proxy";
+/** The programs on sni_spliced: the stream parser and its verdict, parser first. */
+const SPLICED_PROGRAMS = [
+  ["sni_parser", BpfAttachType.SK_SKB_STREAM_PARSER],
+  ["sni_verdict_spliced", BpfAttachType.SK_SKB_STREAM_VERDICT],
+] as const;
 const VERDICT_ATTACH_TYPES = {
   stream_verdict: BpfAttachType.SK_SKB_STREAM_VERDICT,
   verdict: BpfAttachType.SK_SKB_VERDICT,
@@ -397,6 +402,7 @@ interface Owner {
 export class KernelAccel {
   readonly #owner: Owner | null;
   readonly #sockhash: ElementMap;
+  readonly #spliced: ElementMap;
   readonly #pairs: ElementMap;
   readonly #stats: BpfMap | null;
   /** Maps this instance opened from pins (closed by close()). */
@@ -411,6 +417,8 @@ export class KernelAccel {
   readonly #pairView = new DataView(this.#pairBuf.buffer);
   readonly #cookieBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
   readonly #cookieView = new DataView(this.#cookieBuf.buffer);
+  readonly #fdBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
+  readonly #fdView = new DataView(this.#fdBuf.buffer);
   readonly #statsBuf: Uint8Array;
   #closed = false;
   static #open = false;
@@ -418,6 +426,7 @@ export class KernelAccel {
   private constructor(init: {
     owner: Owner | null;
     sockhash: ElementMap;
+    spliced: ElementMap;
     pairs: ElementMap;
     stats: BpfMap | null;
     opened?: BpfMapFd[];
@@ -428,6 +437,7 @@ export class KernelAccel {
   }) {
     this.#owner = init.owner;
     this.#sockhash = init.sockhash;
+    this.#spliced = init.spliced;
     this.#pairs = init.pairs;
     this.#stats = init.stats;
     this.#opened = init.opened ?? [];
@@ -471,10 +481,12 @@ export class KernelAccel {
     };
     try {
       const sockhash = openMap("sni_sockhash", KEY_SIZE, SOCKHASH_VALUE_SIZE);
+      const spliced = openMap("sni_spliced", KEY_SIZE, SOCKHASH_VALUE_SIZE);
       const pairs = openMap("sni_pairs", KEY_SIZE, PAIR_SIZE);
       return new KernelAccel({
         owner: null,
         sockhash,
+        spliced,
         pairs,
         stats: null,
         opened,
@@ -587,6 +599,7 @@ export class KernelAccel {
     const pinned: string[] = [];
     try {
       obj.map("sni_sockhash").setMaxEntries(options.maxSockets);
+      obj.map("sni_spliced").setMaxEntries(options.maxSockets);
       obj.map("sni_pairs").setMaxEntries(options.maxPairs);
       try {
         obj.load();
@@ -603,6 +616,9 @@ export class KernelAccel {
       // notifications on recent kernels, and no socket can enter the map before sock_ops runs.
       obj.program("sni_verdict").attachToMap(obj.map("sni_sockhash"), verdictType);
       verdictAttached = true;
+      for (const [prog, type] of SPLICED_PROGRAMS) {
+        obj.program(prog).attachToMap(obj.map("sni_spliced"), type);
+      }
 
       await Deno.writeTextFile(`${cgroupDir}/cgroup.procs`, `${Deno.pid}\n`);
       movedIn = true;
@@ -630,6 +646,7 @@ export class KernelAccel {
           verdictType,
         },
         sockhash: obj.map("sni_sockhash"),
+        spliced: obj.map("sni_spliced"),
         pairs: obj.map("sni_pairs"),
         stats: obj.map("sni_stats"),
         log,
@@ -752,6 +769,41 @@ export class KernelAccel {
     this.#pairs.delete(p.keyA);
     this.#pairs.delete(p.keyB);
     return c;
+  }
+
+  /**
+   * Moves a pair's sockets (by their fds) from the sockhash to sni_spliced, whose verdict runs
+   * under the stream parser: there a redirect wakes no reader, for sockets whose userspace
+   * watches them itself (src/spliced.ts). Call it right after pair(), before either socket
+   * carries a byte: taking a socket out of a sockmap drops what its psock had queued for the
+   * reader. Returns null when moved, or why not (both then stay in the sockhash, still spliced).
+   */
+  moveToSpliced(p: SplicePair, fdA: number, fdB: number): string | null {
+    this.#sockhash.delete(p.keyA);
+    this.#sockhash.delete(p.keyB);
+    const moved: Uint8Array[] = [];
+    try {
+      for (const [key, fd] of [[p.keyA, fdA], [p.keyB, fdB]] as const) {
+        this.#insert(this.#spliced, key, fd);
+        moved.push(key);
+      }
+      return null;
+    } catch (e) {
+      for (const key of moved) this.#spliced.delete(key);
+      try {
+        this.#insert(this.#sockhash, p.keyA, fdA);
+        this.#insert(this.#sockhash, p.keyB, fdB);
+      } catch (again) {
+        return `${(e as Error).message}; and back into the sockhash: ${(again as Error).message}`;
+      }
+      return (e as Error).message;
+    }
+  }
+
+  /** Puts the socket behind `fd` into a sockhash under `key`. */
+  #insert(map: ElementMap, key: Uint8Array, fd: number): void {
+    this.#fdView.setBigUint64(0, BigInt(fd), true);
+    map.update(key, this.#fdBuf, BPF_ANY);
   }
 
   /**
@@ -880,6 +932,13 @@ export class KernelAccel {
       owner.verdict.detachFromMap(owner.obj.map("sni_sockhash"), owner.verdictType);
     } catch (e) {
       warn("detach verdict", e);
+    }
+    for (const [prog, type] of SPLICED_PROGRAMS) {
+      try {
+        owner.obj.program(prog).detachFromMap(owner.obj.map("sni_spliced"), type);
+      } catch (e) {
+        warn(`detach ${prog}`, e);
+      }
     }
     owner.obj.close();
     const original = `${owner.cgroupMount}${

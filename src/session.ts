@@ -181,12 +181,13 @@ export class Session {
         first.set(header);
         first.set(this.#pending!, header.length);
       }
-      await writeAll(backend, first);
+      const idleMs = this.#ctx.table.config.timeouts.idleMs;
+      // a spliced relay writes the hello itself: its sockets are out of Deno's hands by then
+      const spliced = hooks ? this.#spliced_(backend, idleMs, hooks, first) : null;
+      if (!spliced) await writeAll(backend, first);
       this.#helloBytes = this.#pending!.length;
       this.#pending = null;
-      const idleMs = this.#ctx.table.config.timeouts.idleMs;
-      const relay = (hooks && this.#spliced_(backend, idleMs, hooks)) ??
-        new Relay(this.#client, backend, idleMs, hooks, this.#readBuffer);
+      const relay = spliced ?? new Relay(this.#client, backend, idleMs, hooks, this.#readBuffer);
       this.#readBuffer = undefined;
       this.#relay = relay;
       if (this.#stopReason) relay.stop("shutdown");
@@ -373,8 +374,14 @@ export class Session {
    * The relay of a spliced pair with its sockets out of Deno's event loop, or null (logged once)
    * when they cannot be taken: the userspace relay then serves the spliced pair.
    */
-  #spliced_(backend: Deno.TcpConn, idleMs: number, hooks: SpliceHooks): SplicedRelay | null {
-    const pair = detachSockets(this.#client, backend, this.#splice!.cookies, this.#backendFdHint);
+  #spliced_(
+    backend: Deno.TcpConn,
+    idleMs: number,
+    hooks: SpliceHooks,
+    first: Uint8Array,
+  ): SplicedRelay | null {
+    const splice = this.#splice!;
+    const pair = detachSockets(this.#client, backend, splice.cookies, this.#backendFdHint);
     if (typeof pair === "string") {
       if (!detachWarned) {
         detachWarned = true;
@@ -385,7 +392,9 @@ export class Session {
       }
       return null;
     }
-    return new SplicedRelay(pair, idleMs, hooks);
+    const notMoved = this.#ctx.kernel!.moveToSpliced(splice, pair.clientFd, pair.backendFd);
+    if (notMoved) log.debug(`${this.#clientAddr}: spliced in the sockhash: ${notMoved}`);
+    return new SplicedRelay(pair, idleMs, hooks, first);
   }
 
   /** Removes the kernel pairing (once) and keeps its final byte counts for the access log. */

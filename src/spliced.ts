@@ -211,14 +211,17 @@ export class SplicedRelay implements ByteRelay {
   readonly #idle: IdleTimer;
   readonly #client: Side;
   readonly #backend: Side;
+  #first: Uint8Array | null;
   #end: RelayEnd | null = null;
   #error: unknown = null;
   #done: (end: RelayEnd) => void = () => {};
   bytesUp = 0;
   bytesDown = 0;
 
-  constructor(pair: DetachedPair, idleMs: number, hooks: SpliceHooks) {
+  /** `first`: what to write to the backend first (the hello, after any PROXY header). */
+  constructor(pair: DetachedPair, idleMs: number, hooks: SpliceHooks, first: Uint8Array) {
     this.#pair = pair;
+    this.#first = first;
     this.#hooks = hooks;
     this.#idle = new IdleTimer(idleMs, hooks, () => this.#finish("idle_timeout", null));
     const side = (fd: number, up: boolean): Side => ({
@@ -251,7 +254,12 @@ export class SplicedRelay implements ByteRelay {
       }
     } catch (e) {
       this.#finish("error", e);
+      return ended;
     }
+    // the hello is the session's bytes, not the relay's: not counted in bytesUp
+    const first = this.#first!;
+    this.#first = null;
+    this.#write(this.#backend, first, false).catch((e) => this.#finish("error", e));
     return ended;
   }
 
@@ -320,8 +328,8 @@ export class SplicedRelay implements ByteRelay {
     if (to.passed) this.#finish("done", null);
   }
 
-  /** Writes all of `bytes` to `to`; false when the relay ended meanwhile. */
-  async #write(to: Side, bytes: Uint8Array): Promise<boolean> {
+  /** Writes all of `bytes` to `to` (and counts them); false when the relay ended meanwhile. */
+  async #write(to: Side, bytes: Uint8Array, count = true): Promise<boolean> {
     let off = 0;
     let delay = 1;
     while (off < bytes.length) {
@@ -340,6 +348,7 @@ export class SplicedRelay implements ByteRelay {
       await new Promise((r) => setTimeout(r, delay));
       delay = Math.min(delay * 2, 50);
     }
+    if (!count) return true;
     if (to.up) this.bytesDown += bytes.length;
     else this.bytesUp += bytes.length;
     return true;
