@@ -455,6 +455,70 @@ ktest(
   60_000,
 );
 
+ktest(
+  "kernel mode: an idle spliced connection ends at idle_ms; at SIGTERM a busy one ends at drain_ms and the proxy exits 0",
+  async (scope) => {
+    const backend = rawBackend(scope, echo);
+    const routes = [{ match: "a.test", backends: [backend.address] }];
+    const listeners = [{ address: "127.0.0.1:0", protocol: "tls" }];
+    const ping = new Uint8Array([1, 2, 3]);
+
+    const idle = await startKernelProxy(scope, {
+      listeners,
+      routes,
+      ebpf: kernelEbpf(),
+      timeouts: { idle_ms: 400 },
+    });
+    const quiet = await rawSpliced(idle.port(), "a.test");
+    scope.defer(() => quiet.conn.close());
+    await writeAll(quiet.conn, ping);
+    assert.deepEqual(await readExact(quiet.conn, ping.length), ping, "spliced echo works");
+    const t0 = performance.now();
+    await seesClose(quiet.conn, 5000, "the idle connection closed");
+    const idleMs = performance.now() - t0;
+    const e = await idle.waitAccess((e) => e.backend === backend.address);
+    assert.equal(e.mode, "kernel", JSON.stringify(e));
+    assert.equal(e.close_reason, "idle_timeout", JSON.stringify(e));
+    assert.ok(idleMs >= 350, `closed after ${idleMs.toFixed(0)} ms of silence, not before`);
+    await assertCleanStop(idle);
+
+    const drain = await startKernelProxy(scope, {
+      listeners,
+      routes,
+      ebpf: kernelEbpf(),
+      timeouts: { drain_ms: 500 },
+    });
+    const busy = await rawSpliced(drain.port(), "a.test");
+    scope.defer(() => busy.conn.close());
+    // keep it busy through the drain: an echo every 20 ms
+    let echoes = 0;
+    const talking = (async () => {
+      try {
+        for (;;) {
+          await writeAll(busy.conn, ping);
+          await readExact(busy.conn, ping.length);
+          echoes++;
+          await sleep(20);
+        }
+      } catch {
+        // closed by the proxy
+      }
+    })();
+    await sleep(100);
+    const t1 = performance.now();
+    assert.equal(await drain.stop(), 0, `exit code after SIGTERM; output:\n${drain.stderr()}`);
+    const stopMs = performance.now() - t1;
+    await within(5000, "the busy connection closed", talking);
+    assert.ok(echoes > 5, `${echoes} echoes before the drain ended`);
+    assert.ok(stopMs >= 450 && stopMs < 5000, `exited ${stopMs.toFixed(0)} ms after SIGTERM`);
+    assert.match(drain.stderr(), /drain time over: closing 1 connection/);
+    const d = (await drain.access()).find((e) => e.backend === backend.address);
+    assert.equal(d?.close_reason, "shutdown", JSON.stringify(d));
+    assert.equal(d?.mode, "kernel", JSON.stringify(d));
+  },
+  60_000,
+);
+
 const CONCURRENT = 2000;
 
 ktest(
