@@ -99,6 +99,11 @@ export interface Config {
     rcvbuf: number;
     /** How long a closing spliced side waits for the kernel's redirect queue to drain. */
     drainTimeoutMs: number;
+    /**
+     * Take spliced sockets out of Deno's event loop (the proxy's own epoll, the stream-parser
+     * sockhash); false leaves them in Deno's loop, woken by their traffic.
+     */
+    detachSpliced: boolean;
     /** A BPF object file to load instead of the bundled one (absolute path), or null. */
     object: string | null;
     /** XDP source filtering from the ACL, or null when off. */
@@ -193,6 +198,7 @@ const schema = z.strictObject({
     sndbuf: z.number().int().min(0).max(1 << 30).default(0),
     rcvbuf: z.number().int().min(0).max(1 << 30).default(0),
     drain_timeout_ms: ms(5_000),
+    detach_spliced: z.boolean().default(true),
     object: z.string().min(1).optional(),
     xdp: z.strictObject({
       interfaces: z.array(
@@ -441,6 +447,7 @@ export function resolveConfig(raw: unknown, path: string): Config {
       sndbuf: c.ebpf.sndbuf,
       rcvbuf: c.ebpf.rcvbuf,
       drainTimeoutMs: c.ebpf.drain_timeout_ms,
+      detachSpliced: c.ebpf.detach_spliced,
       object: c.ebpf.object === undefined ? null : rel(c.ebpf.object),
       xdp: c.ebpf.xdp
         ? {

@@ -183,7 +183,9 @@ export class Session {
       }
       const idleMs = this.#ctx.table.config.timeouts.idleMs;
       // a spliced relay writes the hello itself: its sockets are out of Deno's hands by then
-      const spliced = hooks ? this.#spliced_(backend, idleMs, hooks, first) : null;
+      const spliced = hooks && this.#ctx.table.config.ebpf.detachSpliced
+        ? this.#spliced_(backend, idleMs, hooks, first)
+        : null;
       if (!spliced) await writeAll(backend, first);
       this.#helloBytes = this.#pending!.length;
       this.#pending = null;

@@ -32,6 +32,7 @@ Deno.test("a minimal config gets the documented defaults", () => {
   assert.equal(c.log.file, "/etc/sni/logs/sni-proxy.log", "relative to the config's directory");
   assert.equal(c.log.accessLog, "/etc/sni/logs/access.log");
   assert.equal(c.ebpf.enabled, false);
+  assert.equal(c.ebpf.detachSpliced, true, "spliced sockets leave Deno's event loop");
   assert.equal(c.workers, navigator.hardwareConcurrency, "workers: one per CPU");
 });
 
@@ -103,6 +104,7 @@ Deno.test("schema errors name their path: types, enums, unknown keys, missing fi
     routes: [{ match: "a.test", backends: [], balance: "fastest" }],
     timeouts: { idle_ms: -1 },
     limits: { max_conections: 5 },
+    ebpf: { detach_spliced: "yes" },
   });
   for (
     const path of [
@@ -112,6 +114,7 @@ Deno.test("schema errors name their path: types, enums, unknown keys, missing fi
       "routes[0].balance:",
       "timeouts.idle_ms:",
       "limits:",
+      "ebpf.detach_spliced:",
     ]
   ) {
     assert.ok(
