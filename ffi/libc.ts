@@ -202,8 +202,6 @@ export function tcpState(fd: number): number {
 }
 
 export const EPOLLIN = 0x001;
-export const EPOLLERR = 0x008;
-export const EPOLLHUP = 0x010;
 export const EPOLLRDHUP = 0x2000;
 export const EPOLLET = 1 << 31;
 const EPOLL_CLOEXEC = 0o2000000;

@@ -20,6 +20,7 @@ import {
   type ReceivedProxyHeader,
 } from "./proxyproto.ts";
 import { resolveHost } from "./resolver.ts";
+import { afterPeerFin } from "./tcpinfo.ts";
 import type { RoutingTable } from "./table.ts";
 
 const log = logger("session");
@@ -354,8 +355,7 @@ export class Session {
       eofIsReal: (up) => {
         const conn = up ? this.#client : backend;
         const info = kernel.tcpInfo({ local: conn.localAddr, remote: conn.remoteAddr });
-        // gone, or any state after the peer's FIN: CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, CLOSE
-        const real = !info || [6, 7, 8, 9, 11].includes(info.state);
+        const real = !info || afterPeerFin(info.state);
         if (!real) {
           log.debug(
             `${this.#clientAddr}: false EOF on the ${up ? "client" : "backend"} socket (state ${

@@ -33,7 +33,9 @@ import {
   socketCookie,
   socketError,
   strerror,
+  tcpState,
 } from "../ffi/libc.ts";
+import { afterPeerFin } from "./tcpinfo.ts";
 import {
   type ByteRelay,
   closeQuietly,
@@ -301,7 +303,9 @@ export class SplicedRelay implements ByteRelay {
           continue;
         }
         if (n === 0) {
-          if (!this.#hooks.eofIsReal(s.up)) {
+          // a 0-byte read of a sockmap socket is an EOF only after the peer's FIN
+          const state = tcpState(s.fd);
+          if (state >= 0 && !afterPeerFin(state)) {
             s.retry = setTimeout(() => this.#onEvent(s), s.retryMs);
             s.retryMs = Math.min(s.retryMs * 2, 100);
             break;

@@ -18,6 +18,15 @@ export interface SocketTuple {
   remotePort: number;
 }
 
+/**
+ * Whether a TCP state (`tcpi_state`) comes after the peer's FIN: CLOSE_WAIT, LAST_ACK, CLOSING,
+ * TIME_WAIT or CLOSE. A read of 0 bytes is a real EOF only then: a socket in a sockmap can read
+ * 0 bytes while its bytes are being redirected.
+ */
+export function afterPeerFin(state: number): boolean {
+  return state === 6 || state === 7 || state === 8 || state === 9 || state === 11;
+}
+
 /** The subset of struct tcp_info + inet_diag_msg the fast path needs. */
 export interface TcpSocketInfo {
   /** TCP state (1 ESTABLISHED, 7 CLOSE, 8 CLOSE_WAIT, 4 FIN_WAIT1, ...). */
