@@ -826,6 +826,16 @@ export async function writeTempConfig(config: unknown): Promise<string> {
   return path;
 }
 
+/** How to start the proxy process. */
+export interface SpawnOptions {
+  /** How long to wait for its `ready:` line. */
+  readyMs?: number;
+  /** A command to run it under, e.g. `["ip", "netns", "exec", "ns1"]`. */
+  wrapper?: string[];
+  /** Its environment (default: this process's). */
+  env?: Record<string, string>;
+}
+
 /**
  * Starts the proxy on `config` (plus the test log section) and waits for `ready`. The process
  * is stopped (SIGTERM, then SIGKILL) when the scope closes.
@@ -833,7 +843,23 @@ export async function writeTempConfig(config: unknown): Promise<string> {
 export async function startProxy(
   scope: Scope,
   config: Record<string, unknown>,
-  opts: { readyMs?: number } = {},
+  opts: SpawnOptions = {},
+): Promise<ProxyProcess> {
+  return await spawnProxy(config, opts, (stop) =>
+    scope.defer(async () => {
+      await stop(5000);
+    }));
+}
+
+/**
+ * Starts the proxy on `config` (plus the test log section) and waits for `ready`; on failure
+ * it is killed. The caller stops it (startProxy ties that to a scope). `onSpawned` gets its
+ * stop function as soon as it runs.
+ */
+export async function spawnProxy(
+  config: Record<string, unknown>,
+  opts: SpawnOptions = {},
+  onSpawned?: (stop: (ms?: number) => Promise<number>) => void,
 ): Promise<ProxyProcess> {
   const dir = await Deno.makeTempDir({ prefix: "sni-e2e-proxy-" });
   const accessLogPath = `${dir}/access.log`;
@@ -841,12 +867,15 @@ export async function startProxy(
   const writeConfig = (c: Record<string, unknown>) =>
     Deno.writeTextFile(configPath, JSON.stringify(withTestDefaults(c, accessLogPath), null, 2));
   await writeConfig(config);
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--unstable-net", `${ROOT}main.ts`, "--config", configPath],
+  const args = ["run", "-A", "--unstable-net", `${ROOT}main.ts`, "--config", configPath];
+  const wrapper = opts.wrapper ?? [];
+  const child = new Deno.Command(wrapper[0] ?? Deno.execPath(), {
+    args: wrapper.length ? [...wrapper.slice(1), Deno.execPath(), ...args] : args,
     cwd: ROOT,
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
+    env: opts.env,
   }).spawn();
   let exited = false;
   const status = child.status.then((s) => {
@@ -920,11 +949,13 @@ export async function startProxy(
     await pumps;
     return s.code;
   };
-  scope.defer(async () => {
-    await stop(5000);
-  });
-
-  await waitForLog(/sni-proxy·proxy: ready: /, opts.readyMs ?? 20_000);
+  onSpawned?.(stop);
+  try {
+    await waitForLog(/sni-proxy·proxy: ready: /, opts.readyMs ?? 20_000);
+  } catch (e) {
+    if (!onSpawned) await stop(0);
+    throw e;
+  }
   const listening = [
     ...text.matchAll(/sni-proxy·proxy: listening on (\[[^\]]+\]|[0-9.]+):(\d+) \((\w+)\)/g),
   ];

@@ -4,9 +4,16 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { drainHash, makeCerts, readToEnd, writeAll } from "./helpers.ts";
+import {
+  drainHash,
+  makeCerts,
+  type ProxyProcess as HelperProxyProcess,
+  readToEnd,
+  type SpawnOptions,
+  spawnProxy,
+  writeAll,
+} from "./helpers.ts";
 
-const ROOT = new URL("..", import.meta.url).pathname;
 const NAMES = [
   "a.test",
   "*.b.test",
@@ -179,137 +186,24 @@ export async function curl(
   };
 }
 
-/** A running proxy process. */
-export interface ProxyProcess {
+/** A running proxy process, as tests/helpers.ts starts it, with this harness's shorthands. */
+export interface ProxyProcess extends HelperProxyProcess {
   /** Listener ports in config order. */
   ports: number[];
-  pid: number;
-  configPath: string;
-  /** Everything it printed to stderr so far. */
-  stderr(): string;
   /** Waits until stderr contains `text` (or fails after `ms`). */
   waitFor(text: string | RegExp, ms?: number): Promise<void>;
-  /** Access-log entries so far. */
-  access(): Promise<Record<string, unknown>[]>;
-  /** Waits for an access entry matching `pred`. */
-  waitAccess(
-    pred: (e: Record<string, unknown>) => boolean,
-    ms?: number,
-  ): Promise<Record<string, unknown>>;
-  signal(sig: Deno.Signal): void;
-  /** Sends SIGTERM (unless already exited) and returns the exit code. */
-  stop(): Promise<number>;
-  status: Promise<Deno.CommandStatus>;
 }
 
 /** Writes `config` (with a test access log and no log file) and starts the proxy on it. */
 export async function startProxy(
   config: Record<string, unknown>,
-  opts: { env?: Record<string, string>; wrapper?: string[] } = {},
+  opts: SpawnOptions = {},
 ): Promise<ProxyProcess> {
-  const dir = await Deno.makeTempDir({ prefix: "sni-proxy-test-" });
-  const accessPath = `${dir}/access.log`;
-  const full = {
-    workers: 1, // one process unless asked: see tests/proxy_workers_test.ts for several
-    ...config,
-    log: { level: "debug", file: false, access_log: accessPath, ...(config.log ?? {}) },
-  };
-  const configPath = `${dir}/config.json`;
-  await Deno.writeTextFile(configPath, JSON.stringify(full, null, 2));
-  const args = ["run", "-A", "--unstable-net", `${ROOT}main.ts`, "--config", configPath];
-  const wrapper = opts.wrapper ?? [];
-  const child = new Deno.Command(wrapper[0] ?? Deno.execPath(), {
-    args: wrapper.length ? [...wrapper.slice(1), Deno.execPath(), ...args] : args,
-    cwd: ROOT,
-    stdin: "null",
-    stdout: "null",
-    stderr: "piped",
-    env: opts.env,
-  }).spawn();
-  let text = "";
-  const waiters = new Set<() => void>();
-  const pump = (async () => {
-    const decoder = new TextDecoder();
-    for await (const chunk of child.stderr) {
-      text += decoder.decode(chunk, { stream: true });
-      for (const w of waiters) w();
-    }
-  })();
-  const waitFor = async (what: string | RegExp, ms = 15000) => {
-    const has = () => (typeof what === "string" ? text.includes(what) : what.test(text));
-    if (has()) return;
-    const done = Promise.withResolvers<void>();
-    const check = () => has() && done.resolve();
-    waiters.add(check);
-    const timer = setTimeout(
-      () => done.reject(new Error(`proxy did not print ${what} within ${ms} ms; stderr:\n${text}`)),
-      ms,
-    );
-    try {
-      await Promise.race([
-        done.promise,
-        child.status.then(() => {
-          if (!has()) throw new Error(`proxy exited before printing ${what}; stderr:\n${text}`);
-        }),
-      ]);
-    } finally {
-      clearTimeout(timer);
-      waiters.delete(check);
-    }
-  };
-  try {
-    await waitFor("] sni-proxy·proxy: ready: ");
-  } catch (e) {
-    try {
-      child.kill("SIGKILL");
-    } catch { /* exited */ }
-    await pump;
-    throw e;
-  }
-  const ports = [...text.matchAll(/sni-proxy·proxy: listening on (?:\[[^\]]+\]|[0-9.]+):(\d+)/g)]
-    .map((m) => Number(m[1]));
-  const access = async () => {
-    try {
-      const t = await Deno.readTextFile(accessPath);
-      return t.split("\n").filter(Boolean).map((l) => JSON.parse(l));
-    } catch {
-      return [];
-    }
-  };
-  let exited = false;
-  child.status.then(() => (exited = true));
+  const p = await spawnProxy(config, opts);
   return {
-    ports,
-    pid: child.pid,
-    configPath,
-    stderr: () => text,
-    waitFor,
-    access,
-    waitAccess: async (pred, ms = 8000) => {
-      const deadline = Date.now() + ms;
-      for (;;) {
-        const found = (await access()).find(pred);
-        if (found) return found;
-        if (Date.now() > deadline) {
-          throw new Error(
-            `no matching access entry in ${ms} ms: ${JSON.stringify(await access())}`,
-          );
-        }
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    },
-    signal: (sig) => child.kill(sig),
-    stop: async () => {
-      if (!exited) {
-        try {
-          child.kill("SIGTERM");
-        } catch { /* exited */ }
-      }
-      const s = await child.status;
-      await pump;
-      return s.code;
-    },
-    status: child.status,
+    ...p,
+    ports: p.listeners.map((l) => l.port),
+    waitFor: (text, ms = 15_000) => p.waitForLog(text, ms),
   };
 }
 
