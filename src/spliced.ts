@@ -311,7 +311,7 @@ export class SplicedRelay implements ByteRelay {
             break;
           }
           await this.#passEof(s, peer);
-          return;
+          break; // an event that came meanwhile (a reset) is served by the EOF branch
         }
         if (n === -EINTR) continue;
         if (n === -EAGAIN) break;
