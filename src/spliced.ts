@@ -303,6 +303,12 @@ export class SplicedRelay implements ByteRelay {
           continue;
         }
         if (n === 0) {
+          // a reset socket in a sockmap reads 0 bytes too: its pending error tells them apart
+          const err = socketError(s.fd);
+          if (err) {
+            this.#reset(s, err);
+            return;
+          }
           // a 0-byte read of a sockmap socket is an EOF only after the peer's FIN
           const state = tcpState(s.fd);
           if (state >= 0 && !afterPeerFin(state)) {
