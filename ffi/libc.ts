@@ -218,7 +218,7 @@ export function epollDelete(epfd: number, fd: number): number {
   return libc().epoll_ctl(epfd, EPOLL_CTL_DEL, fd, noEvent) === 0 ? 0 : -errno();
 }
 
-/** An epoll instance whose wait runs off the JS thread (the event loop stays free). */
+/** An epoll instance whose wait runs off the JS thread (the event loop stays free); it lives as long as the process. */
 export class Epoll {
   readonly #fd: number;
   readonly #ctl = new Uint8Array(EVENT_SIZE);
@@ -251,11 +251,8 @@ export class Epoll {
     epollDelete(this.#fd, fd);
   }
 
-  /**
-   * Waits up to `timeoutMs` for events and calls `onEvent(id, events)` for each; resolves to
-   * how many there were. One wait at a time.
-   */
-  async wait(timeoutMs: number, onEvent: (id: number, events: number) => void): Promise<number> {
+  /** Waits up to `timeoutMs` for events and calls `onEvent(id)` for each. One wait at a time. */
+  async wait(timeoutMs: number, onEvent: (id: number) => void): Promise<void> {
     if (this.#waiting) throw new Error("Epoll.wait: a wait is already running");
     this.#waiting = true;
     let n: number;
@@ -266,15 +263,6 @@ export class Epoll {
     }
     // -1 is EINTR (a signal reached that thread): an empty round
     const v = this.#eventsView;
-    for (let i = 0; i < n; i++) {
-      const at = i * EVENT_SIZE;
-      onEvent(Number(v.getBigUint64(at + EVENT_DATA, true)), v.getUint32(at, true));
-    }
-    return Math.max(n, 0);
-  }
-
-  /** Closes the epoll fd; call only when no wait is running. */
-  close(): void {
-    libc().close(this.#fd);
+    for (let i = 0; i < n; i++) onEvent(Number(v.getBigUint64(i * EVENT_SIZE + EVENT_DATA, true)));
   }
 }

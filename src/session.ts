@@ -482,7 +482,9 @@ export class Session {
       for (const hostname of addresses) {
         if (abort.signal.aborted) break;
         try {
-          if (this.#ctx.kernel) this.#backendFdHint = backendFdHint();
+          if (this.#ctx.kernel && this.#ctx.table.config.ebpf.detachSpliced) {
+            this.#backendFdHint = backendFdHint();
+          }
           return await Deno.connect({ hostname, port, signal: abort.signal });
         } catch (e) {
           lastError = e;
