@@ -20,6 +20,7 @@ const LIBC_SYMBOLS = {
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
   epoll_create1: { parameters: ["i32"], result: "i32" },
   epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
   // on a thread of its own: the wait blocks
@@ -143,6 +144,7 @@ export const EAGAIN = 11;
 const F_DUPFD_CLOEXEC = 1030;
 const SOL_SOCKET = 1;
 const SO_ERROR = 4;
+const SO_LINGER = 13;
 const SO_COOKIE = 57;
 const IPPROTO_TCP = 6;
 const TCP_INFO = 11;
@@ -183,6 +185,17 @@ function getsockopt(fd: number, level: number, name: number, size: number): bool
   optBuf.fill(0);
   optLenView.setUint32(0, size, true);
   return libc().getsockopt(fd, level, name, optBuf, optLen) === 0;
+}
+
+const lingerZero = new Uint8Array(8); // struct linger { l_onoff = 1, l_linger = 0 }
+new DataView(lingerZero.buffer).setInt32(0, 1, true);
+
+/**
+ * Makes the socket's close abortive (SO_LINGER 0): close(2) then sends a reset and drops what
+ * is queued, so the peer never mistakes a cut stream for a complete one. 0 or -errno.
+ */
+export function resetOnClose(fd: number): number {
+  return libc().setsockopt(fd, SOL_SOCKET, SO_LINGER, lingerZero, 8) === 0 ? 0 : -errno();
 }
 
 /** The socket's cookie (SO_COOKIE), the id a sockhash lookup returns; null when not a socket. */

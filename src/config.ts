@@ -94,6 +94,8 @@ export interface Config {
     maxPairs: number;
     /** Capacity of the sockhash (one entry per proxy socket). */
     maxSockets: number;
+    /** Bytes a spliced direction may hold for its peer before it is relayed with flow control. */
+    maxBufferedBytes: number;
     /** SO_SNDBUF / SO_RCVBUF of spliced sockets; 0 keeps the kernel's autotuning. */
     sndbuf: number;
     rcvbuf: number;
@@ -191,10 +193,12 @@ const schema = z.strictObject({
     enabled: z.boolean().default(false),
     sockmap_enabled: z.boolean().default(false),
     dns_cache_enabled: z.boolean().default(false),
+    // default: room for limits.max_connections spliced connections (see resolveConfig)
     maps: z.strictObject({
-      pairs: z.number().int().min(64).max(16_777_216).default(131_072),
-      sockets: z.number().int().min(64).max(16_777_216).default(131_072),
+      pairs: z.number().int().min(64).max(16_777_216).optional(),
+      sockets: z.number().int().min(64).max(16_777_216).optional(),
     }).prefault({}),
+    max_buffered_bytes: z.number().int().min(65_536).max(1 << 30).default(4 << 20),
     sndbuf: z.number().int().min(0).max(1 << 30).default(0),
     rcvbuf: z.number().int().min(0).max(1 << 30).default(0),
     drain_timeout_ms: ms(5_000),
@@ -442,8 +446,10 @@ export function resolveConfig(raw: unknown, path: string): Config {
       enabled: c.ebpf.enabled,
       sockmapEnabled: c.ebpf.sockmap_enabled,
       dnsCacheEnabled: c.ebpf.dns_cache_enabled,
-      maxPairs: c.ebpf.maps.pairs,
-      maxSockets: c.ebpf.maps.sockets,
+      // two entries per spliced connection; sockets also hold health checks and DNS over TCP
+      maxPairs: c.ebpf.maps.pairs ?? Math.max(64, 2 * c.limits.max_connections),
+      maxSockets: c.ebpf.maps.sockets ?? Math.max(64, 2 * c.limits.max_connections + 1024),
+      maxBufferedBytes: c.ebpf.max_buffered_bytes,
       sndbuf: c.ebpf.sndbuf,
       rcvbuf: c.ebpf.rcvbuf,
       drainTimeoutMs: c.ebpf.drain_timeout_ms,

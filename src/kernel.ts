@@ -45,6 +45,12 @@ export interface KernelAccelOptions {
   sndbuf?: number;
   /** SO_RCVBUF set on every tracked socket; 0/undefined: kernel default (autotuning). */
   rcvbuf?: number;
+  /**
+   * Bytes a spliced direction may hold for its peer (redirect queue + the peer's unacked send
+   * queue) before it is throttled to userspace relaying with flow control; default 4 MiB. 0: no
+   * limit, for a caller that relays nothing itself (the kernel then buffers without bound).
+   */
+  maxBuffered?: number;
   /** bpffs dir for pins (maps, link); default /sys/fs/bpf/sni-proxy; null: do not pin. */
   pinDir?: string | null;
   /**
@@ -198,6 +204,12 @@ export interface PairCounters {
   aToB: number;
   /** Received on socket b, redirected to a's egress. */
   bToA: number;
+  /** Times each direction was throttled to userspace (its peer held too many bytes). */
+  throttlesAToB: number;
+  throttlesBToA: number;
+  /** The most bytes each direction was seen holding for its peer. */
+  maxHeldAToB: number;
+  maxHeldBToA: number;
 }
 
 /** Sum over CPUs of the kernel programs' counters (struct sni_stats). */
@@ -218,6 +230,12 @@ export interface KernelStats {
   setsockoptFailures: number;
   /** Payload-less skbs (a FIN) dropped by the verdict: TCP has already seen the FIN. */
   emptyDropped: number;
+  /** Directions throttled to userspace because their peer held max_buffered bytes. */
+  throttles: number;
+  /** Payload bytes throttled directions passed to userspace. */
+  bytesPassed: number;
+  /** Tracked sockets now (inserted less closed): the sockhash's fill, an upper bound of the pairs'. */
+  socketsLive: number;
 }
 
 /** Result of {@link KernelAccel.waitDrained}. */
@@ -230,6 +248,8 @@ export interface DrainResult {
   taken: number;
   /** How long the wait took. */
   waitedMs: number;
+  /** The longest time without progress (the socket taking no byte) during the wait. */
+  stalledMs: number;
   /** False when the socket no longer exists (closed, reset). */
   socketFound: boolean;
 }
@@ -265,22 +285,34 @@ export class SplicePair {
 // Layouts mirrored from bpf/sockmap.h (struct sni_sock_key, sni_pair, sni_config, sni_stats).
 // Host-order fields are little endian: the fast path supports x86_64 and aarch64 only.
 const KEY_SIZE = 44; // family u32, local_port u32, remote_port u32, local_ip[16], remote_ip[16]
-const PAIR_SIZE = 64; // peer key (44), upstream u32 @44, bytes u64 @48, packets u64 @56
+// struct sni_pair: peer key (44), upstream u32 @44, acked_base u64 @48, bytes u64 @56,
+// packets u64 @64, passed u64 @72, throttled u32 @80, throttles u32 @84, max_held u64 @88
+const PAIR_SIZE = 96;
 const PAIR_UPSTREAM = 44;
-const PAIR_BYTES = 48;
-const CONFIG_SIZE = 8; // sndbuf u32, rcvbuf u32
-const STATS_FIELDS = 10; // struct sni_stats: 10 x u64
+const PAIR_ACKED_BASE = 48;
+const PAIR_BYTES = 56;
+const PAIR_PASSED = 72;
+const PAIR_THROTTLES = 84;
+const PAIR_MAX_HELD = 88;
+const RESUME_SIZE = 16; // struct sni_resume: written u64, consumed u64
+const CONFIG_SIZE = 16; // struct sni_config: sndbuf u32, rcvbuf u32, max_buffered u32, reserved
+const STATS_FIELDS = 13; // struct sni_stats: 13 x u64
 const STATS_SIZE = STATS_FIELDS * 8;
 const SOCKHASH_VALUE_SIZE = 8; // a userspace lookup returns the socket cookie
 
-const PIN_MAPS = ["sni_sockhash", "sni_spliced", "sni_pairs", "sni_stats", "sni_config"] as const;
+const PIN_MAPS = [
+  "sni_sockhash",
+  "sni_pairs",
+  "sni_resume",
+  "sni_stats",
+  "sni_config",
+] as const;
+/** Default of {@link KernelAccelOptions.maxBuffered}. */
+export const DEFAULT_MAX_BUFFERED = 4 << 20;
+const E2BIG = 7;
+const ENOMEM = 12;
 const PIN_LINK = "sockops_link";
 const DEFAULT_PIN_DIR = "/sys/fs/bpf/sni-proxy";
-/** The programs on sni_spliced: the stream parser and its verdict, parser first. */
-const SPLICED_PROGRAMS = [
-  ["sni_parser", BpfAttachType.SK_SKB_STREAM_PARSER],
-  ["sni_verdict_spliced", BpfAttachType.SK_SKB_STREAM_VERDICT],
-] as const;
 const VERDICT_ATTACH_TYPES = {
   stream_verdict: BpfAttachType.SK_SKB_STREAM_VERDICT,
   verdict: BpfAttachType.SK_SKB_VERDICT,
@@ -402,8 +434,8 @@ interface Owner {
 export class KernelAccel {
   readonly #owner: Owner | null;
   readonly #sockhash: ElementMap;
-  readonly #spliced: ElementMap;
   readonly #pairs: ElementMap;
+  readonly #resume: ElementMap;
   readonly #stats: BpfMap | null;
   /** Maps this instance opened from pins (closed by close()). */
   readonly #opened: BpfMapFd[];
@@ -415,10 +447,10 @@ export class KernelAccel {
   readonly cgroupDir: string;
   readonly #pairBuf = new Uint8Array(PAIR_SIZE);
   readonly #pairView = new DataView(this.#pairBuf.buffer);
+  readonly #resumeBuf = new Uint8Array(RESUME_SIZE);
+  readonly #resumeView = new DataView(this.#resumeBuf.buffer);
   readonly #cookieBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
   readonly #cookieView = new DataView(this.#cookieBuf.buffer);
-  readonly #fdBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
-  readonly #fdView = new DataView(this.#fdBuf.buffer);
   readonly #statsBuf: Uint8Array;
   #closed = false;
   static #open = false;
@@ -426,8 +458,8 @@ export class KernelAccel {
   private constructor(init: {
     owner: Owner | null;
     sockhash: ElementMap;
-    spliced: ElementMap;
     pairs: ElementMap;
+    resume: ElementMap;
     stats: BpfMap | null;
     opened?: BpfMapFd[];
     log: KernelLog;
@@ -437,8 +469,8 @@ export class KernelAccel {
   }) {
     this.#owner = init.owner;
     this.#sockhash = init.sockhash;
-    this.#spliced = init.spliced;
     this.#pairs = init.pairs;
+    this.#resume = init.resume;
     this.#stats = init.stats;
     this.#opened = init.opened ?? [];
     this.#log = init.log;
@@ -481,13 +513,13 @@ export class KernelAccel {
     };
     try {
       const sockhash = openMap("sni_sockhash", KEY_SIZE, SOCKHASH_VALUE_SIZE);
-      const spliced = openMap("sni_spliced", KEY_SIZE, SOCKHASH_VALUE_SIZE);
       const pairs = openMap("sni_pairs", KEY_SIZE, PAIR_SIZE);
+      const resume = openMap("sni_resume", KEY_SIZE, RESUME_SIZE);
       return new KernelAccel({
         owner: null,
         sockhash,
-        spliced,
         pairs,
+        resume,
         stats: null,
         opened,
         log,
@@ -523,7 +555,13 @@ export class KernelAccel {
         );
       }
     }
-    for (const [name, v] of [["sndbuf", options.sndbuf], ["rcvbuf", options.rcvbuf]] as const) {
+    for (
+      const [name, v] of [
+        ["sndbuf", options.sndbuf],
+        ["rcvbuf", options.rcvbuf],
+        ["maxBuffered", options.maxBuffered],
+      ] as const
+    ) {
       if (v !== undefined && (!Number.isInteger(v) || v < 0 || v > 0x3fffffff)) {
         throw new KernelAccelError(
           "bad_option",
@@ -599,8 +637,8 @@ export class KernelAccel {
     const pinned: string[] = [];
     try {
       obj.map("sni_sockhash").setMaxEntries(options.maxSockets);
-      obj.map("sni_spliced").setMaxEntries(options.maxSockets);
       obj.map("sni_pairs").setMaxEntries(options.maxPairs);
+      obj.map("sni_resume").setMaxEntries(options.maxPairs);
       try {
         obj.load();
       } catch (e) {
@@ -610,15 +648,13 @@ export class KernelAccel {
       const cv = new DataView(cfg.buffer);
       cv.setUint32(0, options.sndbuf ?? 0, true);
       cv.setUint32(4, options.rcvbuf ?? 0, true);
+      cv.setUint32(8, options.maxBuffered ?? DEFAULT_MAX_BUFFERED, true);
       obj.map("sni_config").update(new Uint8Array(4), cfg);
 
       // Verdict first: a socket in a sockmap without a verdict program loses readiness
       // notifications on recent kernels, and no socket can enter the map before sock_ops runs.
       obj.program("sni_verdict").attachToMap(obj.map("sni_sockhash"), verdictType);
       verdictAttached = true;
-      for (const [prog, type] of SPLICED_PROGRAMS) {
-        obj.program(prog).attachToMap(obj.map("sni_spliced"), type);
-      }
 
       await Deno.writeTextFile(`${cgroupDir}/cgroup.procs`, `${Deno.pid}\n`);
       movedIn = true;
@@ -646,8 +682,8 @@ export class KernelAccel {
           verdictType,
         },
         sockhash: obj.map("sni_sockhash"),
-        spliced: obj.map("sni_spliced"),
         pairs: obj.map("sni_pairs"),
+        resume: obj.map("sni_resume"),
         stats: obj.map("sni_stats"),
         log,
         diag: SockDiag.open(),
@@ -658,8 +694,10 @@ export class KernelAccel {
         "info",
         `eBPF sockmap fast path attached (cgroup ${cgroupDir}, pins ${
           pinDir ?? "none"
-        }, max_sockets ${options.maxSockets}, max_pairs ${options.maxPairs})`,
+        }, maps.sockets ${options.maxSockets}, maps.pairs ${options.maxPairs}, ` +
+          `max_buffered_bytes ${options.maxBuffered ?? DEFAULT_MAX_BUFFERED})`,
       );
+      accel.#watchFill(options.maxSockets);
       return accel;
     } catch (e) {
       // undo everything, in reverse
@@ -701,25 +739,29 @@ export class KernelAccel {
   /**
    * Splice a and b: from now on what arrives on a goes out of b and vice versa, in the kernel.
    * Bytes already received before this call stay readable by userspace. Call it before
-   * userspace writes the ClientHello to the backend; `writtenBefore` gives bytes userspace wrote
-   * to each socket before this call (usually 0).
-   * @throws {KernelAccelError} when a socket is not tracked (created before open()) or gone;
-   * the caller keeps relaying in userspace.
+   * userspace writes the ClientHello to the backend; `firstWrite`: the bytes userspace writes to
+   * b right after (PROXY header and hello), counted as held for b until acknowledged.
+   * @throws {KernelAccelError} when a socket is not tracked (created before open(), or the
+   * sockhash was full), gone, or the pairing map is full (`map_full`); the caller keeps relaying
+   * in userspace.
    */
-  pair(a: SocketAddrs, b: SocketAddrs, writtenBefore: { a?: number; b?: number } = {}): SplicePair {
+  pair(a: SocketAddrs, b: SocketAddrs, firstWrite = 0): SplicePair {
     const p = new SplicePair(a, b, socketTuple(a), socketTuple(b));
     for (const [side, key, s] of [["a", p.keyA, a], ["b", p.keyB, b]] as const) {
       if (!this.#sockhash.lookup(key, this.#cookieBuf)) {
         throw new KernelAccelError(
           "socket_not_tracked",
           `socket ${describe(s)} is not in the sockhash`,
-          "it was established before the fast path was attached (or its listener was created before); it stays in userspace mode",
+          "it was established before the fast path was attached, or the sockhash was full " +
+            "(ebpf.maps.sockets); it stays in userspace mode",
         );
       }
       p.cookies[side] = this.#cookieView.getBigUint64(0, true);
     }
     // acked + write queue counts the SYN of an actively opened socket once it is acked; learn
-    // that offset now, while the bytes written are known, so waitDrained compares exactly.
+    // that offset now, while nothing was written, so waitDrained compares exactly; the acked
+    // counts are also each direction's base for the verdict's held-bytes arithmetic
+    const acked = { a: 0, b: 0 };
     for (const side of ["a", "b"] as const) {
       const info = this.#diag.query(side === "a" ? p.tupleA : p.tupleB);
       if (!info) {
@@ -729,35 +771,135 @@ export class KernelAccel {
           "the connection closed before it could be spliced",
         );
       }
-      const offset = info.bytesAcked + info.writeQueue - (writtenBefore[side] ?? 0);
-      p.synOffset[side] = offset === 1 ? 1 : 0;
+      acked[side] = info.bytesAcked;
+      p.synOffset[side] = info.bytesAcked + info.writeQueue === 1 ? 1 : 0;
     }
-    this.#writePair(p.keyA, p.keyB, true);
+    this.#writeResume(p.keyA, firstWrite, 0);
+    this.#writeResume(p.keyB, 0, 0);
     try {
-      this.#writePair(p.keyB, p.keyA, false);
+      this.#writePair(p.keyA, p.keyB, true, acked.b);
+      this.#writePair(p.keyB, p.keyA, false, acked.a);
     } catch (e) {
-      this.#pairs.delete(p.keyA);
+      this.#removeEntries(p);
       throw e;
     }
     return p;
   }
 
   /** `upstream`: `key` is the client side (a of pair()), so its bytes count as upstream. */
-  #writePair(key: Uint8Array, peer: Uint8Array, upstream: boolean): void {
+  #writePair(key: Uint8Array, peer: Uint8Array, upstream: boolean, peerAcked: number): void {
     this.#pairBuf.fill(0);
     this.#pairBuf.set(peer, 0);
     this.#pairView.setUint32(PAIR_UPSTREAM, upstream ? 1 : 0, true);
-    this.#pairs.update(key, this.#pairBuf, BPF_ANY);
+    this.#pairView.setBigUint64(PAIR_ACKED_BASE, BigInt(peerAcked), true);
+    this.#update(this.#pairs, key, this.#pairBuf);
+  }
+
+  #writeResume(key: Uint8Array, written: number, consumed: number): void {
+    this.#resumeView.setBigUint64(0, BigInt(written), true);
+    this.#resumeView.setBigUint64(8, BigInt(consumed), true);
+    this.#update(this.#resume, key, this.#resumeBuf);
+  }
+
+  /**
+   * A map update; a full map (E2BIG, or ENOMEM on preallocation) is swept of entries whose
+   * socket is gone (left by a worker that was killed) once, then refused with `map_full`.
+   */
+  #update(map: ElementMap, key: Uint8Array, value: Uint8Array): void {
+    for (let attempt = 0;; attempt++) {
+      try {
+        map.update(key, value, BPF_ANY);
+        return;
+      } catch (e) {
+        const full = e instanceof BpfError && (e.errno === E2BIG || e.errno === ENOMEM);
+        if (!full) throw e;
+        if (attempt === 0 && this.#sweepStale() > 0) continue;
+        throw new KernelAccelError(
+          "map_full",
+          `the eBPF ${map === this.#pairs ? "pairing" : "resume"} map is full`,
+          "raise ebpf.maps.pairs (or limits.max_connections); this connection stays in userspace mode",
+        );
+      }
+    }
+  }
+
+  /** Not before this time (ms) may a full map be swept again: a sweep walks the whole map. */
+  #nextSweep = 0;
+
+  /** Deletes pairing and resume entries whose socket left the sockhash; returns how many. */
+  #sweepStale(): number {
+    const now = performance.now();
+    if (now < this.#nextSweep) return 0;
+    this.#nextSweep = now + 1000;
+    let removed = 0;
+    for (const map of [this.#pairs, this.#resume]) {
+      const stale: Uint8Array[] = [];
+      for (const key of map.keys()) {
+        if (!this.#sockhash.lookup(key, this.#cookieBuf)) stale.push(key.slice());
+      }
+      for (const key of stale) if (map.delete(key)) removed++;
+    }
+    if (removed) this.#log("info", `eBPF maps full: removed ${removed} entries of closed sockets`);
+    return removed;
+  }
+
+  #removeEntries(p: SplicePair): void {
+    for (const key of [p.keyA, p.keyB]) {
+      this.#pairs.delete(key);
+      this.#resume.delete(key);
+    }
+  }
+
+  #readPair(key: Uint8Array): boolean {
+    return this.#pairs.lookup(key, this.#pairBuf);
   }
 
   #readBytes(key: Uint8Array): number {
-    if (!this.#pairs.lookup(key, this.#pairBuf)) return 0;
+    if (!this.#readPair(key)) return 0;
     return Number(this.#pairView.getBigUint64(PAIR_BYTES, true));
   }
 
-  /** Bytes redirected so far, each way (0 for a side whose entry is gone). */
+  /** Bytes redirected so far each way (0 for a side whose entry is gone), and throttling. */
   counters(p: SplicePair): PairCounters {
-    return { aToB: this.#readBytes(p.keyA), bToA: this.#readBytes(p.keyB) };
+    const read = (key: Uint8Array) => {
+      if (!this.#readPair(key)) return { bytes: 0, throttles: 0, maxHeld: 0 };
+      const v = this.#pairView;
+      return {
+        bytes: Number(v.getBigUint64(PAIR_BYTES, true)),
+        throttles: v.getUint32(PAIR_THROTTLES, true),
+        maxHeld: Number(v.getBigUint64(PAIR_MAX_HELD, true)),
+      };
+    };
+    const up = read(p.keyA);
+    const down = read(p.keyB);
+    return {
+      aToB: up.bytes,
+      bToA: down.bytes,
+      throttlesAToB: up.throttles,
+      throttlesBToA: down.throttles,
+      maxHeldAToB: up.maxHeld,
+      maxHeldBToA: down.maxHeld,
+    };
+  }
+
+  /** Bytes the verdict passed to userspace so far from socket `from` (throttled direction). */
+  passedBytes(p: SplicePair, from: "a" | "b"): number {
+    if (!this.#readPair(from === "a" ? p.keyA : p.keyB)) return 0;
+    return Number(this.#pairView.getBigUint64(PAIR_PASSED, true));
+  }
+
+  /**
+   * Tells the verdict what userspace relayed for the direction whose source is `from`:
+   * `written`, every byte userspace wrote to the peer socket (hello and PROXY header included),
+   * and `consumed`, the bytes of them it read from `from`. A throttled direction resumes
+   * redirecting only once `consumed` covers every byte the verdict passed (see bpf/sockmap.h).
+   */
+  relayed(p: SplicePair, from: "a" | "b", written: number, consumed: number): void {
+    try {
+      this.#writeResume(from === "a" ? p.keyA : p.keyB, written, consumed);
+    } catch {
+      // the direction stays throttled (userspace relays it): slower, never wrong
+    }
   }
 
   /**
@@ -766,44 +908,8 @@ export class KernelAccel {
    */
   unpair(p: SplicePair): PairCounters {
     const c = this.counters(p);
-    this.#pairs.delete(p.keyA);
-    this.#pairs.delete(p.keyB);
+    this.#removeEntries(p);
     return c;
-  }
-
-  /**
-   * Moves a pair's sockets (by their fds) from the sockhash to sni_spliced, whose verdict runs
-   * under the stream parser: there a redirect wakes no reader, for sockets whose userspace
-   * watches them itself (src/spliced.ts). Call it right after pair(), before either socket
-   * carries a byte: taking a socket out of a sockmap drops what its psock had queued for the
-   * reader. Returns null when moved, or why not (both then stay in the sockhash, still spliced).
-   */
-  moveToSpliced(p: SplicePair, fdA: number, fdB: number): string | null {
-    this.#sockhash.delete(p.keyA);
-    this.#sockhash.delete(p.keyB);
-    const moved: Uint8Array[] = [];
-    try {
-      for (const [key, fd] of [[p.keyA, fdA], [p.keyB, fdB]] as const) {
-        this.#insert(this.#spliced, key, fd);
-        moved.push(key);
-      }
-      return null;
-    } catch (e) {
-      for (const key of moved) this.#spliced.delete(key);
-      try {
-        this.#insert(this.#sockhash, p.keyA, fdA);
-        this.#insert(this.#sockhash, p.keyB, fdB);
-      } catch (again) {
-        return `${(e as Error).message}; and back into the sockhash: ${(again as Error).message}`;
-      }
-      return (e as Error).message;
-    }
-  }
-
-  /** Puts the socket behind `fd` into a sockhash under `key`. */
-  #insert(map: ElementMap, key: Uint8Array, fd: number): void {
-    this.#fdView.setBigUint64(0, BigInt(fd), true);
-    map.update(key, this.#fdBuf, BPF_ANY);
   }
 
   /**
@@ -819,7 +925,9 @@ export class KernelAccel {
    * wrote to it over the connection's life (ClientHello included). Redirected bytes pass through
    * an asynchronous queue, so closing or shutting down the socket before this loses data.
    * `until: "queued"` (default) means in the socket's TCP write queue or acked (safe to
-   * closeWrite()/close()); `"acked"` waits for the peer's ACK. Bounded by `timeoutMs`.
+   * closeWrite()/close()); `"acked"` waits for the peer's ACK. Gives up only after `timeoutMs`
+   * without progress (the socket taking no byte; `progress` is called on each), or when `signal`
+   * is aborted: a slow reader that keeps reading is waited for.
    * Call it before closeWrite() of the target socket (an acked FIN would count as a byte).
    * `sourceFinal` (default true): the source is at EOF, so also wait until its receive queue
    * is empty; false when userspace is about to write bytes it read mid-stream.
@@ -828,7 +936,13 @@ export class KernelAccel {
     p: SplicePair,
     toward: "a" | "b",
     userspaceBytes: number,
-    opts: { timeoutMs?: number; until?: "queued" | "acked"; sourceFinal?: boolean } = {},
+    opts: {
+      timeoutMs?: number;
+      until?: "queued" | "acked";
+      sourceFinal?: boolean;
+      signal?: AbortSignal;
+      progress?: () => void;
+    } = {},
   ): Promise<DrainResult> {
     const timeoutMs = opts.timeoutMs ?? 5000;
     const start = performance.now();
@@ -837,6 +951,9 @@ export class KernelAccel {
     const target = toward === "a" ? p.tupleA : p.tupleB;
     const synOffset = p.synOffset[toward];
     let delay = 1;
+    let lastTaken = -1;
+    let progressAt = start;
+    let stalledMs = 0;
     for (;;) {
       // The source's EOF can reach userspace while the verdict program has not yet seen the
       // last bytes before it (strparser runs apart from recvmsg): until the source's receive
@@ -849,19 +966,56 @@ export class KernelAccel {
       const taken = info
         ? info.bytesAcked - synOffset + (opts.until === "acked" ? 0 : info.writeQueue)
         : 0;
-      const waitedMs = performance.now() - start;
-      if (!info || (sourceDone && taken >= expected) || waitedMs >= timeoutMs) {
+      const now = performance.now();
+      if (taken !== lastTaken) {
+        if (lastTaken >= 0) opts.progress?.();
+        lastTaken = taken;
+        progressAt = now;
+      }
+      stalledMs = Math.max(stalledMs, now - progressAt);
+      const drained = !!info && sourceDone && taken >= expected;
+      if (
+        drained || !info || now - progressAt >= timeoutMs || opts.signal?.aborted
+      ) {
         return {
-          drained: !!info && sourceDone && taken >= expected,
+          drained,
           expected,
           taken,
-          waitedMs,
+          waitedMs: now - start,
+          stalledMs,
           socketFound: !!info,
         };
       }
       await new Promise((r) => setTimeout(r, delay));
       delay = Math.min(delay * 2, 50);
     }
+  }
+
+  #fillTimer: ReturnType<typeof setInterval> | undefined;
+
+  /**
+   * Warns (once per crossing) when the tracked sockets pass 80 % of the maps' size: past 100 %
+   * new connections run in userspace mode. Every tracked socket can take one pairing entry, so
+   * this also bounds the pairing map's fill.
+   */
+  #watchFill(capacity: number): void {
+    let warned = false;
+    const timer = setInterval(() => {
+      const live = this.stats().socketsLive;
+      if (!warned && live > capacity * 0.8) {
+        warned = true;
+        this.#log(
+          "warning",
+          `eBPF maps ${Math.round(live / capacity * 100)}% full (${live} of ${capacity} ` +
+            `sockets): when full, new connections run in userspace mode; raise ebpf.maps`,
+        );
+      } else if (warned && live < capacity * 0.7) {
+        warned = false;
+        this.#log("info", `eBPF maps back under 70% full (${live} of ${capacity} sockets)`);
+      }
+    }, 2000);
+    Deno.unrefTimer(timer);
+    this.#fillTimer = timer;
   }
 
   /** The kernel programs' counters summed over CPUs. */
@@ -891,6 +1045,9 @@ export class KernelAccel {
       packetsUpstream: sums[8],
       packetsDownstream: sums[1] - sums[8],
       emptyDropped: sums[9],
+      throttles: sums[10],
+      bytesPassed: sums[11],
+      socketsLive: Math.max(0, sums[4] - sums[12]),
     };
   }
 
@@ -908,6 +1065,7 @@ export class KernelAccel {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    clearInterval(this.#fillTimer);
     this.#diag.close();
     for (const m of this.#opened) m.close();
     const owner = this.#owner;
@@ -932,13 +1090,6 @@ export class KernelAccel {
       owner.verdict.detachFromMap(owner.obj.map("sni_sockhash"), owner.verdictType);
     } catch (e) {
       warn("detach verdict", e);
-    }
-    for (const [prog, type] of SPLICED_PROGRAMS) {
-      try {
-        owner.obj.program(prog).detachFromMap(owner.obj.map("sni_spliced"), type);
-      } catch (e) {
-        warn(`detach ${prog}`, e);
-      }
     }
     owner.obj.close();
     const original = `${owner.cgroupMount}${

@@ -24,6 +24,10 @@ export class Metrics {
   connectFailures = 0;
   /** Connections relayed in userspace / spliced in the kernel. */
   readonly byMode = new Map<string, number>();
+  /** Kernel mode: connections that ran in userspace instead, by why (e.g. `map_full`). */
+  readonly kernelFallbacks = new Map<string, number>();
+  /** Kernel mode: directions throttled to userspace relaying because their reader lagged. */
+  kernelThrottles = 0;
   /** Bytes each way (userspace and kernel paths together). */
   bytesUp = 0;
   bytesDown = 0;
@@ -54,6 +58,8 @@ export class Metrics {
         by_backend: Object.fromEntries(this.byBackend),
         by_mode: Object.fromEntries(this.byMode),
         connect_failures: this.connectFailures,
+        kernel_fallbacks: Object.fromEntries(this.kernelFallbacks),
+        kernel_throttles: this.kernelThrottles,
       },
       hello_errors: Object.fromEntries(this.helloErrors),
       bytes: { up: this.bytesUp, down: this.bytesDown, userspace: this.bytesUserspace },
@@ -78,6 +84,8 @@ export interface MetricsSnapshot {
     by_backend: Record<string, number>;
     by_mode: Record<string, number>;
     connect_failures: number;
+    kernel_fallbacks: Record<string, number>;
+    kernel_throttles: number;
   };
   hello_errors: Record<string, number>;
   bytes: { up: number; down: number; userspace: number };
@@ -144,6 +152,18 @@ export function renderPrometheus(snap: MetricsSnapshot): string {
     "kind",
     snap.hello_errors,
   );
+  labelled(
+    "kernel_fallbacks_total",
+    "Kernel mode: connections relayed in userspace instead, by cause.",
+    "reason",
+    c.kernel_fallbacks,
+  );
+  family(
+    "kernel_throttles_total",
+    "counter",
+    "Kernel mode: directions relayed with flow control because their reader lagged.",
+  );
+  sample("kernel_throttles_total", c.kernel_throttles);
   family("connect_failures_total", "counter", "Backend connects that failed.");
   sample("connect_failures_total", c.connect_failures);
   family("bytes_total", "counter", "Bytes relayed, by direction (up: client to backend).");

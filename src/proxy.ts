@@ -264,6 +264,7 @@ export async function openKernel(config: Config): Promise<KernelAccel | null> {
       maxPairs: e.maxPairs,
       maxSockets: e.maxSockets,
       sndbuf: e.sndbuf,
+      maxBuffered: e.maxBufferedBytes,
       rcvbuf: e.rcvbuf,
       object: e.object ? await readObject(e.object) : undefined,
       log: (level, message) => kernelLog[level === "warning" ? "warn" : level](message),

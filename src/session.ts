@@ -7,7 +7,7 @@
 import { BackendPool } from "./backend.ts";
 import type { Backend } from "./backend.ts";
 import { type ClientHello, ClientHelloError, ClientHelloParser } from "./clienthello.ts";
-import type { KernelAccel, SplicePair } from "./kernel.ts";
+import { type KernelAccel, KernelAccelError, type SplicePair } from "./kernel.ts";
 import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
@@ -94,6 +94,10 @@ export class Session {
   #unpaired = false;
   /** Bytes the kernel redirected each way, read when the pair is removed. */
   #spliced = { up: 0, down: 0 };
+  /** Times each direction was throttled to userspace relaying (its reader was slow). */
+  #throttles = { up: 0, down: 0 };
+  /** Bytes known not delivered when a stalled drain cut the connection. */
+  #undelivered = { up: 0, down: 0 };
   #route: string | null = null;
   #backend: string | null = null;
   /** Bytes of the hello (or HTTP head) forwarded to the backend before the relay started. */
@@ -169,7 +173,6 @@ export class Session {
       // pair before forwarding the hello: the backend answers nothing until it has the hello
       // and a TLS client sends nothing more until it has the answer, so no byte can pass the
       // kernel path ahead of one still in userspace
-      const hooks = this.#trySplice(backend);
       let first = this.#pending!;
       if (pool.proxyProtocol) {
         const header = proxyHeader(
@@ -182,6 +185,7 @@ export class Session {
         first.set(header);
         first.set(this.#pending!, header.length);
       }
+      const hooks = this.#trySplice(backend, first.length);
       const idleMs = this.#ctx.table.config.timeouts.idleMs;
       // a spliced relay writes the hello itself: its sockets are out of Deno's hands by then
       const spliced = hooks && this.#ctx.table.config.ebpf.detachSpliced
@@ -305,7 +309,7 @@ export class Session {
    * Hands the pair to the kernel when the fast path is on and the connection qualifies;
    * returns the relay's hooks for a spliced pair, undefined to stay in userspace.
    */
-  #trySplice(backend: Deno.TcpConn): SpliceHooks | undefined {
+  #trySplice(backend: Deno.TcpConn, firstWrite: number): SpliceHooks | undefined {
     const kernel = this.#ctx.kernel;
     const hello = this.#hello;
     if (!kernel || !hello) return undefined;
@@ -322,19 +326,39 @@ export class Session {
       this.#splice = kernel.pair(
         { local: client.localAddr, remote: client.remoteAddr },
         { local: backend.localAddr, remote: backend.remoteAddr },
+        firstWrite,
       );
     } catch (e) {
-      log.debug(`${this.#clientAddr}: userspace mode: ${errText(e)}`);
+      if (e instanceof KernelAccelError && e.reason === "map_full") {
+        kernelFallback(this.#ctx.metrics, "map_full", errText(e));
+      } else if (e instanceof KernelAccelError && e.reason === "socket_not_tracked") {
+        kernelFallback(this.#ctx.metrics, "not_tracked", errText(e));
+      } else {
+        log.debug(`${this.#clientAddr}: userspace mode: ${errText(e)}`);
+      }
       return undefined;
     }
     const pair = this.#splice;
     const drainMs = this.#ctx.table.config.ebpf.drainTimeoutMs;
+    const ended = new AbortController();
+    // redirect counters at the last complete drain, per direction: while a throttled direction
+    // passes every byte to userspace they stay put, and a drain has nothing left to wait for
+    const drainedAt = { up: -1, down: -1 };
     return {
-      drainKernel: async (up, userspaceBytes, atEof) => {
+      drainKernel: async (up, userspaceBytes, atEof, progress) => {
+        const dir = up ? "up" : "down";
+        if (!atEof) {
+          const c = kernel.counters(pair);
+          if ((up ? c.aToB : c.bToA) === drainedAt[dir]) return true;
+        }
         const bytes = up ? this.#headerBytes + this.#helloBytes + userspaceBytes : userspaceBytes;
         const r = await kernel.waitDrained(pair, up ? "b" : "a", bytes, {
-          timeoutMs: drainMs,
+          // mid-stream there is no time limit: a throttled direction waits for its reader, and
+          // the idle timeout (fed by progress) ends a connection whose reader stopped for good
+          timeoutMs: atEof ? drainMs : Infinity,
           sourceFinal: atEof,
+          signal: ended.signal,
+          progress,
         });
         const from = up ? "client" : "backend";
         const to = up ? "backend" : "client";
@@ -344,14 +368,30 @@ export class Session {
           }; ` +
             `${to} socket took ${r.taken}/${r.expected} bytes in ${r.waitedMs.toFixed(1)} ms`,
         );
-        if (!r.drained && r.socketFound) {
+        if (r.drained) {
+          drainedAt[dir] = r.expected - bytes;
+          return true;
+        }
+        if (r.socketFound && !ended.signal.aborted) {
+          this.#undelivered[dir] = Math.max(0, r.expected - r.taken);
           log.warn(
-            `${this.#clientAddr}: ${to} socket took ${r.taken} of ${r.expected} bytes within ` +
-              `ebpf.drain_timeout_ms (${drainMs}); ${atEof ? "half-closing" : "writing"} anyway`,
+            `${this.#clientAddr}: ${to} socket took ${r.taken} of ${r.expected} bytes and then ` +
+              `none for ebpf.drain_timeout_ms (${drainMs}); resetting both sides ` +
+              `(${r.expected - r.taken} bytes undelivered)`,
           );
         }
+        return false;
       },
-      release: () => this.#unpair(),
+      relayed: (up, userspaceBytes) => {
+        const written = up ? this.#headerBytes + this.#helloBytes + userspaceBytes : userspaceBytes;
+        kernel.relayed(pair, up ? "a" : "b", written, userspaceBytes);
+      },
+      release: () => {
+        ended.abort();
+        this.#unpair();
+      },
+      passedPending: (up, userspaceBytes) =>
+        kernel.passedBytes(pair, up ? "a" : "b") > userspaceBytes,
       eofIsReal: (up) => {
         const conn = up ? this.#client : backend;
         const info = kernel.tcpInfo({ local: conn.localAddr, remote: conn.remoteAddr });
@@ -394,8 +434,6 @@ export class Session {
       }
       return null;
     }
-    const notMoved = this.#ctx.kernel!.moveToSpliced(splice, pair.clientFd, pair.backendFd);
-    if (notMoved) log.debug(`${this.#clientAddr}: spliced in the sockhash: ${notMoved}`);
     return new SplicedRelay(pair, idleMs, hooks, first);
   }
 
@@ -405,6 +443,9 @@ export class Session {
     this.#unpaired = true;
     const c = this.#ctx.kernel!.unpair(this.#splice);
     this.#spliced = { up: c.aToB, down: c.bToA };
+    this.#throttles = { up: c.throttlesAToB, down: c.throttlesBToA };
+    const m = this.#ctx.metrics;
+    m.kernelThrottles += c.throttlesAToB + c.throttlesBToA;
   }
 
   /**
@@ -532,10 +573,30 @@ export class Session {
       duration_ms: Date.now() - this.#started,
       close_reason: finalReason,
       mode: this.#splice ? "kernel" : "userspace",
+      ...(this.#throttles.up || this.#throttles.down ? { throttled: this.#throttles } : {}),
+      ...(this.#undelivered.up || this.#undelivered.down ? { undelivered: this.#undelivered } : {}),
       ...(error && finalReason !== "done" ? { error: errText(error) } : {}),
     });
     log.debug(`${this.#clientAddr} closed: ${finalReason}`);
   }
+}
+
+/** How often at most the kernel-mode fallbacks of a burst are logged. */
+const FALLBACK_LOG_MS = 10_000;
+const fallbackLog = { next: 0, suppressed: 0 };
+
+/** Counts a kernel-mode connection that runs in userspace instead; logs once per burst. */
+function kernelFallback(m: Metrics, reason: string, detail: string): void {
+  Metrics.bump(m.kernelFallbacks, reason);
+  const now = Date.now();
+  if (now < fallbackLog.next) {
+    fallbackLog.suppressed++;
+    return;
+  }
+  const more = fallbackLog.suppressed ? ` (and ${fallbackLog.suppressed} more since the last)` : "";
+  log.warn(`kernel mode: a connection runs in userspace mode: ${detail}${more}`);
+  fallbackLog.next = now + FALLBACK_LOG_MS;
+  fallbackLog.suppressed = 0;
 }
 
 function concat(a: Uint8Array, b: Uint8Array): Uint8Array {

@@ -28,6 +28,7 @@ import {
   errnoName,
   lowestFreeFd,
   recvFd,
+  resetOnClose,
   sendFd,
   shutdownWrite,
   socketCookie,
@@ -276,7 +277,12 @@ export class SplicedRelay implements ByteRelay {
       return;
     }
     s.busy = true;
-    this.#serve(s).catch((e) => this.#finish("error", e)).finally(() => s.busy = false);
+    this.#serve(s).catch((e) => this.#finish("error", e)).finally(() => {
+      s.busy = false;
+      // an event that came after the last read but before this point is served now: with
+      // edge-triggered epoll it would not come again
+      if (s.again) this.#onEvent(s);
+    });
   }
 
   async #serve(s: Side): Promise<void> {
@@ -298,8 +304,9 @@ export class SplicedRelay implements ByteRelay {
           const bytes = scratch.slice(0, n);
           this.#idle.touch();
           // bytes the kernel passed to userspace must not overtake redirected ones
-          await this.#hooks.drainKernel(s.up, s.up ? this.bytesUp : this.bytesDown, false);
+          if (!(await this.#drain(s, false))) return;
           if (!(await this.#write(peer, bytes))) return;
+          this.#hooks.relayed(s.up, s.up ? this.bytesUp : this.bytesDown);
           continue;
         }
         if (n === 0) {
@@ -310,8 +317,12 @@ export class SplicedRelay implements ByteRelay {
             return;
           }
           // a 0-byte read of a sockmap socket is an EOF only after the peer's FIN
+          // and only once every byte the kernel passed to userspace was read
           const state = tcpState(s.fd);
-          if (state >= 0 && !afterPeerFin(state)) {
+          if (
+            (state >= 0 && !afterPeerFin(state)) ||
+            this.#hooks.passedPending(s.up, s.up ? this.bytesUp : this.bytesDown)
+          ) {
             s.retry = setTimeout(() => this.#onEvent(s), s.retryMs);
             s.retryMs = Math.min(s.retryMs * 2, 100);
             break;
@@ -320,7 +331,16 @@ export class SplicedRelay implements ByteRelay {
           break; // an event that came meanwhile (a reset) is served by the EOF branch
         }
         if (n === -EINTR) continue;
-        if (n === -EAGAIN) break;
+        if (n === -EAGAIN) {
+          // bytes a throttled direction passed to userspace can reach the socket without a
+          // wakeup (the kernel moves them from its backlog when the receive buffer has room):
+          // while any are due, look again shortly
+          if (this.#hooks.passedPending(s.up, s.up ? this.bytesUp : this.bytesDown)) {
+            s.retry = setTimeout(() => this.#onEvent(s), s.retryMs);
+            s.retryMs = Math.min(s.retryMs * 2, 20);
+          }
+          break;
+        }
         this.#reset(s, -n);
         return;
       }
@@ -330,12 +350,21 @@ export class SplicedRelay implements ByteRelay {
   /** `from` is at EOF: once its peer took every redirected byte, half-close the peer. */
   async #passEof(from: Side, to: Side): Promise<void> {
     from.eof = true;
-    await this.#hooks.drainKernel(from.up, from.up ? this.bytesUp : this.bytesDown, true);
-    if (this.#end !== null) return;
+    if (!(await this.#drain(from, true))) return;
     // fails only when the peer is gone already; its own events report that
     shutdownWrite(to.fd);
     from.passed = true;
     if (to.passed) this.#finish("done", null);
+  }
+
+  /** drainKernel for the direction `from` is the source of; false: the relay ended. */
+  async #drain(from: Side, atEof: boolean): Promise<boolean> {
+    const userspace = from.up ? this.bytesUp : this.bytesDown;
+    if (await this.#hooks.drainKernel(from.up, userspace, atEof, () => this.#idle.touch())) {
+      return this.#end === null;
+    }
+    this.#finish("drain_stalled", new Error("the kernel's queue toward a socket did not drain"));
+    return false;
   }
 
   /** Writes all of `bytes` to `to` (and counts them); false when the relay ended meanwhile. */
@@ -380,6 +409,8 @@ export class SplicedRelay implements ByteRelay {
     for (const s of [this.#client, this.#backend]) {
       clearTimeout(s.retry);
       if (s.id) watcher.unwatch(s.id, s.fd);
+      // a cut stream ends with a reset on both sides, never a FIN a peer could take for the end
+      if (reason !== "done") resetOnClose(s.fd);
     }
     // Deno closes the fds (its epoll no longer has them: its removal finds nothing, harmlessly)
     closeQuietly(this.#pair.client);

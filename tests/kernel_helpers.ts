@@ -565,8 +565,8 @@ export async function startProxyAs(
 
 /**
  * Compiles (clang, at test time) an object with the maps and programs the loader looks up
- * (sni_sockhash, sni_spliced, sni_pairs, sni_stats, sni_config; sni_sockops, sni_verdict,
- * sni_verdict_spliced, sni_parser) whose sock_ops
+ * (sni_sockhash, sni_pairs, sni_resume, sni_stats, sni_config; sni_sockops, sni_verdict) whose
+ * sock_ops
  * program the verifier must reject: it dereferences a hash-map lookup without the NULL check
  * (an array lookup with a constant key would pass: the verifier knows it cannot be NULL).
  */
@@ -580,10 +580,10 @@ export async function verifierRejectedObject(dir: string): Promise<string> {
 #include "sockmap.h"
 struct { __uint(type, BPF_MAP_TYPE_SOCKHASH); __uint(max_entries, 1024);
   __type(key, struct sni_sock_key); __type(value, __u64); } sni_sockhash SEC(".maps");
-struct { __uint(type, BPF_MAP_TYPE_SOCKHASH); __uint(max_entries, 1024);
-  __type(key, struct sni_sock_key); __type(value, __u64); } sni_spliced SEC(".maps");
-struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, 1024);
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 1024);
   __type(key, struct sni_sock_key); __type(value, struct sni_pair); } sni_pairs SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 1024);
+  __type(key, struct sni_sock_key); __type(value, struct sni_resume); } sni_resume SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1);
   __type(key, __u32); __type(value, struct sni_stats); } sni_stats SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
@@ -596,8 +596,6 @@ SEC("sockops") int sni_sockops(struct bpf_sock_ops *skops) {
   return 1;
 }
 SEC("sk_skb/stream_verdict") int sni_verdict(struct __sk_buff *skb) { return SK_PASS; }
-SEC("sk_skb/stream_verdict") int sni_verdict_spliced(struct __sk_buff *skb) { return SK_PASS; }
-SEC("sk_skb/stream_parser") int sni_parser(struct __sk_buff *skb) { return skb->len; }
 char _license[] SEC("license") = "Dual BSD/GPL";
 `,
   );
