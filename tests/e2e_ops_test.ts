@@ -4,7 +4,8 @@
  */
 import assert from "node:assert/strict";
 import {
-  curl,
+  assertServesBundled,
+  bundledConfig,
   e2eTest,
   identityBackend,
   LineReader,
@@ -568,42 +569,13 @@ for (const workers of [1, 2]) {
 e2eTest(
   "the bundled config.json: HTTP on its HTTP listener, TLS on its TLS listener",
   async (s) => {
-    const bundled = JSON.parse(await Deno.readTextFile(`${ROOT}config.json`));
-    const protocolOf = (table: string) =>
-      bundled.listeners.find((l: { table?: string }) => (l.table ?? "default") === table).protocol;
-    const tables: [string, { backends: string[] }[]][] = [
-      ["default", bundled.routes],
-      ...Object.entries(
-        (bundled.tables ?? {}) as Record<string, { routes: { backends: string[] }[] }>,
-      )
-        .map(([n, t]) => [n, t.routes] as [string, { backends: string[] }[]]),
-    ];
-    // a backend of the table's protocol (plain for an HTTP listener's) at each address
-    const moved = new Map<string, string>();
-    for (const [name, routes] of tables) {
-      const tls = protocolOf(name) === "tls";
-      for (const address of routes.flatMap((r) => r.backends)) {
-        if (moved.has(address)) continue;
-        const hostname = address.slice(0, address.lastIndexOf(":")).replace(/^\[|\]$/g, "");
-        const b = await identityBackend(s, `${tls ? "tls" : "http"}-${address}`, { hostname, tls });
-        moved.set(address, b.address);
-      }
-    }
-    // as shipped, but on free ports
-    const config = JSON.parse(
-      JSON.stringify(bundled).replace(
-        /"((?:127\.0\.0\.1|\[::1\]):\d+)"/g,
-        (_, a) => JSON.stringify(moved.get(a) ?? a.replace(/:\d+$/, ":0")),
-      ),
-    );
-    const proxy = await startProxy(s, config);
-    const at = (protocol: string) => proxy.listeners.find((l) => l.protocol === protocol)!.port;
-    assert.equal(await whoAnswers(at("tls"), "localhost"), "tls-127.0.0.1:9443");
-    const tls = await curl(at("tls"), "localhost");
-    assert.equal(tls.stdout, "tls-127.0.0.1:9443\nstatus=200", tls.stderr);
-    const http = await curl(at("http"), "localhost", { http: true });
-    assert.equal(http.stdout, "http-127.0.0.1:9080\nstatus=200", http.stderr);
-    const wild = await curl(at("http"), "www.example.test", { http: true });
-    assert.match(wild.stdout, /^http-127\.0\.0\.1:908[01]\nstatus=200$/, wild.stderr);
+    const bundled = await bundledConfig(s);
+    const proxy = await startProxy(s, bundled.config);
+    const { tls, http } = bundled.ports;
+    assert.deepEqual(proxy.listeners.map((l) => [l.port, l.protocol]), [[tls, "tls"], [
+      http,
+      "http",
+    ]]);
+    await assertServesBundled(bundled);
   },
 );
