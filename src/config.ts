@@ -608,7 +608,8 @@ function changedPaths(a: unknown, b: unknown, path: PropertyKey[], out: string[]
  * fields needing a restart (workers, listeners, log, metrics, most of ebpf) keep their running
  * values; `ignored` names (as JSON paths) those of them that `next` changes, and `warnings`
  * has the lines to log: one naming them all, then `next`'s own warnings. A running listener
- * takes its `table` from the listener of `next` with the same address and protocol. Throws a
+ * takes its `table` from the listener of `next` with the same address and protocol (the one
+ * in the same place first). Throws a
  * ConfigError when a running listener would be left with a table `next` does not define.
  */
 export function reloadable(
@@ -621,9 +622,11 @@ export function reloadable(
       if (running.workers !== next.workers) ignored.push("workers");
     } else changedPaths(running.source[key], next.source[key], [key], ignored);
   }
-  const listeners = running.listeners.map((l) => {
-    const same = next.listeners.find((n) => n.address === l.address && n.protocol === l.protocol);
-    return same ? { ...l, table: same.table } : l;
+  // the listener in the same place, else the first with its address (ports 0 repeat)
+  const listeners = running.listeners.map((l, i) => {
+    const same = (n?: ListenerConfig) => n?.address === l.address && n.protocol === l.protocol;
+    const match = same(next.listeners[i]) ? next.listeners[i] : next.listeners.find(same);
+    return match ? { ...l, table: match.table } : l;
   });
   const orphans = listeners.filter((l) => !(l.table in next.tables)).map((l) =>
     `listeners: the running listener ${l.address} serves table "${l.table}", which ` +

@@ -579,3 +579,33 @@ e2eTest(
     await assertServesBundled(bundled);
   },
 );
+
+e2eTest(
+  "each listener routes by its table; SIGHUP can move a listener to another table",
+  async (s) => {
+    const one = await identityBackend(s, "one");
+    const two = await identityBackend(s, "two");
+    const config = {
+      listeners: [{ address: "127.0.0.1:0" }, { address: "127.0.0.1:0", table: "other" }],
+      routes: [{ match: "a.test", backends: [one.address] }],
+      tables: { other: { routes: [{ match: "a.test", backends: [two.address] }] } },
+    };
+    const proxy = await startProxy(s, config);
+    assert.match(proxy.stderr(), /ready: 2 listener\(s\), 2 route\(s\) in 2 tables/);
+    assert.equal(await whoAnswers(proxy.port(0), "a.test"), "one");
+    assert.equal(await whoAnswers(proxy.port(1), "a.test"), "two");
+    // a table's default_backend serves only its listeners
+    await proxy.writeConfig({
+      ...config,
+      listeners: [{ address: "127.0.0.1:0", table: "other" }, { address: "127.0.0.1:0" }],
+      tables: { other: { routes: [], default_backend: two.address } },
+    });
+    const mark = proxy.stderr().length;
+    proxy.signal("SIGHUP");
+    await proxy.waitForLog("reloaded", 5000, mark);
+    assert.doesNotMatch(proxy.stderr().slice(mark), /need a restart/, "a table is no restart");
+    assert.equal(await whoAnswers(proxy.port(0), "b.test"), "two");
+    assert.equal(await whoAnswers(proxy.port(1), "a.test"), "one");
+    assert.notEqual(await tlsFailure(proxy.port(1), "b.test"), null, "no default in `default`");
+  },
+);
