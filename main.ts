@@ -6,7 +6,7 @@
 import { parseArgs } from "node:util";
 import { ConfigError, loadConfig } from "./src/config.ts";
 import { runUntilStopped } from "./src/lifecycle.ts";
-import { logger, setupLogging } from "./src/log.ts";
+import { logger, LogSetupError, setupLogging } from "./src/log.ts";
 import { Proxy } from "./src/proxy.ts";
 import { printStats } from "./src/stats_cli.ts";
 import { runWorker, Supervisor, workerSpec } from "./src/workers.ts";
@@ -76,12 +76,19 @@ async function main(args: string[]): Promise<number> {
     return 1;
   }
   if (flags.check) {
+    for (const w of config.warnings) console.error(`${flags.config}: warning: ${w}`);
     console.log("config OK");
     return 0;
   }
   if (command === "stats") return await printStats(config);
 
-  await setupLogging(config.log);
+  try {
+    await setupLogging(config.log);
+  } catch (e) {
+    if (!(e instanceof LogSetupError)) throw e;
+    console.error(`${flags.config}: ${e.message}`);
+    return 1;
+  }
   const proxyConfig = config;
   return await runUntilStopped({
     start: () => proxyConfig.workers > 1 ? Supervisor.start(proxyConfig) : Proxy.start(proxyConfig),
@@ -91,5 +98,11 @@ async function main(args: string[]): Promise<number> {
 }
 
 if (import.meta.main) {
-  Deno.exit(await main(Deno.args));
+  // whatever fails, the operator gets one line and a non-zero exit, not a stack trace
+  Deno.exit(
+    await main(Deno.args).catch((e) => {
+      console.error(`sni-proxy: ${e instanceof Error ? e.message : String(e)}`);
+      return 1;
+    }),
+  );
 }

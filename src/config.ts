@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { dirname, resolve as resolvePath } from "node:path";
 import { z } from "zod";
 import { type Cidr, isIpAddress, parseCidr } from "./acl.ts";
 import { compilePattern, type NamePattern } from "./router.ts";
@@ -29,6 +30,8 @@ export interface ListenerConfig {
   protocol: "tls" | "http";
   /** Sources trusted to send a PROXY protocol header first (empty: none). */
   acceptProxyProtocol: Cidr[];
+  /** The name of the route table it serves (`default`: the top-level routes). */
+  table: string;
 }
 
 /** Backend health settings of a route. */
@@ -53,15 +56,31 @@ export interface RouteConfig {
   health: HealthConfig;
 }
 
+/** A route table: ordered routes and the backend for names none of them takes. */
+export interface RouteTableConfig {
+  routes: RouteConfig[];
+  defaultBackend: BackendAddress | null;
+}
+
+/** The name of the route table made of the top-level `routes` and `default_backend`. */
+export const DEFAULT_TABLE = "default";
+
 /** The resolved, validated config the proxy runs on. */
 export interface Config {
   /** Absolute path of the file it came from. */
   path: string;
+  /** The file's values with their defaults, as the schema read them (for reload diffs). */
+  source: ConfigSource;
+  /** Fields that are valid but have no effect as set, each starting with its JSON path. */
+  warnings: string[];
   /** Proxy processes sharing the listeners (SO_REUSEPORT); 1: a single process, no supervisor. */
   workers: number;
   listeners: ListenerConfig[];
+  /** The default table's routes (`routes`). */
   routes: RouteConfig[];
   defaultBackend: BackendAddress | null;
+  /** Every route table by name: `default` (the two fields above) and each of `tables`. */
+  tables: Record<string, RouteTableConfig>;
   timeouts: { clientHelloMs: number; connectMs: number; idleMs: number; drainMs: number };
   limits: { maxConnections: number; maxClientHelloBytes: number };
   acl: { allow: Cidr[]; deny: Cidr[] };
@@ -128,6 +147,29 @@ const pathOrOff = (def: string) =>
   z.union([z.string().min(1), z.literal(false)], { error: "expected a file path or false" })
     .default(def);
 
+/** Defaults a cross-field check needs when the field is absent. */
+const DNS_TTL_DEFAULTS = { min_ttl_s: 5, max_ttl_s: 3600 };
+
+const routeSchema = z.strictObject({
+  match: z.string(),
+  backends: z.array(z.string()).min(1, { error: "at least one backend is required" }),
+  balance: z.enum(["round_robin", "random", "least_conn", "source_hash"]).default(
+    "round_robin",
+  ),
+  allow: z.array(z.string()).optional(),
+  proxy_protocol: z.enum(["v1", "v2"]).optional(),
+  health: z.strictObject({
+    max_fails: z.number().int().min(1).max(1000).default(3),
+    fail_timeout_ms: ms(10_000),
+    check: z.strictObject({
+      interval_ms: ms(2_000),
+      timeout_ms: ms(1_000),
+      rise: z.number().int().min(1).max(100).default(2),
+      fall: z.number().int().min(1).max(100).default(3),
+    }).optional(),
+  }).prefault({}),
+});
+
 const schema = z.strictObject({
   workers: z.union([z.literal("auto"), z.number().int().min(1).max(256)], {
     error: 'expected "auto" or a whole number from 1 to 256',
@@ -136,27 +178,14 @@ const schema = z.strictObject({
     address: z.string(),
     protocol: z.enum(["tls", "http"]).default("tls"),
     accept_proxy_protocol: z.array(z.string()).default([]),
+    table: z.string().default(DEFAULT_TABLE),
   })).min(1, { error: "at least one listener is required" }),
-  routes: z.array(z.strictObject({
-    match: z.string(),
-    backends: z.array(z.string()).min(1, { error: "at least one backend is required" }),
-    balance: z.enum(["round_robin", "random", "least_conn", "source_hash"]).default(
-      "round_robin",
-    ),
-    allow: z.array(z.string()).optional(),
-    proxy_protocol: z.enum(["v1", "v2"]).optional(),
-    health: z.strictObject({
-      max_fails: z.number().int().min(1).max(1000).default(3),
-      fail_timeout_ms: ms(10_000),
-      check: z.strictObject({
-        interval_ms: ms(2_000),
-        timeout_ms: ms(1_000),
-        rise: z.number().int().min(1).max(100).default(2),
-        fall: z.number().int().min(1).max(100).default(3),
-      }).optional(),
-    }).prefault({}),
-  })),
+  routes: z.array(routeSchema),
   default_backend: z.string().optional(),
+  tables: z.record(
+    z.string(),
+    z.strictObject({ routes: z.array(routeSchema), default_backend: z.string().optional() }),
+  ).default({}),
   timeouts: z.strictObject({
     client_hello_ms: ms(10_000),
     connect_ms: ms(5_000),
@@ -180,8 +209,8 @@ const schema = z.strictObject({
   }).prefault({}),
   dns: z.strictObject({
     servers: z.array(z.string()).min(1).optional(),
-    min_ttl_s: z.number().int().min(0).max(86_400).default(5),
-    max_ttl_s: z.number().int().min(1).max(604_800).default(3600),
+    min_ttl_s: z.number().int().min(0).max(86_400).default(DNS_TTL_DEFAULTS.min_ttl_s),
+    max_ttl_s: z.number().int().min(1).max(604_800).default(DNS_TTL_DEFAULTS.max_ttl_s),
     negative_ttl_s: z.number().int().min(0).max(86_400).default(10),
     cache_entries: z.number().int().min(16).max(16_777_216).default(4096),
     timeout_ms: ms(2_000),
@@ -215,6 +244,9 @@ const schema = z.strictObject({
     }).optional(),
   }).prefault({}),
 });
+
+/** A config file's values with their defaults filled in, keyed as in the JSON. */
+export type ConfigSource = z.output<typeof schema>;
 
 /** Formats `["routes", 2, "backends", 0]` as `routes[2].backends[0]`. */
 export function formatPath(path: readonly PropertyKey[]): string {
@@ -262,157 +294,217 @@ function parseBackend(text: string): BackendAddress {
   return { text, host, port, dynamic: false };
 }
 
+function parseDefaultBackend(text: string): BackendAddress {
+  const b = parseBackend(text);
+  if (b.dynamic) throw new Error("default_backend cannot be $sni");
+  return b;
+}
+
 function parseListener(text: string): { hostname: string; port: number } {
   const { host, port } = splitHostPort(text, 0);
   if (!isIpAddress(host)) throw new Error(`listener host must be an IP address, got "${host}"`);
   return { hostname: host, port };
 }
 
+/** `"IP"` (port 53) or `"IP:port"` / `"[IPv6]:port"`. */
+function parseDnsServer(text: string): { ipAddr: string; port: number } {
+  const { hostname, port } = text.includes("]") || /:\d+$/.test(text) && !text.includes("::")
+    ? parseListener(text)
+    : { hostname: text.replace(/^\[|\]$/g, ""), port: 53 };
+  if (!isIpAddress(hostname)) throw new Error(`"${text}" is not an IP address`);
+  if (port === 0) throw new Error("port out of range (1-65535)");
+  return { ipAddr: hostname, port };
+}
+
+const tableNameRe = /^[A-Za-z0-9_-]{1,64}$/;
+
 /**
- * Checks the string values whose meaning the schema cannot see (addresses, patterns, CIDRs)
- * wherever they are strings, on input that failed the schema: each error with its path.
+ * Every error the schema cannot see: the meaning of string values (addresses, patterns, CIDRs)
+ * and the rules between fields (`$sni` needs `allow`, TTL bounds, table names). Reads the raw
+ * input leniently, skipping values of the wrong type (the schema reports those), so that one
+ * run lists these errors together with the schema's.
  */
-function valueErrors(raw: unknown): string[] {
+function semanticErrors(raw: unknown): string[] {
   const errors: string[] = [];
   const obj = (v: unknown): Record<string, unknown> =>
     v !== null && typeof v === "object" && !Array.isArray(v) ? v as Record<string, unknown> : {};
   const list = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
+  const fail = (where: PropertyKey[], message: string) =>
+    errors.push(`${formatPath(where)}: ${message}`);
   const check = (where: PropertyKey[], value: unknown, f: (s: string) => unknown) => {
     if (typeof value !== "string") return;
     try {
       f(value);
     } catch (e) {
-      errors.push(`${formatPath(where)}: ${(e as Error).message}`);
+      fail(where, (e as Error).message);
     }
   };
+  const isDynamic = (b: unknown) => {
+    try {
+      return typeof b === "string" && parseBackend(b).dynamic;
+    } catch {
+      return false;
+    }
+  };
+  const routeTable = (at: PropertyKey[], routes: unknown, defaultBackend: unknown) => {
+    list(routes).forEach((r, i) => {
+      const route = obj(r);
+      check([...at, i, "match"], route.match, compilePattern);
+      list(route.backends).forEach((b, j) => check([...at, i, "backends", j], b, parseBackend));
+      list(route.allow).forEach((a, j) => check([...at, i, "allow", j], a, compilePattern));
+      const noAllow = route.allow === undefined || list(route.allow).length === 0;
+      if (list(route.backends).some(isDynamic) && noAllow) {
+        fail(
+          [...at, i, "allow"],
+          "a route with a $sni backend needs an allow list of name patterns " +
+            "(otherwise it is an open proxy)",
+        );
+      }
+    });
+    check([...at.slice(0, -1), "default_backend"], defaultBackend, parseDefaultBackend);
+  };
+
   const top = obj(raw);
+  const tables = obj(top.tables);
+  const tableNames = [...new Set([DEFAULT_TABLE, ...Object.keys(tables)])];
   list(top.listeners).forEach((l, i) => {
     check(["listeners", i, "address"], obj(l).address, parseListener);
     list(obj(l).accept_proxy_protocol).forEach((c, j) =>
       check(["listeners", i, "accept_proxy_protocol", j], c, parseCidr)
     );
+    const table = obj(l).table;
+    if (typeof table === "string" && !tableNames.includes(table)) {
+      fail(["listeners", i, "table"], `no table "${table}" (tables: ${tableNames.join(", ")})`);
+    }
   });
-  list(top.routes).forEach((r, i) => {
-    check(["routes", i, "match"], obj(r).match, compilePattern);
-    list(obj(r).backends).forEach((b, j) => check(["routes", i, "backends", j], b, parseBackend));
-    list(obj(r).allow).forEach((a, j) => check(["routes", i, "allow", j], a, compilePattern));
-  });
-  check(["default_backend"], top.default_backend, parseBackend);
+  routeTable(["routes"], top.routes, top.default_backend);
+  for (const [name, t] of Object.entries(tables)) {
+    if (name === DEFAULT_TABLE) {
+      fail(
+        ["tables", name],
+        `"${DEFAULT_TABLE}" is the table of the top-level routes and default_backend; ` +
+          `use another name`,
+      );
+    } else if (!tableNameRe.test(name)) {
+      fail(["tables", name], "a table name is 1-64 letters, digits, _ or -");
+    }
+    routeTable(["tables", name, "routes"], obj(t).routes, obj(t).default_backend);
+  }
   for (const key of ["allow", "deny"]) {
     list(obj(top.acl)[key]).forEach((c, i) => check(["acl", key, i], c, parseCidr));
   }
   check(["metrics", "address"], obj(top.metrics).address, parseListener);
+  const dns = obj(top.dns);
+  list(dns.servers).forEach((s, i) => check(["dns", "servers", i], s, parseDnsServer));
+  const ttl = (key: keyof typeof DNS_TTL_DEFAULTS) =>
+    dns[key] === undefined ? DNS_TTL_DEFAULTS[key] : dns[key];
+  const [minTtl, maxTtl] = [ttl("min_ttl_s"), ttl("max_ttl_s")];
+  if (typeof minTtl === "number" && typeof maxTtl === "number" && minTtl > maxTtl) {
+    fail(["dns", "min_ttl_s"], `larger than dns.max_ttl_s (${minTtl} > ${maxTtl})`);
+  }
   return errors;
 }
 
-/**
- * Validates a parsed JSON value and resolves it. `path` is the file it came from (relative
- * log paths are resolved against its directory). Throws ConfigError listing every problem.
- */
-export function resolveConfig(raw: unknown, path: string): Config {
-  const parsed = schema.safeParse(raw);
-  if (!parsed.success) {
-    // list the value errors of the fields that are well-typed too, so one --check shows all
-    const errors = parsed.error.issues.map((i) => `${formatPath(i.path)}: ${i.message}`);
-    for (const e of valueErrors(raw)) if (!errors.includes(e)) errors.push(e);
-    throw new ConfigError(path, errors);
-  }
-  const c = parsed.data;
-  const errors: string[] = [];
-  const at = <T>(where: PropertyKey[], f: () => T): T | undefined => {
-    try {
-      return f();
-    } catch (e) {
-      errors.push(`${formatPath(where)}: ${(e as Error).message}`);
-      return undefined;
-    }
-  };
-
-  const listeners = c.listeners.map((l, i) => {
-    const a = at(["listeners", i, "address"], () => parseListener(l.address));
-    const trusted = l.accept_proxy_protocol.map((t, j) =>
-      at(["listeners", i, "accept_proxy_protocol", j], () => parseCidr(t))
-    ).filter((x): x is Cidr => x !== undefined);
-    return {
-      address: l.address,
-      protocol: l.protocol,
-      hostname: a?.hostname ?? "",
-      port: a?.port ?? 0,
-      acceptProxyProtocol: trusted,
-    };
-  });
-  const routes: RouteConfig[] = c.routes.map((r, i) => {
-    const backends = r.backends.map((b, j) =>
-      at(["routes", i, "backends", j], () => parseBackend(b))
-    )
-      .filter((b): b is BackendAddress => b !== undefined);
-    const dynamic = backends.some((b) => b.dynamic);
-    if (dynamic && (!r.allow || r.allow.length === 0)) {
-      errors.push(
-        `${formatPath(["routes", i, "allow"])}: a route with a $sni backend needs an allow list ` +
-          `of name patterns (otherwise it is an open proxy)`,
+/** Fields of a valid config that have no effect as set, each starting with its JSON path. */
+function configWarnings(c: ConfigSource): string[] {
+  const warnings: string[] = [];
+  if (!c.ebpf.enabled) {
+    const unused = [
+      c.ebpf.sockmap_enabled && "ebpf.sockmap_enabled",
+      c.ebpf.dns_cache_enabled && "ebpf.dns_cache_enabled",
+      c.ebpf.xdp && "ebpf.xdp",
+    ].filter((x) => x);
+    for (const field of unused) {
+      warnings.push(
+        `${field}: ignored while ebpf.enabled is false (set ebpf.enabled to true to use it)`,
       );
     }
-    const allow = r.allow?.map((p, j) => at(["routes", i, "allow", j], () => compilePattern(p)))
-      .filter((p): p is NamePattern => p !== undefined) ?? null;
-    return {
-      match: at(["routes", i, "match"], () => compilePattern(r.match)) ?? compilePattern("*"),
-      backends,
-      balance: r.balance,
-      allow: dynamic ? allow : null,
-      proxyProtocol: r.proxy_protocol ?? null,
-      health: {
-        maxFails: r.health.max_fails,
-        failTimeoutMs: r.health.fail_timeout_ms,
-        active: r.health.check
-          ? {
-            intervalMs: r.health.check.interval_ms,
-            timeoutMs: r.health.check.timeout_ms,
-            rise: r.health.check.rise,
-            fall: r.health.check.fall,
-          }
-          : null,
-      },
-    };
-  });
-  const defaultBackend = c.default_backend === undefined ? null : at(["default_backend"], () => {
-    const b = parseBackend(c.default_backend!);
-    if (b.dynamic) throw new Error("default_backend cannot be $sni");
-    return b;
-  }) ?? null;
-  const cidrs = (list: string[], key: string) =>
-    list.map((t, i) => at(["acl", key, i], () => parseCidr(t)))
-      .filter((x): x is Cidr => x !== undefined);
-  const acl = { allow: cidrs(c.acl.allow, "allow"), deny: cidrs(c.acl.deny, "deny") };
-  const metrics = c.metrics === undefined ? null : at(
-    ["metrics", "address"],
-    () => ({ address: c.metrics!.address, ...parseListener(c.metrics!.address) }),
-  ) ??
-    null;
+  }
+  for (const name of Object.keys(c.tables)) {
+    if (!c.listeners.some((l) => l.table === name)) {
+      warnings.push(`tables.${name}: no listener uses this table (listeners[].table)`);
+    }
+  }
+  return warnings;
+}
 
-  const servers = c.dns.servers?.map((text, i) =>
-    at(["dns", "servers", i], () => {
-      const { hostname, port } = text.includes("]") || /:\d+$/.test(text) && !text.includes("::")
-        ? parseListener(text)
-        : { hostname: text.replace(/^\[|\]$/g, ""), port: 53 };
-      if (!isIpAddress(hostname)) throw new Error(`"${text}" is not an IP address`);
-      if (port === 0) throw new Error("port out of range (1-65535)");
-      return { ipAddr: hostname, port };
-    })
-  ).filter((x): x is { ipAddr: string; port: number } => x !== undefined) ?? null;
-  if (c.dns.min_ttl_s > c.dns.max_ttl_s) {
-    errors.push("dns.min_ttl_s: larger than dns.max_ttl_s");
+/** Where relative paths in a config resolve. */
+export interface PathBase {
+  /** For `log.file` and `log.access_log`: systemd's `$LOGS_DIRECTORY` (LogsDirectory=). */
+  logsDirectory?: string | null;
+}
+
+/** `p` against `dir` unless it is absolute. */
+function against(dir: string, p: string): string {
+  return p.startsWith("/") ? p : resolvePath(dir, p);
+}
+
+/**
+ * Validates a parsed JSON value and resolves it. `path` is the file it came from: relative
+ * paths in it resolve against its directory (log paths against `base.logsDirectory` when set).
+ * Throws ConfigError listing every problem.
+ */
+export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): Config {
+  const parsed = schema.safeParse(raw);
+  const errors = parsed.success
+    ? []
+    : parsed.error.issues.map((i) => `${formatPath(i.path)}: ${i.message}`);
+  for (const e of semanticErrors(raw)) if (!errors.includes(e)) errors.push(e);
+  if (!parsed.success || errors.length > 0) throw new ConfigError(path, errors);
+  const c = parsed.data;
+
+  const listeners: ListenerConfig[] = c.listeners.map((l) => ({
+    address: l.address,
+    protocol: l.protocol,
+    ...parseListener(l.address),
+    acceptProxyProtocol: l.accept_proxy_protocol.map(parseCidr),
+    table: l.table,
+  }));
+  const routeTable = (routes: typeof c.routes, defaultBackend?: string): RouteTableConfig => ({
+    routes: routes.map((r): RouteConfig => {
+      const backends = r.backends.map(parseBackend);
+      return {
+        match: compilePattern(r.match),
+        backends,
+        balance: r.balance,
+        allow: backends.some((b) => b.dynamic) ? r.allow!.map(compilePattern) : null,
+        proxyProtocol: r.proxy_protocol ?? null,
+        health: {
+          maxFails: r.health.max_fails,
+          failTimeoutMs: r.health.fail_timeout_ms,
+          active: r.health.check
+            ? {
+              intervalMs: r.health.check.interval_ms,
+              timeoutMs: r.health.check.timeout_ms,
+              rise: r.health.check.rise,
+              fall: r.health.check.fall,
+            }
+            : null,
+        },
+      };
+    }),
+    defaultBackend: defaultBackend === undefined ? null : parseDefaultBackend(defaultBackend),
+  });
+  const tables: Record<string, RouteTableConfig> = {
+    [DEFAULT_TABLE]: routeTable(c.routes, c.default_backend),
+  };
+  for (const [name, t] of Object.entries(c.tables)) {
+    tables[name] = routeTable(t.routes, t.default_backend);
   }
 
-  if (errors.length > 0) throw new ConfigError(path, errors);
-  const dir = path.includes("/") ? path.slice(0, path.lastIndexOf("/") + 1) : "";
-  const rel = (p: string | false) => (p === false ? null : p.startsWith("/") ? p : dir + p);
+  const absolute = resolvePath(path);
+  const dir = dirname(absolute);
+  const logDir = base.logsDirectory || dir;
+  const rel = (p: string | false, from = dir) => (p === false ? null : against(from, p));
   return {
-    path,
+    path: absolute,
+    source: c,
+    warnings: configWarnings(c),
     workers: c.workers === "auto" ? Math.max(1, navigator.hardwareConcurrency || 1) : c.workers,
     listeners,
-    routes,
-    defaultBackend,
+    routes: tables[DEFAULT_TABLE].routes,
+    defaultBackend: tables[DEFAULT_TABLE].defaultBackend,
+    tables,
     timeouts: {
       clientHelloMs: c.timeouts.client_hello_ms,
       connectMs: c.timeouts.connect_ms,
@@ -423,25 +515,27 @@ export function resolveConfig(raw: unknown, path: string): Config {
       maxConnections: c.limits.max_connections,
       maxClientHelloBytes: c.limits.max_client_hello_bytes,
     },
-    acl,
+    acl: { allow: c.acl.allow.map(parseCidr), deny: c.acl.deny.map(parseCidr) },
     log: {
       level: c.log.level,
-      file: rel(c.log.file),
-      accessLog: rel(c.log.access_log),
+      file: rel(c.log.file, logDir),
+      accessLog: rel(c.log.access_log, logDir),
       maxFileBytes: c.log.max_file_bytes,
       maxFiles: c.log.max_files,
     },
     dns: {
-      servers,
+      servers: c.dns.servers?.map(parseDnsServer) ?? null,
       minTtlMs: c.dns.min_ttl_s * 1000,
       maxTtlMs: c.dns.max_ttl_s * 1000,
       negativeTtlMs: c.dns.negative_ttl_s * 1000,
       cacheEntries: c.dns.cache_entries,
       timeoutMs: c.dns.timeout_ms,
       attempts: c.dns.attempts,
-      hostsFile: c.dns.hosts_file === false ? null : c.dns.hosts_file,
+      hostsFile: rel(c.dns.hosts_file),
     },
-    metrics,
+    metrics: c.metrics === undefined
+      ? null
+      : { address: c.metrics.address, ...parseListener(c.metrics.address) },
     ebpf: {
       enabled: c.ebpf.enabled,
       sockmapEnabled: c.ebpf.sockmap_enabled,
@@ -480,5 +574,93 @@ export async function loadConfig(path: string): Promise<Config> {
   } catch (e) {
     throw new ConfigError(path, [`not valid JSON: ${(e as Error).message}`]);
   }
-  return resolveConfig(raw, path);
+  // systemd's LogsDirectory= sets it (several directories are separated by colons)
+  const logsDirectory = Deno.env.get("LOGS_DIRECTORY")?.split(":")[0] || null;
+  return resolveConfig(raw, path, { logsDirectory });
+}
+
+/** "3 route(s)", or with several tables served "5 route(s) in 2 tables". */
+export function routeSummary(config: Config): string {
+  const served = [...new Set(config.listeners.map((l) => l.table))];
+  const routes = served.reduce((n, t) => n + config.tables[t].routes.length, 0);
+  return served.length > 1 ? `${routes} route(s) in ${served.length} tables` : `${routes} route(s)`;
+}
+
+/** Fields a running process keeps until a restart; the rest of a reload applies. */
+const RESTART_ONLY = ["workers", "listeners", "log", "metrics", "ebpf"] as const;
+/** Fields inside those that a reload does apply. */
+const RELOADABLE =
+  /^(listeners\[\d+\]\.table|ebpf\.(dns_cache_enabled|drain_timeout_ms|detach_spliced))$/;
+
+/** The JSON paths under `path` where `a` and `b` differ, skipping reloadable fields. */
+function changedPaths(a: unknown, b: unknown, path: PropertyKey[], out: string[]): void {
+  const where = formatPath(path);
+  if (RELOADABLE.test(where)) return;
+  const isObj = (v: unknown): v is Record<string, unknown> =>
+    v !== null && typeof v === "object" && !Array.isArray(v);
+  if (isObj(a) && isObj(b)) {
+    for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) {
+      changedPaths(a[k], b[k], [...path, k], out);
+    }
+  } else if (Array.isArray(a) && Array.isArray(b) && a.length === b.length) {
+    a.forEach((x, i) => changedPaths(x, b[i], [...path, i], out));
+  } else if (JSON.stringify(a) !== JSON.stringify(b)) {
+    out.push(where);
+  }
+}
+
+/**
+ * What a process running `running` applies of a reloaded `next`: `next`, except that the
+ * fields needing a restart (workers, listeners, log, metrics, most of ebpf) keep their running
+ * values; `ignored` names (as JSON paths) those of them that `next` changes, and `warnings`
+ * has the lines to log: one naming them all, then `next`'s own warnings. A running listener
+ * takes its `table` from the listener of `next` with the same address and protocol (the one
+ * in the same place first). Throws a
+ * ConfigError when a running listener would be left with a table `next` does not define.
+ */
+export function reloadable(
+  running: Config,
+  next: Config,
+): { config: Config; ignored: string[]; warnings: string[] } {
+  const ignored: string[] = [];
+  for (const key of RESTART_ONLY) {
+    if (key === "workers") {
+      if (running.workers !== next.workers) ignored.push("workers");
+    } else changedPaths(running.source[key], next.source[key], [key], ignored);
+  }
+  // the listener in the same place, else the first with its address (ports 0 repeat)
+  const listeners = running.listeners.map((l, i) => {
+    const same = (n?: ListenerConfig) => n?.address === l.address && n.protocol === l.protocol;
+    const match = same(next.listeners[i]) ? next.listeners[i] : next.listeners.find(same);
+    return match ? { ...l, table: match.table } : l;
+  });
+  const orphans = listeners.filter((l) => !(l.table in next.tables)).map((l) =>
+    `listeners: the running listener ${l.address} serves table "${l.table}", which ` +
+    `${next.path} no longer defines (a changed listener needs a restart)`
+  );
+  if (orphans.length > 0) throw new ConfigError(next.path, orphans);
+  const source = { ...next.source };
+  for (const key of ["workers", "listeners", "log", "metrics"] as const) {
+    (source as Record<string, unknown>)[key] = running.source[key];
+  }
+  const { dns_cache_enabled, drain_timeout_ms, detach_spliced } = next.source.ebpf;
+  source.ebpf = { ...running.source.ebpf, dns_cache_enabled, drain_timeout_ms, detach_spliced };
+  const config: Config = {
+    ...next,
+    source,
+    workers: running.workers,
+    listeners,
+    log: running.log,
+    metrics: running.metrics,
+    ebpf: {
+      ...running.ebpf,
+      dnsCacheEnabled: next.ebpf.dnsCacheEnabled,
+      drainTimeoutMs: next.ebpf.drainTimeoutMs,
+      detachSpliced: next.ebpf.detachSpliced,
+    },
+  };
+  const warnings = ignored.length > 0
+    ? [`reload: these changes need a restart and were not applied: ${ignored.join(", ")}`]
+    : [];
+  return { config, ignored, warnings: [...warnings, ...next.warnings] };
 }

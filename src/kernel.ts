@@ -1226,8 +1226,8 @@ function loadError(e: unknown, o: KernelAccelOptions): Error {
   if (e.errno === 12 || e.errno === 7) {
     return new KernelAccelError(
       "no_memory",
-      `the kernel could not allocate the eBPF maps (${e.errnoName}; max_sockets ${o.maxSockets}, max_pairs ${o.maxPairs})`,
-      "lower ebpf.maps.max_sockets / ebpf.maps.max_pairs, or raise RLIMIT_MEMLOCK (ulimit -l) on kernels before 5.11",
+      `the kernel could not allocate the eBPF maps (${e.errnoName}; ebpf.maps.sockets ${o.maxSockets}, ebpf.maps.pairs ${o.maxPairs})`,
+      "lower ebpf.maps.sockets / ebpf.maps.pairs, or raise RLIMIT_MEMLOCK (ulimit -l) on kernels before 5.11",
       { cause: e },
     );
   }

@@ -11,14 +11,14 @@ import { logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { closeQuietly } from "./relay.ts";
 import { errText, formatAddr, Session } from "./session.ts";
-import type { RoutingTable } from "./table.ts";
+import type { RoutingTables } from "./table.ts";
 
 const log = logger("listener");
 
 /** What a listener needs from the proxy that owns it. */
 export interface ListenerHost {
-  /** The routing table new connections are served by (swapped on reload). */
-  readonly table: RoutingTable;
+  /** The routing tables new connections are served by (swapped on reload). */
+  readonly tables: RoutingTables;
   readonly metrics: Metrics;
   /** The eBPF fast path, or null in userspace mode. */
   readonly kernel: KernelAccel | null;
@@ -31,6 +31,8 @@ export interface ListenerHost {
 /** A bound listening socket and its accept loop. */
 export class Listener {
   readonly config: ListenerConfig;
+  /** Its place in the config's listeners (which names its route table). */
+  readonly index: number;
   /** The bound address (`127.0.0.1:8443`), with the real port when the config said 0. */
   readonly address: string;
   readonly #socket: Deno.TcpListener;
@@ -42,10 +44,11 @@ export class Listener {
   /**
    * Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. `reusePort`:
    * share the address with the other worker processes (SO_REUSEPORT; the kernel spreads new
-   * connections over them).
+   * connections over them). `index` is its place in the config's listeners.
    */
-  constructor(config: ListenerConfig, host: ListenerHost, reusePort = false) {
+  constructor(config: ListenerConfig, index: number, host: ListenerHost, reusePort = false) {
     this.config = config;
+    this.index = index;
     this.#host = host;
     this.#trusted = config.acceptProxyProtocol.length
       ? new Acl(config.acceptProxyProtocol, [])
@@ -80,7 +83,7 @@ export class Listener {
         continue;
       }
       host.metrics.accepted++;
-      const table = host.table;
+      const table = host.tables.byListener[this.index];
       const remote = conn.remoteAddr as Deno.NetAddr;
       // a trusted balancer's clients are checked by the session, once the header names them
       const trustedProxy = this.#trusted?.permits(remote.hostname) ?? false;

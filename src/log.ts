@@ -50,28 +50,54 @@ const stderrSink: Sink = (record: LogRecord) => {
   Deno.stderr.writeSync(encoder.encode(defaultTextFormatter(record)));
 };
 
-function fileSink(path: string, cfg: Config["log"], formatter?: (r: LogRecord) => string): Sink {
-  const dir = path.slice(0, path.lastIndexOf("/"));
-  if (dir) Deno.mkdirSync(dir, { recursive: true });
-  return getRotatingFileSink(path, {
-    maxSize: cfg.maxFileBytes,
-    maxFiles: cfg.maxFiles,
-    formatter,
-    flushInterval: 500,
-    nonBlocking: true,
-  });
+/** Raised when a log file cannot be opened; the message names the config field and the path. */
+export class LogSetupError extends Error {
+  override name = "LogSetupError";
 }
 
-/** Sets up the sinks from the config's `log` section. Call once at start. */
+function fileSink(
+  field: string,
+  path: string,
+  cfg: Config["log"],
+  formatter?: (r: LogRecord) => string,
+): Sink {
+  try {
+    const dir = path.slice(0, path.lastIndexOf("/"));
+    if (dir) Deno.mkdirSync(dir, { recursive: true });
+    return getRotatingFileSink(path, {
+      maxSize: cfg.maxFileBytes,
+      maxFiles: cfg.maxFiles,
+      formatter,
+      flushInterval: 500,
+      nonBlocking: true,
+    });
+  } catch (e) {
+    throw new LogSetupError(
+      `${field}: cannot write ${path}: ${(e as Error).message} (set ${field} to a writable ` +
+        `path or false; relative paths resolve against $LOGS_DIRECTORY when set, else the ` +
+        `config file's directory)`,
+    );
+  }
+}
+
+/**
+ * Sets up the sinks from the config's `log` section. Call once at start.
+ * @throws {LogSetupError} when a log file cannot be created or opened.
+ */
 export async function setupLogging(cfg: Config["log"]): Promise<void> {
   const sinks: Record<string, Sink> = { stderr: stderrSink };
   const proxySinks = ["stderr"];
   if (cfg.file) {
-    sinks.file = fileSink(cfg.file, cfg);
+    sinks.file = fileSink("log.file", cfg.file, cfg);
     proxySinks.push("file");
   }
   if (cfg.accessLog) {
-    sinks.access = fileSink(cfg.accessLog, cfg, (r) => JSON.stringify(r.properties) + "\n");
+    sinks.access = fileSink(
+      "log.access_log",
+      cfg.accessLog,
+      cfg,
+      (r) => JSON.stringify(r.properties) + "\n",
+    );
   }
   await configure({
     reset: true,

@@ -4,7 +4,7 @@
  *
  * @module
  */
-import type { Config } from "./config.ts";
+import { type Config, reloadable, routeSummary } from "./config.ts";
 import { KernelAccel, KernelAccelError } from "./kernel.ts";
 import { XdpError, XdpFilter } from "./xdp.ts";
 import { Listener, type ListenerHost } from "./listener.ts";
@@ -13,7 +13,7 @@ import { Metrics } from "./metrics.ts";
 import { configureResolver, DEFAULT_DNS_PIN_PATH, type Resolver } from "./resolver.ts";
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
 import type { Session } from "./session.ts";
-import { buildTable, type RoutingTable, startHealthChecks, stopHealthChecks } from "./table.ts";
+import { buildTables, type RoutingTables, startHealthChecks, stopHealthChecks } from "./table.ts";
 
 const log = logger("proxy");
 
@@ -29,7 +29,7 @@ export interface WorkerRole {
 
 /** A running proxy. */
 export class Proxy implements ListenerHost {
-  table: RoutingTable;
+  tables: RoutingTables;
   readonly metrics = new Metrics();
   readonly listeners: Listener[] = [];
   kernel: KernelAccel | null = null;
@@ -45,7 +45,7 @@ export class Proxy implements ListenerHost {
   readonly worker: WorkerRole | null;
 
   private constructor(config: Config, worker: WorkerRole | null) {
-    this.table = buildTable(config);
+    this.tables = buildTables(config);
     this.worker = worker;
   }
 
@@ -55,6 +55,8 @@ export class Proxy implements ListenerHost {
    */
   static async start(config: Config, worker: WorkerRole | null = null): Promise<Proxy> {
     const proxy = new Proxy(config, worker);
+    // a worker's warnings would repeat its supervisor's once per worker
+    if (!worker) { for (const w of config.warnings) log.warn(w); }
     // before the listeners: sockets take the cgroup (and so the sock_ops program) of the
     // listener they were accepted on. A worker uses what its supervisor loaded; the supervisor
     // reads the kernel counters and serves the metrics endpoint and the XDP filter.
@@ -69,9 +71,9 @@ export class Proxy implements ListenerHost {
       proxy.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
     }
     try {
-      for (const l of config.listeners) {
-        proxy.listeners.push(new Listener(l, proxy, worker !== null));
-      }
+      config.listeners.forEach((l, i) => {
+        proxy.listeners.push(new Listener(l, i, proxy, worker !== null));
+      });
       if (config.metrics && !worker) {
         const { hostname, port } = config.metrics;
         proxy.#metricsServer = await serveMetrics(
@@ -100,9 +102,9 @@ export class Proxy implements ListenerHost {
       const xdp = proxy.xdp;
       if (xdp) proxy.metrics.kernelSources.set("xdp", () => flattenXdp(xdp.stats()));
     }
-    startHealthChecks(proxy.table);
+    startHealthChecks(proxy.tables);
     info(
-      `ready: ${proxy.listeners.length} listener(s), ${config.routes.length} route(s), ` +
+      `ready: ${proxy.listeners.length} listener(s), ${routeSummary(config)}, ` +
         `mode ${proxy.kernel ? "kernel" : "userspace"}`,
     );
     return proxy;
@@ -144,13 +146,13 @@ export class Proxy implements ListenerHost {
   }
 
   waitForSlot(): Promise<void> {
-    if (this.#stopping || this.#sessions.size < this.table.config.limits.maxConnections) {
+    if (this.#stopping || this.#sessions.size < this.tables.config.limits.maxConnections) {
       return Promise.resolve();
     }
     if (!this.#limitLogged) {
       this.#limitLogged = true;
       log.warn(
-        `limits.max_connections (${this.table.config.limits.maxConnections}) reached: ` +
+        `limits.max_connections (${this.tables.config.limits.maxConnections}) reached: ` +
           `not accepting until a connection closes`,
       );
     }
@@ -168,7 +170,7 @@ export class Proxy implements ListenerHost {
   }
 
   #wakeWaiters(): void {
-    const max = this.table.config.limits.maxConnections;
+    const max = this.tables.config.limits.maxConnections;
     while (this.#slotWaiters.length > 0 && (this.#stopping || this.#sessions.size < max)) {
       this.#slotWaiters.shift()!();
     }
@@ -178,25 +180,27 @@ export class Proxy implements ListenerHost {
     }
   }
 
-  /** Serves new connections by `config` from now on; live connections keep their table. */
-  reload(config: Config): void {
-    const old = this.table.config;
-    if (JSON.stringify(old.listeners) !== JSON.stringify(config.listeners)) {
-      log.warn("reload: listener changes take effect only after a restart");
-    }
-    if (JSON.stringify(old.log) !== JSON.stringify(config.log)) {
-      log.warn("reload: log changes take effect only after a restart");
-    }
+  /**
+   * Serves new connections by `next` from now on (but for the fields that need a restart, each
+   * named in one warning); live connections keep their table. Throws a ConfigError, changing
+   * nothing, when a running listener's table is gone.
+   */
+  reload(next: Config): void {
+    const old = this.tables.config;
+    const { config, warnings } = reloadable(old, next);
+    // the supervisor warns for its workers
+    const warn = this.worker ? log.debug.bind(log) : log.warn.bind(log);
+    for (const w of warnings) warn(w);
     if (
       JSON.stringify(old.dns) !== JSON.stringify(config.dns) ||
       old.ebpf.dnsCacheEnabled !== config.ebpf.dnsCacheEnabled
     ) {
       this.#configureDns(config);
     }
-    const previous = this.table;
-    this.table = buildTable({ ...config, listeners: old.listeners, log: old.log });
+    const previous = this.tables;
+    this.tables = buildTables(config);
     stopHealthChecks(previous);
-    startHealthChecks(this.table);
+    startHealthChecks(this.tables);
     if (this.xdp) {
       try {
         this.xdp.update(config.acl.deny, config.acl.allow, this.#tcpPorts());
@@ -208,7 +212,7 @@ export class Proxy implements ListenerHost {
     }
     this.#wakeWaiters();
     log.info(
-      `reloaded ${config.path}: ${config.routes.length} route(s); ` +
+      `reloaded ${config.path}: ${routeSummary(config)}; ` +
         `${this.#sessions.size} live connection(s) keep their routes`,
     );
   }
@@ -218,9 +222,9 @@ export class Proxy implements ListenerHost {
     if (this.#stopping) return;
     this.#stopping = true;
     for (const l of this.listeners) l.close();
-    stopHealthChecks(this.table);
+    stopHealthChecks(this.tables);
     this.#wakeWaiters();
-    const drainMs = this.table.config.timeouts.drainMs;
+    const drainMs = this.tables.config.timeouts.drainMs;
     if (this.#sessions.size > 0) {
       log.info(`draining ${this.#sessions.size} connection(s) for up to ${drainMs} ms`);
       let timer: ReturnType<typeof setTimeout> | undefined;

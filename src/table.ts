@@ -1,45 +1,71 @@
 /**
- * The routing table a connection is served by: routes with their backend pools, the default
- * backend, the ACL and the limits of one config. Built whole from a config and swapped whole
- * on reload, so a live connection keeps the table it started with.
+ * The routing tables connections are served by: for each route table of one config, its routes
+ * with their backend pools and its default backend; plus the ACL and the limits. Built whole
+ * from a config and swapped whole on reload, so a live connection keeps the table it started
+ * with.
  *
  * @module
  */
 import { Acl } from "./acl.ts";
 import { BackendPool } from "./backend.ts";
-import type { Config } from "./config.ts";
+import type { Config, RouteTableConfig } from "./config.ts";
 import { Router } from "./router.ts";
 
-/** Everything a new connection needs to be routed. */
+/** Everything a new connection on one listener needs to be routed. */
 export interface RoutingTable {
   config: Config;
+  /** The route table's name (`default`: the top-level routes). */
+  name: string;
   router: Router<BackendPool>;
   defaultPool: BackendPool | null;
   acl: Acl;
 }
 
-/** Starts the active health checks of every pool of `table`. */
-export function startHealthChecks(table: RoutingTable): void {
-  for (const r of table.router.routes) r.target.startChecks();
+/** The routing tables of one config. */
+export interface RoutingTables {
+  config: Config;
+  acl: Acl;
+  /** Every route table a listener serves, by name. */
+  byName: Map<string, RoutingTable>;
+  /** The table of each listener of `config.listeners`, in that order. */
+  byListener: RoutingTable[];
 }
 
-/** Stops them (the table was replaced, or the proxy stops). */
-export function stopHealthChecks(table: RoutingTable): void {
-  for (const r of table.router.routes) r.target.stopChecks();
+/** Starts the active health checks of every pool of `tables`. */
+export function startHealthChecks(tables: RoutingTables): void {
+  for (const t of tables.byName.values()) for (const r of t.router.routes) r.target.startChecks();
 }
 
-/** Builds the routing table of a validated config. */
-export function buildTable(config: Config): RoutingTable {
-  return {
+/** Stops them (the tables were replaced, or the proxy stops). */
+export function stopHealthChecks(tables: RoutingTables): void {
+  for (const t of tables.byName.values()) for (const r of t.router.routes) r.target.stopChecks();
+}
+
+/** Builds the routing tables of a validated config. */
+export function buildTables(config: Config): RoutingTables {
+  const acl = new Acl(config.acl.allow, config.acl.deny);
+  const table = (name: string, t: RouteTableConfig): RoutingTable => ({
     config,
-    router: new Router(config.routes.map((r) => ({
+    name,
+    router: new Router(t.routes.map((r) => ({
       pattern: r.match,
       allow: r.allow,
       target: new BackendPool(r.match.text, r.backends, r.balance, r.proxyProtocol, r.health),
     }))),
-    defaultPool: config.defaultBackend
-      ? new BackendPool("default_backend", [config.defaultBackend], "round_robin")
+    defaultPool: t.defaultBackend
+      ? new BackendPool("default_backend", [t.defaultBackend], "round_robin")
       : null,
-    acl: new Acl(config.acl.allow, config.acl.deny),
+    acl,
+  });
+  // tables no listener serves get no pools (and so no health checks)
+  const used = new Set(config.listeners.map((l) => l.table));
+  const byName = new Map(
+    Object.entries(config.tables).filter(([n]) => used.has(n)).map(([n, t]) => [n, table(n, t)]),
+  );
+  return {
+    config,
+    acl,
+    byName,
+    byListener: config.listeners.map((l) => byName.get(l.table)!),
   };
 }

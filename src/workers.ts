@@ -10,7 +10,14 @@
  *
  * @module
  */
-import { type Config, ConfigError, type ListenerConfig, loadConfig } from "./config.ts";
+import {
+  type Config,
+  ConfigError,
+  type ListenerConfig,
+  loadConfig,
+  reloadable,
+  routeSummary,
+} from "./config.ts";
 import type { KernelAccel } from "./kernel.ts";
 import { runUntilStopped } from "./lifecycle.ts";
 import { type ForwardedLog, logger, setupWorkerLogging, writeForwarded } from "./log.ts";
@@ -290,6 +297,7 @@ export class Supervisor {
    * it started) when a worker cannot start.
    */
   static async start(config: Config): Promise<Supervisor> {
+    for (const w of config.warnings) log.warn(w);
     const ports = resolvePorts(config.listeners);
     // before the workers: they inherit this process's cgroup, where the sock_ops program sees
     // their sockets
@@ -319,7 +327,7 @@ export class Supervisor {
     }
     log.info(
       `ready: ${config.workers} workers (pids ${sup.#workers.map((w) => w!.pid).join(", ")}), ` +
-        `${resolved.length} listener(s), ${config.routes.length} route(s), ` +
+        `${resolved.length} listener(s), ${routeSummary(config)}, ` +
         `mode ${kernel ? "kernel" : "userspace"}`,
     );
     return sup;
@@ -393,13 +401,14 @@ export class Supervisor {
     return sum;
   }
 
-  /** Applies a (valid) new config: XDP lists here, then SIGHUP to every worker. */
-  reload(config: Config): void {
-    const old = this.#config;
-    if (config.workers !== old.workers) {
-      log.warn(`reload: workers stays ${old.workers} until a restart`);
-    }
-    this.#config = { ...config, workers: old.workers, listeners: old.listeners };
+  /**
+   * Applies a (valid) new config: XDP lists here, then SIGHUP to every worker (which reloads
+   * the file itself). The fields that need a restart are named in one warning, here only.
+   */
+  reload(next: Config): void {
+    const { config, warnings } = reloadable(this.#config, next);
+    for (const w of warnings) log.warn(w);
+    this.#config = config;
     if (this.#xdp) {
       try {
         this.#xdp.update(config.acl.deny, config.acl.allow, [...new Set(this.#spec.ports)]);

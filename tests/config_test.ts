@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { ConfigError, resolveConfig } from "../src/config.ts";
+import { ConfigError, reloadable, resolveConfig } from "../src/config.ts";
 
 const base = {
   listeners: [{ address: "127.0.0.1:8443" }],
@@ -124,4 +124,244 @@ Deno.test("schema errors name their path: types, enums, unknown keys, missing fi
   }
   assert.ok(errors.some((x) => x.includes("max_conections")), "the unknown key is named");
   assert.ok(errorsOf({ routes: [] }).some((x) => x.startsWith("listeners:")));
+});
+
+Deno.test("schema errors and cross-field errors are listed together, in one run", () => {
+  const errors = errorsOf({
+    listeners: [{ address: "127.0.0.1:8443", table: "htp" }],
+    routes: [
+      { match: "a.test", backends: ["127.0.0.1:1"], balance: "fastest" },
+      { match: "*", backends: ["$sni:443"] },
+    ],
+    default_backend: "$sni:443",
+    timeouts: { idle_ms: "soon" },
+    dns: { min_ttl_s: 600, max_ttl_s: 60, servers: ["not-an-ip"] },
+  });
+  const expect = [
+    // the schema's
+    "routes[0].balance:",
+    "timeouts.idle_ms:",
+    // the rules between fields, and values the schema cannot judge
+    "routes[1].allow: a route with a $sni backend needs an allow list",
+    "default_backend: default_backend cannot be $sni",
+    "dns.min_ttl_s: larger than dns.max_ttl_s (600 > 60)",
+    'dns.servers[0]: "not-an-ip" is not an IP address',
+    'listeners[0].table: no table "htp" (tables: default)',
+  ];
+  for (const e of expect) {
+    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
+  }
+  assert.equal(new Set(errors).size, errors.length, `an error is listed twice:\n${errors}`);
+  // a default the file leaves out still takes part: max_ttl_s defaults to 3600
+  assert.ok(
+    errorsOf({ ...base, dns: { min_ttl_s: 7200 } }).includes(
+      "dns.min_ttl_s: larger than dns.max_ttl_s (7200 > 3600)",
+    ),
+  );
+});
+
+Deno.test("relative paths resolve against the config's directory, logs against LOGS_DIRECTORY", () => {
+  const c = resolveConfig({
+    ...base,
+    dns: { hosts_file: "hosts.d/backends" },
+    ebpf: { object: "bpf/custom.bpf.o" },
+  }, "/etc/sni/config.json");
+  assert.equal(c.dns.hostsFile, "/etc/sni/hosts.d/backends");
+  assert.equal(c.ebpf.object, "/etc/sni/bpf/custom.bpf.o");
+  assert.equal(resolveConfig(base, "/etc/sni/config.json").dns.hostsFile, "/etc/hosts");
+  // a config named relative to the working directory still gives absolute paths
+  const here = resolveConfig({ ...base, dns: { hosts_file: "hosts" } }, "conf/c.json");
+  assert.equal(here.path, `${Deno.cwd()}/conf/c.json`);
+  assert.equal(here.dns.hostsFile, `${Deno.cwd()}/conf/hosts`);
+  // systemd's LogsDirectory= (as $LOGS_DIRECTORY) is where relative log paths go
+  const unit = resolveConfig(base, "/etc/sni/config.json", { logsDirectory: "/var/log/sni" });
+  assert.equal(unit.log.file, "/var/log/sni/logs/sni-proxy.log");
+  assert.equal(unit.log.accessLog, "/var/log/sni/logs/access.log");
+  assert.equal(unit.dns.hostsFile, "/etc/hosts", "only the log paths move");
+  const absolute = resolveConfig(
+    { ...base, log: { file: "/srv/log/p.log", access_log: false } },
+    "/etc/sni/config.json",
+    { logsDirectory: "/var/log/sni" },
+  );
+  assert.equal(absolute.log.file, "/srv/log/p.log");
+  assert.equal(absolute.log.accessLog, null);
+});
+
+Deno.test("ebpf features set while ebpf.enabled is false are warned about, not ignored silently", () => {
+  const xdp = { interfaces: ["lo"] };
+  const off = resolveConfig(
+    { ...base, ebpf: { enabled: false, sockmap_enabled: true, xdp } },
+    "/c.json",
+  );
+  assert.deepEqual(off.warnings, [
+    "ebpf.sockmap_enabled: ignored while ebpf.enabled is false (set ebpf.enabled to true to use it)",
+    "ebpf.xdp: ignored while ebpf.enabled is false (set ebpf.enabled to true to use it)",
+  ]);
+  assert.deepEqual(
+    resolveConfig({ ...base, ebpf: { enabled: true, xdp } }, "/c.json").warnings,
+    [],
+  );
+  assert.deepEqual(resolveConfig(base, "/c.json").warnings, []);
+});
+
+Deno.test("route tables: listeners[].table picks one, routes is the default table", () => {
+  const c = resolveConfig({
+    listeners: [
+      { address: "127.0.0.1:8443" },
+      { address: "127.0.0.1:8080", protocol: "http", table: "plain" },
+    ],
+    routes: [{ match: "a.test", backends: ["127.0.0.1:9443"] }],
+    default_backend: "127.0.0.1:9444",
+    tables: {
+      plain: { routes: [{ match: "a.test", backends: ["127.0.0.1:9080"] }] },
+      spare: { routes: [], default_backend: "127.0.0.1:9" },
+    },
+  }, "/c.json");
+  assert.deepEqual(c.listeners.map((l) => l.table), ["default", "plain"]);
+  assert.equal(c.tables.default.routes, c.routes);
+  assert.equal(c.tables.default.defaultBackend?.text, "127.0.0.1:9444");
+  assert.equal(c.tables.plain.routes[0].backends[0].text, "127.0.0.1:9080");
+  assert.equal(c.tables.plain.defaultBackend, null, "a table has its own default_backend");
+  assert.equal(c.tables.spare.defaultBackend?.port, 9);
+  assert.deepEqual(c.warnings, ["tables.spare: no listener uses this table (listeners[].table)"]);
+
+  const errors = errorsOf({
+    ...base,
+    listeners: [{ address: "127.0.0.1:1", table: "nope" }],
+    tables: {
+      default: { routes: [] },
+      "bad name": { routes: [] },
+      t: {
+        routes: [{ match: "*", backends: ["$sni:443"] }, { match: "x", backends: ["h:0"] }],
+        default_backend: "nowhere",
+      },
+    },
+  });
+  for (
+    const e of [
+      'listeners[0].table: no table "nope" (tables: default, bad name, t)',
+      'tables.default: "default" is the table of the top-level routes',
+      "tables.bad name: a table name is 1-64 letters, digits, _ or -",
+      "tables.t.routes[0].allow: a route with a $sni backend needs an allow list",
+      "tables.t.routes[1].backends[0]: port out of range",
+      'tables.t.default_backend: expected "host:port"',
+    ]
+  ) {
+    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
+  }
+});
+
+Deno.test("a reload names every field it cannot apply and keeps their running values", () => {
+  const running = resolveConfig({
+    ...base,
+    listeners: [{ address: "127.0.0.1:8443" }, { address: "127.0.0.1:8080", protocol: "http" }],
+    log: { level: "info" },
+    ebpf: { maps: { pairs: 1024 } },
+  }, "/c.json");
+  const next = resolveConfig({
+    ...base,
+    workers: running.workers + 1,
+    listeners: [
+      { address: "127.0.0.1:9443" },
+      { address: "127.0.0.1:8080", protocol: "http", table: "plain" },
+    ],
+    routes: [{ match: "b.test", backends: ["127.0.0.1:1"] }],
+    tables: { plain: { routes: [] } },
+    log: { level: "debug" },
+    metrics: { address: "127.0.0.1:9090" },
+    timeouts: { idle_ms: 5 },
+    ebpf: {
+      maps: { pairs: 2048 },
+      sndbuf: 65536,
+      detach_spliced: false,
+      xdp: { interfaces: ["lo"] },
+    },
+  }, "/c.json");
+  const { config, ignored, warnings } = reloadable(running, next);
+  assert.deepEqual(ignored, [
+    "workers",
+    "listeners[0].address",
+    "log.level",
+    "metrics",
+    "ebpf.maps.pairs",
+    "ebpf.sndbuf",
+    "ebpf.xdp",
+  ]);
+  assert.equal(
+    warnings[0],
+    "reload: these changes need a restart and were not applied: workers, listeners[0].address, " +
+      "log.level, metrics, ebpf.maps.pairs, ebpf.sndbuf, ebpf.xdp",
+  );
+  assert.ok(warnings.some((w) => w.startsWith("ebpf.xdp: ignored while ebpf.enabled is false")));
+  // applied: routes, tables, timeouts, the listener's table, the per-connection ebpf fields
+  assert.equal(config.routes[0].match.text, "b.test");
+  assert.equal(config.timeouts.idleMs, 5);
+  assert.deepEqual(config.listeners.map((l) => [l.address, l.table]), [
+    ["127.0.0.1:8443", "default"],
+    ["127.0.0.1:8080", "plain"],
+  ]);
+  assert.equal(config.ebpf.detachSpliced, false);
+  // kept: what needs a restart
+  assert.equal(config.workers, running.workers);
+  assert.equal(config.log.level, "info");
+  assert.equal(config.metrics, null);
+  assert.equal(config.ebpf.maxPairs, 1024);
+  assert.equal(config.ebpf.xdp, null);
+  // and the next reload compares against what runs, so it warns again
+  assert.deepEqual(reloadable(config, next).ignored, ignored);
+  assert.deepEqual(reloadable(running, running).warnings, []);
+
+  // a running listener whose table the new config drops cannot be served: the reload fails
+  const onPlain = { ...next, listeners: [next.listeners[1]] };
+  const dropped = resolveConfig({ ...base, listeners: [{ address: "127.0.0.1:8080" }] }, "/c.json");
+  assert.throws(
+    () => reloadable(onPlain, dropped),
+    (e: unknown) =>
+      e instanceof ConfigError &&
+      /running listener 127\.0\.0\.1:8080 serves table "plain"/.test(e.errors[0]),
+  );
+});
+
+/**
+ * Config paths named in messages and docs (`ebpf.maps.sockets`, `routes[].allow`) must exist:
+ * each is set in a config, and the schema must not call it an unknown key.
+ */
+Deno.test("every config field that a message or the README names exists", async () => {
+  const root = new URL("..", import.meta.url).pathname;
+  const sources = [await Deno.readTextFile(`${root}README.md`)];
+  for (const f of Deno.readDirSync(`${root}src`)) {
+    sources.push(await Deno.readTextFile(`${root}src/${f.name}`));
+  }
+  const sections = "workers|listeners|routes|tables|timeouts|limits|acl|log|dns|metrics|ebpf";
+  // inside string literals or `code` spans only: code such as config.dns.servers is not a name
+  const literal = /"[^"\n]*"|'[^'\n]*'|`[^`\n]*`/g;
+  const path = new RegExp(`(?<![\\w.$/-])(${sections})((?:\\[\\d*\\])?\\.[a-z_]+)+`, "g");
+  const named = new Set<string>();
+  for (const text of sources) {
+    for (const lit of text.match(literal) ?? []) {
+      for (const m of lit.replace(/\$\{[^}]*\}/g, "").matchAll(path)) named.add(m[0]);
+    }
+  }
+  assert.ok(named.has("ebpf.maps.sockets") && named.has("routes[].allow"), [...named].join(" "));
+  const unknown = [...named].filter((p) => {
+    // build { a: [{ b: { c: null } }] } for a[].b.c
+    const keys = p.split(".").flatMap((k) =>
+      k.endsWith("]") ? [k.replace(/\[\d*\]$/, ""), 0] : [k]
+    );
+    const raw: Record<string, unknown> = {};
+    let at: Record<string | number, unknown> = raw;
+    keys.forEach((k, i) => {
+      if (i === keys.length - 1) at[k] = null;
+      else at = (at[k] = typeof keys[i + 1] === "number" ? [] : {}) as typeof at;
+    });
+    let errors: string[] = [];
+    try {
+      resolveConfig(raw, "/c.json");
+    } catch (e) {
+      errors = (e as ConfigError).errors;
+    }
+    const last = keys.at(-1) as string;
+    return errors.some((e) => /Unrecognized key/.test(e) && e.includes(`"${last}"`));
+  });
+  assert.deepEqual(unknown, [], "named in a message or the README, but not a config field");
 });

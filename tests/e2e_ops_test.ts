@@ -4,16 +4,20 @@
  */
 import assert from "node:assert/strict";
 import {
+  assertServesBundled,
+  bundledConfig,
   e2eTest,
   identityBackend,
   LineReader,
   readOutcome,
+  ROOT,
   runCli,
   Scope,
   sleep,
   startProxy,
   tlsConnect,
   tlsFailure,
+  unusedPort,
   whoAnswers,
   within,
   writeAll,
@@ -423,3 +427,185 @@ e2eTest("at limits.max_connections a new client waits until a live one closes", 
     second.close();
   }
 });
+
+e2eTest("--check lists schema errors and cross-field errors of one config together", async () => {
+  const file = await writeTempConfig({
+    listeners: [{ address: "127.0.0.1:0", table: "plain" }],
+    routes: [
+      { match: "a.test", backends: ["127.0.0.1:1"], balance: "fastest" },
+      { match: "*", backends: ["$sni:443"] },
+    ],
+    default_backend: "$sni:443",
+    timeouts: { idle_ms: "soon" },
+    dns: { min_ttl_s: 600, max_ttl_s: 60 },
+  });
+  const r = await runCli(["--config", file, "--check"]);
+  assert.equal(r.code, 1, r.stdout + r.stderr);
+  const lines = r.stderr.trim().split("\n");
+  const want = [
+    "routes[0].balance:",
+    "timeouts.idle_ms:",
+    "routes[1].allow: a route with a $sni backend needs an allow list",
+    "default_backend: default_backend cannot be $sni",
+    "dns.min_ttl_s: larger than dns.max_ttl_s",
+    'listeners[0].table: no table "plain"',
+  ];
+  const missing = want.filter((w) => !lines.some((l) => l.startsWith(`${file}: ${w}`)));
+  assert.deepEqual(missing, [], `not listed:\n${r.stderr}`);
+  assert.equal(lines.length, want.length, `one line per error:\n${r.stderr}`);
+});
+
+e2eTest(
+  "ebpf.xdp without ebpf.enabled: --check and the start warn that it is ignored",
+  async (s) => {
+    const one = await identityBackend(s, "one");
+    const config = {
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [{ match: "a.test", backends: [one.address] }],
+      ebpf: { enabled: false, xdp: { interfaces: ["lo"] } },
+    };
+    const warning = "ebpf.xdp: ignored while ebpf.enabled is false";
+    const file = await writeTempConfig(config);
+    const r = await runCli(["--config", file, "--check"]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /config OK/);
+    assert.ok(r.stderr.includes(`${file}: warning: ${warning}`), r.stderr);
+    const proxy = await startProxy(s, config);
+    assert.ok(proxy.stderr().includes(`[WRN] sni-proxy·proxy: ${warning}`), proxy.stderr());
+    assert.doesNotMatch(proxy.stderr(), /XDP/, "no XDP filter was attempted");
+    assert.equal(await whoAnswers(proxy.port(), "a.test"), "one");
+  },
+);
+
+e2eTest("dns.hosts_file resolves against the config file's directory, not the cwd", async (s) => {
+  const one = await identityBackend(s, "one");
+  const proxy = await startProxy(s, {
+    listeners: [{ address: "127.0.0.1:0" }],
+    routes: [{ match: "a.test", backends: [`backend-one.hosts.test:${one.port}`] }],
+    // nothing answers DNS there: only the hosts file can name the backend
+    dns: { hosts_file: "hosts", servers: [`127.0.0.1:${unusedPort()}`], timeout_ms: 200 },
+  });
+  // the proxy runs in the repository; the file sits beside its config
+  const dir = proxy.configPath.slice(0, proxy.configPath.lastIndexOf("/"));
+  assert.notEqual(dir, ROOT.replace(/\/$/, ""));
+  await Deno.writeTextFile(`${dir}/hosts`, "127.0.0.1 backend-one.hosts.test\n");
+  assert.equal(await whoAnswers(proxy.port(), "a.test"), "one");
+});
+
+e2eTest("a log file that cannot be written is one line naming field and path, exit 1", async () => {
+  const file = await writeTempConfig({
+    ...GOOD,
+    log: { file: "/proc/sni-proxy-no-such-dir/proxy.log", access_log: false },
+  });
+  const r = await runCli(["--config", file], 15_000);
+  assert.equal(r.code, 1, r.stdout + r.stderr);
+  const lines = r.stderr.trim().split("\n");
+  assert.equal(lines.length, 1, `one line:\n${r.stderr}`);
+  assert.match(lines[0], /log\.file: cannot write \/proc\/sni-proxy-no-such-dir\/proxy\.log: /);
+  assert.doesNotMatch(r.stderr, /Uncaught|^\s+at /m);
+});
+
+/** Changes `config` in every field a reload cannot apply (ebpf stays off). */
+function restartOnlyChanges(config: Record<string, unknown>, metricsPort: number) {
+  return {
+    ...config,
+    workers: 3,
+    listeners: [{ address: "127.0.0.1:1" }],
+    log: { max_files: 9 },
+    metrics: { address: `127.0.0.1:${metricsPort}` },
+    ebpf: { maps: { pairs: 4096 }, sndbuf: 1 << 20, xdp: { interfaces: ["lo"] } },
+  };
+}
+const IGNORED = "workers, listeners[0].address, log.max_files, metrics, ebpf.maps.pairs, " +
+  "ebpf.sndbuf, ebpf.xdp";
+
+for (const workers of [1, 2]) {
+  e2eTest(
+    `SIGHUP names every field it cannot apply in one warning (workers ${workers}) and applies the rest`,
+    async (s) => {
+      const one = await identityBackend(s, "one");
+      const two = await identityBackend(s, "two");
+      const config = {
+        workers,
+        listeners: [{ address: "127.0.0.1:0" }],
+        routes: [{ match: "a.test", backends: [one.address] }],
+      };
+      const proxy = await startProxy(s, config);
+      const metricsPort = unusedPort();
+      await proxy.writeConfig(restartOnlyChanges({
+        ...config,
+        routes: [{ match: "a.test", backends: [two.address] }],
+      }, metricsPort));
+      const mark = proxy.stderr().length;
+      proxy.signal("SIGHUP");
+      await proxy.waitForLog(workers > 1 ? "passed to 2 workers" : "reloaded", 5000, mark);
+      await sleep(300);
+      const out = proxy.stderr().slice(mark);
+      const warnings = out.split("\n").filter((l) => /\[WRN\] sni-proxy·proxy: reload: /.test(l));
+      assert.deepEqual(
+        warnings.map((l) => l.slice(l.indexOf("reload: "))),
+        [`reload: these changes need a restart and were not applied: ${IGNORED}`],
+        out,
+      );
+      assert.match(out, /\[WRN\] sni-proxy·proxy: ebpf\.xdp: ignored while ebpf\.enabled is false/);
+      // applied: the route; not applied: the listener, the metrics endpoint
+      await within(
+        5000,
+        "new route",
+        (async () => {
+          while (await whoAnswers(proxy.port(), "a.test") !== "two") await sleep(100);
+        })(),
+      );
+      const metrics = await fetch(`http://127.0.0.1:${metricsPort}/metrics`).then(
+        (r) => (r.body?.cancel(), "served"),
+        () => "refused",
+      );
+      assert.equal(metrics, "refused");
+    },
+    { timeoutMs: 45_000 },
+  );
+}
+
+e2eTest(
+  "the bundled config.json: HTTP on its HTTP listener, TLS on its TLS listener",
+  async (s) => {
+    const bundled = await bundledConfig(s);
+    const proxy = await startProxy(s, bundled.config);
+    const { tls, http } = bundled.ports;
+    assert.deepEqual(proxy.listeners.map((l) => [l.port, l.protocol]), [[tls, "tls"], [
+      http,
+      "http",
+    ]]);
+    await assertServesBundled(bundled);
+  },
+);
+
+e2eTest(
+  "each listener routes by its table; SIGHUP can move a listener to another table",
+  async (s) => {
+    const one = await identityBackend(s, "one");
+    const two = await identityBackend(s, "two");
+    const config = {
+      listeners: [{ address: "127.0.0.1:0" }, { address: "127.0.0.1:0", table: "other" }],
+      routes: [{ match: "a.test", backends: [one.address] }],
+      tables: { other: { routes: [{ match: "a.test", backends: [two.address] }] } },
+    };
+    const proxy = await startProxy(s, config);
+    assert.match(proxy.stderr(), /ready: 2 listener\(s\), 2 route\(s\) in 2 tables/);
+    assert.equal(await whoAnswers(proxy.port(0), "a.test"), "one");
+    assert.equal(await whoAnswers(proxy.port(1), "a.test"), "two");
+    // a table's default_backend serves only its listeners
+    await proxy.writeConfig({
+      ...config,
+      listeners: [{ address: "127.0.0.1:0", table: "other" }, { address: "127.0.0.1:0" }],
+      tables: { other: { routes: [], default_backend: two.address } },
+    });
+    const mark = proxy.stderr().length;
+    proxy.signal("SIGHUP");
+    await proxy.waitForLog("reloaded", 5000, mark);
+    assert.doesNotMatch(proxy.stderr().slice(mark), /need a restart/, "a table is no restart");
+    assert.equal(await whoAnswers(proxy.port(0), "b.test"), "two");
+    assert.equal(await whoAnswers(proxy.port(1), "a.test"), "one");
+    assert.notEqual(await tlsFailure(proxy.port(1), "b.test"), null, "no default in `default`");
+  },
+);

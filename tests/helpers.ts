@@ -743,6 +743,69 @@ export function unusedPort(): number {
   return port;
 }
 
+/** The bundled config.json, moved to free ports, and the backends it routes to. */
+export interface BundledConfig {
+  /** The file's content as shipped, but for its loopback addresses. */
+  config: Record<string, unknown>;
+  /** The free ports its TLS and its HTTP listener got. */
+  ports: { tls: number; http: number };
+}
+
+/**
+ * The repository's config.json as shipped, with every loopback address moved to a free port,
+ * and an identity backend at each backend address: TLS for the tables of its TLS listener,
+ * plain for those of its HTTP listener. Each backend is named after the address in the file,
+ * e.g. `tls-127.0.0.1:9443` and `http-127.0.0.1:9080`.
+ */
+export async function bundledConfig(scope: Scope): Promise<BundledConfig> {
+  type Listener = { address: string; protocol: string; table?: string };
+  type Routes = { backends: string[] }[];
+  const bundled = JSON.parse(await Deno.readTextFile(`${ROOT}config.json`));
+  const tables: Record<string, Routes> = { default: bundled.routes };
+  for (const [name, t] of Object.entries(bundled.tables ?? {})) {
+    tables[name] = (t as { routes: Routes }).routes;
+  }
+  const moved = new Map<string, string>();
+  const ports = { tls: 0, http: 0 };
+  for (const l of bundled.listeners as Listener[]) {
+    const port = unusedPort();
+    if (l.protocol === "tls" || l.protocol === "http") ports[l.protocol] = port;
+    moved.set(l.address, l.address.replace(/:\d+$/, `:${port}`));
+    const tls = l.protocol !== "http";
+    for (const address of tables[l.table ?? "default"].flatMap((r) => r.backends)) {
+      if (moved.has(address)) continue;
+      const hostname = address.slice(0, address.lastIndexOf(":")).replace(/^\[|\]$/g, "");
+      const b = await identityBackend(scope, `${tls ? "tls" : "http"}-${address}`, {
+        hostname,
+        tls,
+      });
+      moved.set(address, b.address);
+    }
+  }
+  const config = JSON.parse(
+    JSON.stringify(bundled).replace(
+      /"((?:127\.0\.0\.1|\[::1\]):\d+)"/g,
+      (text, address) => moved.has(address) ? JSON.stringify(moved.get(address)) : text,
+    ),
+  );
+  return { config, ports };
+}
+
+/**
+ * Asserts that a proxy on {@linkcode bundledConfig} serves as the file says: `localhost` over
+ * TLS (Deno's client and curl) to the TLS backend, and over plain HTTP (curl) to the HTTP one.
+ */
+export async function assertServesBundled(bundled: BundledConfig): Promise<void> {
+  const { tls, http } = bundled.ports;
+  assert.equal(await whoAnswers(tls, "localhost"), "tls-127.0.0.1:9443");
+  const viaTls = await curl(tls, "localhost");
+  assert.equal(viaTls.stdout, "tls-127.0.0.1:9443\nstatus=200", viaTls.stderr);
+  const viaHttp = await curl(http, "localhost", { http: true });
+  assert.equal(viaHttp.stdout, "http-127.0.0.1:9080\nstatus=200", viaHttp.stderr);
+  const wildcard = await curl(http, "www.example.test", { http: true });
+  assert.match(wildcard.stdout, /^http-127\.0\.0\.1:908[01]\nstatus=200$/, wildcard.stderr);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The proxy process
 
@@ -834,6 +897,11 @@ export interface SpawnOptions {
   wrapper?: string[];
   /** Its environment (default: this process's). */
   env?: Record<string, string>;
+  /**
+   * A command line to run instead of `deno run main.ts --config PATH`, for a proxy that reads
+   * its config elsewhere (the harness's config file is written all the same, and unused).
+   */
+  command?: string[];
 }
 
 /**
@@ -869,8 +937,9 @@ export async function spawnProxy(
   await writeConfig(config);
   const args = ["run", "-A", "--unstable-net", `${ROOT}main.ts`, "--config", configPath];
   const wrapper = opts.wrapper ?? [];
-  const child = new Deno.Command(wrapper[0] ?? Deno.execPath(), {
-    args: wrapper.length ? [...wrapper.slice(1), Deno.execPath(), ...args] : args,
+  const argv = opts.command ?? [...wrapper, Deno.execPath(), ...args];
+  const child = new Deno.Command(argv[0], {
+    args: argv.slice(1),
     cwd: ROOT,
     stdin: "null",
     stdout: "piped",
