@@ -43,6 +43,51 @@ export function logger(name: string): Logger {
   return getLogger([LOG_ROOT, name]);
 }
 
+/**
+ * A warning that can repeat once per connection (a refused backend address, a lack of
+ * descriptors): the first one of each key is logged at once; later ones within `windowMs` are
+ * only counted, and summed up in one line when the window ends. A burst costs a line or two,
+ * not one per connection. Keys must come from a small set (a route, a cause), never from what a
+ * client sends.
+ */
+export class BurstLog {
+  readonly #log: Logger;
+  readonly #windowMs: number;
+  readonly #open = new Map<string, { count: number; last: string }>();
+
+  constructor(log: Logger, windowMs = 10_000) {
+    this.#log = log;
+    this.#windowMs = windowMs;
+  }
+
+  /** Logs `message`, or counts it when `key` was logged less than a window ago. */
+  warn(key: string, message: string): void {
+    const burst = this.#open.get(key);
+    if (burst) {
+      burst.count++;
+      burst.last = message;
+      return;
+    }
+    this.#log.warn(message);
+    this.#start(key);
+  }
+
+  #start(key: string): void {
+    const burst = { count: 0, last: "" };
+    this.#open.set(key, burst);
+    const timer = setTimeout(() => {
+      this.#open.delete(key);
+      if (burst.count === 0) return;
+      this.#log.warn(
+        `${burst.count} more like this in the last ${this.#windowMs / 1000} s; the last: ` +
+          burst.last,
+      );
+      this.#start(key);
+    }, this.#windowMs);
+    Deno.unrefTimer(timer);
+  }
+}
+
 const encoder = new TextEncoder();
 
 /** stderr, written synchronously so a crash or exit never loses the last lines. */
