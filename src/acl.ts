@@ -6,7 +6,7 @@
  */
 
 /** An IP address as four 32-bit words (IPv4 uses only the last one). */
-interface IpWords {
+export interface IpWords {
   v6: boolean;
   words: [number, number, number, number];
 }
@@ -65,7 +65,7 @@ function parseIpv6(text: string): [number, number, number, number] | null {
  * Parses an IPv4 or IPv6 address. IPv4-mapped IPv6 (`::ffff:1.2.3.4`, as a dual-stack
  * listener reports IPv4 clients) is folded to IPv4 so one CIDR list serves both.
  */
-function parseIp(text: string): IpWords | null {
+export function parseIp(text: string): IpWords | null {
   const bare = text.startsWith("[") && text.endsWith("]") ? text.slice(1, -1) : text;
   const zoneless = bare.split("%")[0];
   const v4 = parseIpv4(zoneless);
@@ -104,7 +104,8 @@ export function parseCidr(text: string): Cidr {
   return { text, v6: ip.v6, words: ip.words, prefix };
 }
 
-function cidrContains(cidr: Cidr, ip: IpWords): boolean {
+/** Whether `ip` lies in `cidr` (an IPv4 address never lies in an IPv6 block). */
+export function cidrContains(cidr: Cidr, ip: IpWords): boolean {
   if (cidr.v6 !== ip.v6) return false;
   const first = cidr.v6 ? 0 : 3;
   let bits = cidr.prefix;

@@ -8,6 +8,7 @@
  * @module
  */
 import type { BackendAddress, Balance, HealthConfig } from "./config.ts";
+import type { InternalPolicy } from "./dialguard.ts";
 import { logger } from "./log.ts";
 
 const log = logger("backend");
@@ -32,6 +33,8 @@ export class BackendPool {
   readonly proxyProtocol: "v1" | "v2" | null;
   /** For log lines: the route's `match`. */
   readonly name: string;
+  /** For dynamic backends: the internal addresses they may be dialled at (see dialguard.ts). */
+  readonly internal: InternalPolicy | null;
   readonly #health: HealthConfig;
   #next = 0;
   #timer: ReturnType<typeof setTimeout> | undefined;
@@ -43,8 +46,10 @@ export class BackendPool {
     balance: Balance,
     proxyProtocol: "v1" | "v2" | null = null,
     health: HealthConfig = { maxFails: 3, failTimeoutMs: 10_000, active: null },
+    internal: InternalPolicy | null = null,
   ) {
     this.name = name;
+    this.internal = internal;
     this.backends = addresses.map((address) => ({
       address,
       active: 0,

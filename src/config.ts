@@ -7,6 +7,7 @@
 import { dirname, resolve as resolvePath } from "node:path";
 import { z } from "zod";
 import { type Cidr, isIpAddress, parseCidr } from "./acl.ts";
+import type { InternalPolicy } from "./dialguard.ts";
 import { compilePattern, type NamePattern } from "./router.ts";
 
 /** How a route picks one of its backends. */
@@ -51,6 +52,8 @@ export interface RouteConfig {
   balance: Balance;
   /** Required for dynamic backends: names they may connect to. */
   allow: NamePattern[] | null;
+  /** Dynamic backends only: which internal addresses they may still be dialled at. */
+  internal: InternalPolicy | null;
   /** PROXY protocol header to send to the backend before the client's bytes. */
   proxyProtocol: "v1" | "v2" | null;
   health: HealthConfig;
@@ -157,6 +160,8 @@ const routeSchema = z.strictObject({
     "round_robin",
   ),
   allow: z.array(z.string()).optional(),
+  allow_private: z.boolean().default(false),
+  allow_addresses: z.array(z.string()).default([]),
   proxy_protocol: z.enum(["v1", "v2"]).optional(),
   health: z.strictObject({
     max_fails: z.number().int().min(1).max(1000).default(3),
@@ -352,13 +357,30 @@ function semanticErrors(raw: unknown): string[] {
       check([...at, i, "match"], route.match, compilePattern);
       list(route.backends).forEach((b, j) => check([...at, i, "backends", j], b, parseBackend));
       list(route.allow).forEach((a, j) => check([...at, i, "allow", j], a, compilePattern));
+      list(route.allow_addresses).forEach((c, j) =>
+        check([...at, i, "allow_addresses", j], c, parseCidr)
+      );
+      const dynamic = list(route.backends).some(isDynamic);
       const noAllow = route.allow === undefined || list(route.allow).length === 0;
-      if (list(route.backends).some(isDynamic) && noAllow) {
+      if (dynamic && noAllow) {
         fail(
           [...at, i, "allow"],
           "a route with a $sni backend needs an allow list of name patterns " +
             "(otherwise it is an open proxy)",
         );
+      }
+      const optIn = {
+        allow_private: route.allow_private === true,
+        allow_addresses: list(route.allow_addresses).length > 0,
+      };
+      for (const [key, set] of Object.entries(optIn)) {
+        if (set && !dynamic) {
+          fail(
+            [...at, i, key],
+            "only a route with a $sni backend can use it " +
+              "(configured backends may be internal addresses anyway)",
+          );
+        }
       }
     });
     check([...at.slice(0, -1), "default_backend"], defaultBackend, parseDefaultBackend);
@@ -460,14 +482,26 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
     acceptProxyProtocol: l.accept_proxy_protocol.map(parseCidr),
     table: l.table,
   }));
-  const routeTable = (routes: typeof c.routes, defaultBackend?: string): RouteTableConfig => ({
-    routes: routes.map((r): RouteConfig => {
+  const routeTable = (
+    at: PropertyKey[],
+    routes: typeof c.routes,
+    defaultBackend?: string,
+  ): RouteTableConfig => ({
+    routes: routes.map((r, i): RouteConfig => {
       const backends = r.backends.map(parseBackend);
+      const dynamic = backends.some((b) => b.dynamic);
       return {
         match: compilePattern(r.match),
         backends,
         balance: r.balance,
-        allow: backends.some((b) => b.dynamic) ? r.allow!.map(compilePattern) : null,
+        allow: dynamic ? r.allow!.map(compilePattern) : null,
+        internal: dynamic
+          ? {
+            allowPrivate: r.allow_private,
+            allowAddresses: r.allow_addresses.map(parseCidr),
+            path: formatPath([...at, i]),
+          }
+          : null,
         proxyProtocol: r.proxy_protocol ?? null,
         health: {
           maxFails: r.health.max_fails,
@@ -486,10 +520,10 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
     defaultBackend: defaultBackend === undefined ? null : parseDefaultBackend(defaultBackend),
   });
   const tables: Record<string, RouteTableConfig> = {
-    [DEFAULT_TABLE]: routeTable(c.routes, c.default_backend),
+    [DEFAULT_TABLE]: routeTable(["routes"], c.routes, c.default_backend),
   };
   for (const [name, t] of Object.entries(c.tables)) {
-    tables[name] = routeTable(t.routes, t.default_backend);
+    tables[name] = routeTable(["tables", name, "routes"], t.routes, t.default_backend);
   }
 
   const absolute = resolvePath(path);

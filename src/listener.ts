@@ -6,6 +6,7 @@
  */
 import { Acl } from "./acl.ts";
 import type { ListenerConfig } from "./config.ts";
+import type { DialGuard } from "./dialguard.ts";
 import type { KernelAccel } from "./kernel.ts";
 import { logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
@@ -22,6 +23,8 @@ export interface ListenerHost {
   readonly metrics: Metrics;
   /** The eBPF fast path, or null in userspace mode. */
   readonly kernel: KernelAccel | null;
+  /** Which resolved backend addresses sessions may dial. */
+  readonly guard: DialGuard;
   /** Resolves when a connection slot is free (immediately when under the limit). */
   waitForSlot(): Promise<void>;
   /** Registers a live session until its promise settles. */
@@ -35,6 +38,8 @@ export class Listener {
   readonly index: number;
   /** The bound address (`127.0.0.1:8443`), with the real port when the config said 0. */
   readonly address: string;
+  /** The same, as host and port. */
+  readonly bound: Deno.NetAddr;
   readonly #socket: Deno.TcpListener;
   readonly #host: ListenerHost;
   /** Sources that send a PROXY header first; null when the listener accepts none. */
@@ -63,7 +68,8 @@ export class Listener {
     } catch (e) {
       throw new Error(`cannot listen on ${config.address}: ${errText(e)}`);
     }
-    this.address = formatAddr(this.#socket.addr);
+    this.bound = this.#socket.addr;
+    this.address = formatAddr(this.bound);
   }
 
   /** Accepts until close(). */
@@ -113,6 +119,7 @@ export class Listener {
         metrics: host.metrics,
         trustedProxy,
         kernel: host.kernel,
+        guard: host.guard,
       });
       host.track(session, session.run());
     }

@@ -22,6 +22,8 @@ export class Metrics {
   /** ClientHello / HTTP head parse errors by kind. */
   readonly helloErrors = new Map<string, number>();
   connectFailures = 0;
+  /** Resolved backend addresses refused, by why (see src/dialguard.ts). */
+  readonly addressDenied = new Map<string, number>();
   /** Connections relayed in userspace / spliced in the kernel. */
   readonly byMode = new Map<string, number>();
   /** Kernel mode: connections that ran in userspace instead, by why (e.g. `map_full`). */
@@ -61,6 +63,7 @@ export class Metrics {
         kernel_fallbacks: Object.fromEntries(this.kernelFallbacks),
         kernel_throttles: this.kernelThrottles,
       },
+      backend_address_denied: Object.fromEntries(this.addressDenied),
       hello_errors: Object.fromEntries(this.helloErrors),
       bytes: { up: this.bytesUp, down: this.bytesDown, userspace: this.bytesUserspace },
       dns: this.dnsSource?.() ?? {},
@@ -87,6 +90,7 @@ export interface MetricsSnapshot {
     kernel_fallbacks: Record<string, number>;
     kernel_throttles: number;
   };
+  backend_address_denied: Record<string, number>;
   hello_errors: Record<string, number>;
   bytes: { up: number; down: number; userspace: number };
   dns: { hits?: number; negativeHits?: number; lookups?: number; coalesced?: number };
@@ -166,6 +170,12 @@ export function renderPrometheus(snap: MetricsSnapshot): string {
   sample("kernel_throttles_total", c.kernel_throttles);
   family("connect_failures_total", "counter", "Backend connects that failed.");
   sample("connect_failures_total", c.connect_failures);
+  labelled(
+    "backend_address_denied_total",
+    "Resolved backend addresses refused: internal without the route's opt-in, or a loop.",
+    "kind",
+    snap.backend_address_denied,
+  );
   family("bytes_total", "counter", "Bytes relayed, by direction (up: client to backend).");
   sample("bytes_total", snap.bytes.up, { direction: "up" });
   sample("bytes_total", snap.bytes.down, { direction: "down" });

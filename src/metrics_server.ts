@@ -12,6 +12,8 @@ const log = logger("metrics");
 export interface MetricsServer {
   /** Bound address, e.g. `127.0.0.1:9090`. */
   address: string;
+  /** The same, as host and port. */
+  addr: Deno.NetAddr;
   close(): Promise<void>;
 }
 
@@ -62,5 +64,5 @@ export async function serveMetrics(
     ? `[${addr.hostname}]:${addr.port}`
     : `${addr.hostname}:${addr.port}`;
   log.info(`metrics on http://${address}/metrics`);
-  return { address, close: () => server.shutdown() };
+  return { address, addr, close: () => server.shutdown() };
 }

@@ -5,6 +5,7 @@
  * @module
  */
 import { type Config, reloadable, routeSummary } from "./config.ts";
+import { DialGuard, type OwnSocket } from "./dialguard.ts";
 import { KernelAccel, KernelAccelError } from "./kernel.ts";
 import { XdpError, XdpFilter } from "./xdp.ts";
 import { Listener, type ListenerHost } from "./listener.ts";
@@ -35,6 +36,8 @@ export class Proxy implements ListenerHost {
   kernel: KernelAccel | null = null;
   /** The XDP source filter, when configured and attached. */
   xdp: XdpFilter | null = null;
+  /** Set once the listeners are bound (they are its own sockets). */
+  guard = new DialGuard([]);
   #metricsServer: MetricsServer | null = null;
   readonly #sessions = new Map<Session, Promise<void>>();
   #slotWaiters: (() => void)[] = [];
@@ -88,6 +91,7 @@ export class Proxy implements ListenerHost {
       await proxy.kernel?.close();
       throw e;
     }
+    proxy.guard = new DialGuard(proxy.#ownSockets(config));
     // a worker's lines would repeat the supervisor's once per worker
     const info = worker ? log.debug.bind(log) : log.info.bind(log);
     for (const l of proxy.listeners) {
@@ -129,6 +133,14 @@ export class Proxy implements ListenerHost {
     }, (level, message) => dnsLog[level === "warning" ? "warn" : level](message));
     const resolver = this.#resolver;
     this.metrics.dnsSource = () => resolver.cache.stats;
+  }
+
+  /** This process's listening sockets, and the supervisor's metrics endpoint in a worker. */
+  #ownSockets(config: Config): OwnSocket[] {
+    const own: OwnSocket[] = this.listeners.map((l) => l.bound);
+    const metrics = this.#metricsServer?.addr ?? config.metrics;
+    if (metrics && metrics.port !== 0) own.push(metrics);
+    return own;
   }
 
   /** The bound TCP ports of the listeners (what the XDP allow rule protects). */

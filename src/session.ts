@@ -7,9 +7,15 @@
 import { BackendPool } from "./backend.ts";
 import type { Backend } from "./backend.ts";
 import { type ClientHello, ClientHelloError, ClientHelloParser } from "./clienthello.ts";
+import {
+  AddressDeniedError,
+  type DeniedAddress,
+  type DialGuard,
+  type InternalPolicy,
+} from "./dialguard.ts";
 import { type KernelAccel, KernelAccelError, type SplicePair } from "./kernel.ts";
 import { HttpHostParser, HttpRequestError } from "./http.ts";
-import { logger, writeAccess } from "./log.ts";
+import { BurstLog, logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
 import { backendFdHint, detachSockets, SplicedRelay } from "./spliced.ts";
@@ -24,6 +30,8 @@ import { afterPeerFin } from "./tcpinfo.ts";
 import type { RoutingTable } from "./table.ts";
 
 const log = logger("session");
+/** Warnings that can come once per connection: logged once per burst. */
+const bursts = new BurstLog(log);
 
 /** Why a session ended, as written to the access log. */
 export type CloseReason =
@@ -33,6 +41,7 @@ export type CloseReason =
   | "no_route"
   | "connect_failed"
   | "no_backend"
+  | "address_denied"
   | "bad_proxy_header"
   | "acl_denied";
 
@@ -50,6 +59,8 @@ export interface SessionContext {
   trustedProxy: boolean;
   /** The eBPF fast path, when it is on; null: userspace mode. */
   kernel: KernelAccel | null;
+  /** Which resolved backend addresses may be dialled. */
+  guard: DialGuard;
 }
 
 /** TLS fatal alert `unrecognized_name` (112), sent when no route takes the name. */
@@ -145,6 +156,9 @@ export class Session {
             reason = "no_backend";
             log.warn(`all backends of route "${pool.name}" are down: refusing ${this.#clientAddr}`);
             await this.#refuse(true);
+          } else if (error instanceof AddressDeniedError) {
+            reason = "address_denied";
+            await this.#refuse();
           } else reason = "connect_failed";
           return;
         }
@@ -154,13 +168,19 @@ export class Session {
         const host = b.address.dynamic ? name! : b.address.host;
         this.#backend = b.address.dynamic ? `${host}:${b.address.port}` : b.address.text;
         try {
-          this.#backendConn = await this.#connect(host, b.address.port);
+          const policy = b.address.dynamic ? pool.internal : null;
+          this.#backendConn = await this.#connect(host, b.address.port, policy);
           pool.connected(b);
         } catch (e) {
           if (this.#stopReason) throw new Stopped();
           b.active--;
           picked = null;
           error = e;
+          if (e instanceof AddressDeniedError) {
+            // not the backend's failure: its health is untouched; the next backend may do
+            this.#logDenied(pool, e.denied[0]);
+            continue;
+          }
           m.connectFailures++;
           log.warn(`connect to ${this.#backend} failed for ${this.#clientAddr}: ${errText(e)}`);
           if (!b.address.dynamic) pool.connectFailed(b, errText(e));
@@ -489,6 +509,22 @@ export class Session {
     return null;
   }
 
+  /** Logs, once per burst of its route and kind, that a backend address was refused. */
+  #logDenied(pool: BackendPool, first: DeniedAddress): void {
+    const { address, kind } = first;
+    const policy = pool.internal;
+    const why = kind === "own_listener"
+      ? "is one of this proxy's own listening sockets (a loop)"
+      : `is a ${kind.replace("_", "-")} address` + (policy
+        ? `, which the route does not allow (set ${policy.path}.allow_private, or list the ` +
+          `address in ${policy.path}.allow_addresses, to allow it)`
+        : "");
+    bursts.warn(
+      `denied:${pool.name}:${kind}`,
+      `route "${pool.name}": refusing ${this.#backend} for ${this.#clientAddr}: ${address} ${why}`,
+    );
+  }
+
   /** Tells the client no: no route (TLS alert / HTTP 421) or no backend up (alert / 503). */
   async #refuse(noBackend = false): Promise<void> {
     const tls = this.#ctx.protocol === "tls";
@@ -503,8 +539,16 @@ export class Session {
     }
   }
 
-  /** Connects to `host:port`, trying each resolved address within one connect_ms budget. */
-  async #connect(host: string, port: number): Promise<Deno.TcpConn> {
+  /**
+   * Connects to `host:port`, trying each resolved address the guard allows within one
+   * connect_ms budget. `policy`: the route's opt-in to internal addresses, for a dynamic backend.
+   * @throws {AddressDeniedError} when the guard allows none of them.
+   */
+  async #connect(
+    host: string,
+    port: number,
+    policy: InternalPolicy | null,
+  ): Promise<Deno.TcpConn> {
     const connectMs = this.#ctx.table.config.timeouts.connectMs;
     // one controller per attempt, aborted by its deadline or by the session's stop; the timer
     // is cleared once connected so no per-connection timer outlives the connect, and a timed-out
@@ -518,7 +562,12 @@ export class Session {
       abort.abort();
     }, connectMs);
     try {
-      const addresses = await abortable(resolveHost(host), abort.signal);
+      const addresses = this.#dialable(
+        host,
+        port,
+        await abortable(resolveHost(host), abort.signal),
+        policy,
+      );
       let lastError: unknown = null;
       for (const hostname of addresses) {
         if (abort.signal.aborted) break;
@@ -539,6 +588,29 @@ export class Session {
       clearTimeout(timer);
       this.#connectAbort.signal.removeEventListener("abort", onStop);
     }
+  }
+
+  /** The addresses of `host` the guard lets this session dial; each refused one is counted. */
+  #dialable(
+    host: string,
+    port: number,
+    addresses: string[],
+    policy: InternalPolicy | null,
+  ): string[] {
+    const guard = this.#ctx.guard;
+    const denied: DeniedAddress[] = [];
+    const allowed = addresses.filter((address) => {
+      const kind = guard.check(address, port, policy);
+      if (kind === null) return true;
+      denied.push({ address, kind });
+      Metrics.bump(this.#ctx.metrics.addressDenied, kind);
+      return false;
+    });
+    if (denied.length === 0) return allowed;
+    if (allowed.length === 0) throw new AddressDeniedError(host, port, denied);
+    const skipped = denied.map((d) => `${d.address} (${d.kind})`).join(", ");
+    log.debug(`${this.#clientAddr}: ${host}: not dialling ${skipped}`);
+    return allowed;
   }
 
   /** Ends the session before routing (bad or missing hello); run() reports it. */

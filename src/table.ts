@@ -50,7 +50,14 @@ export function buildTables(config: Config): RoutingTables {
     router: new Router(t.routes.map((r) => ({
       pattern: r.match,
       allow: r.allow,
-      target: new BackendPool(r.match.text, r.backends, r.balance, r.proxyProtocol, r.health),
+      target: new BackendPool(
+        r.match.text,
+        r.backends,
+        r.balance,
+        r.proxyProtocol,
+        r.health,
+        r.internal,
+      ),
     }))),
     defaultPool: t.defaultBackend
       ? new BackendPool("default_backend", [t.defaultBackend], "round_robin")

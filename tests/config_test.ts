@@ -365,3 +365,64 @@ Deno.test("every config field that a message or the README names exists", async 
   });
   assert.deepEqual(unknown, [], "named in a message or the README, but not a config field");
 });
+
+Deno.test("allow_private and allow_addresses: $sni routes only, CIDRs with their paths", () => {
+  const c = resolveConfig({
+    ...base,
+    routes: [
+      { match: "a.test", backends: ["127.0.0.1:9443"] },
+      {
+        match: "*.x.test",
+        backends: ["$sni:443"],
+        allow: ["*.x.test"],
+        allow_addresses: ["10.1.0.0/16", "fd00::/8"],
+      },
+      { match: "*", backends: ["$sni:443"], allow: ["*.y.test"], allow_private: true },
+    ],
+  }, "c.json");
+  assert.equal(c.routes[0].internal, null, "configured backends have no policy");
+  assert.deepEqual(c.routes[1].internal?.allowAddresses.map((a) => a.text), [
+    "10.1.0.0/16",
+    "fd00::/8",
+  ]);
+  assert.equal(c.routes[1].internal?.allowPrivate, false, "internal addresses refused by default");
+  assert.equal(c.routes[1].internal?.path, "routes[1]");
+  assert.equal(c.routes[2].internal?.allowPrivate, true);
+
+  const errors = errorsOf({
+    ...base,
+    routes: [
+      { match: "a.test", backends: ["127.0.0.1:9443"], allow_private: true },
+      { match: "b.test", backends: ["127.0.0.1:9443"], allow_addresses: ["10.0.0.0/8"] },
+      {
+        match: "*",
+        backends: ["$sni:443"],
+        allow: ["*.x.test"],
+        allow_addresses: ["10.0.0.0/33", "nope"],
+      },
+    ],
+  });
+  for (
+    const e of [
+      "routes[0].allow_private: only a route with a $sni backend can use it",
+      "routes[1].allow_addresses: only a route with a $sni backend can use it",
+      "routes[2].allow_addresses[0]: prefix length must be 0-32",
+      'routes[2].allow_addresses[1]: not an IP address: "nope"',
+    ]
+  ) {
+    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
+  }
+  // a schema error elsewhere still lists the bad CIDR, and a non-boolean allow_private
+  const both = errorsOf({
+    ...base,
+    routes: [{
+      match: "*",
+      backends: ["$sni:443"],
+      allow: ["*.x.test"],
+      allow_private: "yes",
+      allow_addresses: ["nope"],
+    }],
+  });
+  assert.ok(both.some((x) => x.startsWith("routes[0].allow_private:")), both.join("\n"));
+  assert.ok(both.some((x) => x.startsWith("routes[0].allow_addresses[0]:")), both.join("\n"));
+});

@@ -250,7 +250,13 @@ e2eTest("a $sni route connects to the requested name, only for allowed names", a
   const dyn = await identityBackend(s, "dyn");
   const proxy = await startProxy(s, {
     listeners: [{ address: "127.0.0.1:0" }],
-    routes: [{ match: "*", backends: [`$sni:${dyn.port}`], allow: ["localhost"] }],
+    // localhost is a loopback address: the route must opt in to internal addresses
+    routes: [{
+      match: "*",
+      backends: [`$sni:${dyn.port}`],
+      allow: ["localhost"],
+      allow_private: true,
+    }],
   });
   assert.equal(await whoAnswers(proxy.port(), "localhost"), "dyn");
   assert.equal(dyn.accepted, 1);

@@ -190,7 +190,12 @@ Deno.test("hostname backends resolve, and $sni routes connect only to allowed na
       listeners: [{ address: "127.0.0.1:0" }, { address: "127.0.0.1:0" }],
       routes: [
         { match: "a.test", backends: [`localhost:${b.byname.port}`] },
-        { match: "*", backends: [`$sni:${b.byname.port}`], allow: ["localhost"] },
+        {
+          match: "*",
+          backends: [`$sni:${b.byname.port}`],
+          allow: ["localhost"],
+          allow_private: true, // localhost is loopback: internal addresses need the opt-in
+        },
       ],
     }, async (p) => {
       assert.equal((await curl(p.ports[0], "a.test")).body, "byname");
@@ -259,7 +264,12 @@ Deno.test("$sni backends resolve through the configured DNS servers, cached by T
   try {
     await withProxy({
       listeners: [{ address: "127.0.0.1:0" }],
-      routes: [{ match: "*.b.test", backends: [`$sni:${b.resolved.port}`], allow: ["*.b.test"] }],
+      routes: [{
+        match: "*.b.test",
+        backends: [`$sni:${b.resolved.port}`],
+        allow: ["*.b.test"],
+        allow_addresses: ["127.0.0.0/8"], // the test DNS answers loopback
+      }],
       dns: { servers: [`${dns.server.ipAddr}:${dns.server.port}`], hosts_file: false },
       metrics: { address: `127.0.0.1:${closedPort()}` },
     }, async (p) => {
