@@ -17,7 +17,10 @@ export class Metrics {
   readonly closed = new Map<string, number>();
   /** Connections routed, by route `match` (or `default_backend`). */
   readonly byRoute = new Map<string, number>();
-  /** Connections sent, by backend. */
+  /**
+   * Connections sent, by backend as configured: a dynamic backend counts as its `$sni:PORT`,
+   * never by the name a client asked for (which would make one series per name).
+   */
   readonly byBackend = new Map<string, number>();
   /** ClientHello / HTTP head parse errors by kind. */
   readonly helloErrors = new Map<string, number>();

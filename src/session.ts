@@ -110,7 +110,10 @@ export class Session {
   /** Bytes known not delivered when a stalled drain cut the connection. */
   #undelivered = { up: 0, down: 0 };
   #route: string | null = null;
+  /** The backend for the access log: a dynamic one by the name it was dialled by. */
   #backend: string | null = null;
+  /** The backend for the metrics: as configured (`$sni:443`), so the label set stays bounded. */
+  #backendLabel: string | null = null;
   /** Bytes of the hello (or HTTP head) forwarded to the backend before the relay started. */
   #helloBytes = 0;
   /** Bytes of the PROXY protocol header written before the hello (not the client's bytes). */
@@ -167,6 +170,7 @@ export class Session {
         b.active++;
         const host = b.address.dynamic ? name! : b.address.host;
         this.#backend = b.address.dynamic ? `${host}:${b.address.port}` : b.address.text;
+        this.#backendLabel = b.address.text;
         try {
           const policy = b.address.dynamic ? pool.internal : null;
           this.#backendConn = await this.#connect(host, b.address.port, policy);
@@ -630,7 +634,7 @@ export class Session {
     m.bytesDown += down;
     m.bytesUserspace += up + down - this.#spliced.up - this.#spliced.down;
     if (this.#route) Metrics.bump(m.byRoute, this.#route);
-    if (this.#backend) Metrics.bump(m.byBackend, this.#backend);
+    if (this.#backendLabel) Metrics.bump(m.byBackend, this.#backendLabel);
     if (relay) Metrics.bump(m.byMode, this.#splice ? "kernel" : "userspace");
     Metrics.bump(m.closed, finalReason);
     writeAccess({

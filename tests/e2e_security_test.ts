@@ -1,25 +1,44 @@
 /**
  * End to end, hardening: a `$sni` name that resolves to an internal address (or to the proxy
- * itself) is not dialled.
+ * itself) is not dialled; random `$sni` names do not grow the metrics or the memory.
  */
 import assert from "node:assert/strict";
 import {
+  clientHelloBytes,
   curl,
   e2eTest,
   identityBackend,
   opensslClient,
+  rawServer,
+  readClientHello,
+  readToEnd,
   type Scope,
+  sleep,
   startProxy,
   tlsFailure,
   unusedPort,
   whoAnswers,
+  writeAll,
 } from "./helpers.ts";
 import { startFakeDns } from "./fixtures/dns_server.ts";
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
 
 /** The proxy's `/metrics` text. */
 async function metrics(port: number): Promise<string> {
   const res = await fetch(`http://127.0.0.1:${port}/metrics`);
   return await res.text();
+}
+
+/** The `/metrics` text once no connection is live any more (or after 5 s). */
+async function settledMetrics(port: number): Promise<string> {
+  let text = await metrics(port);
+  for (let i = 0; i < 50 && sample(text, "connections_active") > 0; i++) {
+    await sleep(100);
+    text = await metrics(port);
+  }
+  return text;
 }
 
 /** A sample's value in Prometheus text (0 when absent); `series` as printed, labels included. */
@@ -35,6 +54,73 @@ function fakeDns(s: Scope, records: Parameters<typeof startFakeDns>[0]) {
   return dns;
 }
 
+/** A plain-TCP backend that reads the relayed hello, answers `ok` and waits for the client's EOF. */
+async function okBackend(s: Scope) {
+  return await rawServer(s, async (conn) => {
+    await readClientHello(conn);
+    await writeAll(conn, encoder.encode("ok\n"));
+    await readToEnd(conn);
+  }, { tls: false });
+}
+
+/**
+ * One raw session: sends `hello`, expects the backend's `ok`, holds the connection `holdMs`,
+ * closes. Resolves with what happened (`ok`, or what went wrong).
+ */
+async function okSession(port: number, hello: Uint8Array, holdMs = 0): Promise<string> {
+  let conn: Deno.TcpConn | null = null;
+  try {
+    conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    await writeAll(conn, hello);
+    const buf = new Uint8Array(16);
+    const n = await conn.read(buf);
+    const answer = n === null ? "eof" : decoder.decode(buf.subarray(0, n));
+    if (answer !== "ok\n") return `answer ${JSON.stringify(answer)}`;
+    if (holdMs) await sleep(holdMs);
+    return "ok";
+  } catch (e) {
+    return `${(e as Error).name}: ${(e as Error).message}`;
+  } finally {
+    try {
+      conn?.close();
+    } catch { /* closed */ }
+  }
+}
+
+/** `hello` (a ClientHello for `from`) with the server name replaced by `to`, of the same length. */
+function renamedHello(hello: Uint8Array, from: string, to: string): Uint8Array {
+  assert.equal(to.length, from.length);
+  const needle = encoder.encode(from);
+  const out = hello.slice();
+  let found = 0;
+  outer: for (let i = 0; i + needle.length <= out.length; i++) {
+    for (let j = 0; j < needle.length; j++) if (out[i + j] !== needle[j]) continue outer;
+    out.set(encoder.encode(to), i);
+    found++;
+  }
+  assert.ok(found > 0, `${from} is not in the hello`);
+  return out;
+}
+
+/** Runs `tasks` with at most `n` at a time; resolves with their results in order. */
+async function pooled<T>(n: number, tasks: (() => Promise<T>)[]): Promise<T[]> {
+  const out: T[] = new Array(tasks.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < tasks.length) {
+      const i = next++;
+      out[i] = await tasks[i]();
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(n, tasks.length) }, worker));
+  return out;
+}
+
+/** The proxy's resident set size, KiB. */
+async function rssKiB(pid: number): Promise<number> {
+  const status = await Deno.readTextFile(`/proc/${pid}/status`);
+  return Number(/^VmRSS:\s+(\d+) kB/m.exec(status)![1]);
+}
 e2eTest(
   "an allowed $sni name that resolves to an internal address is refused unless the route opts in",
   async (s) => {
@@ -160,3 +246,70 @@ e2eTest("the proxy never dials its own listeners, even with allow_private", asyn
   // three clients, three connections: none came back around through the proxy
   assert.equal(sample(text, "connections_accepted_total"), 3, text);
 });
+
+e2eTest("1,000 random $sni names leave /metrics and the proxy's memory bounded", async (s) => {
+  const backend = await okBackend(s);
+  const dns = fakeDns(s, {});
+  const metricsPort = unusedPort();
+  const proxy = await startProxy(s, {
+    listeners: [{ address: "127.0.0.1:0" }],
+    routes: [{
+      match: "*.b.test",
+      backends: [`$sni:${backend.port}`],
+      allow: ["*.b.test"],
+      allow_private: true,
+    }],
+    dns: { servers: [`${dns.server.ipAddr}:${dns.server.port}`], hosts_file: false },
+    metrics: { address: `127.0.0.1:${metricsPort}` },
+    log: { level: "info" },
+    // the V8 young generation as `deno task start` caps it, so RSS follows what is kept
+  }, { env: { DENO_V8_FLAGS: "--max-semi-space-size=4" } });
+  const template = "n0000000.b.test";
+  const hello = await clientHelloBytes(template);
+  let serial = 0;
+  /** `n` sessions to fresh random names; every other name resolves, the rest are NXDOMAIN. */
+  const round = async (n: number) => {
+    const tasks = Array.from({ length: n }, () => {
+      const i = serial++;
+      const name = `${crypto.randomUUID().slice(0, 7)}${i % 2}.b.test`;
+      if (i % 2 === 0) dns.records.set(name, { a: ["127.0.0.1"], ttl: 300 });
+      return async () => {
+        const r = await okSession(proxy.port(), renamedHello(hello, template, name));
+        return i % 2 === 0 ? r : "skip";
+      };
+    });
+    const results = await pooled(16, tasks);
+    const failed = results.filter((r) => r !== "ok" && r !== "skip");
+    assert.deepEqual(failed, [], "every name that resolves is served");
+  };
+  // warm-up: every code path and label (served, connect_failed), the heap at its working size
+  await round(1000);
+  const before = await settledMetrics(metricsPort);
+  const rssBefore = await rssKiB(proxy.pid);
+
+  await round(1000);
+  const after = await settledMetrics(metricsPort);
+  const rssAfter = await rssKiB(proxy.pid);
+
+  const backendSeries = after.split("\n").filter((l) =>
+    l.startsWith("sni_proxy_connections_backend_total{")
+  );
+  assert.deepEqual(backendSeries, [
+    `sni_proxy_connections_backend_total{backend="$sni:${backend.port}"} 2000`,
+  ]);
+  assert.doesNotMatch(after, /[0-9a-f]{7}[01]\.b\.test/, "no requested name is a label");
+  // the same series; only their numbers grew
+  assert.ok(
+    after.length - before.length < 100,
+    `/metrics grew from ${before.length} to ${after.length} bytes`,
+  );
+  const stats = await (await fetch(`http://127.0.0.1:${metricsPort}/stats`)).json();
+  assert.equal(Object.keys(stats.connections.by_backend).length, 1);
+  assert.equal(stats.connections.closed.done, 1000);
+  assert.equal(stats.connections.closed.connect_failed, 1000);
+  const grewMiB = (rssAfter - rssBefore) / 1024;
+  assert.ok(grewMiB < 16, `RSS grew ${grewMiB.toFixed(1)} MiB over 1,000 names`);
+  console.log(
+    `/metrics ${before.length} → ${after.length} bytes; RSS ${rssBefore} → ${rssAfter} KiB`,
+  );
+}, { timeoutMs: 120_000 });
