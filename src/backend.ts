@@ -9,9 +9,11 @@
  */
 import type { BackendAddress, Balance, HealthConfig } from "./config.ts";
 import type { InternalPolicy } from "./dialguard.ts";
-import { logger } from "./log.ts";
+import { localResourceError, localResourceHint } from "./fdbudget.ts";
+import { BurstLog, logger } from "./log.ts";
 
 const log = logger("backend");
+const bursts = new BurstLog(log);
 
 /** One backend with its live-connection count and health. */
 export interface Backend {
@@ -157,6 +159,15 @@ export class BackendPool {
       ok = true;
     } catch (e) {
       why = e instanceof Error ? e.message : String(e);
+      const lacking = localResourceError(e);
+      if (lacking) {
+        // this host's shortage says nothing about the backend: the check does not count
+        bursts.warn(
+          `check:${lacking}`,
+          `health check of ${b.address.text} skipped: ${why}. ${localResourceHint(lacking)}`,
+        );
+        return;
+      }
     }
     if (this.#stopped) return;
     const wasUp = this.isUp(b);

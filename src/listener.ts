@@ -7,14 +7,16 @@
 import { Acl } from "./acl.ts";
 import type { ListenerConfig } from "./config.ts";
 import type { DialGuard } from "./dialguard.ts";
+import { localResourceError, localResourceHint } from "./fdbudget.ts";
 import type { KernelAccel } from "./kernel.ts";
-import { logger, writeAccess } from "./log.ts";
+import { BurstLog, logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { closeQuietly } from "./relay.ts";
 import { errText, formatAddr, Session } from "./session.ts";
 import type { RoutingTables } from "./table.ts";
 
 const log = logger("listener");
+const bursts = new BurstLog(log);
 
 /** What a listener needs from the proxy that owns it. */
 export interface ListenerHost {
@@ -83,8 +85,16 @@ export class Listener {
         conn = await this.#socket.accept();
       } catch (e) {
         if (this.#closed) return;
-        // EMFILE and friends: log, back off briefly, keep serving
-        log.error(`accept on ${this.address} failed: ${errText(e)}`);
+        // EMFILE and friends: log, back off briefly, keep serving (clients wait in the backlog)
+        const lacking = localResourceError(e);
+        if (lacking) {
+          Metrics.bump(host.metrics.localErrors, `accept:${lacking}`);
+          bursts.warn(
+            `accept:${lacking}`,
+            `accept on ${this.address} failed: ${errText(e)}; retrying every 100 ms. ` +
+              localResourceHint(lacking),
+          );
+        } else log.error(`accept on ${this.address} failed: ${errText(e)}`);
         await new Promise((r) => setTimeout(r, 100));
         continue;
       }

@@ -27,6 +27,8 @@ export class Metrics {
   connectFailures = 0;
   /** Resolved backend addresses refused, by why (see src/dialguard.ts). */
   readonly addressDenied = new Map<string, number>();
+  /** Failures for lack of a local resource, by `operation:errno` (`connect:EMFILE`). */
+  readonly localErrors = new Map<string, number>();
   /** Connections relayed in userspace / spliced in the kernel. */
   readonly byMode = new Map<string, number>();
   /** Kernel mode: connections that ran in userspace instead, by why (e.g. `map_full`). */
@@ -67,6 +69,7 @@ export class Metrics {
         kernel_throttles: this.kernelThrottles,
       },
       backend_address_denied: Object.fromEntries(this.addressDenied),
+      local_resource_errors: Object.fromEntries(this.localErrors),
       hello_errors: Object.fromEntries(this.helloErrors),
       bytes: { up: this.bytesUp, down: this.bytesDown, userspace: this.bytesUserspace },
       dns: this.dnsSource?.() ?? {},
@@ -94,6 +97,7 @@ export interface MetricsSnapshot {
     kernel_throttles: number;
   };
   backend_address_denied: Record<string, number>;
+  local_resource_errors: Record<string, number>;
   hello_errors: Record<string, number>;
   bytes: { up: number; down: number; userspace: number };
   dns: { hits?: number; negativeHits?: number; lookups?: number; coalesced?: number };
@@ -179,6 +183,15 @@ export function renderPrometheus(snap: MetricsSnapshot): string {
     "kind",
     snap.backend_address_denied,
   );
+  family(
+    "local_resource_errors_total",
+    "counter",
+    "Failures for lack of a local resource (descriptors, buffers, ports), not a backend's.",
+  );
+  for (const [key, v] of Object.entries(snap.local_resource_errors)) {
+    const [op, code] = key.split(":");
+    sample("local_resource_errors_total", v, { op, code });
+  }
   family("bytes_total", "counter", "Bytes relayed, by direction (up: client to backend).");
   sample("bytes_total", snap.bytes.up, { direction: "up" });
   sample("bytes_total", snap.bytes.down, { direction: "down" });

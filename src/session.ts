@@ -13,6 +13,7 @@ import {
   type DialGuard,
   type InternalPolicy,
 } from "./dialguard.ts";
+import { localResourceError, localResourceHint } from "./fdbudget.ts";
 import { type KernelAccel, KernelAccelError, type SplicePair } from "./kernel.ts";
 import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
@@ -42,6 +43,7 @@ export type CloseReason =
   | "connect_failed"
   | "no_backend"
   | "address_denied"
+  | "resource_exhausted"
   | "bad_proxy_header"
   | "acl_denied";
 
@@ -184,6 +186,20 @@ export class Session {
             // not the backend's failure: its health is untouched; the next backend may do
             this.#logDenied(pool, e.denied[0]);
             continue;
+          }
+          const lacking = localResourceError(e);
+          if (lacking) {
+            // this host is out of descriptors, ports or memory: no backend is to blame
+            reason = "resource_exhausted";
+            Metrics.bump(m.localErrors, `connect:${lacking}`);
+            bursts.warn(
+              `local:${lacking}`,
+              `connect to ${this.#backend} for ${this.#clientAddr} failed for lack of a local ` +
+                `resource (${errText(e)}); the backend is not marked down. ` +
+                localResourceHint(lacking),
+            );
+            await this.#refuse(true);
+            return;
           }
           m.connectFailures++;
           log.warn(`connect to ${this.#backend} failed for ${this.#clientAddr}: ${errText(e)}`);
