@@ -1,8 +1,9 @@
 /**
  * The few libc functions the eBPF fast path needs that Deno has no API for: file descriptors for
  * directories (cgroup attach), mount(2) (cgroup2/bpffs), netlink sockets (sock_diag), errno and
- * vsnprintf (rendering libbpf's va_list log messages), and the socket and epoll calls that let a
- * spliced pair live outside Deno's event loop. Opened lazily on first use.
+ * vsnprintf (rendering libbpf's va_list log messages), the socket and epoll calls that let a
+ * spliced pair live outside Deno's event loop, and getrlimit (the descriptor limit the accept
+ * loop keeps clear of). Opened lazily on first use.
  * @module
  */
 
@@ -17,6 +18,7 @@ const LIBC_SYMBOLS = {
   recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
   vsnprintf: { parameters: ["buffer", "usize", "pointer", "pointer"], result: "i32" },
   if_nametoindex: { parameters: ["buffer"], result: "u32" },
+  getrlimit: { parameters: ["i32", "buffer"], result: "i32" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
@@ -132,6 +134,21 @@ export function mountFs(fstype: string, target: string): void {
  */
 export function ifNameToIndex(name: string): number {
   return libc().if_nametoindex(cString(name));
+}
+
+const RLIMIT_NOFILE = 7;
+
+/**
+ * The soft limit on open descriptors (RLIMIT_NOFILE) of this process; Infinity when unlimited.
+ * @throws {SyscallError} when getrlimit fails.
+ */
+export function openFileLimit(): number {
+  const buf = new Uint8Array(16); // struct rlimit { rlim_t rlim_cur, rlim_max; }
+  if (libc().getrlimit(RLIMIT_NOFILE, buf) !== 0) {
+    throw new SyscallError("getrlimit(RLIMIT_NOFILE)", errno());
+  }
+  const soft = new DataView(buf.buffer).getBigUint64(0, true);
+  return soft > BigInt(Number.MAX_SAFE_INTEGER) ? Infinity : Number(soft);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 import { Acl } from "./acl.ts";
 import type { ListenerConfig } from "./config.ts";
 import type { DialGuard } from "./dialguard.ts";
-import { localResourceError, localResourceHint } from "./fdbudget.ts";
+import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
 import type { KernelAccel } from "./kernel.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
@@ -27,7 +27,12 @@ export interface ListenerHost {
   readonly kernel: KernelAccel | null;
   /** Which resolved backend addresses sessions may dial. */
   readonly guard: DialGuard;
-  /** Resolves when a connection slot is free (immediately when under the limit). */
+  /** The descriptor budget, or null when unknown. */
+  readonly fds: FdBudget | null;
+  /**
+   * Resolves when a connection slot is free: under limits.max_connections, and with descriptors
+   * for the client and its backend to spare (immediately when so).
+   */
   waitForSlot(): Promise<void>;
   /** Registers a live session until its promise settles. */
   track(session: Session, done: Promise<void>): void;
@@ -130,6 +135,7 @@ export class Listener {
         trustedProxy,
         kernel: host.kernel,
         guard: host.guard,
+        fds: host.fds,
       });
       host.track(session, session.run());
     }

@@ -29,6 +29,10 @@ export class Metrics {
   readonly addressDenied = new Map<string, number>();
   /** Failures for lack of a local resource, by `operation:errno` (`connect:EMFILE`). */
   readonly localErrors = new Map<string, number>();
+  /** Times the accept loops paused, by the limit reached. */
+  readonly acceptPauses = new Map<string, number>();
+  /** Open descriptors and their limit, when known. */
+  fdSource: (() => { open: number; limit: number }) | null = null;
   /** Connections relayed in userspace / spliced in the kernel. */
   readonly byMode = new Map<string, number>();
   /** Kernel mode: connections that ran in userspace instead, by why (e.g. `map_full`). */
@@ -67,9 +71,11 @@ export class Metrics {
         connect_failures: this.connectFailures,
         kernel_fallbacks: Object.fromEntries(this.kernelFallbacks),
         kernel_throttles: this.kernelThrottles,
+        accept_paused: Object.fromEntries(this.acceptPauses),
       },
       backend_address_denied: Object.fromEntries(this.addressDenied),
       local_resource_errors: Object.fromEntries(this.localErrors),
+      fds: this.fdSource?.() ?? {},
       hello_errors: Object.fromEntries(this.helloErrors),
       bytes: { up: this.bytesUp, down: this.bytesDown, userspace: this.bytesUserspace },
       dns: this.dnsSource?.() ?? {},
@@ -95,9 +101,11 @@ export interface MetricsSnapshot {
     connect_failures: number;
     kernel_fallbacks: Record<string, number>;
     kernel_throttles: number;
+    accept_paused: Record<string, number>;
   };
   backend_address_denied: Record<string, number>;
   local_resource_errors: Record<string, number>;
+  fds: { open?: number; limit?: number };
   hello_errors: Record<string, number>;
   bytes: { up: number; down: number; userspace: number };
   dns: { hits?: number; negativeHits?: number; lookups?: number; coalesced?: number };
@@ -191,6 +199,18 @@ export function renderPrometheus(snap: MetricsSnapshot): string {
   for (const [key, v] of Object.entries(snap.local_resource_errors)) {
     const [op, code] = key.split(":");
     sample("local_resource_errors_total", v, { op, code });
+  }
+  labelled(
+    "accept_paused_total",
+    "Times accepting paused, by the limit reached.",
+    "reason",
+    c.accept_paused,
+  );
+  if (snap.fds.limit !== undefined) {
+    family("open_fds", "gauge", "Open file descriptors (counted near the limit, else tracked).");
+    sample("open_fds", snap.fds.open ?? 0);
+    family("max_fds", "gauge", "The soft limit on open file descriptors (RLIMIT_NOFILE).");
+    sample("max_fds", snap.fds.limit);
   }
   family("bytes_total", "counter", "Bytes relayed, by direction (up: client to backend).");
   sample("bytes_total", snap.bytes.up, { direction: "up" });

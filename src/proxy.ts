@@ -6,6 +6,7 @@
  */
 import { type Config, reloadable, routeSummary } from "./config.ts";
 import { DialGuard, type OwnSocket } from "./dialguard.ts";
+import { FdBudget } from "./fdbudget.ts";
 import { KernelAccel, KernelAccelError } from "./kernel.ts";
 import { XdpError, XdpFilter } from "./xdp.ts";
 import { Listener, type ListenerHost } from "./listener.ts";
@@ -17,6 +18,13 @@ import type { Session } from "./session.ts";
 import { buildTables, type RoutingTables, startHealthChecks, stopHealthChecks } from "./table.ts";
 
 const log = logger("proxy");
+
+/** Why the accept loops wait: the connection limit, or descriptors running out. */
+type PauseReason = "max_connections" | "fd_reserve";
+/** A burst of accept pauses ends (and "accepting again" is logged) after this long without one. */
+const PAUSE_QUIET_MS = 1_000;
+/** While paused for descriptors, how often to look again (they can free up without a session). */
+const FD_RETRY_MS = 100;
 
 /** This process's part when the proxy runs as several worker processes (see workers.ts). */
 export interface WorkerRole {
@@ -38,10 +46,20 @@ export class Proxy implements ListenerHost {
   xdp: XdpFilter | null = null;
   /** Set once the listeners are bound (they are its own sockets). */
   guard = new DialGuard([]);
+  readonly fds: FdBudget | null;
   #metricsServer: MetricsServer | null = null;
   readonly #sessions = new Map<Session, Promise<void>>();
   #slotWaiters: (() => void)[] = [];
-  #limitLogged = false;
+  /** Why accepting is paused now, or null. */
+  #paused: PauseReason | null = null;
+  /** The burst of pauses being reported (see #pauseStarted), with its end-of-burst timer. */
+  #pauseBurst: {
+    reason: PauseReason;
+    pauses: number;
+    quiet: ReturnType<typeof setTimeout> | undefined;
+  } | null = null;
+  /** While paused for descriptors: re-checks, since they can free up without a session ending. */
+  #fdRetry: ReturnType<typeof setTimeout> | undefined;
   #stopping = false;
 
   /** Set when this process is one of several workers; null: the whole proxy. */
@@ -50,6 +68,17 @@ export class Proxy implements ListenerHost {
   private constructor(config: Config, worker: WorkerRole | null) {
     this.tables = buildTables(config);
     this.worker = worker;
+    const fds = FdBudget.open();
+    if (typeof fds === "string") {
+      log.warn(`accepting without a descriptor reserve: ${fds}`);
+      this.fds = null;
+    } else {
+      this.fds = fds;
+      this.metrics.fdSource = () => {
+        fds.recount();
+        return { open: fds.open, limit: fds.limit };
+      };
+    }
   }
 
   /**
@@ -158,37 +187,87 @@ export class Proxy implements ListenerHost {
   }
 
   waitForSlot(): Promise<void> {
-    if (this.#stopping || this.#sessions.size < this.tables.config.limits.maxConnections) {
-      return Promise.resolve();
-    }
-    if (!this.#limitLogged) {
-      this.#limitLogged = true;
-      log.warn(
-        `limits.max_connections (${this.tables.config.limits.maxConnections}) reached: ` +
-          `not accepting until a connection closes`,
-      );
-    }
+    const full = this.#full();
+    if (!full) return Promise.resolve();
+    if (this.#paused !== full) this.#pauseStarted(full);
+    this.#paused = full;
+    if (full === "fd_reserve") this.#retryForFds();
     return new Promise((resolve) => this.#slotWaiters.push(resolve));
+  }
+
+  /** Which limit keeps a new client out now, or null when one may come in. */
+  #full(): PauseReason | null {
+    if (this.#stopping) return null;
+    if (this.#sessions.size >= this.tables.config.limits.maxConnections) return "max_connections";
+    return this.fds && !this.fds.hasRoom() ? "fd_reserve" : null;
+  }
+
+  /**
+   * Counts a pause; logs it when it starts a burst. Under steady pressure accepting pauses and
+   * resumes once per closing connection: one line per burst, not per pause.
+   */
+  #pauseStarted(reason: PauseReason): void {
+    Metrics.bump(this.metrics.acceptPauses, reason);
+    const burst = this.#pauseBurst;
+    clearTimeout(burst?.quiet);
+    if (burst?.reason === reason) {
+      burst.pauses++;
+      return;
+    }
+    this.#pauseBurst = { reason, pauses: 1, quiet: undefined };
+    const fds = this.fds!;
+    log.warn(
+      reason === "max_connections"
+        ? `limits.max_connections (${this.tables.config.limits.maxConnections}) reached: ` +
+          `not accepting until a connection closes`
+        : `file descriptors: ${fds.committed} of the limit of ${fds.limit} in use or held for ` +
+          `live connections' backends, ${fds.reserve} kept in reserve: not accepting until ` +
+          `connections close (new clients wait in the listen backlog)`,
+    );
+  }
+
+  /** Accepting resumed: the burst ends (logged) once it has not paused for a while. */
+  #pauseEnded(): void {
+    const burst = this.#pauseBurst;
+    if (!burst || this.#stopping) return;
+    burst.quiet = setTimeout(() => {
+      this.#pauseBurst = null;
+      const times = burst.pauses > 1 ? ` (paused ${burst.pauses} times in this burst)` : "";
+      log.info(
+        burst.reason === "max_connections"
+          ? `accepting again: below limits.max_connections${times}`
+          : `accepting again: file descriptors to spare (${this.fds!.open} of ` +
+            `${this.fds!.limit} open)${times}`,
+      );
+    }, PAUSE_QUIET_MS);
+  }
+
+  #retryForFds(): void {
+    if (this.#fdRetry !== undefined) return;
+    this.#fdRetry = setTimeout(() => {
+      this.#fdRetry = undefined;
+      this.#wakeWaiters();
+      if (this.#paused === "fd_reserve") this.#retryForFds();
+    }, FD_RETRY_MS);
   }
 
   track(session: Session, done: Promise<void>): void {
     this.#sessions.set(session, done);
+    this.fds?.sessionStarted();
     this.metrics.active = this.#sessions.size;
     done.finally(() => {
       this.#sessions.delete(session);
+      this.fds?.sessionEnded();
       this.metrics.active = this.#sessions.size;
       this.#wakeWaiters();
     });
   }
 
   #wakeWaiters(): void {
-    const max = this.tables.config.limits.maxConnections;
-    while (this.#slotWaiters.length > 0 && (this.#stopping || this.#sessions.size < max)) {
-      this.#slotWaiters.shift()!();
-    }
-    if (this.#slotWaiters.length === 0 && this.#limitLogged) {
-      this.#limitLogged = false;
-      log.info("accepting again: below limits.max_connections");
+    while (this.#slotWaiters.length > 0 && !this.#full()) this.#slotWaiters.shift()!();
+    if (this.#slotWaiters.length === 0 && this.#paused) {
+      this.#paused = null;
+      this.#pauseEnded();
     }
   }
 
@@ -233,6 +312,8 @@ export class Proxy implements ListenerHost {
   async shutdown(): Promise<void> {
     if (this.#stopping) return;
     this.#stopping = true;
+    clearTimeout(this.#fdRetry);
+    clearTimeout(this.#pauseBurst?.quiet);
     for (const l of this.listeners) l.close();
     stopHealthChecks(this.tables);
     this.#wakeWaiters();

@@ -13,7 +13,7 @@ import {
   type DialGuard,
   type InternalPolicy,
 } from "./dialguard.ts";
-import { localResourceError, localResourceHint } from "./fdbudget.ts";
+import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
 import { type KernelAccel, KernelAccelError, type SplicePair } from "./kernel.ts";
 import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
@@ -63,6 +63,8 @@ export interface SessionContext {
   kernel: KernelAccel | null;
   /** Which resolved backend addresses may be dialled. */
   guard: DialGuard;
+  /** The process's descriptor budget (told about backend sockets), or null when unknown. */
+  fds: FdBudget | null;
 }
 
 /** TLS fatal alert `unrecognized_name` (112), sent when no route takes the name. */
@@ -176,6 +178,7 @@ export class Session {
         try {
           const policy = b.address.dynamic ? pool.internal : null;
           this.#backendConn = await this.#connect(host, b.address.port, policy);
+          this.#ctx.fds?.backendOpened();
           pool.connected(b);
         } catch (e) {
           if (this.#stopReason) throw new Stopped();
@@ -252,7 +255,10 @@ export class Session {
       if (picked) picked.active--;
       this.#unpair();
       closeQuietly(this.#client);
-      if (this.#backendConn) closeQuietly(this.#backendConn);
+      if (this.#backendConn) {
+        closeQuietly(this.#backendConn);
+        this.#ctx.fds?.backendClosed();
+      }
       this.#finish(reason, error);
     }
   }

@@ -1,6 +1,7 @@
 /**
  * End to end, hardening: a `$sni` name that resolves to an internal address (or to the proxy
- * itself) is not dialled; random `$sni` names do not grow the metrics or the memory.
+ * itself) is not dialled; random `$sni` names do not grow the metrics or the memory; running out
+ * of descriptors pauses accepting instead of taking healthy backends down.
  */
 import assert from "node:assert/strict";
 import {
@@ -18,6 +19,7 @@ import {
   tlsFailure,
   unusedPort,
   whoAnswers,
+  within,
   writeAll,
 } from "./helpers.ts";
 import { startFakeDns } from "./fixtures/dns_server.ts";
@@ -121,6 +123,7 @@ async function rssKiB(pid: number): Promise<number> {
   const status = await Deno.readTextFile(`/proc/${pid}/status`);
   return Number(/^VmRSS:\s+(\d+) kB/m.exec(status)![1]);
 }
+
 e2eTest(
   "an allowed $sni name that resolves to an internal address is refused unless the route opts in",
   async (s) => {
@@ -313,3 +316,52 @@ e2eTest("1,000 random $sni names leave /metrics and the proxy's memory bounded",
     `/metrics ${before.length} → ${after.length} bytes; RSS ${rssBefore} → ${rssAfter} KiB`,
   );
 }, { timeoutMs: 120_000 });
+
+e2eTest(
+  "out of descriptors (prlimit --nofile=256), 1,000 clients are all served and the backend stays up",
+  async (s) => {
+    const backend = await okBackend(s);
+    const metricsPort = unusedPort();
+    const proxy = await startProxy(s, {
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [{
+        match: "a.test",
+        backends: [backend.address],
+        health: { max_fails: 3, check: { interval_ms: 200, timeout_ms: 1000 } },
+      }],
+      metrics: { address: `127.0.0.1:${metricsPort}` },
+      log: { level: "info" },
+    }, { wrapper: ["prlimit", "--nofile=256"] });
+    const hello = await clientHelloBytes("a.test");
+    const t0 = performance.now();
+    // all at once, each holding its connection a while: far more than 256 descriptors' worth
+    const results = await within(
+      60_000,
+      "1,000 sessions",
+      Promise.all(Array.from({ length: 1000 }, () => okSession(proxy.port(), hello, 300))),
+    );
+    const seconds = (performance.now() - t0) / 1000;
+    const failed = results.filter((r) => r !== "ok");
+    assert.equal(failed.length, 0, `${failed.length} of 1,000 failed, e.g. ${failed.slice(0, 3)}`);
+    // right after the pressure: served at once
+    const t1 = performance.now();
+    assert.equal(await okSession(proxy.port(), hello), "ok");
+    assert.ok(performance.now() - t1 < 1000, "served within a second after the load");
+
+    const text = await settledMetrics(metricsPort);
+    assert.ok(sample(text, 'accept_paused_total{reason="fd_reserve"}') >= 1, text);
+    assert.equal(sample(text, 'connections_closed_total{reason="done"}'), 1001, text);
+    assert.equal(sample(text, 'connections_closed_total{reason="no_backend"}'), 0, text);
+    assert.equal(sample(text, "connect_failures_total"), 0, text);
+    assert.equal(sample(text, "max_fds"), 256, text);
+    const log = proxy.stderr();
+    assert.doesNotMatch(log, /backend .* down/, "the backend was never marked down");
+    assert.doesNotMatch(log, /EMFILE|Too many open files/);
+    // one line when the pressure starts, one when it is over
+    const paused = log.split("\n").filter((l) => l.includes("not accepting until connections"));
+    assert.equal(paused.length, 1, paused.join("\n"));
+    await proxy.waitForLog("accepting again: file descriptors to spare", 5000);
+    console.log(`1,000 sessions under 256 descriptors in ${seconds.toFixed(1)} s`);
+  },
+  { timeoutMs: 120_000 },
+);
