@@ -12,6 +12,7 @@ import {
   opensslClient,
   readOutcome,
   sleep,
+  sniRoute,
   startProxy,
   tlsConnect,
   tlsFailure,
@@ -251,12 +252,7 @@ e2eTest("a $sni route connects to the requested name, only for allowed names", a
   const proxy = await startProxy(s, {
     listeners: [{ address: "127.0.0.1:0" }],
     // localhost is a loopback address: the route must opt in to internal addresses
-    routes: [{
-      match: "*",
-      backends: [`$sni:${dyn.port}`],
-      allow: ["localhost"],
-      allow_private: true,
-    }],
+    routes: [sniRoute("*", dyn.port, { allow: ["localhost"], allow_private: true })],
   });
   assert.equal(await whoAnswers(proxy.port(), "localhost"), "dyn");
   assert.equal(dyn.accepted, 1);

@@ -15,6 +15,7 @@ import {
   readToEnd,
   type Scope,
   sleep,
+  sniRoute,
   startProxy,
   tlsFailure,
   unusedPort,
@@ -140,21 +141,15 @@ e2eTest(
       "ok.hp.test": { a: ["127.0.0.1"], ttl: 300 },
     });
     const metricsPort = unusedPort();
-    const dynamic = (match: string, port: number, extra: Record<string, unknown> = {}) => ({
-      match,
-      backends: [`$sni:${port}`],
-      allow: [match.replace(/^[^.]+/, "*")],
-      ...extra,
-    });
     const proxy = await startProxy(s, {
       listeners: [{ address: "127.0.0.1:0" }, { address: "127.0.0.1:0", protocol: "http" }],
       routes: [
-        dynamic("*.b.test", tlsB.port),
-        dynamic("api7.c.test", tlsB.port, { allow_private: true }),
-        dynamic("api42.c.test", tlsB.port, { allow_addresses: ["127.0.0.0/8"] }),
-        dynamic("apix.c.test", tlsB.port, { allow_addresses: ["10.0.0.0/8"] }),
-        dynamic("*.h.test", httpB.port),
-        dynamic("ok.hp.test", httpB.port, { allow_private: true }),
+        sniRoute("*.b.test", tlsB.port),
+        sniRoute("api7.c.test", tlsB.port, { allow_private: true }),
+        sniRoute("api42.c.test", tlsB.port, { allow_addresses: ["127.0.0.0/8"] }),
+        sniRoute("apix.c.test", tlsB.port, { allow_addresses: ["10.0.0.0/8"] }),
+        sniRoute("*.h.test", httpB.port),
+        sniRoute("ok.hp.test", httpB.port, { allow_private: true }),
       ],
       dns: { servers: [`${dns.server.ipAddr}:${dns.server.port}`], hosts_file: false },
       metrics: { address: `127.0.0.1:${metricsPort}` },
@@ -216,18 +211,13 @@ e2eTest("the proxy never dials its own listeners, even with allow_private", asyn
     "x.b.test": { a: ["127.0.0.1"], ttl: 300 },
   });
   const metricsPort = unusedPort();
-  const dynamic = (match: string, port: number) => ({
-    match,
-    backends: [`$sni:${port}`],
-    allow: [match],
-    allow_private: true,
-  });
+  const optIn = { allow_private: true };
   const proxy = await startProxy(s, {
     listeners: [{ address: `127.0.0.1:${own}` }, { address: `0.0.0.0:${wildcard}` }],
     routes: [
       { match: "a.test", backends: [`127.0.0.1:${own}`] }, // a configured loop
-      dynamic("*.c.test", own), // the name resolves to the listener's own address
-      dynamic("*.b.test", wildcard), // ... to a local address of a wildcard listener
+      sniRoute("*.c.test", own, optIn), // the name resolves to the listener's own address
+      sniRoute("*.b.test", wildcard, optIn), // ... to a local address of a wildcard listener
     ],
     dns: { servers: [`${dns.server.ipAddr}:${dns.server.port}`], hosts_file: false },
     metrics: { address: `127.0.0.1:${metricsPort}` },
@@ -256,12 +246,7 @@ e2eTest("1,000 random $sni names leave /metrics and the proxy's memory bounded",
   const metricsPort = unusedPort();
   const proxy = await startProxy(s, {
     listeners: [{ address: "127.0.0.1:0" }],
-    routes: [{
-      match: "*.b.test",
-      backends: [`$sni:${backend.port}`],
-      allow: ["*.b.test"],
-      allow_private: true,
-    }],
+    routes: [sniRoute("*.b.test", backend.port, { allow_private: true })],
     dns: { servers: [`${dns.server.ipAddr}:${dns.server.port}`], hosts_file: false },
     metrics: { address: `127.0.0.1:${metricsPort}` },
     log: { level: "info" },

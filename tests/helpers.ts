@@ -735,6 +735,19 @@ export async function rawSession(
   return { conn, hello: bytes };
 }
 
+/**
+ * A route with a dynamic backend: names matching `match` are connected to themselves on `port`
+ * (`$sni:PORT`), allowed by `match` itself unless `extra` says otherwise. Test names resolve to
+ * loopback, which a `$sni` route dials only with an opt-in in `extra` (`allow_private: true`).
+ */
+export function sniRoute(
+  match: string,
+  port: number,
+  extra: Record<string, unknown> = {},
+): Record<string, unknown> {
+  return { match, backends: [`$sni:${port}`], allow: [match], ...extra };
+}
+
 /** A TCP port on 127.0.0.1 with nothing listening (bound, then released). */
 export function unusedPort(): number {
   const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });

@@ -9,6 +9,7 @@ import {
   tlsClient,
   withProxy,
 } from "./proxy_harness.ts";
+import { sniRoute } from "./helpers.ts";
 
 async function backends(...names: string[]): Promise<Record<string, NamedBackend>> {
   const out: Record<string, NamedBackend> = {};
@@ -190,12 +191,8 @@ Deno.test("hostname backends resolve, and $sni routes connect only to allowed na
       listeners: [{ address: "127.0.0.1:0" }, { address: "127.0.0.1:0" }],
       routes: [
         { match: "a.test", backends: [`localhost:${b.byname.port}`] },
-        {
-          match: "*",
-          backends: [`$sni:${b.byname.port}`],
-          allow: ["localhost"],
-          allow_private: true, // localhost is loopback: internal addresses need the opt-in
-        },
+        // localhost is loopback: internal addresses need the opt-in
+        sniRoute("*", b.byname.port, { allow: ["localhost"], allow_private: true }),
       ],
     }, async (p) => {
       assert.equal((await curl(p.ports[0], "a.test")).body, "byname");
@@ -264,12 +261,8 @@ Deno.test("$sni backends resolve through the configured DNS servers, cached by T
   try {
     await withProxy({
       listeners: [{ address: "127.0.0.1:0" }],
-      routes: [{
-        match: "*.b.test",
-        backends: [`$sni:${b.resolved.port}`],
-        allow: ["*.b.test"],
-        allow_addresses: ["127.0.0.0/8"], // the test DNS answers loopback
-      }],
+      // the test DNS answers loopback
+      routes: [sniRoute("*.b.test", b.resolved.port, { allow_addresses: ["127.0.0.0/8"] })],
       dns: { servers: [`${dns.server.ipAddr}:${dns.server.port}`], hosts_file: false },
       metrics: { address: `127.0.0.1:${closedPort()}` },
     }, async (p) => {
