@@ -75,7 +75,8 @@ export class FdBudget {
 
   private constructor(limit: number) {
     this.limit = limit;
-    this.reserve = Math.min(1024, Math.max(32, Math.ceil(limit / 32)));
+    // 1/32 of the limit, at least 32 (a quarter of a limit below 128, which must still serve)
+    this.reserve = Math.min(1024, Math.max(Math.min(32, limit >> 2), Math.ceil(limit / 32)));
   }
 
   /**

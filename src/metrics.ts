@@ -207,7 +207,7 @@ export function renderPrometheus(snap: MetricsSnapshot): string {
     c.accept_paused,
   );
   if (snap.fds.limit !== undefined) {
-    family("open_fds", "gauge", "Open file descriptors (counted near the limit, else tracked).");
+    family("open_fds", "gauge", "Open file descriptors.");
     sample("open_fds", snap.fds.open ?? 0);
     family("max_fds", "gauge", "The soft limit on open file descriptors (RLIMIT_NOFILE).");
     sample("max_fds", snap.fds.limit);
