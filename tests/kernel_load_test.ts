@@ -19,7 +19,6 @@ import {
   randomPool,
   rawBackend,
   rawSpliced,
-  sendRandom,
   startKernelProxy,
 } from "./kernel_helpers.ts";
 
