@@ -679,22 +679,10 @@ export class Session {
   }
 }
 
-/** How often at most the kernel-mode fallbacks of a burst are logged. */
-const FALLBACK_LOG_MS = 10_000;
-const fallbackLog = { next: 0, suppressed: 0 };
-
 /** Counts a kernel-mode connection that runs in userspace instead; logs once per burst. */
 function kernelFallback(m: Metrics, reason: string, detail: string): void {
   Metrics.bump(m.kernelFallbacks, reason);
-  const now = Date.now();
-  if (now < fallbackLog.next) {
-    fallbackLog.suppressed++;
-    return;
-  }
-  const more = fallbackLog.suppressed ? ` (and ${fallbackLog.suppressed} more since the last)` : "";
-  log.warn(`kernel mode: a connection runs in userspace mode: ${detail}${more}`);
-  fallbackLog.next = now + FALLBACK_LOG_MS;
-  fallbackLog.suppressed = 0;
+  bursts.warn("kernel_fallback", `kernel mode: a connection runs in userspace mode: ${detail}`);
 }
 
 function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
