@@ -388,6 +388,15 @@ Deno.test("allow_private and allow_addresses: $sni routes only, CIDRs with their
   assert.equal(c.routes[1].internal?.allowPrivate, false, "internal addresses refused by default");
   assert.equal(c.routes[1].internal?.path, "routes[1]");
   assert.equal(c.routes[2].internal?.allowPrivate, true);
+  // in a named table, the path that log lines point the operator to is the table's
+  const named = resolveConfig({
+    ...base,
+    listeners: [{ address: "127.0.0.1:8443", table: "edge" }],
+    tables: {
+      edge: { routes: [{ match: "*", backends: ["$sni:443"], allow: ["*"], allow_private: true }] },
+    },
+  }, "c.json");
+  assert.equal(named.tables.edge.routes[0].internal?.path, "tables.edge.routes[0]");
 
   const errors = errorsOf({
     ...base,
