@@ -6,24 +6,19 @@
  *   socket of the proxy (passive and active) into sni_sockhash, keyed by its 4-tuple.
  * - sni_verdict (sk_skb verdict, attached to sni_sockhash) redirects what a paired socket receives
  *   to the peer socket's egress and counts it; unpaired traffic is passed to userspace.
- * - No stream parser: under one, this kernel (6.18) lets bytes passed to userspace sit where
- *   recv() does not see them (it returns EAGAIN with the receive buffer full), which stalls a
- *   throttled direction for good. The plain verdict mode wakes the reader after each redirect
- *   instead; userspace pays one empty read for it.
+ * - No backpressure: a redirect takes the bytes out of the receiving socket at once, so TCP never
+ *   holds a fast sender back for a slow reader, and on 6.18 neither handing the bytes to
+ *   userspace (SK_PASS: under memory pressure the socket's reader got bytes that were never sent)
+ *   nor taking a busy socket out of the map (its queues are purged) is safe. This mode is opt-in
+ *   (ebpf.splice_mode "sockmap"); the default relays with splice(2), which has flow control.
+ * - No stream parser: under one, this kernel loses wakeups and recv() returns EAGAIN with bytes
+ *   queued for the reader.
  *
- * - Backpressure: a redirect empties the receiving socket at once, so TCP would never hold a fast
- *   sender back for a slow reader (one client that stops reading could pin gigabytes). The
- *   verdict keeps each direction's bytes held for the peer under sni_config.max_buffered and
- *   otherwise passes them to userspace, which relays them with flow control (see sni_pair in
- *   sockmap.h for the hand-over rules).
- *
- * Plain uapi headers (no vmlinux.h); the peer socket's bytes_acked is read through CO-RE
- * (bpf_skc_to_tcp_sock, Linux >= 5.9 with BTF).
+ * Plain uapi headers only (no CO-RE, no vmlinux.h): the object loads on kernels without BTF.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
-#include <bpf/bpf_core_read.h>
 
 #include "sockmap.h"
 
@@ -31,11 +26,6 @@
 #define SO_SNDBUF 7
 #define SO_RCVBUF 8
 #define TCP_CLOSE 7
-
-/* The one field of the kernel's struct tcp_sock the verdict reads, relocated by CO-RE. */
-struct tcp_sock {
-	__u64 bytes_acked;
-} __attribute__((preserve_access_index));
 
 /* Default sizes; userspace sets the real ones from config before load. */
 struct {
@@ -45,21 +35,14 @@ struct {
 	__type(value, __u64); /* 8 bytes: a userspace lookup returns the socket cookie */
 } sni_sockhash SEC(".maps");
 
-/* A plain hash, not an LRU: a full map refuses a new pair (userspace mode) and never evicts a
- * live one. */
+/* A plain hash, not an LRU: a full map refuses a new pair (that connection runs in userspace
+ * mode) and never evicts a live one. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct sni_sock_key);
 	__type(value, struct sni_pair);
 } sni_pairs SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct sni_sock_key);
-	__type(value, struct sni_resume);
-} sni_resume SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -138,7 +121,7 @@ int sni_sockops(struct bpf_sock_ops *skops)
 	int val;
 
 	if (skops->op == BPF_SOCK_OPS_STATE_CB) {
-		/* a tracked socket leaving the maps: live sockets = inserted - closed */
+		/* a tracked socket leaving the map: live sockets = inserted - closed */
 		if (skops->args[1] == TCP_CLOSE && skops->args[0] != TCP_CLOSE) {
 			st = stats();
 			if (st)
@@ -178,48 +161,13 @@ int sni_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-/*
- * Bytes held for the peer of a direction: redirected plus written by userspace, less what the
- * peer's remote end has acknowledged. Includes the redirect queue, which no socket accounts for.
- */
-static __always_inline __u64 held_for_peer(struct sni_pair *pair, struct sni_resume *resume,
-					   void *sockets)
-{
-	struct bpf_sock *peer_sk;
-	struct tcp_sock *tp;
-	__u64 acked = 0, sent;
-
-	peer_sk = bpf_map_lookup_elem(sockets, &pair->peer);
-	if (!peer_sk)
-		return (__u64)-1;
-	tp = bpf_skc_to_tcp_sock(peer_sk);
-	if (tp)
-		acked = BPF_CORE_READ(tp, bytes_acked);
-	bpf_sk_release(peer_sk);
-	sent = pair->bytes + (resume ? resume->written : 0);
-	acked -= pair->acked_base;
-	return sent > acked ? sent - acked : 0;
-}
-
-/* Hands the bytes to the receiving socket's reader (userspace relays them with flow control). */
-static __always_inline int pass_to_userspace(struct sni_pair *pair, struct sni_stats *st, __u32 len)
-{
-	pair->passed += len;
-	if (st)
-		st->bytes_passed += len;
-	return SK_PASS;
-}
-
 /* Redirect what a paired socket received to its peer in `sockets`; pass everything else. */
 static __always_inline int splice_verdict(struct __sk_buff *skb, void *sockets)
 {
 	struct sni_sock_key key, peer;
-	struct sni_resume *resume;
-	struct sni_config *cfg;
 	struct sni_pair *pair;
 	struct sni_stats *st;
-	__u32 len = skb->len, zero = 0;
-	__u64 held, limit = 0;
+	__u32 len = skb->len;
 
 	st = stats();
 	/*
@@ -242,38 +190,12 @@ static __always_inline int splice_verdict(struct __sk_buff *skb, void *sockets)
 			st->passed++;
 		return SK_PASS;
 	}
-	cfg = bpf_map_lookup_elem(&sni_config, &zero);
-	if (cfg)
-		limit = cfg->max_buffered;
-	resume = bpf_map_lookup_elem(&sni_resume, &key);
-	held = held_for_peer(pair, resume, sockets);
-	if (held == (__u64)-1) {
+	__builtin_memcpy(&peer, &pair->peer, sizeof(peer));
+	if (bpf_sk_redirect_hash(skb, sockets, &peer, 0) != SK_PASS) {
 		/* Peer gone (closed, not inserted): hand the bytes to userspace, never drop them. */
 		if (st)
 			st->redirect_failures++;
-		pair->throttled = 1;
-		return pass_to_userspace(pair, st, len);
-	}
-	if (held > pair->max_held)
-		pair->max_held = held;
-	if (pair->throttled) {
-		/* Stay in userspace until it wrote every passed byte (order) and the peer caught up. */
-		if (!resume || resume->consumed != pair->passed || (limit && held > limit / 2))
-			return pass_to_userspace(pair, st, len);
-		pair->throttled = 0;
-	} else if (limit && held + len > limit) {
-		pair->throttled = 1;
-		pair->throttles++;
-		if (st)
-			st->throttles++;
-		return pass_to_userspace(pair, st, len);
-	}
-	__builtin_memcpy(&peer, &pair->peer, sizeof(peer));
-	if (bpf_sk_redirect_hash(skb, sockets, &peer, 0) != SK_PASS) {
-		if (st)
-			st->redirect_failures++;
-		pair->throttled = 1;
-		return pass_to_userspace(pair, st, len);
+		return SK_PASS;
 	}
 	__sync_fetch_and_add(&pair->bytes, len);
 	__sync_fetch_and_add(&pair->packets, 1);

@@ -28,47 +28,22 @@ struct sni_sock_key {
 
 /*
  * Pairing entry, keyed by the receiving socket: what arrives on it goes to `peer`. Written by
- * userspace once a session is routed (peer, upstream, acked_base); everything after `acked_base`
- * is written by the verdict program only. 96 bytes.
- *
- * Backpressure: a redirect takes the bytes out of the receiving socket at once, so TCP never
- * closes its window however slowly the peer's reader reads. The verdict therefore keeps the
- * bytes held for the peer (redirected + written by userspace - acked by the peer's reader's
- * kernel) under sni_config.max_buffered; past it the direction is "throttled": received bytes are
- * passed to userspace, which writes them to the peer with flow control, and the receiving
- * socket's window closes while userspace waits. Redirecting resumes once userspace has written
- * every passed byte (sni_resume.consumed == passed) and the peer holds under half the limit.
+ * userspace once a session is routed; the counters are written by the verdict program. 64 bytes.
  */
 struct sni_pair {
 	struct sni_sock_key peer;
-	__u32 upstream;   /* 1: this is the client's socket (its bytes go to the backend); also aligns */
-	__u64 acked_base; /* the peer's bytes_acked when paired (userspace) */
-	__u64 bytes;      /* payload bytes received on this socket and redirected to peer */
-	__u64 packets;    /* skbs redirected */
-	__u64 passed;     /* payload bytes passed to userspace while throttled */
-	__u32 throttled;  /* 1 while this direction goes through userspace */
-	__u32 throttles;  /* times this direction was throttled */
-	__u64 max_held;   /* the most bytes seen held for the peer (at a verdict) */
-};
-
-/*
- * What userspace did for a direction, keyed by the receiving socket; written by userspace only
- * (a hash map element is replaced whole, so the verdict never sees half an update). 16 bytes.
- */
-struct sni_resume {
-	__u64 written;  /* bytes userspace wrote to the peer socket (hello and PROXY header included) */
-	__u64 consumed; /* of them, bytes passed to userspace by the verdict (see sni_pair.passed) */
+	__u32 upstream; /* 1: this is the client's socket (its bytes go to the backend); also aligns */
+	__u64 bytes;   /* payload bytes received on this socket and redirected to peer */
+	__u64 packets; /* skbs redirected */
 };
 
 /* Single-entry array (key 0), written by userspace before attaching. 0 = leave as is. */
 struct sni_config {
-	__u32 sndbuf;       /* SO_SNDBUF for every inserted socket */
-	__u32 rcvbuf;       /* SO_RCVBUF for every inserted socket */
-	__u32 max_buffered; /* bytes a direction may hold for its peer before it is throttled */
-	__u32 _reserved;
+	__u32 sndbuf; /* SO_SNDBUF for every inserted socket */
+	__u32 rcvbuf; /* SO_RCVBUF for every inserted socket */
 };
 
-/* Per-CPU counters (single-entry per-CPU array, key 0). 104 bytes. */
+/* Per-CPU counters (single-entry per-CPU array, key 0). 88 bytes. */
 struct sni_stats {
 	__u64 bytes_spliced;     /* payload bytes redirected socket to socket */
 	__u64 packets_spliced;   /* skbs redirected */
@@ -80,8 +55,6 @@ struct sni_stats {
 	__u64 bytes_upstream;    /* the part of bytes_spliced that went client -> backend */
 	__u64 packets_upstream;  /* the part of packets_spliced that went client -> backend */
 	__u64 empty_dropped;     /* skbs without payload (a FIN) dropped: TCP already saw the FIN */
-	__u64 throttles;         /* directions throttled (held bytes over max_buffered) */
-	__u64 bytes_passed;      /* payload bytes passed to userspace by throttled directions */
 	__u64 sockets_closed;    /* tracked sockets that reached TCP_CLOSE (live = inserted - closed) */
 };
 

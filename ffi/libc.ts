@@ -23,6 +23,10 @@ const LIBC_SYMBOLS = {
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
   setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  getpeername: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  pipe2: { parameters: ["buffer", "i32"], result: "i32" },
+  splice: { parameters: ["i32", "pointer", "i32", "pointer", "usize", "u32"], result: "isize" },
   epoll_create1: { parameters: ["i32"], result: "i32" },
   epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
   // on a thread of its own: the wait blocks
@@ -204,6 +208,26 @@ function getsockopt(fd: number, level: number, name: number, size: number): bool
   return libc().getsockopt(fd, level, name, optBuf, optLen) === 0;
 }
 
+const SO_SNDBUF = 7;
+const SO_RCVBUF = 8;
+const SO_SNDBUFFORCE = 32;
+const SO_RCVBUFFORCE = 33;
+const intOpt = new Uint8Array(4);
+const intOptView = new DataView(intOpt.buffer);
+
+/**
+ * Sets a socket's send or receive buffer (the kernel doubles it; autotuning stops), above
+ * net.core.[rw]mem_max when privileged (SO_*BUFFORCE); 0 or -errno.
+ */
+export function setSocketBuffer(fd: number, which: "send" | "receive", bytes: number): number {
+  intOptView.setInt32(0, bytes, true);
+  const [force, plain] = which === "send"
+    ? [SO_SNDBUFFORCE, SO_SNDBUF]
+    : [SO_RCVBUFFORCE, SO_RCVBUF];
+  if (libc().setsockopt(fd, SOL_SOCKET, force, intOpt, 4) === 0) return 0;
+  return libc().setsockopt(fd, SOL_SOCKET, plain, intOpt, 4) === 0 ? 0 : -errno();
+}
+
 const lingerZero = new Uint8Array(8); // struct linger { l_onoff = 1, l_linger = 0 }
 new DataView(lingerZero.buffer).setInt32(0, 1, true);
 
@@ -231,7 +255,56 @@ export function tcpState(fd: number): number {
   return getsockopt(fd, IPPROTO_TCP, TCP_INFO, 8) ? optBuf[0] : -1;
 }
 
+const addrBuf = new Uint8Array(128);
+const addrLen = new Uint8Array(4);
+const addrLenView = new DataView(addrLen.buffer);
+
+function portOf(call: "getsockname" | "getpeername", fd: number): number {
+  addrLenView.setUint32(0, addrBuf.length, true);
+  if (libc()[call](fd, addrBuf, addrLen) !== 0) return -1;
+  const family = addrBuf[0] | (addrBuf[1] << 8);
+  if (family !== 2 && family !== 10) return -1; // AF_INET, AF_INET6
+  return (addrBuf[2] << 8) | addrBuf[3];
+}
+
+/** The local and remote ports of a TCP socket (getsockname/getpeername), or null. */
+export function socketPorts(fd: number): { local: number; remote: number } | null {
+  const local = portOf("getsockname", fd);
+  const remote = local < 0 ? -1 : portOf("getpeername", fd);
+  return remote < 0 ? null : { local, remote };
+}
+
+const O_NONBLOCK = 0o4000;
+const F_SETPIPE_SZ = 1031;
+const pipeFds = new Int32Array(2);
+
+/**
+ * A nonblocking pipe of (at least) `bytes` capacity: [read end, write end], or -errno. The
+ * capacity is what a splice(2) relay holds between its sockets.
+ */
+export function makePipe(bytes: number): [number, number] | number {
+  if (libc().pipe2(new Uint8Array(pipeFds.buffer), O_NONBLOCK | O_CLOEXEC) !== 0) return -errno();
+  const [r, w] = pipeFds;
+  // a smaller pipe is still a working one (the limit is fs.pipe-max-size for non-root)
+  libc().fcntl(w, F_SETPIPE_SZ, bytes);
+  return [r, w];
+}
+
+const SPLICE_F_MOVE = 1;
+const SPLICE_F_NONBLOCK = 2;
+
+/** splice(2) up to `len` bytes from `from` to `to` (one is a pipe): bytes moved, 0 at EOF, or -errno. */
+export function spliceFd(from: number, to: number, len: number): number {
+  const n = Number(
+    libc().splice(from, null, to, null, BigInt(len), SPLICE_F_MOVE | SPLICE_F_NONBLOCK),
+  );
+  return n < 0 ? -errno() : n;
+}
+
 export const EPOLLIN = 0x001;
+export const EPOLLOUT = 0x004;
+export const EPOLLERR = 0x008;
+export const EPOLLHUP = 0x010;
 export const EPOLLRDHUP = 0x2000;
 export const EPOLLET = 1 << 31;
 const EPOLL_CLOEXEC = 0o2000000;
@@ -281,8 +354,11 @@ export class Epoll {
     epollDelete(this.#fd, fd);
   }
 
-  /** Waits up to `timeoutMs` for events and calls `onEvent(id)` for each. One wait at a time. */
-  async wait(timeoutMs: number, onEvent: (id: number) => void): Promise<void> {
+  /**
+   * Waits up to `timeoutMs` for events and calls `onEvent(id, events)` for each. One wait at a
+   * time.
+   */
+  async wait(timeoutMs: number, onEvent: (id: number, events: number) => void): Promise<void> {
     if (this.#waiting) throw new Error("Epoll.wait: a wait is already running");
     this.#waiting = true;
     let n: number;
@@ -293,6 +369,9 @@ export class Epoll {
     }
     // -1 is EINTR (a signal reached that thread): an empty round
     const v = this.#eventsView;
-    for (let i = 0; i < n; i++) onEvent(Number(v.getBigUint64(i * EVENT_SIZE + EVENT_DATA, true)));
+    for (let i = 0; i < n; i++) {
+      const at = i * EVENT_SIZE;
+      onEvent(Number(v.getBigUint64(at + EVENT_DATA, true)), v.getUint32(at, true));
+    }
   }
 }

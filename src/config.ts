@@ -116,8 +116,13 @@ export interface Config {
     maxPairs: number;
     /** Capacity of the sockhash (one entry per proxy socket). */
     maxSockets: number;
-    /** Bytes a spliced direction may hold for its peer before it is relayed with flow control. */
-    maxBufferedBytes: number;
+    /**
+     * How kernel mode moves a pair's bytes: `pipe` (splice(2) through a pipe, with TCP flow
+     * control) or `sockmap` (the eBPF redirect: no syscall per chunk, but no backpressure).
+     */
+    spliceMode: "pipe" | "sockmap";
+    /** Pipe mode: the capacity of each direction's pipe (bytes held between the sockets). */
+    pipeBytes: number;
     /** SO_SNDBUF / SO_RCVBUF of spliced sockets; 0 keeps the kernel's autotuning. */
     sndbuf: number;
     rcvbuf: number;
@@ -232,7 +237,8 @@ const schema = z.strictObject({
       pairs: z.number().int().min(64).max(16_777_216).optional(),
       sockets: z.number().int().min(64).max(16_777_216).optional(),
     }).prefault({}),
-    max_buffered_bytes: z.number().int().min(65_536).max(1 << 30).default(4 << 20),
+    splice_mode: z.enum(["pipe", "sockmap"]).default("pipe"),
+    pipe_bytes: z.number().int().min(4096).max(1 << 20).default(256 * 1024),
     sndbuf: z.number().int().min(0).max(1 << 30).default(0),
     rcvbuf: z.number().int().min(0).max(1 << 30).default(0),
     drain_timeout_ms: ms(5_000),
@@ -577,7 +583,8 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
       // two entries per spliced connection; sockets also hold health checks and DNS over TCP
       maxPairs: c.ebpf.maps.pairs ?? Math.max(64, 2 * c.limits.max_connections),
       maxSockets: c.ebpf.maps.sockets ?? Math.max(64, 2 * c.limits.max_connections + 1024),
-      maxBufferedBytes: c.ebpf.max_buffered_bytes,
+      spliceMode: c.ebpf.splice_mode,
+      pipeBytes: c.ebpf.pipe_bytes,
       sndbuf: c.ebpf.sndbuf,
       rcvbuf: c.ebpf.rcvbuf,
       drainTimeoutMs: c.ebpf.drain_timeout_ms,

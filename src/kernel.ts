@@ -45,12 +45,7 @@ export interface KernelAccelOptions {
   sndbuf?: number;
   /** SO_RCVBUF set on every tracked socket; 0/undefined: kernel default (autotuning). */
   rcvbuf?: number;
-  /**
-   * Bytes a spliced direction may hold for its peer (redirect queue + the peer's unacked send
-   * queue) before it is throttled to userspace relaying with flow control; default 4 MiB. 0: no
-   * limit, for a caller that relays nothing itself (the kernel then buffers without bound).
-   */
-  maxBuffered?: number;
+
   /** bpffs dir for pins (maps, link); default /sys/fs/bpf/sni-proxy; null: do not pin. */
   pinDir?: string | null;
   /**
@@ -204,12 +199,6 @@ export interface PairCounters {
   aToB: number;
   /** Received on socket b, redirected to a's egress. */
   bToA: number;
-  /** Times each direction was throttled to userspace (its peer held too many bytes). */
-  throttlesAToB: number;
-  throttlesBToA: number;
-  /** The most bytes each direction was seen holding for its peer. */
-  maxHeldAToB: number;
-  maxHeldBToA: number;
 }
 
 /** Sum over CPUs of the kernel programs' counters (struct sni_stats). */
@@ -230,10 +219,6 @@ export interface KernelStats {
   setsockoptFailures: number;
   /** Payload-less skbs (a FIN) dropped by the verdict: TCP has already seen the FIN. */
   emptyDropped: number;
-  /** Directions throttled to userspace because their peer held max_buffered bytes. */
-  throttles: number;
-  /** Payload bytes throttled directions passed to userspace. */
-  bytesPassed: number;
   /** Tracked sockets now (inserted less closed): the sockhash's fill, an upper bound of the pairs'. */
   socketsLive: number;
 }
@@ -285,30 +270,20 @@ export class SplicePair {
 // Layouts mirrored from bpf/sockmap.h (struct sni_sock_key, sni_pair, sni_config, sni_stats).
 // Host-order fields are little endian: the fast path supports x86_64 and aarch64 only.
 const KEY_SIZE = 44; // family u32, local_port u32, remote_port u32, local_ip[16], remote_ip[16]
-// struct sni_pair: peer key (44), upstream u32 @44, acked_base u64 @48, bytes u64 @56,
-// packets u64 @64, passed u64 @72, throttled u32 @80, throttles u32 @84, max_held u64 @88
-const PAIR_SIZE = 96;
+const PAIR_SIZE = 64; // peer key (44), upstream u32 @44, bytes u64 @48, packets u64 @56
 const PAIR_UPSTREAM = 44;
-const PAIR_ACKED_BASE = 48;
-const PAIR_BYTES = 56;
-const PAIR_PASSED = 72;
-const PAIR_THROTTLES = 84;
-const PAIR_MAX_HELD = 88;
-const RESUME_SIZE = 16; // struct sni_resume: written u64, consumed u64
-const CONFIG_SIZE = 16; // struct sni_config: sndbuf u32, rcvbuf u32, max_buffered u32, reserved
-const STATS_FIELDS = 13; // struct sni_stats: 13 x u64
+const PAIR_BYTES = 48;
+const CONFIG_SIZE = 8; // sndbuf u32, rcvbuf u32
+const STATS_FIELDS = 11; // struct sni_stats: 11 x u64
 const STATS_SIZE = STATS_FIELDS * 8;
 const SOCKHASH_VALUE_SIZE = 8; // a userspace lookup returns the socket cookie
 
 const PIN_MAPS = [
   "sni_sockhash",
   "sni_pairs",
-  "sni_resume",
   "sni_stats",
   "sni_config",
 ] as const;
-/** Default of {@link KernelAccelOptions.maxBuffered}. */
-export const DEFAULT_MAX_BUFFERED = 4 << 20;
 const E2BIG = 7;
 const ENOMEM = 12;
 const PIN_LINK = "sockops_link";
@@ -435,7 +410,6 @@ export class KernelAccel {
   readonly #owner: Owner | null;
   readonly #sockhash: ElementMap;
   readonly #pairs: ElementMap;
-  readonly #resume: ElementMap;
   readonly #stats: BpfMap | null;
   /** Maps this instance opened from pins (closed by close()). */
   readonly #opened: BpfMapFd[];
@@ -447,8 +421,6 @@ export class KernelAccel {
   readonly cgroupDir: string;
   readonly #pairBuf = new Uint8Array(PAIR_SIZE);
   readonly #pairView = new DataView(this.#pairBuf.buffer);
-  readonly #resumeBuf = new Uint8Array(RESUME_SIZE);
-  readonly #resumeView = new DataView(this.#resumeBuf.buffer);
   readonly #cookieBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
   readonly #cookieView = new DataView(this.#cookieBuf.buffer);
   readonly #statsBuf: Uint8Array;
@@ -459,7 +431,6 @@ export class KernelAccel {
     owner: Owner | null;
     sockhash: ElementMap;
     pairs: ElementMap;
-    resume: ElementMap;
     stats: BpfMap | null;
     opened?: BpfMapFd[];
     log: KernelLog;
@@ -470,7 +441,6 @@ export class KernelAccel {
     this.#owner = init.owner;
     this.#sockhash = init.sockhash;
     this.#pairs = init.pairs;
-    this.#resume = init.resume;
     this.#stats = init.stats;
     this.#opened = init.opened ?? [];
     this.#log = init.log;
@@ -514,12 +484,10 @@ export class KernelAccel {
     try {
       const sockhash = openMap("sni_sockhash", KEY_SIZE, SOCKHASH_VALUE_SIZE);
       const pairs = openMap("sni_pairs", KEY_SIZE, PAIR_SIZE);
-      const resume = openMap("sni_resume", KEY_SIZE, RESUME_SIZE);
       return new KernelAccel({
         owner: null,
         sockhash,
         pairs,
-        resume,
         stats: null,
         opened,
         log,
@@ -559,7 +527,6 @@ export class KernelAccel {
       const [name, v] of [
         ["sndbuf", options.sndbuf],
         ["rcvbuf", options.rcvbuf],
-        ["maxBuffered", options.maxBuffered],
       ] as const
     ) {
       if (v !== undefined && (!Number.isInteger(v) || v < 0 || v > 0x3fffffff)) {
@@ -638,7 +605,6 @@ export class KernelAccel {
     try {
       obj.map("sni_sockhash").setMaxEntries(options.maxSockets);
       obj.map("sni_pairs").setMaxEntries(options.maxPairs);
-      obj.map("sni_resume").setMaxEntries(options.maxPairs);
       try {
         obj.load();
       } catch (e) {
@@ -648,7 +614,6 @@ export class KernelAccel {
       const cv = new DataView(cfg.buffer);
       cv.setUint32(0, options.sndbuf ?? 0, true);
       cv.setUint32(4, options.rcvbuf ?? 0, true);
-      cv.setUint32(8, options.maxBuffered ?? DEFAULT_MAX_BUFFERED, true);
       obj.map("sni_config").update(new Uint8Array(4), cfg);
 
       // Verdict first: a socket in a sockmap without a verdict program loses readiness
@@ -683,7 +648,6 @@ export class KernelAccel {
         },
         sockhash: obj.map("sni_sockhash"),
         pairs: obj.map("sni_pairs"),
-        resume: obj.map("sni_resume"),
         stats: obj.map("sni_stats"),
         log,
         diag: SockDiag.open(),
@@ -694,8 +658,7 @@ export class KernelAccel {
         "info",
         `eBPF sockmap fast path attached (cgroup ${cgroupDir}, pins ${
           pinDir ?? "none"
-        }, maps.sockets ${options.maxSockets}, maps.pairs ${options.maxPairs}, ` +
-          `max_buffered_bytes ${options.maxBuffered ?? DEFAULT_MAX_BUFFERED})`,
+        }, maps.sockets ${options.maxSockets}, maps.pairs ${options.maxPairs})`,
       );
       accel.#watchFill(options.maxSockets);
       return accel;
@@ -739,13 +702,12 @@ export class KernelAccel {
   /**
    * Splice a and b: from now on what arrives on a goes out of b and vice versa, in the kernel.
    * Bytes already received before this call stay readable by userspace. Call it before
-   * userspace writes the ClientHello to the backend; `firstWrite`: the bytes userspace writes to
-   * b right after (PROXY header and hello), counted as held for b until acknowledged.
+   * userspace writes the ClientHello to the backend.
    * @throws {KernelAccelError} when a socket is not tracked (created before open(), or the
    * sockhash was full), gone, or the pairing map is full (`map_full`); the caller keeps relaying
    * in userspace.
    */
-  pair(a: SocketAddrs, b: SocketAddrs, firstWrite = 0): SplicePair {
+  pair(a: SocketAddrs, b: SocketAddrs): SplicePair {
     const p = new SplicePair(a, b, socketTuple(a), socketTuple(b));
     for (const [side, key, s] of [["a", p.keyA, a], ["b", p.keyB, b]] as const) {
       if (!this.#sockhash.lookup(key, this.#cookieBuf)) {
@@ -759,9 +721,7 @@ export class KernelAccel {
       p.cookies[side] = this.#cookieView.getBigUint64(0, true);
     }
     // acked + write queue counts the SYN of an actively opened socket once it is acked; learn
-    // that offset now, while nothing was written, so waitDrained compares exactly; the acked
-    // counts are also each direction's base for the verdict's held-bytes arithmetic
-    const acked = { a: 0, b: 0 };
+    // that offset now, while nothing was written, so waitDrained compares exactly
     for (const side of ["a", "b"] as const) {
       const info = this.#diag.query(side === "a" ? p.tupleA : p.tupleB);
       if (!info) {
@@ -771,14 +731,11 @@ export class KernelAccel {
           "the connection closed before it could be spliced",
         );
       }
-      acked[side] = info.bytesAcked;
       p.synOffset[side] = info.bytesAcked + info.writeQueue === 1 ? 1 : 0;
     }
-    this.#writeResume(p.keyA, firstWrite, 0);
-    this.#writeResume(p.keyB, 0, 0);
     try {
-      this.#writePair(p.keyA, p.keyB, true, acked.b);
-      this.#writePair(p.keyB, p.keyA, false, acked.a);
+      this.#writePair(p.keyA, p.keyB, true);
+      this.#writePair(p.keyB, p.keyA, false);
     } catch (e) {
       this.#removeEntries(p);
       throw e;
@@ -787,18 +744,11 @@ export class KernelAccel {
   }
 
   /** `upstream`: `key` is the client side (a of pair()), so its bytes count as upstream. */
-  #writePair(key: Uint8Array, peer: Uint8Array, upstream: boolean, peerAcked: number): void {
+  #writePair(key: Uint8Array, peer: Uint8Array, upstream: boolean): void {
     this.#pairBuf.fill(0);
     this.#pairBuf.set(peer, 0);
     this.#pairView.setUint32(PAIR_UPSTREAM, upstream ? 1 : 0, true);
-    this.#pairView.setBigUint64(PAIR_ACKED_BASE, BigInt(peerAcked), true);
     this.#update(this.#pairs, key, this.#pairBuf);
-  }
-
-  #writeResume(key: Uint8Array, written: number, consumed: number): void {
-    this.#resumeView.setBigUint64(0, BigInt(written), true);
-    this.#resumeView.setBigUint64(8, BigInt(consumed), true);
-    this.#update(this.#resume, key, this.#resumeBuf);
   }
 
   /**
@@ -816,7 +766,7 @@ export class KernelAccel {
         if (attempt === 0 && this.#sweepStale() > 0) continue;
         throw new KernelAccelError(
           "map_full",
-          `the eBPF ${map === this.#pairs ? "pairing" : "resume"} map is full`,
+          "the eBPF pairing map is full",
           "raise ebpf.maps.pairs (or limits.max_connections); this connection stays in userspace mode",
         );
       }
@@ -826,28 +776,23 @@ export class KernelAccel {
   /** Not before this time (ms) may a full map be swept again: a sweep walks the whole map. */
   #nextSweep = 0;
 
-  /** Deletes pairing and resume entries whose socket left the sockhash; returns how many. */
+  /** Deletes pairing entries whose socket left the sockhash; returns how many. */
   #sweepStale(): number {
     const now = performance.now();
     if (now < this.#nextSweep) return 0;
     this.#nextSweep = now + 1000;
     let removed = 0;
-    for (const map of [this.#pairs, this.#resume]) {
-      const stale: Uint8Array[] = [];
-      for (const key of map.keys()) {
-        if (!this.#sockhash.lookup(key, this.#cookieBuf)) stale.push(key.slice());
-      }
-      for (const key of stale) if (map.delete(key)) removed++;
+    const stale: Uint8Array[] = [];
+    for (const key of this.#pairs.keys()) {
+      if (!this.#sockhash.lookup(key, this.#cookieBuf)) stale.push(key.slice());
     }
+    for (const key of stale) if (this.#pairs.delete(key)) removed++;
     if (removed) this.#log("info", `eBPF maps full: removed ${removed} entries of closed sockets`);
     return removed;
   }
 
   #removeEntries(p: SplicePair): void {
-    for (const key of [p.keyA, p.keyB]) {
-      this.#pairs.delete(key);
-      this.#resume.delete(key);
-    }
+    for (const key of [p.keyA, p.keyB]) this.#pairs.delete(key);
   }
 
   #readPair(key: Uint8Array): boolean {
@@ -859,47 +804,9 @@ export class KernelAccel {
     return Number(this.#pairView.getBigUint64(PAIR_BYTES, true));
   }
 
-  /** Bytes redirected so far each way (0 for a side whose entry is gone), and throttling. */
+  /** Bytes redirected so far, each way (0 for a side whose entry is gone). */
   counters(p: SplicePair): PairCounters {
-    const read = (key: Uint8Array) => {
-      if (!this.#readPair(key)) return { bytes: 0, throttles: 0, maxHeld: 0 };
-      const v = this.#pairView;
-      return {
-        bytes: Number(v.getBigUint64(PAIR_BYTES, true)),
-        throttles: v.getUint32(PAIR_THROTTLES, true),
-        maxHeld: Number(v.getBigUint64(PAIR_MAX_HELD, true)),
-      };
-    };
-    const up = read(p.keyA);
-    const down = read(p.keyB);
-    return {
-      aToB: up.bytes,
-      bToA: down.bytes,
-      throttlesAToB: up.throttles,
-      throttlesBToA: down.throttles,
-      maxHeldAToB: up.maxHeld,
-      maxHeldBToA: down.maxHeld,
-    };
-  }
-
-  /** Bytes the verdict passed to userspace so far from socket `from` (throttled direction). */
-  passedBytes(p: SplicePair, from: "a" | "b"): number {
-    if (!this.#readPair(from === "a" ? p.keyA : p.keyB)) return 0;
-    return Number(this.#pairView.getBigUint64(PAIR_PASSED, true));
-  }
-
-  /**
-   * Tells the verdict what userspace relayed for the direction whose source is `from`:
-   * `written`, every byte userspace wrote to the peer socket (hello and PROXY header included),
-   * and `consumed`, the bytes of them it read from `from`. A throttled direction resumes
-   * redirecting only once `consumed` covers every byte the verdict passed (see bpf/sockmap.h).
-   */
-  relayed(p: SplicePair, from: "a" | "b", written: number, consumed: number): void {
-    try {
-      this.#writeResume(from === "a" ? p.keyA : p.keyB, written, consumed);
-    } catch {
-      // the direction stays throttled (userspace relays it): slower, never wrong
-    }
+    return { aToB: this.#readBytes(p.keyA), bToA: this.#readBytes(p.keyB) };
   }
 
   /**
@@ -1045,9 +952,7 @@ export class KernelAccel {
       packetsUpstream: sums[8],
       packetsDownstream: sums[1] - sums[8],
       emptyDropped: sums[9],
-      throttles: sums[10],
-      bytesPassed: sums[11],
-      socketsLive: Math.max(0, sums[4] - sums[12]),
+      socketsLive: Math.max(0, sums[4] - sums[10]),
     };
   }
 

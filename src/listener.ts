@@ -9,6 +9,7 @@ import type { ListenerConfig } from "./config.ts";
 import type { DialGuard } from "./dialguard.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
 import type { KernelAccel } from "./kernel.ts";
+import type { PipePool } from "./piped.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { closeQuietly } from "./relay.ts";
@@ -23,8 +24,10 @@ export interface ListenerHost {
   /** The routing tables new connections are served by (swapped on reload). */
   readonly tables: RoutingTables;
   readonly metrics: Metrics;
-  /** The eBPF fast path, or null in userspace mode. */
+  /** The eBPF fast path (`ebpf.splice_mode` "sockmap"), or null. */
   readonly kernel: KernelAccel | null;
+  /** Kernel mode through splice(2) (`ebpf.splice_mode` "pipe"): its pipes, or null. */
+  readonly pipes: PipePool | null;
   /** Which resolved backend addresses sessions may dial. */
   readonly guard: DialGuard;
   /** The descriptor budget, or null when unknown. */
@@ -123,7 +126,7 @@ export class Listener {
           bytes_down: 0,
           duration_ms: 0,
           close_reason: "acl_denied",
-          mode: host.kernel ? "kernel" : "userspace",
+          mode: host.kernel || host.pipes ? "kernel" : "userspace",
         });
         continue;
       }
@@ -134,6 +137,7 @@ export class Listener {
         metrics: host.metrics,
         trustedProxy,
         kernel: host.kernel,
+        pipes: host.pipes,
         guard: host.guard,
         fds: host.fds,
       });

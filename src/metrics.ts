@@ -37,8 +37,6 @@ export class Metrics {
   readonly byMode = new Map<string, number>();
   /** Kernel mode: connections that ran in userspace instead, by why (e.g. `map_full`). */
   readonly kernelFallbacks = new Map<string, number>();
-  /** Kernel mode: directions throttled to userspace relaying because their reader lagged. */
-  kernelThrottles = 0;
   /** Bytes each way (userspace and kernel paths together). */
   bytesUp = 0;
   bytesDown = 0;
@@ -70,7 +68,6 @@ export class Metrics {
         by_mode: Object.fromEntries(this.byMode),
         connect_failures: this.connectFailures,
         kernel_fallbacks: Object.fromEntries(this.kernelFallbacks),
-        kernel_throttles: this.kernelThrottles,
         accept_paused: Object.fromEntries(this.acceptPauses),
       },
       backend_address_denied: Object.fromEntries(this.addressDenied),
@@ -100,7 +97,6 @@ export interface MetricsSnapshot {
     by_mode: Record<string, number>;
     connect_failures: number;
     kernel_fallbacks: Record<string, number>;
-    kernel_throttles: number;
     accept_paused: Record<string, number>;
   };
   backend_address_denied: Record<string, number>;
@@ -177,12 +173,6 @@ export function renderPrometheus(snap: MetricsSnapshot): string {
     "reason",
     c.kernel_fallbacks,
   );
-  family(
-    "kernel_throttles_total",
-    "counter",
-    "Kernel mode: directions relayed with flow control because their reader lagged.",
-  );
-  sample("kernel_throttles_total", c.kernel_throttles);
   family("connect_failures_total", "counter", "Backend connects that failed.");
   sample("connect_failures_total", c.connect_failures);
   labelled(

@@ -8,6 +8,7 @@ import { type Config, reloadable, routeSummary } from "./config.ts";
 import { DialGuard, type OwnSocket } from "./dialguard.ts";
 import { FdBudget } from "./fdbudget.ts";
 import { KernelAccel, KernelAccelError } from "./kernel.ts";
+import { PipePool } from "./piped.ts";
 import { XdpError, XdpFilter } from "./xdp.ts";
 import { Listener, type ListenerHost } from "./listener.ts";
 import { logger } from "./log.ts";
@@ -42,6 +43,8 @@ export class Proxy implements ListenerHost {
   readonly metrics = new Metrics();
   readonly listeners: Listener[] = [];
   kernel: KernelAccel | null = null;
+  /** Kernel mode through splice(2): the pipes of this process, or null. */
+  pipes: PipePool | null = null;
   /** The XDP source filter, when configured and attached. */
   xdp: XdpFilter | null = null;
   /** Set once the listeners are bound (they are its own sockets). */
@@ -92,9 +95,11 @@ export class Proxy implements ListenerHost {
     // before the listeners: sockets take the cgroup (and so the sock_ops program) of the
     // listener they were accepted on. A worker uses what its supervisor loaded; the supervisor
     // reads the kernel counters and serves the metrics endpoint and the XDP filter.
-    if (worker) {
+    if (kernelMode(config) === "pipe") {
+      proxy.pipes = new PipePool(config.ebpf.pipeBytes);
+    } else if (worker) {
       if (worker.kernel) proxy.kernel = attachKernel();
-    } else if (config.ebpf.enabled && config.ebpf.sockmapEnabled) {
+    } else if (kernelMode(config) === "sockmap") {
       proxy.kernel = await openKernel(config);
     }
     proxy.#configureDns(config);
@@ -138,7 +143,7 @@ export class Proxy implements ListenerHost {
     startHealthChecks(proxy.tables);
     info(
       `ready: ${proxy.listeners.length} listener(s), ${routeSummary(config)}, ` +
-        `mode ${proxy.kernel ? "kernel" : "userspace"}`,
+        `mode ${proxy.kernel || proxy.pipes ? "kernel" : "userspace"}`,
     );
     return proxy;
   }
@@ -353,6 +358,15 @@ function attachKernel(): KernelAccel | null {
   }
 }
 
+/**
+ * How the config asks kernel mode to move bytes: through splice(2) pipes, the eBPF sockmap, or
+ * not at all (userspace mode).
+ */
+export function kernelMode(config: Config): "pipe" | "sockmap" | null {
+  if (!config.ebpf.enabled || !config.ebpf.sockmapEnabled) return null;
+  return config.ebpf.spliceMode;
+}
+
 /** Opens the fast path, or logs one warning with cause and fix and returns null. */
 export async function openKernel(config: Config): Promise<KernelAccel | null> {
   const e = config.ebpf;
@@ -361,7 +375,6 @@ export async function openKernel(config: Config): Promise<KernelAccel | null> {
       maxPairs: e.maxPairs,
       maxSockets: e.maxSockets,
       sndbuf: e.sndbuf,
-      maxBuffered: e.maxBufferedBytes,
       rcvbuf: e.rcvbuf,
       object: e.object ? await readObject(e.object) : undefined,
       log: (level, message) => kernelLog[level === "warning" ? "warn" : level](message),

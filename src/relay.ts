@@ -35,9 +35,8 @@ export interface SpliceHooks {
    * TIME_WAIT with its last data and FIN in one segment), and that data then reaches the reader
    * instead of the redirect; written at once it could overtake redirected bytes still queued.
    * `userspaceBytes`: what this relay wrote that way so far, not counting bytes written before
-   * the relay started. Resolves true once drained; false when the relay must end instead: at
-   * EOF, the receiving socket took no byte for `ebpf.drain_timeout_ms` (logged, with counts);
-   * mid-stream (no time limit: a throttled direction waits for its slow reader), the session
+   * the relay started. Resolves true once drained; false when the relay must end instead: the
+   * receiving socket took no byte for `ebpf.drain_timeout_ms` (logged, with counts), the session
    * ended or the socket is gone. `progress` is called whenever the receiving socket takes bytes.
    */
   drainKernel(
@@ -46,24 +45,14 @@ export interface SpliceHooks {
     atEof: boolean,
     progress: () => void,
   ): Promise<boolean>;
-  /**
-   * After userspace wrote bytes a spliced socket passed to it (a throttled direction, see
-   * bpf/sockmap.h): `userspaceBytes` as for drainKernel. Lets the direction resume splicing.
-   */
-  relayed(up: boolean, userspaceBytes: number): void;
+
   /**
    * Whether the EOF a read just returned is real (the socket has the peer's FIN). A socket in
    * a sockmap can wake its reader with nothing to read when bytes were redirected away, and
    * the read then returns 0; such a false EOF must not half-close the other side.
    */
   eofIsReal(up: boolean): boolean;
-  /**
-   * Whether bytes the kernel passed to userspace from the source of direction `up` are still
-   * on their way to the reader (`userspaceBytes` as for drainKernel: what was read so far). A
-   * throttled direction's passed bytes can wait in the kernel's queue while the FIN, which the
-   * socket keeps apart, is read first: such an EOF is read again later.
-   */
-  passedPending(up: boolean, userspaceBytes: number): boolean;
+
   /** Bytes spliced so far (both ways), so the idle timer sees traffic it never reads. */
   splicedBytes(): number;
   /**
@@ -222,11 +211,7 @@ export class Relay implements ByteRelay {
         return;
       }
       if (this.#end !== null) return;
-      if (
-        n === null && this.#splice &&
-        (!this.#splice.eofIsReal(up) ||
-          this.#splice.passedPending(up, up ? this.bytesUp : this.bytesDown))
-      ) {
+      if (n === null && this.#splice && !this.#splice.eofIsReal(up)) {
         // a false EOF of a spliced socket: wait a moment (it may repeat) and read again
         await new Promise((r) => setTimeout(r, 1));
         continue;
@@ -253,7 +238,6 @@ export class Relay implements ByteRelay {
       }
       if (up) this.bytesUp += n;
       else this.bytesDown += n;
-      this.#splice?.relayed(up, up ? this.bytesUp : this.bytesDown);
       // grow only after two full reads in a row: a TLS handshake flight fills the small buffer
       // once, a bulk transfer keeps filling it; idle connections keep the small one
       if (n === buf.length) {

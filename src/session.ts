@@ -19,7 +19,10 @@ import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
-import { backendFdHint, detachSockets, SplicedRelay } from "./spliced.ts";
+import { SplicedRelay } from "./spliced.ts";
+import { backendFdHint, type DetachedPair, detachSockets } from "./detach.ts";
+import { PipedRelay, type PipePool } from "./piped.ts";
+import { socketCookie, socketPorts } from "../ffi/libc.ts";
 import {
   parseProxyHeader,
   proxyHeader,
@@ -61,6 +64,8 @@ export interface SessionContext {
   trustedProxy: boolean;
   /** The eBPF fast path, when it is on; null: userspace mode. */
   kernel: KernelAccel | null;
+  /** Kernel mode with splice(2) (`ebpf.splice_mode` "pipe"): the pipes; null otherwise. */
+  pipes: PipePool | null;
   /** Which resolved backend addresses may be dialled. */
   guard: DialGuard;
   /** The process's descriptor budget (told about backend sockets), or null when unknown. */
@@ -109,8 +114,6 @@ export class Session {
   #unpaired = false;
   /** Bytes the kernel redirected each way, read when the pair is removed. */
   #spliced = { up: 0, down: 0 };
-  /** Times each direction was throttled to userspace relaying (its reader was slow). */
-  #throttles = { up: 0, down: 0 };
   /** Bytes known not delivered when a stalled drain cut the connection. */
   #undelivered = { up: 0, down: 0 };
   #route: string | null = null;
@@ -228,12 +231,13 @@ export class Session {
         first.set(header);
         first.set(this.#pending!, header.length);
       }
-      const hooks = this.#trySplice(backend, first.length);
+      const hooks = this.#trySplice(backend);
       const idleMs = this.#ctx.table.config.timeouts.idleMs;
-      // a spliced relay writes the hello itself: its sockets are out of Deno's hands by then
-      const spliced = hooks && this.#ctx.table.config.ebpf.detachSpliced
-        ? this.#spliced_(backend, idleMs, hooks, first)
-        : null;
+      // a spliced or piped relay writes the hello itself: its sockets are out of Deno's hands
+      const spliced = this.#piped_(backend, idleMs, first) ??
+        (hooks && this.#ctx.table.config.ebpf.detachSpliced
+          ? this.#spliced_(backend, idleMs, hooks, first)
+          : null);
       if (!spliced) await writeAll(backend, first);
       this.#helloBytes = this.#pending!.length;
       this.#pending = null;
@@ -355,7 +359,7 @@ export class Session {
    * Hands the pair to the kernel when the fast path is on and the connection qualifies;
    * returns the relay's hooks for a spliced pair, undefined to stay in userspace.
    */
-  #trySplice(backend: Deno.TcpConn, firstWrite: number): SpliceHooks | undefined {
+  #trySplice(backend: Deno.TcpConn): SpliceHooks | undefined {
     const kernel = this.#ctx.kernel;
     const hello = this.#hello;
     if (!kernel || !hello) return undefined;
@@ -372,7 +376,6 @@ export class Session {
       this.#splice = kernel.pair(
         { local: client.localAddr, remote: client.remoteAddr },
         { local: backend.localAddr, remote: backend.remoteAddr },
-        firstWrite,
       );
     } catch (e) {
       if (e instanceof KernelAccelError && e.reason === "map_full") {
@@ -387,21 +390,11 @@ export class Session {
     const pair = this.#splice;
     const drainMs = this.#ctx.table.config.ebpf.drainTimeoutMs;
     const ended = new AbortController();
-    // redirect counters at the last complete drain, per direction: while a throttled direction
-    // passes every byte to userspace they stay put, and a drain has nothing left to wait for
-    const drainedAt = { up: -1, down: -1 };
     return {
       drainKernel: async (up, userspaceBytes, atEof, progress) => {
-        const dir = up ? "up" : "down";
-        if (!atEof) {
-          const c = kernel.counters(pair);
-          if ((up ? c.aToB : c.bToA) === drainedAt[dir]) return true;
-        }
         const bytes = up ? this.#headerBytes + this.#helloBytes + userspaceBytes : userspaceBytes;
         const r = await kernel.waitDrained(pair, up ? "b" : "a", bytes, {
-          // mid-stream there is no time limit: a throttled direction waits for its reader, and
-          // the idle timeout (fed by progress) ends a connection whose reader stopped for good
-          timeoutMs: atEof ? drainMs : Infinity,
+          timeoutMs: drainMs,
           sourceFinal: atEof,
           signal: ended.signal,
           progress,
@@ -414,12 +407,9 @@ export class Session {
           }; ` +
             `${to} socket took ${r.taken}/${r.expected} bytes in ${r.waitedMs.toFixed(1)} ms`,
         );
-        if (r.drained) {
-          drainedAt[dir] = r.expected - bytes;
-          return true;
-        }
+        if (r.drained) return true;
         if (r.socketFound && !ended.signal.aborted) {
-          this.#undelivered[dir] = Math.max(0, r.expected - r.taken);
+          this.#undelivered[up ? "up" : "down"] = Math.max(0, r.expected - r.taken);
           log.warn(
             `${this.#clientAddr}: ${to} socket took ${r.taken} of ${r.expected} bytes and then ` +
               `none for ebpf.drain_timeout_ms (${drainMs}); resetting both sides ` +
@@ -428,16 +418,10 @@ export class Session {
         }
         return false;
       },
-      relayed: (up, userspaceBytes) => {
-        const written = up ? this.#headerBytes + this.#helloBytes + userspaceBytes : userspaceBytes;
-        kernel.relayed(pair, up ? "a" : "b", written, userspaceBytes);
-      },
       release: () => {
         ended.abort();
         this.#unpair();
       },
-      passedPending: (up, userspaceBytes) =>
-        kernel.passedBytes(pair, up ? "a" : "b") > userspaceBytes,
       eofIsReal: (up) => {
         const conn = up ? this.#client : backend;
         const info = kernel.tcpInfo({ local: conn.localAddr, remote: conn.remoteAddr });
@@ -468,20 +452,57 @@ export class Session {
     hooks: SpliceHooks,
     first: Uint8Array,
   ): SplicedRelay | null {
-    const splice = this.#splice!;
-    const pair = detachSockets(this.#client, backend, splice.cookies, this.#backendFdHint);
-    if (typeof pair === "string") {
-      if (!detachWarned) {
-        detachWarned = true;
-        log.warn(
-          `kernel mode: spliced sockets stay in Deno's event loop (${pair}); ` +
-            `the proxy is woken by their traffic`,
-        );
-      }
-      return null;
-    }
-    return new SplicedRelay(pair, idleMs, hooks, first);
+    const { cookies } = this.#splice!;
+    const pair = this.#detach(backend, {
+      client: (fd) => socketCookie(fd) === cookies.a,
+      backend: (fd) => socketCookie(fd) === cookies.b,
+    }, "spliced sockets stay in Deno's event loop: the proxy is woken by their traffic");
+    return pair && new SplicedRelay(pair, idleMs, hooks, first);
   }
+
+  /**
+   * Kernel mode with splice(2): the relay through pipes, or null (logged once) when the sockets
+   * cannot be taken out of Deno's loop: the userspace relay then serves the pair.
+   */
+  #piped_(backend: Deno.TcpConn, idleMs: number, first: Uint8Array): PipedRelay | null {
+    const pipes = this.#ctx.pipes;
+    if (!pipes) return null;
+    const ports = (conn: Deno.TcpConn) => {
+      const l = (conn.localAddr as Deno.NetAddr).port;
+      const r = (conn.remoteAddr as Deno.NetAddr).port;
+      return (fd: number) => {
+        const p = socketPorts(fd);
+        return p !== null && p.local === l && p.remote === r;
+      };
+    };
+    const pair = this.#detach(
+      backend,
+      { client: ports(this.#client), backend: ports(backend) },
+      "connections run in userspace mode",
+    );
+    if (!pair) return null;
+    this.#piped = true;
+    const { sndbuf, rcvbuf } = this.#ctx.table.config.ebpf;
+    return new PipedRelay(pair, pipes, { idleMs, first, sndbuf, rcvbuf });
+  }
+
+  /** Takes the pair's sockets out of Deno's loop, or warns (once) why not and returns null. */
+  #detach(
+    backend: Deno.TcpConn,
+    check: { client(fd: number): boolean; backend(fd: number): boolean },
+    consequence: string,
+  ): DetachedPair | null {
+    const pair = detachSockets(this.#client, backend, check, this.#backendFdHint);
+    if (typeof pair !== "string") return pair;
+    if (!detachWarned) {
+      detachWarned = true;
+      log.warn(`kernel mode: the sockets cannot leave Deno's event loop (${pair}); ${consequence}`);
+    }
+    return null;
+  }
+
+  /** The pair is relayed by splice(2) (kernel mode without the sockmap). */
+  #piped = false;
 
   /** Removes the kernel pairing (once) and keeps its final byte counts for the access log. */
   #unpair(): void {
@@ -489,9 +510,6 @@ export class Session {
     this.#unpaired = true;
     const c = this.#ctx.kernel!.unpair(this.#splice);
     this.#spliced = { up: c.aToB, down: c.bToA };
-    this.#throttles = { up: c.throttlesAToB, down: c.throttlesBToA };
-    const m = this.#ctx.metrics;
-    m.kernelThrottles += c.throttlesAToB + c.throttlesBToA;
   }
 
   /**
@@ -598,7 +616,9 @@ export class Session {
       for (const hostname of addresses) {
         if (abort.signal.aborted) break;
         try {
-          if (this.#ctx.kernel && this.#ctx.table.config.ebpf.detachSpliced) {
+          if (
+            this.#ctx.pipes || (this.#ctx.kernel && this.#ctx.table.config.ebpf.detachSpliced)
+          ) {
             this.#backendFdHint = backendFdHint();
           }
           return await Deno.connect({ hostname, port, signal: abort.signal });
@@ -657,7 +677,8 @@ export class Session {
     m.bytesUserspace += up + down - this.#spliced.up - this.#spliced.down;
     if (this.#route) Metrics.bump(m.byRoute, this.#route);
     if (this.#backendLabel) Metrics.bump(m.byBackend, this.#backendLabel);
-    if (relay) Metrics.bump(m.byMode, this.#splice ? "kernel" : "userspace");
+    const mode = this.#splice || this.#piped ? "kernel" : "userspace";
+    if (relay) Metrics.bump(m.byMode, mode);
     Metrics.bump(m.closed, finalReason);
     writeAccess({
       time: new Date().toISOString(),
@@ -670,8 +691,7 @@ export class Session {
       bytes_down: down,
       duration_ms: Date.now() - this.#started,
       close_reason: finalReason,
-      mode: this.#splice ? "kernel" : "userspace",
-      ...(this.#throttles.up || this.#throttles.down ? { throttled: this.#throttles } : {}),
+      mode,
       ...(this.#undelivered.up || this.#undelivered.down ? { undelivered: this.#undelivered } : {}),
       ...(error && finalReason !== "done" ? { error: errText(error) } : {}),
     });

@@ -9,33 +9,26 @@
  * its socket down), and one epoll instance per process, waited on off the JS thread, watches
  * them for input, EOF and errors only.
  *
- * Deno has no supported API for a conn's fd or its epoll instance. The fd of an accepted conn is
- * its internal `Deno.internal.fd` property; a connected one has none, so its fd is searched for.
- * An fd is trusted only when its socket has the cookie the sockhash holds for that 4-tuple, and
- * Deno's epoll instance is the one whose /proc fdinfo lists the client's fd. When any of that
- * fails the pair stays with the userspace {@link Relay}, which handles spliced pairs too.
+ * The sockets are found and taken out of Deno's loop by src/detach.ts; when that fails the pair
+ * stays with the userspace {@link Relay}, which handles spliced pairs too.
  *
  * @module
  */
 import {
   EAGAIN,
   EINTR,
-  Epoll,
-  epollDelete,
-  EPOLLET,
   EPOLLIN,
   EPOLLRDHUP,
   errnoName,
-  lowestFreeFd,
   recvFd,
   resetOnClose,
   sendFd,
   shutdownWrite,
-  socketCookie,
   socketError,
   strerror,
   tcpState,
 } from "../ffi/libc.ts";
+import { type DetachedPair, watcher } from "./detach.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
 import {
   type ByteRelay,
@@ -44,143 +37,6 @@ import {
   type RelayEnd,
   type SpliceHooks,
 } from "./relay.ts";
-import { logger } from "./log.ts";
-
-const log = logger("spliced");
-
-/** A spliced pair's conns and their fds, out of Deno's epoll set. */
-export interface DetachedPair {
-  client: Deno.TcpConn;
-  backend: Deno.TcpConn;
-  clientFd: number;
-  backendFd: number;
-}
-
-let fdSymbol: symbol | null | undefined;
-
-/** Deno's fd of a conn (an internal property), or null when it has none. */
-function denoFd(conn: Deno.TcpConn): number | null {
-  if (fdSymbol === undefined) {
-    fdSymbol = Object.getOwnPropertySymbols(conn).find((s) =>
-      s.description === "Deno.internal.fd"
-    ) ?? null;
-  }
-  if (!fdSymbol) return null;
-  const fd = (conn as unknown as Record<symbol, unknown>)[fdSymbol];
-  return typeof fd === "number" && fd >= 0 ? fd : null;
-}
-
-/** How many fds around a hint {@link findSocketFd} tries (each try is one getsockopt). */
-const FD_SEARCH_SPAN = 4096;
-
-/**
- * The fd the backend socket of a connect started right now will most likely get: the lowest
- * free one (no other fd is opened in between on this thread). Taken right before Deno.connect,
- * it lets {@link detachSockets} find that socket's fd at the first try.
- */
-export function backendFdHint(): number {
-  return lowestFreeFd();
-}
-
-/** The fd of this process whose socket has `cookie`, searched outwards from `near`; or null. */
-function findSocketFd(cookie: bigint, near: number): number | null {
-  if (socketCookie(near) === cookie) return near;
-  for (let d = 1; d <= FD_SEARCH_SPAN / 2; d++) {
-    if (socketCookie(near + d) === cookie) return near + d;
-    if (near - d >= 0 && socketCookie(near - d) === cookie) return near - d;
-  }
-  return null;
-}
-
-let denoEpoll: number | null | undefined;
-
-/** The fd of the epoll instance Deno's runtime registered `fd` with, or null. */
-function findDenoEpoll(fd: number): number | null {
-  const watches = new RegExp(`^tfd:\\s+${fd}\\s`, "m");
-  for (const entry of Deno.readDirSync("/proc/self/fd")) {
-    const n = Number(entry.name);
-    try {
-      if (Deno.readLinkSync(`/proc/self/fd/${n}`) !== "anon_inode:[eventpoll]") continue;
-      if (watches.test(Deno.readTextFileSync(`/proc/self/fdinfo/${n}`))) return n;
-    } catch {
-      // closed meanwhile
-    }
-  }
-  return null;
-}
-
-/**
- * Takes a spliced pair's sockets out of Deno's epoll set, so their traffic no longer wakes the
- * process, and returns their fds; or returns why it cannot (nothing changed then). The conns
- * stay open (closing one would shut its socket down) and must see no further read or write:
- * the {@link SplicedRelay} serves the fds and closes the conns. `cookies`: the sockets' cookies
- * as the sockhash holds them, which is how each fd is verified to be the paired socket.
- */
-export function detachSockets(
-  client: Deno.TcpConn,
-  backend: Deno.TcpConn,
-  cookies: { a: bigint; b: bigint },
-  backendFdHint: number,
-): DetachedPair | string {
-  const clientFd = denoFd(client);
-  if (clientFd === null) return "this Deno exposes no socket fd";
-  if (socketCookie(clientFd) !== cookies.a) return "the fd Deno reports is not the paired socket";
-  // Deno keeps no fd for the conns Deno.connect makes: find the backend socket's by its cookie,
-  // from the hint outwards (or the client's fd: both were opened moments apart)
-  const backendFd = denoFd(backend) ??
-    findSocketFd(cookies.b, backendFdHint >= 0 ? backendFdHint : clientFd);
-  if (backendFd === null) return "the backend socket's fd was not found";
-  if (denoEpoll === undefined) denoEpoll = findDenoEpoll(clientFd);
-  if (denoEpoll === null) return "Deno's epoll instance was not found";
-  const del = epollDelete(denoEpoll, clientFd);
-  if (del !== 0) return `epoll_ctl(DEL) of the client socket: ${errnoName(-del)}`;
-  epollDelete(denoEpoll, backendFd);
-  return { client, backend, clientFd, backendFd };
-}
-
-/** How long one epoll wait may block; the watcher stops when nothing is watched after one. */
-const WAIT_MS = 250;
-
-/** The process's one epoll instance for spliced sockets, and who gets each event. */
-class SpliceWatcher {
-  #epoll: Epoll | null = null;
-  readonly #handlers = new Map<number, () => void>();
-  #nextId = 1;
-  #running = false;
-
-  /** Calls `onEvent` whenever `fd` may have input, EOF or an error (edge-triggered). */
-  watch(fd: number, onEvent: () => void): number {
-    this.#epoll ??= new Epoll();
-    const id = this.#nextId++;
-    // no EPOLLOUT: the write-space wakeups are what this is for avoiding
-    this.#epoll.add(fd, EPOLLIN | EPOLLRDHUP | EPOLLET, id);
-    this.#handlers.set(id, onEvent);
-    if (!this.#running) this.#loop();
-    return id;
-  }
-
-  /** Stops watching `fd` (before it is closed). */
-  unwatch(id: number, fd: number): void {
-    if (!this.#handlers.delete(id)) return;
-    this.#epoll?.delete(fd);
-  }
-
-  async #loop(): Promise<void> {
-    this.#running = true;
-    try {
-      while (this.#handlers.size > 0) {
-        await this.#epoll!.wait(WAIT_MS, (id) => this.#handlers.get(id)?.());
-      }
-    } catch (e) {
-      // spliced sessions then end by their idle timeout; new ones start the watcher again
-      log.error(`the spliced-socket watcher stopped: ${(e as Error).message}`);
-    } finally {
-      this.#running = false;
-    }
-  }
-}
-
-const watcher = new SpliceWatcher();
 
 /** One socket of the pair and the direction it is the source of. */
 interface Side {
@@ -253,7 +109,8 @@ export class SplicedRelay implements ByteRelay {
     try {
       for (const s of [this.#client, this.#backend]) {
         // a socket that is already readable or at EOF reports that at once
-        s.id = watcher.watch(s.fd, () => this.#onEvent(s));
+        // no EPOLLOUT: the write-space wakeups the kernel's redirects cause are what this avoids
+        s.id = watcher.watch(s.fd, EPOLLIN | EPOLLRDHUP, () => this.#onEvent(s));
       }
     } catch (e) {
       this.#finish("error", e);
@@ -306,7 +163,6 @@ export class SplicedRelay implements ByteRelay {
           // bytes the kernel passed to userspace must not overtake redirected ones
           if (!(await this.#drain(s, false))) return;
           if (!(await this.#write(peer, bytes))) return;
-          this.#hooks.relayed(s.up, s.up ? this.bytesUp : this.bytesDown);
           continue;
         }
         if (n === 0) {
@@ -317,12 +173,8 @@ export class SplicedRelay implements ByteRelay {
             return;
           }
           // a 0-byte read of a sockmap socket is an EOF only after the peer's FIN
-          // and only once every byte the kernel passed to userspace was read
           const state = tcpState(s.fd);
-          if (
-            (state >= 0 && !afterPeerFin(state)) ||
-            this.#hooks.passedPending(s.up, s.up ? this.bytesUp : this.bytesDown)
-          ) {
+          if (state >= 0 && !afterPeerFin(state)) {
             s.retry = setTimeout(() => this.#onEvent(s), s.retryMs);
             s.retryMs = Math.min(s.retryMs * 2, 100);
             break;
@@ -331,16 +183,7 @@ export class SplicedRelay implements ByteRelay {
           break; // an event that came meanwhile (a reset) is served by the EOF branch
         }
         if (n === -EINTR) continue;
-        if (n === -EAGAIN) {
-          // bytes a throttled direction passed to userspace can reach the socket without a
-          // wakeup (the kernel moves them from its backlog when the receive buffer has room):
-          // while any are due, look again shortly
-          if (this.#hooks.passedPending(s.up, s.up ? this.bytesUp : this.bytesDown)) {
-            s.retry = setTimeout(() => this.#onEvent(s), s.retryMs);
-            s.retryMs = Math.min(s.retryMs * 2, 20);
-          }
-          break;
-        }
+        if (n === -EAGAIN) break;
         this.#reset(s, -n);
         return;
       }

@@ -23,7 +23,7 @@ import { runUntilStopped } from "./lifecycle.ts";
 import { type ForwardedLog, logger, setupWorkerLogging, writeForwarded } from "./log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "./metrics.ts";
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
-import { flattenXdp, openKernel, openXdp, Proxy, type WorkerRole } from "./proxy.ts";
+import { flattenXdp, kernelMode, openKernel, openXdp, Proxy, type WorkerRole } from "./proxy.ts";
 import type { XdpFilter } from "./xdp.ts";
 
 // the supervisor is the proxy to the operator: its lines read like the single-process ones
@@ -301,9 +301,7 @@ export class Supervisor {
     const ports = resolvePorts(config.listeners);
     // before the workers: they inherit this process's cgroup, where the sock_ops program sees
     // their sockets
-    const kernel = config.ebpf.enabled && config.ebpf.sockmapEnabled
-      ? await openKernel(config)
-      : null;
+    const kernel = kernelMode(config) === "sockmap" ? await openKernel(config) : null;
     const sup = new Supervisor(config, { count: config.workers, kernel: !!kernel, ports }, kernel);
     try {
       await Promise.all(sup.#workers.map((_, i) => sup.#spawn(i)));
@@ -328,7 +326,7 @@ export class Supervisor {
     log.info(
       `ready: ${config.workers} workers (pids ${sup.#workers.map((w) => w!.pid).join(", ")}), ` +
         `${resolved.length} listener(s), ${routeSummary(config)}, ` +
-        `mode ${kernel ? "kernel" : "userspace"}`,
+        `mode ${kernel || kernelMode(config) === "pipe" ? "kernel" : "userspace"}`,
     );
     return sup;
   }

@@ -125,9 +125,12 @@ export async function waitKernelSlot(ms = 60_000): Promise<void> {
   }
 }
 
-/** `ebpf` config section turning the fast path on. */
+/**
+ * `ebpf` config section turning the sockmap fast path on (`splice_mode` "sockmap": the tests of
+ * the eBPF programs); `{ splice_mode: "pipe" }` for kernel mode's default, splice(2).
+ */
 export function kernelEbpf(extra: Record<string, unknown> = {}): Record<string, unknown> {
-  return { enabled: true, sockmap_enabled: true, ...extra };
+  return { enabled: true, sockmap_enabled: true, splice_mode: "sockmap", ...extra };
 }
 
 /**

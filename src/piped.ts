@@ -1,0 +1,296 @@
+/**
+ * Kernel mode's default relay: splice(2) moves each direction's bytes socket → pipe → socket
+ * inside the kernel, so payload never enters the process, and TCP flow control works as in
+ * userspace mode: what a slow reader does not take stays in the pipe (at most its capacity,
+ * `ebpf.pipe_bytes`) and the socket buffers, and the sender is held back by its closed window.
+ *
+ * The sockets leave Deno's event loop (src/detach.ts) and are watched, edge-triggered, by the
+ * process's own epoll: input, EOF and errors on a source, write space on a destination whose
+ * pipe could not be emptied. Pipes come from a small pool and go back to it as soon as they are
+ * empty, so an idle connection holds none.
+ *
+ * @module
+ */
+import {
+  closeFd,
+  EAGAIN,
+  EINTR,
+  EPOLLERR,
+  EPOLLHUP,
+  EPOLLIN,
+  EPOLLOUT,
+  EPOLLRDHUP,
+  errnoName,
+  makePipe,
+  resetOnClose,
+  sendFd,
+  setSocketBuffer,
+  shutdownWrite,
+  spliceFd,
+  strerror,
+} from "../ffi/libc.ts";
+import { type DetachedPair, watcher } from "./detach.ts";
+import { type ByteRelay, closeQuietly, IdleTimer, type RelayEnd } from "./relay.ts";
+
+/** A pipe: its read and write ends. */
+interface Pipe {
+  r: number;
+  w: number;
+}
+
+/** Pipes for the relays of one process: taken while they hold bytes, kept for reuse. */
+export class PipePool {
+  readonly #free: Pipe[] = [];
+  /** The capacity asked for each pipe. */
+  readonly bytes: number;
+  /** How many empty pipes are kept for reuse (the rest are closed). */
+  readonly #keep: number;
+
+  constructor(bytes: number, keep = 64) {
+    this.bytes = bytes;
+    this.#keep = keep;
+  }
+
+  /** An empty pipe, or the error (e.g. EMFILE) when none can be made. */
+  take(): Pipe | Error {
+    const p = this.#free.pop();
+    if (p) return p;
+    const made = makePipe(this.bytes);
+    if (typeof made === "number") {
+      return new Error(`no pipe for splice(2): ${errnoName(-made)}: ${strerror(-made)}`);
+    }
+    return { r: made[0], w: made[1] };
+  }
+
+  /** Gives back a pipe; `empty`: it holds no byte (otherwise it is closed). */
+  give(p: Pipe, empty: boolean): void {
+    if (empty && this.#free.length < this.#keep) this.#free.push(p);
+    else {
+      closeFd(p.r);
+      closeFd(p.w);
+    }
+  }
+}
+
+/** One direction of a pair. */
+interface Direction {
+  /** Client → backend. */
+  up: boolean;
+  src: number;
+  dst: number;
+  pipe: Pipe | null;
+  /** Bytes in the pipe now. */
+  inPipe: number;
+  /** Bytes to write to dst before anything spliced (the hello), and how far it got. */
+  prefix: Uint8Array | null;
+  prefixOff: number;
+  /** The source's EOF was read. */
+  eof: boolean;
+  /** The EOF was passed on (dst shut down for writing). */
+  done: boolean;
+  /** Payload bytes delivered to dst (the prefix not counted). */
+  bytes: number;
+}
+
+/**
+ * The relay of a pair whose sockets were taken out of Deno's loop, through splice(2). Ends when
+ * both directions passed their EOF on ("done"), on a reset of either socket (the other gets a
+ * reset too), idle timeout or stop; closes both conns.
+ */
+export class PipedRelay implements ByteRelay {
+  readonly #pair: DetachedPair;
+  readonly #pool: PipePool;
+  readonly #idle: IdleTimer;
+  readonly #upDir: Direction;
+  readonly #downDir: Direction;
+  readonly #ids: number[] = [];
+  readonly #release: () => void;
+  #end: RelayEnd | null = null;
+  #error: unknown = null;
+  #done: (end: RelayEnd) => void = () => {};
+
+  /**
+   * `first`: what to write to the backend before the client's bytes (the hello, after any
+   * PROXY header); `release`: called once as the relay ends, before the sockets close;
+   * `sndbuf`/`rcvbuf` (when above 0): both sockets' buffer sizes (`ebpf.sndbuf`/`ebpf.rcvbuf`),
+   * which with the pipe bound what a direction holds for a reader that stops.
+   */
+  constructor(
+    pair: DetachedPair,
+    pool: PipePool,
+    opts: {
+      idleMs: number;
+      first: Uint8Array;
+      release?: () => void;
+      sndbuf?: number;
+      rcvbuf?: number;
+    },
+  ) {
+    this.#pair = pair;
+    this.#pool = pool;
+    this.#release = opts.release ?? (() => {});
+    this.#idle = new IdleTimer(opts.idleMs, null, () => this.#finish("idle_timeout", null));
+    const dir = (up: boolean, src: number, dst: number): Direction => ({
+      up,
+      src,
+      dst,
+      pipe: null,
+      inPipe: 0,
+      prefix: null,
+      prefixOff: 0,
+      eof: false,
+      done: false,
+      bytes: 0,
+    });
+    this.#upDir = dir(true, pair.clientFd, pair.backendFd);
+    this.#downDir = dir(false, pair.backendFd, pair.clientFd);
+    this.#upDir.prefix = opts.first.length ? opts.first : null;
+    for (const fd of [pair.clientFd, pair.backendFd]) {
+      if (opts.sndbuf) setSocketBuffer(fd, "send", opts.sndbuf);
+      if (opts.rcvbuf) setSocketBuffer(fd, "receive", opts.rcvbuf);
+    }
+  }
+
+  /** Bytes client → backend the relay delivered (the hello not counted). */
+  get bytesUp(): number {
+    return this.#upDir.bytes;
+  }
+
+  /** Bytes backend → client the relay delivered. */
+  get bytesDown(): number {
+    return this.#downDir.bytes;
+  }
+
+  get error(): unknown {
+    return this.#error;
+  }
+
+  run(): Promise<RelayEnd> {
+    if (this.#end !== null) return Promise.resolve(this.#end);
+    const ended = new Promise<RelayEnd>((resolve) => this.#done = resolve);
+    this.#idle.start();
+    const { clientFd, backendFd } = this.#pair;
+    try {
+      for (const fd of [clientFd, backendFd]) {
+        // a socket that is readable, writable or at EOF already reports that at once
+        this.#ids.push(watcher.watch(
+          fd,
+          EPOLLIN | EPOLLOUT | EPOLLRDHUP,
+          (events) => this.#onEvent(fd, events),
+        ));
+      }
+    } catch (e) {
+      this.#finish("error", e);
+    }
+    return ended;
+  }
+
+  stop(reason: RelayEnd): void {
+    this.#finish(reason, null);
+  }
+
+  #onEvent(fd: number, events: number): void {
+    const input = (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) !== 0;
+    const output = (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) !== 0;
+    for (const d of [this.#upDir, this.#downDir]) {
+      if ((input && d.src === fd) || (output && d.dst === fd)) this.#pump(d);
+    }
+  }
+
+  /** Moves what can be moved now; returns at EAGAIN (an event resumes it), EOF or an error. */
+  #pump(d: Direction): void {
+    while (this.#end === null && !d.done) {
+      if (d.prefix) {
+        const n = sendFd(d.dst, d.prefix.subarray(d.prefixOff));
+        if (n > 0) {
+          d.prefixOff += n;
+          if (d.prefixOff === d.prefix.length) d.prefix = null;
+          continue;
+        }
+        if (!this.#retry(n, d.dst)) return;
+        continue;
+      }
+      if (d.inPipe > 0) {
+        const n = spliceFd(d.pipe!.r, d.dst, d.inPipe);
+        if (n > 0) {
+          d.inPipe -= n;
+          d.bytes += n;
+          this.#idle.touch();
+          continue;
+        }
+        if (!this.#retry(n, d.dst)) return;
+        continue;
+      }
+      if (d.pipe) {
+        this.#pool.give(d.pipe, true);
+        d.pipe = null;
+      }
+      if (d.eof) {
+        // everything the source sent was delivered: pass the half-close on
+        shutdownWrite(d.dst);
+        d.done = true;
+        if (this.#upDir.done && this.#downDir.done) this.#finish("done", null);
+        return;
+      }
+      const pipe = this.#pool.take();
+      if (pipe instanceof Error) {
+        this.#finish("error", pipe);
+        return;
+      }
+      d.pipe = pipe;
+      const n = spliceFd(d.src, pipe.w, this.#pool.bytes);
+      if (n > 0) {
+        d.inPipe = n;
+        this.#idle.touch();
+        continue;
+      }
+      if (n === 0) {
+        d.eof = true;
+        continue;
+      }
+      if (!this.#retry(n, d.src)) {
+        if (d.pipe) {
+          this.#pool.give(d.pipe, true);
+          d.pipe = null;
+        }
+        return;
+      }
+    }
+  }
+
+  /** After a failed call on `fd`: true to try again now (EINTR); false to wait or stop. */
+  #retry(n: number, fd: number): boolean {
+    if (n === -EINTR) return true;
+    if (n === -EAGAIN) return false;
+    // a reset (or a write to a socket whose peer is gone): the side it happened on
+    const clientSide = fd === this.#pair.clientFd;
+    this.#finish(
+      clientSide ? "client_reset" : "backend_reset",
+      new Error(`${errnoName(-n)}: ${strerror(-n)}`),
+    );
+    return false;
+  }
+
+  #finish(reason: RelayEnd, error: unknown): void {
+    if (this.#end !== null) return;
+    this.#end = reason;
+    this.#error = error;
+    this.#idle.clear();
+    this.#release();
+    const { clientFd, backendFd } = this.#pair;
+    this.#ids.forEach((id, i) => watcher.unwatch(id, i === 0 ? clientFd : backendFd));
+    for (const d of [this.#upDir, this.#downDir]) {
+      if (d.pipe) this.#pool.give(d.pipe, d.inPipe === 0);
+      d.pipe = null;
+    }
+    if (reason !== "done") {
+      // a cut stream ends with a reset on both sides, never a FIN a peer could take for the end
+      resetOnClose(clientFd);
+      resetOnClose(backendFd);
+    }
+    // Deno closes the fds (its epoll no longer has them: its removal finds nothing, harmlessly)
+    closeQuietly(this.#pair.client);
+    closeQuietly(this.#pair.backend);
+    this.#done(reason);
+  }
+}
