@@ -920,7 +920,7 @@ export class KernelAccel {
         warned = false;
         this.#log("info", `eBPF maps back under 70% full (${live} of ${capacity} sockets)`);
       }
-    }, 2000);
+    }, 500);
     Deno.unrefTimer(timer);
     this.#fillTimer = timer;
   }

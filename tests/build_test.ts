@@ -56,7 +56,7 @@ Deno.test("build.sh binary compiles ./sni-proxy, or fails naming DENORT_BIN when
       listeners: [{ address: "127.0.0.1:0" }],
       routes: [{ match: "a.test", backends: ["127.0.0.1:9"] }],
       log: { file: false, access_log: false },
-      ebpf: { enabled: true, sockmap_enabled: true },
+      ebpf: { enabled: true, sockmap_enabled: true, splice_mode: "sockmap" },
     }),
   );
   const p = new Deno.Command(bin, { args: ["--config", `${dir}/c.json`], stderr: "piped" }).spawn();

@@ -568,8 +568,7 @@ export async function startProxyAs(
 
 /**
  * Compiles (clang, at test time) an object with the maps and programs the loader looks up
- * (sni_sockhash, sni_pairs, sni_resume, sni_stats, sni_config; sni_sockops, sni_verdict) whose
- * sock_ops
+ * (sni_sockhash, sni_pairs, sni_stats, sni_config; sni_sockops, sni_verdict) whose sock_ops
  * program the verifier must reject: it dereferences a hash-map lookup without the NULL check
  * (an array lookup with a constant key would pass: the verifier knows it cannot be NULL).
  */
@@ -585,8 +584,6 @@ struct { __uint(type, BPF_MAP_TYPE_SOCKHASH); __uint(max_entries, 1024);
   __type(key, struct sni_sock_key); __type(value, __u64); } sni_sockhash SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 1024);
   __type(key, struct sni_sock_key); __type(value, struct sni_pair); } sni_pairs SEC(".maps");
-struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 1024);
-  __type(key, struct sni_sock_key); __type(value, struct sni_resume); } sni_resume SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1);
   __type(key, __u32); __type(value, struct sni_stats); } sni_stats SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);

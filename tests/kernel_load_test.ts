@@ -153,7 +153,7 @@ for (const direction of ["backend → client", "client → backend"] as const) {
       const bound = 2 * SOCKET_BUFFER + PIPE_BYTES + 2 * SOCKET_BUFFER;
       assert.ok(held <= bound, `the proxy holds ${held} bytes for a stopped reader (${bound})`);
       // coarse (other processes share the host): catches gigabytes, as the sockmap path pinned
-      assert.ok(memDrop < 256 * MiB, `MemAvailable dropped ${memDrop} bytes`);
+      assert.ok(memDrop < 512 * MiB, `MemAvailable dropped ${memDrop} bytes`);
       // the reader comes back: everything arrives, in order
       const [got] = await Promise.all([drainHash(reader), writer.finished]);
       assert.deepEqual(got, { bytes: STALL_TOTAL, sha256: writer.state.sha256 });
@@ -223,7 +223,9 @@ const CONCURRENT = Number(Deno.env.get("SNI_LOAD_CONNECTIONS") ?? 200);
 const MIN_BYTES = 16 * MiB;
 const MAX_BYTES = 64 * MiB;
 
-for (const mode of ["pipe", "sockmap"] as const) {
+// the sockmap mode has its own duplex tests (tests/e2e_kernel_test.ts); this load is the
+// default mode's
+for (const mode of ["pipe"] as const) {
   ktest(
     `kernel mode (${mode}): ${CONCURRENT} concurrent duplex transfers of 16-64 MiB each way, ` +
       `random write sizes, a SIGHUP and then a SIGTERM drain in the middle: every byte arrives, ` +
@@ -352,11 +354,17 @@ async function entriesWithin(proxy: ProxyProcess, n: number, ms: number): Promis
 
 const SHORT_CONNECTIONS = Number(Deno.env.get("SNI_SHORT_CONNECTIONS") ?? 50_000);
 
-/** Open fds of a process. */
-async function fdCount(pid: number): Promise<number> {
-  let n = 0;
-  for await (const _ of Deno.readDir(`/proc/${pid}/fd`)) n++;
-  return n;
+/** Open fds of a process, by what they point at. */
+async function openFds(pid: number): Promise<string[]> {
+  const out: string[] = [];
+  for await (const e of Deno.readDir(`/proc/${pid}/fd`)) {
+    try {
+      out.push(
+        `${e.name} ${(await Deno.readLink(`/proc/${pid}/fd/${e.name}`)).replace(/\d+/g, "#")}`,
+      );
+    } catch { /* closed meanwhile */ }
+  }
+  return out.sort();
 }
 
 /** TCP sockets allocated and pages of TCP memory, host-wide (/proc/net/sockstat). */
@@ -397,9 +405,11 @@ for (const mode of ["sockmap", "pipe"] as const) {
       };
       for (let i = 0; i < 200; i++) await one();
       await sleep(500);
-      const fdsBefore = await fdCount(proxy.pid);
-      const sockBefore = await tcpSockstat();
+      // the metrics connection first: it stays open (keep-alive) and is counted both times
       const liveBefore = (await stats()).socketsLive;
+      const fdListBefore = await openFds(proxy.pid);
+      const fdsBefore = fdListBefore.length;
+      const sockBefore = await tcpSockstat();
       const t0 = performance.now();
       const workers = 16;
       let next = 0;
@@ -414,7 +424,7 @@ for (const mode of ["sockmap", "pipe"] as const) {
       // TIME_WAIT sockets hold no fd and little memory; let closing ones finish
       let fdsAfter = 0;
       for (let i = 0; i < 50; i++) {
-        fdsAfter = await fdCount(proxy.pid);
+        fdsAfter = (await openFds(proxy.pid)).length;
         if (fdsAfter <= fdsBefore) break;
         await sleep(100);
       }
@@ -426,7 +436,13 @@ for (const mode of ["sockmap", "pipe"] as const) {
           `TCP memory ${sockBefore.memPages} -> ${sockAfter.memPages} pages; tracked sockets ` +
           `${liveBefore} -> ${s.socketsLive}`,
       );
-      assert.ok(fdsAfter <= fdsBefore, `proxy fds ${fdsBefore} -> ${fdsAfter}`);
+      const fdListAfter = await openFds(proxy.pid);
+      assert.ok(
+        fdsAfter <= fdsBefore,
+        `proxy fds ${fdsBefore} -> ${fdsAfter}: new ${
+          fdListAfter.filter((f) => !fdListBefore.includes(f)).join(", ")
+        }`,
+      );
       assert.ok(s.socketsLive <= liveBefore, `tracked sockets ${liveBefore} -> ${s.socketsLive}`);
       assert.ok(sockAfter.alloc <= sockBefore.alloc + 50, "host TCP sockets back to baseline");
       assert.ok(
@@ -440,3 +456,77 @@ for (const mode of ["sockmap", "pipe"] as const) {
     300_000,
   );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. No stalled connection, and the same with workers
+
+ktest(
+  "kernel mode (pipe): a connection whose reader stopped for good ends at timeouts.idle_ms, " +
+    "logged, with a reset on both sides (never a FIN after a cut stream)",
+  async (scope) => {
+    const backend = rawBackend(scope);
+    const proxy = await startKernelProxy(scope, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+      routes: [{ match: "a.test", backends: [backend.address] }],
+      timeouts: { idle_ms: 1500 },
+      ebpf: kernelEbpf({ splice_mode: "pipe" }),
+    });
+    const { conn: client } = await rawSpliced(proxy.port(), "a.test");
+    const server = await backend.next();
+    scope.defer(() => {
+      client.close();
+      server.close();
+    });
+    const writer = countingWriter(server, STALL_TOTAL);
+    const ended = await within(
+      15_000,
+      "the backend's writes to fail",
+      writer.finished.then(
+        () => "finished",
+        (e) => (e as Error).name,
+      ),
+    );
+    assert.notEqual(ended, "finished", "the stalled stream was not completed");
+    const entry = await proxy.waitAccess((e) => e.backend === backend.address, 10_000);
+    assert.equal(entry.close_reason, "idle_timeout", JSON.stringify(entry));
+    assert.equal(entry.mode, "kernel");
+    // the client sees a reset, not an end of stream, once it reads what was queued for it
+    const outcome = await drainHash(client).then(() => "EOF", (e) => (e as Error).name);
+    assert.equal(outcome, "ConnectionReset", "the client's read ends with a reset");
+  },
+  60_000,
+);
+
+ktest(
+  "kernel mode (pipe) with workers: 2: 40 concurrent duplex transfers through both workers, " +
+    "every byte and count exact",
+  async (scope) => {
+    const backend = rawBackend(scope);
+    const proxy = await startKernelProxy(scope, {
+      workers: 2,
+      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+      routes: [{ match: "a.test", backends: [backend.address] }],
+      ebpf: kernelEbpf({ splice_mode: "pipe" }),
+    });
+    const jobs = [];
+    for (let i = 0; i < 40; i++) {
+      const pair = await openPair(proxy.port(), backend);
+      const up = 4 * MiB + Math.floor(Math.random() * 4 * MiB);
+      const down = 4 * MiB + Math.floor(Math.random() * 4 * MiB);
+      jobs.push(duplex(pair, up, down).then((r) => ({ ...r, ...pair, up, down })));
+    }
+    const results = await Promise.all(jobs);
+    assert.deepEqual(results.filter((r) => !r.ok).map((r) => r.detail), []);
+    const entries = await entriesWithin(proxy, 40, 20_000);
+    const workers = new Set(entries.map((e) => e.worker));
+    for (const r of results) {
+      const e = entries.find((x) => x.client.endsWith(`:${r.clientPort}`))!;
+      assert.equal(e.mode, "kernel", JSON.stringify(e));
+      assert.equal(e.close_reason, "done", JSON.stringify(e));
+      assert.equal(e.bytes_up, r.helloBytes + r.up);
+      assert.equal(e.bytes_down, 1 + r.down);
+    }
+    note(`workers that served: ${[...workers].join(", ")}`);
+  },
+  120_000,
+);

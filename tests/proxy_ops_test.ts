@@ -316,7 +316,7 @@ Deno.test({
       await withProxy({
         listeners: [{ address: "127.0.0.1:0" }],
         routes: [{ match: "a.test", backends: [backend.address] }],
-        ebpf: { enabled: true, sockmap_enabled: true },
+        ebpf: { enabled: true, sockmap_enabled: true, splice_mode: "sockmap" },
       }, async (p) => {
         await p.waitFor("mode kernel");
         const conn = await tlsClient(p.ports[0], "a.test");
