@@ -162,11 +162,7 @@ ktest(
     const kb = await hashingTlsBackend(scope, SPLICE_BYTES);
     const routes = [{ match: "a.test", backends: [kb.address] }];
     const listeners = [{ address: "127.0.0.1:0", protocol: "tls" }];
-    // a limit above the upload: this test is about the splice path itself, so no direction may
-    // be throttled to userspace relaying when the backend reads slower than the client sends
-    // (tests/kernel_load_test.ts covers throttling)
-    const ebpf = kernelEbpf({ max_buffered_bytes: 2 * SPLICE_BYTES });
-    const proxy = await startKernelProxy(scope, { listeners, routes, ebpf });
+    const proxy = await startKernelProxy(scope, { listeners, routes, ebpf: kernelEbpf() });
     const k = await meteredUpload(scope, proxy.port(), proxy.pid, SPLICE_BYTES);
     assert.equal(k.answer, k.sent, "backend got every byte, in order (count and sha256)");
     const entry = await proxy.waitAccess((e) => e.backend === kb.address);

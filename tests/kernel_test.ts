@@ -235,7 +235,7 @@ Deno.test({
       stderr: "piped",
     }).output();
     assert.equal(child.signal, "SIGKILL", new TextDecoder().decode(child.stderr));
-    assert.equal((await listDir(PIN_DIR))?.length, 6, "the crashed run left its pins");
+    assert.equal((await listDir(PIN_DIR))?.length, 5, "the crashed run left its pins");
     const cgroupDir = `${await cgroup2Mount()}/sni-proxy-test`;
     const cgFd = openDirectory(cgroupDir);
     try {
@@ -247,7 +247,7 @@ Deno.test({
         const now = queryProgIds(cgFd, BpfAttachType.CGROUP_SOCK_OPS);
         assert.equal(now.length, 1, "exactly one sock_ops program after the restart");
         assert.notEqual(now[0], stale[0], "the new program replaced the stale one");
-        assert.equal((await listDir(PIN_DIR))?.length, 6);
+        assert.equal((await listDir(PIN_DIR))?.length, 5);
         assert.ok(logs.some((l) => l.includes("replaced stale eBPF pins")), logs.join("\n"));
       } finally {
         await accel.close();
