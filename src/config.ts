@@ -48,6 +48,8 @@ export interface HealthConfig {
 /** A route: names it serves and the backends it sends them to. */
 export interface RouteConfig {
   match: NamePattern;
+  /** ALPN protocols of which the client must offer one; null: any hello. */
+  alpn: string[] | null;
   backends: BackendAddress[];
   balance: Balance;
   /** Required for dynamic backends: names they may connect to. */
@@ -160,6 +162,8 @@ const DNS_TTL_DEFAULTS = { min_ttl_s: 5, max_ttl_s: 3600 };
 
 const routeSchema = z.strictObject({
   match: z.string(),
+  alpn: z.array(z.string().min(1).max(255)).min(1, { error: "at least one protocol" })
+    .optional(),
   backends: z.array(z.string()).min(1, { error: "at least one backend is required" }),
   balance: z.enum(["round_robin", "random", "least_conn", "source_hash"]).default(
     "round_robin",
@@ -448,6 +452,20 @@ function configWarnings(c: ConfigSource): string[] {
       );
     }
   }
+  // an HTTP request has no ALPN: such a route cannot match there
+  for (const name of new Set(c.listeners.map((l) => l.table))) {
+    if (c.listeners.some((l) => l.table === name && l.protocol === "tls")) continue;
+    const at = name === DEFAULT_TABLE ? "routes" : `tables.${name}.routes`;
+    const routes = name === DEFAULT_TABLE ? c.routes : c.tables[name]?.routes ?? [];
+    routes.forEach((r, i) => {
+      if (r.alpn) {
+        warnings.push(
+          `${at}[${i}].alpn: only HTTP listeners serve this table, and an HTTP request ` +
+            `has no ALPN (the route never matches)`,
+        );
+      }
+    });
+  }
   for (const name of Object.keys(c.tables)) {
     if (!c.listeners.some((l) => l.table === name)) {
       warnings.push(`tables.${name}: no listener uses this table (listeners[].table)`);
@@ -498,6 +516,7 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
       const dynamic = backends.some((b) => b.dynamic);
       return {
         match: compilePattern(r.match),
+        alpn: r.alpn ?? null,
         backends,
         balance: r.balance,
         allow: dynamic ? r.allow!.map(compilePattern) : null,

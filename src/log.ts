@@ -22,6 +22,8 @@ export interface AccessEntry {
   client: string;
   listener: string;
   sni: string | null;
+  /** TLS listeners: the ALPN protocols the client offered, in its order. */
+  alpn?: string[];
   route: string | null;
   backend: string | null;
   bytes_up: number;

@@ -532,9 +532,9 @@ export class Session {
   /** Picks the pool for `name`, or null when the connection must be refused. */
   #route_(name: string | null): BackendPool | null {
     const { router, defaultPool } = this.#ctx.table;
-    const found = router.lookup(name);
+    const found = router.lookup(name, this.#hello?.alpn);
     if (found.kind === "route") {
-      this.#route = found.route.pattern.text;
+      this.#route = found.route.target.name;
       return found.route.target;
     }
     if (found.kind === "not_allowed") {
@@ -685,6 +685,7 @@ export class Session {
       client: this.#clientAddr,
       listener: this.#ctx.listener,
       sni: this.#sni,
+      ...(this.#hello ? { alpn: this.#hello.alpn } : {}),
       route: this.#route,
       backend: this.#backend,
       bytes_up: up,

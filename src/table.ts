@@ -44,20 +44,25 @@ export function stopHealthChecks(tables: RoutingTables): void {
 /** Builds the routing tables of a validated config. */
 export function buildTables(config: Config): RoutingTables {
   const acl = new Acl(config.acl.allow, config.acl.deny);
+  const pool = (r: RouteTableConfig["routes"][number]) => {
+    // two routes may share a `match` and differ by ALPN: the name tells them apart in logs
+    return new BackendPool(
+      r.alpn ? `${r.match.text} alpn=${r.alpn.join(",")}` : r.match.text,
+      r.backends,
+      r.balance,
+      r.proxyProtocol,
+      r.health,
+      r.internal,
+    );
+  };
   const table = (name: string, t: RouteTableConfig): RoutingTable => ({
     config,
     name,
     router: new Router(t.routes.map((r) => ({
       pattern: r.match,
+      alpn: r.alpn,
       allow: r.allow,
-      target: new BackendPool(
-        r.match.text,
-        r.backends,
-        r.balance,
-        r.proxyProtocol,
-        r.health,
-        r.internal,
-      ),
+      target: pool(r),
     }))),
     defaultPool: t.defaultBackend
       ? new BackendPool("default_backend", [t.defaultBackend], "round_robin")

@@ -435,3 +435,57 @@ Deno.test("allow_private and allow_addresses: $sni routes only, CIDRs with their
   assert.ok(both.some((x) => x.startsWith("routes[0].allow_private:")), both.join("\n"));
   assert.ok(both.some((x) => x.startsWith("routes[0].allow_addresses[0]:")), both.join("\n"));
 });
+
+Deno.test("alpn: values and paths", () => {
+  const c = resolveConfig({
+    ...base,
+    routes: [
+      { match: "a.test", alpn: ["acme-tls/1"], backends: ["127.0.0.1:9001"] },
+      { match: "a.test", backends: ["127.0.0.1:9002"] },
+    ],
+  }, "/c.json");
+  assert.deepEqual(c.routes[0].alpn, ["acme-tls/1"]);
+  assert.equal(c.routes[1].alpn, null, "no alpn: any hello");
+  const errors = errorsOf({
+    ...base,
+    routes: [
+      { match: "a.test", alpn: ["", 7], backends: ["127.0.0.1:1"] },
+      { match: "b.test", alpn: [], backends: ["127.0.0.1:1"] },
+    ],
+  });
+  for (
+    const e of ["routes[0].alpn[0]:", "routes[0].alpn[1]:", "routes[1].alpn: at least one protocol"]
+  ) {
+    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
+  }
+});
+
+Deno.test("alpn on a table only HTTP listeners serve is warned about", () => {
+  const c = resolveConfig({
+    listeners: [
+      { address: "127.0.0.1:8443" },
+      { address: "127.0.0.1:8080", protocol: "http", table: "plain" },
+    ],
+    routes: [{ match: "a.test", alpn: ["h2"], backends: ["127.0.0.1:9443"] }],
+    tables: {
+      plain: {
+        routes: [{
+          match: "a.test",
+          alpn: ["h2"],
+          backends: ["127.0.0.1:9080"],
+        }],
+      },
+    },
+  }, "/c.json");
+  assert.deepEqual(c.warnings.map((w) => w.split(":")[0]), [
+    "tables.plain.routes[0].alpn",
+  ]);
+});
+
+Deno.test("the README's example config is valid", async () => {
+  const readme = await Deno.readTextFile(new URL("../README.md", import.meta.url));
+  const section = readme.slice(readme.indexOf("## Config reference"));
+  const example = /```json\n([\s\S]*?)\n```/.exec(section)![1];
+  const c = resolveConfig(JSON.parse(example), "/etc/sni-proxy/config.json");
+  assert.deepEqual(c.routes[0].alpn, ["acme-tls/1"]);
+});

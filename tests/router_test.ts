@@ -5,7 +5,7 @@ import { compilePattern, Router } from "../src/router.ts";
 
 function router(...patterns: string[]) {
   return new Router(
-    patterns.map((p, i) => ({ pattern: compilePattern(p), allow: null, target: i })),
+    patterns.map((p, i) => ({ pattern: compilePattern(p), alpn: null, allow: null, target: i })),
   );
 }
 
@@ -42,11 +42,37 @@ Deno.test("regex routes, '*' catch-all and first match wins", () => {
 Deno.test("a dynamic route refuses names outside its allow list", () => {
   const r = new Router([{
     pattern: compilePattern("*"),
+    alpn: null,
     allow: [compilePattern("*.ok.test")],
     target: 0,
   }]);
   assert.equal(r.lookup("x.ok.test").kind, "route");
   assert.equal(r.lookup("evil.test").kind, "not_allowed");
+});
+
+Deno.test("ALPN routes match a hello offering one of their protocols; others fall through", () => {
+  const route = (match: string, alpn: string[] | null, target: number) => ({
+    pattern: compilePattern(match),
+    alpn,
+    allow: null,
+    target,
+  });
+  const r = new Router([
+    route("a.test", ["acme-tls/1"], 0),
+    route("a.test", ["h2", "h3"], 1),
+    route("a.test", null, 2),
+  ]);
+  const at = (alpn?: string[]) => {
+    const found = r.lookup("a.test", alpn);
+    return found.kind === "route" ? found.route.target : null;
+  };
+  assert.equal(at(["acme-tls/1"]), 0);
+  assert.equal(at(["h2", "http/1.1"]), 1, "one offered protocol is enough");
+  assert.equal(at(["http/1.1", "h3"]), 1, "not only the first offered");
+  assert.equal(at(["http/1.1"]), 2);
+  assert.equal(at([]), 2, "a hello without ALPN takes the route without a condition");
+  assert.equal(at(), 2);
+  assert.equal(r.lookup("b.test", ["acme-tls/1"]).kind, "none", "the name still has to match");
 });
 
 Deno.test("bad patterns are refused with a reason", () => {
