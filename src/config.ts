@@ -35,6 +35,16 @@ export interface ListenerConfig {
   table: string;
 }
 
+/** A backend of a route, with its share of the route's connections and its limit. */
+export interface RouteBackend extends BackendAddress {
+  /** Relative share of the connections (1-1000). */
+  weight: number;
+  /** Used only while every primary (non-backup) backend of the route is down. */
+  backup: boolean;
+  /** Live connections it takes at most (0: no limit); a full backend is skipped. */
+  maxConnections: number;
+}
+
 /** Backend health settings of a route. */
 export interface HealthConfig {
   /** Consecutive failed connects that mark a backend down (passive check). */
@@ -50,7 +60,7 @@ export interface RouteConfig {
   match: NamePattern;
   /** ALPN protocols of which the client must offer one; null: any hello. */
   alpn: string[] | null;
-  backends: BackendAddress[];
+  backends: RouteBackend[];
   balance: Balance;
   /** Required for dynamic backends: names they may connect to. */
   allow: NamePattern[] | null;
@@ -160,11 +170,27 @@ const pathOrOff = (def: string) =>
 /** Defaults a cross-field check needs when the field is absent. */
 const DNS_TTL_DEFAULTS = { min_ttl_s: 5, max_ttl_s: 3600 };
 
+/** A backend: `"host:port"`, or the same as `address` with its weight, backup role and limit. */
+const backendSchema = z.preprocess(
+  (v) => (typeof v === "string" ? { address: v } : v),
+  z.strictObject({
+    address: z.string(),
+    weight: z.number().int().min(1).max(1000).default(1),
+    backup: z.boolean().default(false),
+    max_connections: z.number().int().min(1).max(1_000_000).optional(),
+  }, {
+    error: (issue) =>
+      issue.code === "invalid_type"
+        ? 'expected "host:port" or { "address": "host:port", … }'
+        : undefined,
+  }),
+);
+
 const routeSchema = z.strictObject({
   match: z.string(),
   alpn: z.array(z.string().min(1).max(255)).min(1, { error: "at least one protocol" })
     .optional(),
-  backends: z.array(z.string()).min(1, { error: "at least one backend is required" }),
+  backends: z.array(backendSchema).min(1, { error: "at least one backend is required" }),
   balance: z.enum(["round_robin", "random", "least_conn", "source_hash"]).default(
     "round_robin",
   ),
@@ -354,9 +380,13 @@ function semanticErrors(raw: unknown): string[] {
       fail(where, (e as Error).message);
     }
   };
+  /** A backend's address text (`"host:port"` or `{ "address": … }`) and where it is. */
+  const backendAt = (where: PropertyKey[], b: unknown): [PropertyKey[], unknown] =>
+    typeof b === "string" ? [where, b] : [[...where, "address"], obj(b).address];
   const isDynamic = (b: unknown) => {
+    const text = backendAt([], b)[1];
     try {
-      return typeof b === "string" && parseBackend(b).dynamic;
+      return typeof text === "string" && parseBackend(text).dynamic;
     } catch {
       return false;
     }
@@ -365,7 +395,9 @@ function semanticErrors(raw: unknown): string[] {
     list(routes).forEach((r, i) => {
       const route = obj(r);
       check([...at, i, "match"], route.match, compilePattern);
-      list(route.backends).forEach((b, j) => check([...at, i, "backends", j], b, parseBackend));
+      list(route.backends).forEach((b, j) =>
+        check(...backendAt([...at, i, "backends", j], b), parseBackend)
+      );
       list(route.allow).forEach((a, j) => check([...at, i, "allow", j], a, compilePattern));
       list(route.allow_addresses).forEach((c, j) =>
         check([...at, i, "allow_addresses", j], c, parseCidr)
@@ -512,7 +544,12 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
     defaultBackend?: string,
   ): RouteTableConfig => ({
     routes: routes.map((r, i): RouteConfig => {
-      const backends = r.backends.map(parseBackend);
+      const backends = r.backends.map((b): RouteBackend => ({
+        ...parseBackend(b.address),
+        weight: b.weight,
+        backup: b.backup,
+        maxConnections: b.max_connections ?? 0,
+      }));
       const dynamic = backends.some((b) => b.dynamic);
       return {
         match: compilePattern(r.match),

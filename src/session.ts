@@ -48,7 +48,8 @@ export type CloseReason =
   | "address_denied"
   | "resource_exhausted"
   | "bad_proxy_header"
-  | "acl_denied";
+  | "acl_denied"
+  | "backend_full";
 
 /** What a session needs from the proxy around it. */
 export interface SessionContext {
@@ -162,7 +163,15 @@ export class Session {
       while (!this.#backendConn) {
         const b = pool.pick(clientIp, tried);
         if (!b) {
-          if (tried.size === 0) {
+          if (pool.allFull(tried)) {
+            reason = "backend_full";
+            bursts.warn(
+              `full:${pool.name}`,
+              `every backend of route "${pool.name}" that is up is at its max_connections: ` +
+                `refusing ${this.#clientAddr}`,
+            );
+            await this.#refuse(true);
+          } else if (tried.size === 0) {
             reason = "no_backend";
             log.warn(`all backends of route "${pool.name}" are down: refusing ${this.#clientAddr}`);
             await this.#refuse(true);
@@ -569,7 +578,7 @@ export class Session {
     );
   }
 
-  /** Tells the client no: no route (TLS alert / HTTP 421) or no backend up (alert / 503). */
+  /** Tells the client no: no route (TLS alert / HTTP 421), no backend up or free (alert / 503). */
   async #refuse(noBackend = false): Promise<void> {
     const tls = this.#ctx.protocol === "tls";
     const msg = noBackend

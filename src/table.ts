@@ -53,6 +53,7 @@ export function buildTables(config: Config): RoutingTables {
       r.proxyProtocol,
       r.health,
       r.internal,
+      config.workers,
     );
   };
   const table = (name: string, t: RouteTableConfig): RoutingTable => ({

@@ -436,26 +436,59 @@ Deno.test("allow_private and allow_addresses: $sni routes only, CIDRs with their
   assert.ok(both.some((x) => x.startsWith("routes[0].allow_addresses[0]:")), both.join("\n"));
 });
 
-Deno.test("alpn: values and paths", () => {
+Deno.test("alpn and weighted/backup/limited backends: values and paths", () => {
   const c = resolveConfig({
     ...base,
     routes: [
       { match: "a.test", alpn: ["acme-tls/1"], backends: ["127.0.0.1:9001"] },
-      { match: "a.test", backends: ["127.0.0.1:9002"] },
+      {
+        match: "a.test",
+        backends: [
+          "127.0.0.1:9002",
+          { address: "[::1]:9003", weight: 3, max_connections: 100 },
+          { address: "backup.test:9004", backup: true },
+        ],
+      },
     ],
   }, "/c.json");
   assert.deepEqual(c.routes[0].alpn, ["acme-tls/1"]);
   assert.equal(c.routes[1].alpn, null, "no alpn: any hello");
+  assert.deepEqual(
+    c.routes[1].backends.map((b) => [b.text, b.host, b.weight, b.backup, b.maxConnections]),
+    [
+      ["127.0.0.1:9002", "127.0.0.1", 1, false, 0],
+      ["[::1]:9003", "::1", 3, false, 100],
+      ["backup.test:9004", "backup.test", 1, true, 0],
+    ],
+  );
+
   const errors = errorsOf({
     ...base,
-    routes: [
-      { match: "a.test", alpn: ["", 7], backends: ["127.0.0.1:1"] },
-      { match: "b.test", alpn: [], backends: ["127.0.0.1:1"] },
-    ],
+    routes: [{
+      match: "a.test",
+      alpn: [""],
+      backends: [
+        { address: "127.0.0.1:0", weight: 0 },
+        { address: "$sni:443", backup: "yes", max_connections: 0 },
+        { weight: 2 },
+        { address: "127.0.0.1:1", priority: 1 },
+        7,
+      ],
+    }, { match: "b.test", alpn: [], backends: ["127.0.0.1:1"] }],
   });
-  for (
-    const e of ["routes[0].alpn[0]:", "routes[0].alpn[1]:", "routes[1].alpn: at least one protocol"]
-  ) {
+  const expect = [
+    "routes[0].alpn[0]:",
+    "routes[0].backends[0].weight:",
+    "routes[0].backends[0].address: port out of range (1-65535)",
+    "routes[0].backends[1].backup:",
+    "routes[0].backends[1].max_connections:",
+    "routes[0].allow: a route with a $sni backend needs an allow list",
+    "routes[0].backends[2].address:",
+    'routes[0].backends[3]: Unrecognized key: "priority"',
+    'routes[0].backends[4]: expected "host:port" or',
+    "routes[1].alpn: at least one protocol",
+  ];
+  for (const e of expect) {
     assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
   }
 });
@@ -488,4 +521,5 @@ Deno.test("the README's example config is valid", async () => {
   const example = /```json\n([\s\S]*?)\n```/.exec(section)![1];
   const c = resolveConfig(JSON.parse(example), "/etc/sni-proxy/config.json");
   assert.deepEqual(c.routes[0].alpn, ["acme-tls/1"]);
+  assert.ok(c.routes[2].backends.some((b) => b.backup));
 });
