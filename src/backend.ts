@@ -11,6 +11,7 @@
  */
 import type { BackendAddress, Balance, HealthConfig, RouteBackend } from "./config.ts";
 import type { InternalPolicy } from "./dialguard.ts";
+import type { FingerprintPatterns } from "./fingerprint.ts";
 import { localResourceError, localResourceHint } from "./fdbudget.ts";
 import { BurstLog, logger } from "./log.ts";
 
@@ -47,6 +48,8 @@ export class BackendPool {
   readonly name: string;
   /** For dynamic backends: the internal addresses they may be dialled at (see dialguard.ts). */
   readonly internal: InternalPolicy | null;
+  /** The route's refused TLS fingerprints, or null. */
+  denyFingerprints: FingerprintPatterns | null = null;
   readonly #health: HealthConfig;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #stopped = false;

@@ -8,6 +8,7 @@ import { dirname, resolve as resolvePath } from "node:path";
 import { z } from "zod";
 import { type Cidr, isIpAddress, parseCidr } from "./acl.ts";
 import type { InternalPolicy } from "./dialguard.ts";
+import { compileFingerprintPatterns, type FingerprintPatterns } from "./fingerprint.ts";
 import { compilePattern, type NamePattern } from "./router.ts";
 
 /** How a route picks one of its backends. */
@@ -69,6 +70,8 @@ export interface RouteConfig {
   /** PROXY protocol header to send to the backend before the client's bytes. */
   proxyProtocol: "v1" | "v2" | null;
   health: HealthConfig;
+  /** Clients whose TLS fingerprint matches are refused; null: none. */
+  denyFingerprints: FingerprintPatterns | null;
 }
 
 /** A route table: ordered routes and the backend for names none of them takes. */
@@ -98,7 +101,7 @@ export interface Config {
   tables: Record<string, RouteTableConfig>;
   timeouts: { clientHelloMs: number; connectMs: number; idleMs: number; drainMs: number };
   limits: { maxConnections: number; maxClientHelloBytes: number };
-  acl: { allow: Cidr[]; deny: Cidr[] };
+  acl: { allow: Cidr[]; deny: Cidr[]; denyFingerprints: FingerprintPatterns | null };
   log: {
     level: "debug" | "info" | "warning" | "error";
     file: string | null;
@@ -186,6 +189,13 @@ const backendSchema = z.preprocess(
   }),
 );
 
+/** JA4 / JA3 fingerprints, `*` matching any run of characters. */
+const fingerprintsSchema = z.array(
+  z.string().regex(/^[a-z0-9_*]{1,64}$/, {
+    error: "not a JA4 or JA3 fingerprint (lower-case letters, digits, _ and * only)",
+  }),
+).default([]);
+
 const routeSchema = z.strictObject({
   match: z.string(),
   alpn: z.array(z.string().min(1).max(255)).min(1, { error: "at least one protocol" })
@@ -198,6 +208,7 @@ const routeSchema = z.strictObject({
   allow_private: z.boolean().default(false),
   allow_addresses: z.array(z.string()).default([]),
   proxy_protocol: z.enum(["v1", "v2"]).optional(),
+  deny_fingerprints: fingerprintsSchema,
   health: z.strictObject({
     max_fails: z.number().int().min(1).max(1000).default(3),
     fail_timeout_ms: ms(10_000),
@@ -239,6 +250,7 @@ const schema = z.strictObject({
   acl: z.strictObject({
     allow: z.array(z.string()).default([]),
     deny: z.array(z.string()).default([]),
+    deny_fingerprints: fingerprintsSchema,
   }).prefault({}),
   log: z.strictObject({
     level: z.enum(["debug", "info", "warning", "error"]).default("info"),
@@ -484,16 +496,17 @@ function configWarnings(c: ConfigSource): string[] {
       );
     }
   }
-  // an HTTP request has no ALPN: such a route cannot match there
+  // an HTTP request has no ALPN and no TLS fingerprint: such route fields cannot apply there
   for (const name of new Set(c.listeners.map((l) => l.table))) {
     if (c.listeners.some((l) => l.table === name && l.protocol === "tls")) continue;
     const at = name === DEFAULT_TABLE ? "routes" : `tables.${name}.routes`;
     const routes = name === DEFAULT_TABLE ? c.routes : c.tables[name]?.routes ?? [];
     routes.forEach((r, i) => {
-      if (r.alpn) {
+      const fields = [r.alpn && "alpn", r.deny_fingerprints.length > 0 && "deny_fingerprints"];
+      for (const field of fields.filter((f) => f)) {
         warnings.push(
-          `${at}[${i}].alpn: only HTTP listeners serve this table, and an HTTP request ` +
-            `has no ALPN (the route never matches)`,
+          `${at}[${i}].${field}: only HTTP listeners serve this table, and an HTTP request ` +
+            `has no ${field === "alpn" ? "ALPN (the route never matches)" : "TLS fingerprint"}`,
         );
       }
     });
@@ -565,6 +578,7 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
           }
           : null,
         proxyProtocol: r.proxy_protocol ?? null,
+        denyFingerprints: compileFingerprintPatterns(r.deny_fingerprints),
         health: {
           maxFails: r.health.max_fails,
           failTimeoutMs: r.health.fail_timeout_ms,
@@ -611,7 +625,11 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
       maxConnections: c.limits.max_connections,
       maxClientHelloBytes: c.limits.max_client_hello_bytes,
     },
-    acl: { allow: c.acl.allow.map(parseCidr), deny: c.acl.deny.map(parseCidr) },
+    acl: {
+      allow: c.acl.allow.map(parseCidr),
+      deny: c.acl.deny.map(parseCidr),
+      denyFingerprints: compileFingerprintPatterns(c.acl.deny_fingerprints),
+    },
     log: {
       level: c.log.level,
       file: rel(c.log.file, logDir),

@@ -24,6 +24,9 @@ export interface AccessEntry {
   sni: string | null;
   /** TLS listeners: the ALPN protocols the client offered, in its order. */
   alpn?: string[];
+  /** TLS listeners: the hello's JA4 and JA3 fingerprints (src/fingerprint.ts). */
+  ja4?: string;
+  ja3?: string;
   route: string | null;
   backend: string | null;
   bytes_up: number;

@@ -7,6 +7,7 @@
 import { BackendPool } from "./backend.ts";
 import type { Backend } from "./backend.ts";
 import { type ClientHello, ClientHelloError, ClientHelloParser } from "./clienthello.ts";
+import type { FingerprintPatterns } from "./fingerprint.ts";
 import {
   AddressDeniedError,
   type DeniedAddress,
@@ -49,6 +50,7 @@ export type CloseReason =
   | "resource_exhausted"
   | "bad_proxy_header"
   | "acl_denied"
+  | "fingerprint_denied"
   | "backend_full";
 
 /** What a session needs from the proxy around it. */
@@ -77,6 +79,8 @@ export interface SessionContext {
 const ALERT_UNRECOGNIZED_NAME = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70]);
 /** TLS fatal alert `internal_error` (80), sent when every backend of the route is down. */
 const ALERT_INTERNAL_ERROR = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50]);
+/** TLS fatal alert `handshake_failure` (40), sent to a client refused by its fingerprint. */
+const ALERT_HANDSHAKE_FAILURE = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]);
 const HTTP_MISDIRECTED = new TextEncoder().encode(
   "HTTP/1.1 421 Misdirected Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
 );
@@ -151,10 +155,20 @@ export class Session {
         error = this.#earlyError;
         return;
       }
+      if (this.#fingerprintDenied(this.#ctx.table.config.acl.denyFingerprints, "acl")) {
+        reason = "fingerprint_denied";
+        await this.#refuse(ALERT_HANDSHAKE_FAILURE);
+        return;
+      }
       const pool = this.#route_(name);
       if (!pool) {
         reason = "no_route";
         await this.#refuse();
+        return;
+      }
+      if (this.#fingerprintDenied(pool.denyFingerprints, `route "${pool.name}"`)) {
+        reason = "fingerprint_denied";
+        await this.#refuse(ALERT_HANDSHAKE_FAILURE);
         return;
       }
       // try backends until one connects: a failed one is marked (passive health) and skipped
@@ -302,7 +316,7 @@ export class Session {
     const { clientHelloMs } = this.#ctx.table.config.timeouts;
     const max = this.#ctx.table.config.limits.maxClientHelloBytes;
     const parser = this.#ctx.protocol === "tls"
-      ? new ClientHelloParser(max)
+      ? new ClientHelloParser(max, this.#ctx.table.fingerprints)
       : new HttpHostParser(max);
     const timer = setTimeout(() => this.stop("client_hello_timeout"), clientHelloMs);
     let header: Uint8Array | null = this.#ctx.trustedProxy ? new Uint8Array(0) : null;
@@ -578,10 +592,31 @@ export class Session {
     );
   }
 
-  /** Tells the client no: no route (TLS alert / HTTP 421), no backend up or free (alert / 503). */
-  async #refuse(noBackend = false): Promise<void> {
+  /**
+   * Whether `patterns` refuse this client's fingerprint (logged once per burst of `by`, which
+   * names the ACL or the route).
+   */
+  #fingerprintDenied(patterns: FingerprintPatterns | null, by: string): boolean {
+    const fp = this.#hello?.fingerprints;
+    const hit = patterns && fp ? patterns.match(fp.ja4, fp.ja3) : null;
+    if (hit === null) return false;
+    bursts.warn(
+      `fingerprint:${by}:${hit}`,
+      `${by}: refusing ${this.#clientAddr}: its TLS fingerprint matches "${hit}" ` +
+        `(ja4 ${fp!.ja4}, ja3 ${fp!.ja3})`,
+    );
+    return true;
+  }
+
+  /**
+   * Tells the client no: no route (TLS alert / HTTP 421), no backend up or free (alert / 503),
+   * or the TLS alert `msg`.
+   */
+  async #refuse(noBackend: boolean | Uint8Array = false): Promise<void> {
     const tls = this.#ctx.protocol === "tls";
-    const msg = noBackend
+    const msg = noBackend instanceof Uint8Array
+      ? noBackend
+      : noBackend
       ? (tls ? ALERT_INTERNAL_ERROR : HTTP_UNAVAILABLE)
       : (tls ? ALERT_UNRECOGNIZED_NAME : HTTP_MISDIRECTED);
     try {
@@ -695,6 +730,7 @@ export class Session {
       listener: this.#ctx.listener,
       sni: this.#sni,
       ...(this.#hello ? { alpn: this.#hello.alpn } : {}),
+      ...(this.#hello?.fingerprints ?? {}),
       route: this.#route,
       backend: this.#backend,
       bytes_up: up,

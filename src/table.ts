@@ -19,6 +19,8 @@ export interface RoutingTable {
   router: Router<BackendPool>;
   defaultPool: BackendPool | null;
   acl: Acl;
+  /** Whether sessions compute the hello's fingerprints (access log, or patterns to check). */
+  fingerprints: boolean;
 }
 
 /** The routing tables of one config. */
@@ -46,7 +48,7 @@ export function buildTables(config: Config): RoutingTables {
   const acl = new Acl(config.acl.allow, config.acl.deny);
   const pool = (r: RouteTableConfig["routes"][number]) => {
     // two routes may share a `match` and differ by ALPN: the name tells them apart in logs
-    return new BackendPool(
+    const p = new BackendPool(
       r.alpn ? `${r.match.text} alpn=${r.alpn.join(",")}` : r.match.text,
       r.backends,
       r.balance,
@@ -55,6 +57,8 @@ export function buildTables(config: Config): RoutingTables {
       r.internal,
       config.workers,
     );
+    p.denyFingerprints = r.denyFingerprints;
+    return p;
   };
   const table = (name: string, t: RouteTableConfig): RoutingTable => ({
     config,
@@ -69,6 +73,8 @@ export function buildTables(config: Config): RoutingTables {
       ? new BackendPool("default_backend", [t.defaultBackend], "round_robin")
       : null,
     acl,
+    fingerprints: config.log.accessLog !== null || config.acl.denyFingerprints !== null ||
+      t.routes.some((r) => r.denyFingerprints !== null),
   });
   // tables no listener serves get no pools (and so no health checks)
   const used = new Set(config.listeners.map((l) => l.table));

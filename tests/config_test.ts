@@ -436,7 +436,7 @@ Deno.test("allow_private and allow_addresses: $sni routes only, CIDRs with their
   assert.ok(both.some((x) => x.startsWith("routes[0].allow_addresses[0]:")), both.join("\n"));
 });
 
-Deno.test("alpn and weighted/backup/limited backends: values and paths", () => {
+Deno.test("alpn, weighted/backup/limited backends and deny_fingerprints: values and paths", () => {
   const c = resolveConfig({
     ...base,
     routes: [
@@ -448,8 +448,10 @@ Deno.test("alpn and weighted/backup/limited backends: values and paths", () => {
           { address: "[::1]:9003", weight: 3, max_connections: 100 },
           { address: "backup.test:9004", backup: true },
         ],
+        deny_fingerprints: ["t13d1516h2_8daaf6152771_*"],
       },
     ],
+    acl: { deny_fingerprints: ["0149f47eabf9a20d0893e2a44e5a6323"] },
   }, "/c.json");
   assert.deepEqual(c.routes[0].alpn, ["acme-tls/1"]);
   assert.equal(c.routes[1].alpn, null, "no alpn: any hello");
@@ -461,6 +463,9 @@ Deno.test("alpn and weighted/backup/limited backends: values and paths", () => {
       ["backup.test:9004", "backup.test", 1, true, 0],
     ],
   );
+  assert.deepEqual(c.routes[1].denyFingerprints?.texts, ["t13d1516h2_8daaf6152771_*"]);
+  assert.equal(c.routes[0].denyFingerprints, null);
+  assert.deepEqual(c.acl.denyFingerprints?.texts, ["0149f47eabf9a20d0893e2a44e5a6323"]);
 
   const errors = errorsOf({
     ...base,
@@ -474,7 +479,9 @@ Deno.test("alpn and weighted/backup/limited backends: values and paths", () => {
         { address: "127.0.0.1:1", priority: 1 },
         7,
       ],
+      deny_fingerprints: ["T13D*"],
     }, { match: "b.test", alpn: [], backends: ["127.0.0.1:1"] }],
+    acl: { deny_fingerprints: ["ja4 with spaces"] },
   });
   const expect = [
     "routes[0].alpn[0]:",
@@ -486,14 +493,16 @@ Deno.test("alpn and weighted/backup/limited backends: values and paths", () => {
     "routes[0].backends[2].address:",
     'routes[0].backends[3]: Unrecognized key: "priority"',
     'routes[0].backends[4]: expected "host:port" or',
+    "routes[0].deny_fingerprints[0]: not a JA4 or JA3 fingerprint",
     "routes[1].alpn: at least one protocol",
+    "acl.deny_fingerprints[0]: not a JA4 or JA3 fingerprint",
   ];
   for (const e of expect) {
     assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
   }
 });
 
-Deno.test("alpn on a table only HTTP listeners serve is warned about", () => {
+Deno.test("alpn and deny_fingerprints on a table only HTTP listeners serve are warned about", () => {
   const c = resolveConfig({
     listeners: [
       { address: "127.0.0.1:8443" },
@@ -505,6 +514,7 @@ Deno.test("alpn on a table only HTTP listeners serve is warned about", () => {
         routes: [{
           match: "a.test",
           alpn: ["h2"],
+          deny_fingerprints: ["t13*"],
           backends: ["127.0.0.1:9080"],
         }],
       },
@@ -512,6 +522,7 @@ Deno.test("alpn on a table only HTTP listeners serve is warned about", () => {
   }, "/c.json");
   assert.deepEqual(c.warnings.map((w) => w.split(":")[0]), [
     "tables.plain.routes[0].alpn",
+    "tables.plain.routes[0].deny_fingerprints",
   ]);
 });
 
