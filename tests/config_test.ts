@@ -16,6 +16,13 @@ function errorsOf(raw: unknown): string[] {
   assert.fail("config was accepted");
 }
 
+/** Asserts that `errors` has one starting with each of `prefixes`. */
+function assertErrors(errors: string[], prefixes: string[]): void {
+  for (const e of prefixes) {
+    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
+  }
+}
+
 Deno.test("a minimal config gets the documented defaults", () => {
   const c = resolveConfig(base, "/etc/sni/config.json");
   assert.equal(c.listeners[0].protocol, "tls");
@@ -93,9 +100,7 @@ Deno.test("every error names the JSON path of the bad field, all at once", () =>
     'acl.deny[1]: not an IP address: "not-an-ip"',
     'default_backend: expected "host:port"',
   ];
-  for (const e of expect) {
-    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
-  }
+  assertErrors(errors, expect);
 });
 
 Deno.test("schema errors name their path: types, enums, unknown keys, missing fields", () => {
@@ -148,9 +153,7 @@ Deno.test("schema errors and cross-field errors are listed together, in one run"
     'dns.servers[0]: "not-an-ip" is not an IP address',
     'listeners[0].table: no table "htp" (tables: default)',
   ];
-  for (const e of expect) {
-    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
-  }
+  assertErrors(errors, expect);
   assert.equal(new Set(errors).size, errors.length, `an error is listed twice:\n${errors}`);
   // a default the file leaves out still takes part: max_ttl_s defaults to 3600
   assert.ok(
@@ -237,18 +240,14 @@ Deno.test("route tables: listeners[].table picks one, routes is the default tabl
       },
     },
   });
-  for (
-    const e of [
-      'listeners[0].table: no table "nope" (tables: default, bad name, t)',
-      'tables.default: "default" is the table of the top-level routes',
-      "tables.bad name: a table name is 1-64 letters, digits, _ or -",
-      "tables.t.routes[0].allow: a route with a $sni backend needs an allow list",
-      "tables.t.routes[1].backends[0]: port out of range",
-      'tables.t.default_backend: expected "host:port"',
-    ]
-  ) {
-    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
-  }
+  assertErrors(errors, [
+    'listeners[0].table: no table "nope" (tables: default, bad name, t)',
+    'tables.default: "default" is the table of the top-level routes',
+    "tables.bad name: a table name is 1-64 letters, digits, _ or -",
+    "tables.t.routes[0].allow: a route with a $sni backend needs an allow list",
+    "tables.t.routes[1].backends[0]: port out of range",
+    'tables.t.default_backend: expected "host:port"',
+  ]);
 });
 
 Deno.test("a reload names every field it cannot apply and keeps their running values", () => {
@@ -411,16 +410,12 @@ Deno.test("allow_private and allow_addresses: $sni routes only, CIDRs with their
       },
     ],
   });
-  for (
-    const e of [
-      "routes[0].allow_private: only a route with a $sni backend can use it",
-      "routes[1].allow_addresses: only a route with a $sni backend can use it",
-      "routes[2].allow_addresses[0]: prefix length must be 0-32",
-      'routes[2].allow_addresses[1]: not an IP address: "nope"',
-    ]
-  ) {
-    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
-  }
+  assertErrors(errors, [
+    "routes[0].allow_private: only a route with a $sni backend can use it",
+    "routes[1].allow_addresses: only a route with a $sni backend can use it",
+    "routes[2].allow_addresses[0]: prefix length must be 0-32",
+    'routes[2].allow_addresses[1]: not an IP address: "nope"',
+  ]);
   // a schema error elsewhere still lists the bad CIDR, and a non-boolean allow_private
   const both = errorsOf({
     ...base,
@@ -497,9 +492,7 @@ Deno.test("alpn, weighted/backup/limited backends and deny_fingerprints: values 
     "routes[1].alpn: at least one protocol",
     "acl.deny_fingerprints[0]: not a JA4 or JA3 fingerprint",
   ];
-  for (const e of expect) {
-    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
-  }
+  assertErrors(errors, expect);
 });
 
 Deno.test("alpn and deny_fingerprints on a table only HTTP listeners serve are warned about", () => {
