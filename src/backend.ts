@@ -38,6 +38,19 @@ export interface Backend {
   downUntil: number;
 }
 
+/** What a pool takes from its route besides the backends and the balancing mode. */
+export interface PoolOptions {
+  /** PROXY protocol version to send to the backends (default none). */
+  proxyProtocol?: "v1" | "v2" | null;
+  health?: HealthConfig;
+  /** For dynamic backends: the internal addresses they may be dialled at. */
+  internal?: InternalPolicy | null;
+  /** Processes sharing each backend's `max_connections` (each gets its share); default 1. */
+  workers?: number;
+  /** The route's refused TLS fingerprints. */
+  denyFingerprints?: FingerprintPatterns | null;
+}
+
 /** The backends of one route, with the route's balancing mode and health settings. */
 export class BackendPool {
   readonly backends: Backend[];
@@ -49,26 +62,22 @@ export class BackendPool {
   /** For dynamic backends: the internal addresses they may be dialled at (see dialguard.ts). */
   readonly internal: InternalPolicy | null;
   /** The route's refused TLS fingerprints, or null. */
-  denyFingerprints: FingerprintPatterns | null = null;
+  readonly denyFingerprints: FingerprintPatterns | null;
   readonly #health: HealthConfig;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #stopped = false;
 
-  /**
-   * `addresses`: the route's backends; a plain address is a primary of weight 1 without limit.
-   * `workers`: processes sharing each backend's `max_connections` (each gets its share).
-   */
+  /** `addresses`: the route's backends; a plain address is a primary of weight 1 without limit. */
   constructor(
     name: string,
     addresses: (BackendAddress & Partial<RouteBackend>)[],
     balance: Balance,
-    proxyProtocol: "v1" | "v2" | null = null,
-    health: HealthConfig = { maxFails: 3, failTimeoutMs: 10_000, active: null },
-    internal: InternalPolicy | null = null,
-    workers = 1,
+    options: PoolOptions = {},
   ) {
+    const workers = options.workers ?? 1;
     this.name = name;
-    this.internal = internal;
+    this.internal = options.internal ?? null;
+    this.denyFingerprints = options.denyFingerprints ?? null;
     this.backends = addresses.map((address) => ({
       address,
       weight: address.weight ?? 1,
@@ -82,8 +91,8 @@ export class BackendPool {
       downUntil: 0,
     }));
     this.balance = balance;
-    this.proxyProtocol = proxyProtocol;
-    this.#health = health;
+    this.proxyProtocol = options.proxyProtocol ?? null;
+    this.#health = options.health ?? { maxFails: 3, failTimeoutMs: 10_000, active: null };
   }
 
   /** Whether `b` may be picked now. */

@@ -48,17 +48,18 @@ export function buildTables(config: Config): RoutingTables {
   const acl = new Acl(config.acl.allow, config.acl.deny);
   const pool = (r: RouteTableConfig["routes"][number]) => {
     // two routes may share a `match` and differ by ALPN: the name tells them apart in logs
-    const p = new BackendPool(
+    return new BackendPool(
       r.alpn ? `${r.match.text} alpn=${r.alpn.join(",")}` : r.match.text,
       r.backends,
       r.balance,
-      r.proxyProtocol,
-      r.health,
-      r.internal,
-      config.workers,
+      {
+        proxyProtocol: r.proxyProtocol,
+        health: r.health,
+        internal: r.internal,
+        workers: config.workers,
+        denyFingerprints: r.denyFingerprints,
+      },
     );
-    p.denyFingerprints = r.denyFingerprints;
-    return p;
   };
   const table = (name: string, t: RouteTableConfig): RoutingTable => ({
     config,

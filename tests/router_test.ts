@@ -131,10 +131,8 @@ Deno.test("balancing: round robin rotates, source hash sticks, least_conn picks 
 Deno.test("passive health: max_fails connect failures take a backend out for fail_timeout_ms", async () => {
   const addrs = [1, 2].map((i) => ({ text: `h${i}:1`, host: `h${i}`, port: 1, dynamic: false }));
   for (const mode of ["round_robin", "random", "least_conn", "source_hash"] as const) {
-    const pool = new BackendPool("r", addrs, mode, null, {
-      maxFails: 2,
-      failTimeoutMs: 200,
-      active: null,
+    const pool = new BackendPool("r", addrs, mode, {
+      health: { maxFails: 2, failTimeoutMs: 200, active: null },
     });
     const [h1, h2] = pool.backends;
     pool.connectFailed(h1, "refused");
@@ -168,10 +166,8 @@ function pool(mode: "round_robin" | "random" | "least_conn" | "source_hash", ...
     dynamic: false,
     ...spec,
   }));
-  return new BackendPool("r", addrs, mode, null, {
-    maxFails: 1,
-    failTimeoutMs: 60_000,
-    active: null,
+  return new BackendPool("r", addrs, mode, {
+    health: { maxFails: 1, failTimeoutMs: 60_000, active: null },
   });
 }
 
@@ -256,10 +252,7 @@ Deno.test("max_connections: a full backend is skipped; all full is told apart fr
     "r",
     [{ text: "h:1", host: "h", port: 1, dynamic: false, maxConnections: 5 }],
     "round_robin",
-    null,
-    undefined,
-    null,
-    2,
+    { workers: 2 },
   );
   assert.equal(split.backends[0].maxConnections, 3, "two workers share 5 as 3 each");
 });
