@@ -13,6 +13,7 @@ import type { BackendAddress, Balance, HealthConfig, RouteBackend } from "./conf
 import type { InternalPolicy } from "./dialguard.ts";
 import type { FingerprintPatterns } from "./fingerprint.ts";
 import { localResourceError, localResourceHint } from "./fdbudget.ts";
+import type { ProxyTlv } from "./proxyproto.ts";
 import { BurstLog, logger } from "./log.ts";
 
 const log = logger("backend");
@@ -42,6 +43,8 @@ export interface Backend {
 export interface PoolOptions {
   /** PROXY protocol version to send to the backends (default none). */
   proxyProtocol?: "v1" | "v2" | null;
+  /** The v2 TLVs to add to the header (default none). */
+  proxyTlvs?: readonly ProxyTlv[];
   health?: HealthConfig;
   /** For dynamic backends: the internal addresses they may be dialled at. */
   internal?: InternalPolicy | null;
@@ -57,6 +60,8 @@ export class BackendPool {
   readonly balance: Balance;
   /** PROXY protocol version to send to these backends, or null. */
   readonly proxyProtocol: "v1" | "v2" | null;
+  /** The TLVs of a v2 header ([] for none). */
+  readonly proxyTlvs: readonly ProxyTlv[];
   /** For log lines: the route's `match`. */
   readonly name: string;
   /** For dynamic backends: the internal addresses they may be dialled at (see dialguard.ts). */
@@ -78,6 +83,7 @@ export class BackendPool {
     this.name = name;
     this.internal = options.internal ?? null;
     this.denyFingerprints = options.denyFingerprints ?? null;
+    this.proxyTlvs = options.proxyTlvs ?? [];
     this.backends = addresses.map((address) => ({
       address,
       weight: address.weight ?? 1,

@@ -9,6 +9,7 @@ import { z } from "zod";
 import { type Cidr, isIpAddress, parseCidr } from "./acl.ts";
 import type { InternalPolicy } from "./dialguard.ts";
 import { compileFingerprintPatterns, type FingerprintPatterns } from "./fingerprint.ts";
+import type { ProxyTlv } from "./proxyproto.ts";
 import { compilePattern, type NamePattern } from "./router.ts";
 
 /** How a route picks one of its backends. */
@@ -69,6 +70,8 @@ export interface RouteConfig {
   internal: InternalPolicy | null;
   /** PROXY protocol header to send to the backend before the client's bytes. */
   proxyProtocol: "v1" | "v2" | null;
+  /** TLVs to add to a v2 header. */
+  proxyTlvs: ProxyTlv[];
   health: HealthConfig;
   /** Clients whose TLS fingerprint matches are refused; null: none. */
   denyFingerprints: FingerprintPatterns | null;
@@ -208,6 +211,7 @@ const routeSchema = z.strictObject({
   allow_private: z.boolean().default(false),
   allow_addresses: z.array(z.string()).default([]),
   proxy_protocol: z.enum(["v1", "v2"]).optional(),
+  proxy_protocol_tlvs: z.array(z.enum(["authority", "alpn", "unique_id"])).default([]),
   deny_fingerprints: fingerprintsSchema,
   health: z.strictObject({
     max_fails: z.number().int().min(1).max(1000).default(3),
@@ -423,6 +427,12 @@ function semanticErrors(raw: unknown): string[] {
             "(otherwise it is an open proxy)",
         );
       }
+      if (list(route.proxy_protocol_tlvs).length > 0 && route.proxy_protocol !== "v2") {
+        fail(
+          [...at, i, "proxy_protocol_tlvs"],
+          'TLVs are part of PROXY protocol v2 only: set proxy_protocol to "v2"',
+        );
+      }
       const optIn = {
         allow_private: route.allow_private === true,
         allow_addresses: list(route.allow_addresses).length > 0,
@@ -578,6 +588,7 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
           }
           : null,
         proxyProtocol: r.proxy_protocol ?? null,
+        proxyTlvs: [...new Set(r.proxy_protocol_tlvs)],
         denyFingerprints: compileFingerprintPatterns(r.deny_fingerprints),
         health: {
           maxFails: r.health.max_fails,

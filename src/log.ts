@@ -29,6 +29,8 @@ export interface AccessEntry {
   ja3?: string;
   route: string | null;
   backend: string | null;
+  /** The connection id sent to the backend (PROXY v2 UNIQUE_ID TLV), when the route sends one. */
+  conn_id?: string;
   bytes_up: number;
   bytes_down: number;
   duration_ms: number;

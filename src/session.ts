@@ -28,6 +28,8 @@ import {
   parseProxyHeader,
   proxyHeader,
   ProxyHeaderError,
+  type ProxyTlv,
+  type ProxyTlvValues,
   type ReceivedProxyHeader,
 } from "./proxyproto.ts";
 import { resolveHost } from "./resolver.ts";
@@ -99,6 +101,13 @@ class Stopped extends Error {}
 /** The warning that spliced sockets cannot leave Deno's event loop was logged. */
 let detachWarned = false;
 
+/** This process's part of every connection id: random, so ids stay unique across restarts. */
+const connIdPrefix = Array.from(
+  crypto.getRandomValues(new Uint8Array(6)),
+  (b) => b.toString(16).padStart(2, "0"),
+).join("");
+let connIds = 0;
+
 /** One accepted client connection. */
 export class Session {
   readonly #client: Deno.TcpConn;
@@ -122,6 +131,10 @@ export class Session {
   /** Bytes known not delivered when a stalled drain cut the connection. */
   #undelivered = { up: 0, down: 0 };
   #route: string | null = null;
+  /** The ALPN protocols of the route taken (null: a route without `alpn`). */
+  #routeAlpn: readonly string[] | null = null;
+  /** The id sent to the backend in a PROXY v2 UNIQUE_ID TLV, also logged; null when none. */
+  #connId: string | null = null;
   /** The backend for the access log: a dynamic one by the name it was dialled by. */
   #backend: string | null = null;
   /** The backend for the metrics: as configured (`$sni:443`), so the label set stays bounded. */
@@ -248,6 +261,7 @@ export class Session {
           pool.proxyProtocol,
           this.#clientNet,
           this.#serverNet,
+          pool.proxyTlvs.length ? this.#tlvValues(pool.proxyTlvs) : undefined,
         );
         this.#headerBytes = header.length;
         first = new Uint8Array(header.length + first.length);
@@ -558,6 +572,7 @@ export class Session {
     const found = router.lookup(name, this.#hello?.alpn);
     if (found.kind === "route") {
       this.#route = found.route.target.name;
+      this.#routeAlpn = found.route.alpn;
       return found.route.target;
     }
     if (found.kind === "not_allowed") {
@@ -574,6 +589,24 @@ export class Session {
       `${this.#clientAddr}: no route for ${name === null ? "a hello without SNI" : `"${name}"`}`,
     );
     return null;
+  }
+
+  /**
+   * The values of the PROXY v2 TLVs `tlvs`: the requested name, the application protocol (the
+   * proxy does not see the server's choice: for a route with `alpn` the client's first offer
+   * the route lists, else the client's first offer) and a new connection id.
+   */
+  #tlvValues(tlvs: readonly ProxyTlv[]): ProxyTlvValues {
+    const offered = this.#hello?.alpn ?? [];
+    const routeAlpn = this.#routeAlpn;
+    if (tlvs.includes("unique_id")) this.#connId = `${connIdPrefix}-${(++connIds).toString(36)}`;
+    return {
+      authority: tlvs.includes("authority") ? this.#sni : null,
+      alpn: tlvs.includes("alpn")
+        ? (routeAlpn ? offered.find((p) => routeAlpn.includes(p)) : offered[0]) ?? null
+        : null,
+      uniqueId: this.#connId,
+    };
   }
 
   /** Logs, once per burst of its route and kind, that a backend address was refused. */
@@ -733,6 +766,7 @@ export class Session {
       ...(this.#hello?.fingerprints ?? {}),
       route: this.#route,
       backend: this.#backend,
+      ...(this.#connId ? { conn_id: this.#connId } : {}),
       bytes_up: up,
       bytes_down: down,
       duration_ms: Date.now() - this.#started,

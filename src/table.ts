@@ -54,6 +54,7 @@ export function buildTables(config: Config): RoutingTables {
       r.balance,
       {
         proxyProtocol: r.proxyProtocol,
+        proxyTlvs: r.proxyTlvs,
         health: r.health,
         internal: r.internal,
         workers: config.workers,

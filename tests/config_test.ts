@@ -527,3 +527,40 @@ Deno.test("the README's example config is valid", async () => {
   assert.deepEqual(c.routes[0].alpn, ["acme-tls/1"]);
   assert.ok(c.routes[2].backends.some((b) => b.backup));
 });
+
+Deno.test("proxy_protocol_tlvs: v2 only, known TLVs, each once", () => {
+  const c = resolveConfig({
+    ...base,
+    routes: [{
+      match: "a.test",
+      backends: ["127.0.0.1:1"],
+      proxy_protocol: "v2",
+      proxy_protocol_tlvs: ["unique_id", "authority", "unique_id"],
+    }],
+  }, "/c.json");
+  assert.deepEqual(c.routes[0].proxyTlvs, ["unique_id", "authority"]);
+  assert.deepEqual(resolveConfig(base, "/c.json").routes[0].proxyTlvs, []);
+  const errors = errorsOf({
+    ...base,
+    routes: [
+      { match: "a.test", backends: ["127.0.0.1:1"], proxy_protocol_tlvs: ["authority"] },
+      {
+        match: "b.test",
+        backends: ["127.0.0.1:1"],
+        proxy_protocol: "v1",
+        proxy_protocol_tlvs: ["alpn"],
+      },
+      {
+        match: "c.test",
+        backends: ["127.0.0.1:1"],
+        proxy_protocol: "v2",
+        proxy_protocol_tlvs: ["netns"],
+      },
+    ],
+  });
+  assertErrors(errors, [
+    'routes[0].proxy_protocol_tlvs: TLVs are part of PROXY protocol v2 only: set proxy_protocol to "v2"',
+    "routes[1].proxy_protocol_tlvs: TLVs are part of PROXY protocol v2 only",
+    "routes[2].proxy_protocol_tlvs[0]:",
+  ]);
+});
