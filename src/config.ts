@@ -10,6 +10,7 @@ import { type Cidr, isIpAddress, parseCidr } from "./acl.ts";
 import type { InternalPolicy } from "./dialguard.ts";
 import { compileFingerprintPatterns, type FingerprintPatterns } from "./fingerprint.ts";
 import type { ProxyTlv } from "./proxyproto.ts";
+import type { SourceLimits } from "./sourcelimit.ts";
 import { compilePattern, type NamePattern } from "./router.ts";
 
 /** How a route picks one of its backends. */
@@ -103,7 +104,12 @@ export interface Config {
   /** Every route table by name: `default` (the two fields above) and each of `tables`. */
   tables: Record<string, RouteTableConfig>;
   timeouts: { clientHelloMs: number; connectMs: number; idleMs: number; drainMs: number };
-  limits: { maxConnections: number; maxClientHelloBytes: number };
+  limits: {
+    maxConnections: number;
+    maxClientHelloBytes: number;
+    /** Per client address, checked at accept; null: no such limit. */
+    perSource: SourceLimits | null;
+  };
   acl: { allow: Cidr[]; deny: Cidr[]; denyFingerprints: FingerprintPatterns | null };
   log: {
     level: "debug" | "info" | "warning" | "error";
@@ -250,6 +256,11 @@ const schema = z.strictObject({
   limits: z.strictObject({
     max_connections: z.number().int().min(1).max(1_000_000).default(10_000),
     max_client_hello_bytes: z.number().int().min(512).max(1_048_576).default(16_384),
+    per_source: z.strictObject({
+      max_connections: z.number().int().min(1).max(1_000_000).optional(),
+      new_per_second: z.number().gt(0).max(1_000_000).optional(),
+      burst: z.number().int().min(1).max(1_000_000).optional(),
+    }).optional(),
   }).prefault({}),
   acl: z.strictObject({
     allow: z.array(z.string()).default([]),
@@ -479,6 +490,14 @@ function semanticErrors(raw: unknown): string[] {
   for (const key of ["allow", "deny"]) {
     list(obj(top.acl)[key]).forEach((c, i) => check(["acl", key, i], c, parseCidr));
   }
+  const perSource = obj(obj(top.limits).per_source);
+  if (obj(top.limits).per_source !== undefined) {
+    if (perSource.max_connections === undefined && perSource.new_per_second === undefined) {
+      fail(["limits", "per_source"], "set max_connections, new_per_second or both");
+    } else if (perSource.burst !== undefined && perSource.new_per_second === undefined) {
+      fail(["limits", "per_source", "burst"], "a burst needs limits.per_source.new_per_second");
+    }
+  }
   check(["metrics", "address"], obj(top.metrics).address, parseListener);
   const dns = obj(top.dns);
   list(dns.servers).forEach((s, i) => check(["dns", "servers", i], s, parseDnsServer));
@@ -635,6 +654,14 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
     limits: {
       maxConnections: c.limits.max_connections,
       maxClientHelloBytes: c.limits.max_client_hello_bytes,
+      perSource: c.limits.per_source
+        ? {
+          maxConnections: c.limits.per_source.max_connections ?? null,
+          newPerSecond: c.limits.per_source.new_per_second ?? null,
+          burst: c.limits.per_source.burst ??
+            Math.max(1, Math.ceil(c.limits.per_source.new_per_second ?? 1)),
+        }
+        : null,
     },
     acl: {
       allow: c.acl.allow.map(parseCidr),

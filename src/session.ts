@@ -53,7 +53,9 @@ export type CloseReason =
   | "bad_proxy_header"
   | "acl_denied"
   | "fingerprint_denied"
-  | "backend_full";
+  | "backend_full"
+  | "source_connections"
+  | "source_rate";
 
 /** What a session needs from the proxy around it. */
 export interface SessionContext {

@@ -564,3 +564,30 @@ Deno.test("proxy_protocol_tlvs: v2 only, known TLVs, each once", () => {
     "routes[2].proxy_protocol_tlvs[0]:",
   ]);
 });
+
+Deno.test("limits.per_source: values, the burst's default, and errors with their paths", () => {
+  const at = (per_source: unknown) =>
+    resolveConfig({ ...base, limits: { per_source } }, "/c.json").limits.perSource;
+  assert.equal(resolveConfig(base, "/c.json").limits.perSource, null);
+  assert.deepEqual(at({ max_connections: 50 }), {
+    maxConnections: 50,
+    newPerSecond: null,
+    burst: 1,
+  });
+  assert.deepEqual(at({ new_per_second: 2.5 }), {
+    maxConnections: null,
+    newPerSecond: 2.5,
+    burst: 3,
+  });
+  assert.equal(at({ new_per_second: 10, burst: 40 })?.burst, 40);
+  assertErrors(errorsOf({ ...base, limits: { per_source: {} } }), [
+    "limits.per_source: set max_connections, new_per_second or both",
+  ]);
+  assertErrors(errorsOf({ ...base, limits: { per_source: { max_connections: 5, burst: 9 } } }), [
+    "limits.per_source.burst: a burst needs limits.per_source.new_per_second",
+  ]);
+  assertErrors(
+    errorsOf({ ...base, limits: { per_source: { new_per_second: 0, max_connections: 1.5 } } }),
+    ["limits.per_source.new_per_second:", "limits.per_source.max_connections:"],
+  );
+});

@@ -10,11 +10,11 @@ import {
   identityBackend,
   LineReader,
   nodeConnect,
+  scrapeMetrics,
   sleep,
   startProxy,
   tlsConnect,
   tlsFailure,
-  unusedPort,
   whoAnswers,
   writeAll,
 } from "./helpers.ts";
@@ -166,7 +166,6 @@ e2eTest(
   async (s) => {
     const one = await identityBackend(s, "one");
     const two = await identityBackend(s, "two");
-    const metricsPort = unusedPort();
     const proxy = await startProxy(s, {
       listeners: [{ address: "127.0.0.1:0" }],
       routes: [{
@@ -176,7 +175,7 @@ e2eTest(
           { address: two.address, max_connections: 2 },
         ],
       }],
-      metrics: { address: `127.0.0.1:${metricsPort}` },
+      metrics: { address: "127.0.0.1:0" },
     });
     const port = proxy.port();
     /** A live connection, with the backend that answered it. */
@@ -202,7 +201,7 @@ e2eTest(
     assert.equal(entry.backend, null);
     assert.equal(entry.route, "a.test");
     await proxy.waitForLog(`every backend of route "a.test" that is up is at its max_connections`);
-    const metrics = await fetch(`http://127.0.0.1:${metricsPort}/metrics`).then((r) => r.text());
+    const metrics = await scrapeMetrics(proxy);
     assert.match(metrics, /sni_proxy_connections_closed_total\{reason="backend_full"\} 1/);
 
     first.conn.close();

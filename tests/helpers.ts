@@ -1095,6 +1095,13 @@ export async function spawnProxy(
   };
 }
 
+/** The proxy's Prometheus text, from the metrics address it logged (`metrics.address` port 0). */
+export async function scrapeMetrics(proxy: ProxyProcess): Promise<string> {
+  const addr = /metrics on http:\/\/([^/\s]+)\/metrics/.exec(proxy.stderr())?.[1];
+  assert.ok(addr, `no metrics address logged:\n${proxy.stderr()}`);
+  return await fetch(`http://${addr}/metrics`).then((r) => r.text());
+}
+
 /**
  * Asserts the proxy is alive and serving: a fresh TLS client with SNI `serverName` on listener 0
  * gets an answer from `backend`.
