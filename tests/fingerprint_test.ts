@@ -209,3 +209,20 @@ Deno.test("fingerprint patterns: exact JA4 or JA3, or with * wildcards", () => {
   assert.equal(p.match("t13d1011h2_61a7ad8aa9b6_f9531d972513", ja3), null);
   assert.equal(compileFingerprintPatterns([]), null);
 });
+
+Deno.test("a hello split over several records, fed byte by byte, has the same fingerprints", () => {
+  const whole = Deno.readFileSync(new URL("chromium_pq.bin", dir));
+  const hs = whole.subarray(5, 5 + ((whole[3] << 8) | whole[4]));
+  // records of 1, 700 and the rest of the handshake bytes: cuts inside the extensions
+  const cuts = [0, 1, 701, hs.length];
+  const parts: number[] = [];
+  for (let i = 1; i < cuts.length; i++) {
+    const len = cuts[i] - cuts[i - 1];
+    parts.push(22, 3, 1, len >> 8, len & 255, ...hs.subarray(cuts[i - 1], cuts[i]));
+  }
+  const split = new Uint8Array(parts);
+  const p = new ClientHelloParser(16384, true);
+  let hello = null;
+  for (let i = 0; i < split.length; i++) hello = p.push(split.subarray(i, i + 1));
+  assert.deepEqual(hello?.fingerprints, parsed(whole));
+});
