@@ -540,6 +540,20 @@ function configWarnings(c: ConfigSource): string[] {
       }
     });
   }
+  const tables = [
+    ["routes", c.routes] as const,
+    ...Object.entries(c.tables).map(([n, t]) => [`tables.${n}.routes`, t.routes] as const),
+  ];
+  for (const [at, routes] of tables) {
+    routes.forEach((r, i) => {
+      if (r.backends.length > 0 && r.backends.every((b) => b.backup)) {
+        warnings.push(
+          `${at}[${i}].backends: every backend is a backup, so they serve as primaries ` +
+            `(mark the ones to prefer without backup)`,
+        );
+      }
+    });
+  }
   for (const name of Object.keys(c.tables)) {
     if (!c.listeners.some((l) => l.table === name)) {
       warnings.push(`tables.${name}: no listener uses this table (listeners[].table)`);

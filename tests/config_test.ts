@@ -591,3 +591,12 @@ Deno.test("limits.per_source: values, the burst's default, and errors with their
     ["limits.per_source.new_per_second:", "limits.per_source.max_connections:"],
   );
 });
+
+Deno.test("a route whose backends are all backups is warned about", () => {
+  const c = resolveConfig({
+    ...base,
+    routes: [{ match: "a.test", backends: [{ address: "127.0.0.1:1", backup: true }] }],
+  }, "/c.json");
+  assert.deepEqual(c.warnings.map((w) => w.split(":")[0]), ["routes[0].backends"]);
+  assert.deepEqual(resolveConfig(base, "/c.json").warnings, []);
+});
