@@ -3,13 +3,17 @@
  *
  * Health is passive (consecutive connect failures mark a backend down for a back-off) and,
  * when configured, active (a TCP connect every interval; `fall` failures mark it down, `rise`
- * successes up again). Every balancing mode skips down backends.
+ * successes up again). Every balancing mode skips down backends and full ones (at their
+ * `max_connections`), weighs the rest by `weight`, and turns to the backup backends only while
+ * no primary one is up.
  *
  * @module
  */
-import type { BackendAddress, Balance, HealthConfig } from "./config.ts";
+import type { BackendAddress, Balance, HealthConfig, RouteBackend } from "./config.ts";
 import type { InternalPolicy } from "./dialguard.ts";
+import type { FingerprintPatterns } from "./fingerprint.ts";
 import { localResourceError, localResourceHint } from "./fdbudget.ts";
+import type { ProxyTlv } from "./proxyproto.ts";
 import { BurstLog, logger } from "./log.ts";
 
 const log = logger("backend");
@@ -18,7 +22,15 @@ const bursts = new BurstLog(log);
 /** One backend with its live-connection count and health. */
 export interface Backend {
   address: BackendAddress;
+  weight: number;
+  backup: boolean;
+  /** Live connections it takes at most; 0: no limit. */
+  maxConnections: number;
   active: number;
+  /** Smooth weighted round robin: its running score. */
+  current: number;
+  /** source_hash: a hash of its address, mixed with the client's. */
+  seed: number;
   /** Consecutive failed connects (passive) or checks (active). */
   failures: number;
   /** Consecutive good active checks while down. */
@@ -27,41 +39,66 @@ export interface Backend {
   downUntil: number;
 }
 
+/** What a pool takes from its route besides the backends and the balancing mode. */
+export interface PoolOptions {
+  /** PROXY protocol version to send to the backends (default none). */
+  proxyProtocol?: "v1" | "v2" | null;
+  /** The v2 TLVs to add to the header (default none). */
+  proxyTlvs?: readonly ProxyTlv[];
+  health?: HealthConfig;
+  /** For dynamic backends: the internal addresses they may be dialled at. */
+  internal?: InternalPolicy | null;
+  /** Processes sharing each backend's `max_connections` (each gets its share); default 1. */
+  workers?: number;
+  /** The route's refused TLS fingerprints. */
+  denyFingerprints?: FingerprintPatterns | null;
+}
+
 /** The backends of one route, with the route's balancing mode and health settings. */
 export class BackendPool {
   readonly backends: Backend[];
   readonly balance: Balance;
   /** PROXY protocol version to send to these backends, or null. */
   readonly proxyProtocol: "v1" | "v2" | null;
+  /** The TLVs of a v2 header ([] for none). */
+  readonly proxyTlvs: readonly ProxyTlv[];
   /** For log lines: the route's `match`. */
   readonly name: string;
   /** For dynamic backends: the internal addresses they may be dialled at (see dialguard.ts). */
   readonly internal: InternalPolicy | null;
+  /** The route's refused TLS fingerprints, or null. */
+  readonly denyFingerprints: FingerprintPatterns | null;
   readonly #health: HealthConfig;
-  #next = 0;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #stopped = false;
 
+  /** `addresses`: the route's backends; a plain address is a primary of weight 1 without limit. */
   constructor(
     name: string,
-    addresses: BackendAddress[],
+    addresses: (BackendAddress & Partial<RouteBackend>)[],
     balance: Balance,
-    proxyProtocol: "v1" | "v2" | null = null,
-    health: HealthConfig = { maxFails: 3, failTimeoutMs: 10_000, active: null },
-    internal: InternalPolicy | null = null,
+    options: PoolOptions = {},
   ) {
+    const workers = options.workers ?? 1;
     this.name = name;
-    this.internal = internal;
+    this.internal = options.internal ?? null;
+    this.denyFingerprints = options.denyFingerprints ?? null;
+    this.proxyTlvs = options.proxyTlvs ?? [];
     this.backends = addresses.map((address) => ({
       address,
+      weight: address.weight ?? 1,
+      backup: address.backup ?? false,
+      maxConnections: address.maxConnections ? Math.ceil(address.maxConnections / workers) : 0,
       active: 0,
+      current: 0,
+      seed: fnv1a(address.text),
       failures: 0,
       successes: 0,
       downUntil: 0,
     }));
     this.balance = balance;
-    this.proxyProtocol = proxyProtocol;
-    this.#health = health;
+    this.proxyProtocol = options.proxyProtocol ?? null;
+    this.#health = options.health ?? { maxFails: 3, failTimeoutMs: 10_000, active: null };
   }
 
   /** Whether `b` may be picked now. */
@@ -69,44 +106,84 @@ export class BackendPool {
     return b.downUntil <= now;
   }
 
+  /** Whether `b` is at its `max_connections`. */
+  isFull(b: Backend): boolean {
+    return b.maxConnections > 0 && b.active >= b.maxConnections;
+  }
+
   /**
-   * Picks an up backend for a client at `clientIp`, skipping `exclude` (backends this
-   * connection already failed on); null when every backend is down.
+   * Picks a backend for a client at `clientIp`, skipping `exclude` (backends this connection
+   * already failed on): among the primaries that are up and not excluded or, when there are
+   * none, among such backups; full ones are skipped, the rest weighed by `weight`. Null when
+   * there is none to pick ({@link allFull} says whether for being full).
    */
   pick(clientIp: string, exclude?: ReadonlySet<Backend>): Backend | null {
-    const list = this.backends;
     const now = Date.now();
-    const usable = (b: Backend) => this.isUp(b, now) && !exclude?.has(b);
+    const backup = !this.backends.some((b) => !b.backup && this.isUp(b, now) && !exclude?.has(b));
+    return this.#pickIn(backup, clientIp, now, exclude);
+  }
+
+  /**
+   * Whether {@link pick} found nothing only because every candidate (up, not excluded, of the
+   * tier in use) is full. Called on the refusal path only.
+   */
+  allFull(exclude?: ReadonlySet<Backend>): boolean {
+    const now = Date.now();
+    const open = (b: Backend) => this.isUp(b, now) && !exclude?.has(b);
+    const tier = this.backends.some((b) => !b.backup && open(b))
+      ? this.backends.filter((b) => !b.backup && open(b))
+      : this.backends.filter((b) => b.backup && open(b));
+    return tier.length > 0 && tier.every((b) => this.isFull(b));
+  }
+
+  #pickIn(
+    backup: boolean,
+    clientIp: string,
+    now: number,
+    exclude?: ReadonlySet<Backend>,
+  ): Backend | null {
+    const list = this.backends;
+    const usable = (b: Backend) =>
+      b.backup === backup && this.isUp(b, now) && !exclude?.has(b) && !this.isFull(b);
     switch (this.balance) {
       case "random": {
-        const up = list.filter(usable);
-        return up.length ? up[Math.floor(Math.random() * up.length)] : null;
+        let total = 0;
+        for (const b of list) if (usable(b)) total += b.weight;
+        let r = Math.random() * total;
+        let last: Backend | null = null;
+        for (const b of list) {
+          if (!usable(b)) continue;
+          last = b;
+          if ((r -= b.weight) < 0) return b;
+        }
+        return last;
       }
       case "least_conn": {
-        // start after the last pick so ties rotate instead of piling on the first backend
+        // fewest live connections per unit of weight; ties (idle backends) share by weight
         let best: Backend | null = null;
-        for (let i = 0; i < list.length; i++) {
-          const b = list[(this.#next + i) % list.length];
-          if (usable(b) && (!best || b.active < best.active)) best = b;
+        for (const b of list) {
+          if (usable(b) && (!best || b.active * best.weight < best.active * b.weight)) best = b;
         }
-        if (best) this.#next = (list.indexOf(best) + 1) % list.length;
-        return best;
+        if (!best) return null;
+        const [active, weight] = [best.active, best.weight];
+        return smoothPick(list, (b) => usable(b) && b.active * weight === active * b.weight);
       }
       case "source_hash": {
-        // walk on from the hashed slot, so a down backend's clients spread and others stay put
-        const start = fnv1a(clientIp) % list.length;
-        for (let i = 0; i < list.length; i++) {
-          const b = list[(start + i) % list.length];
-          if (usable(b)) return b;
+        // weighted rendezvous hashing: each client ranks the backends by its own hash of
+        // them, so a backend that goes away moves only its clients, and the rest stay put
+        const h = fnv1a(clientIp);
+        let best: Backend | null = null;
+        let bestScore = -Infinity;
+        for (const b of list) {
+          if (!usable(b)) continue;
+          const u = (mix32(h ^ b.seed) + 1) / 4294967297; // in (0, 1)
+          const score = b.weight / -Math.log(u);
+          if (score > bestScore) [best, bestScore] = [b, score];
         }
-        return null;
+        return best;
       }
       default:
-        for (let i = 0; i < list.length; i++) {
-          const b = list[this.#next++ % list.length];
-          if (usable(b)) return b;
-        }
-        return null;
+        return smoothPick(list, usable);
     }
   }
 
@@ -191,6 +268,33 @@ export class BackendPool {
       }
     }
   }
+}
+
+/**
+ * Smooth weighted round robin (as nginx's): every candidate gains its weight, the leader is
+ * picked and pays the candidates' total back, so picks interleave in weight proportion.
+ */
+function smoothPick(list: Backend[], candidate: (b: Backend) => boolean): Backend | null {
+  let best: Backend | null = null;
+  let total = 0;
+  for (const b of list) {
+    if (!candidate(b)) continue;
+    b.current += b.weight;
+    total += b.weight;
+    if (!best || b.current > best.current) best = b;
+  }
+  if (best) best.current -= total;
+  return best;
+}
+
+/** A 32-bit integer finalizer (murmur3's): spreads a hash over all 32 bits. */
+function mix32(x: number): number {
+  x ^= x >>> 16;
+  x = Math.imul(x, 0x85ebca6b);
+  x ^= x >>> 13;
+  x = Math.imul(x, 0xc2b2ae35);
+  x ^= x >>> 16;
+  return x >>> 0;
 }
 
 /** 32-bit FNV-1a: stable across restarts, so a client keeps its backend. */

@@ -11,6 +11,7 @@
  *
  * @module
  */
+import { type Fingerprints, fingerprints } from "./fingerprint.ts";
 import { HeadParser } from "./headparser.ts";
 
 /** What was wrong with the bytes. */
@@ -59,6 +60,8 @@ export interface ClientHello {
    * beyond this are application data the client sent early.
    */
   recordBytes: number;
+  /** JA4 and JA3, when the parser was asked for them. */
+  fingerprints?: Fingerprints;
 }
 
 const RECORD_HEADER = 5;
@@ -92,9 +95,16 @@ export class ClientHelloParser extends HeadParser<ClientHello> {
   /** The handshake message's total length with its 4-byte header, once known. */
   #msgLen = -1;
 
-  /** `maxBytes`: the most bytes (records with their headers) a hello may take. */
-  constructor(maxBytes = 16384) {
+  /** Compute the hello's fingerprints (see src/fingerprint.ts). */
+  readonly #fingerprint: boolean;
+
+  /**
+   * `maxBytes`: the most bytes (records with their headers) a hello may take; `fingerprint`:
+   * also compute the hello's JA4 and JA3.
+   */
+  constructor(maxBytes = 16384, fingerprint = false) {
     super(maxBytes, INITIAL_BUFFER);
+    this.#fingerprint = fingerprint;
   }
 
   protected truncated(): ClientHelloError {
@@ -142,7 +152,7 @@ export class ClientHelloParser extends HeadParser<ClientHello> {
       if (this.#msgLen < 0) continue;
       const missing = this.#msgLen - this.#hsLen;
       if (missing <= 0) {
-        this.result = parseBody(this.#message(), end);
+        this.result = parseBody(this.#message(), end, this.#fingerprint);
         return;
       }
       // the rest needs at least one more record: its header plus the missing bytes
@@ -278,8 +288,11 @@ class Reader {
   }
 }
 
-/** Parses a ClientHello body (after the 4-byte handshake header); `body` is exactly the message. */
-function parseBody(body: Uint8Array, recordBytes: number): ClientHello {
+/**
+ * Parses a ClientHello body (after the 4-byte handshake header); `body` is exactly the message.
+ * With `fingerprint`, the hello gets its fingerprints, from the blocks checked here.
+ */
+function parseBody(body: Uint8Array, recordBytes: number, fingerprint: boolean): ClientHello {
   const r = new Reader(body, 0, body.length);
   r.u16("legacy_version");
   r.need(32, "random");
@@ -299,7 +312,11 @@ function parseBody(body: Uint8Array, recordBytes: number): ClientHello {
     encryptedClientHello: false,
     recordBytes,
   };
-  if (r.pos === r.end) return hello; // no extensions at all (allowed before TLS 1.3)
+  if (r.pos === r.end) {
+    // no extensions at all (allowed before TLS 1.3)
+    if (fingerprint) hello.fingerprints = fingerprints(body, cs, cm - 1, -1, -1, hello.alpn);
+    return hello;
+  }
   const extStart = r.vec(2, "extensions");
   if (r.pos !== r.end) {
     throw new ClientHelloError(
@@ -341,6 +358,9 @@ function parseBody(body: Uint8Array, recordBytes: number): ClientHello {
         hello.encryptedClientHello = true;
         break;
     }
+  }
+  if (fingerprint) {
+    hello.fingerprints = fingerprints(body, cs, cm - 1, extStart, ext.end, hello.alpn);
   }
   return hello;
 }

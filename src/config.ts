@@ -8,6 +8,9 @@ import { dirname, resolve as resolvePath } from "node:path";
 import { z } from "zod";
 import { type Cidr, isIpAddress, parseCidr } from "./acl.ts";
 import type { InternalPolicy } from "./dialguard.ts";
+import { compileFingerprintPatterns, type FingerprintPatterns } from "./fingerprint.ts";
+import type { ProxyTlv } from "./proxyproto.ts";
+import type { SourceLimits } from "./sourcelimit.ts";
 import { compilePattern, type NamePattern } from "./router.ts";
 
 /** How a route picks one of its backends. */
@@ -35,6 +38,16 @@ export interface ListenerConfig {
   table: string;
 }
 
+/** A backend of a route, with its share of the route's connections and its limit. */
+export interface RouteBackend extends BackendAddress {
+  /** Relative share of the connections (1-1000). */
+  weight: number;
+  /** Used only while every primary (non-backup) backend of the route is down. */
+  backup: boolean;
+  /** Live connections it takes at most (0: no limit); a full backend is skipped. */
+  maxConnections: number;
+}
+
 /** Backend health settings of a route. */
 export interface HealthConfig {
   /** Consecutive failed connects that mark a backend down (passive check). */
@@ -48,7 +61,9 @@ export interface HealthConfig {
 /** A route: names it serves and the backends it sends them to. */
 export interface RouteConfig {
   match: NamePattern;
-  backends: BackendAddress[];
+  /** ALPN protocols of which the client must offer one; null: any hello. */
+  alpn: string[] | null;
+  backends: RouteBackend[];
   balance: Balance;
   /** Required for dynamic backends: names they may connect to. */
   allow: NamePattern[] | null;
@@ -56,7 +71,11 @@ export interface RouteConfig {
   internal: InternalPolicy | null;
   /** PROXY protocol header to send to the backend before the client's bytes. */
   proxyProtocol: "v1" | "v2" | null;
+  /** TLVs to add to a v2 header. */
+  proxyTlvs: ProxyTlv[];
   health: HealthConfig;
+  /** Clients whose TLS fingerprint matches are refused; null: none. */
+  denyFingerprints: FingerprintPatterns | null;
 }
 
 /** A route table: ordered routes and the backend for names none of them takes. */
@@ -85,8 +104,13 @@ export interface Config {
   /** Every route table by name: `default` (the two fields above) and each of `tables`. */
   tables: Record<string, RouteTableConfig>;
   timeouts: { clientHelloMs: number; connectMs: number; idleMs: number; drainMs: number };
-  limits: { maxConnections: number; maxClientHelloBytes: number };
-  acl: { allow: Cidr[]; deny: Cidr[] };
+  limits: {
+    maxConnections: number;
+    maxClientHelloBytes: number;
+    /** Per client address, checked at accept; null: no such limit. */
+    perSource: SourceLimits | null;
+  };
+  acl: { allow: Cidr[]; deny: Cidr[]; denyFingerprints: FingerprintPatterns | null };
   log: {
     level: "debug" | "info" | "warning" | "error";
     file: string | null;
@@ -158,9 +182,34 @@ const pathOrOff = (def: string) =>
 /** Defaults a cross-field check needs when the field is absent. */
 const DNS_TTL_DEFAULTS = { min_ttl_s: 5, max_ttl_s: 3600 };
 
+/** A backend: `"host:port"`, or the same as `address` with its weight, backup role and limit. */
+const backendSchema = z.preprocess(
+  (v) => (typeof v === "string" ? { address: v } : v),
+  z.strictObject({
+    address: z.string(),
+    weight: z.number().int().min(1).max(1000).default(1),
+    backup: z.boolean().default(false),
+    max_connections: z.number().int().min(1).max(1_000_000).optional(),
+  }, {
+    error: (issue) =>
+      issue.code === "invalid_type"
+        ? 'expected "host:port" or { "address": "host:port", … }'
+        : undefined,
+  }),
+);
+
+/** JA4 / JA3 fingerprints, `*` matching any run of characters. */
+const fingerprintsSchema = z.array(
+  z.string().regex(/^[a-z0-9_*]{1,64}$/, {
+    error: "not a JA4 or JA3 fingerprint (lower-case letters, digits, _ and * only)",
+  }),
+).default([]);
+
 const routeSchema = z.strictObject({
   match: z.string(),
-  backends: z.array(z.string()).min(1, { error: "at least one backend is required" }),
+  alpn: z.array(z.string().min(1).max(255)).min(1, { error: "at least one protocol" })
+    .optional(),
+  backends: z.array(backendSchema).min(1, { error: "at least one backend is required" }),
   balance: z.enum(["round_robin", "random", "least_conn", "source_hash"]).default(
     "round_robin",
   ),
@@ -168,6 +217,8 @@ const routeSchema = z.strictObject({
   allow_private: z.boolean().default(false),
   allow_addresses: z.array(z.string()).default([]),
   proxy_protocol: z.enum(["v1", "v2"]).optional(),
+  proxy_protocol_tlvs: z.array(z.enum(["authority", "alpn", "unique_id"])).default([]),
+  deny_fingerprints: fingerprintsSchema,
   health: z.strictObject({
     max_fails: z.number().int().min(1).max(1000).default(3),
     fail_timeout_ms: ms(10_000),
@@ -205,10 +256,16 @@ const schema = z.strictObject({
   limits: z.strictObject({
     max_connections: z.number().int().min(1).max(1_000_000).default(10_000),
     max_client_hello_bytes: z.number().int().min(512).max(1_048_576).default(16_384),
+    per_source: z.strictObject({
+      max_connections: z.number().int().min(1).max(1_000_000).optional(),
+      new_per_second: z.number().gt(0).max(1_000_000).optional(),
+      burst: z.number().int().min(1).max(1_000_000).optional(),
+    }).optional(),
   }).prefault({}),
   acl: z.strictObject({
     allow: z.array(z.string()).default([]),
     deny: z.array(z.string()).default([]),
+    deny_fingerprints: fingerprintsSchema,
   }).prefault({}),
   log: z.strictObject({
     level: z.enum(["debug", "info", "warning", "error"]).default("info"),
@@ -350,9 +407,13 @@ function semanticErrors(raw: unknown): string[] {
       fail(where, (e as Error).message);
     }
   };
+  /** A backend's address text (`"host:port"` or `{ "address": … }`) and where it is. */
+  const backendAt = (where: PropertyKey[], b: unknown): [PropertyKey[], unknown] =>
+    typeof b === "string" ? [where, b] : [[...where, "address"], obj(b).address];
   const isDynamic = (b: unknown) => {
+    const text = backendAt([], b)[1];
     try {
-      return typeof b === "string" && parseBackend(b).dynamic;
+      return typeof text === "string" && parseBackend(text).dynamic;
     } catch {
       return false;
     }
@@ -361,7 +422,9 @@ function semanticErrors(raw: unknown): string[] {
     list(routes).forEach((r, i) => {
       const route = obj(r);
       check([...at, i, "match"], route.match, compilePattern);
-      list(route.backends).forEach((b, j) => check([...at, i, "backends", j], b, parseBackend));
+      list(route.backends).forEach((b, j) =>
+        check(...backendAt([...at, i, "backends", j], b), parseBackend)
+      );
       list(route.allow).forEach((a, j) => check([...at, i, "allow", j], a, compilePattern));
       list(route.allow_addresses).forEach((c, j) =>
         check([...at, i, "allow_addresses", j], c, parseCidr)
@@ -373,6 +436,12 @@ function semanticErrors(raw: unknown): string[] {
           [...at, i, "allow"],
           "a route with a $sni backend needs an allow list of name patterns " +
             "(otherwise it is an open proxy)",
+        );
+      }
+      if (list(route.proxy_protocol_tlvs).length > 0 && route.proxy_protocol !== "v2") {
+        fail(
+          [...at, i, "proxy_protocol_tlvs"],
+          'TLVs are part of PROXY protocol v2 only: set proxy_protocol to "v2"',
         );
       }
       const optIn = {
@@ -421,6 +490,14 @@ function semanticErrors(raw: unknown): string[] {
   for (const key of ["allow", "deny"]) {
     list(obj(top.acl)[key]).forEach((c, i) => check(["acl", key, i], c, parseCidr));
   }
+  const perSource = obj(obj(top.limits).per_source);
+  if (obj(top.limits).per_source !== undefined) {
+    if (perSource.max_connections === undefined && perSource.new_per_second === undefined) {
+      fail(["limits", "per_source"], "set max_connections, new_per_second or both");
+    } else if (perSource.burst !== undefined && perSource.new_per_second === undefined) {
+      fail(["limits", "per_source", "burst"], "a burst needs limits.per_source.new_per_second");
+    }
+  }
   check(["metrics", "address"], obj(top.metrics).address, parseListener);
   const dns = obj(top.dns);
   list(dns.servers).forEach((s, i) => check(["dns", "servers", i], s, parseDnsServer));
@@ -447,6 +524,35 @@ function configWarnings(c: ConfigSource): string[] {
         `${field}: ignored while ebpf.enabled is false (set ebpf.enabled to true to use it)`,
       );
     }
+  }
+  // an HTTP request has no ALPN and no TLS fingerprint: such route fields cannot apply there
+  for (const name of new Set(c.listeners.map((l) => l.table))) {
+    if (c.listeners.some((l) => l.table === name && l.protocol === "tls")) continue;
+    const at = name === DEFAULT_TABLE ? "routes" : `tables.${name}.routes`;
+    const routes = name === DEFAULT_TABLE ? c.routes : c.tables[name]?.routes ?? [];
+    routes.forEach((r, i) => {
+      const fields = [r.alpn && "alpn", r.deny_fingerprints.length > 0 && "deny_fingerprints"];
+      for (const field of fields.filter((f) => f)) {
+        warnings.push(
+          `${at}[${i}].${field}: only HTTP listeners serve this table, and an HTTP request ` +
+            `has no ${field === "alpn" ? "ALPN (the route never matches)" : "TLS fingerprint"}`,
+        );
+      }
+    });
+  }
+  const tables = [
+    ["routes", c.routes] as const,
+    ...Object.entries(c.tables).map(([n, t]) => [`tables.${n}.routes`, t.routes] as const),
+  ];
+  for (const [at, routes] of tables) {
+    routes.forEach((r, i) => {
+      if (r.backends.length > 0 && r.backends.every((b) => b.backup)) {
+        warnings.push(
+          `${at}[${i}].backends: every backend is a backup, so they serve as primaries ` +
+            `(mark the ones to prefer without backup)`,
+        );
+      }
+    });
   }
   for (const name of Object.keys(c.tables)) {
     if (!c.listeners.some((l) => l.table === name)) {
@@ -494,10 +600,16 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
     defaultBackend?: string,
   ): RouteTableConfig => ({
     routes: routes.map((r, i): RouteConfig => {
-      const backends = r.backends.map(parseBackend);
+      const backends = r.backends.map((b): RouteBackend => ({
+        ...parseBackend(b.address),
+        weight: b.weight,
+        backup: b.backup,
+        maxConnections: b.max_connections ?? 0,
+      }));
       const dynamic = backends.some((b) => b.dynamic);
       return {
         match: compilePattern(r.match),
+        alpn: r.alpn ?? null,
         backends,
         balance: r.balance,
         allow: dynamic ? r.allow!.map(compilePattern) : null,
@@ -509,6 +621,8 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
           }
           : null,
         proxyProtocol: r.proxy_protocol ?? null,
+        proxyTlvs: [...new Set(r.proxy_protocol_tlvs)],
+        denyFingerprints: compileFingerprintPatterns(r.deny_fingerprints),
         health: {
           maxFails: r.health.max_fails,
           failTimeoutMs: r.health.fail_timeout_ms,
@@ -554,8 +668,20 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
     limits: {
       maxConnections: c.limits.max_connections,
       maxClientHelloBytes: c.limits.max_client_hello_bytes,
+      perSource: c.limits.per_source
+        ? {
+          maxConnections: c.limits.per_source.max_connections ?? null,
+          newPerSecond: c.limits.per_source.new_per_second ?? null,
+          burst: c.limits.per_source.burst ??
+            Math.max(1, Math.ceil(c.limits.per_source.new_per_second ?? 1)),
+        }
+        : null,
     },
-    acl: { allow: c.acl.allow.map(parseCidr), deny: c.acl.deny.map(parseCidr) },
+    acl: {
+      allow: c.acl.allow.map(parseCidr),
+      deny: c.acl.deny.map(parseCidr),
+      denyFingerprints: compileFingerprintPatterns(c.acl.deny_fingerprints),
+    },
     log: {
       level: c.log.level,
       file: rel(c.log.file, logDir),

@@ -1,6 +1,6 @@
 /**
- * Listener: one listening socket's accept loop. Applies the connection limit and the ACL
- * (before reading a byte), then hands each connection to a new Session.
+ * Listener: one listening socket's accept loop. Applies the connection limit, the ACL and the
+ * per-source limits (before reading a byte), then hands each connection to a new Session.
  *
  * @module
  */
@@ -13,7 +13,8 @@ import type { PipePool } from "./piped.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { closeQuietly } from "./relay.ts";
-import { errText, formatAddr, Session } from "./session.ts";
+import { type CloseReason, errText, formatAddr, Session } from "./session.ts";
+import type { SourceLimiter } from "./sourcelimit.ts";
 import type { RoutingTables } from "./table.ts";
 
 const log = logger("listener");
@@ -32,6 +33,8 @@ export interface ListenerHost {
   readonly guard: DialGuard;
   /** The descriptor budget, or null when unknown. */
   readonly fds: FdBudget | null;
+  /** Live connections and new-connection buckets per source (limits.per_source). */
+  readonly sources: SourceLimiter;
   /**
    * Resolves when a connection slot is free: under limits.max_connections, and with descriptors
    * for the client and its backend to spare (immediately when so).
@@ -112,22 +115,23 @@ export class Listener {
       // a trusted balancer's clients are checked by the session, once the header names them
       const trustedProxy = this.#trusted?.permits(remote.hostname) ?? false;
       if (!trustedProxy && !table.acl.permits(remote.hostname)) {
-        closeQuietly(conn);
-        Metrics.bump(host.metrics.closed, "acl_denied");
         log.info(`${formatAddr(remote)} denied by acl on ${this.address}`);
-        writeAccess({
-          time: new Date().toISOString(),
-          client: formatAddr(remote),
-          listener: this.address,
-          sni: null,
-          route: null,
-          backend: null,
-          bytes_up: 0,
-          bytes_down: 0,
-          duration_ms: 0,
-          close_reason: "acl_denied",
-          mode: host.kernel || host.pipes ? "kernel" : "userspace",
-        });
+        this.#refuse(conn, remote, "acl_denied");
+        continue;
+      }
+      // a balancer's clients are not known yet: the per-source limits skip trusted sources
+      const perSource = trustedProxy ? null : table.config.limits.perSource;
+      const refusal = perSource ? host.sources.admit(remote.hostname, perSource) : null;
+      if (refusal) {
+        const limit = refusal === "source_connections"
+          ? `limits.per_source.max_connections (${perSource!.maxConnections}) live connections`
+          : `limits.per_source.new_per_second (${perSource!.newPerSecond}, burst ` +
+            `${perSource!.burst}) new connections`;
+        bursts.warn(
+          refusal,
+          `${formatAddr(remote)} refused on ${this.address}: its address is at ${limit}`,
+        );
+        this.#refuse(conn, remote, refusal);
         continue;
       }
       const session = new Session(conn, {
@@ -141,8 +145,29 @@ export class Listener {
         guard: host.guard,
         fds: host.fds,
       });
-      host.track(session, session.run());
+      const done = session.run();
+      if (perSource) done.finally(() => host.sources.release(remote.hostname));
+      host.track(session, done);
     }
+  }
+
+  /** Closes a connection refused at accept; counts and access-logs it. */
+  #refuse(conn: Deno.TcpConn, remote: Deno.NetAddr, reason: CloseReason): void {
+    closeQuietly(conn);
+    Metrics.bump(this.#host.metrics.closed, reason);
+    writeAccess({
+      time: new Date().toISOString(),
+      client: formatAddr(remote),
+      listener: this.address,
+      sni: null,
+      route: null,
+      backend: null,
+      bytes_up: 0,
+      bytes_down: 0,
+      duration_ms: 0,
+      close_reason: reason,
+      mode: this.#host.kernel || this.#host.pipes ? "kernel" : "userspace",
+    });
   }
 
   /** Stops accepting; live sessions are not touched. */

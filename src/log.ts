@@ -22,8 +22,15 @@ export interface AccessEntry {
   client: string;
   listener: string;
   sni: string | null;
+  /** TLS listeners: the ALPN protocols the client offered, in its order. */
+  alpn?: string[];
+  /** TLS listeners: the hello's JA4 and JA3 fingerprints (src/fingerprint.ts). */
+  ja4?: string;
+  ja3?: string;
   route: string | null;
   backend: string | null;
+  /** The connection id sent to the backend (PROXY v2 UNIQUE_ID TLV), when the route sends one. */
+  conn_id?: string;
   bytes_up: number;
   bytes_down: number;
   duration_ms: number;

@@ -16,6 +16,7 @@ import { Metrics } from "./metrics.ts";
 import { configureResolver, DEFAULT_DNS_PIN_PATH, type Resolver } from "./resolver.ts";
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
 import type { Session } from "./session.ts";
+import { SourceLimiter } from "./sourcelimit.ts";
 import { buildTables, type RoutingTables, startHealthChecks, stopHealthChecks } from "./table.ts";
 
 const log = logger("proxy");
@@ -50,6 +51,7 @@ export class Proxy implements ListenerHost {
   /** Set once the listeners are bound (they are its own sockets). */
   guard = new DialGuard([]);
   readonly fds: FdBudget | null;
+  readonly sources = new SourceLimiter();
   #metricsServer: MetricsServer | null = null;
   readonly #sessions = new Map<Session, Promise<void>>();
   #slotWaiters: (() => void)[] = [];
@@ -321,6 +323,7 @@ export class Proxy implements ListenerHost {
     clearTimeout(this.#pauseBurst?.quiet);
     for (const l of this.listeners) l.close();
     stopHealthChecks(this.tables);
+    this.sources.close();
     this.#wakeWaiters();
     const drainMs = this.tables.config.timeouts.drainMs;
     if (this.#sessions.size > 0) {

@@ -9,6 +9,23 @@ import { isIpAddress } from "./acl.ts";
 /** Which PROXY protocol version a route sends. */
 export type ProxyProtocolVersion = "v1" | "v2";
 
+/** A v2 TLV a route may add: PP2_TYPE_AUTHORITY, PP2_TYPE_ALPN, PP2_TYPE_UNIQUE_ID. */
+export type ProxyTlv = "authority" | "alpn" | "unique_id";
+
+/** The values of a v2 header's TLVs; an absent or null one is left out. */
+export interface ProxyTlvValues {
+  /** The name the client asked for (SNI, or the HTTP Host). */
+  authority?: string | null;
+  /** The application protocol (see README: the one the route matched, else the client's first). */
+  alpn?: string | null;
+  /** An opaque id of the connection, at most 128 bytes. */
+  uniqueId?: string | null;
+}
+
+const PP2_TYPE_ALPN = 0x01;
+const PP2_TYPE_AUTHORITY = 0x02;
+const PP2_TYPE_UNIQUE_ID = 0x05;
+
 /** The v2 signature: `\r\n\r\n\0\r\nQUIT\n`. */
 const V2_SIGNATURE = [0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a];
 const encoder = new TextEncoder();
@@ -44,14 +61,30 @@ function asV6(a: { v6: boolean; bytes: number[]; text: string }) {
   };
 }
 
+/** The TLV bytes (type, 2-byte length, value) of `values`, in type order. */
+function tlvBytes(values: ProxyTlvValues): number[] {
+  const out: number[] = [];
+  const add = (type: number, value: string | null | undefined) => {
+    if (!value) return;
+    const bytes = encoder.encode(value);
+    out.push(type, bytes.length >> 8, bytes.length & 0xff, ...bytes);
+  };
+  add(PP2_TYPE_ALPN, values.alpn);
+  add(PP2_TYPE_AUTHORITY, values.authority);
+  add(PP2_TYPE_UNIQUE_ID, values.uniqueId);
+  return out;
+}
+
 /**
  * The header announcing a TCP connection from `client` to `server` (the address the client
- * connected to). Mixed families are sent as IPv6 with the IPv4 side IPv4-mapped.
+ * connected to). Mixed families are sent as IPv6 with the IPv4 side IPv4-mapped. `tlvs`: values
+ * to add as v2 TLVs (v1 has none).
  */
 export function proxyHeader(
   version: ProxyProtocolVersion,
   client: Deno.NetAddr,
   server: Deno.NetAddr,
+  tlvs?: ProxyTlvValues,
 ): Uint8Array {
   let src = addressBytes(client.hostname);
   let dst = addressBytes(server.hostname);
@@ -64,7 +97,8 @@ export function proxyHeader(
       `PROXY ${src.v6 ? "TCP6" : "TCP4"} ${src.text} ${dst.text} ${client.port} ${server.port}\r\n`,
     );
   }
-  const addrLen = src.v6 ? 36 : 12;
+  const extra = tlvs ? tlvBytes(tlvs) : [];
+  const addrLen = (src.v6 ? 36 : 12) + extra.length;
   return new Uint8Array([
     ...V2_SIGNATURE,
     0x21, // version 2, command PROXY
@@ -77,6 +111,7 @@ export function proxyHeader(
     client.port & 0xff,
     server.port >> 8,
     server.port & 0xff,
+    ...extra,
   ]);
 }
 

@@ -47,6 +47,11 @@ export function compilePattern(text: string): NamePattern {
 /** A route as the router sees it; `T` is what the caller attaches (e.g. a backend pool). */
 export interface Route<T> {
   pattern: NamePattern;
+  /**
+   * ALPN protocols of which the client must offer one for the route to match; null: any hello,
+   * with or without ALPN.
+   */
+  alpn: readonly string[] | null;
   /** Names a dynamic (`$sni`) route may connect to; null when the route is not dynamic. */
   allow: NamePattern[] | null;
   target: T;
@@ -66,11 +71,15 @@ export class Router<T> {
     this.routes = routes;
   }
 
-  /** Finds the route for `name` (any case, optional trailing dot); null name never matches. */
-  lookup(name: string | null): RouteResult<T> {
+  /**
+   * Finds the first route for `name` (any case, optional trailing dot) whose ALPN condition the
+   * offered protocols `alpn` meet; a null name never matches.
+   */
+  lookup(name: string | null, alpn: readonly string[] = NO_ALPN): RouteResult<T> {
     if (name === null || name === "") return { kind: "none" };
     const normal = normalizeName(name);
     for (const route of this.routes) {
+      if (route.alpn && !offersAny(alpn, route.alpn)) continue;
       if (!route.pattern.test(normal)) continue;
       if (route.allow && !route.allow.some((p) => p.test(normal))) {
         return { kind: "not_allowed", route };
@@ -79,4 +88,13 @@ export class Router<T> {
     }
     return { kind: "none" };
   }
+}
+
+/** What a lookup without offered protocols compares against (one array, not one per call). */
+const NO_ALPN: readonly string[] = [];
+
+/** Whether `offered` holds one of `wanted` (both a handful of entries: no set needed). */
+function offersAny(offered: readonly string[], wanted: readonly string[]): boolean {
+  for (const p of offered) if (wanted.includes(p)) return true;
+  return false;
 }

@@ -7,6 +7,7 @@
 import { BackendPool } from "./backend.ts";
 import type { Backend } from "./backend.ts";
 import { type ClientHello, ClientHelloError, ClientHelloParser } from "./clienthello.ts";
+import type { FingerprintPatterns } from "./fingerprint.ts";
 import {
   AddressDeniedError,
   type DeniedAddress,
@@ -27,6 +28,8 @@ import {
   parseProxyHeader,
   proxyHeader,
   ProxyHeaderError,
+  type ProxyTlv,
+  type ProxyTlvValues,
   type ReceivedProxyHeader,
 } from "./proxyproto.ts";
 import { resolveHost } from "./resolver.ts";
@@ -48,7 +51,11 @@ export type CloseReason =
   | "address_denied"
   | "resource_exhausted"
   | "bad_proxy_header"
-  | "acl_denied";
+  | "acl_denied"
+  | "fingerprint_denied"
+  | "backend_full"
+  | "source_connections"
+  | "source_rate";
 
 /** What a session needs from the proxy around it. */
 export interface SessionContext {
@@ -76,6 +83,8 @@ export interface SessionContext {
 const ALERT_UNRECOGNIZED_NAME = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70]);
 /** TLS fatal alert `internal_error` (80), sent when every backend of the route is down. */
 const ALERT_INTERNAL_ERROR = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50]);
+/** TLS fatal alert `handshake_failure` (40), sent to a client refused by its fingerprint. */
+const ALERT_HANDSHAKE_FAILURE = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]);
 const HTTP_MISDIRECTED = new TextEncoder().encode(
   "HTTP/1.1 421 Misdirected Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
 );
@@ -93,6 +102,13 @@ class Stopped extends Error {}
 
 /** The warning that spliced sockets cannot leave Deno's event loop was logged. */
 let detachWarned = false;
+
+/** This process's part of every connection id: random, so ids stay unique across restarts. */
+const connIdPrefix = Array.from(
+  crypto.getRandomValues(new Uint8Array(6)),
+  (b) => b.toString(16).padStart(2, "0"),
+).join("");
+let connIds = 0;
 
 /** One accepted client connection. */
 export class Session {
@@ -117,6 +133,10 @@ export class Session {
   /** Bytes known not delivered when a stalled drain cut the connection. */
   #undelivered = { up: 0, down: 0 };
   #route: string | null = null;
+  /** The ALPN protocols of the route taken (null: a route without `alpn`). */
+  #routeAlpn: readonly string[] | null = null;
+  /** The id sent to the backend in a PROXY v2 UNIQUE_ID TLV, also logged; null when none. */
+  #connId: string | null = null;
   /** The backend for the access log: a dynamic one by the name it was dialled by. */
   #backend: string | null = null;
   /** The backend for the metrics: as configured (`$sni:443`), so the label set stays bounded. */
@@ -150,10 +170,20 @@ export class Session {
         error = this.#earlyError;
         return;
       }
+      if (this.#fingerprintDenied(this.#ctx.table.config.acl.denyFingerprints, "acl")) {
+        reason = "fingerprint_denied";
+        await this.#refuse(ALERT_HANDSHAKE_FAILURE);
+        return;
+      }
       const pool = this.#route_(name);
       if (!pool) {
         reason = "no_route";
         await this.#refuse();
+        return;
+      }
+      if (this.#fingerprintDenied(pool.denyFingerprints, `route "${pool.name}"`)) {
+        reason = "fingerprint_denied";
+        await this.#refuse(ALERT_HANDSHAKE_FAILURE);
         return;
       }
       // try backends until one connects: a failed one is marked (passive health) and skipped
@@ -162,7 +192,15 @@ export class Session {
       while (!this.#backendConn) {
         const b = pool.pick(clientIp, tried);
         if (!b) {
-          if (tried.size === 0) {
+          if (pool.allFull(tried)) {
+            reason = "backend_full";
+            bursts.warn(
+              `full:${pool.name}`,
+              `every backend of route "${pool.name}" that is up is at its max_connections: ` +
+                `refusing ${this.#clientAddr}`,
+            );
+            await this.#refuse(true);
+          } else if (tried.size === 0) {
             reason = "no_backend";
             log.warn(`all backends of route "${pool.name}" are down: refusing ${this.#clientAddr}`);
             await this.#refuse(true);
@@ -225,6 +263,7 @@ export class Session {
           pool.proxyProtocol,
           this.#clientNet,
           this.#serverNet,
+          pool.proxyTlvs.length ? this.#tlvValues(pool.proxyTlvs) : undefined,
         );
         this.#headerBytes = header.length;
         first = new Uint8Array(header.length + first.length);
@@ -293,7 +332,7 @@ export class Session {
     const { clientHelloMs } = this.#ctx.table.config.timeouts;
     const max = this.#ctx.table.config.limits.maxClientHelloBytes;
     const parser = this.#ctx.protocol === "tls"
-      ? new ClientHelloParser(max)
+      ? new ClientHelloParser(max, this.#ctx.table.fingerprints)
       : new HttpHostParser(max);
     const timer = setTimeout(() => this.stop("client_hello_timeout"), clientHelloMs);
     let header: Uint8Array | null = this.#ctx.trustedProxy ? new Uint8Array(0) : null;
@@ -532,9 +571,10 @@ export class Session {
   /** Picks the pool for `name`, or null when the connection must be refused. */
   #route_(name: string | null): BackendPool | null {
     const { router, defaultPool } = this.#ctx.table;
-    const found = router.lookup(name);
+    const found = router.lookup(name, this.#hello?.alpn);
     if (found.kind === "route") {
-      this.#route = found.route.pattern.text;
+      this.#route = found.route.target.name;
+      this.#routeAlpn = found.route.alpn;
       return found.route.target;
     }
     if (found.kind === "not_allowed") {
@@ -553,6 +593,24 @@ export class Session {
     return null;
   }
 
+  /**
+   * The values of the PROXY v2 TLVs `tlvs`: the requested name, the application protocol (the
+   * proxy does not see the server's choice: for a route with `alpn` the client's first offer
+   * the route lists, else the client's first offer) and a new connection id.
+   */
+  #tlvValues(tlvs: readonly ProxyTlv[]): ProxyTlvValues {
+    const offered = this.#hello?.alpn ?? [];
+    const routeAlpn = this.#routeAlpn;
+    if (tlvs.includes("unique_id")) this.#connId = `${connIdPrefix}-${(++connIds).toString(36)}`;
+    return {
+      authority: tlvs.includes("authority") ? this.#sni : null,
+      alpn: tlvs.includes("alpn")
+        ? (routeAlpn ? offered.find((p) => routeAlpn.includes(p)) : offered[0]) ?? null
+        : null,
+      uniqueId: this.#connId,
+    };
+  }
+
   /** Logs, once per burst of its route and kind, that a backend address was refused. */
   #logDenied(pool: BackendPool, first: DeniedAddress): void {
     const { address, kind } = first;
@@ -569,10 +627,31 @@ export class Session {
     );
   }
 
-  /** Tells the client no: no route (TLS alert / HTTP 421) or no backend up (alert / 503). */
-  async #refuse(noBackend = false): Promise<void> {
+  /**
+   * Whether `patterns` refuse this client's fingerprint (logged once per burst of `by`, which
+   * names the ACL or the route).
+   */
+  #fingerprintDenied(patterns: FingerprintPatterns | null, by: string): boolean {
+    const fp = this.#hello?.fingerprints;
+    const hit = patterns && fp ? patterns.match(fp.ja4, fp.ja3) : null;
+    if (hit === null) return false;
+    bursts.warn(
+      `fingerprint:${by}:${hit}`,
+      `${by}: refusing ${this.#clientAddr}: its TLS fingerprint matches "${hit}" ` +
+        `(ja4 ${fp!.ja4}, ja3 ${fp!.ja3})`,
+    );
+    return true;
+  }
+
+  /**
+   * Tells the client no: no route (TLS alert / HTTP 421), no backend up or free (alert / 503),
+   * or the TLS alert `msg`.
+   */
+  async #refuse(noBackend: boolean | Uint8Array = false): Promise<void> {
     const tls = this.#ctx.protocol === "tls";
-    const msg = noBackend
+    const msg = noBackend instanceof Uint8Array
+      ? noBackend
+      : noBackend
       ? (tls ? ALERT_INTERNAL_ERROR : HTTP_UNAVAILABLE)
       : (tls ? ALERT_UNRECOGNIZED_NAME : HTTP_MISDIRECTED);
     try {
@@ -685,8 +764,11 @@ export class Session {
       client: this.#clientAddr,
       listener: this.#ctx.listener,
       sni: this.#sni,
+      ...(this.#hello ? { alpn: this.#hello.alpn } : {}),
+      ...(this.#hello?.fingerprints ?? {}),
       route: this.#route,
       backend: this.#backend,
+      ...(this.#connId ? { conn_id: this.#connId } : {}),
       bytes_up: up,
       bytes_down: down,
       duration_ms: Date.now() - this.#started,

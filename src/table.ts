@@ -19,6 +19,8 @@ export interface RoutingTable {
   router: Router<BackendPool>;
   defaultPool: BackendPool | null;
   acl: Acl;
+  /** Whether sessions compute the hello's fingerprints (access log, or patterns to check). */
+  fingerprints: boolean;
 }
 
 /** The routing tables of one config. */
@@ -44,25 +46,37 @@ export function stopHealthChecks(tables: RoutingTables): void {
 /** Builds the routing tables of a validated config. */
 export function buildTables(config: Config): RoutingTables {
   const acl = new Acl(config.acl.allow, config.acl.deny);
+  const pool = (r: RouteTableConfig["routes"][number]) => {
+    // two routes may share a `match` and differ by ALPN: the name tells them apart in logs
+    return new BackendPool(
+      r.alpn ? `${r.match.text} alpn=${r.alpn.join(",")}` : r.match.text,
+      r.backends,
+      r.balance,
+      {
+        proxyProtocol: r.proxyProtocol,
+        proxyTlvs: r.proxyTlvs,
+        health: r.health,
+        internal: r.internal,
+        workers: config.workers,
+        denyFingerprints: r.denyFingerprints,
+      },
+    );
+  };
   const table = (name: string, t: RouteTableConfig): RoutingTable => ({
     config,
     name,
     router: new Router(t.routes.map((r) => ({
       pattern: r.match,
+      alpn: r.alpn,
       allow: r.allow,
-      target: new BackendPool(
-        r.match.text,
-        r.backends,
-        r.balance,
-        r.proxyProtocol,
-        r.health,
-        r.internal,
-      ),
+      target: pool(r),
     }))),
     defaultPool: t.defaultBackend
       ? new BackendPool("default_backend", [t.defaultBackend], "round_robin")
       : null,
     acl,
+    fingerprints: config.log.accessLog !== null || config.acl.denyFingerprints !== null ||
+      t.routes.some((r) => r.denyFingerprints !== null),
   });
   // tables no listener serves get no pools (and so no health checks)
   const used = new Set(config.listeners.map((l) => l.table));

@@ -57,14 +57,24 @@ export function workerSpec(): WorkerSpec | null {
   return spec;
 }
 
-/** A worker's config: the supervisor's ports, and its share of limits.max_connections. */
+/**
+ * A worker's config: the supervisor's ports, and its share of limits.max_connections and of the
+ * per-source limits (the kernel spreads one source's connections over the workers).
+ */
 export function workerConfig(config: Config, spec: WorkerSpec): Config {
+  const share = (n: number) => Math.ceil(n / spec.count);
+  const perSource = config.limits.perSource;
   return {
     ...config,
     listeners: config.listeners.map((l, i) => withPort(l, spec.ports[i] ?? l.port)),
     limits: {
       ...config.limits,
-      maxConnections: Math.ceil(config.limits.maxConnections / spec.count),
+      maxConnections: share(config.limits.maxConnections),
+      perSource: perSource && {
+        maxConnections: perSource.maxConnections && share(perSource.maxConnections),
+        newPerSecond: perSource.newPerSecond && perSource.newPerSecond / spec.count,
+        burst: share(perSource.burst),
+      },
     },
   };
 }

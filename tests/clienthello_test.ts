@@ -542,7 +542,8 @@ Deno.test("random mutations of real hellos, fed in random pieces, only ever thro
           b = b.subarray(0, at);
       }
     }
-    const p = new ClientHelloParser(int(4) === 0 ? 1 + int(3000) : undefined);
+    // every other round also computes the fingerprints, which walk what the parser checked
+    const p = new ClientHelloParser(int(4) === 0 ? 1 + int(3000) : undefined, round % 2 === 0);
     let outcomeKind = "null";
     let from = 0;
     try {
@@ -557,6 +558,9 @@ Deno.test("random mutations of real hellos, fed in random pieces, only ever thro
       outcomeKind = "hello";
       assert.ok(r.recordBytes <= b.length);
       assert.ok(r.serverName === null || /^[a-z0-9_-]+(\.[a-z0-9_-]+)*$/.test(r.serverName));
+      if (round % 2 === 0) {
+        assert.match(r.fingerprints!.ja4, /^t[0-9s]{2}[di]\d{4}\w{2}_\w{12}_\w{12}$/);
+      }
     } catch (e) {
       if (!(e instanceof ClientHelloError)) {
         throw new Error(`seed ${seed} round ${round}: ${e}`, { cause: e });

@@ -16,6 +16,13 @@ function errorsOf(raw: unknown): string[] {
   assert.fail("config was accepted");
 }
 
+/** Asserts that `errors` has one starting with each of `prefixes`. */
+function assertErrors(errors: string[], prefixes: string[]): void {
+  for (const e of prefixes) {
+    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
+  }
+}
+
 Deno.test("a minimal config gets the documented defaults", () => {
   const c = resolveConfig(base, "/etc/sni/config.json");
   assert.equal(c.listeners[0].protocol, "tls");
@@ -93,9 +100,7 @@ Deno.test("every error names the JSON path of the bad field, all at once", () =>
     'acl.deny[1]: not an IP address: "not-an-ip"',
     'default_backend: expected "host:port"',
   ];
-  for (const e of expect) {
-    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
-  }
+  assertErrors(errors, expect);
 });
 
 Deno.test("schema errors name their path: types, enums, unknown keys, missing fields", () => {
@@ -148,9 +153,7 @@ Deno.test("schema errors and cross-field errors are listed together, in one run"
     'dns.servers[0]: "not-an-ip" is not an IP address',
     'listeners[0].table: no table "htp" (tables: default)',
   ];
-  for (const e of expect) {
-    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
-  }
+  assertErrors(errors, expect);
   assert.equal(new Set(errors).size, errors.length, `an error is listed twice:\n${errors}`);
   // a default the file leaves out still takes part: max_ttl_s defaults to 3600
   assert.ok(
@@ -237,18 +240,14 @@ Deno.test("route tables: listeners[].table picks one, routes is the default tabl
       },
     },
   });
-  for (
-    const e of [
-      'listeners[0].table: no table "nope" (tables: default, bad name, t)',
-      'tables.default: "default" is the table of the top-level routes',
-      "tables.bad name: a table name is 1-64 letters, digits, _ or -",
-      "tables.t.routes[0].allow: a route with a $sni backend needs an allow list",
-      "tables.t.routes[1].backends[0]: port out of range",
-      'tables.t.default_backend: expected "host:port"',
-    ]
-  ) {
-    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
-  }
+  assertErrors(errors, [
+    'listeners[0].table: no table "nope" (tables: default, bad name, t)',
+    'tables.default: "default" is the table of the top-level routes',
+    "tables.bad name: a table name is 1-64 letters, digits, _ or -",
+    "tables.t.routes[0].allow: a route with a $sni backend needs an allow list",
+    "tables.t.routes[1].backends[0]: port out of range",
+    'tables.t.default_backend: expected "host:port"',
+  ]);
 });
 
 Deno.test("a reload names every field it cannot apply and keeps their running values", () => {
@@ -411,16 +410,12 @@ Deno.test("allow_private and allow_addresses: $sni routes only, CIDRs with their
       },
     ],
   });
-  for (
-    const e of [
-      "routes[0].allow_private: only a route with a $sni backend can use it",
-      "routes[1].allow_addresses: only a route with a $sni backend can use it",
-      "routes[2].allow_addresses[0]: prefix length must be 0-32",
-      'routes[2].allow_addresses[1]: not an IP address: "nope"',
-    ]
-  ) {
-    assert.ok(errors.some((x) => x.startsWith(e)), `missing "${e}" in:\n${errors.join("\n")}`);
-  }
+  assertErrors(errors, [
+    "routes[0].allow_private: only a route with a $sni backend can use it",
+    "routes[1].allow_addresses: only a route with a $sni backend can use it",
+    "routes[2].allow_addresses[0]: prefix length must be 0-32",
+    'routes[2].allow_addresses[1]: not an IP address: "nope"',
+  ]);
   // a schema error elsewhere still lists the bad CIDR, and a non-boolean allow_private
   const both = errorsOf({
     ...base,
@@ -434,4 +429,174 @@ Deno.test("allow_private and allow_addresses: $sni routes only, CIDRs with their
   });
   assert.ok(both.some((x) => x.startsWith("routes[0].allow_private:")), both.join("\n"));
   assert.ok(both.some((x) => x.startsWith("routes[0].allow_addresses[0]:")), both.join("\n"));
+});
+
+Deno.test("alpn, weighted/backup/limited backends and deny_fingerprints: values and paths", () => {
+  const c = resolveConfig({
+    ...base,
+    routes: [
+      { match: "a.test", alpn: ["acme-tls/1"], backends: ["127.0.0.1:9001"] },
+      {
+        match: "a.test",
+        backends: [
+          "127.0.0.1:9002",
+          { address: "[::1]:9003", weight: 3, max_connections: 100 },
+          { address: "backup.test:9004", backup: true },
+        ],
+        deny_fingerprints: ["t13d1516h2_8daaf6152771_*"],
+      },
+    ],
+    acl: { deny_fingerprints: ["0149f47eabf9a20d0893e2a44e5a6323"] },
+  }, "/c.json");
+  assert.deepEqual(c.routes[0].alpn, ["acme-tls/1"]);
+  assert.equal(c.routes[1].alpn, null, "no alpn: any hello");
+  assert.deepEqual(
+    c.routes[1].backends.map((b) => [b.text, b.host, b.weight, b.backup, b.maxConnections]),
+    [
+      ["127.0.0.1:9002", "127.0.0.1", 1, false, 0],
+      ["[::1]:9003", "::1", 3, false, 100],
+      ["backup.test:9004", "backup.test", 1, true, 0],
+    ],
+  );
+  assert.deepEqual(c.routes[1].denyFingerprints?.texts, ["t13d1516h2_8daaf6152771_*"]);
+  assert.equal(c.routes[0].denyFingerprints, null);
+  assert.deepEqual(c.acl.denyFingerprints?.texts, ["0149f47eabf9a20d0893e2a44e5a6323"]);
+
+  const errors = errorsOf({
+    ...base,
+    routes: [{
+      match: "a.test",
+      alpn: [""],
+      backends: [
+        { address: "127.0.0.1:0", weight: 0 },
+        { address: "$sni:443", backup: "yes", max_connections: 0 },
+        { weight: 2 },
+        { address: "127.0.0.1:1", priority: 1 },
+        7,
+      ],
+      deny_fingerprints: ["T13D*"],
+    }, { match: "b.test", alpn: [], backends: ["127.0.0.1:1"] }],
+    acl: { deny_fingerprints: ["ja4 with spaces"] },
+  });
+  const expect = [
+    "routes[0].alpn[0]:",
+    "routes[0].backends[0].weight:",
+    "routes[0].backends[0].address: port out of range (1-65535)",
+    "routes[0].backends[1].backup:",
+    "routes[0].backends[1].max_connections:",
+    "routes[0].allow: a route with a $sni backend needs an allow list",
+    "routes[0].backends[2].address:",
+    'routes[0].backends[3]: Unrecognized key: "priority"',
+    'routes[0].backends[4]: expected "host:port" or',
+    "routes[0].deny_fingerprints[0]: not a JA4 or JA3 fingerprint",
+    "routes[1].alpn: at least one protocol",
+    "acl.deny_fingerprints[0]: not a JA4 or JA3 fingerprint",
+  ];
+  assertErrors(errors, expect);
+});
+
+Deno.test("alpn and deny_fingerprints on a table only HTTP listeners serve are warned about", () => {
+  const c = resolveConfig({
+    listeners: [
+      { address: "127.0.0.1:8443" },
+      { address: "127.0.0.1:8080", protocol: "http", table: "plain" },
+    ],
+    routes: [{ match: "a.test", alpn: ["h2"], backends: ["127.0.0.1:9443"] }],
+    tables: {
+      plain: {
+        routes: [{
+          match: "a.test",
+          alpn: ["h2"],
+          deny_fingerprints: ["t13*"],
+          backends: ["127.0.0.1:9080"],
+        }],
+      },
+    },
+  }, "/c.json");
+  assert.deepEqual(c.warnings.map((w) => w.split(":")[0]), [
+    "tables.plain.routes[0].alpn",
+    "tables.plain.routes[0].deny_fingerprints",
+  ]);
+});
+
+Deno.test("the README's example config is valid", async () => {
+  const readme = await Deno.readTextFile(new URL("../README.md", import.meta.url));
+  const section = readme.slice(readme.indexOf("## Config reference"));
+  const example = /```json\n([\s\S]*?)\n```/.exec(section)![1];
+  const c = resolveConfig(JSON.parse(example), "/etc/sni-proxy/config.json");
+  assert.deepEqual(c.routes[0].alpn, ["acme-tls/1"]);
+  assert.ok(c.routes[2].backends.some((b) => b.backup));
+});
+
+Deno.test("proxy_protocol_tlvs: v2 only, known TLVs, each once", () => {
+  const c = resolveConfig({
+    ...base,
+    routes: [{
+      match: "a.test",
+      backends: ["127.0.0.1:1"],
+      proxy_protocol: "v2",
+      proxy_protocol_tlvs: ["unique_id", "authority", "unique_id"],
+    }],
+  }, "/c.json");
+  assert.deepEqual(c.routes[0].proxyTlvs, ["unique_id", "authority"]);
+  assert.deepEqual(resolveConfig(base, "/c.json").routes[0].proxyTlvs, []);
+  const errors = errorsOf({
+    ...base,
+    routes: [
+      { match: "a.test", backends: ["127.0.0.1:1"], proxy_protocol_tlvs: ["authority"] },
+      {
+        match: "b.test",
+        backends: ["127.0.0.1:1"],
+        proxy_protocol: "v1",
+        proxy_protocol_tlvs: ["alpn"],
+      },
+      {
+        match: "c.test",
+        backends: ["127.0.0.1:1"],
+        proxy_protocol: "v2",
+        proxy_protocol_tlvs: ["netns"],
+      },
+    ],
+  });
+  assertErrors(errors, [
+    'routes[0].proxy_protocol_tlvs: TLVs are part of PROXY protocol v2 only: set proxy_protocol to "v2"',
+    "routes[1].proxy_protocol_tlvs: TLVs are part of PROXY protocol v2 only",
+    "routes[2].proxy_protocol_tlvs[0]:",
+  ]);
+});
+
+Deno.test("limits.per_source: values, the burst's default, and errors with their paths", () => {
+  const at = (per_source: unknown) =>
+    resolveConfig({ ...base, limits: { per_source } }, "/c.json").limits.perSource;
+  assert.equal(resolveConfig(base, "/c.json").limits.perSource, null);
+  assert.deepEqual(at({ max_connections: 50 }), {
+    maxConnections: 50,
+    newPerSecond: null,
+    burst: 1,
+  });
+  assert.deepEqual(at({ new_per_second: 2.5 }), {
+    maxConnections: null,
+    newPerSecond: 2.5,
+    burst: 3,
+  });
+  assert.equal(at({ new_per_second: 10, burst: 40 })?.burst, 40);
+  assertErrors(errorsOf({ ...base, limits: { per_source: {} } }), [
+    "limits.per_source: set max_connections, new_per_second or both",
+  ]);
+  assertErrors(errorsOf({ ...base, limits: { per_source: { max_connections: 5, burst: 9 } } }), [
+    "limits.per_source.burst: a burst needs limits.per_source.new_per_second",
+  ]);
+  assertErrors(
+    errorsOf({ ...base, limits: { per_source: { new_per_second: 0, max_connections: 1.5 } } }),
+    ["limits.per_source.new_per_second:", "limits.per_source.max_connections:"],
+  );
+});
+
+Deno.test("a route whose backends are all backups is warned about", () => {
+  const c = resolveConfig({
+    ...base,
+    routes: [{ match: "a.test", backends: [{ address: "127.0.0.1:1", backup: true }] }],
+  }, "/c.json");
+  assert.deepEqual(c.warnings.map((w) => w.split(":")[0]), ["routes[0].backends"]);
+  assert.deepEqual(resolveConfig(base, "/c.json").warnings, []);
 });

@@ -338,7 +338,7 @@ const HTTP_METHOD = /^(GET|HEAD|POST|PUT|DELETE|OPTIONS) /;
 export async function identityBackend(
   scope: Scope,
   name: string,
-  opts: { hostname?: string; tls?: boolean } = {},
+  opts: { hostname?: string; tls?: boolean; port?: number } = {},
 ): Promise<IdentityBackend> {
   const hostname = opts.hostname ?? "127.0.0.1";
   const serve = async (conn: Deno.Conn) => {
@@ -371,7 +371,11 @@ export async function identityBackend(
     }
     await conn.closeWrite();
   };
-  const server = await rawServer(scope, serve, { hostname, tls: opts.tls ?? true });
+  const server = await rawServer(scope, serve, {
+    hostname,
+    tls: opts.tls ?? true,
+    port: opts.port,
+  });
   const backend: IdentityBackend = {
     name,
     port: server.port,
@@ -398,21 +402,22 @@ export interface RawServer {
 }
 
 /**
- * Starts a server on `hostname:0` (TLS with the test certificate unless `tls` is false) that
- * runs `handle` for each connection and closes the connection afterwards.
+ * Starts a server on `hostname:port` (port 0: a free one; TLS with the test certificate unless
+ * `tls` is false) that runs `handle` for each connection and closes the connection afterwards.
  */
 export async function rawServer(
   scope: Scope,
   handle: (conn: Deno.Conn) => Promise<void>,
-  opts: { hostname?: string; tls?: boolean } = {},
+  opts: { hostname?: string; tls?: boolean; port?: number } = {},
 ): Promise<RawServer> {
   const hostname = opts.hostname ?? "127.0.0.1";
+  const port0 = opts.port ?? 0;
   let listener: Deno.Listener;
   if (opts.tls ?? true) {
     const c = await testCerts();
-    listener = Deno.listenTls({ hostname, port: 0, cert: c.certPem, key: c.keyPem });
+    listener = Deno.listenTls({ hostname, port: port0, cert: c.certPem, key: c.keyPem });
   } else {
-    listener = Deno.listen({ hostname, port: 0 });
+    listener = Deno.listen({ hostname, port: port0 });
   }
   const port = (listener.addr as Deno.NetAddr).port;
   const running = new Set<Promise<void>>();
@@ -1088,6 +1093,13 @@ export async function spawnProxy(
     status,
     stop,
   };
+}
+
+/** The proxy's Prometheus text, from the metrics address it logged (`metrics.address` port 0). */
+export async function scrapeMetrics(proxy: ProxyProcess): Promise<string> {
+  const addr = /metrics on http:\/\/([^/\s]+)\/metrics/.exec(proxy.stderr())?.[1];
+  assert.ok(addr, `no metrics address logged:\n${proxy.stderr()}`);
+  return await fetch(`http://${addr}/metrics`).then((r) => r.text());
 }
 
 /**

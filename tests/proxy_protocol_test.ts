@@ -1,7 +1,7 @@
 /**
  * PROXY protocol v1/v2 to backends, end to end: a backend that parses the header per the
- * spec (independently of src/) sees the real client and server addresses, then the client's
- * hello byte for byte.
+ * spec (independently of src/) sees the real client and server addresses, the v2 TLVs a route
+ * asks for, then the client's hello byte for byte.
  */
 import assert from "node:assert/strict";
 import { readAll, withProxy } from "./proxy_harness.ts";
@@ -13,6 +13,8 @@ const helloName = "pq.example"; // the name the Chromium fixture asked for
 
 interface Seen {
   header: string | { family: number; src: string; dst: string; sport: number; dport: number };
+  /** v2: the TLVs after the addresses, by type, values as text. */
+  tlvs: Map<number, string>;
   rest: Uint8Array;
 }
 
@@ -26,7 +28,17 @@ function decode(bytes: Uint8Array): Seen {
     const body = bytes.subarray(16, 16 + len);
     const v6 = family === 0x21;
     assert.ok(family === 0x11 || family === 0x21, `family byte ${family}`);
-    assert.equal(len, v6 ? 36 : 12);
+    const addrLen = v6 ? 36 : 12;
+    assert.ok(len >= addrLen, `length ${len} holds the addresses`);
+    // TLVs (spec 2.2.7): type, 2-byte length, value, filling the rest of the length exactly
+    const tlvs = new Map<number, string>();
+    for (let p = addrLen; p < len;) {
+      assert.ok(p + 3 <= len, "TLV header within the length");
+      const size = (body[p + 1] << 8) | body[p + 2];
+      assert.ok(p + 3 + size <= len, "TLV value within the length");
+      tlvs.set(body[p], new TextDecoder().decode(body.subarray(p + 3, p + 3 + size)));
+      p += 3 + size;
+    }
     const n = v6 ? 16 : 4;
     const ip = (b: Uint8Array) =>
       v6
@@ -43,6 +55,7 @@ function decode(bytes: Uint8Array): Seen {
         sport: dv.getUint16(2 * n),
         dport: dv.getUint16(2 * n + 2),
       },
+      tlvs,
       rest: bytes.subarray(16 + len),
     };
   }
@@ -50,6 +63,7 @@ function decode(bytes: Uint8Array): Seen {
   assert.ok(end > 0 && bytes[end - 1] === 0x0d, "v1 header ends with CRLF");
   return {
     header: new TextDecoder().decode(bytes.subarray(0, end - 1)),
+    tlvs: new Map(),
     rest: bytes.subarray(end + 1),
   };
 }
@@ -80,28 +94,39 @@ function recordingBackend(hostname: string) {
   };
 }
 
+/** What the backend saw of one connection, and the proxy's access-log entry for it. */
+interface Via {
+  seen: Seen;
+  client: Deno.NetAddr;
+  server: Deno.NetAddr;
+  access: Record<string, unknown>;
+}
+
+/** One connection (the Chromium hello) through a proxy whose route has `route`'s fields too. */
 async function viaProxy(
   version: "v1" | "v2",
   listen: string,
   connectTo: string,
   backendHost: string,
-): Promise<{ seen: Seen; client: Deno.NetAddr; server: Deno.NetAddr }> {
+  route: Record<string, unknown> = {},
+): Promise<Via> {
   const backend = recordingBackend(backendHost);
-  let result!: { seen: Seen; client: Deno.NetAddr; server: Deno.NetAddr };
+  let result!: Via;
   await withProxy({
     listeners: [{ address: listen }],
-    routes: [{ match: helloName, backends: [backend.address], proxy_protocol: version }],
+    routes: [{ match: helloName, backends: [backend.address], proxy_protocol: version, ...route }],
   }, async (p) => {
     const conn = await Deno.connect({ hostname: connectTo, port: p.ports[0] });
     await conn.write(chromiumHello);
     const seen = await backend.seen;
+    await readAll(conn).catch(() => {});
+    conn.close();
     result = {
       seen,
       client: conn.localAddr as Deno.NetAddr,
       server: conn.remoteAddr as Deno.NetAddr,
+      access: await p.waitAccess((e) => e.sni === helloName),
     };
-    await readAll(conn).catch(() => {});
-    conn.close();
   });
   return result;
 }
@@ -137,6 +162,42 @@ Deno.test("PROXY v2 binary header over IPv4 and IPv6", async () => {
     dport: v6.server.port,
   });
   assert.deepEqual(v6.seen.rest, chromiumHello);
+  assert.equal(v6.seen.tlvs.size, 0, "no TLVs unless the route asks");
+});
+
+const PP2_TYPE_ALPN = 0x01;
+const PP2_TYPE_AUTHORITY = 0x02;
+const PP2_TYPE_UNIQUE_ID = 0x05;
+
+Deno.test("PROXY v2 TLVs: the SNI as AUTHORITY, ALPN and a connection id the access log names", async () => {
+  const tlvs = ["authority", "alpn", "unique_id"];
+  const v4 = await viaProxy("v2", "127.0.0.1:0", "127.0.0.1", "127.0.0.1", {
+    proxy_protocol_tlvs: tlvs,
+  });
+  assert.equal((v4.seen.header as { sport: number }).sport, v4.client.port);
+  assert.deepEqual([...v4.seen.tlvs.keys()].sort(), [1, 2, 5]);
+  assert.equal(v4.seen.tlvs.get(PP2_TYPE_AUTHORITY), helloName);
+  assert.equal(v4.seen.tlvs.get(PP2_TYPE_ALPN), "h2", "Chromium's first offer");
+  const id = v4.seen.tlvs.get(PP2_TYPE_UNIQUE_ID)!;
+  assert.match(id, /^[0-9a-f]{12}-[0-9a-z]+$/);
+  assert.equal(v4.access.conn_id, id, "the access log names the id the backend got");
+  assert.deepEqual(v4.seen.rest, chromiumHello, "the hello follows the TLVs unchanged");
+
+  const v6 = await viaProxy("v2", "[::1]:0", "::1", "::1", { proxy_protocol_tlvs: tlvs });
+  assert.equal((v6.seen.header as { family: number }).family, 0x21);
+  assert.equal(v6.seen.tlvs.get(PP2_TYPE_AUTHORITY), helloName);
+  assert.notEqual(v6.seen.tlvs.get(PP2_TYPE_UNIQUE_ID), id, "every connection its own id");
+  assert.deepEqual(v6.seen.rest, chromiumHello);
+});
+
+Deno.test("PROXY v2 ALPN TLV of an ALPN route is the protocol it matched; only asked TLVs go", async () => {
+  const via = await viaProxy("v2", "127.0.0.1:0", "127.0.0.1", "127.0.0.1", {
+    alpn: ["http/1.1"],
+    proxy_protocol_tlvs: ["alpn"],
+  });
+  assert.deepEqual([...via.seen.tlvs], [[PP2_TYPE_ALPN, "http/1.1"]]);
+  assert.equal(via.access.conn_id, undefined, "no id asked, none logged");
+  assert.deepEqual(via.seen.rest, chromiumHello);
 });
 
 Deno.test("an IPv4 client on a dual-stack listener is announced as IPv4, not IPv4-mapped", async () => {

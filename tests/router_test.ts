@@ -5,7 +5,7 @@ import { compilePattern, Router } from "../src/router.ts";
 
 function router(...patterns: string[]) {
   return new Router(
-    patterns.map((p, i) => ({ pattern: compilePattern(p), allow: null, target: i })),
+    patterns.map((p, i) => ({ pattern: compilePattern(p), alpn: null, allow: null, target: i })),
   );
 }
 
@@ -42,11 +42,37 @@ Deno.test("regex routes, '*' catch-all and first match wins", () => {
 Deno.test("a dynamic route refuses names outside its allow list", () => {
   const r = new Router([{
     pattern: compilePattern("*"),
+    alpn: null,
     allow: [compilePattern("*.ok.test")],
     target: 0,
   }]);
   assert.equal(r.lookup("x.ok.test").kind, "route");
   assert.equal(r.lookup("evil.test").kind, "not_allowed");
+});
+
+Deno.test("ALPN routes match a hello offering one of their protocols; others fall through", () => {
+  const route = (match: string, alpn: string[] | null, target: number) => ({
+    pattern: compilePattern(match),
+    alpn,
+    allow: null,
+    target,
+  });
+  const r = new Router([
+    route("a.test", ["acme-tls/1"], 0),
+    route("a.test", ["h2", "h3"], 1),
+    route("a.test", null, 2),
+  ]);
+  const at = (alpn?: string[]) => {
+    const found = r.lookup("a.test", alpn);
+    return found.kind === "route" ? found.route.target : null;
+  };
+  assert.equal(at(["acme-tls/1"]), 0);
+  assert.equal(at(["h2", "http/1.1"]), 1, "one offered protocol is enough");
+  assert.equal(at(["http/1.1", "h3"]), 1, "not only the first offered");
+  assert.equal(at(["http/1.1"]), 2);
+  assert.equal(at([]), 2, "a hello without ALPN takes the route without a condition");
+  assert.equal(at(), 2);
+  assert.equal(r.lookup("b.test", ["acme-tls/1"]).kind, "none", "the name still has to match");
 });
 
 Deno.test("bad patterns are refused with a reason", () => {
@@ -105,10 +131,8 @@ Deno.test("balancing: round robin rotates, source hash sticks, least_conn picks 
 Deno.test("passive health: max_fails connect failures take a backend out for fail_timeout_ms", async () => {
   const addrs = [1, 2].map((i) => ({ text: `h${i}:1`, host: `h${i}`, port: 1, dynamic: false }));
   for (const mode of ["round_robin", "random", "least_conn", "source_hash"] as const) {
-    const pool = new BackendPool("r", addrs, mode, null, {
-      maxFails: 2,
-      failTimeoutMs: 200,
-      active: null,
+    const pool = new BackendPool("r", addrs, mode, {
+      health: { maxFails: 2, failTimeoutMs: 200, active: null },
     });
     const [h1, h2] = pool.backends;
     pool.connectFailed(h1, "refused");
@@ -129,4 +153,106 @@ Deno.test("passive health: max_fails connect failures take a backend out for fai
     await new Promise((r) => setTimeout(r, 250));
     assert.ok(pool.pick("x") !== null, `${mode}: back after fail_timeout_ms`);
   }
+});
+
+type Spec = { weight?: number; backup?: boolean; maxConnections?: number };
+
+/** A pool of backends h1, h2, … with the given weights, roles and limits. */
+function pool(mode: "round_robin" | "random" | "least_conn" | "source_hash", ...specs: Spec[]) {
+  const addrs = specs.map((spec, i) => ({
+    text: `h${i + 1}:1`,
+    host: `h${i + 1}`,
+    port: 1,
+    dynamic: false,
+    ...spec,
+  }));
+  return new BackendPool("r", addrs, mode, {
+    health: { maxFails: 1, failTimeoutMs: 60_000, active: null },
+  });
+}
+
+const MODES = ["round_robin", "random", "least_conn", "source_hash"] as const;
+
+Deno.test("weights: every balancing mode shares connections in weight proportion", () => {
+  for (const mode of MODES) {
+    const p = pool(mode, { weight: 1 }, { weight: 3 }, { weight: 6 });
+    const counts = new Map<string, number>();
+    const live: ReturnType<typeof p.pick>[] = [];
+    for (let i = 0; i < 20_000; i++) {
+      const b = p.pick(`10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`)!;
+      counts.set(b.address.host, (counts.get(b.address.host) ?? 0) + 1);
+      // least_conn weighs live connections: keep 100 open, closing the oldest
+      b.active++;
+      live.push(b);
+      if (live.length > 100) live.shift()!.active--;
+    }
+    for (const [host, share] of [["h1", 0.1], ["h2", 0.3], ["h3", 0.6]] as const) {
+      const got = (counts.get(host) ?? 0) / 20_000;
+      assert.ok(Math.abs(got - share) < 0.02, `${mode}: ${host} got ${got}, expected ${share}`);
+    }
+  }
+});
+
+Deno.test("smooth weighted round robin interleaves; least_conn shares idle backends by weight", () => {
+  for (const mode of ["round_robin", "least_conn"] as const) {
+    const p = pool(mode, { weight: 5 }, { weight: 1 }, { weight: 1 });
+    // connections that end before the next one starts: least_conn sees idle backends only
+    const order = Array.from({ length: 7 }, () => p.pick("x")!.address.host).join(" ");
+    assert.equal(order, "h1 h1 h2 h1 h3 h1 h1", mode);
+  }
+});
+
+Deno.test("source_hash with weights keeps clients put when another backend goes down", () => {
+  const p = pool("source_hash", { weight: 1 }, { weight: 2 }, { weight: 1 });
+  const clients = Array.from({ length: 500 }, (_, i) => `192.0.2.${i % 250}:${i}`);
+  const before = clients.map((c) => p.pick(c));
+  p.connectFailed(p.backends[2], "refused");
+  const after = clients.map((c) => p.pick(c));
+  clients.forEach((_, i) => {
+    if (before[i] !== p.backends[2]) assert.equal(after[i], before[i], "only h3's clients move");
+    else assert.notEqual(after[i], p.backends[2]);
+  });
+});
+
+Deno.test("backups: used only while every primary is down (or failed this connection)", () => {
+  for (const mode of MODES) {
+    const p = pool(mode, {}, {}, { backup: true }, { backup: true, weight: 3 });
+    const [h1, h2, b1, b2] = p.backends;
+    for (let i = 0; i < 50; i++) {
+      assert.ok(!p.pick(`10.0.0.${i}`)!.backup, `${mode}: primaries serve while up`);
+    }
+    p.connectFailed(h1, "refused");
+    for (let i = 0; i < 20; i++) assert.equal(p.pick(`10.0.1.${i}`), h2, `${mode}: h2 left`);
+    assert.ok(p.pick("x", new Set([h2]))!.backup, `${mode}: h2 failed this connection`);
+    p.connectFailed(h2, "refused");
+    const used = new Set(Array.from({ length: 50 }, (_, i) => p.pick(`10.0.2.${i}`)));
+    assert.deepEqual(used, new Set([b1, b2]), `${mode}: both backups serve`);
+    h1.downUntil = 0; // h1 is back
+    for (let i = 0; i < 20; i++) assert.equal(p.pick(`10.0.3.${i}`), h1, `${mode}: h1 is back`);
+  }
+});
+
+Deno.test("max_connections: a full backend is skipped; all full is told apart from all down", () => {
+  for (const mode of MODES) {
+    const p = pool(mode, { maxConnections: 2 }, { maxConnections: 1 }, { backup: true });
+    const [h1, h2] = p.backends;
+    h1.active = 2;
+    for (let i = 0; i < 10; i++) assert.equal(p.pick(`10.0.0.${i}`), h2, `${mode}: h1 is full`);
+    h2.active = 1;
+    assert.equal(p.pick("x"), null, `${mode}: a full primary is not down: no backup`);
+    assert.ok(p.allFull(), `${mode}: refused for being full`);
+    h1.active = 1;
+    assert.equal(p.pick("x"), h1, `${mode}: a slot came free`);
+    assert.ok(!p.allFull());
+    p.connectFailed(h1, "refused");
+    p.connectFailed(h2, "refused");
+    assert.ok(p.pick("x")!.backup, `${mode}: down, not full: the backup serves`);
+  }
+  const split = new BackendPool(
+    "r",
+    [{ text: "h:1", host: "h", port: 1, dynamic: false, maxConnections: 5 }],
+    "round_robin",
+    { workers: 2 },
+  );
+  assert.equal(split.backends[0].maxConnections, 3, "two workers share 5 as 3 each");
 });
