@@ -17,7 +17,7 @@ import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget
 import { type KernelAccel, KernelAccelError, type SplicePair } from "./kernel.ts";
 import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
-import { Metrics } from "./metrics.ts";
+import { Metrics, NO_ROUTE } from "./metrics.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
 import { SplicedRelay } from "./spliced.ts";
 import { backendFdHint, type DetachedPair, detachSockets } from "./detach.ts";
@@ -99,6 +99,10 @@ export class Session {
   readonly #client: Deno.TcpConn;
   readonly #ctx: SessionContext;
   readonly #started = Date.now();
+  /** performance.now() at accept, and the seconds the hello and the backend connect took. */
+  readonly #t0 = performance.now();
+  #helloSeconds: number | null = null;
+  #connectSeconds: number | null = null;
   #clientAddr: string;
   /** The client and the address it connected to: the socket's, or a trusted PROXY header's. */
   #clientNet: Deno.NetAddr;
@@ -180,7 +184,9 @@ export class Session {
         this.#backendLabel = b.address.text;
         try {
           const policy = b.address.dynamic ? pool.internal : null;
+          const t = performance.now();
           this.#backendConn = await this.#connect(host, b.address.port, policy);
+          this.#connectSeconds = (performance.now() - t) / 1000;
           this.#ctx.fds?.backendOpened();
           pool.connected(b);
         } catch (e) {
@@ -327,6 +333,7 @@ export class Session {
         if (result) {
           // a view, not a copy: the parser is not fed again
           this.#pending = parser.data;
+          this.#helloSeconds = (performance.now() - this.#t0) / 1000;
           this.#sni = result.serverName;
           if (this.#ctx.protocol === "tls") this.#hello = result as ClientHello;
           return result.serverName;
@@ -680,6 +687,12 @@ export class Session {
     const mode = this.#splice || this.#piped ? "kernel" : "userspace";
     if (relay) Metrics.bump(m.byMode, mode);
     Metrics.bump(m.closed, finalReason);
+    const route = this.#route ?? NO_ROUTE;
+    if (this.#helloSeconds !== null) m.helloSeconds.observe(route, this.#helloSeconds);
+    if (this.#connectSeconds !== null) m.connectSeconds.observe(route, this.#connectSeconds);
+    m.durationSeconds.observe(route, (performance.now() - this.#t0) / 1000);
+    m.bytesUpHistogram.observe(route, up);
+    m.bytesDownHistogram.observe(route, down);
     writeAccess({
       time: new Date().toISOString(),
       client: this.#clientAddr,
