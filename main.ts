@@ -4,7 +4,9 @@
  * @module
  */
 import { parseArgs } from "node:util";
+import { serveAdmin } from "./src/admin.ts";
 import { ConfigError, loadConfig } from "./src/config.ts";
+import { runCtl } from "./src/ctl_cli.ts";
 import { runUntilStopped } from "./src/lifecycle.ts";
 import { logger, LogSetupError, setupLogging } from "./src/log.ts";
 import { Proxy } from "./src/proxy.ts";
@@ -18,6 +20,7 @@ const USAGE = `sni-proxy ${VERSION}: route TLS (by SNI) and HTTP (by Host) to ba
 
 Usage: sni-proxy [--config PATH] [--check] [--version] [--help]
        sni-proxy stats [--config PATH]
+       sni-proxy ctl [--config PATH] [--json] COMMAND ...   (sni-proxy ctl --help)
 
   --config PATH  config file (default: config.json)
   --check        validate the config, print every error (or "config OK"), exit 0/1
@@ -25,6 +28,7 @@ Usage: sni-proxy [--config PATH] [--check] [--version] [--help]
   --help         print this help
 
   stats          print the running proxy's counters (from its metrics.address endpoint)
+  ctl            operate the running proxy through its admin socket (admin.socket)
 
 With "workers" above 1 (default: one per CPU) this process supervises that many worker
 processes sharing the listeners.
@@ -32,6 +36,7 @@ processes sharing the listeners.
 Signals: SIGHUP reloads the config; SIGTERM/SIGINT drain and exit.`;
 
 async function main(args: string[]): Promise<number> {
+  if (args[0] === "ctl") return await runCtl(args.slice(1));
   let parsed;
   try {
     parsed = parseArgs({
@@ -91,9 +96,12 @@ async function main(args: string[]): Promise<number> {
   }
   const proxyConfig = config;
   return await runUntilStopped({
-    start: () => proxyConfig.workers > 1 ? Supervisor.start(proxyConfig) : Proxy.start(proxyConfig),
+    start: (): Promise<Proxy | Supervisor> =>
+      proxyConfig.workers > 1 ? Supervisor.start(proxyConfig) : Proxy.start(proxyConfig),
     configPath: flags.config,
     log: logger("main"),
+    serve: async (running, reload) =>
+      proxyConfig.admin ? await serveAdmin(proxyConfig.admin, running, reload) : null,
   });
 }
 

@@ -25,6 +25,8 @@ export interface Backend {
   successes: number;
   /** Down until this time (ms since epoch); 0 when up. Active checks keep it down until `rise`. */
   downUntil: number;
+  /** Taken out of rotation by the admin API (see src/admin.ts) until the next reload; or null. */
+  held: "drained" | "disabled" | null;
 }
 
 /** The backends of one route, with the route's balancing mode and health settings. */
@@ -58,6 +60,7 @@ export class BackendPool {
       failures: 0,
       successes: 0,
       downUntil: 0,
+      held: null,
     }));
     this.balance = balance;
     this.proxyProtocol = proxyProtocol;
@@ -76,7 +79,7 @@ export class BackendPool {
   pick(clientIp: string, exclude?: ReadonlySet<Backend>): Backend | null {
     const list = this.backends;
     const now = Date.now();
-    const usable = (b: Backend) => this.isUp(b, now) && !exclude?.has(b);
+    const usable = (b: Backend) => !b.held && this.isUp(b, now) && !exclude?.has(b);
     switch (this.balance) {
       case "random": {
         const up = list.filter(usable);

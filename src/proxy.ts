@@ -4,6 +4,13 @@
  *
  * @module
  */
+import {
+  type AdminRequest,
+  type AdminResult,
+  type AdminTarget,
+  applyLocal,
+  everyPool,
+} from "./admin.ts";
 import { type Config, reloadable, routeSummary } from "./config.ts";
 import { DialGuard, type OwnSocket } from "./dialguard.ts";
 import { FdBudget } from "./fdbudget.ts";
@@ -38,7 +45,7 @@ export interface WorkerRole {
 }
 
 /** A running proxy. */
-export class Proxy implements ListenerHost {
+export class Proxy implements ListenerHost, AdminTarget {
   tables: RoutingTables;
   readonly metrics = new Metrics();
   readonly listeners: Listener[] = [];
@@ -191,6 +198,20 @@ export class Proxy implements ListenerHost {
     return this.#sessions.size;
   }
 
+  /** The live sessions themselves. */
+  sessions(): Iterable<Session> {
+    return this.#sessions.keys();
+  }
+
+  /** The admin API's backend and session commands, on this process's tables and sessions. */
+  admin(req: AdminRequest): AdminResult {
+    return applyLocal(this, req);
+  }
+
+  get effectiveConfig(): Config {
+    return this.tables.config;
+  }
+
   waitForSlot(): Promise<void> {
     const full = this.#full();
     if (!full) return Promise.resolve();
@@ -294,6 +315,12 @@ export class Proxy implements ListenerHost {
       this.#configureDns(config);
     }
     const previous = this.tables;
+    const held = everyPool(previous).flatMap(({ pool }) =>
+      pool.backends.filter((b) => b.held).map((b) => `${b.address.text} ${b.held}`)
+    );
+    if (held.length > 0) {
+      log.info(`reload: admin changes end, the config file rules again: ${held.join(", ")}`);
+    }
     this.tables = buildTables(config);
     stopHealthChecks(previous);
     startHealthChecks(this.tables);

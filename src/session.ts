@@ -48,7 +48,27 @@ export type CloseReason =
   | "address_denied"
   | "resource_exhausted"
   | "bad_proxy_header"
-  | "acl_denied";
+  | "acl_denied"
+  | "admin";
+
+/** One live session as the admin API lists it. */
+export interface SessionInfo {
+  client: string;
+  listener: string;
+  table: string;
+  sni: string | null;
+  /** The route's `match`, `default_backend`, or null while not routed yet. */
+  route: string | null;
+  /** As dialled (a `$sni` backend by the requested name), or null while not connected. */
+  backend: string | null;
+  /** As configured (`$sni:443`): what drain / disable name. */
+  backend_config: string | null;
+  age_ms: number;
+  /** Bytes so far that the process relayed itself (spliced bytes are counted at the end). */
+  bytes_up: number;
+  bytes_down: number;
+  mode: "userspace" | "kernel";
+}
 
 /** What a session needs from the proxy around it. */
 export interface SessionContext {
@@ -273,7 +293,24 @@ export class Session {
     }
   }
 
-  /** Ends the session now (drain deadline passed). */
+  /** What the admin API shows of this session. */
+  info(): SessionInfo {
+    return {
+      client: this.#clientAddr,
+      listener: this.#ctx.listener,
+      table: this.#ctx.table.name,
+      sni: this.#sni,
+      route: this.#route,
+      backend: this.#backend,
+      backend_config: this.#backendLabel,
+      age_ms: Date.now() - this.#started,
+      bytes_up: this.#helloBytes + (this.#relay?.bytesUp ?? 0),
+      bytes_down: this.#relay?.bytesDown ?? 0,
+      mode: this.#splice ? "kernel" : "userspace",
+    };
+  }
+
+  /** Ends the session now (drain deadline passed, or closed by the admin API). */
   stop(reason: CloseReason = "shutdown"): void {
     if (this.#stopReason) return;
     this.#stopReason = reason;
@@ -725,7 +762,8 @@ function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
   return out;
 }
 
-async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
+/** Writes all of `data`. */
+export async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
   let off = 0;
   while (off < data.length) off += await conn.write(data.subarray(off));
 }
