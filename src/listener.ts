@@ -57,11 +57,12 @@ export class Listener {
   #closed = false;
 
   /**
-   * Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. `reusePort`:
-   * share the address with the other worker processes (SO_REUSEPORT; the kernel spreads new
-   * connections over them). `index` is its place in the config's listeners.
+   * Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. Always with
+   * SO_REUSEPORT: worker processes share the address (the kernel spreads new connections over
+   * them), and a new proxy process can bind it before the old one stops (a restart without
+   * refusing anyone, see the README). `index` is its place in the config's listeners.
    */
-  constructor(config: ListenerConfig, index: number, host: ListenerHost, reusePort = false) {
+  constructor(config: ListenerConfig, index: number, host: ListenerHost) {
     this.config = config;
     this.index = index;
     this.#host = host;
@@ -73,7 +74,7 @@ export class Listener {
         hostname: config.hostname,
         port: config.port,
         transport: "tcp",
-        reusePort,
+        reusePort: true,
       });
     } catch (e) {
       throw new Error(`cannot listen on ${config.address}: ${errText(e)}`);

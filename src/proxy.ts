@@ -116,7 +116,7 @@ export class Proxy implements ListenerHost, AdminTarget {
     }
     try {
       config.listeners.forEach((l, i) => {
-        proxy.listeners.push(new Listener(l, i, proxy, worker !== null));
+        proxy.listeners.push(new Listener(l, i, proxy));
       });
       if (config.metrics && !worker) {
         const { hostname, port } = config.metrics;
