@@ -3,10 +3,9 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import { serveAdmin } from "./src/admin.ts";
 import { ConfigError, loadConfig } from "./src/config.ts";
-import { runCtl } from "./src/ctl_cli.ts";
+import { parseCommandLine, runCtl } from "./src/ctl_cli.ts";
 import { runUntilStopped } from "./src/lifecycle.ts";
 import { logger, LogSetupError, setupLogging } from "./src/log.ts";
 import { Proxy } from "./src/proxy.ts";
@@ -37,23 +36,16 @@ Signals: SIGHUP reloads the config; SIGTERM/SIGINT drain and exit.`;
 
 async function main(args: string[]): Promise<number> {
   if (args[0] === "ctl") return await runCtl(args.slice(1));
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      options: {
-        config: { type: "string", default: "config.json" },
-        check: { type: "boolean", default: false },
-        version: { type: "boolean", default: false },
-        help: { type: "boolean", default: false },
-      },
-      strict: true,
-      allowPositionals: true,
-    });
-  } catch (e) {
-    console.error(`sni-proxy: ${(e as Error).message}\n\n${USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandLine(
+    args,
+    {
+      check: { type: "boolean", default: false },
+      version: { type: "boolean", default: false },
+    },
+    "sni-proxy",
+    USAGE,
+  );
+  if (!parsed) return 2;
   const flags = parsed.values;
   const command = parsed.positionals[0];
   if (parsed.positionals.length > 1 || (command !== undefined && command !== "stats")) {

@@ -6,7 +6,7 @@
  * @module
  */
 import { dirname, resolve } from "node:path";
-import { parseArgs } from "node:util";
+import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 import { type AdminRequest, adminRequest } from "./admin.ts";
 import { ConfigError, DEFAULT_ADMIN_SOCKET, loadConfig } from "./config.ts";
 
@@ -27,29 +27,51 @@ BACKEND is as written in the config (127.0.0.1:9443, $sni:443); without --route/
 applies to it in every route. Changes last until the next reload or restart: write them to the
 config to keep them.`;
 
-/** Runs `sni-proxy ctl ARGS`; returns the exit code (2: usage, 1: refused or unreachable). */
-export async function runCtl(args: string[]): Promise<number> {
-  let parsed;
+/** The flags every command takes. */
+const COMMON = {
+  config: { type: "string", default: "config.json" },
+  help: { type: "boolean", default: false },
+} as const;
+
+/**
+ * Parses a command line (strict: unknown flags are errors) with `--config` and `--help` and
+ * `options`; prints the error and `usage` and returns null when it is wrong (exit 2).
+ */
+export function parseCommandLine<T extends ParseArgsOptionsConfig>(
+  args: string[],
+  options: T,
+  who: string,
+  usage: string,
+) {
   try {
-    parsed = parseArgs({
+    return parseArgs({
       args,
-      options: {
-        config: { type: "string", default: "config.json" },
-        json: { type: "boolean", default: false },
-        help: { type: "boolean", default: false },
-        route: { type: "string" },
-        table: { type: "string" },
-        client: { type: "string" },
-        backend: { type: "string" },
-        all: { type: "boolean", default: false },
-      },
+      options: { ...COMMON, ...options },
       strict: true,
       allowPositionals: true,
     });
   } catch (e) {
-    console.error(`sni-proxy ctl: ${(e as Error).message}\n\n${USAGE}`);
-    return 2;
+    console.error(`${who}: ${(e as Error).message}\n\n${usage}`);
+    return null;
   }
+}
+
+/** Runs `sni-proxy ctl ARGS`; returns the exit code (2: usage, 1: refused or unreachable). */
+export async function runCtl(args: string[]): Promise<number> {
+  const parsed = parseCommandLine(
+    args,
+    {
+      json: { type: "boolean", default: false },
+      route: { type: "string" },
+      table: { type: "string" },
+      client: { type: "string" },
+      backend: { type: "string" },
+      all: { type: "boolean", default: false },
+    },
+    "sni-proxy ctl",
+    USAGE,
+  );
+  if (!parsed) return 2;
   const f = parsed.values;
   const [cmd, backend, ...extra] = parsed.positionals;
   if (f.help) {
