@@ -5,9 +5,9 @@
  * Each worker runs the whole proxy on listeners shared with SO_REUSEPORT (the kernel spreads
  * new connections over them), attaches to the pinned eBPF maps, and sends its log lines,
  * access entries, counters and admin answers to the supervisor over its stdout (the supervisor
- * asks on the worker's stdin). SIGHUP and SIGTERM are passed
- * on to every worker; a worker that dies is restarted (with a back-off) and logged; a worker
- * whose supervisor is gone (its stdin closes) drains and exits.
+ * asks on the worker's stdin). SIGHUP and SIGTERM are passed on to every worker; a worker that
+ * dies is restarted (with a back-off) and logged; a worker whose supervisor is gone (its stdin
+ * closes) drains and exits.
  *
  * @module
  */

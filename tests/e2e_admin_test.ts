@@ -177,7 +177,7 @@ e2eTest(
 );
 
 e2eTest(
-  "ctl reload applies the file and ends admin changes; ctl config shows the config in force",
+  "ctl reload applies the file and ends admin changes; ctl config; the socket answers while draining",
   async (s) => {
     const { one, p } = await twoBackends(s);
     await ctl(p, ["drain", one.address]);
@@ -204,6 +204,14 @@ e2eTest(
       /reload failed, keeping the running config: routes\[0\]\.backends\[0\]: port out of range/,
     );
     assert.deepEqual([...await answering(p, 1)], ["one"]);
+    // while a SIGTERM drains, the socket still answers: close what is left
+    const live = await openSession(p);
+    p.signal("SIGTERM");
+    await p.waitForLog("draining 1 connection");
+    assert.match(await ctl(p, ["close", "--all"]), /^1 session\(s\) closed$/m);
+    assert.equal((await within(1500, "exit after the close (drain_ms is 2000)", p.status)).code, 0);
+    assert.equal((await p.access()).at(-1)?.close_reason, "admin");
+    live.conn.close();
   },
 );
 
