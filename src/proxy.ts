@@ -17,7 +17,7 @@ import { FdBudget } from "./fdbudget.ts";
 import { KernelAccel, KernelAccelError } from "./kernel.ts";
 import { PipePool } from "./piped.ts";
 import { XdpError, XdpFilter } from "./xdp.ts";
-import { Listener, type ListenerHost } from "./listener.ts";
+import { Listener, type ListenerHost, warnIfListened } from "./listener.ts";
 import { logger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { configureResolver, DEFAULT_DNS_PIN_PATH, type Resolver } from "./resolver.ts";
@@ -114,6 +114,7 @@ export class Proxy implements ListenerHost, AdminTarget {
     if (kernel && !worker) {
       proxy.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
     }
+    if (!worker) warnIfListened(config.listeners);
     try {
       config.listeners.forEach((l, i) => {
         proxy.listeners.push(new Listener(l, i, proxy));

@@ -28,6 +28,7 @@ import {
 } from "./config.ts";
 import type { KernelAccel } from "./kernel.ts";
 import { runUntilStopped } from "./lifecycle.ts";
+import { warnIfListened } from "./listener.ts";
 import { type ForwardedLog, logger, setupWorkerLogging, writeForwarded } from "./log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "./metrics.ts";
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
@@ -328,6 +329,7 @@ export class Supervisor implements AdminTarget {
    */
   static async start(config: Config): Promise<Supervisor> {
     for (const w of config.warnings) log.warn(w);
+    warnIfListened(config.listeners);
     const ports = resolvePorts(config.listeners);
     // before the workers: they inherit this process's cgroup, where the sock_ops program sees
     // their sockets

@@ -109,6 +109,9 @@ for (const workers of [1, 2]) {
       };
       await served(old, 20);
       const next = await startProxy(s, config(port), { wrapper });
+      const shared = /listeners\[0\] 127\.0\.0\.1:\d+: another socket listens there already/;
+      assert.match(next.stderr(), shared, "the new process says it shares the port");
+      assert.doesNotMatch(old.stderr(), shared);
       await sleep(300);
       old.signal("SIGTERM");
       assert.equal((await within(30_000, "the old proxy's exit", old.status)).code, 0);
