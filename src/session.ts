@@ -64,7 +64,7 @@ export interface SessionInfo {
   /** As configured (`$sni:443`): what drain / disable name. */
   backend_config: string | null;
   age_ms: number;
-  /** Bytes so far that the process relayed itself (spliced bytes are counted at the end). */
+  /** Bytes so far (in `ebpf.splice_mode` "sockmap" the kernel's are counted at the end only). */
   bytes_up: number;
   bytes_down: number;
   mode: "userspace" | "kernel";
@@ -306,7 +306,7 @@ export class Session {
       age_ms: Date.now() - this.#started,
       bytes_up: this.#helloBytes + (this.#relay?.bytesUp ?? 0),
       bytes_down: this.#relay?.bytesDown ?? 0,
-      mode: this.#splice ? "kernel" : "userspace",
+      mode: this.#splice || this.#piped ? "kernel" : "userspace",
     };
   }
 
