@@ -71,6 +71,8 @@ export class Proxy implements ListenerHost, AdminTarget {
   /** While paused for descriptors: re-checks, since they can free up without a session ending. */
   #fdRetry: ReturnType<typeof setTimeout> | undefined;
   #stopping = false;
+  /** The listeners' accept loops, settled once each has stopped. */
+  readonly #accepting: Promise<void>[] = [];
 
   /** Set when this process is one of several workers; null: the whole proxy. */
   readonly worker: WorkerRole | null;
@@ -138,7 +140,9 @@ export class Proxy implements ListenerHost, AdminTarget {
     const info = worker ? log.debug.bind(log) : log.info.bind(log);
     for (const l of proxy.listeners) {
       info(`listening on ${l.address} (${l.config.protocol})`);
-      l.serve().catch((e) => log.error(`listener ${l.address} stopped: ${e}`));
+      proxy.#accepting.push(
+        l.serve().catch((e) => log.error(`listener ${l.address} stopped: ${e}`)),
+      );
     }
     if (config.ebpf.enabled && !config.ebpf.sockmapEnabled && !worker) {
       log.info("ebpf.sockmap_enabled is false: userspace mode in use");
@@ -350,6 +354,9 @@ export class Proxy implements ListenerHost, AdminTarget {
     for (const l of this.listeners) l.close();
     stopHealthChecks(this.tables);
     this.#wakeWaiters();
+    // an accept that completed as the listener closed still hands its connection over: it is
+    // served and drained like the others, not cut by the exit
+    await Promise.all(this.#accepting);
     const drainMs = this.tables.config.timeouts.drainMs;
     if (this.#sessions.size > 0) {
       log.info(`draining ${this.#sessions.size} connection(s) for up to ${drainMs} ms`);
