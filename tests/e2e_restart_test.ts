@@ -121,7 +121,16 @@ for (const workers of [1, 2]) {
       assert.deepEqual(result.errors, [], `of ${result.connections} connections`);
       const oldEntries = await old.access();
       // the access log is written in batches: wait for the running proxy's last ones
-      await served(next, result.connections - oldEntries.length);
+      await served(next, result.connections - oldEntries.length).catch(async (e) => {
+        const n = (await next.access()).length;
+        const clients = new Set([...oldEntries, ...await next.access()].map((x) => x.client));
+        throw new Error(
+          `${e.message}: ${result.connections} connections, old ${oldEntries.length}, new ${n}, ` +
+            `distinct clients ${clients.size}\nold:\n${old.stderr().slice(-3000)}\nnew:\n${
+              next.stderr().slice(-3000)
+            }`,
+        );
+      });
       const newEntries = await next.access();
       assert.ok(oldEntries.length >= 20 && newEntries.length >= 20, "both served");
       assert.equal(
