@@ -128,6 +128,12 @@ e2eTest(
       /no backend 192\.0\.2\.1:1 \(backends: /,
     );
     assert.match(await ctl(p, ["close"], true), /close needs a client, route or backend filter/);
+    const help = await runCli(["ctl", "--help"]);
+    assert.equal(help.code, 0);
+    for (const cmd of ["backends", "drain", "disable", "enable", "sessions", "close", "reload"]) {
+      assert.match(help.stdout, new RegExp(`^  ${cmd}\\b`, "m"), `ctl --help names ${cmd}`);
+    }
+    assert.equal((await runCli(["ctl", "--config", p.configPath, "--bogus"])).code, 2);
     const usage = await runCli(["ctl", "--config", p.configPath, "frob"]);
     assert.equal(usage.code, 1);
     assert.match(usage.stderr, /unknown command "frob"/);
