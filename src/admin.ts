@@ -225,7 +225,11 @@ export function changeMessage(
   result: { changed: BackendRef[]; closed: number },
 ): string {
   const closed = `${result.closed} session(s) closed`;
-  if (req.cmd === "close") return closed;
+  if (req.cmd === "close") {
+    const filters = (["client", "route", "table", "backend"] as const)
+      .flatMap((k) => req[k] ? [`${k} ${req[k]}`] : []);
+    return `${closed} (${req.all ? "all" : filters.join(", ")})`;
+  }
   const which = result.changed.map((c) => `route "${c.route}" (table ${c.table})`).join(", ");
   const what = {
     drain: "drained: no new connections, live ones finish",

@@ -174,7 +174,10 @@ e2eTest(
 
     // close by client: b goes
     const bClient = `127.0.0.1:${(b.conn.localAddr as Deno.NetAddr).port}`;
-    assert.match(await ctl(p, ["close", "--client", bClient]), /^1 session\(s\) closed$/m);
+    assert.match(
+      await ctl(p, ["close", "--client", bClient]),
+      new RegExp(`^1 session\\(s\\) closed \\(client ${bClient}\\)$`, "m"),
+    );
     assert.equal(await within(5000, "b closed", b.ask("gone?").catch(() => null)), null);
     assert.equal((await p.waitAccess((e) => e.client === bClient)).close_reason, "admin");
     a.conn.close();
@@ -216,7 +219,7 @@ e2eTest(
     const liveClient = `127.0.0.1:${(live.conn.localAddr as Deno.NetAddr).port}`;
     p.signal("SIGTERM");
     await p.waitForLog(/draining \d connection/);
-    assert.match(await ctl(p, ["close", "--all"]), /^[12] session\(s\) closed$/m);
+    assert.match(await ctl(p, ["close", "--all"]), /^[12] session\(s\) closed \(all\)$/m);
     assert.equal((await within(1500, "exit after the close (drain_ms is 2000)", p.status)).code, 0);
     const entry = (await p.access()).find((e) => e.client === liveClient);
     assert.equal(entry?.close_reason, "admin");
@@ -302,7 +305,10 @@ e2eTest(
     const twoRow = rows.find((r) => r.backend === two.address)!;
     assert.equal(twoRow.active, 16, "connections summed over workers");
     assert.equal(rows.find((r) => r.backend === one.address)!.admin, "drained");
-    assert.match(await ctl(p, ["close", "--route", "a.test"]), /^16 session\(s\) closed$/m);
+    assert.match(
+      await ctl(p, ["close", "--route", "a.test"]),
+      /^16 session\(s\) closed \(route a\.test\)$/m,
+    );
     for (const l of live) {
       assert.equal(await within(5000, "closed", l.ask("x").catch(() => null)), null);
     }
