@@ -3,8 +3,9 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
+import { serveAdmin } from "./src/admin.ts";
 import { ConfigError, loadConfig } from "./src/config.ts";
+import { parseCommandLine, runCtl } from "./src/ctl_cli.ts";
 import { runUntilStopped } from "./src/lifecycle.ts";
 import { logger, LogSetupError, setupLogging } from "./src/log.ts";
 import { Proxy } from "./src/proxy.ts";
@@ -18,6 +19,7 @@ const USAGE = `sni-proxy ${VERSION}: route TLS (by SNI) and HTTP (by Host) to ba
 
 Usage: sni-proxy [--config PATH] [--check] [--version] [--help]
        sni-proxy stats [--config PATH]
+       sni-proxy ctl [--config PATH] [--json] COMMAND ...   (sni-proxy ctl --help)
 
   --config PATH  config file (default: config.json)
   --check        validate the config, print every error (or "config OK"), exit 0/1
@@ -25,6 +27,7 @@ Usage: sni-proxy [--config PATH] [--check] [--version] [--help]
   --help         print this help
 
   stats          print the running proxy's counters (from its metrics.address endpoint)
+  ctl            operate the running proxy through its admin socket (admin.socket)
 
 With "workers" above 1 (default: one per CPU) this process supervises that many worker
 processes sharing the listeners.
@@ -32,23 +35,17 @@ processes sharing the listeners.
 Signals: SIGHUP reloads the config; SIGTERM/SIGINT drain and exit.`;
 
 async function main(args: string[]): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      options: {
-        config: { type: "string", default: "config.json" },
-        check: { type: "boolean", default: false },
-        version: { type: "boolean", default: false },
-        help: { type: "boolean", default: false },
-      },
-      strict: true,
-      allowPositionals: true,
-    });
-  } catch (e) {
-    console.error(`sni-proxy: ${(e as Error).message}\n\n${USAGE}`);
-    return 2;
-  }
+  if (args[0] === "ctl") return await runCtl(args.slice(1));
+  const parsed = parseCommandLine(
+    args,
+    {
+      check: { type: "boolean", default: false },
+      version: { type: "boolean", default: false },
+    },
+    "sni-proxy",
+    USAGE,
+  );
+  if (!parsed) return 2;
   const flags = parsed.values;
   const command = parsed.positionals[0];
   if (parsed.positionals.length > 1 || (command !== undefined && command !== "stats")) {
@@ -91,9 +88,12 @@ async function main(args: string[]): Promise<number> {
   }
   const proxyConfig = config;
   return await runUntilStopped({
-    start: () => proxyConfig.workers > 1 ? Supervisor.start(proxyConfig) : Proxy.start(proxyConfig),
+    start: (): Promise<Proxy | Supervisor> =>
+      proxyConfig.workers > 1 ? Supervisor.start(proxyConfig) : Proxy.start(proxyConfig),
     configPath: flags.config,
     log: logger("main"),
+    serve: async (running, reload) =>
+      proxyConfig.admin ? await serveAdmin(proxyConfig.admin, running, reload) : null,
   });
 }
 

@@ -37,6 +37,8 @@ export interface Backend {
   successes: number;
   /** Down until this time (ms since epoch); 0 when up. Active checks keep it down until `rise`. */
   downUntil: number;
+  /** Taken out of rotation by the admin API (see src/admin.ts) until the next reload; or null. */
+  held: "drained" | "disabled" | null;
 }
 
 /** What a pool takes from its route besides the backends and the balancing mode. */
@@ -95,6 +97,7 @@ export class BackendPool {
       failures: 0,
       successes: 0,
       downUntil: 0,
+      held: null,
     }));
     this.balance = balance;
     this.proxyProtocol = options.proxyProtocol ?? null;
@@ -119,7 +122,9 @@ export class BackendPool {
    */
   pick(clientIp: string, exclude?: ReadonlySet<Backend>): Backend | null {
     const now = Date.now();
-    const backup = !this.backends.some((b) => !b.backup && this.isUp(b, now) && !exclude?.has(b));
+    const backup = !this.backends.some((b) =>
+      !b.backup && !b.held && this.isUp(b, now) && !exclude?.has(b)
+    );
     return this.#pickIn(backup, clientIp, now, exclude);
   }
 
@@ -129,7 +134,7 @@ export class BackendPool {
    */
   allFull(exclude?: ReadonlySet<Backend>): boolean {
     const now = Date.now();
-    const open = (b: Backend) => this.isUp(b, now) && !exclude?.has(b);
+    const open = (b: Backend) => !b.held && this.isUp(b, now) && !exclude?.has(b);
     const tier = this.backends.some((b) => !b.backup && open(b))
       ? this.backends.filter((b) => !b.backup && open(b))
       : this.backends.filter((b) => b.backup && open(b));
@@ -144,7 +149,7 @@ export class BackendPool {
   ): Backend | null {
     const list = this.backends;
     const usable = (b: Backend) =>
-      b.backup === backup && this.isUp(b, now) && !exclude?.has(b) && !this.isFull(b);
+      b.backup === backup && !b.held && this.isUp(b, now) && !exclude?.has(b) && !this.isFull(b);
     switch (this.balance) {
       case "random": {
         let total = 0;

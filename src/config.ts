@@ -132,6 +132,11 @@ export interface Config {
   };
   /** The metrics endpoint, or null when off. */
   metrics: { address: string; hostname: string; port: number } | null;
+  /**
+   * The admin API's UNIX socket (absolute path) and the group that may use it besides the
+   * owner (a name or a gid; null: the owner only), or null when off.
+   */
+  admin: { socket: string; group: string | number | null } | null;
   ebpf: {
     enabled: boolean;
     sockmapEnabled: boolean;
@@ -178,6 +183,9 @@ const ms = (def: number) => z.number().int().min(1).max(86_400_000).default(def)
 const pathOrOff = (def: string) =>
   z.union([z.string().min(1), z.literal(false)], { error: "expected a file path or false" })
     .default(def);
+
+/** `admin.socket` when the admin section does not say (relative: see resolveConfig). */
+export const DEFAULT_ADMIN_SOCKET = "sni-proxy-admin.sock";
 
 /** Defaults a cross-field check needs when the field is absent. */
 const DNS_TTL_DEFAULTS = { min_ttl_s: 5, max_ttl_s: 3600 };
@@ -285,6 +293,12 @@ const schema = z.strictObject({
     hosts_file: pathOrOff("/etc/hosts"),
   }).prefault({}),
   metrics: z.strictObject({ address: z.string() }).optional(),
+  admin: z.strictObject({
+    socket: z.string().min(1).default(DEFAULT_ADMIN_SOCKET),
+    group: z.union([z.string().regex(/^[a-z_][a-z0-9_.-]*\$?$/i), z.number().int().min(0)], {
+      error: "expected a group name or a numeric gid",
+    }).optional(),
+  }).optional(),
   ebpf: z.strictObject({
     enabled: z.boolean().default(false),
     sockmap_enabled: z.boolean().default(false),
@@ -566,6 +580,8 @@ function configWarnings(c: ConfigSource): string[] {
 export interface PathBase {
   /** For `log.file` and `log.access_log`: systemd's `$LOGS_DIRECTORY` (LogsDirectory=). */
   logsDirectory?: string | null;
+  /** For `admin.socket`: systemd's `$RUNTIME_DIRECTORY` (RuntimeDirectory=). */
+  runtimeDirectory?: string | null;
 }
 
 /** `p` against `dir` unless it is absolute. */
@@ -702,6 +718,10 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
     metrics: c.metrics === undefined
       ? null
       : { address: c.metrics.address, ...parseListener(c.metrics.address) },
+    admin: c.admin === undefined ? null : {
+      socket: against(base.runtimeDirectory || dir, c.admin.socket),
+      group: c.admin.group ?? null,
+    },
     ebpf: {
       enabled: c.ebpf.enabled,
       sockmapEnabled: c.ebpf.sockmap_enabled,
@@ -741,9 +761,12 @@ export async function loadConfig(path: string): Promise<Config> {
   } catch (e) {
     throw new ConfigError(path, [`not valid JSON: ${(e as Error).message}`]);
   }
-  // systemd's LogsDirectory= sets it (several directories are separated by colons)
-  const logsDirectory = Deno.env.get("LOGS_DIRECTORY")?.split(":")[0] || null;
-  return resolveConfig(raw, path, { logsDirectory });
+  // systemd's LogsDirectory= / RuntimeDirectory= set them (several are separated by colons)
+  const systemdDir = (name: string) => Deno.env.get(name)?.split(":")[0] || null;
+  return resolveConfig(raw, path, {
+    logsDirectory: systemdDir("LOGS_DIRECTORY"),
+    runtimeDirectory: systemdDir("RUNTIME_DIRECTORY"),
+  });
 }
 
 /** "3 route(s)", or with several tables served "5 route(s) in 2 tables". */
@@ -754,7 +777,7 @@ export function routeSummary(config: Config): string {
 }
 
 /** Fields a running process keeps until a restart; the rest of a reload applies. */
-const RESTART_ONLY = ["workers", "listeners", "log", "metrics", "ebpf"] as const;
+const RESTART_ONLY = ["workers", "listeners", "log", "metrics", "admin", "ebpf"] as const;
 /** Fields inside those that a reload does apply. */
 const RELOADABLE =
   /^(listeners\[\d+\]\.table|ebpf\.(dns_cache_enabled|drain_timeout_ms|detach_spliced))$/;
@@ -778,8 +801,8 @@ function changedPaths(a: unknown, b: unknown, path: PropertyKey[], out: string[]
 
 /**
  * What a process running `running` applies of a reloaded `next`: `next`, except that the
- * fields needing a restart (workers, listeners, log, metrics, most of ebpf) keep their running
- * values; `ignored` names (as JSON paths) those of them that `next` changes, and `warnings`
+ * fields needing a restart (workers, listeners, log, metrics, admin, most of ebpf) keep their
+ * running values; `ignored` names (as JSON paths) those of them that `next` changes, and `warnings`
  * has the lines to log: one naming them all, then `next`'s own warnings. A running listener
  * takes its `table` from the listener of `next` with the same address and protocol (the one
  * in the same place first). Throws a
@@ -807,7 +830,7 @@ export function reloadable(
   );
   if (orphans.length > 0) throw new ConfigError(next.path, orphans);
   const source = { ...next.source };
-  for (const key of ["workers", "listeners", "log", "metrics"] as const) {
+  for (const key of ["workers", "listeners", "log", "metrics", "admin"] as const) {
     (source as Record<string, unknown>)[key] = running.source[key];
   }
   const { dns_cache_enabled, drain_timeout_ms, detach_spliced } = next.source.ebpf;
@@ -819,6 +842,7 @@ export function reloadable(
     listeners,
     log: running.log,
     metrics: running.metrics,
+    admin: running.admin,
     ebpf: {
       ...running.ebpf,
       dnsCacheEnabled: next.ebpf.dnsCacheEnabled,

@@ -15,8 +15,8 @@ export interface Running {
 }
 
 /** How {@link runUntilStopped} starts and reloads. */
-export interface LifecycleOptions {
-  start: () => Promise<Running>;
+export interface LifecycleOptions<R extends Running = Running> {
+  start: () => Promise<R>;
   /** The config file SIGHUP reloads. */
   configPath: string;
   /** Applied to every reloaded config before it is used (a worker's share of limits). */
@@ -24,6 +24,15 @@ export interface LifecycleOptions {
   log: Logger;
   /** Runs once started; may stop the process later (a worker whose supervisor is gone). */
   onStarted?: (stop: (why: string) => void) => void;
+  /**
+   * Starts what else serves once started (the admin socket), given a reload that reports its
+   * outcome (null: applied, else the errors); closed after the shutdown. A failure to start it
+   * stops the process (exit 1).
+   */
+  serve?: (
+    running: R,
+    reload: () => Promise<string[] | null>,
+  ) => Promise<{ close(): Promise<void> } | null>;
 }
 
 /**
@@ -31,9 +40,11 @@ export interface LifecycleOptions {
  * the start fails). Signals are handled from before the start: one that arrives while starting
  * is acted on once started, never left to kill the process.
  */
-export async function runUntilStopped(opts: LifecycleOptions): Promise<number> {
+export async function runUntilStopped<R extends Running>(
+  opts: LifecycleOptions<R>,
+): Promise<number> {
   const { log } = opts;
-  let running: Running | null = null;
+  let running: R | null = null;
   let stopRequested: string | null = null;
   let stopping = false;
   let reloadRequested = false;
@@ -48,17 +59,19 @@ export async function runUntilStopped(opts: LifecycleOptions): Promise<number> {
     log.info(`${why}: stopping`);
     running.shutdown().then(stopped.resolve, stopped.reject);
   };
-  const reload = async () => {
+  const reload = async (): Promise<string[] | null> => {
     if (!running) {
       reloadRequested = true;
-      return;
+      return null;
     }
     try {
       const config = await loadConfig(opts.configPath);
       running.reload(opts.adapt ? opts.adapt(config) : config);
+      return null;
     } catch (e) {
       const lines = e instanceof ConfigError ? e.errors : [(e as Error).message];
       log.error(`reload failed, keeping the running config: ${lines.join("; ")}`);
+      return lines;
     }
   };
   Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
@@ -71,10 +84,20 @@ export async function runUntilStopped(opts: LifecycleOptions): Promise<number> {
     await closeLogging();
     return 1;
   }
+  let served: { close(): Promise<void> } | null = null;
+  try {
+    served = (await opts.serve?.(running, reload)) ?? null;
+  } catch (e) {
+    log.error(`cannot start: ${(e as Error).message}`);
+    await running.shutdown();
+    await closeLogging();
+    return 1;
+  }
   opts.onStarted?.(stop);
   if (stopRequested) stop(stopRequested);
   else if (reloadRequested) await reload();
   await stopped.promise;
+  await served?.close();
   await closeLogging();
   return 0;
 }

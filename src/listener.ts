@@ -60,11 +60,12 @@ export class Listener {
   #closed = false;
 
   /**
-   * Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. `reusePort`:
-   * share the address with the other worker processes (SO_REUSEPORT; the kernel spreads new
-   * connections over them). `index` is its place in the config's listeners.
+   * Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. Always with
+   * SO_REUSEPORT: worker processes share the address (the kernel spreads new connections over
+   * them), and a new proxy process can bind it before the old one stops (a restart without
+   * refusing anyone, see the README). `index` is its place in the config's listeners.
    */
-  constructor(config: ListenerConfig, index: number, host: ListenerHost, reusePort = false) {
+  constructor(config: ListenerConfig, index: number, host: ListenerHost) {
     this.config = config;
     this.index = index;
     this.#host = host;
@@ -76,7 +77,7 @@ export class Listener {
         hostname: config.hostname,
         port: config.port,
         transport: "tcp",
-        reusePort,
+        reusePort: true,
       });
     } catch (e) {
       throw new Error(`cannot listen on ${config.address}: ${errText(e)}`);
@@ -180,4 +181,63 @@ export class Listener {
       // already closed
     }
   }
+}
+
+/**
+ * Warns (one line each) about the listeners whose address another socket listens on already:
+ * this process will share new connections with it (SO_REUSEPORT). Expected while a new process
+ * takes over from a running one; a mistake otherwise. Read from /proc/net/tcp and tcp6 (nothing
+ * is said when they cannot be read); listeners on port 0 get a free port and are skipped.
+ */
+export function warnIfListened(listeners: ListenerConfig[]): void {
+  const listening = listeningSockets();
+  listeners.forEach((l, i) => {
+    const host = normalHost(l.hostname);
+    const wildcard = (h: string) => h === "0.0.0.0" || h === "[::]";
+    const shared = l.port !== 0 &&
+      listening.some((s) =>
+        s.port === l.port && (s.host === host || wildcard(s.host) || wildcard(host))
+      );
+    if (shared) {
+      log.warn(
+        `listeners[${i}] ${l.address}: another socket listens there already. An sni-proxy ` +
+          `there shares new connections with this one (SO_REUSEPORT) until it stops: expected ` +
+          `while this process takes over from it (README: Restart without downtime), a ` +
+          `mistake otherwise`,
+      );
+    }
+  });
+}
+
+/** Listening TCP sockets of this network namespace, hosts as `normalHost` gives them. */
+function listeningSockets(): { host: string; port: number }[] {
+  const out: { host: string; port: number }[] = [];
+  for (const file of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+    let text = "";
+    try {
+      text = Deno.readTextFileSync(file);
+    } catch {
+      continue;
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const [, local, , state] = line.trim().split(/\s+/);
+      if (state !== "0A" || !local) continue; // 0A: TCP_LISTEN
+      const [hex, port] = local.split(":");
+      // each 32-bit word of the address is in host (little-endian) byte order
+      const bytes = (hex.match(/.{8}/g) ?? []).flatMap((w) =>
+        (w.match(/../g) ?? []).reverse().map((b) => parseInt(b, 16))
+      );
+      const host = bytes.length === 4 ? bytes.join(".") : normalHost(
+        Array.from({ length: 8 }, (_, k) => (bytes[2 * k] << 8 | bytes[2 * k + 1]).toString(16))
+          .join(":"),
+      );
+      out.push({ host, port: parseInt(port, 16) });
+    }
+  }
+  return out;
+}
+
+/** An IP address in one spelling: IPv4 as is, IPv6 compressed in brackets (`[::1]`). */
+function normalHost(ip: string): string {
+  return ip.includes(":") ? new URL(`http://[${ip}]/`).hostname : ip;
 }

@@ -9,6 +9,64 @@
 /** Kernel-side counters, summed over CPUs (see src/kernel.ts and src/xdp.ts). */
 export type KernelCounters = Record<string, number>;
 
+/**
+ * One histogram series as plain data: cumulative counts keyed by upper bound (`le`, `+Inf`
+ * last), the sum and the count of what was observed. Keyed objects, not arrays, so that
+ * {@link addSnapshot} sums several processes' series bucket by bucket.
+ */
+export interface HistogramSnapshot {
+  buckets: Record<string, number>;
+  sum: number;
+  count: number;
+}
+
+/** Upper bounds of the latency histograms, in seconds. */
+const SECONDS_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+/** Upper bounds of the connection-duration histogram, in seconds. */
+const DURATION_BUCKETS = [0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600];
+/** Upper bounds of the bytes-per-connection histograms: 256 B to 1 GiB, by fours. */
+const BYTES_BUCKETS = Array.from({ length: 12 }, (_, i) => 256 * 4 ** i);
+
+/** Observations of one value by route: per-bucket counts (not cumulative), sum and count. */
+export class Histogram {
+  readonly bounds: readonly number[];
+  readonly #series = new Map<string, { counts: number[]; sum: number; count: number }>();
+
+  constructor(bounds: readonly number[]) {
+    this.bounds = bounds;
+  }
+
+  /** Counts `value` in the series of `route`. */
+  observe(route: string, value: number): void {
+    let s = this.#series.get(route);
+    if (!s) {
+      s = { counts: new Array(this.bounds.length + 1).fill(0), sum: 0, count: 0 };
+      this.#series.set(route, s);
+    }
+    let i = 0;
+    while (i < this.bounds.length && value > this.bounds[i]) i++;
+    s.counts[i]++;
+    s.sum += value;
+    s.count++;
+  }
+
+  /** Every series, with cumulative bucket counts. */
+  snapshot(): Record<string, HistogramSnapshot> {
+    const out: Record<string, HistogramSnapshot> = {};
+    for (const [route, s] of this.#series) {
+      const buckets: Record<string, number> = {};
+      let total = 0;
+      this.bounds.forEach((le, i) => buckets[String(le)] = total += s.counts[i]);
+      buckets["+Inf"] = s.count;
+      out[route] = { buckets, sum: s.sum, count: s.count };
+    }
+    return out;
+  }
+}
+
+/** The route label of a connection that was not routed (no name, bad hello, no route). */
+export const NO_ROUTE = "(none)";
+
 /** Counters of the proxy. */
 export class Metrics {
   accepted = 0;
@@ -48,6 +106,15 @@ export class Metrics {
     | null = null;
   /** Sources of kernel counters, by prefix (e.g. `sockmap`, `xdp`). */
   readonly kernelSources = new Map<string, () => KernelCounters>();
+  /** Accept to a complete ClientHello / HTTP head, by route. */
+  readonly helloSeconds = new Histogram(SECONDS_BUCKETS);
+  /** The backend connect that succeeded (name resolution included), by route. */
+  readonly connectSeconds = new Histogram(SECONDS_BUCKETS);
+  /** Accept to close, by route ({@link NO_ROUTE} for connections never routed). */
+  readonly durationSeconds = new Histogram(DURATION_BUCKETS);
+  /** Bytes of one connection each way, by route. */
+  readonly bytesUpHistogram = new Histogram(BYTES_BUCKETS);
+  readonly bytesDownHistogram = new Histogram(BYTES_BUCKETS);
 
   /** Adds one to `key` in `map`. */
   static bump(map: Map<string, number>, key: string): void {
@@ -77,6 +144,13 @@ export class Metrics {
       bytes: { up: this.bytesUp, down: this.bytesDown, userspace: this.bytesUserspace },
       dns: this.dnsSource?.() ?? {},
       kernel,
+      histograms: {
+        hello_seconds: this.helloSeconds.snapshot(),
+        connect_seconds: this.connectSeconds.snapshot(),
+        duration_seconds: this.durationSeconds.snapshot(),
+        bytes_up: this.bytesUpHistogram.snapshot(),
+        bytes_down: this.bytesDownHistogram.snapshot(),
+      },
     };
   }
 
@@ -106,6 +180,14 @@ export interface MetricsSnapshot {
   bytes: { up: number; down: number; userspace: number };
   dns: { hits?: number; negativeHits?: number; lookups?: number; coalesced?: number };
   kernel: Record<string, KernelCounters>;
+  /** Per-connection distributions, each by route. */
+  histograms: {
+    hello_seconds: Record<string, HistogramSnapshot>;
+    connect_seconds: Record<string, HistogramSnapshot>;
+    duration_seconds: Record<string, HistogramSnapshot>;
+    bytes_up: Record<string, HistogramSnapshot>;
+    bytes_down: Record<string, HistogramSnapshot>;
+  };
 }
 
 /**
@@ -134,7 +216,7 @@ export function emptySnapshot(): MetricsSnapshot {
 /** Prometheus text exposition format 0.0.4 of a snapshot. */
 export function renderPrometheus(snap: MetricsSnapshot): string {
   const out: string[] = [];
-  const family = (name: string, type: "counter" | "gauge", help: string) => {
+  const family = (name: string, type: "counter" | "gauge" | "histogram", help: string) => {
     out.push(`# HELP sni_proxy_${name} ${help}`, `# TYPE sni_proxy_${name} ${type}`);
   };
   const sample = (name: string, value: number, labels?: Record<string, string>) => {
@@ -215,6 +297,44 @@ export function renderPrometheus(snap: MetricsSnapshot): string {
     sample("dns_cache_total", dns.coalesced ?? 0, { result: "coalesced" });
     sample("dns_cache_total", dns.lookups ?? 0, { result: "miss" });
   }
+  const histogram = (
+    name: string,
+    help: string,
+    parts: [Record<string, HistogramSnapshot>, Record<string, string>][],
+  ) => {
+    family(name, "histogram", help);
+    for (const [series, extra] of parts) {
+      for (const [route, h] of Object.entries(series)) {
+        const labels = { route, ...extra };
+        // the keys of numeric bounds do not keep their order in an object: sort by value
+        const bounds = Object.keys(h.buckets).sort((a, b) => leValue(a) - leValue(b));
+        for (const le of bounds) sample(`${name}_bucket`, h.buckets[le], { ...labels, le });
+        sample(`${name}_sum`, h.sum, labels);
+        sample(`${name}_count`, h.count, labels);
+      }
+    }
+  };
+  const hist = snap.histograms;
+  histogram(
+    "hello_duration_seconds",
+    "Accept to a complete ClientHello / HTTP head, by route.",
+    [[hist.hello_seconds, {}]],
+  );
+  histogram(
+    "backend_connect_duration_seconds",
+    "Backend connects that succeeded (name resolution included), by route.",
+    [[hist.connect_seconds, {}]],
+  );
+  histogram(
+    "connection_duration_seconds",
+    "Connections from accept to close, by route.",
+    [[hist.duration_seconds, {}]],
+  );
+  histogram(
+    "connection_bytes",
+    "Bytes of one connection, by route and direction (up: client to backend).",
+    [[hist.bytes_up, { direction: "up" }], [hist.bytes_down, { direction: "down" }]],
+  );
   for (const [source, counters] of Object.entries(snap.kernel)) {
     for (const [key, value] of Object.entries(counters)) {
       const name = `kernel_${source}_${snake(key)}_total`;
@@ -223,6 +343,10 @@ export function renderPrometheus(snap: MetricsSnapshot): string {
     }
   }
   return out.join("\n") + "\n";
+}
+
+function leValue(le: string): number {
+  return le === "+Inf" ? Infinity : Number(le);
 }
 
 function safeRead(read: () => KernelCounters): KernelCounters {

@@ -31,6 +31,8 @@ export async function serveMetrics(
   const server = Deno.serve({
     hostname,
     port,
+    // a new process starting on the same address before the old one stops (see Listener)
+    reusePort: true,
     onListen: (addr) => listening.resolve(addr as Deno.NetAddr),
     onError: (e) => {
       log.warn(`metrics request failed: ${e}`);

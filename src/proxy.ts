@@ -4,13 +4,20 @@
  *
  * @module
  */
+import {
+  type AdminRequest,
+  type AdminResult,
+  type AdminTarget,
+  applyLocal,
+  everyPool,
+} from "./admin.ts";
 import { type Config, reloadable, routeSummary } from "./config.ts";
 import { DialGuard, type OwnSocket } from "./dialguard.ts";
 import { FdBudget } from "./fdbudget.ts";
 import { KernelAccel, KernelAccelError } from "./kernel.ts";
 import { PipePool } from "./piped.ts";
 import { XdpError, XdpFilter } from "./xdp.ts";
-import { Listener, type ListenerHost } from "./listener.ts";
+import { Listener, type ListenerHost, warnIfListened } from "./listener.ts";
 import { logger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { configureResolver, DEFAULT_DNS_PIN_PATH, type Resolver } from "./resolver.ts";
@@ -39,7 +46,7 @@ export interface WorkerRole {
 }
 
 /** A running proxy. */
-export class Proxy implements ListenerHost {
+export class Proxy implements ListenerHost, AdminTarget {
   tables: RoutingTables;
   readonly metrics = new Metrics();
   readonly listeners: Listener[] = [];
@@ -66,6 +73,8 @@ export class Proxy implements ListenerHost {
   /** While paused for descriptors: re-checks, since they can free up without a session ending. */
   #fdRetry: ReturnType<typeof setTimeout> | undefined;
   #stopping = false;
+  /** The listeners' accept loops, settled once each has stopped. */
+  readonly #accepting: Promise<void>[] = [];
 
   /** Set when this process is one of several workers; null: the whole proxy. */
   readonly worker: WorkerRole | null;
@@ -109,9 +118,10 @@ export class Proxy implements ListenerHost {
     if (kernel && !worker) {
       proxy.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
     }
+    if (!worker) warnIfListened(config.listeners);
     try {
       config.listeners.forEach((l, i) => {
-        proxy.listeners.push(new Listener(l, i, proxy, worker !== null));
+        proxy.listeners.push(new Listener(l, i, proxy));
       });
       if (config.metrics && !worker) {
         const { hostname, port } = config.metrics;
@@ -132,7 +142,9 @@ export class Proxy implements ListenerHost {
     const info = worker ? log.debug.bind(log) : log.info.bind(log);
     for (const l of proxy.listeners) {
       info(`listening on ${l.address} (${l.config.protocol})`);
-      l.serve().catch((e) => log.error(`listener ${l.address} stopped: ${e}`));
+      proxy.#accepting.push(
+        l.serve().catch((e) => log.error(`listener ${l.address} stopped: ${e}`)),
+      );
     }
     if (config.ebpf.enabled && !config.ebpf.sockmapEnabled && !worker) {
       log.info("ebpf.sockmap_enabled is false: userspace mode in use");
@@ -191,6 +203,20 @@ export class Proxy implements ListenerHost {
   /** Live sessions. */
   get active(): number {
     return this.#sessions.size;
+  }
+
+  /** The live sessions themselves. */
+  sessions(): Iterable<Session> {
+    return this.#sessions.keys();
+  }
+
+  /** The admin API's backend and session commands, on this process's tables and sessions. */
+  admin(req: AdminRequest): AdminResult {
+    return applyLocal(this, req);
+  }
+
+  get effectiveConfig(): Config {
+    return this.tables.config;
   }
 
   waitForSlot(): Promise<void> {
@@ -296,6 +322,12 @@ export class Proxy implements ListenerHost {
       this.#configureDns(config);
     }
     const previous = this.tables;
+    const held = everyPool(previous).flatMap(({ pool }) =>
+      pool.backends.filter((b) => b.held).map((b) => `${b.address.text} ${b.held}`)
+    );
+    if (held.length > 0) {
+      log.info(`reload: admin changes end, the config file rules again: ${held.join(", ")}`);
+    }
     this.tables = buildTables(config);
     stopHealthChecks(previous);
     startHealthChecks(this.tables);
@@ -325,6 +357,9 @@ export class Proxy implements ListenerHost {
     stopHealthChecks(this.tables);
     this.sources.close();
     this.#wakeWaiters();
+    // an accept that completed as the listener closed still hands its connection over: it is
+    // served and drained like the others, not cut by the exit
+    await Promise.all(this.#accepting);
     const drainMs = this.tables.config.timeouts.drainMs;
     if (this.#sessions.size > 0) {
       log.info(`draining ${this.#sessions.size} connection(s) for up to ${drainMs} ms`);

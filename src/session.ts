@@ -18,7 +18,7 @@ import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget
 import { type KernelAccel, KernelAccelError, type SplicePair } from "./kernel.ts";
 import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
-import { Metrics } from "./metrics.ts";
+import { Metrics, NO_ROUTE } from "./metrics.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
 import { SplicedRelay } from "./spliced.ts";
 import { backendFdHint, type DetachedPair, detachSockets } from "./detach.ts";
@@ -55,7 +55,27 @@ export type CloseReason =
   | "fingerprint_denied"
   | "backend_full"
   | "source_connections"
-  | "source_rate";
+  | "source_rate"
+  | "admin";
+
+/** One live session as the admin API lists it. */
+export interface SessionInfo {
+  client: string;
+  listener: string;
+  table: string;
+  sni: string | null;
+  /** The route's `match`, `default_backend`, or null while not routed yet. */
+  route: string | null;
+  /** As dialled (a `$sni` backend by the requested name), or null while not connected. */
+  backend: string | null;
+  /** As configured (`$sni:443`): what drain / disable name. */
+  backend_config: string | null;
+  age_ms: number;
+  /** Bytes so far (in `ebpf.splice_mode` "sockmap" the kernel's are counted at the end only). */
+  bytes_up: number;
+  bytes_down: number;
+  mode: "userspace" | "kernel";
+}
 
 /** What a session needs from the proxy around it. */
 export interface SessionContext {
@@ -115,6 +135,10 @@ export class Session {
   readonly #client: Deno.TcpConn;
   readonly #ctx: SessionContext;
   readonly #started = Date.now();
+  /** performance.now() at accept, and the seconds the hello and the backend connect took. */
+  readonly #t0 = performance.now();
+  #helloSeconds: number | null = null;
+  #connectSeconds: number | null = null;
   #clientAddr: string;
   /** The client and the address it connected to: the socket's, or a trusted PROXY header's. */
   #clientNet: Deno.NetAddr;
@@ -218,7 +242,9 @@ export class Session {
         this.#backendLabel = b.address.text;
         try {
           const policy = b.address.dynamic ? pool.internal : null;
+          const t = performance.now();
           this.#backendConn = await this.#connect(host, b.address.port, policy);
+          this.#connectSeconds = (performance.now() - t) / 1000;
           this.#ctx.fds?.backendOpened();
           pool.connected(b);
         } catch (e) {
@@ -306,7 +332,24 @@ export class Session {
     }
   }
 
-  /** Ends the session now (drain deadline passed). */
+  /** What the admin API shows of this session. */
+  info(): SessionInfo {
+    return {
+      client: this.#clientAddr,
+      listener: this.#ctx.listener,
+      table: this.#ctx.table.name,
+      sni: this.#sni,
+      route: this.#route,
+      backend: this.#backend,
+      backend_config: this.#backendLabel,
+      age_ms: Date.now() - this.#started,
+      bytes_up: this.#helloBytes + (this.#relay?.bytesUp ?? 0),
+      bytes_down: this.#relay?.bytesDown ?? 0,
+      mode: this.#splice || this.#piped ? "kernel" : "userspace",
+    };
+  }
+
+  /** Ends the session now (drain deadline passed, or closed by the admin API). */
   stop(reason: CloseReason = "shutdown"): void {
     if (this.#stopReason) return;
     this.#stopReason = reason;
@@ -366,6 +409,7 @@ export class Session {
         if (result) {
           // a view, not a copy: the parser is not fed again
           this.#pending = parser.data;
+          this.#helloSeconds = (performance.now() - this.#t0) / 1000;
           this.#sni = result.serverName;
           if (this.#ctx.protocol === "tls") this.#hello = result as ClientHello;
           return result.serverName;
@@ -759,6 +803,12 @@ export class Session {
     const mode = this.#splice || this.#piped ? "kernel" : "userspace";
     if (relay) Metrics.bump(m.byMode, mode);
     Metrics.bump(m.closed, finalReason);
+    const route = this.#route ?? NO_ROUTE;
+    if (this.#helloSeconds !== null) m.helloSeconds.observe(route, this.#helloSeconds);
+    if (this.#connectSeconds !== null) m.connectSeconds.observe(route, this.#connectSeconds);
+    m.durationSeconds.observe(route, (performance.now() - this.#t0) / 1000);
+    m.bytesUpHistogram.observe(route, up);
+    m.bytesDownHistogram.observe(route, down);
     writeAccess({
       time: new Date().toISOString(),
       client: this.#clientAddr,
@@ -794,7 +844,8 @@ function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
   return out;
 }
 
-async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
+/** Writes all of `data`. */
+export async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
   let off = 0;
   while (off < data.length) off += await conn.write(data.subarray(off));
 }

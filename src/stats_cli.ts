@@ -53,7 +53,10 @@ export async function printStats(config: Config): Promise<number> {
   const rows: [string, string][] = [];
   const walk = (prefix: string, value: unknown) => {
     if (value && typeof value === "object") {
-      for (const [k, v] of Object.entries(value)) walk(prefix ? `${prefix}.${k}` : k, v);
+      for (const [k, v] of Object.entries(value)) {
+        // a histogram's buckets are for /metrics; its count and sum are enough here
+        if (k !== "buckets") walk(prefix ? `${prefix}.${k}` : k, v);
+      }
     } else rows.push([prefix, String(value)]);
   };
   walk("", stats);

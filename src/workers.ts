@@ -4,12 +4,20 @@
  * metrics endpoint, owns the log files, and starts `workers` processes of this same program.
  * Each worker runs the whole proxy on listeners shared with SO_REUSEPORT (the kernel spreads
  * new connections over them), attaches to the pinned eBPF maps, and sends its log lines,
- * access entries and counters to the supervisor over its stdout. SIGHUP and SIGTERM are passed
- * on to every worker; a worker that dies is restarted (with a back-off) and logged; a worker
- * whose supervisor is gone (its stdin closes) drains and exits.
+ * access entries, counters and admin answers to the supervisor over its stdout (the supervisor
+ * asks on the worker's stdin). SIGHUP and SIGTERM are passed on to every worker; a worker that
+ * dies is restarted (with a back-off) and logged; a worker whose supervisor is gone (its stdin
+ * closes) drains and exits.
  *
  * @module
  */
+import {
+  AdminError,
+  type AdminRequest,
+  type AdminResult,
+  type AdminTarget,
+  mergeResults,
+} from "./admin.ts";
 import {
   type Config,
   ConfigError,
@@ -20,6 +28,7 @@ import {
 } from "./config.ts";
 import type { KernelAccel } from "./kernel.ts";
 import { runUntilStopped } from "./lifecycle.ts";
+import { warnIfListened } from "./listener.ts";
 import { type ForwardedLog, logger, setupWorkerLogging, writeForwarded } from "./log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "./metrics.ts";
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
@@ -128,8 +137,17 @@ export async function runWorker(spec: WorkerSpec, configPath: string): Promise<n
 function answerSupervisor(proxy: Proxy, gone: () => void): void {
   (async () => {
     for await (const line of lines(Deno.stdin.readable)) {
-      const req = JSON.parse(line) as { t: string; id: number };
+      const req = JSON.parse(line) as { t: string; id: number; req?: AdminRequest };
       if (req.t === "stats") send({ t: "stats", id: req.id, s: proxy.metrics.snapshot() });
+      else if (req.t === "admin") {
+        let r: AdminResult | { error: string };
+        try {
+          r = proxy.admin(req.req!);
+        } catch (e) {
+          r = { error: (e as Error).message };
+        }
+        send({ t: "admin", id: req.id, s: r });
+      }
     }
   })().catch(() => {}).finally(gone);
 }
@@ -156,7 +174,8 @@ async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string
 type WorkerLine =
   | ForwardedLog
   | { t: "ready"; pid: number }
-  | { t: "stats"; id: number; s: MetricsSnapshot };
+  | { t: "stats"; id: number; s: MetricsSnapshot }
+  | { t: "admin"; id: number; s: AdminResult | { error: string } };
 
 /** The command that runs this program again: the compiled binary, or deno run of main.ts. */
 function selfCommand(configPath: string): { cmd: string; args: string[] } {
@@ -195,7 +214,8 @@ class WorkerProcess {
   /** True once the worker said it serves. */
   isReady = false;
   #stdin: WritableStreamDefaultWriter<Uint8Array>;
-  readonly #pending = new Map<number, (s: MetricsSnapshot) => void>();
+  /** Answers awaited from the worker, by request id. */
+  readonly #pending = new Map<number, (s: unknown) => void>();
 
   constructor(index: number, spec: WorkerSpec, configPath: string) {
     this.index = index;
@@ -233,7 +253,7 @@ class WorkerProcess {
       else if (line.t === "ready") {
         this.isReady = true;
         onReady(line.pid);
-      } else if (line.t === "stats") {
+      } else if (line.t === "stats" || line.t === "admin") {
         this.#pending.get(line.id)?.(line.s);
         this.#pending.delete(line.id);
       }
@@ -241,13 +261,24 @@ class WorkerProcess {
   }
 
   /** The worker's counters, or null when it does not answer in time. */
-  async stats(id: number): Promise<MetricsSnapshot | null> {
+  stats(id: number): Promise<MetricsSnapshot | null> {
+    return this.#ask<MetricsSnapshot>({ t: "stats", id });
+  }
+
+  /** The worker's answer to an admin request, or null when it does not answer in time. */
+  admin(id: number, req: AdminRequest): Promise<AdminResult | { error: string } | null> {
+    return this.#ask({ t: "admin", id, req });
+  }
+
+  /** Sends `request` and waits for the answer with its id (null: none in time, or gone). */
+  async #ask<T>(request: { t: string; id: number; req?: AdminRequest }): Promise<T | null> {
     if (!this.isReady) return null;
-    const answer = Promise.withResolvers<MetricsSnapshot | null>();
-    this.#pending.set(id, answer.resolve);
+    const { id } = request;
+    const answer = Promise.withResolvers<T | null>();
+    this.#pending.set(id, answer.resolve as (s: unknown) => void);
     const timer = setTimeout(() => answer.resolve(null), STATS_TIMEOUT_MS);
     try {
-      await this.#stdin.write(encoder.encode(JSON.stringify({ t: "stats", id }) + "\n"));
+      await this.#stdin.write(encoder.encode(JSON.stringify(request) + "\n"));
       return await answer.promise;
     } catch {
       return null;
@@ -282,7 +313,7 @@ function resolvePorts(listeners: ListenerConfig[]): number[] {
 }
 
 /** The supervisor of `config.workers` worker processes. */
-export class Supervisor {
+export class Supervisor implements AdminTarget {
   #config: Config;
   readonly #spec: Omit<WorkerSpec, "index">;
   readonly #workers: (WorkerProcess | null)[];
@@ -308,6 +339,7 @@ export class Supervisor {
    */
   static async start(config: Config): Promise<Supervisor> {
     for (const w of config.warnings) log.warn(w);
+    warnIfListened(config.listeners);
     const ports = resolvePorts(config.listeners);
     // before the workers: they inherit this process's cgroup, where the sock_ops program sees
     // their sockets
@@ -394,6 +426,22 @@ export class Supervisor {
         },
       );
     }, this.#backoff[i]);
+  }
+
+  get effectiveConfig(): Config {
+    return this.#config;
+  }
+
+  /** An admin backend or session command, carried out by every worker; their answers merged. */
+  async admin(req: AdminRequest): Promise<AdminResult> {
+    const id = ++this.#statsId;
+    const answers = await Promise.all(this.#workers.map((w) => w?.admin(id, req) ?? null));
+    const missing = answers.flatMap((a, i) => a ? [] : [i + 1]);
+    if (missing.length > 0 && missing.length < answers.length) {
+      log.warn(`admin: ${req.cmd}: worker(s) ${missing.join(", ")} did not answer`);
+    }
+    if (missing.length === answers.length) throw new AdminError("no worker answered");
+    return mergeResults(req, answers);
   }
 
   /** The sum of every worker's counters, plus the kernel's (read once, here). */

@@ -190,6 +190,27 @@ Deno.test("relative paths resolve against the config's directory, logs against L
   assert.equal(absolute.log.accessLog, null);
 });
 
+Deno.test("admin: off unless set; socket relative to RUNTIME_DIRECTORY or the config; a group", () => {
+  assert.equal(resolveConfig(base, "/etc/sni/config.json").admin, null);
+  const here = resolveConfig({ ...base, admin: {} }, "/etc/sni/config.json");
+  assert.deepEqual(here.admin, { socket: "/etc/sni/sni-proxy-admin.sock", group: null });
+  const unit = resolveConfig({ ...base, admin: { group: "sni-ops" } }, "/etc/sni/config.json", {
+    runtimeDirectory: "/run/sni-proxy",
+  });
+  assert.deepEqual(unit.admin, { socket: "/run/sni-proxy/sni-proxy-admin.sock", group: "sni-ops" });
+  const gid = resolveConfig({ ...base, admin: { socket: "/run/a.sock", group: 0 } }, "/c.json");
+  assert.deepEqual(gid.admin, { socket: "/run/a.sock", group: 0 });
+  const errors = errorsOf({ ...base, admin: { socket: "", group: "no way", port: 1 } });
+  for (const p of ["admin.socket", "admin.group", "admin"]) {
+    assert.ok(errors.some((e) => e.startsWith(`${p}: `)), `${p} in ${errors.join("\n")}`);
+  }
+  // a running admin socket stays until a restart
+  const next = resolveConfig({ ...base, admin: { socket: "/run/b.sock" } }, "/c.json");
+  const r = reloadable(gid, next);
+  assert.deepEqual(r.ignored, ["admin.socket", "admin.group"]);
+  assert.deepEqual(r.config.admin, gid.admin);
+});
+
 Deno.test("ebpf features set while ebpf.enabled is false are warned about, not ignored silently", () => {
   const xdp = { interfaces: ["lo"] };
   const off = resolveConfig(
@@ -331,7 +352,7 @@ Deno.test("every config field that a message or the README names exists", async 
   for (const f of Deno.readDirSync(`${root}src`)) {
     sources.push(await Deno.readTextFile(`${root}src/${f.name}`));
   }
-  const sections = "workers|listeners|routes|tables|timeouts|limits|acl|log|dns|metrics|ebpf";
+  const sections = "workers|listeners|routes|tables|timeouts|limits|acl|log|dns|metrics|admin|ebpf";
   // inside string literals or `code` spans only: code such as config.dns.servers is not a name
   const literal = /"[^"\n]*"|'[^'\n]*'|`[^`\n]*`/g;
   const path = new RegExp(`(?<![\\w.$/-])(${sections})((?:\\[\\d*\\])?\\.[a-z_]+)+`, "g");

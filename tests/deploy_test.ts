@@ -63,8 +63,8 @@ const SANDBOX =
 
 /**
  * The shell lines that give a process the file-system view `settings` give the service
- * (ProtectSystem, ProtectHome, PrivateTmp, LogsDirectory, WorkingDirectory), ending in an `exec`
- * of its ExecStart; throws for a sandbox setting it does not know, so none goes untested.
+ * (ProtectSystem, ProtectHome, PrivateTmp, LogsDirectory, RuntimeDirectory, WorkingDirectory),
+ * ending in an `exec` of its ExecStart; throws for a sandbox setting it does not know, so none goes untested.
  */
 function unitSandbox(settings: Map<string, string>): string[] {
   const lines: string[] = [];
@@ -73,10 +73,11 @@ function unitSandbox(settings: Map<string, string>): string[] {
   const yes = (v: string) => /^(yes|true|1|on)$/.test(v);
   for (const [key, value] of settings) {
     if (!SANDBOX.test(key)) continue;
-    if (key === "LogsDirectory") {
-      const dirs = value.split(/\s+/).map((d) => `/var/log/${d}`);
+    if (key === "LogsDirectory" || key === "RuntimeDirectory") {
+      const [root, name] = key === "LogsDirectory" ? ["/var/log", "LOGS"] : ["/run", "RUNTIME"];
+      const dirs = value.split(/\s+/).map((d) => `${root}/${d}`);
       lines.push(`mkdir -p ${dirs.join(" ")}`);
-      env.push(`LOGS_DIRECTORY=${dirs.join(":")}`);
+      env.push(`${name}_DIRECTORY=${dirs.join(":")}`);
     } else if (key === "WorkingDirectory") cwd = value;
     else if (key === "ProtectSystem" && (yes(value) || value === "full")) {
       const dirs = ["/usr", "/boot", "/efi", ...(value === "full" ? ["/etc"] : [])];

@@ -1,9 +1,13 @@
 /** End to end: the command line, config errors, reload, drain, limits and the metrics endpoint. */
 import assert from "node:assert/strict";
 import {
+  assertCumulative,
+  assertPromtoolClean,
+  closedPort,
   curl,
   drain,
   echo,
+  histogramSeries,
   namedBackend,
   readAll,
   sleep,
@@ -265,24 +269,7 @@ Deno.test("the metrics endpoint serves Prometheus text, JSON stats and health", 
       assert.match(text, /^sni_proxy_connections_route_total\{route="a\.test"\} 1$/m);
       assert.match(text, /^sni_proxy_connections_closed_total\{reason="no_route"\} 1$/m);
       assert.match(text, /^sni_proxy_connections_mode_total\{mode="userspace"\} 1$/m);
-      const promtool = await new Deno.Command("promtool", {
-        args: ["check", "metrics"],
-        stdin: "piped",
-        stdout: "piped",
-        stderr: "piped",
-      })
-        .spawn();
-      const w = promtool.stdin.getWriter();
-      await w.write(new TextEncoder().encode(text));
-      await w.close();
-      const checked = await promtool.output();
-      assert.equal(
-        checked.code,
-        0,
-        `promtool: ${new TextDecoder().decode(checked.stdout)}${
-          new TextDecoder().decode(checked.stderr)
-        }`,
-      );
+      await assertPromtoolClean(text);
       const stats = await (await fetch(`http://127.0.0.1:${port}/stats`)).json();
       assert.equal(stats.connections.by_route["a.test"], 1);
       const health = await fetch(`http://127.0.0.1:${port}/healthz`);
@@ -294,6 +281,71 @@ Deno.test("the metrics endpoint serves Prometheus text, JSON stats and health", 
     });
   } finally {
     await one.close();
+  }
+});
+
+Deno.test("/metrics histograms: hello, connect, duration and bytes by route, promtool-clean", async () => {
+  const one = await namedBackend("one");
+  const backend = await tlsBackend(echo);
+  const port = closedPort();
+  try {
+    await withProxy({
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [
+        { match: "a.test", backends: [one.address] },
+        { match: "*.b.test", backends: [backend.address] },
+      ],
+      metrics: { address: `127.0.0.1:${port}` },
+    }, async (p) => {
+      for (let i = 0; i < 3; i++) assert.equal((await curl(p.ports[0], "a.test")).body, "one");
+      // 100 KB up and back: in the 262144 bucket of each direction, not in the 65536 one
+      const conn = await tlsClient(p.ports[0], "x.b.test");
+      const payload = new Uint8Array(100_000).fill(3);
+      await Promise.all([writeAll(conn, payload).then(() => conn.closeWrite()), readAll(conn)]);
+      conn.close();
+      await curl(p.ports[0], "nomatch.test");
+      await p.waitAccess((e) => e.sni === "nomatch.test");
+      await p.waitAccess((e) => e.route === "*.b.test");
+      const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      await assertPromtoolClean(text);
+      assert.match(text, /^# TYPE sni_proxy_connection_duration_seconds histogram$/m);
+      const entries = await p.access();
+      for (const route of ["a.test", "*.b.test", "(none)"]) {
+        const mine = entries.filter((e) => (e.route ?? "(none)") === route);
+        const duration = histogramSeries(text, "sni_proxy_connection_duration_seconds", {
+          route,
+        });
+        assertCumulative(duration);
+        assert.equal(duration.count, mine.length, `connections of ${route}`);
+        for (const direction of ["up", "down"] as const) {
+          const bytes = histogramSeries(text, "sni_proxy_connection_bytes", { route, direction });
+          assertCumulative(bytes);
+          const logged = mine.reduce((n, e) => n + e[`bytes_${direction}`], 0);
+          assert.equal(bytes.sum, logged, `${route} ${direction}: the access log's bytes`);
+        }
+      }
+      // the unrouted connection read a hello but connected nowhere
+      assert.equal(
+        histogramSeries(text, "sni_proxy_hello_duration_seconds", { route: "(none)" }).count,
+        1,
+      );
+      assert.doesNotMatch(text, /backend_connect_duration_seconds_count\{route="\(none\)"\}/);
+      const connect = histogramSeries(text, "sni_proxy_backend_connect_duration_seconds", {
+        route: "a.test",
+      });
+      assertCumulative(connect);
+      assert.equal(connect.count, 3);
+      assert.ok(connect.sum > 0 && connect.sum < 3, `3 loopback connects took ${connect.sum} s`);
+      const up = new Map(
+        histogramSeries(text, "sni_proxy_connection_bytes", { route: "*.b.test", direction: "up" })
+          .buckets,
+      );
+      assert.equal(up.get("65536"), 0);
+      assert.equal(up.get("262144"), 1);
+    });
+  } finally {
+    await one.close();
+    backend.close();
   }
 });
 

@@ -5,7 +5,10 @@
  */
 import assert from "node:assert/strict";
 import {
+  assertCumulative,
+  assertPromtoolClean,
   echo,
+  histogramSeries,
   namedBackend,
   type ProxyProcess,
   readAll,
@@ -101,6 +104,22 @@ Deno.test("workers: 2 share the listener; access log and /metrics add up to one 
     assert.match(text, new RegExp(`^sni_proxy_bytes_total\\{direction="down"\\} ${down}$`, "m"));
     const stats = await (await fetch(`http://${metricsAddr}/stats`)).json();
     assert.equal(stats.connections.closed.done, N);
+    // histograms are summed bucket by bucket: the sum is one proxy's, and still well formed
+    await assertPromtoolClean(text);
+    const route = { route: "a.test" };
+    const duration = histogramSeries(text, "sni_proxy_connection_duration_seconds", route);
+    assertCumulative(duration);
+    assert.equal(duration.count, N);
+    const perWorker = [1, 2].map((w) => entries.filter((e) => e.worker === w).length);
+    assert.ok(perWorker.every((n) => n > 0 && n < N), `both workers served: ${perWorker}`);
+    const bytes = histogramSeries(text, "sni_proxy_connection_bytes", {
+      ...route,
+      direction: "down",
+    });
+    assertCumulative(bytes);
+    assert.equal(bytes.sum, down);
+    // 1000 bytes each way plus TLS: every connection in the 4096 bucket, none in the 256 one
+    assert.deepEqual(bytes.buckets.slice(0, 3), [["256", 0], ["1024", 0], ["4096", N]]);
   } finally {
     assert.equal(await p.stop(), 0, p.stderr());
     backend.close();
