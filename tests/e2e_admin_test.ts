@@ -202,7 +202,10 @@ e2eTest(
     const shown = await ctl(p, ["config"]);
     const config = JSON.parse(shown);
     assert.equal(config.path, p.configPath);
-    assert.deepEqual(config.config.routes[0].backends, [one.address]);
+    // the config in force, with its defaults filled in (a backend as its full object)
+    assert.deepEqual(config.config.routes[0].backends, [
+      { address: one.address, backup: false, weight: 1 },
+    ]);
     assert.equal(config.config.timeouts.idle_ms, 12345);
     // a bad file: the reload fails with its errors, the running config stays
     cfg.routes[0].backends = ["127.0.0.1:99999"];
