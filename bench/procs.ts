@@ -71,9 +71,14 @@ export function adopt(pid: number): void {
   } catch { /* already gone */ }
 }
 
-/** SIGKILLs the adopted processes that are still running (checked by command line). */
-export function killAdopted(): void {
-  for (const [pid, cmdline] of adopted) {
+/**
+ * SIGKILLs the adopted processes that are still running (checked by command line): `pids`, or
+ * all of them.
+ */
+export function killAdopted(pids: Iterable<number> = [...adopted.keys()]): void {
+  for (const pid of pids) {
+    const cmdline = adopted.get(pid);
+    if (cmdline === undefined) continue;
     try {
       if (Deno.readTextFileSync(`/proc/${pid}/cmdline`) === cmdline) Deno.kill(pid, "SIGKILL");
     } catch { /* gone */ }
