@@ -7,7 +7,14 @@
  * @module
  */
 import { BIG_PATH, SMALL_BYTES, SMALL_PATH } from "./nginx.ts";
-import { exitedChildrenCpuSeconds, machineCpuSeconds, processCpuSeconds, sh } from "./procs.ts";
+import {
+  exitedChildrenCpuSeconds,
+  machineCpuSeconds,
+  processCpuSeconds,
+  sh,
+  sleep,
+  spawn,
+} from "./procs.ts";
 
 /** CPU seconds (or a per-unit share of them) used during a measurement. */
 export interface CpuUse {
@@ -172,6 +179,185 @@ export async function wrkRun(
     socketErrors: /Socket errors: (.*)/.exec(out)?.[1]?.trim() ?? null,
     cpu,
   };
+}
+
+/** The busy test's parameters. */
+export interface BusyOptions {
+  /** bulk transfers running meanwhile */
+  bulkConns: number;
+  /** each bulk transfer's rate limit (curl --limit-rate, e.g. `1M`) */
+  bulkRate: string;
+  /** seconds of new connections, after the bulk transfers had a second to get going */
+  seconds: number;
+  /** new connections made at a time (each loop: connect, handshake, request, close) */
+  concurrency: number;
+}
+
+/** One busy run: new connections made while bulk transfers ran. */
+export interface BusyRun {
+  /** connect-to-last-byte time of every new connection, ms (a failed one: until it failed) */
+  latenciesMs: number[];
+  /** connections that failed or timed out */
+  errors: number;
+  firstError: string;
+  seconds: number;
+  /** the bulk transfers together, MB/s (10^6 bytes) */
+  bulkMBs: number;
+}
+
+/** Time the bulk transfers of the busy test get to connect and get going before the probe. */
+const BUSY_RAMP_MS = 1000;
+/** A probe connection taking longer than this counts as failed (at this latency). */
+const PROBE_TIMEOUT_MS = 10_000;
+
+/**
+ * New-connection latency under load: `bulkConns` rate-limited downloads of the big file run
+ * (one curl, `--parallel`, a connection each; none finishes within the run) while this process
+ * opens new connections, `concurrency` at a time, each timed from connect() to the end of the
+ * response: TCP connect, TLS handshake (the ClientHello is what the proxy routes on), request,
+ * response. wrk's latency would start after the handshake.
+ */
+export async function busyRun(port: number, caCert: string, opts: BusyOptions): Promise<BusyRun> {
+  const seconds = BUSY_RAMP_MS / 1000 + opts.seconds + 1;
+  const url = `https://localhost:${port}${BIG_PATH}`;
+  const bulk = spawn("curl", {
+    args: [
+      "-sk",
+      "--http1.1",
+      "--parallel",
+      "--parallel-immediate",
+      "--parallel-max",
+      String(opts.bulkConns),
+      "--limit-rate",
+      opts.bulkRate,
+      "--max-time",
+      String(seconds),
+      "--resolve",
+      `localhost:${port}:127.0.0.1`,
+      "-w",
+      "%{size_download}\n",
+      ...Array.from({ length: opts.bulkConns }, () => ["-o", "/dev/null", url]).flat(),
+    ],
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  try {
+    await sleep(BUSY_RAMP_MS);
+    const probe = await newConnections(port, caCert, opts.seconds, opts.concurrency);
+    const out = await bulk;
+    // 28: the transfers ended at --max-time, as meant
+    if (out.code !== 28 && out.code !== 0) throw new Error(`bulk curl failed (exit ${out.code})`);
+    const bytes = new TextDecoder().decode(out.stdout).trim().split("\n").map(Number)
+      .reduce((s, n) => s + n, 0);
+    if (!(bytes > 0)) throw new Error("the bulk transfers moved no bytes");
+    return { ...probe, seconds: opts.seconds, bulkMBs: bytes / 1e6 / seconds };
+  } finally {
+    await bulk.catch(() => {});
+  }
+}
+
+const REQUEST = new TextEncoder().encode(
+  `GET ${SMALL_PATH} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`,
+);
+
+/** New connections for `seconds`, `concurrency` at a time: their latencies and failures. */
+async function newConnections(
+  port: number,
+  caCert: string,
+  seconds: number,
+  concurrency: number,
+): Promise<{ latenciesMs: number[]; errors: number; firstError: string }> {
+  const end = performance.now() + seconds * 1000;
+  const latenciesMs: number[] = [];
+  let errors = 0;
+  let firstError = "";
+  await Promise.all(Array.from({ length: concurrency }, async () => {
+    while (performance.now() < end) {
+      const t0 = performance.now();
+      try {
+        await oneRequest(port, caCert);
+      } catch (e) {
+        errors++;
+        firstError ||= String(e);
+      }
+      latenciesMs.push(performance.now() - t0);
+    }
+  }));
+  return { latenciesMs, errors, firstError };
+}
+
+/** One request on a new TLS connection, read to the end; throws if it fails or times out. */
+async function oneRequest(port: number, caCert: string): Promise<void> {
+  let conn: Deno.Conn | null = null;
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    try {
+      conn?.close();
+    } catch { /* closed */ }
+  }, PROBE_TIMEOUT_MS);
+  let got = 0;
+  try {
+    const raw = await Deno.connect({ hostname: "127.0.0.1", port });
+    conn = raw;
+    // like wrk and curl: without it, the request waits for the ACK of the handshake's last
+    // flight (Nagle), which the server delays by 40 ms
+    raw.setNoDelay(true);
+    const tls = await Deno.startTls(raw, { hostname: "localhost", caCerts: [caCert] });
+    conn = tls;
+    await tls.write(REQUEST);
+    const buf = new Uint8Array(16 * 1024);
+    try {
+      for (let n; (n = await tls.read(buf)) !== null;) got += n;
+    } catch (e) {
+      // nginx may close without close_notify after a full response
+      if (got < SMALL_BYTES) throw e;
+    }
+  } catch (e) {
+    throw timedOut ? new Error(`no response within ${PROBE_TIMEOUT_MS} ms`) : e;
+  } finally {
+    clearTimeout(timer);
+    try {
+      conn?.close();
+    } catch { /* closed */ }
+  }
+  if (got < SMALL_BYTES) throw new Error(`short response: ${got} bytes`);
+}
+
+/** The busy runs of one column, summarized: percentiles over all runs' connections. */
+export interface BusyResult {
+  p50ms: number;
+  p99ms: number;
+  /** new connections per second (closed loop: as fast as the latency allows) */
+  rps: number;
+  /** median of the runs */
+  bulkMBs: number;
+  connections: number;
+  errors: number;
+  firstError: string;
+  /** every run's p99, ms, in order */
+  p99Runs: number[];
+}
+
+export function summarizeBusy(runs: BusyRun[]): BusyResult {
+  const all = runs.flatMap((r) => r.latenciesMs);
+  return {
+    p50ms: percentile(all, 50),
+    p99ms: percentile(all, 99),
+    rps: all.length / runs.reduce((s, r) => s + r.seconds, 0),
+    bulkMBs: median(runs.map((r) => r.bulkMBs)),
+    connections: all.length,
+    errors: runs.reduce((s, r) => s + r.errors, 0),
+    firstError: runs.find((r) => r.firstError)?.firstError ?? "",
+    p99Runs: runs.map((r) => percentile(r.latenciesMs, 99)),
+  };
+}
+
+/** The `pct` percentile (nearest rank) of `xs`; NaN if empty. */
+function percentile(xs: number[], pct: number): number {
+  if (!xs.length) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.ceil((pct / 100) * s.length) - 1)];
 }
 
 /** The wrk runs of one column, summarized. */
