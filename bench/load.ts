@@ -14,6 +14,7 @@ import {
   sh,
   sleep,
   spawn,
+  tcpMemoryShare,
 } from "./procs.ts";
 
 /** CPU seconds (or a per-unit share of them) used during a measurement. */
@@ -203,6 +204,8 @@ export interface BusyRun {
   seconds: number;
   /** the bulk transfers together, MB/s (10^6 bytes) */
   bulkMBs: number;
+  /** the machine's peak TCP memory meanwhile, share of the pressure threshold */
+  tcpMemoryPeak: number;
 }
 
 /** Time the bulk transfers of the busy test get to connect and get going before the probe. */
@@ -241,6 +244,10 @@ export async function busyRun(port: number, caCert: string, opts: BusyOptions): 
     stdout: "piped",
     stderr: "null",
   }).output();
+  // the downloads fill socket buffers on every hop; near tcp_mem the kernel drops packets, and
+  // a dropped SYN costs a new connection a 1 s retransmit
+  let tcpMemoryPeak = tcpMemoryShare();
+  const sampler = setInterval(() => tcpMemoryPeak = Math.max(tcpMemoryPeak, tcpMemoryShare()), 200);
   try {
     await sleep(BUSY_RAMP_MS);
     const probe = await newConnections(port, caCert, opts.seconds, opts.concurrency);
@@ -250,8 +257,9 @@ export async function busyRun(port: number, caCert: string, opts: BusyOptions): 
     const bytes = new TextDecoder().decode(out.stdout).trim().split("\n").map(Number)
       .reduce((s, n) => s + n, 0);
     if (!(bytes > 0)) throw new Error("the bulk transfers moved no bytes");
-    return { ...probe, seconds: opts.seconds, bulkMBs: bytes / 1e6 / seconds };
+    return { ...probe, seconds: opts.seconds, bulkMBs: bytes / 1e6 / seconds, tcpMemoryPeak };
   } finally {
+    clearInterval(sampler);
     await bulk.catch(() => {});
   }
 }
@@ -332,6 +340,8 @@ export interface BusyResult {
   rps: number;
   /** median of the runs */
   bulkMBs: number;
+  /** the highest of the runs */
+  tcpMemoryPeak: number;
   connections: number;
   errors: number;
   firstError: string;
@@ -346,6 +356,7 @@ export function summarizeBusy(runs: BusyRun[]): BusyResult {
     p99ms: percentile(all, 99),
     rps: all.length / runs.reduce((s, r) => s + r.seconds, 0),
     bulkMBs: median(runs.map((r) => r.bulkMBs)),
+    tcpMemoryPeak: Math.max(...runs.map((r) => r.tcpMemoryPeak)),
     connections: all.length,
     errors: runs.reduce((s, r) => s + r.errors, 0),
     firstError: runs.find((r) => r.firstError)?.firstError ?? "",

@@ -171,6 +171,16 @@ export function rssBreakdownKiB(pid: number): { anon: number; file: number; shme
   return { anon: kib("RssAnon"), file: kib("RssFile"), shmem: kib("RssShmem") };
 }
 
+/**
+ * TCP memory of the whole machine, as a share of the threshold where the kernel starts to
+ * limit socket buffers (`tcp_mem`'s middle value; above its last one it drops packets).
+ */
+export function tcpMemoryShare(): number {
+  const pages = Number(/TCP:.* mem (\d+)/.exec(Deno.readTextFileSync("/proc/net/sockstat"))?.[1]);
+  const pressure = Number(Deno.readTextFileSync("/proc/sys/net/ipv4/tcp_mem").split(/\s+/)[1]);
+  return pages / pressure;
+}
+
 /** Resolves after `ms` milliseconds. */
 export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));

@@ -42,7 +42,7 @@ import {
 import { type IdleResult, idleRss } from "./idle_conns.ts";
 import { type Nginx, SMALL_BYTES, startNginx } from "./nginx.ts";
 import { PEERS } from "./peers.ts";
-import { killChildren, need } from "./procs.ts";
+import { killChildren, need, tcpMemoryShare } from "./procs.ts";
 import { type Proxy, PROXY_MODES, startProxy } from "./proxy.ts";
 
 const OUT_DIR = new URL("./out/", import.meta.url).pathname;
@@ -276,7 +276,8 @@ async function measureLoad(
             c.busy.push(r);
             const p99 = summarizeBusy([r]).p99ms;
             return `${r.latenciesMs.length} new connections (${r.errors} failed), ` +
-              `p99 ${p99.toFixed(2)} ms; bulk ${r.bulkMBs.toFixed(0)} MB/s`;
+              `p99 ${p99.toFixed(2)} ms; bulk ${r.bulkMBs.toFixed(0)} MB/s; TCP memory ` +
+              `${(r.tcpMemoryPeak * 100).toFixed(0)}% of tcp_mem pressure`;
           },
         }]
         : []),
@@ -427,6 +428,11 @@ function metrics(): Metric[] {
           "higher",
         ],
         [`${BUSY_ROW} MB/s of the downloads together`, (r) => r.busy?.bulkMBs, 0, "higher"],
+        [
+          `${BUSY_ROW} peak TCP memory of the machine, % of tcp_mem pressure`,
+          (r) => r.busy && r.busy.tcpMemoryPeak * 100,
+          0,
+        ],
       ] satisfies Row[]
       : []),
     [`RSS KiB per idle connection (${IDLE_CONNS})`, (r) => r.idle?.kibPerConn, 1, "lower"],
@@ -685,8 +691,10 @@ function notes(results: Map<string, ModeResult>): string[] {
 async function header(): Promise<string> {
   const cpu = (await Deno.readTextFile("/proc/cpuinfo")).match(/model name\s*:\s*(.*)/)?.[1];
   const load = (await Deno.readTextFile("/proc/loadavg")).split(" ").slice(0, 3).join(" ");
+  const tcpMem = (tcpMemoryShare() * 100).toFixed(0);
   return `sni-proxy bench ${new Date().toISOString()} — \`${COMMAND}\` — ` +
-    `${navigator.hardwareConcurrency} CPUs (${cpu}), load before ${load}, kernel ` +
+    `${navigator.hardwareConcurrency} CPUs (${cpu}), load before ${load}, TCP memory before ` +
+    `${tcpMem}% of tcp_mem pressure, kernel ` +
     `${Deno.osRelease()}, deno ${Deno.version.deno}; ${ROUNDS} rounds, columns interleaved, ` +
     `medians: bulk ${BIG_BYTES / 2 ** 20} MiB (curl); wrk -t${WRK.threads} -c${WRK.connections} ` +
     `-d${WRK.duration}, ${SMALL_BYTES} B responses; busy: ${BUSY_CONNS} downloads at ` +
