@@ -6,7 +6,7 @@
  *
  * @module
  */
-import { BIG_PATH, SMALL_BYTES, SMALL_PATH } from "./nginx.ts";
+import { BIG_PATH, PACED_PATH, SMALL_BYTES, SMALL_PATH } from "./nginx.ts";
 import {
   exitedChildrenCpuSeconds,
   machineCpuSeconds,
@@ -186,7 +186,7 @@ export async function wrkRun(
 export interface BusyOptions {
   /** bulk transfers running meanwhile */
   bulkConns: number;
-  /** each bulk transfer's rate limit (curl --limit-rate, e.g. `1M`) */
+  /** the rate nginx sends each download at (nginx `limit_rate`, e.g. `1m`) */
   bulkRate: string;
   /** seconds of new connections, after the bulk transfers had a second to get going */
   seconds: number;
@@ -214,15 +214,17 @@ const BUSY_RAMP_MS = 1000;
 const PROBE_TIMEOUT_MS = 10_000;
 
 /**
- * New-connection latency under load: `bulkConns` rate-limited downloads of the big file run
- * (one curl, `--parallel`, a connection each; none finishes within the run) while this process
- * opens new connections, `concurrency` at a time, each timed from connect() to the end of the
+ * New-connection latency under load: `bulkConns` downloads of the big file run (one curl,
+ * `--parallel`, a connection each; none finishes within the run), each sent by nginx at
+ * `bulkRate` and read by curl as it comes (so that no hop's socket buffers fill up: a reader
+ * slower than its sender would fill them on every hop until the machine's TCP memory limit
+ * drops packets, and the test would measure that), while this process opens new connections, `concurrency` at a time, each timed from connect() to the end of the
  * response: TCP connect, TLS handshake (the ClientHello is what the proxy routes on), request,
  * response. wrk's latency would start after the handshake.
  */
 export async function busyRun(port: number, caCert: string, opts: BusyOptions): Promise<BusyRun> {
   const seconds = BUSY_RAMP_MS / 1000 + opts.seconds + 1;
-  const url = `https://localhost:${port}${BIG_PATH}`;
+  const url = `https://localhost:${port}${PACED_PATH}?rate=${opts.bulkRate}`;
   const bulk = spawn("curl", {
     args: [
       "-sk",
@@ -231,8 +233,6 @@ export async function busyRun(port: number, caCert: string, opts: BusyOptions): 
       "--parallel-immediate",
       "--parallel-max",
       String(opts.bulkConns),
-      "--limit-rate",
-      opts.bulkRate,
       "--max-time",
       String(seconds),
       "--resolve",
@@ -332,13 +332,17 @@ async function oneRequest(port: number, caCert: string): Promise<void> {
   if (got < SMALL_BYTES) throw new Error(`short response: ${got} bytes`);
 }
 
-/** The busy runs of one column, summarized: percentiles over all runs' connections. */
+/**
+ * The busy runs of one column, summarized: medians over the runs of each run's percentiles (not
+ * percentiles over all runs' connections: the probe waits for each connection, so a run where
+ * connections take seconds has a few of them, and pooled they would vanish among a fast run's
+ * thousands).
+ */
 export interface BusyResult {
   p50ms: number;
   p99ms: number;
   /** new connections per second (closed loop: as fast as the latency allows) */
   rps: number;
-  /** median of the runs */
   bulkMBs: number;
   /** the highest of the runs */
   tcpMemoryPeak: number;
@@ -347,20 +351,23 @@ export interface BusyResult {
   firstError: string;
   /** every run's p99, ms, in order */
   p99Runs: number[];
+  /** every run's new connections, in order */
+  connectionRuns: number[];
 }
 
 export function summarizeBusy(runs: BusyRun[]): BusyResult {
-  const all = runs.flatMap((r) => r.latenciesMs);
+  const p99Runs = runs.map((r) => percentile(r.latenciesMs, 99));
   return {
-    p50ms: percentile(all, 50),
-    p99ms: percentile(all, 99),
-    rps: all.length / runs.reduce((s, r) => s + r.seconds, 0),
+    p50ms: median(runs.map((r) => percentile(r.latenciesMs, 50))),
+    p99ms: median(p99Runs),
+    rps: median(runs.map((r) => r.latenciesMs.length / r.seconds)),
     bulkMBs: median(runs.map((r) => r.bulkMBs)),
     tcpMemoryPeak: Math.max(...runs.map((r) => r.tcpMemoryPeak)),
-    connections: all.length,
+    connections: runs.reduce((s, r) => s + r.latenciesMs.length, 0),
     errors: runs.reduce((s, r) => s + r.errors, 0),
     firstError: runs.find((r) => r.firstError)?.firstError ?? "",
-    p99Runs: runs.map((r) => percentile(r.latenciesMs, 99)),
+    p99Runs,
+    connectionRuns: runs.map((r) => r.latenciesMs.length),
   };
 }
 

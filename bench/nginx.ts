@@ -15,6 +15,11 @@ import { adopt, childPids, killAdopted, need, sh, sleep, spawn, stop } from "./p
 export const SMALL_PATH = "/small";
 /** Path of the large file. */
 export const BIG_PATH = "/big";
+/**
+ * Path of the large file sent at a limited rate: `PACED_PATH?rate=1m` (nginx `limit_rate`, per
+ * connection).
+ */
+export const PACED_PATH = "/paced";
 /** Size of the small response body in bytes. */
 export const SMALL_BYTES = 1024;
 
@@ -131,6 +136,7 @@ http {
     ssl_certificate_key ${dir}/key.pem;
     root ${dir}/www;
     location = ${SMALL_PATH} { default_type text/plain; return 200 "${"x".repeat(SMALL_BYTES)}"; }
+    location = ${PACED_PATH} { alias ${dir}/www${BIG_PATH}; limit_rate $arg_rate; }
   }
 }
 `;

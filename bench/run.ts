@@ -85,7 +85,7 @@ const args = parseArgs({
     quick: { type: "boolean", default: false },
     idle: { type: "string" },
     busy: { type: "string", default: "200" },
-    "busy-rate": { type: "string", default: "1M" },
+    "busy-rate": { type: "string", default: "1m" },
     modes: { type: "string", default: DEFAULT_COLUMNS.join(",") },
     duration: { type: "string" },
     rounds: { type: "string" },
@@ -96,7 +96,7 @@ const args = parseArgs({
 if (args.help) {
   console.log(
     "usage: deno task bench [--quick] [--modes direct,userspace,kernel,nginx-stream,haproxy" +
-      ",workers] [--idle N] [--busy N] [--busy-rate 1M] [--duration 5s] [--rounds 3] [--idle-only]",
+      ",workers] [--idle N] [--busy N] [--busy-rate 1m] [--duration 5s] [--rounds 3] [--idle-only]",
   );
   Deno.exit(0);
 }
@@ -119,10 +119,9 @@ const WRK: WrkOptions = {
   duration: args.duration ?? (args.quick ? "2s" : "5s"),
 };
 /**
- * The busy test: new connections, 4 at a time, while BUSY_CONNS downloads run, each limited to
- * a rate (the same offered load for every column, below what each column moves at full speed:
- * unlimited, slow-reading transfers fill socket buffers until the machine's TCP memory limit
- * drops packets, and the test would measure that).
+ * The busy test: new connections, 4 at a time, while BUSY_CONNS downloads run, each sent by
+ * nginx at a fixed rate (the same offered load for every column, below what each column moves
+ * at full speed).
  */
 const BUSY: BusyOptions = {
   bulkConns: BUSY_CONNS,
@@ -694,13 +693,12 @@ async function header(): Promise<string> {
   const tcpMem = (tcpMemoryShare() * 100).toFixed(0);
   return `sni-proxy bench ${new Date().toISOString()} — \`${COMMAND}\` — ` +
     `${navigator.hardwareConcurrency} CPUs (${cpu}), load before ${load}, TCP memory before ` +
-    `${tcpMem}% of tcp_mem pressure, kernel ` +
-    `${Deno.osRelease()}, deno ${Deno.version.deno}; ${ROUNDS} rounds, columns interleaved, ` +
-    `medians: bulk ${BIG_BYTES / 2 ** 20} MiB (curl); wrk -t${WRK.threads} -c${WRK.connections} ` +
-    `-d${WRK.duration}, ${SMALL_BYTES} B responses; busy: ${BUSY_CONNS} downloads at ` +
-    `${BUSY.bulkRate}B/s each (curl), ${BUSY.concurrency} new connections at a time for ` +
-    `${BUSY.seconds} s; ${IDLE_CONNS} idle connections; ` +
-    `nginx 1 worker; peers 1 worker / 1 thread`;
+    `${tcpMem}% of tcp_mem pressure, kernel ${Deno.osRelease()}, deno ${Deno.version.deno}; ` +
+    `${ROUNDS} rounds, columns interleaved, medians: bulk ${BIG_BYTES / 2 ** 20} MiB (curl); ` +
+    `wrk -t${WRK.threads} -c${WRK.connections} -d${WRK.duration}, ${SMALL_BYTES} B responses; ` +
+    `busy: ${BUSY_CONNS} downloads sent at ${BUSY.bulkRate}B/s each (nginx limit_rate, curl), ` +
+    `${BUSY.concurrency} new connections at a time for ${BUSY.seconds} s; ${IDLE_CONNS} idle ` +
+    `connections; nginx 1 worker; peers 1 worker / 1 thread`;
 }
 
 async function main(): Promise<void> {
