@@ -496,8 +496,11 @@ function bestPeer(
 const fmt = (v: number | undefined, digits: number) =>
   v === undefined || !Number.isFinite(v) ? "–" : v.toFixed(digits);
 
+/** x/y, or "–" unless both are measured and x ≥ 0 < y (a difference below 0 has no ratio). */
 const ratioText = (x: number | undefined, y: number | undefined) =>
-  x === undefined || y === undefined || !Number.isFinite(x) || !y ? "–" : `${(x / y).toFixed(2)}x`;
+  x === undefined || y === undefined || !(x >= 0) || !(y > 0) || !Number.isFinite(x / y)
+    ? "–"
+    : `${(x / y).toFixed(2)}x`;
 
 /**
  * The Markdown table: one column per mode and peer, then ratios: every column to direct, every
@@ -696,7 +699,7 @@ async function header(): Promise<string> {
     `${tcpMem}% of tcp_mem pressure, kernel ${Deno.osRelease()}, deno ${Deno.version.deno}; ` +
     `${ROUNDS} rounds, columns interleaved, medians: bulk ${BIG_BYTES / 2 ** 20} MiB (curl); ` +
     `wrk -t${WRK.threads} -c${WRK.connections} -d${WRK.duration}, ${SMALL_BYTES} B responses; ` +
-    `busy: ${BUSY_CONNS} downloads sent at ${BUSY.bulkRate}B/s each (nginx limit_rate, curl), ` +
+    `busy: ${BUSY_CONNS} downloads sent at nginx limit_rate ${BUSY.bulkRate} each (curl), ` +
     `${BUSY.concurrency} new connections at a time for ${BUSY.seconds} s; ${IDLE_CONNS} idle ` +
     `connections; nginx 1 worker; peers 1 worker / 1 thread`;
 }
