@@ -352,6 +352,27 @@ type Row = [
   ratio?: boolean,
 ];
 
+/** The rows of a wrk test: rate, p50, p99, machine and proxy CPU per request. */
+function wrkRows(
+  test: string,
+  rate: string,
+  per: string,
+  pick: (r: ModeResult) => WrkResult | undefined,
+): Row[] {
+  return [
+    [rate, (r) => pick(r)?.rps, 0, "higher"],
+    [`${test} p50 ms`, (r) => pick(r)?.p50ms, 2, "lower"],
+    [`${test} p99 ms`, (r) => pick(r)?.p99ms, 2, "lower"],
+    [`${test}: machine CPU µs per ${per}`, (r) => pick(r)?.cpuUsPerRequest.machine, 1, "lower"],
+    [
+      `${test}: proxy CPU µs per ${per}`,
+      (r) => proxyOnly(r, pick(r)?.cpuUsPerRequest.proxy),
+      1,
+      "lower",
+    ],
+  ];
+}
+
 function metrics(): Metric[] {
   const total = TARGETS.idleTotalConns;
   const rows: Row[] = [
@@ -372,21 +393,7 @@ function metrics(): Metric[] {
       2,
       "lower",
     ],
-    ["keep-alive requests/s", (r) => r.keepAlive?.rps, 0, "higher"],
-    ["keep-alive p50 ms", (r) => r.keepAlive?.p50ms, 2, "lower"],
-    ["keep-alive p99 ms", (r) => r.keepAlive?.p99ms, 2, "lower"],
-    [
-      "keep-alive: machine CPU µs per request",
-      (r) => r.keepAlive?.cpuUsPerRequest.machine,
-      1,
-      "lower",
-    ],
-    [
-      "keep-alive: proxy CPU µs per request",
-      (r) => proxyOnly(r, r.keepAlive?.cpuUsPerRequest.proxy),
-      1,
-      "lower",
-    ],
+    ...wrkRows("keep-alive", "keep-alive requests/s", "request", (r) => r.keepAlive),
     ["keep-alive: nginx CPU µs per request", (r) => r.keepAlive?.cpuUsPerRequest.nginx, 1],
     ["keep-alive: wrk CPU µs per request", (r) => r.keepAlive?.cpuUsPerRequest.client, 1],
     [
@@ -396,21 +403,7 @@ function metrics(): Metric[] {
       null,
       false,
     ],
-    ["new connections/s", (r) => r.newConnection?.rps, 0, "higher"],
-    ["new-connection p50 ms", (r) => r.newConnection?.p50ms, 2, "lower"],
-    ["new-connection p99 ms", (r) => r.newConnection?.p99ms, 2, "lower"],
-    [
-      "new-connection: machine CPU µs per connection",
-      (r) => r.newConnection?.cpuUsPerRequest.machine,
-      1,
-      "lower",
-    ],
-    [
-      "new-connection: proxy CPU µs per connection",
-      (r) => proxyOnly(r, r.newConnection?.cpuUsPerRequest.proxy),
-      1,
-      "lower",
-    ],
+    ...wrkRows("new-connection", "new connections/s", "connection", (r) => r.newConnection),
     ...(BUSY_CONNS > 0
       ? [
         [
