@@ -1,7 +1,8 @@
 /**
  * Memory per idle proxied connection: open N TLS connections through the proxy (a full
  * handshake with nginx behind it, so the proxy has routed, connected and relayed both ways),
- * leave them idle and compare the proxy's RSS before and after.
+ * leave them idle and compare the proxy's RSS before and after. A peer with several processes
+ * (nginx: master and worker) counts with all of them.
  *
  * @module
  */
@@ -10,10 +11,11 @@ import { rssBreakdownKiB, rssKiB, sleep } from "./procs.ts";
 /** Result of the idle test. */
 export interface IdleResult {
   connections: number;
-  /** proxy RSS growth per connection, KiB */
+  /** RSS growth per connection, KiB */
   kibPerConn: number;
   /** of which anonymous memory (heap, buffers), KiB per connection */
   anonKibPerConn: number;
+  /** RSS before opening them and with all of them open, KiB */
   rssBeforeKiB: number;
   rssAfterKiB: number;
   /** seconds to open all connections */
@@ -68,21 +70,21 @@ function closeAll(conns: Deno.TlsConn[]): void {
 }
 
 /**
- * Measures the proxy's (`pid`) RSS growth per idle connection at `n` connections. A warm-up of
- * a few hundred connections first, so one-time costs (code compiled on first use, first
- * buffers) do not count as per-connection memory.
+ * Measures the RSS growth per idle connection of the processes `pids` (added up) at `n`
+ * connections. A warm-up of a few hundred connections first, so one-time costs (code compiled
+ * on first use, first buffers) do not count as per-connection memory.
  */
 export async function idleRss(
   port: number,
-  pid: number,
+  pids: number[],
   n: number,
   caCert: string,
 ): Promise<IdleResult> {
   closeAll(await openIdle(port, Math.min(200, n), caCert));
   await sleep(1000);
-  const fdsBefore = fdCount(pid);
-  const before = rssKiB(pid);
-  const anonBefore = rssBreakdownKiB(pid).anon;
+  const fdsBefore = fdCount(pids);
+  const before = sum(pids, rssKiB);
+  const anonBefore = sum(pids, (p) => rssBreakdownKiB(p).anon);
   const t0 = performance.now();
   const conns = await openIdle(port, n, caCert);
   const openSeconds = (performance.now() - t0) / 1000;
@@ -91,17 +93,17 @@ export async function idleRss(
   try {
     // let the proxy finish its side (backend handshake bytes relayed, timers set)
     await sleep(1500);
-    after = rssKiB(pid);
-    anonAfter = rssBreakdownKiB(pid).anon;
+    after = sum(pids, rssKiB);
+    anonAfter = sum(pids, (p) => rssBreakdownKiB(p).anon);
   } finally {
     closeAll(conns);
   }
   // wait for the proxy to close its 2n sockets, so that stopping it next is a clean drain
   const t1 = performance.now();
-  while (fdCount(pid) > fdsBefore + 10) {
+  while (fdCount(pids) > fdsBefore + 10) {
     if (performance.now() - t1 > CLOSE_WAIT_MS) {
       throw new Error(
-        `the proxy still holds ${fdCount(pid) - fdsBefore} sockets ${CLOSE_WAIT_MS} ms after ` +
+        `the proxy still holds ${fdCount(pids) - fdsBefore} sockets ${CLOSE_WAIT_MS} ms after ` +
           `its ${n} idle clients closed`,
       );
     }
@@ -121,9 +123,11 @@ export async function idleRss(
 /** How long the proxy may take to close its side of the idle connections. */
 const CLOSE_WAIT_MS = 20_000;
 
-/** Open file descriptors of a process. */
-function fdCount(pid: number): number {
-  let n = 0;
-  for (const _ of Deno.readDirSync(`/proc/${pid}/fd`)) n++;
-  return n;
+/** Open file descriptors of the processes. */
+function fdCount(pids: number[]): number {
+  return sum(pids, (pid) => [...Deno.readDirSync(`/proc/${pid}/fd`)].length);
+}
+
+function sum(pids: number[], f: (pid: number) => number): number {
+  return pids.reduce((s, pid) => s + f(pid), 0);
 }

@@ -15,18 +15,19 @@ import { adopt, childPids, killAdopted, need, sh, sleep, spawn, stop } from "./p
 export const SMALL_PATH = "/small";
 /** Path of the large file. */
 export const BIG_PATH = "/big";
+/**
+ * Path of the large file sent at a limited rate: `PACED_PATH?rate=1m` (nginx `limit_rate`, per
+ * connection).
+ */
+export const PACED_PATH = "/paced";
 /** Size of the small response body in bytes. */
 export const SMALL_BYTES = 1024;
 
 /** A running nginx. */
-export interface Nginx {
+export interface Nginx extends NginxProcess {
   port: number;
   /** PEM of the self-signed certificate (for clients that verify). */
   certPem: string;
-  /** Master and worker pids (for CPU accounting). */
-  pids: number[];
-  /** Stops nginx and prints the tail of its error log if it has one. */
-  stop(): Promise<void>;
 }
 
 /** Starts nginx on 127.0.0.1 serving a `bigBytes` file at `/big` and 1 KiB at `/small`. */
@@ -67,17 +68,29 @@ export async function startNginx(dir: string, bigBytes: number): Promise<Nginx> 
   const port = freePort();
   const conf = `${dir}/nginx.conf`;
   await Deno.writeTextFile(conf, nginxConfig(dir, port));
-  const proc = spawn(need("nginx", "nginx"), {
-    args: ["-c", conf, "-p", dir, "-g", "daemon off;"],
-    stdout: "null",
-    stderr: "inherit",
-  });
-  try {
-    await waitTcp(port, proc);
-  } catch (e) {
-    await stop(proc);
-    throw new Error(`nginx did not start: ${(e as Error).message}\n${await errorLog(dir)}`);
-  }
+  const run = await runNginx(dir, conf, port);
+  return { port, certPem, ...run };
+}
+
+/** A running nginx master and its worker. */
+export interface NginxProcess {
+  /** Master and worker pids (for CPU accounting). */
+  pids: number[];
+  /** Stops nginx and prints the tail of its error log if it has one. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Runs nginx in the foreground with config `conf` and prefix `prefix` (whose `error.log` the
+ * config must name); resolves once `port` accepts connections and the worker is running.
+ */
+export async function runNginx(prefix: string, conf: string, port: number): Promise<NginxProcess> {
+  const proc = await spawnListening(
+    "nginx",
+    ["-c", conf, "-p", prefix, "-g", "daemon off;"],
+    port,
+    () => errorLog(prefix),
+  );
   // the master listens before it forks the worker: wait for the worker too
   let workers = childPids(proc.pid);
   for (let i = 0; i < 40 && workers.length === 0; i++) {
@@ -86,25 +99,23 @@ export async function startNginx(dir: string, bigBytes: number): Promise<Nginx> 
   }
   if (workers.length === 0) {
     await stop(proc);
-    throw new Error(`nginx started no worker process\n${await errorLog(dir)}`);
+    throw new Error(`nginx started no worker process\n${await errorLog(prefix)}`);
   }
   workers.forEach(adopt);
   return {
-    port,
-    certPem,
     pids: [proc.pid, ...workers],
     stop: async () => {
       await stop(proc, "SIGTERM");
-      killAdopted();
-      const log = await errorLog(dir);
+      killAdopted(workers);
+      const log = await errorLog(prefix);
       if (log) console.error(`nginx error.log (last lines):\n${log}`);
     },
   };
 }
 
 /**
- * The nginx config. Sized for the idle test: 5,000 client connections of the direct case or
- * 5,000 proxied ones, with room to spare; keep-alive without limits so wrk's connections stay.
+ * The nginx config. Sized for the idle test: up to 10,000 connections from a proxy in front,
+ * with room to spare; keep-alive without limits so wrk's connections stay.
  */
 function nginxConfig(dir: string, port: number): string {
   return `worker_processes 1;
@@ -125,6 +136,7 @@ http {
     ssl_certificate_key ${dir}/key.pem;
     root ${dir}/www;
     location = ${SMALL_PATH} { default_type text/plain; return 200 "${"x".repeat(SMALL_BYTES)}"; }
+    location = ${PACED_PATH} { alias ${dir}/www${BIG_PATH}; limit_rate $arg_rate; }
   }
 }
 `;
@@ -150,6 +162,27 @@ export function freePort(): number {
   return port;
 }
 
+/**
+ * Starts the server `tool` (a foreground process) and waits until it accepts connections on
+ * 127.0.0.1:`port`; if it does not, stops it and throws, with `detail()` (e.g. its error log).
+ */
+export async function spawnListening(
+  tool: string,
+  args: string[],
+  port: number,
+  detail: () => Promise<string> = () => Promise.resolve(""),
+): Promise<Deno.ChildProcess> {
+  const proc = spawn(need(tool, tool), { args, stdout: "null", stderr: "inherit" });
+  try {
+    await waitTcp(port, proc);
+  } catch (e) {
+    await stop(proc);
+    throw new Error(`${tool} did not start: ${(e as Error).message}\n${await detail()}`);
+  }
+  return proc;
+}
+
+/** Waits until 127.0.0.1:`port` accepts a connection; throws if `proc` exits first. */
 async function waitTcp(port: number, proc: Deno.ChildProcess): Promise<void> {
   let exited = false;
   proc.status.then(() => exited = true);

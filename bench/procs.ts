@@ -71,9 +71,14 @@ export function adopt(pid: number): void {
   } catch { /* already gone */ }
 }
 
-/** SIGKILLs the adopted processes that are still running (checked by command line). */
-export function killAdopted(): void {
-  for (const [pid, cmdline] of adopted) {
+/**
+ * SIGKILLs the adopted processes that are still running (checked by command line): `pids`, or
+ * all of them.
+ */
+export function killAdopted(pids: Iterable<number> = [...adopted.keys()]): void {
+  for (const pid of pids) {
+    const cmdline = adopted.get(pid);
+    if (cmdline === undefined) continue;
     try {
       if (Deno.readTextFileSync(`/proc/${pid}/cmdline`) === cmdline) Deno.kill(pid, "SIGKILL");
     } catch { /* gone */ }
@@ -164,6 +169,16 @@ export function rssBreakdownKiB(pid: number): { anon: number; file: number; shme
   const s = Deno.readTextFileSync(`/proc/${pid}/status`);
   const kib = (name: string) => Number(new RegExp(`${name}:\\s+(\\d+) kB`).exec(s)?.[1] ?? NaN);
   return { anon: kib("RssAnon"), file: kib("RssFile"), shmem: kib("RssShmem") };
+}
+
+/**
+ * TCP memory of the whole machine, as a share of the threshold where the kernel starts to
+ * limit socket buffers (`tcp_mem`'s middle value; above its last one it drops packets).
+ */
+export function tcpMemoryShare(): number {
+  const pages = Number(/TCP:.* mem (\d+)/.exec(Deno.readTextFileSync("/proc/net/sockstat"))?.[1]);
+  const pressure = Number(Deno.readTextFileSync("/proc/sys/net/ipv4/tcp_mem").split(/\s+/)[1]);
+  return pages / pressure;
 }
 
 /** Resolves after `ms` milliseconds. */

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { waitKernelSlot } from "../tests/kernel_helpers.ts";
 import { spawn, stop } from "./procs.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
@@ -63,8 +64,36 @@ export interface Proxy {
 /** How long the proxy may take from spawn to its `ready:` line. */
 const READY_TIMEOUT_MS = 30_000;
 
-/** Starts the proxy in `mode` in front of `backendPort`; resolves once it is ready. */
-export async function startProxy(dir: string, backendPort: number, mode: ProxyMode) {
+/** How long a kernel-mode start waits for another kernel-mode sni-proxy on the machine to end. */
+export const KERNEL_SLOT_WAIT_MS = 90_000;
+
+/**
+ * Starts the proxy in `mode` in front of `backendPort`; resolves once it is ready. Kernel mode
+ * first waits (up to {@link KERNEL_SLOT_WAIT_MS}) until no other kernel-mode sni-proxy runs on
+ * the machine (one at a time: the cgroup and the pins); throws if one keeps running.
+ */
+export async function startProxy(
+  dir: string,
+  backendPort: number,
+  mode: ProxyMode,
+): Promise<Proxy> {
+  if (!mode.ebpf.enabled) return await startOnce(dir, backendPort, mode);
+  for (let attempt = 1;; attempt++) {
+    try {
+      await waitKernelSlot(KERNEL_SLOT_WAIT_MS);
+    } catch (e) {
+      throw new Error(`proxy (${mode.name}) did not start: ${(e as Error).message}`);
+    }
+    try {
+      return await startOnce(dir, backendPort, mode);
+    } catch (e) {
+      // another kernel-mode proxy took the slot between the wait and the start: wait again
+      if (attempt === 3 || !/already holds process/.test((e as Error).message)) throw e;
+    }
+  }
+}
+
+async function startOnce(dir: string, backendPort: number, mode: ProxyMode): Promise<Proxy> {
   const config = {
     workers: mode.workers ?? 1,
     listeners: [{ address: "127.0.0.1:0" }],
