@@ -34,9 +34,13 @@ export const PROXY_MODES: ProxyMode[] = [
     ebpf: { enabled: false },
     workers: navigator.hardwareConcurrency,
   },
+  // kernel mode as shipped: splice(2) through pipes, with flow control
+  { name: "kernel", ebpf: { enabled: true, sockmap_enabled: true, splice_mode: "pipe" } },
+  // kernel mode with the eBPF sockmap redirect (opt-in: no backpressure)
   {
-    name: "kernel",
-    ebpf: { enabled: true, sockmap_enabled: true },
+    name: "sockmap",
+    reports: "kernel",
+    ebpf: { enabled: true, sockmap_enabled: true, splice_mode: "sockmap" },
     prepare: async () => {
       if (Deno.uid() !== 0) return "needs root (CAP_BPF, CAP_NET_ADMIN)";
       try {
@@ -77,7 +81,8 @@ export async function startProxy(
   backendPort: number,
   mode: ProxyMode,
 ): Promise<Proxy> {
-  if (!mode.ebpf.enabled) return await startOnce(dir, backendPort, mode);
+  // only the sockmap holds the machine-wide cgroup and pins
+  if (mode.ebpf.splice_mode !== "sockmap") return await startOnce(dir, backendPort, mode);
   for (let attempt = 1;; attempt++) {
     try {
       await waitKernelSlot(KERNEL_SLOT_WAIT_MS);

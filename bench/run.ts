@@ -201,7 +201,7 @@ async function measureIdle(
 
 /** Columns whose failure skips them (with the reason) instead of failing the run. */
 function optional(name: string): boolean {
-  return name === "kernel" || PEERS.some((p) => p.name === name);
+  return name === "kernel" || name === "sockmap" || PEERS.some((p) => p.name === name);
 }
 
 /**
