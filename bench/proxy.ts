@@ -13,7 +13,7 @@ const ROOT = new URL("..", import.meta.url).pathname;
 /** One proxy configuration to measure: a column of the table. */
 export interface ProxyMode {
   /** Column name. */
-  name: "userspace" | "kernel" | "workers";
+  name: "userspace" | "kernel" | "sockmap" | "workers";
   /** The mode the proxy must report in its `ready:` line (default: the name). */
   reports?: "userspace" | "kernel";
   /** The `ebpf` section of the generated config. */

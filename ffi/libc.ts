@@ -26,6 +26,7 @@ const LIBC_SYMBOLS = {
   getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
   getpeername: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
   pipe2: { parameters: ["buffer", "i32"], result: "i32" },
+  dup3: { parameters: ["i32", "i32", "i32"], result: "i32" },
   splice: { parameters: ["i32", "pointer", "i32", "pointer", "usize", "u32"], result: "isize" },
   epoll_create1: { parameters: ["i32"], result: "i32" },
   epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
@@ -231,12 +232,19 @@ export function setSocketBuffer(fd: number, which: "send" | "receive", bytes: nu
 const lingerZero = new Uint8Array(8); // struct linger { l_onoff = 1, l_linger = 0 }
 new DataView(lingerZero.buffer).setInt32(0, 1, true);
 
+let devNull = -1;
+
 /**
- * Makes the socket's close abortive (SO_LINGER 0): close(2) then sends a reset and drops what
- * is queued, so the peer never mistakes a cut stream for a complete one. 0 or -errno.
+ * Resets a socket now (SO_LINGER 0, then its fd is pointed at /dev/null, which closes the
+ * socket): the peer gets a reset and what was queued is dropped, so it never mistakes a cut
+ * stream for a complete one. Deno's own close of the conn would first send a FIN (it shuts the
+ * socket down before closing it); afterwards it closes the /dev/null fd instead. 0 or -errno.
  */
-export function resetOnClose(fd: number): number {
-  return libc().setsockopt(fd, SOL_SOCKET, SO_LINGER, lingerZero, 8) === 0 ? 0 : -errno();
+export function resetSocket(fd: number): number {
+  if (libc().setsockopt(fd, SOL_SOCKET, SO_LINGER, lingerZero, 8) !== 0) return -errno();
+  if (devNull < 0) devNull = libc().open(cString("/dev/null"), O_RDONLY | O_CLOEXEC, 0);
+  if (devNull < 0) return -errno();
+  return libc().dup3(devNull, fd, O_CLOEXEC) >= 0 ? 0 : -errno();
 }
 
 /** The socket's cookie (SO_COOKIE), the id a sockhash lookup returns; null when not a socket. */

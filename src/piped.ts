@@ -22,13 +22,18 @@ import {
   EPOLLRDHUP,
   errnoName,
   makePipe,
-  resetOnClose,
+  resetSocket,
   sendFd,
   setSocketBuffer,
   shutdownWrite,
+  socketError,
   spliceFd,
   strerror,
+  tcpState,
 } from "../ffi/libc.ts";
+
+const TCP_CLOSE = 7;
+const ECONNRESET = 104;
 import { type DetachedPair, watcher } from "./detach.ts";
 import { type ByteRelay, closeQuietly, IdleTimer, type RelayEnd } from "./relay.ts";
 
@@ -245,6 +250,13 @@ export class PipedRelay implements ByteRelay {
         continue;
       }
       if (n === 0) {
+        // a reset socket reads 0 bytes too: its pending error, or its state (CLOSE, where a
+        // FIN leaves CLOSE_WAIT), tells a reset from an EOF
+        const err = socketError(d.src) || (tcpState(d.src) === TCP_CLOSE ? ECONNRESET : 0);
+        if (err) {
+          this.#retry(-err, d.src);
+          return;
+        }
         d.eof = true;
         continue;
       }
@@ -285,8 +297,8 @@ export class PipedRelay implements ByteRelay {
     }
     if (reason !== "done") {
       // a cut stream ends with a reset on both sides, never a FIN a peer could take for the end
-      resetOnClose(clientFd);
-      resetOnClose(backendFd);
+      resetSocket(clientFd);
+      resetSocket(backendFd);
     }
     // Deno closes the fds (its epoll no longer has them: its removal finds nothing, harmlessly)
     closeQuietly(this.#pair.client);

@@ -21,7 +21,7 @@ import {
   EPOLLRDHUP,
   errnoName,
   recvFd,
-  resetOnClose,
+  resetSocket,
   sendFd,
   shutdownWrite,
   socketError,
@@ -253,7 +253,7 @@ export class SplicedRelay implements ByteRelay {
       clearTimeout(s.retry);
       if (s.id) watcher.unwatch(s.id, s.fd);
       // a cut stream ends with a reset on both sides, never a FIN a peer could take for the end
-      if (reason !== "done") resetOnClose(s.fd);
+      if (reason !== "done") resetSocket(s.fd);
     }
     // Deno closes the fds (its epoll no longer has them: its removal finds nothing, harmlessly)
     closeQuietly(this.#pair.client);
