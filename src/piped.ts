@@ -29,11 +29,7 @@ import {
   socketError,
   spliceFd,
   strerror,
-  tcpState,
 } from "../ffi/libc.ts";
-
-const TCP_CLOSE = 7;
-const ECONNRESET = 104;
 import { type DetachedPair, watcher } from "./detach.ts";
 import { type ByteRelay, closeQuietly, IdleTimer, type RelayEnd } from "./relay.ts";
 
@@ -250,9 +246,8 @@ export class PipedRelay implements ByteRelay {
         continue;
       }
       if (n === 0) {
-        // a reset socket reads 0 bytes too: its pending error, or its state (CLOSE, where a
-        // FIN leaves CLOSE_WAIT), tells a reset from an EOF
-        const err = socketError(d.src) || (tcpState(d.src) === TCP_CLOSE ? ECONNRESET : 0);
+        // a reset socket reads 0 bytes too: its pending error tells a reset from an EOF
+        const err = socketError(d.src);
         if (err) {
           this.#retry(-err, d.src);
           return;
@@ -291,14 +286,15 @@ export class PipedRelay implements ByteRelay {
     this.#release();
     const { clientFd, backendFd } = this.#pair;
     this.#ids.forEach((id, i) => watcher.unwatch(id, i === 0 ? clientFd : backendFd));
+    // A stream the proxy cuts (idle, drain deadline, error) ends with a reset on both sides,
+    // never a FIN a peer could take for its end; after a peer's reset, the other side is reset
+    // when bytes for it were left in the pipe, and otherwise closed as in userspace mode (a reset
+    // would make its kernel drop what it received and its reader has not read yet).
+    const cut = reason !== "done" && reason !== "client_reset" && reason !== "backend_reset";
     for (const d of [this.#upDir, this.#downDir]) {
+      if (cut || d.inPipe > 0 || d.prefix) resetSocket(d.dst);
       if (d.pipe) this.#pool.give(d.pipe, d.inPipe === 0);
       d.pipe = null;
-    }
-    if (reason !== "done") {
-      // a cut stream ends with a reset on both sides, never a FIN a peer could take for the end
-      resetSocket(clientFd);
-      resetSocket(backendFd);
     }
     // Deno closes the fds (its epoll no longer has them: its removal finds nothing, harmlessly)
     closeQuietly(this.#pair.client);

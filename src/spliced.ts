@@ -249,11 +249,13 @@ export class SplicedRelay implements ByteRelay {
     this.#error = error;
     this.#idle.clear();
     this.#hooks.release();
+    const cut = reason !== "done" && reason !== "client_reset" && reason !== "backend_reset";
     for (const s of [this.#client, this.#backend]) {
       clearTimeout(s.retry);
       if (s.id) watcher.unwatch(s.id, s.fd);
-      // a cut stream ends with a reset on both sides, never a FIN a peer could take for the end
-      if (reason !== "done") resetSocket(s.fd);
+      // a stream the proxy cuts ends with a reset on both sides, never a FIN a peer could take
+      // for its end (after a peer's reset the other side is closed, as in userspace mode)
+      if (cut) resetSocket(s.fd);
     }
     // Deno closes the fds (its epoll no longer has them: its removal finds nothing, harmlessly)
     closeQuietly(this.#pair.client);
