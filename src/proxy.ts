@@ -323,7 +323,10 @@ export class Proxy implements ListenerHost, AdminTarget {
     }
     const previous = this.tables;
     const held = everyPool(previous).flatMap(({ pool }) =>
-      pool.backends.filter((b) => b.held).map((b) => `${b.address.text} ${b.held}`)
+      pool.backends.flatMap((b) => [
+        ...(b.held ? [`${b.address.text} ${b.held}`] : []),
+        ...(b.weight !== b.configWeight ? [`${b.address.text} weight ${b.weight}`] : []),
+      ])
     );
     if (held.length > 0) {
       log.info(`reload: admin changes end, the config file rules again: ${held.join(", ")}`);
