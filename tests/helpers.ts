@@ -1184,3 +1184,78 @@ export async function spread(
   }));
   return counts;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Network namespaces and traffic in them (root)
+
+/** Runs `ip ARGS`; throws with its stderr when it fails. */
+export async function ip(...args: string[]): Promise<void> {
+  const out = await new Deno.Command("ip", { args, stderr: "piped" }).output();
+  if (!out.success) {
+    throw new Error(`ip ${args.join(" ")}: ${new TextDecoder().decode(out.stderr)}`);
+  }
+}
+
+/**
+ * tests/fixtures/restart_traffic.ts run by `wrapper` (`ip netns exec NS`) with `args`: its echo
+ * backend (its port, or null) and client loops (`start` them against a proxy, `stop` them for
+ * their result). Killed when the scope closes.
+ */
+export async function traffic(s: Scope, wrapper: string[], args: string[] = []) {
+  const child = new Deno.Command(wrapper[0], {
+    args: [
+      ...wrapper.slice(1),
+      Deno.execPath(),
+      "run",
+      "-A",
+      `${ROOT}tests/fixtures/restart_traffic.ts`,
+      ...args,
+    ],
+    cwd: ROOT,
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  s.defer(() => {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* exited */ }
+  });
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  const line = async () => {
+    while (!buffered.includes("\n")) {
+      const { value, done } = await lines.read();
+      if (done) throw new Error("the traffic fixture ended early");
+      buffered += value;
+    }
+    const nl = buffered.indexOf("\n");
+    const text = buffered.slice(0, nl);
+    buffered = buffered.slice(nl + 1);
+    return JSON.parse(text);
+  };
+  const stdin = child.stdin.getWriter();
+  const send = (v: unknown) => stdin.write(new TextEncoder().encode(JSON.stringify(v) + "\n"));
+  const { backend } = await within(20_000, "the traffic fixture's backend", line());
+  return {
+    backend: backend as number | null,
+    start: (proxy: number, host?: string) => send({ proxy, host }),
+    stop: async () => {
+      await send("stop");
+      return await within(30_000, "the traffic fixture's result", line()) as {
+        connections: number;
+        bytes: number;
+        errors: string[];
+      };
+    },
+  };
+}
+
+/** Waits (up to `ms`) until `p`'s access log holds `n` entries. */
+export async function served(p: ProxyProcess, n: number, ms = 15_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while ((await p.access()).length < n) {
+    if (Date.now() > deadline) throw new Error(`fewer than ${n} connections served`);
+    await sleep(50);
+  }
+}
