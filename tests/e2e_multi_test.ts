@@ -135,8 +135,9 @@ backend instances
 }
 
 /** A proxy instance in `wrapper`'s namespace at 10.99.N.2, trusting the balancer's PROXY v2. */
-function instance(s: Scope, wrapper: string[], n: number, backend: number) {
+function instance(s: Scope, wrapper: string[], n: number, backend: number, workers: number) {
   return startProxy(s, {
+    workers,
     listeners: [{ address: `10.99.${n}.2:443`, accept_proxy_protocol: [`10.99.${n}.1/32`] }],
     routes: [{ match: "a.test", backends: [`127.0.0.1:${backend}`] }],
     metrics: { address: `10.99.${n}.2:9090` },
@@ -146,49 +147,55 @@ function instance(s: Scope, wrapper: string[], n: number, backend: number) {
   }, { wrapper });
 }
 
-e2eTest(
-  "several machines: two instances behind HAProxy (PROXY v2, /healthz); one stopped under " +
-    "load: nothing refused, no byte lost, the client's own address logged",
-  async (s) => {
-    const ns = await network(s);
-    const certs = await testCerts();
-    const tls = ["--tls", certs.dir];
-    const backendA = await traffic(s, ns.a, tls);
-    const backendB = await traffic(s, ns.b, tls);
-    const a = await instance(s, ns.a, 2, backendA.backend!);
-    const b = await instance(s, ns.b, 3, backendB.backend!);
-    const lb = await balancer(s, ns.lb);
-    const clients = await traffic(s, ns.client, [...tls, "--no-backend"]);
-    await clients.start(443, VIP);
-    await within(15_000, "both instances serving", Promise.all([served(a, 20), served(b, 20)]));
+for (const workers of [1, 2]) {
+  e2eTest(
+    `several machines (workers ${workers}): two instances behind HAProxy (PROXY v2, /healthz); ` +
+      "one stopped under load: nothing refused, no byte lost, the client's own address logged",
+    async (s) => {
+      const ns = await network(s);
+      const certs = await testCerts();
+      const tls = ["--tls", certs.dir];
+      const backendA = await traffic(s, ns.a, tls);
+      const backendB = await traffic(s, ns.b, tls);
+      const a = await instance(s, ns.a, 2, backendA.backend!, workers);
+      const b = await instance(s, ns.b, 3, backendB.backend!, workers);
+      const lb = await balancer(s, ns.lb);
+      const clients = await traffic(s, ns.client, [...tls, "--no-backend"]);
+      await clients.start(443, VIP);
+      await within(15_000, "both instances serving", Promise.all([served(a, 20), served(b, 20)]));
 
-    a.signal("SIGTERM");
-    await a.waitForLog(/stopping: \/healthz answers 503/);
-    assert.equal((await within(20_000, "instance a's exit", a.status)).code, 0);
-    const before = (await b.access()).length;
-    await served(b, before + 50);
-    const result = await clients.stop();
-    assert.deepEqual(result.errors, [], `of ${result.connections} connections`);
-    assert.ok(result.connections >= 100, `${result.connections} connections`);
+      a.signal("SIGTERM");
+      await a.waitForLog(/stopping: \/healthz answers 503/);
+      assert.equal((await within(20_000, "instance a's exit", a.status)).code, 0);
+      const before = (await b.access()).length;
+      await served(b, before + 50);
+      const result = await clients.stop();
+      assert.deepEqual(result.errors, [], `of ${result.connections} connections`);
+      assert.ok(result.connections >= 100, `${result.connections} connections`);
 
-    const entriesA = await a.access();
-    // the access log is written in batches: wait for the running instance's last ones
-    await served(b, result.connections - entriesA.length).catch((e) => {
-      throw new Error(`${e.message}\nhaproxy:\n${lb.output()}\nb:\n${b.stderr().slice(-3000)}`);
-    });
-    const entriesB = await b.access();
-    assert.equal(
-      entriesA.length + entriesB.length,
-      result.connections,
-      "every connection was served by one of the instances",
-    );
-    for (const e of [...entriesA, ...entriesB]) {
-      assert.match(e.client, new RegExp(`^${CLIENT_IP.replace(/\./g, "\\.")}:\\d+$`));
-      assert.equal(e.sni, "a.test");
-      assert.equal(e.close_reason, "done", JSON.stringify(e));
-    }
-    assert.match(lb.output(), /Server instances\/a is DOWN/);
-    assert.match(a.stderr(), /stopped/);
-  },
-  { timeoutMs: 90_000, ignore: !runnable },
-);
+      const entriesA = await a.access();
+      // the access log is written in batches: wait for the running instance's last ones
+      await served(b, result.connections - entriesA.length).catch((e) => {
+        throw new Error(`${e.message}\nhaproxy:\n${lb.output()}\nb:\n${b.stderr().slice(-3000)}`);
+      });
+      const entriesB = await b.access();
+      assert.equal(
+        entriesA.length + entriesB.length,
+        result.connections,
+        "every connection was served by one of the instances",
+      );
+      for (const e of [...entriesA, ...entriesB]) {
+        assert.match(e.client, new RegExp(`^${CLIENT_IP.replace(/\./g, "\\.")}:\\d+$`));
+        assert.equal(e.sni, "a.test");
+        assert.equal(e.close_reason, "done", JSON.stringify(e));
+      }
+      // taken out by its /healthz (503 from the SIGTERM on), not by a refused connect
+      assert.match(
+        lb.output(),
+        /Server instances\/a is DOWN, reason: Layer7 wrong status, code: 503/,
+      );
+      assert.match(a.stderr(), /stopped/);
+    },
+    { timeoutMs: 90_000, ignore: !runnable },
+  );
+}
