@@ -2,7 +2,8 @@
  * The runtime admin API: one JSON request line and one JSON reply line per connection on a UNIX
  * socket (`admin.socket`), which only its owner (root) and `admin.group` may open (mode 0660, or
  * 0600 without a group). It lists backends and sessions, drains, disables and enables backends,
- * closes sessions, reloads the config and shows the config in force. Backend changes live in
+ * changes backends' weights, closes sessions, reloads the config and shows the config in force.
+ * Backend changes live in
  * the running routing tables: a reload (SIGHUP or the API's) or a restart starts from the
  * config file again. `sni-proxy ctl` (src/ctl_cli.ts) is its client.
  *
@@ -23,8 +24,10 @@ const log = logger("admin");
 /** A request, as sent on the socket. */
 export interface AdminRequest {
   cmd: string;
-  /** drain / disable / enable: the backend as configured (`127.0.0.1:9443`). */
+  /** drain / disable / enable / weight: the backend as configured (`127.0.0.1:9443`). */
   backend?: string;
+  /** weight: the backend's new weight (1–1000, as `routes[].backends[].weight`). */
+  weight?: number;
   /** Narrow a backend change, or a session filter, to one route (`match`) or table. */
   route?: string;
   table?: string;
@@ -41,6 +44,8 @@ export interface BackendRow {
   backend: string;
   /** Health checks' and passive health's verdict; `mixed` when workers disagree. */
   health: "up" | "down" | "mixed";
+  /** Its weight in force: the config's, or the last `weight` command's. */
+  weight: number;
   /** The admin API's hold on it: `drained`, `disabled`, or `enabled` (none). */
   admin: "enabled" | "drained" | "disabled";
   /** Live connections to it. */
@@ -66,8 +71,12 @@ export type AdminResult =
 export class AdminError extends Error {}
 
 /** The commands a worker process carries out (the rest are the supervisor's own). */
-const LOCAL_COMMANDS = ["backends", "drain", "disable", "enable", "sessions", "close"];
+const LOCAL_COMMANDS = ["backends", "drain", "disable", "enable", "weight", "sessions", "close"];
 const HOLDS = { drain: "drained", disable: "disabled", enable: null } as const;
+
+/** The weights a backend may have (as in the config). */
+const MIN_WEIGHT = 1;
+const MAX_WEIGHT = 1000;
 
 /** What {@link applyLocal} needs of a proxy process. */
 export interface AdminHost {
@@ -82,8 +91,16 @@ export function checkRequest(req: AdminRequest): void {
       `unknown command "${req.cmd}" (commands: reload, config, ${LOCAL_COMMANDS.join(", ")})`,
     );
   }
-  if (req.cmd in HOLDS && !req.backend) {
+  if ((req.cmd in HOLDS || req.cmd === "weight") && !req.backend) {
     throw new AdminError(`${req.cmd} needs a backend as configured, e.g. 127.0.0.1:9443`);
+  }
+  if (
+    req.cmd === "weight" &&
+    !(Number.isInteger(req.weight) && req.weight! >= MIN_WEIGHT && req.weight! <= MAX_WEIGHT)
+  ) {
+    throw new AdminError(
+      `weight needs a whole number from ${MIN_WEIGHT} to ${MAX_WEIGHT}, not ${req.weight}`,
+    );
   }
   if (req.cmd === "close" && !req.all && !req.client && !req.route && !req.backend) {
     throw new AdminError("close needs a client, route or backend filter (or all)");
@@ -106,6 +123,7 @@ export function applyLocal(host: AdminHost, req: AdminRequest): AdminResult {
           table,
           route: pool.name,
           backend: b.address.text,
+          weight: b.weight,
           health: pool.isUp(b, now) ? "up" as const : "down" as const,
           admin: b.held ?? "enabled",
           active: b.active,
@@ -129,7 +147,7 @@ export function applyLocal(host: AdminHost, req: AdminRequest): AdminResult {
   }
   const targets = pools.flatMap(({ table, pool }) =>
     pool.backends.filter((b) => b.address.text === req.backend)
-      .map((b) => ({ table, route: pool.name, b }))
+      .map((b) => ({ table, route: pool.name, pool, b }))
   ).filter(inScope);
   if (targets.length === 0) {
     const known = [
@@ -139,6 +157,15 @@ export function applyLocal(host: AdminHost, req: AdminRequest): AdminResult {
       `no backend ${req.backend}${req.route ? ` in route "${req.route}"` : ""}` +
         `${req.table ? ` of table ${req.table}` : ""} (backends: ${known.join(", ")})`,
     );
+  }
+  const changed = targets.map(({ table, route, b }) => ({ table, route, backend: b.address.text }));
+  if (req.cmd === "weight") {
+    for (const t of targets) {
+      t.b.weight = req.weight!;
+      // smooth round robin starts over, so the new weights hold from the next pick on
+      for (const b of t.pool.backends) b.current = 0;
+    }
+    return { changed, closed: 0 };
   }
   const hold = HOLDS[req.cmd as keyof typeof HOLDS];
   for (const t of targets) t.b.held = hold;
@@ -155,10 +182,7 @@ export function applyLocal(host: AdminHost, req: AdminRequest): AdminResult {
       }
     }
   }
-  return {
-    changed: targets.map(({ table, route, b }) => ({ table, route, backend: b.address.text })),
-    closed,
-  };
+  return { changed, closed };
 }
 
 /** Every backend pool of `tables` (each route's, the default backend's) with its table's name. */
@@ -232,10 +256,11 @@ export function changeMessage(
   }
   const which = result.changed.map((c) => `route "${c.route}" (table ${c.table})`).join(", ");
   const what = {
+    weight: `weight ${req.weight}: its share of the route's new connections follows`,
     drain: "drained: no new connections, live ones finish",
     disable: `disabled: no new connections, ${closed}`,
     enable: "enabled: back in rotation (health checks permitting)",
-  }[req.cmd as "drain" | "disable" | "enable"];
+  }[req.cmd as "weight" | "drain" | "disable" | "enable"];
   return `backend ${req.backend} of ${which} ${what}. This lasts until the next reload ` +
     `or restart: it is not written to the config`;
 }

@@ -22,7 +22,10 @@ const bursts = new BurstLog(log);
 /** One backend with its live-connection count and health. */
 export interface Backend {
   address: BackendAddress;
+  /** Its weight in force: the config's, or the admin API's until the next reload. */
   weight: number;
+  /** Its weight in the config. */
+  readonly configWeight: number;
   backup: boolean;
   /** Live connections it takes at most; 0: no limit. */
   maxConnections: number;
@@ -89,6 +92,7 @@ export class BackendPool {
     this.backends = addresses.map((address) => ({
       address,
       weight: address.weight ?? 1,
+      configWeight: address.weight ?? 1,
       backup: address.backup ?? false,
       maxConnections: address.maxConnections ? Math.ceil(address.maxConnections / workers) : 0,
       active: 0,

@@ -103,7 +103,14 @@ export interface Config {
   defaultBackend: BackendAddress | null;
   /** Every route table by name: `default` (the two fields above) and each of `tables`. */
   tables: Record<string, RouteTableConfig>;
-  timeouts: { clientHelloMs: number; connectMs: number; idleMs: number; drainMs: number };
+  timeouts: {
+    clientHelloMs: number;
+    connectMs: number;
+    idleMs: number;
+    drainMs: number;
+    /** After SIGTERM, how long /healthz answers 503 while the listeners still accept. */
+    stopDelayMs: number;
+  };
   limits: {
     maxConnections: number;
     maxClientHelloBytes: number;
@@ -260,6 +267,7 @@ const schema = z.strictObject({
     connect_ms: ms(5_000),
     idle_ms: ms(300_000),
     drain_ms: ms(30_000),
+    stop_delay_ms: z.number().int().min(0).max(600_000).default(0),
   }).prefault({}),
   limits: z.strictObject({
     max_connections: z.number().int().min(1).max(1_000_000).default(10_000),
@@ -680,6 +688,7 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
       connectMs: c.timeouts.connect_ms,
       idleMs: c.timeouts.idle_ms,
       drainMs: c.timeouts.drain_ms,
+      stopDelayMs: c.timeouts.stop_delay_ms,
     },
     limits: {
       maxConnections: c.limits.max_connections,

@@ -14,10 +14,11 @@ const USAGE = `Usage: sni-proxy ctl [--config PATH] [--json] COMMAND
 
 Operates the running proxy through its admin socket (admin.socket in the config).
 
-  backends [--route R] [--table T]        backends: health, admin state, live connections
+  backends [--route R] [--table T]        backends: weight, health, admin state, live connections
   drain BACKEND [--route R] [--table T]   no new connections to BACKEND; live ones finish
   disable BACKEND [--route R] [--table T] no new connections, and close its live ones
   enable BACKEND [--route R] [--table T]  back in rotation
+  weight BACKEND N [--route R] [--table T]   BACKEND's weight (1-1000) for new connections
   sessions [--client C] [--route R] [--backend B]   live connections
   close (--client C | --route R | --backend B | --all)   close live connections
   reload                                  reload the config file (as SIGHUP), report errors
@@ -78,9 +79,14 @@ export async function runCtl(args: string[]): Promise<number> {
     console.log(USAGE);
     return 0;
   }
-  const takesBackend = ["drain", "disable", "enable"].includes(cmd);
-  if (!cmd || extra.length > 0 || (backend !== undefined && !takesBackend)) {
-    console.error(`sni-proxy ctl: expected one command\n\n${USAGE}`);
+  const takesBackend = ["drain", "disable", "enable", "weight"].includes(cmd);
+  const weight = cmd === "weight" ? extra.shift() : undefined;
+  if (
+    !cmd || extra.length > 0 || (backend !== undefined && !takesBackend) ||
+    (cmd === "weight" && !/^\d+$/.test(weight ?? ""))
+  ) {
+    const what = cmd === "weight" ? "weight BACKEND N (a whole number)" : "one command";
+    console.error(`sni-proxy ctl: expected ${what}\n\n${USAGE}`);
     return 2;
   }
   const socket = await adminSocket(f.config);
@@ -88,6 +94,7 @@ export async function runCtl(args: string[]): Promise<number> {
   const req: AdminRequest = {
     cmd,
     backend: takesBackend ? backend : f.backend,
+    weight: weight === undefined ? undefined : Number(weight),
     route: f.route,
     table: f.table,
     client: f.client,
@@ -110,7 +117,8 @@ export async function runCtl(args: string[]): Promise<number> {
   delete reply.ok;
   if (f.json || cmd === "config") console.log(JSON.stringify(reply, null, 2));
   else if (Array.isArray(reply.backends)) {
-    printTable(reply.backends, ["table", "route", "backend", "health", "admin", "active"]);
+    const columns = ["table", "route", "backend", "weight", "health", "admin", "active"];
+    printTable(reply.backends, columns);
   } else if (Array.isArray(reply.sessions)) {
     const columns = ["client", "route", "backend", "age_ms", "bytes_up", "bytes_down", "mode"];
     if (reply.sessions.some((s) => "worker" in s)) columns.push("worker");

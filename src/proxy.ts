@@ -73,6 +73,8 @@ export class Proxy implements ListenerHost, AdminTarget {
   /** While paused for descriptors: re-checks, since they can free up without a session ending. */
   #fdRetry: ReturnType<typeof setTimeout> | undefined;
   #stopping = false;
+  /** SIGTERM came: /healthz answers 503 (the listeners accept until #stopping). */
+  #leaving = false;
   /** The listeners' accept loops, settled once each has stopped. */
   readonly #accepting: Promise<void>[] = [];
 
@@ -129,7 +131,7 @@ export class Proxy implements ListenerHost, AdminTarget {
           () => proxy.metrics.snapshot(),
           hostname,
           port,
-          () => !proxy.#stopping,
+          () => !proxy.#leaving,
         );
       }
     } catch (e) {
@@ -323,7 +325,10 @@ export class Proxy implements ListenerHost, AdminTarget {
     }
     const previous = this.tables;
     const held = everyPool(previous).flatMap(({ pool }) =>
-      pool.backends.filter((b) => b.held).map((b) => `${b.address.text} ${b.held}`)
+      pool.backends.flatMap((b) => [
+        ...(b.held ? [`${b.address.text} ${b.held}`] : []),
+        ...(b.weight !== b.configWeight ? [`${b.address.text} weight ${b.weight}`] : []),
+      ])
     );
     if (held.length > 0) {
       log.info(`reload: admin changes end, the config file rules again: ${held.join(", ")}`);
@@ -347,9 +352,22 @@ export class Proxy implements ListenerHost, AdminTarget {
     );
   }
 
-  /** Stops accepting, lets live sessions finish for up to drain_ms, then ends the rest. */
+  /**
+   * Fails /healthz and keeps accepting for stop_delay_ms (a balancer's health check takes this
+   * instance out meanwhile), stops accepting, lets live sessions finish for up to drain_ms, then
+   * ends the rest.
+   */
   async shutdown(): Promise<void> {
-    if (this.#stopping) return;
+    if (this.#leaving) return;
+    this.#leaving = true;
+    const delayMs = this.tables.config.timeouts.stopDelayMs;
+    if (delayMs > 0) {
+      log.info(
+        `stopping: /healthz answers 503, new connections are still accepted for ${delayMs} ms ` +
+          `(timeouts.stop_delay_ms)`,
+      );
+      await new Promise((r) => setTimeout(r, delayMs));
+    }
     this.#stopping = true;
     clearTimeout(this.#fdRetry);
     clearTimeout(this.#pauseBurst?.quiet);

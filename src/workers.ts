@@ -494,7 +494,7 @@ export class Supervisor implements AdminTarget {
     const live = this.#workers.filter((w): w is WorkerProcess => w !== null);
     for (const w of live) w.signal("SIGTERM");
     // a worker ends its sessions at drain_ms; past that (plus its own exit) it is killed
-    const graceMs = this.#config.timeouts.drainMs + 5_000;
+    const graceMs = this.#config.timeouts.stopDelayMs + this.#config.timeouts.drainMs + 5_000;
     await Promise.all(live.map(async (w) => {
       let timer: ReturnType<typeof setTimeout> | undefined;
       const killed = new Promise<void>((r) => {

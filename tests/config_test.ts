@@ -33,6 +33,7 @@ Deno.test("a minimal config gets the documented defaults", () => {
     connectMs: 5000,
     idleMs: 300000,
     drainMs: 30000,
+    stopDelayMs: 0,
   });
   assert.equal(c.limits.maxClientHelloBytes, 16384);
   assert.equal(c.routes[0].balance, "round_robin");

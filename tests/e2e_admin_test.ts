@@ -12,6 +12,7 @@ import {
   runCli,
   type Scope,
   sleep,
+  spread,
   startProxy,
   tlsConnect,
   whoAnswers,
@@ -49,10 +50,13 @@ async function openSession(p: ProxyProcess) {
   return { conn, ask, backend: /^backend=(\S+) /.exec(first ?? "")?.[1] };
 }
 
-/** Two identity backends `one` and `two` behind route `a.test`, the admin socket on. */
-async function twoBackends(s: Scope, extra: Record<string, unknown> = {}) {
-  const one = await identityBackend(s, "one");
-  const two = await identityBackend(s, "two");
+/**
+ * Two identity backends `one` and `two` behind route `a.test`, the admin socket on; `tls`:
+ * whether the backends speak TLS (plain ones answer HTTP requests).
+ */
+async function twoBackends(s: Scope, extra: Record<string, unknown> = {}, tls = true) {
+  const one = await identityBackend(s, "one", { tls });
+  const two = await identityBackend(s, "two", { tls });
   const dir = await Deno.makeTempDir({ prefix: "sni-e2e-admin-" });
   s.defer(() => Deno.remove(dir, { recursive: true }));
   await Deno.chmod(dir, 0o755); // the socket's permissions decide, not its directory's
@@ -86,10 +90,10 @@ e2eTest(
     const heldAddress = held === "one" ? one.address : two.address;
 
     const table = await ctl(p, ["backends"]);
-    assert.match(table, /^table\s+route\s+backend\s+health\s+admin\s+active$/m);
+    assert.match(table, /^table\s+route\s+backend\s+weight\s+health\s+admin\s+active$/m);
     assert.match(
       table,
-      new RegExp(`^default\\s+a\\.test\\s+${heldAddress}\\s+up\\s+enabled\\s+1$`, "m"),
+      new RegExp(`^default\\s+a\\.test\\s+${heldAddress}\\s+1\\s+up\\s+enabled\\s+1$`, "m"),
     );
 
     const drained = await ctl(p, ["drain", heldAddress]);
@@ -130,7 +134,8 @@ e2eTest(
     assert.match(await ctl(p, ["close"], true), /close needs a client, route or backend filter/);
     const help = await runCli(["ctl", "--help"]);
     assert.equal(help.code, 0);
-    for (const cmd of ["backends", "drain", "disable", "enable", "sessions", "close", "reload"]) {
+    const commands = ["backends", "drain", "disable", "enable", "weight", "sessions", "close"];
+    for (const cmd of [...commands, "reload"]) {
       assert.match(help.stdout, new RegExp(`^  ${cmd}\\b`, "m"), `ctl --help names ${cmd}`);
     }
     assert.equal((await runCli(["ctl", "--config", p.configPath, "--bogus"])).code, 2);
@@ -317,4 +322,56 @@ e2eTest(
     }
     for (const l of live) l.conn.close();
   },
+);
+
+e2eTest(
+  "ctl weight (workers: 2): 2,000 connections follow the new weights; a reload restores the config's",
+  async (s) => {
+    const { one, two, p } = await twoBackends(s, {
+      workers: 2,
+      listeners: [{ address: "127.0.0.1:0", protocol: "http" }],
+      log: { level: "info", access_log: false },
+    }, false);
+    /** Asserts `one` gets `share` of 2,000 new connections (within 3 points). */
+    const shares = async (share: number) => {
+      const counts = await spread(p.port(), 2000, 16);
+      const got = (counts.get("one") ?? 0) / 2000;
+      assert.ok(Math.abs(got - share) < 0.03, `one: ${got} of the connections, not ${share}`);
+      assert.equal((counts.get("one") ?? 0) + (counts.get("two") ?? 0), 2000);
+    };
+    await shares(0.5);
+    const out = await ctl(p, ["weight", one.address, "3"]);
+    assert.match(out, /weight 3: its share of the route's new connections follows/);
+    assert.match(out, /until the next reload or restart: it is not written to the config/);
+    await p.waitForLog(
+      new RegExp(
+        `admin: backend ${one.address.replace(/\./g, "\\.")} of route "a\\.test" .*weight 3`,
+      ),
+    );
+    const rows = (await ctlJson(p, ["backends"])).backends as Record<string, unknown>[];
+    assert.deepEqual(rows.map((r) => [r.backend, r.weight]), [[one.address, 3], [two.address, 1]]);
+    assert.match(
+      await ctl(p, ["backends"]),
+      new RegExp(`^default\\s+a\\.test\\s+${one.address}\\s+3\\s+up\\s+enabled\\s+\\d+$`, "m"),
+    );
+    await shares(0.75);
+    // refused: out of range, not a number, an unknown backend
+    assert.match(
+      await ctl(p, ["weight", one.address, "1001"], true),
+      /weight needs a whole number from 1 to 1000, not 1001/,
+    );
+    assert.match(await ctl(p, ["weight", "192.0.2.1:1", "2"], true), /no backend 192\.0\.2\.1:1/);
+    const usage = await runCli(["ctl", "--config", p.configPath, "weight", one.address, "x"]);
+    assert.equal(usage.code, 2);
+    assert.match(usage.stderr, /expected weight BACKEND N/);
+
+    assert.match(await ctl(p, ["reload"]), /^reloaded /);
+    await p.waitForLog(
+      `reload: admin changes end, the config file rules again: ${one.address} weight 3`,
+    );
+    const after = (await ctlJson(p, ["backends"])).backends as Record<string, unknown>[];
+    assert.deepEqual(after.map((r) => r.weight), [1, 1]);
+    await shares(0.5);
+  },
+  { timeoutMs: 120_000 },
 );

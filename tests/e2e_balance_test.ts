@@ -9,79 +9,15 @@ import {
   e2eTest,
   identityBackend,
   LineReader,
-  nodeConnect,
   scrapeMetrics,
   sleep,
+  spread,
   startProxy,
   tlsConnect,
   tlsFailure,
   whoAnswers,
   writeAll,
 } from "./helpers.ts";
-
-const request = new TextEncoder().encode("GET / HTTP/1.1\r\nhost: a.test\r\n\r\n");
-
-/**
- * One plain-HTTP request through the proxy; returns the answering backend's name. `from`: a
- * loopback source address to connect from (node:net), for source_hash.
- */
-async function httpWho(port: number, from?: string): Promise<string> {
-  if (from) {
-    const socket = await nodeConnect(port, from);
-    const text = await new Promise<string>((resolve, reject) => {
-      let got = "";
-      socket.on("data", (d: Uint8Array) => (got += new TextDecoder().decode(d)));
-      socket.once("end", () => resolve(got));
-      socket.once("error", reject);
-      socket.end(request);
-    });
-    socket.destroy();
-    return backendOf(text);
-  }
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-  try {
-    await writeAll(conn, request);
-    let text = "";
-    const buf = new Uint8Array(1024);
-    for (;;) {
-      const n = await conn.read(buf);
-      if (n === null) break;
-      text += new TextDecoder().decode(buf.subarray(0, n));
-    }
-    return backendOf(text);
-  } finally {
-    conn.close();
-  }
-}
-
-/** The name in an identity backend's HTTP answer. */
-function backendOf(text: string): string {
-  const name = /\r\nx-backend: (\S+)/.exec(text)?.[1];
-  if (!name) throw new Error(`no backend answered: ${JSON.stringify(text)}`);
-  return name;
-}
-
-/**
- * `total` requests, `parallel` at a time; counts by backend name. `sources`: spread them over
- * that many loopback source addresses (127.1.x.y).
- */
-async function spread(
-  port: number,
-  total: number,
-  parallel = 32,
-  sources = 0,
-): Promise<Map<string, number>> {
-  const counts = new Map<string, number>();
-  let next = 0;
-  await Promise.all(Array.from({ length: parallel }, async () => {
-    while (next < total) {
-      const i = next++ % (sources || 1);
-      const who = await httpWho(port, sources ? `127.1.${i >> 7}.${(i & 127) + 1}` : undefined);
-      counts.set(who, (counts.get(who) ?? 0) + 1);
-    }
-  }));
-  return counts;
-}
 
 for (const balance of ["round_robin", "random", "least_conn", "source_hash"] as const) {
   e2eTest(

@@ -8,17 +8,10 @@
  * Needs root (`ip netns`).
  */
 import assert from "node:assert/strict";
-import { e2eTest, ROOT, type Scope, sleep, startProxy, within } from "./helpers.ts";
+import { e2eTest, ip, type Scope, served, sleep, startProxy, traffic, within } from "./helpers.ts";
 
 const isRoot = Deno.uid() === 0;
 if (!isRoot) console.warn("!!! SKIPPING the restart tests: they need root (ip netns)");
-
-async function ip(...args: string[]): Promise<void> {
-  const out = await new Deno.Command("ip", { args, stderr: "piped" }).output();
-  if (!out.success) {
-    throw new Error(`ip ${args.join(" ")}: ${new TextDecoder().decode(out.stderr)}`);
-  }
-}
 
 /** A network namespace with loopback up and tcp_migrate_req on; removed when the test ends. */
 async function namespace(s: Scope): Promise<string[]> {
@@ -29,56 +22,6 @@ async function namespace(s: Scope): Promise<string[]> {
   await ip("-n", ns, "link", "set", "lo", "up");
   await ip("netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_migrate_req=1");
   return ["ip", "netns", "exec", ns];
-}
-
-/** tests/fixtures/restart_traffic.ts in the namespace: its echo backend and client loops. */
-async function traffic(s: Scope, wrapper: string[]) {
-  const child = new Deno.Command(wrapper[0], {
-    args: [
-      ...wrapper.slice(1),
-      Deno.execPath(),
-      "run",
-      "-A",
-      `${ROOT}tests/fixtures/restart_traffic.ts`,
-    ],
-    cwd: ROOT,
-    stdin: "piped",
-    stdout: "piped",
-    stderr: "inherit",
-  }).spawn();
-  s.defer(() => {
-    try {
-      child.kill("SIGKILL");
-    } catch { /* exited */ }
-  });
-  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let buffered = "";
-  const line = async () => {
-    while (!buffered.includes("\n")) {
-      const { value, done } = await lines.read();
-      if (done) throw new Error("the traffic fixture ended early");
-      buffered += value;
-    }
-    const nl = buffered.indexOf("\n");
-    const text = buffered.slice(0, nl);
-    buffered = buffered.slice(nl + 1);
-    return JSON.parse(text);
-  };
-  const stdin = child.stdin.getWriter();
-  const send = (v: unknown) => stdin.write(new TextEncoder().encode(JSON.stringify(v) + "\n"));
-  const { backend } = await within(20_000, "the traffic fixture's backend", line());
-  return {
-    backend: backend as number,
-    start: (proxy: number) => send({ proxy }),
-    stop: async () => {
-      await send("stop");
-      return await within(30_000, "the traffic fixture's result", line()) as {
-        connections: number;
-        bytes: number;
-        errors: string[];
-      };
-    },
-  };
 }
 
 for (const workers of [1, 2]) {
@@ -100,13 +43,6 @@ for (const workers of [1, 2]) {
       const old = await startProxy(s, config(0), { wrapper });
       const port = old.port();
       await load.start(port);
-      const served = async (p: typeof old, n: number) => {
-        const deadline = Date.now() + 15_000;
-        while ((await p.access()).length < n) {
-          if (Date.now() > deadline) throw new Error(`fewer than ${n} connections served`);
-          await sleep(50);
-        }
-      };
       await served(old, 20);
       const next = await startProxy(s, config(port), { wrapper });
       const shared = /listeners\[0\] 127\.0\.0\.1:\d+: another socket listens there already/;

@@ -1120,3 +1120,142 @@ export async function assertCleanStop(proxy: ProxyProcess): Promise<void> {
   assert.equal(code, 0, `exit code after SIGTERM; output:\n${proxy.stderr()}`);
   assert.doesNotMatch(proxy.stderr(), /Uncaught|panicked/, "no uncaught error in the output");
 }
+
+const httpRequest = new TextEncoder().encode("GET / HTTP/1.1\r\nhost: a.test\r\n\r\n");
+
+/**
+ * One plain-HTTP request through the proxy; returns the answering backend's name. `from`: a
+ * loopback source address to connect from (node:net), for source_hash.
+ */
+export async function httpWho(port: number, from?: string): Promise<string> {
+  if (from) {
+    const socket = await nodeConnect(port, from);
+    const text = await new Promise<string>((resolve, reject) => {
+      let got = "";
+      socket.on("data", (d: Uint8Array) => (got += new TextDecoder().decode(d)));
+      socket.once("end", () => resolve(got));
+      socket.once("error", reject);
+      socket.end(httpRequest);
+    });
+    socket.destroy();
+    return backendOf(text);
+  }
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    await writeAll(conn, httpRequest);
+    let text = "";
+    const buf = new Uint8Array(1024);
+    for (;;) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      text += new TextDecoder().decode(buf.subarray(0, n));
+    }
+    return backendOf(text);
+  } finally {
+    conn.close();
+  }
+}
+
+/** The name in an identity backend's HTTP answer. */
+function backendOf(text: string): string {
+  const name = /\r\nx-backend: (\S+)/.exec(text)?.[1];
+  if (!name) throw new Error(`no backend answered: ${JSON.stringify(text)}`);
+  return name;
+}
+
+/**
+ * `total` requests, `parallel` at a time; counts by backend name. `sources`: spread them over
+ * that many loopback source addresses (127.1.x.y).
+ */
+export async function spread(
+  port: number,
+  total: number,
+  parallel = 32,
+  sources = 0,
+): Promise<Map<string, number>> {
+  const counts = new Map<string, number>();
+  let next = 0;
+  await Promise.all(Array.from({ length: parallel }, async () => {
+    while (next < total) {
+      const i = next++ % (sources || 1);
+      const who = await httpWho(port, sources ? `127.1.${i >> 7}.${(i & 127) + 1}` : undefined);
+      counts.set(who, (counts.get(who) ?? 0) + 1);
+    }
+  }));
+  return counts;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network namespaces and traffic in them (root)
+
+/** Runs `ip ARGS`; throws with its stderr when it fails. */
+export async function ip(...args: string[]): Promise<void> {
+  const out = await new Deno.Command("ip", { args, stderr: "piped" }).output();
+  if (!out.success) {
+    throw new Error(`ip ${args.join(" ")}: ${new TextDecoder().decode(out.stderr)}`);
+  }
+}
+
+/**
+ * tests/fixtures/restart_traffic.ts run by `wrapper` (`ip netns exec NS`) with `args`: its echo
+ * backend (its port, or null) and client loops (`start` them against a proxy, `stop` them for
+ * their result). Killed when the scope closes.
+ */
+export async function traffic(s: Scope, wrapper: string[], args: string[] = []) {
+  const child = new Deno.Command(wrapper[0], {
+    args: [
+      ...wrapper.slice(1),
+      Deno.execPath(),
+      "run",
+      "-A",
+      `${ROOT}tests/fixtures/restart_traffic.ts`,
+      ...args,
+    ],
+    cwd: ROOT,
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  s.defer(() => {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* exited */ }
+  });
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  const line = async () => {
+    while (!buffered.includes("\n")) {
+      const { value, done } = await lines.read();
+      if (done) throw new Error("the traffic fixture ended early");
+      buffered += value;
+    }
+    const nl = buffered.indexOf("\n");
+    const text = buffered.slice(0, nl);
+    buffered = buffered.slice(nl + 1);
+    return JSON.parse(text);
+  };
+  const stdin = child.stdin.getWriter();
+  const send = (v: unknown) => stdin.write(new TextEncoder().encode(JSON.stringify(v) + "\n"));
+  const { backend } = await within(20_000, "the traffic fixture's backend", line());
+  return {
+    backend: backend as number | null,
+    start: (proxy: number, host?: string) => send({ proxy, host }),
+    stop: async () => {
+      await send("stop");
+      return await within(30_000, "the traffic fixture's result", line()) as {
+        connections: number;
+        bytes: number;
+        errors: string[];
+      };
+    },
+  };
+}
+
+/** Waits (up to `ms`) until `p`'s access log holds `n` entries. */
+export async function served(p: ProxyProcess, n: number, ms = 15_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while ((await p.access()).length < n) {
+    if (Date.now() > deadline) throw new Error(`fewer than ${n} connections served`);
+    await sleep(50);
+  }
+}
