@@ -182,7 +182,10 @@ export class PipedRelay implements ByteRelay {
       }
     } catch (e) {
       this.#finish("error", e);
+      return ended;
     }
+    // the hello goes out now, not one epoll round trip later: a new connection's latency
+    this.#pump(this.#upDir);
     return ended;
   }
 
