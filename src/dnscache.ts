@@ -17,7 +17,8 @@ import {
   BtfIntEncoding,
   libbpf,
 } from "../ffi/libbpf.ts";
-import { KernelAccelError } from "./kernel.ts";
+import { Errno } from "../ffi/libc.ts";
+import { KernelAccelError } from "./ebpf/loader.ts";
 
 /** Why a name has no addresses. */
 export type DnsErrorCode =
@@ -268,7 +269,7 @@ class PinnedStore implements CacheStore {
       try {
         existing = BpfMapFd.openPinned(path);
       } catch (e) {
-        if (!(e instanceof BpfError && e.errno === 2)) throw e; // ENOENT: create below
+        if (!(e instanceof BpfError && e.errno === Errno.ENOENT)) throw e; // create below
       }
       if (existing) {
         const i = existing.info;
@@ -295,7 +296,7 @@ class PinnedStore implements CacheStore {
       } catch (e) {
         map.close();
         // another process pinned its map in between: use that one
-        if (e instanceof BpfError && e.errno === 17 && attempt < 2) continue;
+        if (e instanceof BpfError && e.errno === Errno.EEXIST && attempt < 2) continue;
         throw e;
       }
       log(
@@ -405,7 +406,7 @@ function pinnedError(path: string, e: unknown): KernelAccelError {
       { cause: e },
     );
   }
-  if (e instanceof BpfError && (e.errno === 1 || e.errno === 13)) {
+  if (e instanceof BpfError && (e.errno === Errno.EPERM || e.errno === Errno.EACCES)) {
     return new KernelAccelError(
       "not_root",
       `not permitted to create or open the pinned DNS cache ${path}: ${msg}`,

@@ -15,7 +15,7 @@ import {
   type InternalPolicy,
 } from "./dialguard.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
-import { type KernelAccel, KernelAccelError, type SplicePair } from "./kernel.ts";
+import { type KernelAccel, KernelAccelError, type SplicePair } from "./ebpf/sockmap.ts";
 import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
 import { Metrics, NO_ROUTE } from "./metrics.ts";

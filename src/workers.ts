@@ -26,14 +26,14 @@ import {
   reloadable,
   routeSummary,
 } from "./config.ts";
-import type { KernelAccel } from "./kernel.ts";
+import type { KernelAccel } from "./ebpf/sockmap.ts";
 import { runUntilStopped } from "./lifecycle.ts";
 import { warnIfListened } from "./listener.ts";
 import { type ForwardedLog, logger, setupWorkerLogging, writeForwarded } from "./log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "./metrics.ts";
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
 import { flattenXdp, kernelMode, openKernel, openXdp, Proxy, type WorkerRole } from "./proxy.ts";
-import type { XdpFilter } from "./xdp.ts";
+import type { XdpFilter } from "./ebpf/xdp.ts";
 
 // the supervisor is the proxy to the operator: its lines read like the single-process ones
 const log = logger("proxy");

@@ -12,7 +12,7 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { socketTuple } from "../src/kernel.ts";
+import { socketTuple } from "../src/ebpf/sockmap.ts";
 import { SockDiag } from "../src/tcpinfo.ts";
 import {
   assertCleanStop,

@@ -12,7 +12,7 @@ import {
   libbpfVersion,
   setLibbpfLogger,
 } from "../ffi/libbpf.ts";
-import { socketTuple } from "../src/kernel.ts";
+import { socketTuple } from "../src/ebpf/sockmap.ts";
 import { parseIp } from "../src/tcpinfo.ts";
 
 const OBJECT = new URL("../bpf/sockmap.bpf.o", import.meta.url);

@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { libbpf } from "../ffi/libbpf.ts";
+import { PIN_DIR, SOCKMAP_MAPS } from "../src/ebpf/layout.ts";
 import {
   type AccessEntry,
   clientHelloBytes,
@@ -21,10 +22,10 @@ import {
 } from "./helpers.ts";
 import type { ProxyProcess } from "./helpers.ts";
 
-/** Where the proxy pins its maps and link (src/kernel.ts DEFAULT_PIN_DIR). */
-export const PIN_DIR = "/sys/fs/bpf/sni-proxy";
+/** Where the proxy pins its maps and link. */
+export { PIN_DIR };
 /** The pinned pairing map (2 entries per spliced connection). */
-export const PAIRS_PIN = `${PIN_DIR}/sni_pairs`;
+export const PAIRS_PIN = `${PIN_DIR}/${SOCKMAP_MAPS.pairs}`;
 
 const decoder = new TextDecoder();
 

@@ -16,7 +16,7 @@ import {
   type KernelAccelOptions,
   type SocketAddrs,
   type SplicePair,
-} from "../src/kernel.ts";
+} from "../src/ebpf/sockmap.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 const OBJECT = `${ROOT}bpf/sockmap.bpf.o`;
@@ -224,7 +224,7 @@ Deno.test({
     // A child process opens the fast path with the same pins and dies without cleaning up.
     const script = `
       import { KernelAccel } from ${
-      JSON.stringify(new URL("../src/kernel.ts", import.meta.url).href)
+      JSON.stringify(new URL("../src/ebpf/sockmap.ts", import.meta.url).href)
     };
       await KernelAccel.open({ maxPairs: 64, maxSockets: 64, pinDir: ${JSON.stringify(PIN_DIR)},
         cgroupDir: ${JSON.stringify(`${await cgroup2Mount()}/sni-proxy-test`)}, log: () => {} });

@@ -11,7 +11,7 @@
 
 import assert from "node:assert/strict";
 import { parseCidr } from "../src/acl.ts";
-import { lpmKey } from "../src/xdp.ts";
+import { lpmKey } from "../src/ebpf/xdp.ts";
 import { ensureBpfObject, hasCommand } from "./kernel_helpers.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
@@ -142,7 +142,7 @@ async function makeCert(dir: string): Promise<{ cert: string; key: string }> {
 
 // The agent runs inside the proxy namespace: XdpFilter + real proxy + TLS backend + UDP sink.
 const AGENT = `
-import { XdpFilter, XdpError } from "${ROOT}src/xdp.ts";
+import { XdpFilter, XdpError } from "${ROOT}src/ebpf/xdp.ts";
 import { parseCidr } from "${ROOT}src/acl.ts";
 
 const cfg = JSON.parse(Deno.args[0]);
@@ -249,7 +249,7 @@ for await (const chunk of lines) {
 
 // One-shot attach attempts (inside a namespace): prints what each XdpFilter.open did.
 const PROBE = `
-import { XdpFilter } from "${ROOT}src/xdp.ts";
+import { XdpFilter } from "${ROOT}src/ebpf/xdp.ts";
 const results = [];
 for (const attempt of JSON.parse(Deno.args[0])) {
   const logs = [];
