@@ -18,6 +18,7 @@ import {
   libbpf,
 } from "../ffi/libbpf.ts";
 import { Errno } from "../ffi/libc.ts";
+import { formatIpv6, parseIpv4, parseIpv6 } from "./net/ip.ts";
 import { KernelAccelError } from "./ebpf/loader.ts";
 
 /** Why a name has no addresses. */
@@ -196,55 +197,6 @@ function buildBtf(btf: BtfBuilder): { keyTypeId: number; valueTypeId: number } {
   return { keyTypeId, valueTypeId };
 }
 
-/** RFC 5952 text of a 16-byte IPv6 address. */
-export function formatIpv6(b: Uint8Array): string {
-  const groups: number[] = [];
-  for (let i = 0; i < 16; i += 2) groups.push((b[i] << 8) | b[i + 1]);
-  // RFC 5952: compress the longest run (>= 2) of zero groups.
-  let bestAt = -1, bestLen = 0;
-  for (let i = 0; i < 8;) {
-    if (groups[i] !== 0) {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && groups[j] === 0) j++;
-    if (j - i > bestLen && j - i >= 2) [bestAt, bestLen] = [i, j - i];
-    i = j;
-  }
-  const hex = groups.map((g) => g.toString(16));
-  if (bestAt < 0) return hex.join(":");
-  return `${hex.slice(0, bestAt).join(":")}::${hex.slice(bestAt + bestLen).join(":")}`;
-}
-
-function parseIpv4(ip: string, out: Uint8Array): boolean {
-  const parts = ip.split(".");
-  if (parts.length !== 4) return false;
-  for (let i = 0; i < 4; i++) {
-    const v = Number(parts[i]);
-    if (!/^\d{1,3}$/.test(parts[i]) || v > 255) return false;
-    out[i] = v;
-  }
-  return true;
-}
-
-function parseIpv6(ip: string, out: Uint8Array): boolean {
-  const halves = ip.split("::");
-  if (halves.length > 2) return false;
-  const head = halves[0] ? halves[0].split(":") : [];
-  const tail = halves.length === 2 && halves[1] ? halves[1].split(":") : [];
-  const fill = 8 - head.length - tail.length;
-  if (halves.length === 1 ? fill !== 0 : fill < 1) return false;
-  const groups = [...head, ...Array(halves.length === 2 ? fill : 0).fill("0"), ...tail];
-  for (let i = 0; i < 8; i++) {
-    if (!/^[0-9a-f]{1,4}$/i.test(groups[i])) return false;
-    const v = parseInt(groups[i], 16);
-    out[2 * i] = v >> 8;
-    out[2 * i + 1] = v & 0xff;
-  }
-  return true;
-}
-
 /** Entries in a BPF LRU_HASH map pinned on bpffs, shared by every process that opens the pin. */
 class PinnedStore implements CacheStore {
   readonly kind = "pinned";
@@ -355,14 +307,14 @@ class PinnedStore implements CacheStore {
     let n4 = 0;
     for (const ip of entry.v4) {
       if (n4 === MAX_ADDRS_PER_FAMILY) break;
-      if (parseIpv4(ip, value.subarray(V_IPV4 + 4 * n4, V_IPV4 + 4 * n4 + 4))) n4++;
+      const bytes = parseIpv4(ip);
+      if (bytes) value.set(bytes, V_IPV4 + 4 * n4++);
     }
     let n6 = 0;
     for (const ip of entry.v6) {
       if (n6 === MAX_ADDRS_PER_FAMILY) break;
-      const slot = value.subarray(V_IPV6 + 16 * n6, V_IPV6 + 16 * n6 + 16);
-      if (parseIpv6(ip, slot)) n6++;
-      else slot.fill(0);
+      const bytes = parseIpv6(ip);
+      if (bytes) value.set(bytes, V_IPV6 + 16 * n6++);
     }
     value[V_COUNT4] = n4;
     value[V_COUNT6] = n6;

@@ -14,16 +14,15 @@
  * @module
  */
 
-import { isIpAddress } from "./acl.ts";
 import {
   DnsCache,
   type DnsCacheOptions,
   DnsError,
   type DnsLog,
   type DnsLookupResult,
-  formatIpv6,
   normalizeName,
 } from "./dnscache.ts";
+import { formatIpv6, isIpAddress } from "./net/ip.ts";
 
 /** A DNS server to ask. */
 export interface NameServer {

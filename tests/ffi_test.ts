@@ -13,7 +13,7 @@ import {
   setLibbpfLogger,
 } from "../ffi/libbpf.ts";
 import { socketTuple } from "../src/ebpf/sockmap.ts";
-import { parseIp } from "../src/tcpinfo.ts";
+import { parseIp } from "../src/net/ip.ts";
 
 const OBJECT = new URL("../bpf/sockmap.bpf.o", import.meta.url);
 

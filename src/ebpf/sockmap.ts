@@ -25,7 +25,8 @@ import {
   possibleCpus,
 } from "../../ffi/libbpf.ts";
 import { closeFd, Errno, openDirectory } from "../../ffi/libc.ts";
-import { parseIp, SockDiag, type SocketTuple, type TcpSocketInfo } from "../tcpinfo.ts";
+import { parseIp } from "../net/ip.ts";
+import { SockDiag, type SocketTuple, type TcpSocketInfo } from "../tcpinfo.ts";
 import {
   cgroupPath,
   createCgroup,
