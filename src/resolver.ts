@@ -23,6 +23,7 @@ import {
   normalizeName,
 } from "./dnscache.ts";
 import { formatIpv6, isIpAddress } from "./net/ip.ts";
+import { writeAll } from "./bytes.ts";
 
 /** A DNS server to ask. */
 export interface NameServer {
@@ -256,7 +257,7 @@ async function tcpExchange(
     const framed = new Uint8Array(2 + query.length);
     new DataView(framed.buffer).setUint16(0, query.length);
     framed.set(query, 2);
-    for (let off = 0; off < framed.length;) off += await conn.write(framed.subarray(off));
+    await writeAll(conn, framed);
     let buf = new Uint8Array(2);
     let have = 0;
     let want = 2;

@@ -10,6 +10,7 @@ import { createHash } from "node:crypto";
 import { BpfAttachType, BpfError, BpfObject, libbpf, queryProgIds } from "../ffi/libbpf.ts";
 import { closeFd, openDirectory } from "../ffi/libc.ts";
 import { ensureBpfObject } from "./kernel_helpers.ts";
+import { writeAll } from "../src/bytes.ts";
 import {
   KernelAccel,
   KernelAccelError,
@@ -115,7 +116,7 @@ async function sendBlocks(conn: Deno.Conn, mib: number): Promise<string> {
   for (let i = 0; i < mib; i++) {
     const b = blocks[i % blocks.length];
     hash.update(b);
-    for (let off = 0; off < b.length;) off += await conn.write(b.subarray(off));
+    await writeAll(conn, b);
   }
   return hash.digest("hex");
 }
@@ -164,7 +165,7 @@ async function splicedSession(
       const n = await from.read(buf).catch(() => null);
       if (n === null) break;
       read += n;
-      for (let off = 0; off < n;) off += await to.write(buf.subarray(off, n));
+      await writeAll(to, buf.subarray(0, n));
       written[toSide] += n;
     }
     const d = await accel.waitDrained(pair, toSide, written[toSide], { timeoutMs: 10_000 });

@@ -11,6 +11,7 @@
 
 import assert from "node:assert/strict";
 import { parseCidr } from "../src/acl.ts";
+import { LineSplitter } from "../src/bytes.ts";
 import { lpmKey } from "../src/ebpf/xdp.ts";
 import { ensureBpfObject, hasCommand } from "./kernel_helpers.ts";
 
@@ -298,7 +299,7 @@ class Agent {
   #child: Deno.ChildProcess;
   #writer: WritableStreamDefaultWriter<Uint8Array>;
   #reader: ReadableStreamDefaultReader<string>;
-  #buffered = "";
+  readonly #lines = new LineSplitter();
   first!: {
     ready?: boolean;
     proxyPid?: number;
@@ -347,12 +348,8 @@ class Agent {
   async #line(timeoutMs = 20_000): Promise<Record<string, unknown>> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const nl = this.#buffered.indexOf("\n");
-      if (nl >= 0) {
-        const line = this.#buffered.slice(0, nl);
-        this.#buffered = this.#buffered.slice(nl + 1);
-        return JSON.parse(line);
-      }
+      const line = this.#lines.shift();
+      if (line !== null) return JSON.parse(line);
       let timer: ReturnType<typeof setTimeout> | undefined;
       const timeout = new Promise<never>((_, reject) => {
         timer = setTimeout(
@@ -363,7 +360,7 @@ class Agent {
       try {
         const { value, done } = await Promise.race([this.#reader.read(), timeout]);
         if (done) throw new Error("agent exited");
-        this.#buffered += value;
+        this.#lines.push(value);
       } finally {
         clearTimeout(timer);
       }
