@@ -19,6 +19,7 @@ import {
 } from "../ffi/libbpf.ts";
 import { Errno } from "../ffi/libc.ts";
 import { formatIpv6, parseIpv4, parseIpv6 } from "./net/ip.ts";
+import { normalizeName as foldName } from "./router.ts";
 import { KernelAccelError } from "./ebpf/loader.ts";
 
 /** Why a name has no addresses. */
@@ -115,9 +116,12 @@ export const MAX_ADDRS_PER_FAMILY = 8;
 /** Longest name a DNS message can carry in text form. */
 export const MAX_NAME_LENGTH = 253;
 
-/** Lower-case, trailing dot removed; throws {@link DnsError} `bad_name` when not a DNS name. */
-export function normalizeName(name: string): string {
-  const n = (name.endsWith(".") ? name.slice(0, -1) : name).toLowerCase();
+/**
+ * The name as routes compare it ({@link foldName}: lower case, one trailing dot removed); throws
+ * {@link DnsError} `bad_name` when it is not a DNS name.
+ */
+export function normalizeDnsName(name: string): string {
+  const n = foldName(name);
   if (
     n.length === 0 || n.length > MAX_NAME_LENGTH ||
     !/^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$/.test(n)
@@ -457,7 +461,7 @@ export class DnsCache {
    * @throws {DnsError} for bad names, NXDOMAIN / no data (also when cached), lookup failures.
    */
   async resolve(name: string): Promise<string[]> {
-    const key = normalizeName(name);
+    const key = normalizeDnsName(name);
     const cached = this.#fresh(key);
     const entry = cached ?? await this.#join(key);
     if (entry.negative) {
@@ -476,7 +480,7 @@ export class DnsCache {
 
   /** The cached entry of `name`, fresh or stale, without a lookup (null when absent). */
   peek(name: string): DnsCacheEntry | null {
-    return this.#store.get(normalizeName(name));
+    return this.#store.get(normalizeDnsName(name));
   }
 
   #fresh(key: string): DnsCacheEntry | null {

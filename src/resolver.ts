@@ -20,7 +20,7 @@ import {
   DnsError,
   type DnsLog,
   type DnsLookupResult,
-  normalizeName,
+  normalizeDnsName,
 } from "./dnscache.ts";
 import { formatIpv6, isIpAddress } from "./net/ip.ts";
 import { writeAll } from "./bytes.ts";
@@ -453,7 +453,7 @@ export class Resolver {
    */
   async resolve(host: string): Promise<string[]> {
     if (isIpAddress(host)) return [host];
-    const name = normalizeName(host);
+    const name = normalizeDnsName(host);
     if (this.#hostsFile !== null) {
       await this.#refreshHosts(this.#hostsFile);
       const h = this.#hosts.get(name);
