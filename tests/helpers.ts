@@ -7,7 +7,7 @@
  * @module
  */
 import type { AccessEntry as LoggedAccessEntry } from "../src/log.ts";
-import { LineSplitter, writeAll } from "../src/bytes.ts";
+import { concat, LineSplitter, writeAll } from "../src/bytes.ts";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import net from "node:net";
@@ -229,20 +229,12 @@ export async function drainHash(conn: Deno.Conn): Promise<{ bytes: number; sha25
 export async function readToEnd(conn: Deno.Conn): Promise<Uint8Array> {
   const parts: Uint8Array[] = [];
   const buf = new Uint8Array(64 * 1024);
-  let total = 0;
   for (;;) {
     const n = await conn.read(buf);
     if (n === null) break;
     parts.push(buf.slice(0, n));
-    total += n;
   }
-  const out = new Uint8Array(total);
-  let off = 0;
-  for (const part of parts) {
-    out.set(part, off);
-    off += part.length;
-  }
-  return out;
+  return concat(...parts);
 }
 
 /**

@@ -361,16 +361,7 @@ export class XdpFilter {
       // Maps first, then attach: the program never runs with empty lists.
       for (const name of [...TRIES, "ports"] as const) {
         for (const { key, text } of want[name].values()) {
-          try {
-            maps[name].update(key, name === "ports" ? PORT_VALUE : TRIE_VALUE);
-          } catch (e) {
-            throw new XdpError(
-              "update_failed",
-              `cannot add ${text} to the XDP map ${name}: ${(e as Error).message}`,
-              "check the entry and the map capacity",
-              { cause: e },
-            );
-          }
+          addEntry(maps[name], name, key, text, "check the entry and the map capacity");
         }
       }
       writeConfig(maps.xdp_config, want.allowActive);
@@ -421,16 +412,13 @@ export class XdpFilter {
       for (const name of names) {
         for (const [k, { key, text }] of next[name]) {
           if (prev[name].has(k)) continue;
-          try {
-            this.#maps[name].update(key, name === "ports" ? PORT_VALUE : TRIE_VALUE);
-          } catch (e) {
-            throw new XdpError(
-              "update_failed",
-              `cannot add ${text} to the XDP map ${name}: ${(e as Error).message}`,
-              "the previous XDP lists stay in force; check the map capacity",
-              { cause: e },
-            );
-          }
+          addEntry(
+            this.#maps[name],
+            name,
+            key,
+            text,
+            "the previous XDP lists stay in force; check the map capacity",
+          );
           added.push([name, key]);
         }
       }
@@ -499,6 +487,20 @@ export class XdpFilter {
       `XDP source filter detached from ${
         this.#links.map((l) => l.attachment.interface).join(", ")
       }`,
+    );
+  }
+}
+
+/** Add one CIDR (or port) to its map; `update_failed` with `fix` when the kernel refuses. */
+function addEntry(map: BpfMap, name: MapName, key: Uint8Array, text: string, fix: string): void {
+  try {
+    map.update(key, name === "ports" ? PORT_VALUE : TRIE_VALUE);
+  } catch (e) {
+    throw new XdpError(
+      "update_failed",
+      `cannot add ${text} to the XDP map ${name}: ${(e as Error).message}`,
+      fix,
+      { cause: e },
     );
   }
 }
