@@ -115,6 +115,10 @@ export const LPM_V6 = { size: 20, prefixlen: 0, addr: 4 } as const;
 /** Value of a trie entry (u32, unused by the program) and of a port entry (u8). */
 export const TRIE_VALUE = new Uint8Array([1, 0, 0, 0]);
 export const PORT_VALUE = new Uint8Array([1]);
+/** The key of `ports`: a TCP port in network byte order, as in the TCP header (u16). */
+export function portKey(port: number): Uint8Array {
+  return new Uint8Array([port >> 8, port & 0xff]);
+}
 /** max_entries of `ports` in bpf/xdp.bpf.c. */
 export const XDP_PORTS_MAX = 1024;
 

@@ -29,6 +29,7 @@ import {
   KEY_ZERO,
   lpmKey,
   PORT_VALUE,
+  portKey,
   TRIE_VALUE,
   u32Key,
   XDP_MAPS,
@@ -152,7 +153,7 @@ function wanted(deny: Cidr[], allow: Cidr[], ports: number[]): Wanted {
     if (!Number.isInteger(p) || p < 1 || p > 65535) {
       throw new XdpError("bad_option", `port ${p} is out of range`, "ports must be 1-65535");
     }
-    const key = new Uint8Array([p >> 8, p & 0xff]); // network byte order, as in the TCP header
+    const key = portKey(p);
     w.ports.set(hex(key), { key, text: String(p) });
   }
   return w;
