@@ -10,6 +10,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { libbpf } from "../ffi/libbpf.ts";
 import { PIN_DIR, SOCKMAP_MAPS } from "../src/ebpf/layout.ts";
+import { CGROUP_NAME } from "../src/ebpf/host.ts";
 import {
   type AccessEntry,
   clientHelloBytes,
@@ -103,7 +104,7 @@ export async function cgroup2Mount(): Promise<string | null> {
 export async function kernelSlotHolders(): Promise<number[]> {
   const mount = await cgroup2Mount();
   try {
-    const text = await Deno.readTextFile(`${mount}/sni-proxy/cgroup.procs`);
+    const text = await Deno.readTextFile(`${mount}/${CGROUP_NAME}/cgroup.procs`);
     return text.split("\n").filter(Boolean).map(Number);
   } catch {
     return [];

@@ -11,6 +11,7 @@ import { BpfAttachType, BpfError, BpfObject, libbpf, queryProgIds } from "../ffi
 import { closeFd, openDirectory } from "../ffi/libc.ts";
 import { ensureBpfObject } from "./kernel_helpers.ts";
 import { writeAll } from "../src/bytes.ts";
+import { FALLBACK_CGROUP2_MOUNT } from "../src/ebpf/host.ts";
 import {
   KernelAccel,
   KernelAccelError,
@@ -46,7 +47,7 @@ if (SKIP) console.warn(`\n!!! SKIPPING tests/kernel_test.ts (eBPF fast path): ${
 async function cgroup2Mount(): Promise<string> {
   const mounts = await Deno.readTextFile("/proc/self/mounts");
   const m = mounts.split("\n").map((l) => l.split(" ")).find((f) => f[2] === "cgroup2");
-  return m ? m[1] : "/run/sni-proxy/cgroup2";
+  return m ? m[1] : FALLBACK_CGROUP2_MOUNT;
 }
 
 async function ownCgroup(): Promise<string> {

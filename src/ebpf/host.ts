@@ -9,6 +9,11 @@ import { closeFd, mountFs } from "../../ffi/libc.ts";
 import { type EbpfLog, KernelAccelError } from "./loader.ts";
 import { PIN_LINK } from "./layout.ts";
 
+/** The proxy's cgroup dir under the cgroup2 mount (one kernel-mode proxy per machine holds it). */
+export const CGROUP_NAME = "sni-proxy";
+/** Where cgroup2 is mounted when the host has no cgroup2 mount. */
+export const FALLBACK_CGROUP2_MOUNT = "/run/sni-proxy/cgroup2";
+
 interface Mount {
   source: string;
   target: string;
@@ -54,7 +59,7 @@ export async function ensureMounts(pinDir: string | null, log: EbpfLog): Promise
   const mounts = await readMounts();
   let cgroupMount = mounts.find((m) => m.type === "cgroup2")?.target;
   if (!cgroupMount) {
-    cgroupMount = "/run/sni-proxy/cgroup2";
+    cgroupMount = FALLBACK_CGROUP2_MOUNT;
     try {
       await Deno.mkdir(cgroupMount, { recursive: true });
       mountFs("cgroup2", cgroupMount);

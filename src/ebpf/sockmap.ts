@@ -28,6 +28,7 @@ import { closeFd, Errno, openDirectory } from "../../ffi/libc.ts";
 import { parseIp } from "../net/ip.ts";
 import { SockDiag, type SocketTuple, type TcpSocketInfo } from "../tcpinfo.ts";
 import {
+  CGROUP_NAME,
   cgroupPath,
   createCgroup,
   currentCgroup2,
@@ -782,7 +783,7 @@ async function setUpHost(
   undo: Undo,
 ): Promise<HostSetup> {
   const cgroupMount = await ensureMounts(pinDir, log);
-  const cgroupDir = cgroupDirOption ?? `${cgroupMount}/sni-proxy`;
+  const cgroupDir = cgroupDirOption ?? `${cgroupMount}/${CGROUP_NAME}`;
   const originalCgroup = await currentCgroup2();
   if (await createCgroup(cgroupDir)) undo.push(() => removeQuietly(cgroupDir));
   await refuseIfInUse(cgroupDir);
