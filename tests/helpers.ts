@@ -7,7 +7,7 @@
  * @module
  */
 import type { AccessEntry as LoggedAccessEntry } from "../src/log.ts";
-import { concat, LineSplitter, writeAll } from "../src/bytes.ts";
+import { concat, lines, LineSplitter, writeAll } from "../src/bytes.ts";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import net from "node:net";
@@ -1207,18 +1207,11 @@ export async function traffic(s: Scope, wrapper: string[], args: string[] = []) 
       child.kill("SIGKILL");
     } catch { /* exited */ }
   });
-  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let buffered = "";
+  const output = lines(child.stdout);
   const line = async () => {
-    while (!buffered.includes("\n")) {
-      const { value, done } = await lines.read();
-      if (done) throw new Error("the traffic fixture ended early");
-      buffered += value;
-    }
-    const nl = buffered.indexOf("\n");
-    const text = buffered.slice(0, nl);
-    buffered = buffered.slice(nl + 1);
-    return JSON.parse(text);
+    const { value, done } = await output.next();
+    if (done) throw new Error("the traffic fixture ended early");
+    return JSON.parse(value);
   };
   const stdin = child.stdin.getWriter();
   const send = (v: unknown) => stdin.write(new TextEncoder().encode(JSON.stringify(v) + "\n"));

@@ -145,6 +145,7 @@ async function makeCert(dir: string): Promise<{ cert: string; key: string }> {
 const AGENT = `
 import { XdpFilter, XdpError } from "${ROOT}src/ebpf/xdp.ts";
 import { parseCidr } from "${ROOT}src/acl.ts";
+import { lines } from "${ROOT}src/bytes.ts";
 
 const cfg = JSON.parse(Deno.args[0]);
 const enc = new TextEncoder();
@@ -207,43 +208,36 @@ try {
 }
 say({ ready: true, proxyPid: proxy.pid, attachments: filter.attachments, logs: logs.splice(0) });
 
-const lines = Deno.stdin.readable.pipeThrough(new TextDecoderStream());
-let pending = "";
-for await (const chunk of lines) {
-  pending += chunk;
-  let nl;
-  while ((nl = pending.indexOf("\\n")) >= 0) {
-    const cmd = JSON.parse(pending.slice(0, nl));
-    pending = pending.slice(nl + 1);
-    try {
-      if (cmd.cmd === "stats") say({ stats: filter.stats(), udp: { ...udp } });
-      else if (cmd.cmd === "update") {
-        filter.update(cidrs(cmd.deny), cidrs(cmd.allow), cmd.ports);
-        say({ ok: true, attachments: filter.attachments, logs: logs.splice(0) });
-      } else if (cmd.cmd === "churn") {
-        // reload back and forth as fast as possible while the test sends traffic
-        const a = [cidrs(cmd.a.deny), cidrs(cmd.a.allow), cmd.a.ports];
-        const b = [cidrs(cmd.b.deny), cidrs(cmd.b.allow), cmd.b.ports];
-        const until = Date.now() + cmd.ms;
-        let n = 0;
-        while (Date.now() < until) {
-          filter.update(...(n % 2 ? b : a));
-          n++;
-          if (n % 50 === 0) await new Promise((r) => setTimeout(r, 0));
-        }
-        filter.update(...a);
-        logs.splice(0);
-        say({ ok: true, updates: n + 1 });
-      } else if (cmd.cmd === "exit") {
-        filter.close();
-        proxy.kill("SIGKILL");
-        await proxy.status;
-        say({ closed: true, logs: logs.splice(0) });
-        Deno.exit(0);
+for await (const line of lines(Deno.stdin.readable)) {
+  const cmd = JSON.parse(line);
+  try {
+    if (cmd.cmd === "stats") say({ stats: filter.stats(), udp: { ...udp } });
+    else if (cmd.cmd === "update") {
+      filter.update(cidrs(cmd.deny), cidrs(cmd.allow), cmd.ports);
+      say({ ok: true, attachments: filter.attachments, logs: logs.splice(0) });
+    } else if (cmd.cmd === "churn") {
+      // reload back and forth as fast as possible while the test sends traffic
+      const a = [cidrs(cmd.a.deny), cidrs(cmd.a.allow), cmd.a.ports];
+      const b = [cidrs(cmd.b.deny), cidrs(cmd.b.allow), cmd.b.ports];
+      const until = Date.now() + cmd.ms;
+      let n = 0;
+      while (Date.now() < until) {
+        filter.update(...(n % 2 ? b : a));
+        n++;
+        if (n % 50 === 0) await new Promise((r) => setTimeout(r, 0));
       }
-    } catch (e) {
-      say({ error: errorOf(e) });
+      filter.update(...a);
+      logs.splice(0);
+      say({ ok: true, updates: n + 1 });
+    } else if (cmd.cmd === "exit") {
+      filter.close();
+      proxy.kill("SIGKILL");
+      await proxy.status;
+      say({ closed: true, logs: logs.splice(0) });
+      Deno.exit(0);
     }
+  } catch (e) {
+    say({ error: errorOf(e) });
   }
 }
 `;
