@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Map key/value layouts shared by the kernel programs (sockmap.bpf.c) and userspace.
- * The TypeScript mirror lives in src/kernel.ts (search "bpf/sockmap.h"): change both together.
+ * The TypeScript mirror lives in src/ebpf/layout.ts: change both together.
  * Every field is a fixed-size integer and every struct is padding-free, so the same bytes mean
  * the same thing on both sides.
  */

@@ -12,7 +12,7 @@
  * extension headers (hop-by-hop, routing, destination options, fragment) are walked.
  * Counters are per CPU and per address family (struct sni_xdp_stats).
  *
- * Userspace (src/xdp.ts) updates the maps in place on reload; the program is never replaced.
+ * Userspace (src/ebpf/xdp.ts) updates the maps in place on reload; the program is never replaced.
  * Plain uapi headers only (no CO-RE, no vmlinux.h).
  */
 #include <linux/bpf.h>

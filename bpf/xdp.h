@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Map key/value layouts shared by the XDP source filter (xdp.bpf.c) and userspace.
- * The TypeScript mirror lives in src/xdp.ts (search "bpf/xdp.h"): change both together.
+ * The TypeScript mirror lives in src/ebpf/layout.ts: change both together.
  * Every field is a fixed-size integer and every struct is padding-free.
  */
 #ifndef SNI_PROXY_XDP_H

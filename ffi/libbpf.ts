@@ -8,7 +8,7 @@
  * @module
  */
 
-import { closeFd, cString, errno, errnoName, libc } from "./libc.ts";
+import { closeFd, cString, Errno, errno, errnoName, libc } from "./libc.ts";
 
 const LIBBPF_SYMBOLS = {
   libbpf_major_version: { parameters: [], result: "u32" },
@@ -112,8 +112,6 @@ export const BpfMapType = {
 export const BPF_ANY = 0n;
 export const BPF_NOEXIST = 1n;
 export const BPF_EXIST = 2n;
-
-const ENOENT = 2;
 
 /** A failed libbpf or bpf(2) operation. */
 export class BpfError extends Error {
@@ -248,7 +246,7 @@ export function setLibbpfLogger(logger: LibbpfLogger | null): void {
 }
 
 function ptrOrThrow(p: Deno.PointerValue, op: string): Deno.PointerObject {
-  if (p === null) throw new BpfError(op, errno() || 22);
+  if (p === null) throw new BpfError(op, errno() || Errno.EINVAL);
   return p;
 }
 
@@ -569,7 +567,7 @@ export class BpfMap {
       BigInt(out.length),
       0n,
     );
-    if (rc === -ENOENT) return false;
+    if (rc === -Errno.ENOENT) return false;
     check(rc, `bpf_map__lookup_elem(${this.name})`);
     return true;
   }
@@ -578,7 +576,7 @@ export class BpfMap {
   delete(key: Uint8Array): boolean {
     this.#checkKey(key, "delete");
     const rc = libbpf().bpf_map__delete_elem(this.#ptr, key, BigInt(key.length), 0n);
-    if (rc === -ENOENT) return false;
+    if (rc === -Errno.ENOENT) return false;
     check(rc, `bpf_map__delete_elem(${this.name})`);
     return true;
   }
@@ -590,7 +588,7 @@ export class BpfMap {
     for (;;) {
       const next = new Uint8Array(size);
       const rc = libbpf().bpf_map__get_next_key(this.#ptr, cur, next, BigInt(size));
-      if (rc === -ENOENT) return;
+      if (rc === -Errno.ENOENT) return;
       check(rc, `bpf_map__get_next_key(${this.name})`);
       yield next;
       cur = next;
@@ -808,7 +806,7 @@ export class BpfMapFd implements Disposable {
   lookup(key: Uint8Array, out: Uint8Array): boolean {
     this.#checkSizes("lookup", key, out);
     const rc = libbpf().bpf_map_lookup_elem(this.fd, key, out);
-    if (rc === -ENOENT) return false;
+    if (rc === -Errno.ENOENT) return false;
     check(rc, `bpf_map_lookup_elem(${this.name})`);
     return true;
   }
@@ -817,7 +815,7 @@ export class BpfMapFd implements Disposable {
   delete(key: Uint8Array): boolean {
     this.#checkSizes("delete", key);
     const rc = libbpf().bpf_map_delete_elem(this.fd, key);
-    if (rc === -ENOENT) return false;
+    if (rc === -Errno.ENOENT) return false;
     check(rc, `bpf_map_delete_elem(${this.name})`);
     return true;
   }
@@ -828,7 +826,7 @@ export class BpfMapFd implements Disposable {
     for (;;) {
       const next = new Uint8Array(this.info.keySize);
       const rc = libbpf().bpf_map_get_next_key(this.fd, cur, next);
-      if (rc === -ENOENT) return;
+      if (rc === -Errno.ENOENT) return;
       check(rc, `bpf_map_get_next_key(${this.name})`);
       yield next;
       cur = next;

@@ -51,30 +51,35 @@ export function errno(): number {
   return p === null ? 0 : new Deno.UnsafePointerView(p).getInt32();
 }
 
-const ERRNO_NAMES: Record<number, string> = {
-  1: "EPERM",
-  2: "ENOENT",
-  4: "EINTR",
-  7: "E2BIG",
-  9: "EBADF",
-  11: "EAGAIN",
-  12: "ENOMEM",
-  13: "EACCES",
-  14: "EFAULT",
-  16: "EBUSY",
-  17: "EEXIST",
-  19: "ENODEV",
-  20: "ENOTDIR",
-  22: "EINVAL",
-  24: "EMFILE",
-  28: "ENOSPC",
-  32: "EPIPE",
-  38: "ENOSYS",
-  95: "EOPNOTSUPP",
-  104: "ECONNRESET",
-  110: "ETIMEDOUT",
-  524: "ENOTSUPP",
-};
+/** errno values by name (asm-generic/errno*.h, and the kernel-internal ENOTSUPP). */
+export const Errno = {
+  EPERM: 1,
+  ENOENT: 2,
+  EINTR: 4,
+  E2BIG: 7,
+  EBADF: 9,
+  EAGAIN: 11,
+  ENOMEM: 12,
+  EACCES: 13,
+  EFAULT: 14,
+  EBUSY: 16,
+  EEXIST: 17,
+  ENODEV: 19,
+  ENOTDIR: 20,
+  EINVAL: 22,
+  EMFILE: 24,
+  ENOSPC: 28,
+  EPIPE: 32,
+  ENOSYS: 38,
+  EOPNOTSUPP: 95,
+  ECONNRESET: 104,
+  ETIMEDOUT: 110,
+  ENOTSUPP: 524,
+} as const;
+
+const ERRNO_NAMES: Record<number, string> = Object.fromEntries(
+  Object.entries(Errno).map(([name, code]) => [code, name]),
+);
 
 /** Symbolic errno name (`ENOENT`), or `errno N` for ones not listed. */
 export function errnoName(code: number): string {
@@ -160,8 +165,8 @@ export function openFileLimit(): number {
 // Sockets by fd, and epoll: a spliced socket pair is watched outside Deno's event loop
 
 /** errno values the socket helpers below hand back (negated) for callers to branch on. */
-export const EINTR = 4;
-export const EAGAIN = 11;
+export const EINTR = Errno.EINTR;
+export const EAGAIN = Errno.EAGAIN;
 
 const F_DUPFD_CLOEXEC = 1030;
 const SOL_SOCKET = 1;

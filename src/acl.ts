@@ -5,6 +5,8 @@
  * @module
  */
 
+import { parseIp } from "./net/ip.ts";
+
 /** An IP address as four 32-bit words (IPv4 uses only the last one). */
 export interface IpWords {
   v6: boolean;
@@ -20,74 +22,23 @@ export interface Cidr {
   prefix: number;
 }
 
-function parseIpv4(text: string): number | null {
-  const parts = text.split(".");
-  if (parts.length !== 4) return null;
-  let value = 0;
-  for (const part of parts) {
-    if (!/^[0-9]{1,3}$/.test(part)) return null;
-    const n = Number(part);
-    if (n > 255) return null;
-    value = value * 256 + n;
-  }
-  return value >>> 0;
-}
-
-function parseIpv6(text: string): [number, number, number, number] | null {
-  let head = text;
-  let tailV4: number | null = null;
-  const lastColon = text.lastIndexOf(":");
-  if (text.includes(".")) {
-    tailV4 = parseIpv4(text.slice(lastColon + 1));
-    if (tailV4 === null) return null;
-    head = text.slice(0, lastColon + 1) + "0:0";
-  }
-  const halves = head.split("::");
-  if (halves.length > 2) return null;
-  const toGroups = (s: string) => (s === "" ? [] : s.split(":"));
-  const left = toGroups(halves[0]);
-  const right = halves.length === 2 ? toGroups(halves[1]) : [];
-  const missing = 8 - left.length - right.length;
-  if (halves.length === 2 ? missing < 1 : missing !== 0) return null;
-  const groups = [...left, ...Array(halves.length === 2 ? missing : 0).fill("0"), ...right];
-  const words: [number, number, number, number] = [0, 0, 0, 0];
-  for (let i = 0; i < 8; i++) {
-    if (!/^[0-9a-fA-F]{1,4}$/.test(groups[i])) return null;
-    const g = parseInt(groups[i], 16);
-    words[i >> 1] = i % 2 === 0 ? g << 16 : (words[i >> 1] | g) >>> 0;
-  }
-  words.forEach((w, i) => (words[i] = w >>> 0));
-  if (tailV4 !== null) words[3] = tailV4;
-  return words;
-}
-
 /**
- * Parses an IPv4 or IPv6 address. IPv4-mapped IPv6 (`::ffff:1.2.3.4`, as a dual-stack
- * listener reports IPv4 clients) is folded to IPv4 so one CIDR list serves both.
+ * Parses an IPv4 or IPv6 address into words. IPv4-mapped IPv6 (`::ffff:1.2.3.4`, as a
+ * dual-stack listener reports IPv4 clients) is folded to IPv4 so one CIDR list serves both.
  */
-export function parseIp(text: string): IpWords | null {
-  const bare = text.startsWith("[") && text.endsWith("]") ? text.slice(1, -1) : text;
-  const zoneless = bare.split("%")[0];
-  const v4 = parseIpv4(zoneless);
-  if (v4 !== null) return { v6: false, words: [0, 0, 0, v4] };
-  const v6 = parseIpv6(zoneless);
-  if (v6 === null) return null;
-  if (v6[0] === 0 && v6[1] === 0 && v6[2] === 0xffff) {
-    return { v6: false, words: [0, 0, 0, v6[3]] };
-  }
-  return { v6: true, words: v6 };
-}
-
-/** True when `text` is an IPv4 or IPv6 address literal (no brackets). */
-export function isIpAddress(text: string): boolean {
-  return parseIp(text) !== null;
+export function parseIpWords(text: string): IpWords | null {
+  const ip = parseIp(text);
+  if (!ip) return null;
+  const v = new DataView(ip.bytes.buffer, ip.bytes.byteOffset, 16);
+  if (ip.family === 2) return { v6: false, words: [0, 0, 0, v.getUint32(0)] };
+  return { v6: true, words: [v.getUint32(0), v.getUint32(4), v.getUint32(8), v.getUint32(12)] };
 }
 
 /** Parses `addr/prefix` (or a bare address, meaning a single host). Throws with a reason. */
 export function parseCidr(text: string): Cidr {
   const slash = text.indexOf("/");
   const addrText = slash < 0 ? text : text.slice(0, slash);
-  const ip = parseIp(addrText);
+  const ip = parseIpWords(addrText);
   if (!ip || addrText.startsWith("[")) throw new Error(`not an IP address: "${addrText}"`);
   // an IPv4-mapped block written in IPv6 form (::ffff:a.b.c.d/N) is folded to IPv4; its
   // prefix counts the 96 mapping bits, so only /96../128 keep their meaning
@@ -137,7 +88,7 @@ export class Acl {
   /** Whether a client at `address` may be served. Unparseable addresses are refused. */
   permits(address: string): boolean {
     if (this.empty) return true;
-    const ip = parseIp(address);
+    const ip = parseIpWords(address);
     if (!ip) return false;
     if (this.#deny.some((c) => cidrContains(c, ip))) return false;
     return this.#allow.length === 0 || this.#allow.some((c) => cidrContains(c, ip));

@@ -16,7 +16,8 @@ import { basename, dirname } from "node:path";
 import type { BackendPool } from "./backend.ts";
 import type { Config } from "./config.ts";
 import { logger } from "./log.ts";
-import { type Session, type SessionInfo, writeAll } from "./session.ts";
+import { LineSplitter, writeAll } from "./bytes.ts";
+import { type Session, type SessionInfo } from "./session.ts";
 import type { RoutingTables } from "./table.ts";
 
 const log = logger("admin");
@@ -414,19 +415,18 @@ async function groupId(group: string | number): Promise<number> {
 
 /** Reads up to the first newline (or EOF) of at most `max` characters; closes at `signal`. */
 async function readLine(conn: Deno.Conn, signal: AbortSignal, max: number): Promise<string> {
-  const decoder = new TextDecoder();
+  const lines = new LineSplitter();
   const buf = new Uint8Array(16 * 1024);
-  let text = "";
   const timeUp = () => conn.close();
   signal.addEventListener("abort", timeUp, { once: true });
   try {
     for (;;) {
       const n = await conn.read(buf);
-      if (n === null) return text;
-      text += decoder.decode(buf.subarray(0, n), { stream: true });
-      const nl = text.indexOf("\n");
-      if (nl >= 0) return text.slice(0, nl);
-      if (text.length > max) throw new Error("request too long");
+      if (n === null) return lines.rest;
+      lines.push(buf.subarray(0, n));
+      const line = lines.shift();
+      if (line !== null) return line;
+      if (lines.rest.length > max) throw new Error("request too long");
     }
   } finally {
     signal.removeEventListener("abort", timeUp);

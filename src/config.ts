@@ -6,7 +6,8 @@
  */
 import { dirname, resolve as resolvePath } from "node:path";
 import { z } from "zod";
-import { type Cidr, isIpAddress, parseCidr } from "./acl.ts";
+import { type Cidr, parseCidr } from "./acl.ts";
+import { isIpAddress } from "./net/ip.ts";
 import type { InternalPolicy } from "./dialguard.ts";
 import { compileFingerprintPatterns, type FingerprintPatterns } from "./fingerprint.ts";
 import type { ProxyTlv } from "./proxyproto.ts";

@@ -13,7 +13,7 @@
  *
  * @module
  */
-import { type Cidr, cidrContains, type IpWords, parseCidr, parseIp } from "./acl.ts";
+import { type Cidr, cidrContains, type IpWords, parseCidr, parseIpWords } from "./acl.ts";
 
 /** Why an address is internal (not globally routed). */
 export type AddressKind =
@@ -116,7 +116,7 @@ export class DialGuard {
   /** `own`: this process's listening sockets (bound addresses, real ports). */
   constructor(own: OwnSocket[]) {
     this.#own = own.flatMap((s) => {
-      const ip = parseIp(s.hostname);
+      const ip = parseIpWords(s.hostname);
       if (!ip) return [];
       return [{ ip, wildcard: internalKind(ip) === "unspecified", port: s.port }];
     });
@@ -131,7 +131,7 @@ export class DialGuard {
   check(address: string, port: number, policy: InternalPolicy | null): DeniedKind | null {
     const ownPort = this.#ports.has(port);
     if (!ownPort && (!policy || policy.allowPrivate)) return null;
-    const ip = parseIp(address);
+    const ip = parseIpWords(address);
     if (!ip) return "reserved";
     if (ownPort && this.#isOwn(ip, port)) return "own_listener";
     if (!policy || policy.allowPrivate) return null;
@@ -164,7 +164,7 @@ export class DialGuard {
     if (now - this.#localAt < INTERFACES_TTL_MS) return this.#local;
     this.#localAt = now;
     try {
-      this.#local = Deno.networkInterfaces().map((i) => parseIp(i.address))
+      this.#local = Deno.networkInterfaces().map((i) => parseIpWords(i.address))
         .filter((ip): ip is IpWords => ip !== null);
     } catch {
       // no permission to list interfaces: loopback and the unspecified address still count

@@ -17,7 +17,10 @@ import {
   BtfIntEncoding,
   libbpf,
 } from "../ffi/libbpf.ts";
-import { KernelAccelError } from "./kernel.ts";
+import { Errno } from "../ffi/libc.ts";
+import { formatIpv6, parseIpv4, parseIpv6 } from "./net/ip.ts";
+import { normalizeName as foldName } from "./router.ts";
+import { KernelAccelError } from "./ebpf/loader.ts";
 
 /** Why a name has no addresses. */
 export type DnsErrorCode =
@@ -113,9 +116,12 @@ export const MAX_ADDRS_PER_FAMILY = 8;
 /** Longest name a DNS message can carry in text form. */
 export const MAX_NAME_LENGTH = 253;
 
-/** Lower-case, trailing dot removed; throws {@link DnsError} `bad_name` when not a DNS name. */
-export function normalizeName(name: string): string {
-  const n = (name.endsWith(".") ? name.slice(0, -1) : name).toLowerCase();
+/**
+ * The name as routes compare it ({@link foldName}: lower case, one trailing dot removed); throws
+ * {@link DnsError} `bad_name` when it is not a DNS name.
+ */
+export function normalizeDnsName(name: string): string {
+  const n = foldName(name);
   if (
     n.length === 0 || n.length > MAX_NAME_LENGTH ||
     !/^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$/.test(n)
@@ -195,55 +201,6 @@ function buildBtf(btf: BtfBuilder): { keyTypeId: number; valueTypeId: number } {
   return { keyTypeId, valueTypeId };
 }
 
-/** RFC 5952 text of a 16-byte IPv6 address. */
-export function formatIpv6(b: Uint8Array): string {
-  const groups: number[] = [];
-  for (let i = 0; i < 16; i += 2) groups.push((b[i] << 8) | b[i + 1]);
-  // RFC 5952: compress the longest run (>= 2) of zero groups.
-  let bestAt = -1, bestLen = 0;
-  for (let i = 0; i < 8;) {
-    if (groups[i] !== 0) {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && groups[j] === 0) j++;
-    if (j - i > bestLen && j - i >= 2) [bestAt, bestLen] = [i, j - i];
-    i = j;
-  }
-  const hex = groups.map((g) => g.toString(16));
-  if (bestAt < 0) return hex.join(":");
-  return `${hex.slice(0, bestAt).join(":")}::${hex.slice(bestAt + bestLen).join(":")}`;
-}
-
-function parseIpv4(ip: string, out: Uint8Array): boolean {
-  const parts = ip.split(".");
-  if (parts.length !== 4) return false;
-  for (let i = 0; i < 4; i++) {
-    const v = Number(parts[i]);
-    if (!/^\d{1,3}$/.test(parts[i]) || v > 255) return false;
-    out[i] = v;
-  }
-  return true;
-}
-
-function parseIpv6(ip: string, out: Uint8Array): boolean {
-  const halves = ip.split("::");
-  if (halves.length > 2) return false;
-  const head = halves[0] ? halves[0].split(":") : [];
-  const tail = halves.length === 2 && halves[1] ? halves[1].split(":") : [];
-  const fill = 8 - head.length - tail.length;
-  if (halves.length === 1 ? fill !== 0 : fill < 1) return false;
-  const groups = [...head, ...Array(halves.length === 2 ? fill : 0).fill("0"), ...tail];
-  for (let i = 0; i < 8; i++) {
-    if (!/^[0-9a-f]{1,4}$/i.test(groups[i])) return false;
-    const v = parseInt(groups[i], 16);
-    out[2 * i] = v >> 8;
-    out[2 * i + 1] = v & 0xff;
-  }
-  return true;
-}
-
 /** Entries in a BPF LRU_HASH map pinned on bpffs, shared by every process that opens the pin. */
 class PinnedStore implements CacheStore {
   readonly kind = "pinned";
@@ -268,7 +225,7 @@ class PinnedStore implements CacheStore {
       try {
         existing = BpfMapFd.openPinned(path);
       } catch (e) {
-        if (!(e instanceof BpfError && e.errno === 2)) throw e; // ENOENT: create below
+        if (!(e instanceof BpfError && e.errno === Errno.ENOENT)) throw e; // create below
       }
       if (existing) {
         const i = existing.info;
@@ -295,7 +252,7 @@ class PinnedStore implements CacheStore {
       } catch (e) {
         map.close();
         // another process pinned its map in between: use that one
-        if (e instanceof BpfError && e.errno === 17 && attempt < 2) continue;
+        if (e instanceof BpfError && e.errno === Errno.EEXIST && attempt < 2) continue;
         throw e;
       }
       log(
@@ -354,14 +311,14 @@ class PinnedStore implements CacheStore {
     let n4 = 0;
     for (const ip of entry.v4) {
       if (n4 === MAX_ADDRS_PER_FAMILY) break;
-      if (parseIpv4(ip, value.subarray(V_IPV4 + 4 * n4, V_IPV4 + 4 * n4 + 4))) n4++;
+      const bytes = parseIpv4(ip);
+      if (bytes) value.set(bytes, V_IPV4 + 4 * n4++);
     }
     let n6 = 0;
     for (const ip of entry.v6) {
       if (n6 === MAX_ADDRS_PER_FAMILY) break;
-      const slot = value.subarray(V_IPV6 + 16 * n6, V_IPV6 + 16 * n6 + 16);
-      if (parseIpv6(ip, slot)) n6++;
-      else slot.fill(0);
+      const bytes = parseIpv6(ip);
+      if (bytes) value.set(bytes, V_IPV6 + 16 * n6++);
     }
     value[V_COUNT4] = n4;
     value[V_COUNT6] = n6;
@@ -405,7 +362,7 @@ function pinnedError(path: string, e: unknown): KernelAccelError {
       { cause: e },
     );
   }
-  if (e instanceof BpfError && (e.errno === 1 || e.errno === 13)) {
+  if (e instanceof BpfError && (e.errno === Errno.EPERM || e.errno === Errno.EACCES)) {
     return new KernelAccelError(
       "not_root",
       `not permitted to create or open the pinned DNS cache ${path}: ${msg}`,
@@ -504,7 +461,7 @@ export class DnsCache {
    * @throws {DnsError} for bad names, NXDOMAIN / no data (also when cached), lookup failures.
    */
   async resolve(name: string): Promise<string[]> {
-    const key = normalizeName(name);
+    const key = normalizeDnsName(name);
     const cached = this.#fresh(key);
     const entry = cached ?? await this.#join(key);
     if (entry.negative) {
@@ -523,7 +480,7 @@ export class DnsCache {
 
   /** The cached entry of `name`, fresh or stale, without a lookup (null when absent). */
   peek(name: string): DnsCacheEntry | null {
-    return this.#store.get(normalizeName(name));
+    return this.#store.get(normalizeDnsName(name));
   }
 
   #fresh(key: string): DnsCacheEntry | null {

@@ -8,7 +8,7 @@ import { Acl } from "./acl.ts";
 import type { ListenerConfig } from "./config.ts";
 import type { DialGuard } from "./dialguard.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
-import type { KernelAccel } from "./kernel.ts";
+import type { KernelAccel } from "./ebpf/sockmap.ts";
 import type { PipePool } from "./piped.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
 import { Metrics } from "./metrics.ts";

@@ -6,7 +6,7 @@
  * @module
  */
 
-/** Kernel-side counters, summed over CPUs (see src/kernel.ts and src/xdp.ts). */
+/** Kernel-side counters, summed over CPUs (see src/ebpf/sockmap.ts and src/ebpf/xdp.ts). */
 export type KernelCounters = Record<string, number>;
 
 /**

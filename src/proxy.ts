@@ -14,9 +14,9 @@ import {
 import { type Config, reloadable, routeSummary } from "./config.ts";
 import { DialGuard, type OwnSocket } from "./dialguard.ts";
 import { FdBudget } from "./fdbudget.ts";
-import { KernelAccel, KernelAccelError } from "./kernel.ts";
+import { KernelAccel, KernelAccelError } from "./ebpf/sockmap.ts";
 import { PipePool } from "./piped.ts";
-import { XdpError, XdpFilter } from "./xdp.ts";
+import { XdpError, XdpFilter } from "./ebpf/xdp.ts";
 import { Listener, type ListenerHost, warnIfListened } from "./listener.ts";
 import { logger } from "./log.ts";
 import { Metrics } from "./metrics.ts";

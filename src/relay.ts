@@ -9,6 +9,8 @@
  * @module
  */
 
+import { writeAll } from "./bytes.ts";
+
 /** Why a relay ended. */
 export type RelayEnd =
   | "done"
@@ -230,8 +232,7 @@ export class Relay implements ByteRelay {
       if (this.#splice && !(await this.#drain(up, false))) return;
       if (this.#end !== null) return;
       try {
-        let off = 0;
-        while (off < n) off += await dst.write(buf.subarray(off, n));
+        await writeAll(dst, buf.subarray(0, n));
       } catch (e) {
         this.#finish(up ? "backend_reset" : "client_reset", e);
         return;

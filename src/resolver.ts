@@ -14,16 +14,16 @@
  * @module
  */
 
-import { isIpAddress } from "./acl.ts";
 import {
   DnsCache,
   type DnsCacheOptions,
   DnsError,
   type DnsLog,
   type DnsLookupResult,
-  formatIpv6,
-  normalizeName,
+  normalizeDnsName,
 } from "./dnscache.ts";
+import { formatIpv6, isIpAddress } from "./net/ip.ts";
+import { writeAll } from "./bytes.ts";
 
 /** A DNS server to ask. */
 export interface NameServer {
@@ -257,7 +257,7 @@ async function tcpExchange(
     const framed = new Uint8Array(2 + query.length);
     new DataView(framed.buffer).setUint16(0, query.length);
     framed.set(query, 2);
-    for (let off = 0; off < framed.length;) off += await conn.write(framed.subarray(off));
+    await writeAll(conn, framed);
     let buf = new Uint8Array(2);
     let have = 0;
     let want = 2;
@@ -453,7 +453,7 @@ export class Resolver {
    */
   async resolve(host: string): Promise<string[]> {
     if (isIpAddress(host)) return [host];
-    const name = normalizeName(host);
+    const name = normalizeDnsName(host);
     if (this.#hostsFile !== null) {
       await this.#refreshHosts(this.#hostsFile);
       const h = this.#hosts.get(name);

@@ -5,6 +5,7 @@
  * @module
  */
 import { BackendPool } from "./backend.ts";
+import { concat, writeAll } from "./bytes.ts";
 import type { Backend } from "./backend.ts";
 import { type ClientHello, ClientHelloError, ClientHelloParser } from "./clienthello.ts";
 import type { FingerprintPatterns } from "./fingerprint.ts";
@@ -15,7 +16,7 @@ import {
   type InternalPolicy,
 } from "./dialguard.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
-import { type KernelAccel, KernelAccelError, type SplicePair } from "./kernel.ts";
+import { type KernelAccel, KernelAccelError, type SplicePair } from "./ebpf/sockmap.ts";
 import { HttpHostParser, HttpRequestError } from "./http.ts";
 import { BurstLog, logger, writeAccess } from "./log.ts";
 import { Metrics, NO_ROUTE } from "./metrics.ts";
@@ -292,9 +293,7 @@ export class Session {
           pool.proxyTlvs.length ? this.#tlvValues(pool.proxyTlvs) : undefined,
         );
         this.#headerBytes = header.length;
-        first = new Uint8Array(header.length + first.length);
-        first.set(header);
-        first.set(this.#pending!, header.length);
+        first = concat(header, first);
       }
       const hooks = this.#trySplice(backend);
       const idleMs = this.#ctx.table.config.timeouts.idleMs;
@@ -843,19 +842,6 @@ export class Session {
 function kernelFallback(m: Metrics, reason: string, detail: string): void {
   Metrics.bump(m.kernelFallbacks, reason);
   bursts.warn("kernel_fallback", `kernel mode: a connection runs in userspace mode: ${detail}`);
-}
-
-function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
-  const out = new Uint8Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
-  return out;
-}
-
-/** Writes all of `data`. */
-export async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
-  let off = 0;
-  while (off < data.length) off += await conn.write(data.subarray(off));
 }
 
 function abortable<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {

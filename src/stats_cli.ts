@@ -5,22 +5,11 @@
  * @module
  */
 import type { Config } from "./config.ts";
+import { PIN_DIR, SOCKMAP_MAPS, SOCKMAP_STATS_FIELDS } from "./ebpf/layout.ts";
 
-/** Where the sockmap loader pins its maps (see src/kernel.ts). */
-const PIN_DIR = "/sys/fs/bpf/sni-proxy";
-/** struct sni_stats (bpf/sockmap.h): u64 counters in this order. */
-const SOCKMAP_STATS = [
-  "bytes_spliced",
-  "packets_spliced",
-  "redirect_failures",
-  "passed",
-  "sockets_inserted",
-  "insert_failures",
-  "setsockopt_failures",
-  "bytes_upstream",
-  "packets_upstream",
-  "empty_dropped",
-];
+/** struct sni_stats: the counters the table shows (all but sockets_closed), in map order. */
+const SOCKMAP_STATS = SOCKMAP_STATS_FIELDS.filter((f) => f !== "sockets_closed");
+const STATS_PIN = `${PIN_DIR}/${SOCKMAP_MAPS.stats}`;
 
 /** Prints the table; returns the exit code. */
 export async function printStats(config: Config): Promise<number> {
@@ -40,8 +29,8 @@ export async function printStats(config: Config): Promise<number> {
     }
   } else {
     try {
-      stats = { kernel: { sockmap: await readPinnedStats(`${PIN_DIR}/sni_stats`, SOCKMAP_STATS) } };
-      source = `${PIN_DIR}/sni_stats (no metrics.address in ${config.path}: kernel counters only)`;
+      stats = { kernel: { sockmap: await readPinnedStats(STATS_PIN, SOCKMAP_STATS) } };
+      source = `${STATS_PIN} (no metrics.address in ${config.path}: kernel counters only)`;
     } catch (e) {
       console.error(
         `sni-proxy stats: no metrics.address in ${config.path}, and the pinned eBPF maps cannot ` +
@@ -67,7 +56,10 @@ export async function printStats(config: Config): Promise<number> {
 }
 
 /** Sums a pinned PERCPU_ARRAY's entry 0 of little-endian u64 fields over CPUs. */
-async function readPinnedStats(path: string, fields: string[]): Promise<Record<string, number>> {
+async function readPinnedStats(
+  path: string,
+  fields: readonly string[],
+): Promise<Record<string, number>> {
   let out: Deno.CommandOutput;
   try {
     out = await new Deno.Command("bpftool", {

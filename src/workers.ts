@@ -26,14 +26,15 @@ import {
   reloadable,
   routeSummary,
 } from "./config.ts";
-import type { KernelAccel } from "./kernel.ts";
+import { lines } from "./bytes.ts";
+import type { KernelAccel } from "./ebpf/sockmap.ts";
 import { runUntilStopped } from "./lifecycle.ts";
 import { warnIfListened } from "./listener.ts";
 import { type ForwardedLog, logger, setupWorkerLogging, writeForwarded } from "./log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "./metrics.ts";
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
 import { flattenXdp, kernelMode, openKernel, openXdp, Proxy, type WorkerRole } from "./proxy.ts";
-import type { XdpFilter } from "./xdp.ts";
+import type { XdpFilter } from "./ebpf/xdp.ts";
 
 // the supervisor is the proxy to the operator: its lines read like the single-process ones
 const log = logger("proxy");
@@ -150,21 +151,6 @@ function answerSupervisor(proxy: Proxy, gone: () => void): void {
       }
     }
   })().catch(() => {}).finally(gone);
-}
-
-/** Splits a byte stream into lines (without the newline). */
-async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
-  const decoder = new TextDecoder();
-  let rest = "";
-  for await (const chunk of stream) {
-    rest += decoder.decode(chunk, { stream: true });
-    let nl: number;
-    while ((nl = rest.indexOf("\n")) >= 0) {
-      yield rest.slice(0, nl);
-      rest = rest.slice(nl + 1);
-    }
-  }
-  if (rest) yield rest;
 }
 
 // ---------------------------------------------------------------------------------------------

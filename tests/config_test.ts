@@ -350,9 +350,13 @@ Deno.test("a reload names every field it cannot apply and keeps their running va
 Deno.test("every config field that a message or the README names exists", async () => {
   const root = new URL("..", import.meta.url).pathname;
   const sources = [await Deno.readTextFile(`${root}README.md`)];
-  for (const f of Deno.readDirSync(`${root}src`)) {
-    sources.push(await Deno.readTextFile(`${root}src/${f.name}`));
-  }
+  const readTree = async (dir: string) => {
+    for (const f of Deno.readDirSync(dir)) {
+      if (f.isDirectory) await readTree(`${dir}/${f.name}`);
+      else sources.push(await Deno.readTextFile(`${dir}/${f.name}`));
+    }
+  };
+  await readTree(`${root}src`);
   const sections = "workers|listeners|routes|tables|timeouts|limits|acl|log|dns|metrics|admin|ebpf";
   // inside string literals or `code` spans only: code such as config.dns.servers is not a name
   const literal = /"[^"\n]*"|'[^'\n]*'|`[^`\n]*`/g;

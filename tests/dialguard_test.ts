@@ -1,6 +1,6 @@
 /** Which backend addresses the proxy may dial: internal kinds, opt-ins, its own listeners. */
 import assert from "node:assert/strict";
-import { parseCidr, parseIp } from "../src/acl.ts";
+import { parseCidr, parseIpWords } from "../src/acl.ts";
 import { DialGuard, internalKind, type InternalPolicy } from "../src/dialguard.ts";
 
 const policy = (allowPrivate: boolean, allowAddresses: string[] = []): InternalPolicy => ({
@@ -38,7 +38,7 @@ Deno.test("internal addresses by kind; public ones, and what NAT64 and 6to4 carr
     ["2002:808:808::1", null],
   ];
   for (const [address, kind] of cases) {
-    assert.equal(internalKind(parseIp(address)!), kind, address);
+    assert.equal(internalKind(parseIpWords(address)!), kind, address);
   }
 });
 

@@ -12,7 +12,8 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { socketTuple } from "../src/kernel.ts";
+import { socketTuple } from "../src/ebpf/sockmap.ts";
+import { concat } from "../src/bytes.ts";
 import { SockDiag } from "../src/tcpinfo.ts";
 import {
   assertCleanStop,
@@ -753,10 +754,7 @@ ktest(
       const hello = await clientHelloBytes("extra.test");
       const extra = POOL.subarray(0, 3000);
       const conn = await Deno.connect({ hostname: "127.0.0.1", port: proxy.port() });
-      const first = new Uint8Array(hello.length + extra.length);
-      first.set(hello);
-      first.set(extra, hello.length);
-      await writeAll(conn, first);
+      await writeAll(conn, concat(hello, extra));
       assert.deepEqual(await readExact(conn, 1), new Uint8Array([GO]));
       assert.equal(sha256(await readExact(conn, extra.length)), sha256(extra), "extra echoed");
       const [sent, got] = await Promise.all([

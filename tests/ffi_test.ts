@@ -12,10 +12,28 @@ import {
   libbpfVersion,
   setLibbpfLogger,
 } from "../ffi/libbpf.ts";
-import { socketTuple } from "../src/kernel.ts";
-import { parseIp } from "../src/tcpinfo.ts";
+import { socketTuple } from "../src/ebpf/sockmap.ts";
+import { parseIp } from "../src/net/ip.ts";
+import {
+  KEY_ZERO,
+  LPM_V4,
+  LPM_V6,
+  PAIR,
+  PORT_VALUE,
+  portKey,
+  SOCK_KEY,
+  SOCKHASH_VALUE_SIZE,
+  SOCKMAP_CONFIG,
+  SOCKMAP_MAPS,
+  SOCKMAP_STATS_SIZE,
+  TRIE_VALUE,
+  XDP_CONFIG,
+  XDP_STATS_MAP,
+  XDP_STATS_SIZE,
+} from "../src/ebpf/layout.ts";
 
 const OBJECT = new URL("../bpf/sockmap.bpf.o", import.meta.url);
+const XDP_OBJECT = new URL("../bpf/xdp.bpf.o", import.meta.url);
 
 async function skipReason(): Promise<string | null> {
   try {
@@ -25,13 +43,14 @@ async function skipReason(): Promise<string | null> {
   }
   try {
     await Deno.stat(OBJECT);
+    await Deno.stat(XDP_OBJECT);
   } catch {
     const build = await new Deno.Command("bash", {
       args: [new URL("../build.sh", import.meta.url).pathname, "bpf"],
       stderr: "piped",
     }).output().catch((e) => ({ success: false, stderr: new TextEncoder().encode(String(e)) }));
     if (!build.success) {
-      return `bpf/sockmap.bpf.o missing and build.sh failed: ${
+      return `bpf/sockmap.bpf.o or bpf/xdp.bpf.o missing and build.sh failed: ${
         new TextDecoder().decode(build.stderr)
       }`;
     }
@@ -130,4 +149,35 @@ Deno.test("ffi: socketTuple takes Deno addresses and refuses names, mixed famili
   assert.throws(() =>
     socketTuple({ local: { hostname: "::1", port: 0 }, remote: { hostname: "::1", port: 2 } })
   );
+});
+
+Deno.test({
+  name: "ffi: the maps of both BPF objects have the key and value sizes src/ebpf/layout.ts mirrors",
+  ignore: !!SKIP,
+  fn() {
+    const want: [URL, Record<string, [number, number]>][] = [
+      [OBJECT, {
+        [SOCKMAP_MAPS.sockhash]: [SOCK_KEY.size, SOCKHASH_VALUE_SIZE],
+        [SOCKMAP_MAPS.pairs]: [SOCK_KEY.size, PAIR.size],
+        [SOCKMAP_MAPS.stats]: [KEY_ZERO.length, SOCKMAP_STATS_SIZE],
+        [SOCKMAP_MAPS.config]: [KEY_ZERO.length, SOCKMAP_CONFIG.size],
+      }],
+      [XDP_OBJECT, {
+        deny_v4: [LPM_V4.size, TRIE_VALUE.length],
+        deny_v6: [LPM_V6.size, TRIE_VALUE.length],
+        allow_v4: [LPM_V4.size, TRIE_VALUE.length],
+        allow_v6: [LPM_V6.size, TRIE_VALUE.length],
+        ports: [portKey(1).length, PORT_VALUE.length],
+        xdp_config: [KEY_ZERO.length, XDP_CONFIG.size],
+        [XDP_STATS_MAP]: [KEY_ZERO.length, XDP_STATS_SIZE],
+      }],
+    ];
+    for (const [url, maps] of want) {
+      using obj = BpfObject.openMem(Deno.readFileSync(url), "layout");
+      for (const [name, [key, value]] of Object.entries(maps)) {
+        const m = obj.map(name);
+        assert.deepEqual([m.keySize, m.valueSize], [key, value], `${url.pathname}: ${name}`);
+      }
+    }
+  },
 });

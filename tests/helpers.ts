@@ -7,6 +7,7 @@
  * @module
  */
 import type { AccessEntry as LoggedAccessEntry } from "../src/log.ts";
+import { concat, lines, LineSplitter, writeAll } from "../src/bytes.ts";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import net from "node:net";
@@ -208,10 +209,7 @@ export async function makeCerts(names: readonly string[]): Promise<TestCerts> {
 // Byte helpers
 
 /** Writes all of `data` to `conn`. */
-export async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
-  let off = 0;
-  while (off < data.length) off += await conn.write(data.subarray(off));
-}
+export { writeAll };
 
 /** Reads until EOF; returns the byte count and sha256 (hex). Read errors propagate. */
 export async function drainHash(conn: Deno.Conn): Promise<{ bytes: number; sha256: string }> {
@@ -231,20 +229,12 @@ export async function drainHash(conn: Deno.Conn): Promise<{ bytes: number; sha25
 export async function readToEnd(conn: Deno.Conn): Promise<Uint8Array> {
   const parts: Uint8Array[] = [];
   const buf = new Uint8Array(64 * 1024);
-  let total = 0;
   for (;;) {
     const n = await conn.read(buf);
     if (n === null) break;
     parts.push(buf.slice(0, n));
-    total += n;
   }
-  const out = new Uint8Array(total);
-  let off = 0;
-  for (const part of parts) {
-    out.set(part, off);
-    off += part.length;
-  }
-  return out;
+  return concat(...parts);
 }
 
 /**
@@ -286,22 +276,18 @@ export function pseudoRandomBytes(n: number, seed: number): Uint8Array {
 
 /** Buffered line reader over a connection (for the line protocol of the identity backends). */
 export class LineReader {
-  #buf = "";
+  readonly #lines = new LineSplitter();
   readonly #chunk = new Uint8Array(4096);
   constructor(readonly conn: Deno.Conn) {}
 
   /** The next `\n`-terminated line (without `\n`), or null at EOF. */
   async line(): Promise<string | null> {
     for (;;) {
-      const nl = this.#buf.indexOf("\n");
-      if (nl >= 0) {
-        const line = this.#buf.slice(0, nl);
-        this.#buf = this.#buf.slice(nl + 1);
-        return line;
-      }
+      const line = this.#lines.shift();
+      if (line !== null) return line;
       const n = await this.conn.read(this.#chunk);
       if (n === null) return null;
-      this.#buf += decoder.decode(this.#chunk.subarray(0, n));
+      this.#lines.push(this.#chunk.subarray(0, n));
     }
   }
 }
@@ -1221,18 +1207,11 @@ export async function traffic(s: Scope, wrapper: string[], args: string[] = []) 
       child.kill("SIGKILL");
     } catch { /* exited */ }
   });
-  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let buffered = "";
+  const output = lines(child.stdout);
   const line = async () => {
-    while (!buffered.includes("\n")) {
-      const { value, done } = await lines.read();
-      if (done) throw new Error("the traffic fixture ended early");
-      buffered += value;
-    }
-    const nl = buffered.indexOf("\n");
-    const text = buffered.slice(0, nl);
-    buffered = buffered.slice(nl + 1);
-    return JSON.parse(text);
+    const { value, done } = await output.next();
+    if (done) throw new Error("the traffic fixture ended early");
+    return JSON.parse(value);
   };
   const stdin = child.stdin.getWriter();
   const send = (v: unknown) => stdin.write(new TextEncoder().encode(JSON.stringify(v) + "\n"));

@@ -9,6 +9,8 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { libbpf } from "../ffi/libbpf.ts";
+import { PIN_DIR, SOCKMAP_MAPS } from "../src/ebpf/layout.ts";
+import { CGROUP_NAME } from "../src/ebpf/host.ts";
 import {
   type AccessEntry,
   clientHelloBytes,
@@ -21,10 +23,10 @@ import {
 } from "./helpers.ts";
 import type { ProxyProcess } from "./helpers.ts";
 
-/** Where the proxy pins its maps and link (src/kernel.ts DEFAULT_PIN_DIR). */
-export const PIN_DIR = "/sys/fs/bpf/sni-proxy";
+/** Where the proxy pins its maps and link. */
+export { PIN_DIR };
 /** The pinned pairing map (2 entries per spliced connection). */
-export const PAIRS_PIN = `${PIN_DIR}/sni_pairs`;
+export const PAIRS_PIN = `${PIN_DIR}/${SOCKMAP_MAPS.pairs}`;
 
 const decoder = new TextDecoder();
 
@@ -102,7 +104,7 @@ export async function cgroup2Mount(): Promise<string | null> {
 export async function kernelSlotHolders(): Promise<number[]> {
   const mount = await cgroup2Mount();
   try {
-    const text = await Deno.readTextFile(`${mount}/sni-proxy/cgroup.procs`);
+    const text = await Deno.readTextFile(`${mount}/${CGROUP_NAME}/cgroup.procs`);
     return text.split("\n").filter(Boolean).map(Number);
   } catch {
     return [];

@@ -10,7 +10,7 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { socketTuple } from "../src/kernel.ts";
+import { socketTuple } from "../src/ebpf/sockmap.ts";
 import { resetSocket, socketPorts } from "../ffi/libc.ts";
 import { SockDiag } from "../src/tcpinfo.ts";
 import {

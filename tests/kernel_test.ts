@@ -10,13 +10,15 @@ import { createHash } from "node:crypto";
 import { BpfAttachType, BpfError, BpfObject, libbpf, queryProgIds } from "../ffi/libbpf.ts";
 import { closeFd, openDirectory } from "../ffi/libc.ts";
 import { ensureBpfObject } from "./kernel_helpers.ts";
+import { writeAll } from "../src/bytes.ts";
+import { FALLBACK_CGROUP2_MOUNT } from "../src/ebpf/host.ts";
 import {
   KernelAccel,
   KernelAccelError,
   type KernelAccelOptions,
   type SocketAddrs,
   type SplicePair,
-} from "../src/kernel.ts";
+} from "../src/ebpf/sockmap.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 const OBJECT = `${ROOT}bpf/sockmap.bpf.o`;
@@ -45,7 +47,7 @@ if (SKIP) console.warn(`\n!!! SKIPPING tests/kernel_test.ts (eBPF fast path): ${
 async function cgroup2Mount(): Promise<string> {
   const mounts = await Deno.readTextFile("/proc/self/mounts");
   const m = mounts.split("\n").map((l) => l.split(" ")).find((f) => f[2] === "cgroup2");
-  return m ? m[1] : "/run/sni-proxy/cgroup2";
+  return m ? m[1] : FALLBACK_CGROUP2_MOUNT;
 }
 
 async function ownCgroup(): Promise<string> {
@@ -115,7 +117,7 @@ async function sendBlocks(conn: Deno.Conn, mib: number): Promise<string> {
   for (let i = 0; i < mib; i++) {
     const b = blocks[i % blocks.length];
     hash.update(b);
-    for (let off = 0; off < b.length;) off += await conn.write(b.subarray(off));
+    await writeAll(conn, b);
   }
   return hash.digest("hex");
 }
@@ -164,7 +166,7 @@ async function splicedSession(
       const n = await from.read(buf).catch(() => null);
       if (n === null) break;
       read += n;
-      for (let off = 0; off < n;) off += await to.write(buf.subarray(off, n));
+      await writeAll(to, buf.subarray(0, n));
       written[toSide] += n;
     }
     const d = await accel.waitDrained(pair, toSide, written[toSide], { timeoutMs: 10_000 });
@@ -224,7 +226,7 @@ Deno.test({
     // A child process opens the fast path with the same pins and dies without cleaning up.
     const script = `
       import { KernelAccel } from ${
-      JSON.stringify(new URL("../src/kernel.ts", import.meta.url).href)
+      JSON.stringify(new URL("../src/ebpf/sockmap.ts", import.meta.url).href)
     };
       await KernelAccel.open({ maxPairs: 64, maxSockets: 64, pinDir: ${JSON.stringify(PIN_DIR)},
         cgroupDir: ${JSON.stringify(`${await cgroup2Mount()}/sni-proxy-test`)}, log: () => {} });

@@ -11,7 +11,8 @@
 
 import assert from "node:assert/strict";
 import { parseCidr } from "../src/acl.ts";
-import { lpmKey } from "../src/xdp.ts";
+import { LineSplitter } from "../src/bytes.ts";
+import { lpmKey } from "../src/ebpf/xdp.ts";
 import { ensureBpfObject, hasCommand } from "./kernel_helpers.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
@@ -142,8 +143,9 @@ async function makeCert(dir: string): Promise<{ cert: string; key: string }> {
 
 // The agent runs inside the proxy namespace: XdpFilter + real proxy + TLS backend + UDP sink.
 const AGENT = `
-import { XdpFilter, XdpError } from "${ROOT}src/xdp.ts";
+import { XdpFilter, XdpError } from "${ROOT}src/ebpf/xdp.ts";
 import { parseCidr } from "${ROOT}src/acl.ts";
+import { lines } from "${ROOT}src/bytes.ts";
 
 const cfg = JSON.parse(Deno.args[0]);
 const enc = new TextEncoder();
@@ -206,50 +208,43 @@ try {
 }
 say({ ready: true, proxyPid: proxy.pid, attachments: filter.attachments, logs: logs.splice(0) });
 
-const lines = Deno.stdin.readable.pipeThrough(new TextDecoderStream());
-let pending = "";
-for await (const chunk of lines) {
-  pending += chunk;
-  let nl;
-  while ((nl = pending.indexOf("\\n")) >= 0) {
-    const cmd = JSON.parse(pending.slice(0, nl));
-    pending = pending.slice(nl + 1);
-    try {
-      if (cmd.cmd === "stats") say({ stats: filter.stats(), udp: { ...udp } });
-      else if (cmd.cmd === "update") {
-        filter.update(cidrs(cmd.deny), cidrs(cmd.allow), cmd.ports);
-        say({ ok: true, attachments: filter.attachments, logs: logs.splice(0) });
-      } else if (cmd.cmd === "churn") {
-        // reload back and forth as fast as possible while the test sends traffic
-        const a = [cidrs(cmd.a.deny), cidrs(cmd.a.allow), cmd.a.ports];
-        const b = [cidrs(cmd.b.deny), cidrs(cmd.b.allow), cmd.b.ports];
-        const until = Date.now() + cmd.ms;
-        let n = 0;
-        while (Date.now() < until) {
-          filter.update(...(n % 2 ? b : a));
-          n++;
-          if (n % 50 === 0) await new Promise((r) => setTimeout(r, 0));
-        }
-        filter.update(...a);
-        logs.splice(0);
-        say({ ok: true, updates: n + 1 });
-      } else if (cmd.cmd === "exit") {
-        filter.close();
-        proxy.kill("SIGKILL");
-        await proxy.status;
-        say({ closed: true, logs: logs.splice(0) });
-        Deno.exit(0);
+for await (const line of lines(Deno.stdin.readable)) {
+  const cmd = JSON.parse(line);
+  try {
+    if (cmd.cmd === "stats") say({ stats: filter.stats(), udp: { ...udp } });
+    else if (cmd.cmd === "update") {
+      filter.update(cidrs(cmd.deny), cidrs(cmd.allow), cmd.ports);
+      say({ ok: true, attachments: filter.attachments, logs: logs.splice(0) });
+    } else if (cmd.cmd === "churn") {
+      // reload back and forth as fast as possible while the test sends traffic
+      const a = [cidrs(cmd.a.deny), cidrs(cmd.a.allow), cmd.a.ports];
+      const b = [cidrs(cmd.b.deny), cidrs(cmd.b.allow), cmd.b.ports];
+      const until = Date.now() + cmd.ms;
+      let n = 0;
+      while (Date.now() < until) {
+        filter.update(...(n % 2 ? b : a));
+        n++;
+        if (n % 50 === 0) await new Promise((r) => setTimeout(r, 0));
       }
-    } catch (e) {
-      say({ error: errorOf(e) });
+      filter.update(...a);
+      logs.splice(0);
+      say({ ok: true, updates: n + 1 });
+    } else if (cmd.cmd === "exit") {
+      filter.close();
+      proxy.kill("SIGKILL");
+      await proxy.status;
+      say({ closed: true, logs: logs.splice(0) });
+      Deno.exit(0);
     }
+  } catch (e) {
+    say({ error: errorOf(e) });
   }
 }
 `;
 
 // One-shot attach attempts (inside a namespace): prints what each XdpFilter.open did.
 const PROBE = `
-import { XdpFilter } from "${ROOT}src/xdp.ts";
+import { XdpFilter } from "${ROOT}src/ebpf/xdp.ts";
 const results = [];
 for (const attempt of JSON.parse(Deno.args[0])) {
   const logs = [];
@@ -298,7 +293,7 @@ class Agent {
   #child: Deno.ChildProcess;
   #writer: WritableStreamDefaultWriter<Uint8Array>;
   #reader: ReadableStreamDefaultReader<string>;
-  #buffered = "";
+  readonly #lines = new LineSplitter();
   first!: {
     ready?: boolean;
     proxyPid?: number;
@@ -347,12 +342,8 @@ class Agent {
   async #line(timeoutMs = 20_000): Promise<Record<string, unknown>> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const nl = this.#buffered.indexOf("\n");
-      if (nl >= 0) {
-        const line = this.#buffered.slice(0, nl);
-        this.#buffered = this.#buffered.slice(nl + 1);
-        return JSON.parse(line);
-      }
+      const line = this.#lines.shift();
+      if (line !== null) return JSON.parse(line);
       let timer: ReturnType<typeof setTimeout> | undefined;
       const timeout = new Promise<never>((_, reject) => {
         timer = setTimeout(
@@ -363,7 +354,7 @@ class Agent {
       try {
         const { value, done } = await Promise.race([this.#reader.read(), timeout]);
         if (done) throw new Error("agent exited");
-        this.#buffered += value;
+        this.#lines.push(value);
       } finally {
         clearTimeout(timer);
       }

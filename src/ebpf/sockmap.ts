@@ -20,20 +20,56 @@ import {
   type BpfLink,
   type BpfMap,
   BpfMapFd,
-  BpfObject,
+  type BpfObject,
   type BpfProgram,
-  libbpf,
-  linkDetachFd,
-  logTail,
-  objGet,
   possibleCpus,
-  setLibbpfLogger,
-} from "../ffi/libbpf.ts";
-import { closeFd, mountFs, openDirectory } from "../ffi/libc.ts";
-import { parseIp, SockDiag, type SocketTuple, type TcpSocketInfo } from "./tcpinfo.ts";
+} from "../../ffi/libbpf.ts";
+import { closeFd, Errno, openDirectory } from "../../ffi/libc.ts";
+import { parseIp } from "../net/ip.ts";
+import { SockDiag, type SocketTuple, type TcpSocketInfo } from "../tcpinfo.ts";
+import {
+  CGROUP_NAME,
+  cgroupPath,
+  createCgroup,
+  currentCgroup2,
+  ensureMounts,
+  moveTo,
+  refuseIfInUse,
+  removeQuietly,
+  removeStalePins,
+} from "./host.ts";
+import {
+  encodePair,
+  encodeSockKey,
+  encodeSockmapConfig,
+  KEY_ZERO,
+  PAIR,
+  pairBytes,
+  PIN_DIR,
+  PIN_LINK,
+  PIN_MAPS,
+  SOCK_KEY,
+  SOCKHASH_VALUE_SIZE,
+  SOCKMAP_MAPS,
+  SOCKMAP_STATS_FIELDS,
+  SOCKMAP_STATS_SIZE,
+} from "./layout.ts";
+import {
+  checkBpfAccess,
+  checkPlatform,
+  type EbpfLog,
+  KernelAccelError,
+  loadError,
+  openBpfObject,
+  sumPerCpu,
+  Undo,
+  withLibbpfLog,
+} from "./loader.ts";
+
+export { KernelAccelError };
 
 /** Log sink of the loader (same levels as the proxy's logger). */
-export type KernelLog = (level: "debug" | "info" | "warning" | "error", message: string) => void;
+export type KernelLog = EbpfLog;
 
 /** Options of {@link KernelAccel.open}. */
 export interface KernelAccelOptions {
@@ -74,123 +110,6 @@ export interface HostPort {
 export interface SocketAddrs {
   local: HostPort;
   remote: HostPort;
-}
-
-/** Why the fast path is unavailable: `message` names the cause and the fix. */
-export class KernelAccelError extends Error {
-  /** Short machine-readable cause, e.g. `not_root`, `no_libbpf`, `load_failed`. */
-  readonly reason: string;
-  /** What the operator can do about it. */
-  readonly fix: string;
-  constructor(reason: string, cause: string, fix: string, options?: { cause?: unknown }) {
-    super(`${cause}; ${fix}`, options);
-    this.name = "KernelAccelError";
-    this.reason = reason;
-    this.fix = fix;
-  }
-}
-
-/**
- * Fails with `unsupported_platform` off Linux on x86_64/aarch64 (the map layouts are little
- * endian), and with `old_kernel` below `minKernel`. `feature` names what needs it ("the XDP
- * filter"), `needs` what that kernel brings, `fallback` what to do instead.
- */
-export function checkPlatform(
-  feature: string,
-  minKernel: [number, number],
-  needs: string,
-  fallback: string,
-  fail: (reason: string, cause: string, fix: string) => Error,
-): void {
-  if (Deno.build.os !== "linux" || !["x86_64", "aarch64"].includes(Deno.build.arch)) {
-    throw fail(
-      "unsupported_platform",
-      `${feature} needs Linux on x86_64 or aarch64 (this is ${Deno.build.os}/${Deno.build.arch})`,
-      fallback,
-    );
-  }
-  const m = Deno.osRelease().match(/^(\d+)\.(\d+)/);
-  const [major, minor] = m ? [Number(m[1]), Number(m[2])] : [0, 0];
-  const [wantMajor, wantMinor] = minKernel;
-  if (major < wantMajor || (major === wantMajor && minor < wantMinor)) {
-    throw fail(
-      "old_kernel",
-      `kernel ${Deno.osRelease()} is older than ${wantMajor}.${wantMinor} (${needs})`,
-      `upgrade to Linux ${wantMajor}.${wantMinor} or later, or ${fallback}`,
-    );
-  }
-}
-
-/**
- * Fails with `not_root` unless this process may load BPF programs (CAP_SYS_ADMIN, or CAP_BPF
- * with CAP_NET_ADMIN), or with `no_libbpf` when libbpf.so.1 cannot be loaded.
- */
-export async function checkBpfAccess(
-  action: string,
-  privilegeFix: string,
-  fail: (reason: string, cause: string, fix: string, e?: unknown) => Error,
-): Promise<void> {
-  const caps = await effectiveCaps();
-  const has = (c: bigint) => (caps >> c) & 1n;
-  if (!has(CAP_SYS_ADMIN) && !(has(CAP_BPF) && has(CAP_NET_ADMIN))) {
-    throw fail(
-      "not_root",
-      `not permitted to ${action} (no CAP_BPF + CAP_NET_ADMIN, not root)`,
-      privilegeFix,
-    );
-  }
-  try {
-    libbpf();
-  } catch (e) {
-    throw fail(
-      "no_libbpf",
-      (e as Error).message,
-      "install libbpf 1.x (Debian: apt-get install -y libbpf1)",
-      e,
-    );
-  }
-}
-
-/**
- * Opens one of the project's BPF objects: `given` bytes, or bpf/`file` beside this source tree
- * (embedded in the compiled binary). libbpf's own log goes to `log`. Failures become
- * `fail(reason, cause, fix, error)`: `no_object` (not built) or `bad_object`.
- */
-export async function openBpfObject(
-  file: string,
-  objName: string,
-  label: string,
-  given: Uint8Array | undefined,
-  log: KernelLog,
-  fail: (reason: string, cause: string, fix: string, e: unknown) => Error,
-): Promise<BpfObject> {
-  setLibbpfLogger((level, message) => {
-    log(level === "warn" ? "warning" : "debug", `libbpf: ${message.replace(/^libbpf: /, "")}`);
-  });
-  let elf = given;
-  if (!elf) {
-    const url = new URL(`../bpf/${file}`, import.meta.url);
-    try {
-      elf = await Deno.readFile(url);
-    } catch (e) {
-      throw fail(
-        "no_object",
-        `cannot read the ${label} object ${url.pathname}: ${(e as Error).message}`,
-        "build it with ./build.sh (needs clang)",
-        e,
-      );
-    }
-  }
-  try {
-    return BpfObject.openMem(elf, objName);
-  } catch (e) {
-    throw fail(
-      "bad_object",
-      `the ${label} object is unusable: ${(e as Error).message}`,
-      "rebuild it with ./build.sh",
-      e,
-    );
-  }
 }
 
 /** Bytes redirected in the kernel, per direction of a pair. */
@@ -262,46 +181,15 @@ export class SplicePair {
     this.b = b;
     this.tupleA = tupleA;
     this.tupleB = tupleB;
-    this.keyA = encodeKey(tupleA);
-    this.keyB = encodeKey(tupleB);
+    this.keyA = encodeSockKey(tupleA);
+    this.keyB = encodeSockKey(tupleB);
   }
 }
 
-// Layouts mirrored from bpf/sockmap.h (struct sni_sock_key, sni_pair, sni_config, sni_stats).
-// Host-order fields are little endian: the fast path supports x86_64 and aarch64 only.
-const KEY_SIZE = 44; // family u32, local_port u32, remote_port u32, local_ip[16], remote_ip[16]
-const PAIR_SIZE = 64; // peer key (44), upstream u32 @44, bytes u64 @48, packets u64 @56
-const PAIR_UPSTREAM = 44;
-const PAIR_BYTES = 48;
-const CONFIG_SIZE = 8; // sndbuf u32, rcvbuf u32
-const STATS_FIELDS = 11; // struct sni_stats: 11 x u64
-const STATS_SIZE = STATS_FIELDS * 8;
-const SOCKHASH_VALUE_SIZE = 8; // a userspace lookup returns the socket cookie
-
-const PIN_MAPS = [
-  "sni_sockhash",
-  "sni_pairs",
-  "sni_stats",
-  "sni_config",
-] as const;
-const E2BIG = 7;
-const ENOMEM = 12;
-const PIN_LINK = "sockops_link";
-const DEFAULT_PIN_DIR = "/sys/fs/bpf/sni-proxy";
 const VERDICT_ATTACH_TYPES = {
   stream_verdict: BpfAttachType.SK_SKB_STREAM_VERDICT,
   verdict: BpfAttachType.SK_SKB_VERDICT,
 } as const;
-
-function encodeKey(t: SocketTuple, out = new Uint8Array(KEY_SIZE)): Uint8Array {
-  const v = new DataView(out.buffer, out.byteOffset, out.byteLength);
-  v.setUint32(0, t.family, true);
-  v.setUint32(4, t.localPort, true);
-  v.setUint32(8, t.remotePort, true);
-  out.set(t.localIp.subarray(0, 16), 12);
-  out.set(t.remoteIp.subarray(0, 16), 28);
-  return out;
-}
 
 /**
  * The 4-tuple of a socket from its Deno addresses. IPv4-mapped IPv6 addresses (dual-stack
@@ -334,51 +222,6 @@ function describe(s: SocketAddrs): string {
     h: HostPort,
   ) => (h.hostname.includes(":") ? `[${h.hostname}]:${h.port}` : `${h.hostname}:${h.port}`);
   return `${f(s.local)}<->${f(s.remote)}`;
-}
-
-interface Mount {
-  source: string;
-  target: string;
-  type: string;
-}
-
-async function readMounts(): Promise<Mount[]> {
-  const text = await Deno.readTextFile("/proc/self/mounts");
-  return text.split("\n").filter(Boolean).map((line) => {
-    const [source, target, type] = line.split(" ");
-    // /proc/self/mounts escapes spaces etc. as octal
-    const unescape = (s: string) =>
-      s.replace(/\\([0-7]{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8)));
-    return { source, target: unescape(target), type };
-  });
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.lstat(path);
-    return true;
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return false;
-    throw e;
-  }
-}
-
-/** Effective capabilities of this process (bit set from /proc/self/status CapEff). */
-async function effectiveCaps(): Promise<bigint> {
-  const status = await Deno.readTextFile("/proc/self/status");
-  const m = status.match(/^CapEff:\s*([0-9a-f]+)$/m);
-  return m ? BigInt("0x" + m[1]) : 0n;
-}
-
-const CAP_NET_ADMIN = 12n;
-const CAP_SYS_ADMIN = 21n;
-const CAP_BPF = 39n;
-
-/** The cgroup v2 path of this process relative to the cgroup2 mount ("/" for the root). */
-async function currentCgroup2(): Promise<string> {
-  const text = await Deno.readTextFile("/proc/self/cgroup");
-  const line = text.split("\n").find((l) => l.startsWith("0::"));
-  return line ? line.slice(3) : "/";
 }
 
 /** The element operations KernelAccel needs, whether the map is owned or opened from a pin. */
@@ -419,8 +262,7 @@ export class KernelAccel {
   readonly pinDir: string | null;
   /** The cgroup v2 dir the sock_ops program is attached to. */
   readonly cgroupDir: string;
-  readonly #pairBuf = new Uint8Array(PAIR_SIZE);
-  readonly #pairView = new DataView(this.#pairBuf.buffer);
+  readonly #pairBuf = new Uint8Array(PAIR.size);
   readonly #cookieBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
   readonly #cookieView = new DataView(this.#cookieBuf.buffer);
   readonly #statsBuf: Uint8Array;
@@ -456,7 +298,7 @@ export class KernelAccel {
    * sock_ops program is attached to (a worker inherits it from the process that spawned it).
    * @throws {KernelAccelError} when the pins are missing or of another layout.
    */
-  static attach(log: KernelLog, pinDir: string = DEFAULT_PIN_DIR): KernelAccel {
+  static attach(log: KernelLog, pinDir: string = PIN_DIR): KernelAccel {
     const opened: BpfMapFd[] = [];
     const openMap = (name: string, keySize: number, valueSize: number): BpfMapFd => {
       let m: BpfMapFd;
@@ -482,8 +324,8 @@ export class KernelAccel {
       return m;
     };
     try {
-      const sockhash = openMap("sni_sockhash", KEY_SIZE, SOCKHASH_VALUE_SIZE);
-      const pairs = openMap("sni_pairs", KEY_SIZE, PAIR_SIZE);
+      const sockhash = openMap(SOCKMAP_MAPS.sockhash, SOCK_KEY.size, SOCKHASH_VALUE_SIZE);
+      const pairs = openMap(SOCKMAP_MAPS.pairs, SOCK_KEY.size, PAIR.size);
       return new KernelAccel({
         owner: null,
         sockhash,
@@ -507,36 +349,9 @@ export class KernelAccel {
    */
   static async open(options: KernelAccelOptions): Promise<KernelAccel> {
     const log = options.log;
-    const pinDir = options.pinDir === undefined ? DEFAULT_PIN_DIR : options.pinDir;
+    const pinDir = options.pinDir === undefined ? PIN_DIR : options.pinDir;
     const verdictType = VERDICT_ATTACH_TYPES[options.verdictAttach ?? "stream_verdict"];
-    for (
-      const [name, v] of [["maxPairs", options.maxPairs], [
-        "maxSockets",
-        options.maxSockets,
-      ]] as const
-    ) {
-      if (!Number.isInteger(v) || v < 1 || v > 0x7fffffff) {
-        throw new KernelAccelError(
-          "bad_option",
-          `${name} must be a positive integer (got ${v})`,
-          `fix ebpf.maps in the config`,
-        );
-      }
-    }
-    for (
-      const [name, v] of [
-        ["sndbuf", options.sndbuf],
-        ["rcvbuf", options.rcvbuf],
-      ] as const
-    ) {
-      if (v !== undefined && (!Number.isInteger(v) || v < 0 || v > 0x3fffffff)) {
-        throw new KernelAccelError(
-          "bad_option",
-          `${name} must be an integer from 0 to 1073741823 (got ${v})`,
-          "fix the ebpf buffer size in the config",
-        );
-      }
-    }
+    checkOptions(options);
     if (KernelAccel.#open) {
       throw new KernelAccelError(
         "already_open",
@@ -545,158 +360,67 @@ export class KernelAccel {
       );
     }
     checkPlatform(
+      KernelAccelError,
       "the eBPF fast path",
       [5, 10],
       "sockmap with sk_skb verdicts, sock_ops",
       "run in userspace mode",
-      (reason, cause, fix) => new KernelAccelError(reason, cause, fix),
     );
     await checkBpfAccess(
+      KernelAccelError,
       "load eBPF programs",
       "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (cgroup and bpffs mounts)",
-      (reason, cause, fix, e) => new KernelAccelError(reason, cause, fix, { cause: e }),
     );
     const obj = await openBpfObject(
+      KernelAccelError,
       "sockmap.bpf.o",
       "sni_sockmap",
       "eBPF",
       options.object,
       log,
-      (reason, cause, fix, e) => new KernelAccelError(reason, cause, fix, { cause: e }),
     );
-
-    // cgroup v2 and bpffs
-    let cgroupMount: string;
+    // Every step pushes its undo; a failure unwinds them all, newest first.
+    const undo = new Undo();
+    undo.push(() => obj.close());
+    let host: HostSetup;
     try {
-      cgroupMount = await ensureMounts(pinDir, log);
+      host = await setUpHost(pinDir, options.cgroupDir, log, undo);
     } catch (e) {
-      obj.close();
+      await undo.unwind();
       throw e;
     }
-    const cgroupDir = options.cgroupDir ?? `${cgroupMount}/sni-proxy`;
-    const originalCgroup = await currentCgroup2();
-    const createdCgroup = !(await exists(cgroupDir));
     try {
-      await Deno.mkdir(cgroupDir, { recursive: true });
-    } catch (e) {
-      obj.close();
-      throw new KernelAccelError(
-        "no_cgroup2",
-        `cannot create cgroup ${cgroupDir}: ${(e as Error).message}`,
-        "check cgroup2 permissions or set a writable cgroup dir",
-        { cause: e },
-      );
-    }
-    try {
-      await refuseIfInUse(cgroupDir);
-      if (pinDir !== null) await removeStalePins(pinDir, log);
-    } catch (e) {
-      obj.close();
-      if (createdCgroup) await Deno.remove(cgroupDir).catch(() => {});
-      throw e;
-    }
-
-    // load
-    let link: BpfLink | null = null;
-    let cgroupFd = -1;
-    let verdictAttached = false;
-    let movedIn = false;
-    const pinned: string[] = [];
-    try {
-      obj.map("sni_sockhash").setMaxEntries(options.maxSockets);
-      obj.map("sni_pairs").setMaxEntries(options.maxPairs);
-      try {
-        obj.load();
-      } catch (e) {
-        throw loadError(e, options);
-      }
-      const cfg = new Uint8Array(CONFIG_SIZE);
-      const cv = new DataView(cfg.buffer);
-      cv.setUint32(0, options.sndbuf ?? 0, true);
-      cv.setUint32(4, options.rcvbuf ?? 0, true);
-      obj.map("sni_config").update(new Uint8Array(4), cfg);
-
-      // Verdict first: a socket in a sockmap without a verdict program loses readiness
-      // notifications on recent kernels, and no socket can enter the map before sock_ops runs.
-      obj.program("sni_verdict").attachToMap(obj.map("sni_sockhash"), verdictType);
-      verdictAttached = true;
-
-      await Deno.writeTextFile(`${cgroupDir}/cgroup.procs`, `${Deno.pid}\n`);
-      movedIn = true;
-      cgroupFd = openDirectory(cgroupDir);
-      link = obj.program("sni_sockops").attachCgroup(cgroupFd);
-
-      if (pinDir !== null) {
-        await Deno.mkdir(pinDir, { recursive: true });
-        for (const name of PIN_MAPS) {
-          obj.map(name).pin(`${pinDir}/${name}`);
-          pinned.push(`${pinDir}/${name}`);
-        }
-        link.pin(`${pinDir}/${PIN_LINK}`);
-        pinned.push(`${pinDir}/${PIN_LINK}`);
-      }
+      load(obj, options, log);
+      const owner = await attachPrograms(obj, host, verdictType, log, undo);
+      if (pinDir !== null) await pin(obj, owner.link, pinDir, log, undo);
       KernelAccel.#open = true;
       const accel = new KernelAccel({
-        owner: {
-          obj,
-          verdict: obj.program("sni_verdict"),
-          link,
-          cgroupFd,
-          cgroupMount,
-          originalCgroup,
-          verdictType,
-        },
-        sockhash: obj.map("sni_sockhash"),
-        pairs: obj.map("sni_pairs"),
-        stats: obj.map("sni_stats"),
+        owner,
+        sockhash: obj.map(SOCKMAP_MAPS.sockhash),
+        pairs: obj.map(SOCKMAP_MAPS.pairs),
+        stats: obj.map(SOCKMAP_MAPS.stats),
         log,
         diag: SockDiag.open(),
         pinDir,
-        cgroupDir,
+        cgroupDir: host.cgroupDir,
       });
       log(
         "info",
-        `eBPF sockmap fast path attached (cgroup ${cgroupDir}, pins ${
+        `eBPF sockmap fast path attached (cgroup ${host.cgroupDir}, pins ${
           pinDir ?? "none"
         }, maps.sockets ${options.maxSockets}, maps.pairs ${options.maxPairs})`,
       );
       accel.#watchFill(options.maxSockets);
       return accel;
     } catch (e) {
-      // undo everything, in reverse
-      for (const p of pinned) await Deno.remove(p).catch(() => {});
-      if (link) {
-        try {
-          link.detach();
-        } catch { /* already gone */ }
-        link.destroy();
-      }
-      if (cgroupFd >= 0) closeFd(cgroupFd);
-      if (movedIn) await moveTo(`${cgroupMount}${originalCgroup === "/" ? "" : originalCgroup}`);
-      if (verdictAttached) {
-        try {
-          obj.program("sni_verdict").detachFromMap(obj.map("sni_sockhash"), verdictType);
-        } catch { /* freed with the map */ }
-      }
-      obj.close();
-      if (createdCgroup) await Deno.remove(cgroupDir).catch(() => {});
-      if (e instanceof KernelAccelError) throw e;
-      const err = e as Error;
-      const eperm = e instanceof BpfError && e.errno === 1;
-      throw new KernelAccelError(
-        eperm ? "not_permitted" : "attach_failed",
-        `eBPF fast path setup failed: ${err.message}`,
-        eperm
-          ? "run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); check kernel lockdown"
-          : "check the kernel supports sockmap (CONFIG_BPF_STREAM_PARSER) and cgroup BPF (CONFIG_CGROUP_BPF)",
-        { cause: e },
-      );
+      await undo.unwind();
+      throw setupError(e);
     }
   }
 
   /** True when the socket is in the sockhash (the sock_ops program saw it established). */
   isTracked(s: SocketAddrs): boolean {
-    return this.#sockhash.lookup(encodeKey(socketTuple(s)), this.#cookieBuf);
+    return this.#sockhash.lookup(encodeSockKey(socketTuple(s)), this.#cookieBuf);
   }
 
   /**
@@ -745,10 +469,7 @@ export class KernelAccel {
 
   /** `upstream`: `key` is the client side (a of pair()), so its bytes count as upstream. */
   #writePair(key: Uint8Array, peer: Uint8Array, upstream: boolean): void {
-    this.#pairBuf.fill(0);
-    this.#pairBuf.set(peer, 0);
-    this.#pairView.setUint32(PAIR_UPSTREAM, upstream ? 1 : 0, true);
-    this.#update(this.#pairs, key, this.#pairBuf);
+    this.#update(this.#pairs, key, encodePair(this.#pairBuf, peer, upstream));
   }
 
   /**
@@ -761,7 +482,7 @@ export class KernelAccel {
         map.update(key, value, BPF_ANY);
         return;
       } catch (e) {
-        const full = e instanceof BpfError && (e.errno === E2BIG || e.errno === ENOMEM);
+        const full = e instanceof BpfError && (e.errno === Errno.E2BIG || e.errno === Errno.ENOMEM);
         if (!full) throw e;
         if (attempt === 0 && this.#sweepStale() > 0) continue;
         throw new KernelAccelError(
@@ -801,7 +522,7 @@ export class KernelAccel {
 
   #readBytes(key: Uint8Array): number {
     if (!this.#readPair(key)) return 0;
-    return Number(this.#pairView.getBigUint64(PAIR_BYTES, true));
+    return pairBytes(this.#pairBuf);
   }
 
   /** Bytes redirected so far, each way (0 for a side whose entry is gone). */
@@ -928,31 +649,22 @@ export class KernelAccel {
   /** The kernel programs' counters summed over CPUs. */
   stats(): KernelStats {
     const buf = this.#statsBuf;
-    const ok = this.#stats?.lookup(new Uint8Array(4), buf) ?? false;
-    const sums = new Array<number>(STATS_FIELDS).fill(0);
-    if (ok) {
-      const v = new DataView(buf.buffer);
-      const stride = Math.ceil(STATS_SIZE / 8) * 8;
-      for (let cpu = 0; cpu < buf.length / stride; cpu++) {
-        for (let i = 0; i < STATS_FIELDS; i++) {
-          sums[i] += Number(v.getBigUint64(cpu * stride + i * 8, true));
-        }
-      }
-    }
+    const ok = this.#stats?.lookup(KEY_ZERO, buf) ?? false;
+    const s = sumPerCpu(ok ? buf : new Uint8Array(0), SOCKMAP_STATS_SIZE, SOCKMAP_STATS_FIELDS);
     return {
-      bytesSpliced: sums[0],
-      packetsSpliced: sums[1],
-      redirectFailures: sums[2],
-      passed: sums[3],
-      socketsInserted: sums[4],
-      insertFailures: sums[5],
-      setsockoptFailures: sums[6],
-      bytesUpstream: sums[7],
-      bytesDownstream: sums[0] - sums[7],
-      packetsUpstream: sums[8],
-      packetsDownstream: sums[1] - sums[8],
-      emptyDropped: sums[9],
-      socketsLive: Math.max(0, sums[4] - sums[10]),
+      bytesSpliced: s.bytes_spliced,
+      packetsSpliced: s.packets_spliced,
+      redirectFailures: s.redirect_failures,
+      passed: s.passed,
+      socketsInserted: s.sockets_inserted,
+      insertFailures: s.insert_failures,
+      setsockoptFailures: s.setsockopt_failures,
+      bytesUpstream: s.bytes_upstream,
+      bytesDownstream: s.bytes_spliced - s.bytes_upstream,
+      packetsUpstream: s.packets_upstream,
+      packetsDownstream: s.packets_spliced - s.packets_upstream,
+      emptyDropped: s.empty_dropped,
+      socketsLive: Math.max(0, s.sockets_inserted - s.sockets_closed),
     };
   }
 
@@ -985,25 +697,23 @@ export class KernelAccel {
     }
     if (this.pinDir !== null) {
       for (const p of [...PIN_MAPS, PIN_LINK]) {
-        await Deno.remove(`${this.pinDir}/${p}`).catch(() => {});
+        await removeQuietly(`${this.pinDir}/${p}`);
       }
-      await Deno.remove(this.pinDir).catch(() => {});
+      await removeQuietly(this.pinDir);
     }
     owner.link.destroy();
     closeFd(owner.cgroupFd);
     try {
-      owner.verdict.detachFromMap(owner.obj.map("sni_sockhash"), owner.verdictType);
+      owner.verdict.detachFromMap(owner.obj.map(SOCKMAP_MAPS.sockhash), owner.verdictType);
     } catch (e) {
       warn("detach verdict", e);
     }
     owner.obj.close();
-    const original = `${owner.cgroupMount}${
-      owner.originalCgroup === "/" ? "" : owner.originalCgroup
-    }`;
+    const original = cgroupPath(owner.cgroupMount, owner.originalCgroup);
     await moveTo(original).catch((e) => warn(`move back to cgroup ${original}`, e));
     // The cgroup dir is dedicated to the proxy (a previous run may have created it): remove it
     // once empty; rmdir fails harmlessly while other processes are in it.
-    await Deno.remove(this.cgroupDir).catch(() => {});
+    await removeQuietly(this.cgroupDir);
     this.#log("info", "eBPF sockmap fast path detached");
   }
 
@@ -1023,131 +733,155 @@ export class KernelAccel {
   }
 }
 
-/** Find (or mount) cgroup2 and make sure pinDir is on a bpffs; returns the cgroup2 mount point. */
-async function ensureMounts(pinDir: string | null, log: KernelLog): Promise<string> {
-  const mounts = await readMounts();
-  let cgroupMount = mounts.find((m) => m.type === "cgroup2")?.target;
-  if (!cgroupMount) {
-    cgroupMount = "/run/sni-proxy/cgroup2";
-    try {
-      await Deno.mkdir(cgroupMount, { recursive: true });
-      mountFs("cgroup2", cgroupMount);
-      log("info", `mounted cgroup2 at ${cgroupMount}`);
-    } catch (e) {
+/** Refuse map sizes and buffer sizes out of range (`bad_option`). */
+function checkOptions(options: KernelAccelOptions): void {
+  for (
+    const [name, v] of [["maxPairs", options.maxPairs], [
+      "maxSockets",
+      options.maxSockets,
+    ]] as const
+  ) {
+    if (!Number.isInteger(v) || v < 1 || v > 0x7fffffff) {
       throw new KernelAccelError(
-        "no_cgroup2",
-        `no cgroup v2 mount and mounting one failed: ${(e as Error).message}`,
-        "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup) or enable cgroup v2 in the kernel",
-        { cause: e },
+        "bad_option",
+        `${name} must be a positive integer (got ${v})`,
+        `fix ebpf.maps in the config`,
       );
     }
   }
-  if (pinDir !== null) {
-    const bpffsRoot = pinDir.split("/").slice(0, 4).join("/"); // /sys/fs/bpf
-    if (
-      !mounts.some((m) =>
-        m.type === "bpf" && (pinDir === m.target || pinDir.startsWith(m.target + "/"))
-      )
-    ) {
-      try {
-        mountFs("bpf", bpffsRoot);
-        log("info", `mounted bpffs at ${bpffsRoot}`);
-      } catch (e) {
-        throw new KernelAccelError(
-          "no_bpffs",
-          `${pinDir} is not on a bpf filesystem and mounting one at ${bpffsRoot} failed: ${
-            (e as Error).message
-          }`,
-          "mount bpffs (mount -t bpf bpf /sys/fs/bpf) or set the pin dir to a bpffs path",
-          { cause: e },
-        );
-      }
+  for (
+    const [name, v] of [
+      ["sndbuf", options.sndbuf],
+      ["rcvbuf", options.rcvbuf],
+    ] as const
+  ) {
+    if (v !== undefined && (!Number.isInteger(v) || v < 0 || v > 0x3fffffff)) {
+      throw new KernelAccelError(
+        "bad_option",
+        `${name} must be an integer from 0 to 1073741823 (got ${v})`,
+        "fix the ebpf buffer size in the config",
+      );
     }
   }
-  return cgroupMount;
 }
 
-async function moveTo(cgroupDir: string): Promise<void> {
-  await Deno.writeTextFile(`${cgroupDir}/cgroup.procs`, `${Deno.pid}\n`);
-}
-
-/** Refuse to share the cgroup with another live process (a second proxy instance). */
-async function refuseIfInUse(cgroupDir: string): Promise<void> {
-  let procs = "";
-  try {
-    procs = await Deno.readTextFile(`${cgroupDir}/cgroup.procs`);
-  } catch {
-    return;
-  }
-  const others = procs.split("\n").filter((p) => p && Number(p) !== Deno.pid);
-  if (others.length) {
-    throw new KernelAccelError(
-      "cgroup_in_use",
-      `cgroup ${cgroupDir} already holds process(es) ${others.join(", ")} (another sni-proxy?)`,
-      "stop the other instance or give this one its own cgroup dir and pin dir",
-    );
-  }
+/** The cgroup the fast path runs in, and where this process came from. */
+interface HostSetup {
+  cgroupMount: string;
+  cgroupDir: string;
+  originalCgroup: string;
 }
 
 /**
- * Remove pins a previous run left (crash, kill -9): detach its sock_ops link explicitly (the
- * pin kept it attached), then delete the map pins, so this run replaces rather than duplicates.
+ * cgroup v2 and bpffs mounted, the proxy's cgroup dir created (and not shared with another
+ * proxy), a previous run's pins removed.
  */
-async function removeStalePins(pinDir: string, log: KernelLog): Promise<void> {
-  if (!(await exists(pinDir))) return;
-  const linkPin = `${pinDir}/${PIN_LINK}`;
-  if (await exists(linkPin)) {
-    try {
-      const fd = objGet(linkPin);
-      try {
-        linkDetachFd(fd, linkPin);
-      } finally {
-        closeFd(fd);
-      }
-    } catch (e) {
-      log("warning", `stale pin ${linkPin}: ${(e as Error).message}`);
-    }
-  }
-  const removed: string[] = [];
-  for await (const entry of Deno.readDir(pinDir)) {
-    await Deno.remove(`${pinDir}/${entry.name}`);
-    removed.push(entry.name);
-  }
-  if (removed.length) log("info", `replaced stale eBPF pins in ${pinDir}: ${removed.join(", ")}`);
+async function setUpHost(
+  pinDir: string | null,
+  cgroupDirOption: string | undefined,
+  log: KernelLog,
+  undo: Undo,
+): Promise<HostSetup> {
+  const cgroupMount = await ensureMounts(pinDir, log);
+  const cgroupDir = cgroupDirOption ?? `${cgroupMount}/${CGROUP_NAME}`;
+  const originalCgroup = await currentCgroup2();
+  if (await createCgroup(cgroupDir)) undo.push(() => removeQuietly(cgroupDir));
+  await refuseIfInUse(cgroupDir);
+  if (pinDir !== null) await removeStalePins(pinDir, log);
+  return { cgroupMount, cgroupDir, originalCgroup };
 }
 
-function loadError(e: unknown, o: KernelAccelOptions): Error {
-  if (!(e instanceof BpfError)) return e as Error;
-  if (e.verifierLog) {
-    return new KernelAccelError(
-      "verifier_rejected",
-      `the kernel verifier rejected the eBPF program (${e.errnoName}):\n${
-        logTail(e.verifierLog, 20)
-      }`,
-      "this kernel lacks a feature the program needs; run in userspace mode or upgrade the kernel",
-      { cause: e },
-    );
+/** Size the maps, load the programs and write the config map. */
+function load(obj: BpfObject, options: KernelAccelOptions, log: KernelLog): void {
+  obj.map(SOCKMAP_MAPS.sockhash).setMaxEntries(options.maxSockets);
+  obj.map(SOCKMAP_MAPS.pairs).setMaxEntries(options.maxPairs);
+  try {
+    withLibbpfLog(log, () => obj.load());
+  } catch (e) {
+    throw loadError(KernelAccelError, e, {
+      program: "the eBPF program",
+      verifierFallback: "run in userspace mode",
+      memoryErrnos: [Errno.ENOMEM, Errno.E2BIG],
+      memory: {
+        reason: "no_memory",
+        cause: (errnoName) =>
+          `the kernel could not allocate the eBPF maps (${errnoName}; ebpf.maps.sockets ${options.maxSockets}, ebpf.maps.pairs ${options.maxPairs})`,
+        fix:
+          "lower ebpf.maps.sockets / ebpf.maps.pairs, or raise RLIMIT_MEMLOCK (ulimit -l) on kernels before 5.11",
+      },
+      refused: "eBPF",
+      permissionFix:
+        "run as root with CAP_BPF and CAP_NET_ADMIN; on kernels before 5.11 raise RLIMIT_MEMLOCK (ulimit -l unlimited); check kernel lockdown",
+      object: "the eBPF object",
+      otherFix: "check the kernel supports sockmap and cgroup BPF",
+    });
   }
-  if (e.errno === 12 || e.errno === 7) {
-    return new KernelAccelError(
-      "no_memory",
-      `the kernel could not allocate the eBPF maps (${e.errnoName}; ebpf.maps.sockets ${o.maxSockets}, ebpf.maps.pairs ${o.maxPairs})`,
-      "lower ebpf.maps.sockets / ebpf.maps.pairs, or raise RLIMIT_MEMLOCK (ulimit -l) on kernels before 5.11",
-      { cause: e },
-    );
+  obj.map(SOCKMAP_MAPS.config).update(
+    KEY_ZERO,
+    encodeSockmapConfig(options.sndbuf ?? 0, options.rcvbuf ?? 0),
+  );
+}
+
+/**
+ * Attach the verdict program to the sockhash, move this process into the cgroup and attach the
+ * sock_ops program there.
+ */
+async function attachPrograms(
+  obj: BpfObject,
+  host: HostSetup,
+  verdictType: number,
+  log: KernelLog,
+  undo: Undo,
+): Promise<Owner> {
+  // Verdict first: a socket in a sockmap without a verdict program loses readiness
+  // notifications on recent kernels, and no socket can enter the map before sock_ops runs.
+  const verdict = obj.program("sni_verdict");
+  const sockhash = obj.map(SOCKMAP_MAPS.sockhash);
+  withLibbpfLog(log, () => verdict.attachToMap(sockhash, verdictType));
+  undo.push(() => verdict.detachFromMap(sockhash, verdictType)); // else freed with the map
+
+  await moveTo(host.cgroupDir);
+  undo.push(() => moveTo(cgroupPath(host.cgroupMount, host.originalCgroup)));
+  const cgroupFd = openDirectory(host.cgroupDir);
+  undo.push(() => closeFd(cgroupFd));
+  const link = withLibbpfLog(log, () => obj.program("sni_sockops").attachCgroup(cgroupFd));
+  undo.push(() => {
+    try {
+      link.detach();
+    } catch { /* already gone */ }
+    link.destroy();
+  });
+  return { obj, verdict, link, cgroupFd, ...host, verdictType };
+}
+
+/** Pin the maps and the sock_ops link under `pinDir`. */
+async function pin(
+  obj: BpfObject,
+  link: BpfLink,
+  pinDir: string,
+  log: KernelLog,
+  undo: Undo,
+): Promise<void> {
+  await Deno.mkdir(pinDir, { recursive: true });
+  for (const name of PIN_MAPS) {
+    withLibbpfLog(log, () => obj.map(name).pin(`${pinDir}/${name}`));
+    undo.push(() => removeQuietly(`${pinDir}/${name}`));
   }
-  if (e.errno === 1) {
-    return new KernelAccelError(
-      "not_permitted",
-      `loading eBPF was refused (EPERM): ${e.message}`,
-      "run as root with CAP_BPF and CAP_NET_ADMIN; on kernels before 5.11 raise RLIMIT_MEMLOCK (ulimit -l unlimited); check kernel lockdown",
-      { cause: e },
-    );
-  }
+  withLibbpfLog(log, () => link.pin(`${pinDir}/${PIN_LINK}`));
+  undo.push(() => removeQuietly(`${pinDir}/${PIN_LINK}`));
+}
+
+/** A failed load or attach step as a {@link KernelAccelError}. */
+function setupError(e: unknown): KernelAccelError {
+  if (e instanceof KernelAccelError) return e;
+  const err = e as Error;
+  const eperm = e instanceof BpfError && e.errno === Errno.EPERM;
   return new KernelAccelError(
-    "load_failed",
-    `loading the eBPF object failed: ${e.message}`,
-    "check the kernel supports sockmap and cgroup BPF",
+    eperm ? "not_permitted" : "attach_failed",
+    `eBPF fast path setup failed: ${err.message}`,
+    eperm
+      ? "run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); check kernel lockdown"
+      : "check the kernel supports sockmap (CONFIG_BPF_STREAM_PARSER) and cgroup BPF (CONFIG_CGROUP_BPF)",
     { cause: e },
   );
 }

@@ -15,20 +15,48 @@ import {
   BpfAttachType,
   BpfError,
   type BpfMap,
-  BpfObject,
+  type BpfObject,
   linkCreate,
   linkDetachFd,
-  logTail,
   progInfoById,
   XdpFlags,
   xdpQuery,
-} from "../ffi/libbpf.ts";
-import { closeFd, ifNameToIndex } from "../ffi/libc.ts";
-import type { Cidr } from "./acl.ts";
-import { checkBpfAccess, checkPlatform, openBpfObject } from "./kernel.ts";
+} from "../../ffi/libbpf.ts";
+import { closeFd, Errno, ifNameToIndex } from "../../ffi/libc.ts";
+import type { Cidr } from "../acl.ts";
+import {
+  encodeXdpConfig,
+  KEY_ZERO,
+  lpmKey,
+  PORT_VALUE,
+  portKey,
+  TRIE_VALUE,
+  u32Key,
+  XDP_MAPS,
+  XDP_PORTS_MAX,
+  XDP_PROGRAM,
+  XDP_STATS_FIELDS,
+  XDP_STATS_INDEX,
+  XDP_STATS_MAP,
+  XDP_STATS_SIZE,
+  XDP_TRIES,
+} from "./layout.ts";
+import {
+  checkBpfAccess,
+  checkPlatform,
+  type EbpfLog,
+  loadError,
+  type LoadErrorHints,
+  openBpfObject,
+  sumPerCpu,
+  withLibbpfLog,
+  XdpError,
+} from "./loader.ts";
+
+export { lpmKey, XdpError };
 
 /** Log sink of the loader (same levels as the proxy's logger). */
-export type XdpLog = (level: "debug" | "info" | "warning" | "error", message: string) => void;
+export type XdpLog = EbpfLog;
 
 /**
  * Where the program runs: `native` in the driver (fastest; the driver must support XDP),
@@ -82,71 +110,11 @@ export interface XdpAttachment {
   programId: number;
 }
 
-/** Why the XDP filter could not be set up or updated: `message` names the cause and the fix. */
-export class XdpError extends Error {
-  /**
-   * Short machine-readable cause: `bad_option`, `unsupported_platform`, `old_kernel`, `not_root`,
-   * `no_libbpf`, `no_object`, `bad_object`, `no_interface`, `load_failed`, `verifier_rejected`,
-   * `interface_busy`, `native_unsupported`, `not_permitted`, `attach_failed`, `too_many_entries`,
-   * `update_failed`, `closed`.
-   */
-  readonly reason: string;
-  /** What the operator can do about it. */
-  readonly fix: string;
-  /** The interface concerned, when there is one. */
-  readonly interface?: string;
-  constructor(
-    reason: string,
-    cause: string,
-    fix: string,
-    options?: { cause?: unknown; interface?: string },
-  ) {
-    super(`${cause}; ${fix}`, options);
-    this.name = "XdpError";
-    this.reason = reason;
-    this.fix = fix;
-    this.interface = options?.interface;
-  }
-}
-
-// Layouts mirrored from bpf/xdp.h (struct sni_lpm_v4/v6, sni_xdp_config, sni_xdp_stats).
-const LPM_V4_SIZE = 8; // prefixlen u32 (host order), addr[4] network order
-const LPM_V6_SIZE = 20; // prefixlen u32, addr[16]
-const TRIE_VALUE = new Uint8Array([1, 0, 0, 0]); // u32, unused by the program
-const PORT_VALUE = new Uint8Array([1]);
-const CONFIG_SIZE = 8; // allow_active u32, reserved u32
-const STATS_SIZE = 32; // passed, dropped_deny, dropped_not_allowed, reserved: u64 each
-const STATS_INDEX = { ipv4: 0, ipv6: 1, other: 2 } as const;
-const STATS_KEYS = [0, 1, 2].map((i) => new Uint8Array(new Uint32Array([i]).buffer));
-const PORTS_MAX = 1024; // max_entries of `ports` in bpf/xdp.bpf.c
+const STATS_KEYS = Object.values(XDP_STATS_INDEX).map(u32Key);
 const DEFAULT_MAX_ENTRIES = 16384;
-const PROGRAM = "sni_xdp_filter";
-const TRIES = ["deny_v4", "deny_v6", "allow_v4", "allow_v6"] as const;
+const TRIES = XDP_TRIES;
 type TrieName = typeof TRIES[number];
-
-const EPERM = 1;
-const E2BIG = 7;
-const ENOMEM = 12;
-const EBUSY = 16;
-const EEXIST = 17;
-const EINVAL = 22;
-const ENOSPC = 28;
-const EOPNOTSUPP = 95;
-const ENOTSUPP = 524;
-
-/** The key bytes of a CIDR in its family's trie, host bits cleared (so equal blocks are equal). */
-export function lpmKey(cidr: Cidr): Uint8Array {
-  const key = new Uint8Array(cidr.v6 ? LPM_V6_SIZE : LPM_V4_SIZE);
-  const v = new DataView(key.buffer);
-  v.setUint32(0, cidr.prefix, true);
-  const first = cidr.v6 ? 0 : 3;
-  for (let i = first; i < 4; i++) {
-    const bits = Math.max(0, Math.min(32, cidr.prefix - 32 * (i - first)));
-    const mask = bits === 0 ? 0 : bits === 32 ? 0xffffffff : ~(0xffffffff >>> bits) >>> 0;
-    v.setUint32(4 + 4 * (i - first), (cidr.words[i] & mask) >>> 0, false);
-  }
-  return key;
-}
+type MapName = typeof XDP_MAPS[number];
 
 function hex(bytes: Uint8Array): string {
   let s = "";
@@ -185,7 +153,7 @@ function wanted(deny: Cidr[], allow: Cidr[], ports: number[]): Wanted {
     if (!Number.isInteger(p) || p < 1 || p > 65535) {
       throw new XdpError("bad_option", `port ${p} is out of range`, "ports must be 1-65535");
     }
-    const key = new Uint8Array([p >> 8, p & 0xff]); // network byte order, as in the TCP header
+    const key = portKey(p);
     w.ports.set(hex(key), { key, text: String(p) });
   }
   return w;
@@ -218,10 +186,10 @@ function checkCapacity(w: Wanted, maxEntries: number, prev?: Wanted): void {
   }
   let ports = w.ports.size;
   if (prev) { for (const k of prev.ports.keys()) if (!w.ports.has(k)) ports++; }
-  if (ports > PORTS_MAX) {
+  if (ports > XDP_PORTS_MAX) {
     throw new XdpError(
       "too_many_entries",
-      `${w.ports.size} listening ports exceed the XDP port set (${PORTS_MAX})`,
+      `${w.ports.size} listening ports exceed the XDP port set (${XDP_PORTS_MAX})`,
       "use fewer listeners",
     );
   }
@@ -281,7 +249,7 @@ function describeOccupant(ifname: string, ifindex: number): { what: string; fix:
  */
 export class XdpFilter {
   readonly #obj: BpfObject;
-  readonly #maps: Record<TrieName | "ports" | "xdp_config", BpfMap>;
+  readonly #maps: Record<MapName, BpfMap>;
   readonly #stats: BpfMap;
   readonly #statsBuf: Uint8Array;
   readonly #links: { fd: number; attachment: XdpAttachment }[];
@@ -299,7 +267,7 @@ export class XdpFilter {
   }) {
     this.#obj = init.obj;
     this.#maps = XdpFilter.#mapsOf(init.obj);
-    this.#stats = init.obj.map("xdp_stats");
+    this.#stats = init.obj.map(XDP_STATS_MAP);
     this.#statsBuf = new Uint8Array(this.#stats.valueBufferSize);
     this.#links = init.links;
     this.#log = init.log;
@@ -307,15 +275,11 @@ export class XdpFilter {
     this.#current = init.current;
   }
 
-  static #mapsOf(obj: BpfObject): Record<TrieName | "ports" | "xdp_config", BpfMap> {
-    return {
-      deny_v4: obj.map("deny_v4"),
-      deny_v6: obj.map("deny_v6"),
-      allow_v4: obj.map("allow_v4"),
-      allow_v6: obj.map("allow_v6"),
-      ports: obj.map("ports"),
-      xdp_config: obj.map("xdp_config"),
-    };
+  static #mapsOf(obj: BpfObject): Record<MapName, BpfMap> {
+    return Object.fromEntries(XDP_MAPS.map((name) => [name, obj.map(name)])) as Record<
+      MapName,
+      BpfMap
+    >;
   }
 
   /**
@@ -358,16 +322,16 @@ export class XdpFilter {
     checkCapacity(want, maxEntries);
 
     checkPlatform(
+      XdpError,
       "the XDP filter",
       [5, 9],
       "BPF links for XDP",
       "remove ebpf.xdp from the config (the userspace ACL still applies)",
-      (reason, cause, fix) => new XdpError(reason, cause, fix),
     );
     await checkBpfAccess(
+      XdpError,
       "load and attach XDP programs",
       "run as root, or grant CAP_BPF and CAP_NET_ADMIN",
-      (reason, cause, fix, e) => new XdpError(reason, cause, fix, { cause: e }),
     );
 
     // Resolve every interface before loading anything: a typo fails fast and cleanly.
@@ -384,42 +348,26 @@ export class XdpFilter {
       return { name, ifindex };
     });
 
-    const obj = await openBpfObject(
-      "xdp.bpf.o",
-      "sni_xdp",
-      "XDP",
-      options.object,
-      log,
-      (reason, cause, fix, e) => new XdpError(reason, cause, fix, { cause: e }),
-    );
+    const obj = await openBpfObject(XdpError, "xdp.bpf.o", "sni_xdp", "XDP", options.object, log);
 
     const links: { fd: number; attachment: XdpAttachment }[] = [];
     try {
       try {
         for (const name of TRIES) obj.map(name).setMaxEntries(maxEntries);
-        obj.load();
+        withLibbpfLog(log, () => obj.load());
       } catch (e) {
-        throw loadError(e, maxEntries);
+        throw loadError(XdpError, e, xdpLoadHints(maxEntries));
       }
       const maps = XdpFilter.#mapsOf(obj);
       // Maps first, then attach: the program never runs with empty lists.
       for (const name of [...TRIES, "ports"] as const) {
         for (const { key, text } of want[name].values()) {
-          try {
-            maps[name].update(key, name === "ports" ? PORT_VALUE : TRIE_VALUE);
-          } catch (e) {
-            throw new XdpError(
-              "update_failed",
-              `cannot add ${text} to the XDP map ${name}: ${(e as Error).message}`,
-              "check the entry and the map capacity",
-              { cause: e },
-            );
-          }
+          addEntry(maps[name], name, key, text, "check the entry and the map capacity");
         }
       }
       writeConfig(maps.xdp_config, want.allowActive);
 
-      const progFd = obj.program(PROGRAM).fd;
+      const progFd = obj.program(XDP_PROGRAM).fd;
       for (const { name, ifindex } of ifaces) {
         links.push(attach(progFd, name, ifindex, options.mode, log));
       }
@@ -465,16 +413,13 @@ export class XdpFilter {
       for (const name of names) {
         for (const [k, { key, text }] of next[name]) {
           if (prev[name].has(k)) continue;
-          try {
-            this.#maps[name].update(key, name === "ports" ? PORT_VALUE : TRIE_VALUE);
-          } catch (e) {
-            throw new XdpError(
-              "update_failed",
-              `cannot add ${text} to the XDP map ${name}: ${(e as Error).message}`,
-              "the previous XDP lists stay in force; check the map capacity",
-              { cause: e },
-            );
-          }
+          addEntry(
+            this.#maps[name],
+            name,
+            key,
+            text,
+            "the previous XDP lists stay in force; check the map capacity",
+          );
           added.push([name, key]);
         }
       }
@@ -507,18 +452,21 @@ export class XdpFilter {
   /** The program's counters summed over CPUs (and interfaces). */
   stats(): XdpStats {
     const family = (index: number): XdpCounters => {
-      const sums = [0, 0, 0];
-      if (!this.#closed && this.#stats.lookup(STATS_KEYS[index], this.#statsBuf)) {
-        const v = new DataView(this.#statsBuf.buffer);
-        for (let off = 0; off < this.#statsBuf.length; off += STATS_SIZE) {
-          for (let i = 0; i < 3; i++) sums[i] += Number(v.getBigUint64(off + i * 8, true));
-        }
-      }
-      return { passed: sums[0], droppedDeny: sums[1], droppedNotAllowed: sums[2] };
+      const ok = !this.#closed && this.#stats.lookup(STATS_KEYS[index], this.#statsBuf);
+      const s = sumPerCpu(
+        ok ? this.#statsBuf : new Uint8Array(0),
+        XDP_STATS_SIZE,
+        XDP_STATS_FIELDS,
+      );
+      return {
+        passed: s.passed,
+        droppedDeny: s.dropped_deny,
+        droppedNotAllowed: s.dropped_not_allowed,
+      };
     };
-    const ipv4 = family(STATS_INDEX.ipv4);
-    const ipv6 = family(STATS_INDEX.ipv6);
-    const other = family(STATS_INDEX.other);
+    const ipv4 = family(XDP_STATS_INDEX.ipv4);
+    const ipv6 = family(XDP_STATS_INDEX.ipv6);
+    const other = family(XDP_STATS_INDEX.other);
     return {
       passed: ipv4.passed + ipv6.passed + other.passed,
       droppedDeny: ipv4.droppedDeny + ipv6.droppedDeny,
@@ -544,10 +492,22 @@ export class XdpFilter {
   }
 }
 
+/** Add one CIDR (or port) to its map; `update_failed` with `fix` when the kernel refuses. */
+function addEntry(map: BpfMap, name: MapName, key: Uint8Array, text: string, fix: string): void {
+  try {
+    map.update(key, name === "ports" ? PORT_VALUE : TRIE_VALUE);
+  } catch (e) {
+    throw new XdpError(
+      "update_failed",
+      `cannot add ${text} to the XDP map ${name}: ${(e as Error).message}`,
+      fix,
+      { cause: e },
+    );
+  }
+}
+
 function writeConfig(map: BpfMap, allowActive: boolean): void {
-  const cfg = new Uint8Array(CONFIG_SIZE);
-  new DataView(cfg.buffer).setUint32(0, allowActive ? 1 : 0, true);
-  map.update(new Uint8Array(4), cfg);
+  map.update(KEY_ZERO, encodeXdpConfig(allowActive));
 }
 
 function detachLink(fd: number, ifname: string, log: XdpLog): void {
@@ -582,7 +542,7 @@ function attach(
   const fail = (e: unknown, m: "native" | "generic"): never => {
     const err = e as BpfError;
     const code = e instanceof BpfError ? err.errno : 0;
-    if (code === EBUSY || code === EEXIST) {
+    if (code === Errno.EBUSY || code === Errno.EEXIST) {
       const o = describeOccupant(ifname, ifindex);
       throw new XdpError(
         "interface_busy",
@@ -591,7 +551,10 @@ function attach(
         { cause: e, interface: ifname },
       );
     }
-    if (m === "native" && (code === EOPNOTSUPP || code === ENOTSUPP || code === EINVAL)) {
+    if (
+      m === "native" &&
+      (code === Errno.EOPNOTSUPP || code === Errno.ENOTSUPP || code === Errno.EINVAL)
+    ) {
       throw new XdpError(
         "native_unsupported",
         `the driver of ${ifname} does not support native XDP (${err.errnoName})`,
@@ -600,9 +563,9 @@ function attach(
       );
     }
     throw new XdpError(
-      code === EPERM ? "not_permitted" : "attach_failed",
+      code === Errno.EPERM ? "not_permitted" : "attach_failed",
       `cannot attach the XDP filter to ${ifname} (${m} mode): ${err.message}`,
-      code === EPERM
+      code === Errno.EPERM
         ? "run as root (CAP_BPF + CAP_NET_ADMIN); check kernel lockdown"
         : "check the interface is up and supports XDP (`ip -d link show dev " + ifname + "`)",
       { cause: e, interface: ifname },
@@ -620,7 +583,8 @@ function attach(
     return done(tryMode("native"), "native");
   } catch (e) {
     const code = e instanceof BpfError ? e.errno : 0;
-    const unsupported = code === EOPNOTSUPP || code === ENOTSUPP || code === EINVAL;
+    const unsupported = code === Errno.EOPNOTSUPP || code === Errno.ENOTSUPP ||
+      code === Errno.EINVAL;
     if (mode === "native" || !unsupported) return fail(e, "native");
     log(
       "warning",
@@ -635,38 +599,21 @@ function attach(
   }
 }
 
-function loadError(e: unknown, maxEntries: number): Error {
-  if (!(e instanceof BpfError)) return e as Error;
-  if (e.verifierLog) {
-    return new XdpError(
-      "verifier_rejected",
-      `the kernel verifier rejected the XDP program (${e.errnoName}):\n${
-        logTail(e.verifierLog, 20)
-      }`,
-      "this kernel lacks a feature the program needs; remove ebpf.xdp or upgrade the kernel",
-      { cause: e },
-    );
-  }
-  if (e.errno === ENOMEM || e.errno === E2BIG || e.errno === ENOSPC) {
-    return new XdpError(
-      "load_failed",
-      `the kernel could not create the XDP maps (${e.errnoName}; ${maxEntries} entries per trie)`,
-      "lower the XDP map capacity, or raise RLIMIT_MEMLOCK (ulimit -l) on kernels before 5.11",
-      { cause: e },
-    );
-  }
-  if (e.errno === EPERM) {
-    return new XdpError(
-      "not_permitted",
-      `loading the XDP program was refused (EPERM): ${e.message}`,
-      "run as root with CAP_BPF and CAP_NET_ADMIN; check kernel lockdown",
-      { cause: e },
-    );
-  }
-  return new XdpError(
-    "load_failed",
-    `loading the XDP object failed: ${e.message}`,
-    "check the kernel supports XDP and LPM_TRIE maps",
-    { cause: e },
-  );
+/** What a failed load of the XDP object means, per cause (see loadError). */
+function xdpLoadHints(maxEntries: number): LoadErrorHints {
+  return {
+    program: "the XDP program",
+    verifierFallback: "remove ebpf.xdp",
+    memoryErrnos: [Errno.ENOMEM, Errno.E2BIG, Errno.ENOSPC],
+    memory: {
+      reason: "load_failed",
+      cause: (errnoName) =>
+        `the kernel could not create the XDP maps (${errnoName}; ${maxEntries} entries per trie)`,
+      fix: "lower the XDP map capacity, or raise RLIMIT_MEMLOCK (ulimit -l) on kernels before 5.11",
+    },
+    refused: "the XDP program",
+    permissionFix: "run as root with CAP_BPF and CAP_NET_ADMIN; check kernel lockdown",
+    object: "the XDP object",
+    otherFix: "check the kernel supports XDP and LPM_TRIE maps",
+  };
 }

@@ -1,0 +1,158 @@
+/**
+ * The TypeScript mirror of bpf/sockmap.h and bpf/xdp.h: map names, key/value sizes and field
+ * offsets, the pin directory, and the encoders and decoders of those bytes. Change it together
+ * with the headers; the loaders and the tests take every size and offset from here.
+ * Host-order fields are little endian: the fast path supports x86_64 and aarch64 only.
+ * @module
+ */
+
+import type { Cidr } from "../acl.ts";
+import type { SocketTuple } from "../tcpinfo.ts";
+
+// ---------------------------------------------------------------------------------------------
+// bpf/sockmap.h
+
+/** Where the sockmap loader pins its maps and link (`stats` and the tests read them there). */
+export const PIN_DIR = "/sys/fs/bpf/sni-proxy";
+
+/** The maps of bpf/sockmap.bpf.c, pinned under {@link PIN_DIR}, and the sock_ops link's pin. */
+export const SOCKMAP_MAPS = {
+  sockhash: "sni_sockhash",
+  pairs: "sni_pairs",
+  stats: "sni_stats",
+  config: "sni_config",
+} as const;
+export const PIN_MAPS = Object.values(SOCKMAP_MAPS);
+export const PIN_LINK = "sockops_link";
+
+/** struct sni_sock_key: family u32, local_port u32, remote_port u32, local_ip[16], remote_ip[16]. */
+export const SOCK_KEY = {
+  size: 44,
+  family: 0,
+  localPort: 4,
+  remotePort: 8,
+  localIp: 12,
+  remoteIp: 28,
+} as const;
+
+/** struct sni_pair: peer key, upstream u32, bytes u64, packets u64. */
+export const PAIR = { size: 64, peer: 0, upstream: 44, bytes: 48, packets: 56 } as const;
+
+/** struct sni_config (single-entry array, key 0): sndbuf u32, rcvbuf u32. */
+export const SOCKMAP_CONFIG = { size: 8, sndbuf: 0, rcvbuf: 4 } as const;
+
+/** A userspace lookup in the sockhash returns the socket cookie (u64). */
+export const SOCKHASH_VALUE_SIZE = 8;
+
+/** struct sni_stats: u64 counters in this order (per-CPU array, key 0). */
+export const SOCKMAP_STATS_FIELDS = [
+  "bytes_spliced",
+  "packets_spliced",
+  "redirect_failures",
+  "passed",
+  "sockets_inserted",
+  "insert_failures",
+  "setsockopt_failures",
+  "bytes_upstream",
+  "packets_upstream",
+  "empty_dropped",
+  "sockets_closed",
+] as const;
+export const SOCKMAP_STATS_SIZE = SOCKMAP_STATS_FIELDS.length * 8;
+
+/** Key 0 of a single-entry array (u32). */
+export const KEY_ZERO = new Uint8Array(4);
+
+/** The sockhash / pairing-map key of a socket's 4-tuple. */
+export function encodeSockKey(t: SocketTuple, out = new Uint8Array(SOCK_KEY.size)): Uint8Array {
+  const v = new DataView(out.buffer, out.byteOffset, out.byteLength);
+  v.setUint32(SOCK_KEY.family, t.family, true);
+  v.setUint32(SOCK_KEY.localPort, t.localPort, true);
+  v.setUint32(SOCK_KEY.remotePort, t.remotePort, true);
+  out.set(t.localIp.subarray(0, 16), SOCK_KEY.localIp);
+  out.set(t.remoteIp.subarray(0, 16), SOCK_KEY.remoteIp);
+  return out;
+}
+
+/** Fills `out` (PAIR.size bytes) with a pairing entry toward `peer`, counters zero. */
+export function encodePair(out: Uint8Array, peer: Uint8Array, upstream: boolean): Uint8Array {
+  out.fill(0);
+  out.set(peer, PAIR.peer);
+  new DataView(out.buffer, out.byteOffset, out.byteLength)
+    .setUint32(PAIR.upstream, upstream ? 1 : 0, true);
+  return out;
+}
+
+/** The redirected-bytes counter of a pairing entry. */
+export function pairBytes(value: Uint8Array): number {
+  return Number(
+    new DataView(value.buffer, value.byteOffset, value.byteLength)
+      .getBigUint64(PAIR.bytes, true),
+  );
+}
+
+/** The value of sni_config. */
+export function encodeSockmapConfig(sndbuf: number, rcvbuf: number): Uint8Array {
+  const cfg = new Uint8Array(SOCKMAP_CONFIG.size);
+  const v = new DataView(cfg.buffer);
+  v.setUint32(SOCKMAP_CONFIG.sndbuf, sndbuf, true);
+  v.setUint32(SOCKMAP_CONFIG.rcvbuf, rcvbuf, true);
+  return cfg;
+}
+
+// ---------------------------------------------------------------------------------------------
+// bpf/xdp.h
+
+/** The maps of bpf/xdp.bpf.c. */
+export const XDP_TRIES = ["deny_v4", "deny_v6", "allow_v4", "allow_v6"] as const;
+export const XDP_MAPS = [...XDP_TRIES, "ports", "xdp_config"] as const;
+export const XDP_STATS_MAP = "xdp_stats";
+export const XDP_PROGRAM = "sni_xdp_filter";
+
+/** struct sni_lpm_v4 / sni_lpm_v6: prefixlen u32 (host order), then addr in network order. */
+export const LPM_V4 = { size: 8, prefixlen: 0, addr: 4 } as const;
+export const LPM_V6 = { size: 20, prefixlen: 0, addr: 4 } as const;
+/** Value of a trie entry (u32, unused by the program) and of a port entry (u8). */
+export const TRIE_VALUE = new Uint8Array([1, 0, 0, 0]);
+export const PORT_VALUE = new Uint8Array([1]);
+/** The key of `ports`: a TCP port in network byte order, as in the TCP header (u16). */
+export function portKey(port: number): Uint8Array {
+  return new Uint8Array([port >> 8, port & 0xff]);
+}
+/** max_entries of `ports` in bpf/xdp.bpf.c. */
+export const XDP_PORTS_MAX = 1024;
+
+/** struct sni_xdp_config (single-entry array, key 0): allow_active u32, reserved u32. */
+export const XDP_CONFIG = { size: 8, allowActive: 0 } as const;
+
+/** struct sni_xdp_stats: u64 counters, one struct per stats index (SNI_XDP_STATS_*). */
+export const XDP_STATS_FIELDS = ["passed", "dropped_deny", "dropped_not_allowed"] as const;
+export const XDP_STATS_SIZE = 32; // the three counters and a reserved u64
+export const XDP_STATS_INDEX = { ipv4: 0, ipv6: 1, other: 2 } as const;
+
+/** The key bytes of a CIDR in its family's trie, host bits cleared (so equal blocks are equal). */
+export function lpmKey(cidr: Cidr): Uint8Array {
+  const layout = cidr.v6 ? LPM_V6 : LPM_V4;
+  const key = new Uint8Array(layout.size);
+  const v = new DataView(key.buffer);
+  v.setUint32(layout.prefixlen, cidr.prefix, true);
+  const first = cidr.v6 ? 0 : 3;
+  for (let i = first; i < 4; i++) {
+    const bits = Math.max(0, Math.min(32, cidr.prefix - 32 * (i - first)));
+    const mask = bits === 0 ? 0 : bits === 32 ? 0xffffffff : ~(0xffffffff >>> bits) >>> 0;
+    v.setUint32(layout.addr + 4 * (i - first), (cidr.words[i] & mask) >>> 0, false);
+  }
+  return key;
+}
+
+/** The value of xdp_config. */
+export function encodeXdpConfig(allowActive: boolean): Uint8Array {
+  const cfg = new Uint8Array(XDP_CONFIG.size);
+  new DataView(cfg.buffer).setUint32(XDP_CONFIG.allowActive, allowActive ? 1 : 0, true);
+  return cfg;
+}
+
+/** A u32 array key. */
+export function u32Key(i: number): Uint8Array {
+  return new Uint8Array(new Uint32Array([i]).buffer);
+}
