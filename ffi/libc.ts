@@ -272,19 +272,46 @@ const addrBuf = new Uint8Array(128);
 const addrLen = new Uint8Array(4);
 const addrLenView = new DataView(addrLen.buffer);
 
-function portOf(call: "getsockname" | "getpeername", fd: number): number {
+/** One end of a socket: family 2 or 10 (IPv4-mapped IPv6 folded to 2), 16 address bytes, port. */
+export interface SocketEnd {
+  family: 2 | 10;
+  /** Network order; IPv4 in the first 4 bytes. */
+  bytes: Uint8Array;
+  port: number;
+}
+
+function endOf(call: "getsockname" | "getpeername", fd: number): SocketEnd | null {
   addrLenView.setUint32(0, addrBuf.length, true);
-  if (libc()[call](fd, addrBuf, addrLen) !== 0) return -1;
+  if (libc()[call](fd, addrBuf, addrLen) !== 0) return null;
   const family = addrBuf[0] | (addrBuf[1] << 8);
-  if (family !== 2 && family !== 10) return -1; // AF_INET, AF_INET6
-  return (addrBuf[2] << 8) | addrBuf[3];
+  const port = (addrBuf[2] << 8) | addrBuf[3];
+  const bytes = new Uint8Array(16);
+  if (family === 2) {
+    bytes.set(addrBuf.subarray(4, 8)); // sockaddr_in: sin_addr
+    return { family: 2, bytes, port };
+  }
+  if (family !== 10) return null;
+  const a = addrBuf.subarray(8, 24); // sockaddr_in6: sin6_addr
+  const mapped = a.subarray(0, 10).every((b) => b === 0) && a[10] === 0xff && a[11] === 0xff;
+  if (mapped) {
+    bytes.set(a.subarray(12, 16));
+    return { family: 2, bytes, port };
+  }
+  bytes.set(a);
+  return { family: 10, bytes, port };
+}
+
+/** A TCP socket's two ends (getsockname/getpeername), or null when it is no connected socket. */
+export function socketEnds(fd: number): { local: SocketEnd; remote: SocketEnd } | null {
+  const local = endOf("getsockname", fd);
+  const remote = local && endOf("getpeername", fd);
+  return local && remote ? { local, remote } : null;
 }
 
 /** The local and remote ports of a TCP socket (getsockname/getpeername), or null. */
 export function socketPorts(fd: number): { local: number; remote: number } | null {
-  const local = portOf("getsockname", fd);
-  const remote = local < 0 ? -1 : portOf("getpeername", fd);
-  return remote < 0 ? null : { local, remote };
+  const ends = socketEnds(fd);
+  return ends && { local: ends.local.port, remote: ends.remote.port };
 }
 
 const O_NONBLOCK = 0o4000;

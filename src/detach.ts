@@ -146,7 +146,14 @@ class FdWatcher {
     this.#running = true;
     try {
       while (this.#handlers.size > 0) {
-        await this.#epoll!.wait(WAIT_MS, (id, events) => this.#handlers.get(id)?.(events));
+        await this.#epoll!.wait(WAIT_MS, (id, events) => {
+          // one failing handler must not cost the others their (edge-triggered) events
+          try {
+            this.#handlers.get(id)?.(events);
+          } catch (e) {
+            log.error(`a detached-socket handler failed: ${(e as Error).message}`);
+          }
+        });
       }
     } catch (e) {
       // their sessions then end by their idle timeout; new ones start the watcher again

@@ -32,6 +32,9 @@ import {
 } from "../ffi/libc.ts";
 import { type DetachedPair, watcher } from "./detach.ts";
 import { type ByteRelay, closeQuietly, IdleTimer, type RelayEnd } from "./relay.ts";
+import { logger } from "./log.ts";
+
+const log = logger("piped");
 
 /** A pipe: its read and write ends. */
 interface Pipe {
@@ -61,6 +64,17 @@ export class PipePool {
       return new Error(`no pipe for splice(2): ${errnoName(-made)}: ${strerror(-made)}`);
     }
     return { r: made[0], w: made[1] };
+  }
+
+  /** When the last shortage was logged (ms); one line per burst. */
+  #shortageLogged = 0;
+
+  /** Notes that no pipe could be made (logged once per burst of them). */
+  shortage(e: Error): void {
+    const now = Date.now();
+    if (now - this.#shortageLogged < 10_000) return;
+    this.#shortageLogged = now;
+    log.warn(`kernel mode: ${e.message}; the connections concerned wait until one frees up`);
   }
 
   /** Gives back a pipe; `empty`: it holds no byte (otherwise it is closed). */
@@ -199,7 +213,19 @@ export class PipedRelay implements ByteRelay {
     for (const d of [this.#upDir, this.#downDir]) {
       if ((input && d.src === fd) || (output && d.dst === fd)) this.#pump(d);
     }
+    // a reset of a socket whose own direction already ended (it half-closed earlier) reaches
+    // no read: its pending error says so
+    if ((events & (EPOLLERR | EPOLLHUP)) && this.#end === null) {
+      const own = fd === this.#pair.clientFd ? this.#upDir : this.#downDir;
+      if (own.eof) {
+        const err = socketError(fd);
+        if (err) this.#retry(-err, fd);
+      }
+    }
   }
+
+  /** A pipe could not be made (descriptors short): try the direction again shortly. */
+  #pipeRetry: ReturnType<typeof setTimeout> | undefined;
 
   /** Moves what can be moved now; returns at EAGAIN (an event resumes it), EOF or an error. */
   #pump(d: Direction): void {
@@ -238,7 +264,13 @@ export class PipedRelay implements ByteRelay {
       }
       const pipe = this.#pool.take();
       if (pipe instanceof Error) {
-        this.#finish("error", pipe);
+        // a local shortage is no reason to cut a healthy stream: the bytes wait in the socket
+        // (TCP holds the sender back) until a descriptor frees up
+        this.#pool.shortage(pipe);
+        clearTimeout(this.#pipeRetry);
+        this.#pipeRetry = setTimeout(() => {
+          for (const dir of [this.#upDir, this.#downDir]) this.#pump(dir);
+        }, 20);
         return;
       }
       d.pipe = pipe;
@@ -286,6 +318,7 @@ export class PipedRelay implements ByteRelay {
     this.#end = reason;
     this.#error = error;
     this.#idle.clear();
+    clearTimeout(this.#pipeRetry);
     this.#release();
     const { clientFd, backendFd } = this.#pair;
     this.#ids.forEach((id, i) => watcher.unwatch(id, i === 0 ? clientFd : backendFd));

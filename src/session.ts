@@ -24,7 +24,8 @@ import { type ByteRelay, closeQuietly, Relay, type RelayEnd, type SpliceHooks } 
 import { SplicedRelay } from "./spliced.ts";
 import { backendFdHint, type DetachedPair, detachSockets } from "./detach.ts";
 import { PipedRelay, type PipePool } from "./piped.ts";
-import { socketCookie, socketPorts } from "../ffi/libc.ts";
+import { socketCookie, socketEnds } from "../ffi/libc.ts";
+import { parseIp } from "./net/ip.ts";
 import {
   parseProxyHeader,
   proxyHeader,
@@ -549,17 +550,25 @@ export class Session {
   #piped_(backend: Deno.TcpConn, idleMs: number, first: Uint8Array): PipedRelay | null {
     const pipes = this.#ctx.pipes;
     if (!pipes) return null;
-    const ports = (conn: Deno.TcpConn) => {
-      const l = (conn.localAddr as Deno.NetAddr).port;
-      const r = (conn.remoteAddr as Deno.NetAddr).port;
+    // the whole 4-tuple: two backend sockets to different hosts can share both ports
+    const sameEnds = (conn: Deno.TcpConn) => {
+      const want = [conn.localAddr, conn.remoteAddr].map((a) => {
+        const n = a as Deno.NetAddr;
+        return { ip: parseIp(n.hostname), port: n.port };
+      });
       return (fd: number) => {
-        const p = socketPorts(fd);
-        return p !== null && p.local === l && p.remote === r;
+        const ends = socketEnds(fd);
+        if (!ends) return false;
+        return [ends.local, ends.remote].every((end, i) => {
+          const w = want[i];
+          return w.ip !== null && end.port === w.port && end.family === w.ip.family &&
+            end.bytes.every((b, j) => b === w.ip!.bytes[j]);
+        });
       };
     };
     const pair = this.#detach(
       backend,
-      { client: ports(this.#client), backend: ports(backend) },
+      { client: sameEnds(this.#client), backend: sameEnds(backend) },
       "connections run in userspace mode",
     );
     if (!pair) return null;
