@@ -4,6 +4,10 @@
  *
  * - Every IPv4/IPv6 packet whose source is in deny_v4/deny_v6 (LPM tries) is dropped, whatever
  *   its protocol.
+ * - A TCP packet to one of the proxy's listening ports (`ports`) from a source in
+ *   blocked_v4/blocked_v6 (temporary blocks userspace sets for misbehaving sources) is dropped
+ *   while bpf_ktime_get_ns() is before the entry's expiry; an expired entry is ignored (and
+ *   deleted by userspace's sweep).
  * - When the allow list is active (xdp_config.allow_active), a TCP packet to one of the proxy's
  *   listening ports (`ports`) from a source outside allow_v4/allow_v6 is dropped. Other traffic
  *   (backend replies to ephemeral ports, DNS, ...) is not subject to the allow list.
@@ -76,6 +80,22 @@ struct {
 	__type(value, __u32);
 } allow_v6 SEC(".maps");
 
+/* Temporary blocks: address bytes -> expiry and hit count. Plain HASH, not LRU: userspace keeps
+ * it below max_entries and never has an entry evicted behind its back. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, struct sni_xdp_block);
+} blocked_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct in6_addr);
+	__type(value, struct sni_xdp_block);
+} blocked_v6 SEC(".maps");
+
 /* The proxy's listening TCP ports, key in network byte order (as in the TCP header). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -98,7 +118,7 @@ struct {
 	__type(value, struct sni_xdp_stats);
 } xdp_stats SEC(".maps");
 
-enum outcome { PASSED, DROPPED_DENY, DROPPED_NOT_ALLOWED };
+enum outcome { PASSED, DROPPED_DENY, DROPPED_NOT_ALLOWED, DROPPED_BLOCKED };
 
 /* Count the outcome under stats index `family` and return the XDP action for it. */
 static __always_inline int account(__u32 family, enum outcome outcome)
@@ -110,6 +130,8 @@ static __always_inline int account(__u32 family, enum outcome outcome)
 			st->passed++;
 		else if (outcome == DROPPED_DENY)
 			st->dropped_deny++;
+		else if (outcome == DROPPED_BLOCKED)
+			st->dropped_blocked++;
 		else
 			st->dropped_not_allowed++;
 	}
@@ -122,6 +144,15 @@ static __always_inline int allow_list_active(void)
 	struct sni_xdp_config *cfg = bpf_map_lookup_elem(&xdp_config, &zero);
 
 	return cfg && cfg->allow_active;
+}
+
+/* True when `entry` (a blocked_v4/blocked_v6 lookup) blocks now; counts the hit. */
+static __always_inline int blocks(struct sni_xdp_block *entry)
+{
+	if (!entry || bpf_ktime_get_ns() >= entry->expires_ns)
+		return 0;
+	__sync_fetch_and_add(&entry->hits, 1);
+	return 1;
 }
 
 /* True when `tcp` (bounds-checked here) is addressed to one of the listening ports. */
@@ -139,6 +170,7 @@ static __always_inline int filter_v4(void *cur, void *data_end)
 {
 	struct iphdr *ip = cur;
 	struct sni_lpm_v4 key;
+	__u32 saddr;
 	__u32 ihl;
 
 	if ((void *)(ip + 1) > data_end)
@@ -147,7 +179,7 @@ static __always_inline int filter_v4(void *cur, void *data_end)
 	__builtin_memcpy(key.addr, &ip->saddr, sizeof(key.addr));
 	if (bpf_map_lookup_elem(&deny_v4, &key))
 		return account(SNI_XDP_STATS_V4, DROPPED_DENY);
-	if (ip->protocol != IPPROTO_TCP || !allow_list_active())
+	if (ip->protocol != IPPROTO_TCP)
 		return account(SNI_XDP_STATS_V4, PASSED);
 	/* a non-first fragment carries no TCP header; the first one (with the SYN) is filtered */
 	if (ip->frag_off & bpf_htons(IP_FRAG_OFFSET))
@@ -157,7 +189,10 @@ static __always_inline int filter_v4(void *cur, void *data_end)
 		return account(SNI_XDP_STATS_V4, PASSED);
 	if (!to_listening_port(cur + ihl * 4, data_end))
 		return account(SNI_XDP_STATS_V4, PASSED);
-	if (bpf_map_lookup_elem(&allow_v4, &key))
+	saddr = ip->saddr;
+	if (blocks(bpf_map_lookup_elem(&blocked_v4, &saddr)))
+		return account(SNI_XDP_STATS_V4, DROPPED_BLOCKED);
+	if (!allow_list_active() || bpf_map_lookup_elem(&allow_v4, &key))
 		return account(SNI_XDP_STATS_V4, PASSED);
 	return account(SNI_XDP_STATS_V4, DROPPED_NOT_ALLOWED);
 }
@@ -166,6 +201,7 @@ static __always_inline int filter_v6(void *cur, void *data_end)
 {
 	struct ipv6hdr *ip6 = cur;
 	struct sni_lpm_v6 key;
+	struct in6_addr saddr;
 	__u8 nexthdr;
 
 	if ((void *)(ip6 + 1) > data_end)
@@ -174,8 +210,6 @@ static __always_inline int filter_v6(void *cur, void *data_end)
 	__builtin_memcpy(key.addr, &ip6->saddr, sizeof(key.addr));
 	if (bpf_map_lookup_elem(&deny_v6, &key))
 		return account(SNI_XDP_STATS_V6, DROPPED_DENY);
-	if (!allow_list_active())
-		return account(SNI_XDP_STATS_V6, PASSED);
 
 	nexthdr = ip6->nexthdr;
 	cur = ip6 + 1;
@@ -204,7 +238,10 @@ static __always_inline int filter_v6(void *cur, void *data_end)
 	}
 	if (nexthdr != IPPROTO_TCP || !to_listening_port(cur, data_end))
 		return account(SNI_XDP_STATS_V6, PASSED);
-	if (bpf_map_lookup_elem(&allow_v6, &key))
+	saddr = ip6->saddr;
+	if (blocks(bpf_map_lookup_elem(&blocked_v6, &saddr)))
+		return account(SNI_XDP_STATS_V6, DROPPED_BLOCKED);
+	if (!allow_list_active() || bpf_map_lookup_elem(&allow_v6, &key))
 		return account(SNI_XDP_STATS_V6, PASSED);
 	return account(SNI_XDP_STATS_V6, DROPPED_NOT_ALLOWED);
 }

@@ -37,7 +37,16 @@ struct sni_xdp_stats {
 	__u64 passed;
 	__u64 dropped_deny;        /* source in deny_v4/deny_v6 */
 	__u64 dropped_not_allowed; /* TCP to a listening port from a source outside the allow list */
-	__u64 _reserved;
+	__u64 dropped_blocked;     /* TCP to a listening port from a source in blocked_v4/blocked_v6 */
+};
+
+/*
+ * Value of blocked_v4 (key: the 4 address bytes) and blocked_v6 (key: the 16 address bytes),
+ * written by userspace for a source that kept misbehaving. 16 bytes.
+ */
+struct sni_xdp_block {
+	__u64 expires_ns; /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) after which the entry is ignored */
+	__u64 hits;       /* packets dropped for this entry */
 };
 
 #endif /* SNI_PROXY_XDP_H */

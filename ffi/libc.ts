@@ -2,8 +2,9 @@
  * The few libc functions the eBPF fast path needs that Deno has no API for: file descriptors for
  * directories (cgroup attach), mount(2) (cgroup2/bpffs), netlink sockets (sock_diag), errno and
  * vsnprintf (rendering libbpf's va_list log messages), the socket and epoll calls that let a
- * spliced pair live outside Deno's event loop, and getrlimit (the descriptor limit the accept
- * loop keeps clear of). Opened lazily on first use.
+ * spliced pair live outside Deno's event loop, getrlimit (the descriptor limit the accept loop
+ * keeps clear of) and clock_gettime (the clock of XDP block expiries). Opened lazily on first
+ * use.
  * @module
  */
 
@@ -19,6 +20,7 @@ const LIBC_SYMBOLS = {
   vsnprintf: { parameters: ["buffer", "usize", "pointer", "pointer"], result: "i32" },
   if_nametoindex: { parameters: ["buffer"], result: "u32" },
   getrlimit: { parameters: ["i32", "buffer"], result: "i32" },
+  clock_gettime: { parameters: ["i32", "buffer"], result: "i32" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
@@ -43,6 +45,17 @@ let libcHandle: Deno.DynamicLibrary<typeof LIBC_SYMBOLS> | null = null;
 export function libc(): Libc {
   libcHandle ??= Deno.dlopen("libc.so.6", LIBC_SYMBOLS);
   return libcHandle.symbols;
+}
+
+const CLOCK_MONOTONIC = 1;
+
+/** CLOCK_MONOTONIC in nanoseconds: the clock of the BPF helper bpf_ktime_get_ns(). */
+export function monotonicNs(): bigint {
+  const ts = new BigInt64Array(2); // struct timespec on 64-bit Linux
+  if (libc().clock_gettime(CLOCK_MONOTONIC, new Uint8Array(ts.buffer)) !== 0) {
+    throw new Error(`clock_gettime(CLOCK_MONOTONIC): ${strerror(errno())}`);
+  }
+  return ts[0] * 1_000_000_000n + ts[1];
 }
 
 /** errno of the calling thread; read it right after the failing call, before any other call. */

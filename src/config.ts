@@ -173,8 +173,25 @@ export interface Config {
     /** A BPF object file to load instead of the bundled one (absolute path), or null. */
     object: string | null;
     /** XDP source filtering from the ACL, or null when off. */
-    xdp: { interfaces: string[]; mode: "auto" | "native" | "generic"; maxEntries: number } | null;
+    xdp: {
+      interfaces: string[];
+      mode: "auto" | "native" | "generic";
+      maxEntries: number;
+      /** Temporary XDP blocks of misbehaving sources, or null when off. */
+      block: XdpBlockConfig | null;
+    } | null;
   };
+}
+
+/**
+ * `ebpf.xdp.block`: a source with `after` offences (per-source limit refusals, bad hellos)
+ * within `windowMs` is dropped by XDP for `blockMs`; at most `maxEntries` sources at once.
+ */
+export interface XdpBlockConfig {
+  after: number;
+  windowMs: number;
+  blockMs: number;
+  maxEntries: number;
 }
 
 /** Raised when a config cannot be used; `errors` lists every problem, each with its path. */
@@ -332,6 +349,12 @@ const schema = z.strictObject({
       ).min(1),
       mode: z.enum(["auto", "native", "generic"]).default("auto"),
       max_entries: z.number().int().min(1).max(1_048_576).default(16_384),
+      block: z.strictObject({
+        after: z.number().int().min(1).max(1_000_000).default(10),
+        window_ms: ms(10_000),
+        block_ms: ms(60_000),
+        max_entries: z.number().int().min(1).max(1_048_576).default(4096),
+      }).optional(),
     }).optional(),
   }).prefault({}),
 });
@@ -548,6 +571,13 @@ function configWarnings(c: ConfigSource): string[] {
       );
     }
   }
+  const workers = c.workers === "auto" ? navigator.hardwareConcurrency || 1 : c.workers;
+  if (c.ebpf.enabled && c.ebpf.xdp?.block && workers > 1) {
+    warnings.push(
+      "ebpf.xdp.block: not enforced with more than one worker process (offences are counted " +
+        "by the workers, the XDP maps belong to the supervisor); set workers to 1 to use it",
+    );
+  }
   // an HTTP request has no ALPN and no TLS fingerprint: such route fields cannot apply there
   for (const name of new Set(c.listeners.map((l) => l.table))) {
     if (c.listeners.some((l) => l.table === name && l.protocol === "tls")) continue;
@@ -751,6 +781,14 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
           interfaces: c.ebpf.xdp.interfaces,
           mode: c.ebpf.xdp.mode,
           maxEntries: c.ebpf.xdp.max_entries,
+          block: c.ebpf.xdp.block
+            ? {
+              after: c.ebpf.xdp.block.after,
+              windowMs: c.ebpf.xdp.block.window_ms,
+              blockMs: c.ebpf.xdp.block.block_ms,
+              maxEntries: c.ebpf.xdp.block.max_entries,
+            }
+            : null,
         }
         : null,
     },

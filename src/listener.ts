@@ -15,6 +15,7 @@ import { Metrics } from "./metrics.ts";
 import { closeQuietly } from "./relay.ts";
 import { type CloseReason, errText, formatAddr, Session } from "./session.ts";
 import type { SourceLimiter } from "./sourcelimit.ts";
+import type { SourceBlocker } from "./xdpblock.ts";
 import type { RoutingTables } from "./table.ts";
 
 const log = logger("listener");
@@ -35,6 +36,8 @@ export interface ListenerHost {
   readonly fds: FdBudget | null;
   /** Live connections and new-connection buckets per source (limits.per_source). */
   readonly sources: SourceLimiter;
+  /** Offence counts and XDP blocks of misbehaving sources (ebpf.xdp.block), or null. */
+  readonly blocker: SourceBlocker | null;
   /**
    * Resolves when a connection slot is free: under limits.max_connections, and with descriptors
    * for the client and its backend to spare (immediately when so).
@@ -133,6 +136,7 @@ export class Listener {
           `${formatAddr(remote)} refused on ${this.address}: its address is at ${limit}`,
         );
         this.#refuse(conn, remote, refusal);
+        host.blocker?.offence(remote.hostname, refusal);
         continue;
       }
       const session = new Session(conn, {
@@ -145,6 +149,10 @@ export class Listener {
         pipes: host.pipes,
         guard: host.guard,
         fds: host.fds,
+        // the socket's source is what XDP sees: a trusted balancer's clients are not blocked
+        onBadHello: host.blocker && !trustedProxy
+          ? () => host.blocker?.offence(remote.hostname, "bad_client_hello")
+          : null,
       });
       const done = session.run();
       if (perSource) done.finally(() => host.sources.release(remote.hostname));

@@ -6,6 +6,16 @@
  * @module
  */
 
+/** The XDP block set (src/xdpblock.ts), as `/stats` shows it. */
+export interface XdpBlockSnapshot {
+  /** Blocks set since start. */
+  blocked_total: number;
+  /** Sources blocked now. */
+  blocked_sources: number;
+  /** Each blocked source: seconds left and packets dropped. */
+  blocked: Record<string, { seconds_left: number; hits: number }>;
+}
+
 /** Kernel-side counters, summed over CPUs (see src/ebpf/sockmap.ts and src/ebpf/xdp.ts). */
 export type KernelCounters = Record<string, number>;
 
@@ -104,6 +114,8 @@ export class Metrics {
   dnsSource:
     | (() => { hits: number; negativeHits: number; lookups: number; coalesced: number })
     | null = null;
+  /** The XDP block set of misbehaving sources (`ebpf.xdp.block`), when on. */
+  blockSource: (() => XdpBlockSnapshot) | null = null;
   /** Sources of kernel counters, by prefix (e.g. `sockmap`, `xdp`). */
   readonly kernelSources = new Map<string, () => KernelCounters>();
   /** Accept to a complete ClientHello / HTTP head, by route. */
@@ -143,6 +155,7 @@ export class Metrics {
       hello_errors: Object.fromEntries(this.helloErrors),
       bytes: { up: this.bytesUp, down: this.bytesDown, userspace: this.bytesUserspace },
       dns: this.dnsSource?.() ?? {},
+      xdp_block: this.blockSource?.() ?? {},
       kernel,
       histograms: {
         hello_seconds: this.helloSeconds.snapshot(),
@@ -179,6 +192,8 @@ export interface MetricsSnapshot {
   hello_errors: Record<string, number>;
   bytes: { up: number; down: number; userspace: number };
   dns: { hits?: number; negativeHits?: number; lookups?: number; coalesced?: number };
+  /** `ebpf.xdp.block`: empty when off. */
+  xdp_block: Partial<XdpBlockSnapshot>;
   kernel: Record<string, KernelCounters>;
   /** Per-connection distributions, each by route. */
   histograms: {
@@ -296,6 +311,18 @@ export function renderPrometheus(snap: MetricsSnapshot): string {
     sample("dns_cache_total", dns.negativeHits ?? 0, { result: "negative_hit" });
     sample("dns_cache_total", dns.coalesced ?? 0, { result: "coalesced" });
     sample("dns_cache_total", dns.lookups ?? 0, { result: "miss" });
+  }
+  const block = snap.xdp_block;
+  if (block.blocked_total !== undefined) {
+    family("xdp_blocked_total", "counter", "Sources put into the XDP block set.");
+    sample("xdp_blocked_total", block.blocked_total);
+    family("xdp_blocked_sources", "gauge", "Sources in the XDP block set now.");
+    sample("xdp_blocked_sources", block.blocked_sources ?? 0);
+    // one series per blocked source: bounded by ebpf.xdp.block.max_entries
+    family("xdp_blocked_seconds", "gauge", "Seconds left of each blocked source's XDP block.");
+    for (const [source, b] of Object.entries(block.blocked ?? {})) {
+      sample("xdp_blocked_seconds", b.seconds_left, { source });
+    }
   }
   const histogram = (
     name: string,

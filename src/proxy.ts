@@ -24,6 +24,7 @@ import { configureResolver, DEFAULT_DNS_PIN_PATH, type Resolver } from "./resolv
 import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
 import type { Session } from "./session.ts";
 import { SourceLimiter } from "./sourcelimit.ts";
+import { SourceBlocker } from "./xdpblock.ts";
 import { buildTables, type RoutingTables, startHealthChecks, stopHealthChecks } from "./table.ts";
 
 const log = logger("proxy");
@@ -55,6 +56,8 @@ export class Proxy implements ListenerHost, AdminTarget {
   pipes: PipePool | null = null;
   /** The XDP source filter, when configured and attached. */
   xdp: XdpFilter | null = null;
+  /** Temporary XDP blocks of misbehaving sources (ebpf.xdp.block), when on and attached. */
+  blocker: SourceBlocker | null = null;
   /** Set once the listeners are bound (they are its own sockets). */
   guard = new DialGuard([]);
   readonly fds: FdBudget | null;
@@ -155,6 +158,18 @@ export class Proxy implements ListenerHost, AdminTarget {
       proxy.xdp = await openXdp(config, proxy.#tcpPorts());
       const xdp = proxy.xdp;
       if (xdp) proxy.metrics.kernelSources.set("xdp", () => flattenXdp(xdp.stats()));
+      const block = config.ebpf.xdp.block;
+      if (xdp && block) {
+        const blocker = new SourceBlocker(xdp, block);
+        proxy.blocker = blocker;
+        proxy.metrics.blockSource = () => blocker.snapshot();
+        log.info(
+          `XDP blocks misbehaving sources: ${block.after} offences within ${block.windowMs} ms ` +
+            `block one for ${block.blockMs} ms`,
+        );
+      } else if (block) {
+        log.warn("ebpf.xdp.block: off, it needs the XDP filter attached");
+      }
     }
     startHealthChecks(proxy.tables);
     info(
@@ -374,6 +389,7 @@ export class Proxy implements ListenerHost, AdminTarget {
     for (const l of this.listeners) l.close();
     stopHealthChecks(this.tables);
     this.sources.close();
+    this.blocker?.close();
     this.#wakeWaiters();
     // an accept that completed as the listener closed still hands its connection over: it is
     // served and drained like the others, not cut by the exit
@@ -465,6 +481,7 @@ export async function openXdp(config: Config, ports: number[]): Promise<XdpFilte
       allow: config.acl.allow,
       ports,
       maxEntries: x.maxEntries,
+      blockMaxEntries: x.block?.maxEntries,
       log: (level, message) => xdpLog[level === "warning" ? "warn" : level](message),
     });
     log.info(
@@ -485,10 +502,12 @@ export function flattenXdp(s: ReturnType<XdpFilter["stats"]>): Record<string, nu
     passed: s.passed,
     droppedDeny: s.droppedDeny,
     droppedNotAllowed: s.droppedNotAllowed,
+    droppedBlocked: s.droppedBlocked,
   };
   for (const fam of ["ipv4", "ipv6"] as const) {
     out[`${fam}DroppedDeny`] = s[fam].droppedDeny;
     out[`${fam}DroppedNotAllowed`] = s[fam].droppedNotAllowed;
+    out[`${fam}DroppedBlocked`] = s[fam].droppedBlocked;
   }
   return out;
 }

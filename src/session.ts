@@ -99,6 +99,8 @@ export interface SessionContext {
   guard: DialGuard;
   /** The process's descriptor budget (told about backend sockets), or null when unknown. */
   fds: FdBudget | null;
+  /** Told when the client sent a bad ClientHello / HTTP head (an XDP block offence), or null. */
+  onBadHello?: (() => void) | null;
 }
 
 /** TLS fatal alert `unrecognized_name` (112), sent when no route takes the name. */
@@ -430,6 +432,7 @@ export class Session {
           } from ${this.#clientAddr}: ${e.kind}: ${e.message}`,
         );
         this.#finishEarly("bad_client_hello", e);
+        this.#ctx.onBadHello?.();
         return undefined;
       }
       throw e;

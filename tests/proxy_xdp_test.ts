@@ -1,9 +1,11 @@
 /**
  * The proxy's own XDP filter (ebpf.xdp from config), end to end in two network namespaces the
  * test creates: a denied source cannot even connect (dropped before the stack, counted), an
- * allowed one is proxied, and SIGHUP swaps the lists in place.
+ * allowed one is proxied, and SIGHUP swaps the lists in place; a source that keeps sending bad
+ * hellos is blocked by XDP (ebpf.xdp.block) until the block expires.
  */
 import assert from "node:assert/strict";
+import { waitKernelSlot } from "./kernel_helpers.ts";
 import { certs, sleep, startProxy } from "./proxy_harness.ts";
 
 const isRoot = Deno.uid() === 0;
@@ -21,7 +23,12 @@ async function ip(...args: string[]): Promise<void> {
   }
 }
 
-async function curlFrom(source: string): Promise<{ code: number; body: string }> {
+/** curl from `source` in the client namespace: https through the proxy, or plain http to its
+ * TLS port (a bad ClientHello). */
+async function curlFrom(
+  source: string,
+  scheme: "https" | "http" = "https",
+): Promise<{ code: number; body: string }> {
   const c = await certs();
   const out = await new Deno.Command("ip", {
     args: [
@@ -38,84 +45,99 @@ async function curlFrom(source: string): Promise<{ code: number; body: string }>
       c.caFile,
       "--resolve",
       "a.test:8443:10.198.0.1",
-      "https://a.test:8443/",
+      `${scheme}://a.test:8443/`,
     ],
     stdin: "null",
   }).output();
   return { code: out.code, body: new TextDecoder().decode(out.stdout) };
 }
 
-async function metrics(): Promise<string> {
+async function metrics(path = "/metrics"): Promise<string> {
   const out = await new Deno.Command("ip", {
-    args: ["netns", "exec", NS_P, "curl", "-s", "http://10.198.0.1:9090/metrics"],
+    args: ["netns", "exec", NS_P, "curl", "-s", `http://10.198.0.1:9090${path}`],
   }).output();
   return new TextDecoder().decode(out.stdout);
 }
 
-const dropped = (text: string) =>
-  Number(/^sni_proxy_kernel_xdp_dropped_deny_total (\d+)$/m.exec(text)?.[1] ?? NaN);
+/** A sample of /metrics, NaN when absent. */
+const metric = (text: string, series: string) =>
+  Number(
+    new RegExp(`^sni_proxy_${series.replace(/[{}."]/g, "\\$&")} (\\d+)$`, "m").exec(text)?.[1] ??
+      NaN,
+  );
+const dropped = (text: string) => metric(text, "kernel_xdp_dropped_deny_total");
+
+/**
+ * Two namespaces joined by a veth pair (proxy side 10.198.0.1, client side .2 and .3), a TLS
+ * backend on 10.198.0.1:9443 answering "xdp-ok", and the proxy on 10.198.0.1:8443 (metrics on
+ * :9090) with XDP on sxp-p and the `acl` / `ebpf.xdp` given; everything is removed afterwards.
+ */
+async function withNamespaces(
+  extra: { acl?: Record<string, unknown>; xdp?: Record<string, unknown> },
+  f: (proxy: Awaited<ReturnType<typeof startProxy>>) => Promise<void>,
+): Promise<void> {
+  await waitKernelSlot();
+  await ip("netns", "del", NS_P).catch(() => {});
+  await ip("netns", "del", NS_C).catch(() => {});
+  await ip("netns", "add", NS_P);
+  await ip("netns", "add", NS_C);
+  let backend: Deno.ChildProcess | null = null;
+  let proxy: Awaited<ReturnType<typeof startProxy>> | null = null;
+  try {
+    await ip("link", "add", "sxp-p", "netns", NS_P, "type", "veth", "peer", "sxp-c", "netns", NS_C);
+    await ip("-n", NS_P, "addr", "add", "10.198.0.1/24", "dev", "sxp-p");
+    await ip("-n", NS_C, "addr", "add", "10.198.0.2/24", "dev", "sxp-c");
+    await ip("-n", NS_C, "addr", "add", "10.198.0.3/24", "dev", "sxp-c");
+    for (const [ns, dev] of [[NS_P, "sxp-p"], [NS_C, "sxp-c"]]) {
+      await ip("-n", ns, "link", "set", dev, "up");
+      await ip("-n", ns, "link", "set", "lo", "up");
+    }
+    // the TLS backend lives in the proxy's namespace
+    const c = await certs();
+    const script = await Deno.makeTempFile({ suffix: ".ts" });
+    await Deno.writeTextFile(
+      script,
+      `Deno.serve({ hostname: "10.198.0.1", port: 9443, cert: ${JSON.stringify(c.cert)}, ` +
+        `key: ${JSON.stringify(c.key)}, onListen() { console.log("ready"); } }, ` +
+        `() => new Response("xdp-ok"));`,
+    );
+    backend = new Deno.Command("ip", {
+      args: ["netns", "exec", NS_P, Deno.execPath(), "run", "-A", script],
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    const reader = backend.stdout.getReader();
+    await reader.read(); // "ready"
+    reader.releaseLock();
+    proxy = await startProxy({
+      listeners: [{ address: "10.198.0.1:8443" }],
+      routes: [{ match: "a.test", backends: ["10.198.0.1:9443"] }],
+      acl: extra.acl ?? {},
+      metrics: { address: "10.198.0.1:9090" },
+      ebpf: {
+        enabled: true,
+        sockmap_enabled: false,
+        xdp: { interfaces: ["sxp-p"], mode: "auto", ...extra.xdp },
+      },
+    }, { wrapper: ["ip", "netns", "exec", NS_P] });
+    await proxy.waitFor("XDP source filter on sxp-p");
+    await f(proxy);
+  } finally {
+    if (proxy) assert.equal(await proxy.stop(), 0, proxy.stderr());
+    if (backend) {
+      backend.kill("SIGTERM");
+      await backend.status;
+    }
+    await ip("netns", "del", NS_P).catch(() => {});
+    await ip("netns", "del", NS_C).catch(() => {});
+  }
+}
 
 Deno.test({
   name: "ebpf.xdp drops denied sources before the stack, proxies the others, and reloads in place",
   ignore: !isRoot,
-  fn: async () => {
-    await ip("netns", "del", NS_P).catch(() => {});
-    await ip("netns", "del", NS_C).catch(() => {});
-    await ip("netns", "add", NS_P);
-    await ip("netns", "add", NS_C);
-    let backend: Deno.ChildProcess | null = null;
-    let proxy: Awaited<ReturnType<typeof startProxy>> | null = null;
-    try {
-      await ip(
-        "link",
-        "add",
-        "sxp-p",
-        "netns",
-        NS_P,
-        "type",
-        "veth",
-        "peer",
-        "sxp-c",
-        "netns",
-        NS_C,
-      );
-      await ip("-n", NS_P, "addr", "add", "10.198.0.1/24", "dev", "sxp-p");
-      await ip("-n", NS_C, "addr", "add", "10.198.0.2/24", "dev", "sxp-c");
-      await ip("-n", NS_C, "addr", "add", "10.198.0.3/24", "dev", "sxp-c");
-      for (const [ns, dev] of [[NS_P, "sxp-p"], [NS_C, "sxp-c"]]) {
-        await ip("-n", ns, "link", "set", dev, "up");
-        await ip("-n", ns, "link", "set", "lo", "up");
-      }
-      // the TLS backend lives in the proxy's namespace
-      const c = await certs();
-      const script = await Deno.makeTempFile({ suffix: ".ts" });
-      await Deno.writeTextFile(
-        script,
-        `Deno.serve({ hostname: "10.198.0.1", port: 9443, cert: ${JSON.stringify(c.cert)}, ` +
-          `key: ${JSON.stringify(c.key)}, onListen() { console.log("ready"); } }, ` +
-          `() => new Response("xdp-ok"));`,
-      );
-      backend = new Deno.Command("ip", {
-        args: ["netns", "exec", NS_P, Deno.execPath(), "run", "-A", script],
-        stdout: "piped",
-        stderr: "inherit",
-      }).spawn();
-      const reader = backend.stdout.getReader();
-      await reader.read(); // "ready"
-      reader.releaseLock();
-      proxy = await startProxy({
-        listeners: [{ address: "10.198.0.1:8443" }],
-        routes: [{ match: "a.test", backends: ["10.198.0.1:9443"] }],
-        acl: { deny: ["10.198.0.3/32"] },
-        metrics: { address: "10.198.0.1:9090" },
-        ebpf: {
-          enabled: true,
-          sockmap_enabled: false,
-          xdp: { interfaces: ["sxp-p"], mode: "auto" },
-        },
-      }, { wrapper: ["ip", "netns", "exec", NS_P] });
-      await proxy.waitFor("XDP source filter on sxp-p");
-
+  fn: () =>
+    withNamespaces({ acl: { deny: ["10.198.0.3/32"] } }, async (proxy) => {
       assert.equal((await curlFrom("10.198.0.2")).body, "xdp-ok", "an allowed source is proxied");
       const before = dropped(await metrics());
       const denied = await curlFrom("10.198.0.3");
@@ -137,14 +159,57 @@ Deno.test({
       await sleep(100);
       assert.equal((await curlFrom("10.198.0.3")).body, "xdp-ok", "now allowed");
       assert.equal((await curlFrom("10.198.0.2")).code, 28, "now dropped");
-    } finally {
-      if (proxy) assert.equal(await proxy.stop(), 0, proxy.stderr());
-      if (backend) {
-        backend.kill("SIGTERM");
-        await backend.status;
+    }),
+});
+
+Deno.test({
+  name: "ebpf.xdp.block drops a source that keeps sending bad hellos until its block expires",
+  ignore: !isRoot,
+  fn: () =>
+    withNamespaces({
+      xdp: { block: { after: 3, window_ms: 10_000, block_ms: 5_000 } },
+    }, async (proxy) => {
+      const fromBad = async () =>
+        (await proxy.access()).filter((e) => String(e.client).startsWith("10.198.0.3:")).length;
+      assert.equal((await curlFrom("10.198.0.3")).body, "xdp-ok", "well behaved at first");
+      // plain HTTP to the TLS port: three bad ClientHellos
+      for (let i = 0; i < 3; i++) {
+        assert.notEqual((await curlFrom("10.198.0.3", "http")).code, 0, "a bad hello is refused");
       }
-      await ip("netns", "del", NS_P).catch(() => {});
-      await ip("netns", "del", NS_C).catch(() => {});
-    }
-  },
+      await proxy.waitFor("10.198.0.3 blocked in XDP for 5000 ms: 3 offences");
+      const blockedAt = Date.now();
+      // the access log is written asynchronously: wait for the good and the three bad ones
+      for (let i = 0; i < 50 && await fromBad() < 4; i++) await sleep(100);
+      const seen = await fromBad();
+      assert.equal(seen, 4, "four connections from 10.198.0.3 logged before the block");
+      const before = await metrics();
+      assert.equal(metric(before, "xdp_blocked_total"), 1);
+      assert.equal(metric(before, "xdp_blocked_sources"), 1);
+      assert.ok(
+        metric(before, 'xdp_blocked_seconds{source="10.198.0.3"}') > 0,
+        `the blocked set in /metrics:\n${before}`,
+      );
+      const stats = JSON.parse(await metrics("/stats"));
+      assert.equal(stats.xdp_block.blocked_sources, 1, "the blocked set in /stats (the stats CLI)");
+      assert.ok(stats.xdp_block.blocked["10.198.0.3"].seconds_left > 0);
+
+      assert.equal((await curlFrom("10.198.0.3")).code, 28, "blocked: cannot even connect");
+      const after = await metrics();
+      const [b, a] = [before, after].map((t) => metric(t, "kernel_xdp_dropped_blocked_total"));
+      assert.ok(a > b, `XDP block drop counter rose: ${b} → ${a}`);
+      assert.ok(
+        JSON.parse(await metrics("/stats")).xdp_block.blocked["10.198.0.3"].hits > 0,
+        "the entry counts its drops",
+      );
+      assert.equal(await fromBad(), seen, "the proxy never saw the blocked connection");
+      assert.equal((await curlFrom("10.198.0.2")).body, "xdp-ok", "other sources pass");
+
+      // expiry lifts it (the sweep deletes the entry within a second)
+      await sleep(Math.max(0, blockedAt + 5_000 - Date.now()));
+      await proxy.waitFor("10.198.0.3 unblocked in XDP: its block expired");
+      assert.equal((await curlFrom("10.198.0.3")).body, "xdp-ok", "let through after expiry");
+      const end = await metrics();
+      assert.equal(metric(end, "xdp_blocked_sources"), 0);
+      assert.equal(metric(end, "xdp_blocked_total"), 1);
+    }),
 });

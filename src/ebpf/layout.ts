@@ -107,6 +107,8 @@ export function encodeSockmapConfig(sndbuf: number, rcvbuf: number): Uint8Array 
 export const XDP_TRIES = ["deny_v4", "deny_v6", "allow_v4", "allow_v6"] as const;
 export const XDP_MAPS = [...XDP_TRIES, "ports", "xdp_config"] as const;
 export const XDP_STATS_MAP = "xdp_stats";
+/** The temporary blocks of misbehaving sources (HASH: address bytes -> struct sni_xdp_block). */
+export const XDP_BLOCK_MAPS = { v4: "blocked_v4", v6: "blocked_v6" } as const;
 export const XDP_PROGRAM = "sni_xdp_filter";
 
 /** struct sni_lpm_v4 / sni_lpm_v6: prefixlen u32 (host order), then addr in network order. */
@@ -126,8 +128,13 @@ export const XDP_PORTS_MAX = 1024;
 export const XDP_CONFIG = { size: 8, allowActive: 0 } as const;
 
 /** struct sni_xdp_stats: u64 counters, one struct per stats index (SNI_XDP_STATS_*). */
-export const XDP_STATS_FIELDS = ["passed", "dropped_deny", "dropped_not_allowed"] as const;
-export const XDP_STATS_SIZE = 32; // the three counters and a reserved u64
+export const XDP_STATS_FIELDS = [
+  "passed",
+  "dropped_deny",
+  "dropped_not_allowed",
+  "dropped_blocked",
+] as const;
+export const XDP_STATS_SIZE = 32;
 export const XDP_STATS_INDEX = { ipv4: 0, ipv6: 1, other: 2 } as const;
 
 /** The key bytes of a CIDR in its family's trie, host bits cleared (so equal blocks are equal). */
@@ -143,6 +150,25 @@ export function lpmKey(cidr: Cidr): Uint8Array {
     v.setUint32(layout.addr + 4 * (i - first), (cidr.words[i] & mask) >>> 0, false);
   }
   return key;
+}
+
+/** struct sni_xdp_block: expiry (u64, bpf_ktime_get_ns() units) and hits (u64). */
+export const XDP_BLOCK = { size: 16, expiresNs: 0, hits: 8 } as const;
+
+/** The value of a blocked_v4/blocked_v6 entry expiring at `expiresNs` (CLOCK_MONOTONIC). */
+export function encodeXdpBlock(expiresNs: bigint): Uint8Array {
+  const v = new Uint8Array(XDP_BLOCK.size);
+  new DataView(v.buffer).setBigUint64(XDP_BLOCK.expiresNs, expiresNs, true);
+  return v;
+}
+
+/** Expiry and hits of a blocked_v4/blocked_v6 value. */
+export function decodeXdpBlock(v: Uint8Array): { expiresNs: bigint; hits: number } {
+  const d = new DataView(v.buffer, v.byteOffset, v.byteLength);
+  return {
+    expiresNs: d.getBigUint64(XDP_BLOCK.expiresNs, true),
+    hits: Number(d.getBigUint64(XDP_BLOCK.hits, true)),
+  };
 }
 
 /** The value of xdp_config. */

@@ -22,9 +22,11 @@ import {
   XdpFlags,
   xdpQuery,
 } from "../../ffi/libbpf.ts";
-import { closeFd, Errno, ifNameToIndex } from "../../ffi/libc.ts";
-import type { Cidr } from "../acl.ts";
+import { closeFd, Errno, ifNameToIndex, monotonicNs } from "../../ffi/libc.ts";
+import { type Cidr, parseCidr } from "../acl.ts";
 import {
+  decodeXdpBlock,
+  encodeXdpBlock,
   encodeXdpConfig,
   KEY_ZERO,
   lpmKey,
@@ -32,6 +34,8 @@ import {
   portKey,
   TRIE_VALUE,
   u32Key,
+  XDP_BLOCK,
+  XDP_BLOCK_MAPS,
   XDP_MAPS,
   XDP_PORTS_MAX,
   XDP_PROGRAM,
@@ -77,6 +81,8 @@ export interface XdpFilterOptions {
   ports: number[];
   /** Capacity of each of the four tries (deny/allow x IPv4/IPv6); default 16384. */
   maxEntries?: number;
+  /** Capacity of the temporary block set (each family); default 4096. */
+  blockMaxEntries?: number;
   /** Receives loader and libbpf messages. */
   log: XdpLog;
   /** The compiled object's bytes; default: read bpf/xdp.bpf.o next to this source tree. */
@@ -90,7 +96,21 @@ export interface XdpCounters {
   droppedDeny: number;
   /** TCP to a listening port from a source outside a non-empty allow list. */
   droppedNotAllowed: number;
+  /** TCP to a listening port from a temporarily blocked source ({@link XdpFilter.block}). */
+  droppedBlocked: number;
 }
+
+/** A source in the temporary block set. */
+export interface XdpBlock {
+  source: string;
+  /** Until the program lets it through again (0 once expired, until the next sweep). */
+  expiresInMs: number;
+  /** Packets dropped for this entry. */
+  hits: number;
+}
+
+/** What {@link XdpFilter.block} did. */
+export type XdpBlockResult = "blocked" | "extended" | "full";
 
 /** Sum over CPUs and interfaces of the filter's counters, in total and per address family. */
 export interface XdpStats extends XdpCounters {
@@ -112,6 +132,7 @@ export interface XdpAttachment {
 
 const STATS_KEYS = Object.values(XDP_STATS_INDEX).map(u32Key);
 const DEFAULT_MAX_ENTRIES = 16384;
+const DEFAULT_BLOCK_MAX_ENTRIES = 4096;
 const TRIES = XDP_TRIES;
 type TrieName = typeof TRIES[number];
 type MapName = typeof XDP_MAPS[number];
@@ -255,6 +276,11 @@ export class XdpFilter {
   readonly #links: { fd: number; attachment: XdpAttachment }[];
   readonly #log: XdpLog;
   readonly #maxEntries: number;
+  readonly #blockMaps: { v4: BpfMap; v6: BpfMap };
+  readonly #blockMax: number;
+  readonly #blockBuf = new Uint8Array(XDP_BLOCK.size);
+  /** The entries of blocked_v4/blocked_v6, by source text. */
+  readonly #blocked = new Map<string, { v6: boolean; key: Uint8Array; expiresNs: bigint }>();
   #current: Wanted;
   #closed = false;
 
@@ -263,6 +289,7 @@ export class XdpFilter {
     links: { fd: number; attachment: XdpAttachment }[];
     log: XdpLog;
     maxEntries: number;
+    blockMax: number;
     current: Wanted;
   }) {
     this.#obj = init.obj;
@@ -272,6 +299,11 @@ export class XdpFilter {
     this.#links = init.links;
     this.#log = init.log;
     this.#maxEntries = init.maxEntries;
+    this.#blockMaps = {
+      v4: init.obj.map(XDP_BLOCK_MAPS.v4),
+      v6: init.obj.map(XDP_BLOCK_MAPS.v6),
+    };
+    this.#blockMax = init.blockMax;
     this.#current = init.current;
   }
 
@@ -289,12 +321,15 @@ export class XdpFilter {
   static async open(options: XdpFilterOptions): Promise<XdpFilter> {
     const log = options.log;
     const maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES;
-    if (!Number.isInteger(maxEntries) || maxEntries < 1 || maxEntries > 16_777_216) {
-      throw new XdpError(
-        "bad_option",
-        `maxEntries must be an integer from 1 to 16777216 (got ${maxEntries})`,
-        "fix the XDP map capacity in the config",
-      );
+    const blockMax = options.blockMaxEntries ?? DEFAULT_BLOCK_MAX_ENTRIES;
+    for (const [name, n] of [["maxEntries", maxEntries], ["blockMaxEntries", blockMax]] as const) {
+      if (!Number.isInteger(n) || n < 1 || n > 16_777_216) {
+        throw new XdpError(
+          "bad_option",
+          `${name} must be an integer from 1 to 16777216 (got ${n})`,
+          "fix the XDP map capacity in the config",
+        );
+      }
     }
     if (!["auto", "native", "generic"].includes(options.mode)) {
       throw new XdpError(
@@ -354,6 +389,7 @@ export class XdpFilter {
     try {
       try {
         for (const name of TRIES) obj.map(name).setMaxEntries(maxEntries);
+        for (const name of Object.values(XDP_BLOCK_MAPS)) obj.map(name).setMaxEntries(blockMax);
         withLibbpfLog(log, () => obj.load());
       } catch (e) {
         throw loadError(XdpError, e, xdpLoadHints(maxEntries));
@@ -376,7 +412,7 @@ export class XdpFilter {
       obj.close();
       throw e;
     }
-    const filter = new XdpFilter({ obj, links, log, maxEntries, current: want });
+    const filter = new XdpFilter({ obj, links, log, maxEntries, blockMax, current: want });
     log(
       "info",
       `XDP source filter attached to ${
@@ -462,6 +498,7 @@ export class XdpFilter {
         passed: s.passed,
         droppedDeny: s.dropped_deny,
         droppedNotAllowed: s.dropped_not_allowed,
+        droppedBlocked: s.dropped_blocked,
       };
     };
     const ipv4 = family(XDP_STATS_INDEX.ipv4);
@@ -471,10 +508,93 @@ export class XdpFilter {
       passed: ipv4.passed + ipv6.passed + other.passed,
       droppedDeny: ipv4.droppedDeny + ipv6.droppedDeny,
       droppedNotAllowed: ipv4.droppedNotAllowed + ipv6.droppedNotAllowed,
+      droppedBlocked: ipv4.droppedBlocked + ipv6.droppedBlocked,
       ipv4,
       ipv6,
       other,
     };
+  }
+
+  /** How many sources the block set holds at most. */
+  get blockCapacity(): number {
+    return this.#blockMax;
+  }
+
+  /**
+   * Drop TCP to the listening ports from `source` (an IP address) for `ms` from now: a new
+   * entry, or a later expiry for one already there (its hit count kept). "full" when the set
+   * holds {@link blockCapacity} other sources (nothing changes then).
+   * @throws {XdpError} for a source that is not an IP address, or when the kernel refuses.
+   */
+  block(source: string, ms: number): XdpBlockResult {
+    if (this.#closed) throw new XdpError("closed", "the XDP filter is closed", "open a new one");
+    let cidr: Cidr;
+    try {
+      cidr = parseCidr(source);
+    } catch (e) {
+      throw new XdpError("bad_option", (e as Error).message, "block an IP address");
+    }
+    if (cidr.prefix !== (cidr.v6 ? 128 : 32)) {
+      throw new XdpError("bad_option", `${source} is not one address`, "block an IP address");
+    }
+    const known = this.#blocked.get(source);
+    if (!known && this.#blocked.size >= this.#blockMax) return "full";
+    const key = known?.key ?? lpmKey(cidr).slice(4);
+    const expiresNs = monotonicNs() + BigInt(Math.round(ms)) * 1_000_000n;
+    const map = this.#blockMaps[cidr.v6 ? "v6" : "v4"];
+    const value = encodeXdpBlock(expiresNs);
+    if (known && map.lookup(key, this.#blockBuf)) {
+      value.set(this.#blockBuf.subarray(XDP_BLOCK.hits), XDP_BLOCK.hits);
+    }
+    try {
+      map.update(key, value);
+    } catch (e) {
+      throw new XdpError(
+        "update_failed",
+        `cannot add ${source} to the XDP block set: ${(e as Error).message}`,
+        "check the block set's capacity (ebpf.xdp.block.max_entries)",
+        { cause: e },
+      );
+    }
+    this.#blocked.set(source, { v6: cidr.v6, key, expiresNs });
+    return known ? "extended" : "blocked";
+  }
+
+  /** Lift the block of `source` now; false when it was not blocked. */
+  unblock(source: string): boolean {
+    const entry = this.#blocked.get(source);
+    if (!entry) return false;
+    this.#blocked.delete(source);
+    if (!this.#closed) this.#blockMaps[entry.v6 ? "v6" : "v4"].delete(entry.key);
+    return true;
+  }
+
+  /** Delete the expired entries (the program already lets them through); returns their sources. */
+  sweepBlocked(): string[] {
+    const now = monotonicNs();
+    const gone: string[] = [];
+    for (const [source, e] of this.#blocked) {
+      if (e.expiresNs > now) continue;
+      this.unblock(source);
+      gone.push(source);
+    }
+    return gone;
+  }
+
+  /** The block set now, with each entry's time left and hits. */
+  blocked(): XdpBlock[] {
+    const now = monotonicNs();
+    const out: XdpBlock[] = [];
+    for (const [source, e] of this.#blocked) {
+      const ok = !this.#closed &&
+        this.#blockMaps[e.v6 ? "v6" : "v4"].lookup(e.key, this.#blockBuf);
+      out.push({
+        source,
+        expiresInMs: e.expiresNs > now ? Number((e.expiresNs - now) / 1_000_000n) : 0,
+        hits: ok ? decodeXdpBlock(this.#blockBuf).hits : 0,
+      });
+    }
+    return out;
   }
 
   /** Detach from every interface and free the program and maps. Idempotent. */
