@@ -626,3 +626,30 @@ Deno.test("a route whose backends are all backups is warned about", () => {
   assert.deepEqual(c.warnings.map((w) => w.split(":")[0]), ["routes[0].backends"]);
   assert.deepEqual(resolveConfig(base, "/c.json").warnings, []);
 });
+
+Deno.test("ebpf.xdp.block: defaults, and a warning that several workers do not enforce it", () => {
+  const xdp = { interfaces: ["lo"], block: {} };
+  const one = resolveConfig({ ...base, workers: 1, ebpf: { enabled: true, xdp } }, "/c.json");
+  assert.deepEqual(one.ebpf.xdp?.block, {
+    after: 10,
+    windowMs: 10_000,
+    blockMs: 60_000,
+    maxEntries: 4096,
+  });
+  assert.deepEqual(one.warnings, []);
+  const many = resolveConfig({ ...base, workers: 2, ebpf: { enabled: true, xdp } }, "/c.json");
+  assert.ok(many.warnings.some((w) => w.startsWith("ebpf.xdp.block: not enforced with more")));
+  assert.equal(
+    resolveConfig({ ...base, ebpf: { enabled: true, xdp: { interfaces: ["lo"] } } }, "/c.json")
+      .ebpf.xdp?.block,
+    null,
+  );
+  assert.throws(
+    () =>
+      resolveConfig(
+        { ...base, ebpf: { enabled: true, xdp: { ...xdp, block: { after: 0 } } } },
+        "/c.json",
+      ),
+    /ebpf\.xdp\.block\.after/,
+  );
+});
