@@ -229,6 +229,10 @@ for await (const line of lines(Deno.stdin.readable)) {
       filter.update(...a);
       logs.splice(0);
       say({ ok: true, updates: n + 1 });
+    } else if (cmd.cmd === "block") {
+      say({ results: cmd.sources.map((src) => filter.block(src, cmd.ms)) });
+    } else if (cmd.cmd === "blocked") {
+      say({ blocked: filter.blocked(), swept: cmd.sweep ? filter.sweepBlocked() : [] });
     } else if (cmd.cmd === "exit") {
       filter.close();
       proxy.kill("SIGKILL");
@@ -275,6 +279,7 @@ interface Counters {
   passed: number;
   droppedDeny: number;
   droppedNotAllowed: number;
+  droppedBlocked: number;
 }
 interface Stats extends Counters {
   ipv4: Counters;
@@ -595,6 +600,44 @@ Deno.test({
           assert.equal((after.udp[BAD4] ?? 0) - (before.udp[BAD4] ?? 0), 0);
           assert.ok(after.stats.ipv4.droppedDeny - before.stats.ipv4.droppedDeny >= 300);
         });
+
+        await t.step(
+          "a blocked source (IPv4, IPv6) cannot reach the listening port until expiry",
+          async () => {
+            const before = (await agent.stats()).stats;
+            const started = Date.now();
+            const r = await agent.send({ cmd: "block", sources: [GOOD4, GOOD6], ms: 5000 });
+            assert.deepEqual(r, { results: ["blocked", "blocked"] });
+            assert.equal((await fetchVia(GOOD4, PROXY_IP4, env.cert)).code, CURL_TIMEOUT);
+            assert.equal((await fetchVia(GOOD6, PROXY_IP6, env.cert)).code, CURL_TIMEOUT);
+            const udpBefore = (await agent.stats()).udp[GOOD4] ?? 0;
+            await sendUdp(env.dir, GOOD4, PROXY_IP4, 3, 1);
+            const after = await agent.stats();
+            assert.equal((after.udp[GOOD4] ?? 0) - udpBefore, 3, "only the listening ports");
+            assert.ok(after.stats.ipv4.droppedBlocked > before.ipv4.droppedBlocked);
+            assert.ok(after.stats.ipv6.droppedBlocked > before.ipv6.droppedBlocked);
+            const { blocked } = await agent.send({ cmd: "blocked" }) as {
+              blocked: { source: string; expiresInMs: number; hits: number }[];
+            };
+            assert.deepEqual(blocked.map((b) => b.source), [GOOD4, GOOD6]);
+            assert.ok(
+              blocked.every((b) => b.hits > 0 && b.expiresInMs > 0),
+              JSON.stringify(blocked),
+            );
+            // expired: the program lets it through before the sweep deletes the entry
+            await new Promise((r) => setTimeout(r, Math.max(0, started + 5200 - Date.now())));
+            assert.equal((await fetchVia(GOOD4, PROXY_IP4, env.cert)).out, "xdp-backend-ok");
+            assert.equal((await fetchVia(GOOD6, PROXY_IP6, env.cert)).out, "xdp-backend-ok");
+            const swept = await agent.send({ cmd: "blocked", sweep: true }) as {
+              blocked: unknown[];
+              swept: string[];
+            };
+            assert.deepEqual(swept.swept, [GOOD4, GOOD6]);
+            assert.equal(swept.blocked.length, 2, "listed as expired until swept");
+            const left = await agent.send({ cmd: "blocked" }) as { blocked: unknown[] };
+            assert.equal(left.blocked.length, 0);
+          },
+        );
 
         await t.step("close() detaches the program from the interface", async () => {
           const logs = await agent.exit();
