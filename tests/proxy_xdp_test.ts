@@ -2,7 +2,8 @@
  * The proxy's own XDP filter (ebpf.xdp from config), end to end in two network namespaces the
  * test creates: a denied source cannot even connect (dropped before the stack, counted), an
  * allowed one is proxied, and SIGHUP swaps the lists in place; a source that keeps sending bad
- * hellos is blocked by XDP (ebpf.xdp.block) until the block expires.
+ * hellos or exceeding its per-source limits is blocked by XDP (ebpf.xdp.block) until the block
+ * expires.
  */
 import assert from "node:assert/strict";
 import { waitKernelSlot } from "./kernel_helpers.ts";
@@ -163,11 +164,12 @@ Deno.test({
 });
 
 Deno.test({
-  name: "ebpf.xdp.block drops a source that keeps sending bad hellos until its block expires",
+  name:
+    "ebpf.xdp.block drops a source that keeps sending bad hellos or exceeding its limits, until expiry",
   ignore: !isRoot,
   fn: () =>
     withNamespaces({
-      xdp: { block: { after: 3, window_ms: 10_000, block_ms: 5_000 } },
+      xdp: { block: { after: 3, window_ms: 10_000, block_ms: 6_000 } },
     }, async (proxy) => {
       const fromBad = async () =>
         (await proxy.access()).filter((e) => String(e.client).startsWith("10.198.0.3:")).length;
@@ -176,7 +178,7 @@ Deno.test({
       for (let i = 0; i < 3; i++) {
         assert.notEqual((await curlFrom("10.198.0.3", "http")).code, 0, "a bad hello is refused");
       }
-      await proxy.waitFor("10.198.0.3 blocked in XDP for 5000 ms: 3 offences");
+      await proxy.waitFor("10.198.0.3 blocked in XDP for 6000 ms: 3 offences");
       const blockedAt = Date.now();
       // the access log is written asynchronously: wait for the good and the three bad ones
       for (let i = 0; i < 50 && await fromBad() < 4; i++) await sleep(100);
@@ -189,9 +191,27 @@ Deno.test({
         metric(before, 'xdp_blocked_seconds{source="10.198.0.3"}') > 0,
         `the blocked set in /metrics:\n${before}`,
       );
-      const stats = JSON.parse(await metrics("/stats"));
-      assert.equal(stats.xdp_block.blocked_sources, 1, "the blocked set in /stats (the stats CLI)");
-      assert.ok(stats.xdp_block.blocked["10.198.0.3"].seconds_left > 0);
+      // the stats CLI (it reads /stats)
+      const cli = await new Deno.Command("ip", {
+        args: [
+          "netns",
+          "exec",
+          NS_P,
+          Deno.execPath(),
+          "run",
+          "-A",
+          "--unstable-net",
+          new URL("../main.ts", import.meta.url).pathname,
+          "stats",
+          "--config",
+          proxy.configPath,
+        ],
+        stdin: "null",
+      }).output();
+      const table = new TextDecoder().decode(cli.stdout);
+      assert.ok(cli.success, new TextDecoder().decode(cli.stderr));
+      assert.match(table, /^xdp_block\.blocked_sources +1$/m, table);
+      assert.match(table, /^xdp_block\.blocked\.10\.198\.0\.3\.seconds_left +[1-6]$/m, table);
 
       assert.equal((await curlFrom("10.198.0.3")).code, 28, "blocked: cannot even connect");
       const after = await metrics();
@@ -205,11 +225,25 @@ Deno.test({
       assert.equal((await curlFrom("10.198.0.2")).body, "xdp-ok", "other sources pass");
 
       // expiry lifts it (the sweep deletes the entry within a second)
-      await sleep(Math.max(0, blockedAt + 5_000 - Date.now()));
+      await sleep(Math.max(0, blockedAt + 6_000 - Date.now()));
       await proxy.waitFor("10.198.0.3 unblocked in XDP: its block expired");
       assert.equal((await curlFrom("10.198.0.3")).body, "xdp-ok", "let through after expiry");
       const end = await metrics();
       assert.equal(metric(end, "xdp_blocked_sources"), 0);
       assert.equal(metric(end, "xdp_blocked_total"), 1);
+
+      // per-source limit refusals count too (limits.per_source reloads; the set is kept)
+      const cfg = JSON.parse(await Deno.readTextFile(proxy.configPath));
+      cfg.limits = { per_source: { new_per_second: 0.1, burst: 1 } };
+      await Deno.writeTextFile(proxy.configPath, JSON.stringify(cfg));
+      proxy.signal("SIGHUP");
+      await proxy.waitFor("reloaded");
+      for (let i = 0; i < 4; i++) await curlFrom("10.198.0.3"); // one served, three refused
+      await proxy.waitFor(
+        "10.198.0.3 blocked in XDP for 6000 ms: 3 offences within 10000 ms " +
+          "(last: source_rate)",
+      );
+      assert.equal((await curlFrom("10.198.0.3")).code, 28, "blocked again");
+      assert.equal(metric(await metrics(), "xdp_blocked_total"), 2);
     }),
 });
