@@ -230,9 +230,12 @@ const CONCURRENT = Number(Deno.env.get("SNI_LOAD_CONNECTIONS") ?? 200);
 const MIN_BYTES = 16 * MiB;
 const MAX_BYTES = 64 * MiB;
 
-// the sockmap mode has its own duplex tests (tests/e2e_kernel_test.ts); this load is the
-// default mode's
-for (const mode of ["pipe"] as const) {
+// the default mode; the opt-in sockmap mode lost 2 of 200 transfers in 1 of 3 such runs (see
+// README, Kernel mode): SNI_LOAD_SOCKMAP=1 adds it
+const LOAD_MODES = Deno.env.get("SNI_LOAD_SOCKMAP")
+  ? ["pipe", "sockmap"] as const
+  : ["pipe"] as const;
+for (const mode of LOAD_MODES) {
   ktest(
     `kernel mode (${mode}): ${CONCURRENT} concurrent duplex transfers of 16-64 MiB each way, ` +
       `random write sizes, a SIGHUP and then a SIGTERM drain in the middle: every byte arrives, ` +
@@ -273,15 +276,11 @@ for (const mode of ["pipe"] as const) {
       assert.equal(await proxy.status.then((s) => s.code), 0, "the drain ended with exit 0");
       const entries = await proxy.access();
       assert.equal(entries.length, CONCURRENT, "one access entry per connection");
-      const byPort = new Map(entries.map((e) => [Number(e.client.split(":").pop()), e]));
-      for (const r of results) {
-        const e = byPort.get(r.clientPort);
-        assert.ok(e, `an access entry for client port ${r.clientPort}`);
+      for (const e of entries) {
         assert.equal(e.close_reason, "done", JSON.stringify(e));
         assert.equal(e.mode, "kernel", JSON.stringify(e));
-        assert.equal(e.bytes_up, r.helloBytes + r.up, `bytes_up ${JSON.stringify(e)} sent ${r.up}`);
-        assert.equal(e.bytes_down, 1 + r.down, `bytes_down ${JSON.stringify(e)} sent ${r.down}`);
       }
+      assertExactCounts(entries, results);
       assert.doesNotMatch(proxy.stderr(), /undelivered|half-closing anyway/);
     },
     300_000,
@@ -324,10 +323,10 @@ ktest(
       assert.equal(e.bytes_down, 1 + OVERFLOW_BYTES, JSON.stringify(e));
       modes[e.mode as "kernel" | "userspace"]++;
     }
-    for (const p of pairs) {
-      const e = entries.find((x) => x.client.endsWith(`:${p.clientPort}`))!;
-      assert.equal(e.bytes_up, p.helloBytes + OVERFLOW_BYTES, JSON.stringify(e));
-    }
+    assertExactCounts(
+      entries,
+      pairs.map((p) => ({ ...p, up: OVERFLOW_BYTES, down: OVERFLOW_BYTES })),
+    );
     note(`${modes.kernel} spliced, ${modes.userspace} in userspace mode`);
     assert.ok(modes.kernel > 0 && modes.kernel <= 32, `spliced: ${modes.kernel} (room for 32)`);
     assert.equal(modes.kernel + modes.userspace, OVERFLOW_CONNECTIONS);
@@ -344,6 +343,30 @@ ktest(
   },
   180_000,
 );
+
+/**
+ * Every transfer has its own access entry with exact counts (hello + payload up, the GO byte +
+ * payload down). Matched by client port and counts together: a port freed by a transfer that
+ * ended early can be taken by a later connection.
+ */
+function assertExactCounts(
+  entries: AccessEntry[],
+  transfers: { clientPort: number; helloBytes: number; up: number; down: number }[],
+): void {
+  const left = [...entries];
+  for (const t of transfers) {
+    const i = left.findIndex((e) =>
+      e.client.endsWith(`:${t.clientPort}`) && e.bytes_up === t.helloBytes + t.up &&
+      e.bytes_down === 1 + t.down
+    );
+    assert.ok(
+      i >= 0,
+      `no exact entry for port ${t.clientPort} (up ${t.helloBytes} + ${t.up}, down 1 + ${t.down}): ` +
+        JSON.stringify(left.filter((e) => e.client.endsWith(`:${t.clientPort}`))),
+    );
+    left.splice(i, 1);
+  }
+}
 
 /** Polls until the access log has `n` entries (fails after `ms`). */
 async function entriesWithin(proxy: ProxyProcess, n: number, ms: number): Promise<AccessEntry[]> {
@@ -548,13 +571,11 @@ ktest(
     assert.deepEqual(results.filter((r) => !r.ok).map((r) => r.detail), []);
     const entries = await entriesWithin(proxy, 40, 20_000);
     const workers = new Set(entries.map((e) => e.worker));
-    for (const r of results) {
-      const e = entries.find((x) => x.client.endsWith(`:${r.clientPort}`))!;
+    for (const e of entries) {
       assert.equal(e.mode, "kernel", JSON.stringify(e));
       assert.equal(e.close_reason, "done", JSON.stringify(e));
-      assert.equal(e.bytes_up, r.helloBytes + r.up);
-      assert.equal(e.bytes_down, 1 + r.down);
     }
+    assertExactCounts(entries, results);
     note(`workers that served: ${[...workers].join(", ")}`);
   },
   120_000,
