@@ -206,10 +206,13 @@ export function recvFd(fd: number, buf: Uint8Array): number {
 }
 
 /** send(2) to a socket without SIGPIPE: bytes written, or -errno (-EPIPE: the peer is gone). */
-export function sendFd(fd: number, buf: Uint8Array): number {
-  const n = Number(libc().send(fd, buf, BigInt(buf.length), MSG_NOSIGNAL));
+export function sendFd(fd: number, buf: Uint8Array, flags = 0): number {
+  const n = Number(libc().send(fd, buf, BigInt(buf.length), MSG_NOSIGNAL | flags));
   return n < 0 ? -errno() : n;
 }
+
+/** send(2) flag: the byte is TCP urgent data. */
+export const MSG_OOB = 1;
 
 /** shutdown(2) of a socket's sending side (sends the FIN); 0 or -errno. */
 export function shutdownWrite(fd: number): number {
@@ -355,6 +358,7 @@ export function spliceFd(from: number, to: number, len: number): number {
 }
 
 export const EPOLLIN = 0x001;
+export const EPOLLPRI = 0x002;
 export const EPOLLOUT = 0x004;
 export const EPOLLERR = 0x008;
 export const EPOLLHUP = 0x010;

@@ -19,9 +19,11 @@ import {
   EPOLLHUP,
   EPOLLIN,
   EPOLLOUT,
+  EPOLLPRI,
   EPOLLRDHUP,
   errnoName,
   makePipe,
+  recvFd,
   resetSocket,
   sendFd,
   setSocketBuffer,
@@ -105,7 +107,12 @@ interface Direction {
   done: boolean;
   /** Payload bytes delivered to dst (the prefix not counted). */
   bytes: number;
+  /** The source got TCP urgent data (EPOLLPRI): splice(2) stops at its mark, recv(2) passes it. */
+  urgent: boolean;
 }
+
+/** Read buffer of the rare bytes read past an urgent mark (copied out before anything waits). */
+const scratch = new Uint8Array(64 * 1024);
 
 /**
  * The relay of a pair whose sockets were taken out of Deno's loop, through splice(2). Ends when
@@ -156,6 +163,7 @@ export class PipedRelay implements ByteRelay {
       eof: false,
       done: false,
       bytes: 0,
+      urgent: false,
     });
     this.#upDir = dir(true, pair.clientFd, pair.backendFd);
     this.#downDir = dir(false, pair.backendFd, pair.clientFd);
@@ -190,7 +198,7 @@ export class PipedRelay implements ByteRelay {
         // a socket that is readable, writable or at EOF already reports that at once
         this.#ids.push(watcher.watch(
           fd,
-          EPOLLIN | EPOLLOUT | EPOLLRDHUP,
+          EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI,
           (events) => this.#onEvent(fd, events),
         ));
       }
@@ -208,7 +216,8 @@ export class PipedRelay implements ByteRelay {
   }
 
   #onEvent(fd: number, events: number): void {
-    const input = (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) !== 0;
+    const input = (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP | EPOLLPRI)) !== 0;
+    if (events & EPOLLPRI) (fd === this.#pair.clientFd ? this.#upDir : this.#downDir).urgent = true;
     const output = (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) !== 0;
     for (const d of [this.#upDir, this.#downDir]) {
       if ((input && d.src === fd) || (output && d.dst === fd)) this.#pump(d);
@@ -279,6 +288,21 @@ export class PipedRelay implements ByteRelay {
         d.inPipe = n;
         this.#idle.touch();
         continue;
+      }
+      // splice(2) stops at a TCP urgent mark (returning EAGAIN, or 0 once the FIN came), and
+      // so does SIOCINQ: after urgent data (EPOLLPRI) the bytes past the mark are read with
+      // recv(2), which steps over it as a userspace relay would, and written like the hello
+      if ((n === 0 || n === -EAGAIN) && d.urgent) {
+        const got = recvFd(d.src, scratch);
+        if (got > 0) {
+          this.#pool.give(pipe, true);
+          d.pipe = null;
+          d.prefix = scratch.slice(0, got);
+          d.prefixOff = 0;
+          d.bytes += got;
+          this.#idle.touch();
+          continue;
+        }
       }
       if (n === 0) {
         // a reset socket reads 0 bytes too: its pending error tells a reset from an EOF

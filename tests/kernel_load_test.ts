@@ -11,7 +11,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { socketTuple } from "../src/ebpf/sockmap.ts";
-import { resetSocket, socketPorts } from "../ffi/libc.ts";
+import { MSG_OOB, resetSocket, sendFd, socketPorts } from "../ffi/libc.ts";
 import { SockDiag } from "../src/tcpinfo.ts";
 import {
   type AccessEntry,
@@ -22,6 +22,7 @@ import {
   rawServer,
   readExact,
   readOutcome,
+  readToEnd,
   type Scope,
   sleep,
   tlsConnect,
@@ -647,3 +648,31 @@ for (const side of ["client", "backend"] as const) {
     60_000,
   );
 }
+
+ktest(
+  "kernel mode (pipe): TCP urgent data (which splice(2) stops at) neither stalls nor cuts the " +
+    "stream: the bytes after it arrive, as in userspace mode",
+  async (scope) => {
+    const backend = rawBackend(scope);
+    const proxy = await startKernelProxy(scope, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+      routes: [{ match: "a.test", backends: [backend.address] }],
+      ebpf: kernelEbpf({ splice_mode: "pipe" }),
+    });
+    const pair = await openPair(proxy.port(), backend);
+    await writeAll(pair.client, new Uint8Array([1, 2, 3]));
+    assert.equal(sendFd(fdOf(pair.client), new Uint8Array([9]), MSG_OOB), 1, "urgent byte sent");
+    await writeAll(pair.client, new Uint8Array([4, 5, 6]));
+    await pair.client.closeWrite();
+    const got = await within(5000, "the stream's end at the backend", readToEnd(pair.server));
+    // the urgent byte is out of band, as a userspace relay's read() skips it too
+    assert.deepEqual([...got], [1, 2, 3, 4, 5, 6]);
+    await pair.server.closeWrite();
+    pair.client.close();
+    pair.server.close();
+    const entry = await proxy.waitAccess((e) => e.backend === backend.address, 10_000);
+    assert.equal(entry.close_reason, "done", JSON.stringify(entry));
+    assert.equal(entry.bytes_up, pair.helloBytes + 6, JSON.stringify(entry));
+  },
+  30_000,
+);
