@@ -290,9 +290,10 @@ export class PipedRelay implements ByteRelay {
         continue;
       }
       // splice(2) stops at a TCP urgent mark (returning EAGAIN, or 0 once the FIN came), and
-      // so does SIOCINQ: after urgent data (EPOLLPRI) the bytes past the mark are read with
-      // recv(2), which steps over it as a userspace relay would, and written like the hello
-      if ((n === 0 || n === -EAGAIN) && d.urgent) {
+      // so does SIOCINQ: the bytes past the mark are read with recv(2), which steps over it as
+      // a userspace relay would, and written like the hello. After urgent data (EPOLLPRI), and
+      // before any 0 is taken for the end: one recv per direction and connection
+      if (n === 0 || (n === -EAGAIN && d.urgent)) {
         const got = recvFd(d.src, scratch);
         if (got > 0) {
           this.#pool.give(pipe, true);
@@ -302,6 +303,13 @@ export class PipedRelay implements ByteRelay {
           d.bytes += got;
           this.#idle.touch();
           continue;
+        }
+        if (got < 0 && got !== -EAGAIN && got !== -EINTR) {
+          // the read took the socket's pending error (a reset): report it, not an EOF
+          this.#pool.give(pipe, true);
+          d.pipe = null;
+          this.#retry(got, d.src);
+          return;
         }
       }
       if (n === 0) {
