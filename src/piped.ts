@@ -33,7 +33,7 @@ import {
   strerror,
 } from "../ffi/libc.ts";
 import { type DetachedPair, watcher } from "./detach.ts";
-import { type ByteRelay, closeQuietly, IdleTimer, type RelayEnd } from "./relay.ts";
+import { type ByteRelay, closeQuietly, cutByProxy, IdleTimer, type RelayEnd } from "./relay.ts";
 import { logger } from "./log.ts";
 
 const log = logger("piped");
@@ -358,7 +358,7 @@ export class PipedRelay implements ByteRelay {
     // never a FIN a peer could take for its end; after a peer's reset, the other side is reset
     // when bytes for it were left in the pipe, and otherwise closed as in userspace mode (a reset
     // would make its kernel drop what it received and its reader has not read yet).
-    const cut = reason !== "done" && reason !== "client_reset" && reason !== "backend_reset";
+    const cut = cutByProxy(reason);
     for (const d of [this.#upDir, this.#downDir]) {
       if (cut || d.inPipe > 0 || d.prefix) resetSocket(d.dst);
       if (d.pipe) this.#pool.give(d.pipe, d.inPipe === 0);

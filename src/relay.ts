@@ -21,6 +21,15 @@ export type RelayEnd =
   | "drain_stalled"
   | "error";
 
+/**
+ * Whether the proxy itself cut the stream (idle, drain deadline, error...), as opposed to its
+ * natural end or a peer's reset: such a stream ends with a reset on both sides, never a FIN a
+ * peer could take for its end.
+ */
+export function cutByProxy(reason: RelayEnd): boolean {
+  return reason !== "done" && reason !== "client_reset" && reason !== "backend_reset";
+}
+
 /** First buffer of each direction; idle connections keep only this much. */
 const INITIAL_BUFFER = 2048;
 /** A direction's buffer grows (x4) up to this while reads keep filling it. */

@@ -33,6 +33,7 @@ import { afterPeerFin } from "./tcpinfo.ts";
 import {
   type ByteRelay,
   closeQuietly,
+  cutByProxy,
   IdleTimer,
   type RelayEnd,
   type SpliceHooks,
@@ -249,7 +250,7 @@ export class SplicedRelay implements ByteRelay {
     this.#error = error;
     this.#idle.clear();
     this.#hooks.release();
-    const cut = reason !== "done" && reason !== "client_reset" && reason !== "backend_reset";
+    const cut = cutByProxy(reason);
     for (const s of [this.#client, this.#backend]) {
       clearTimeout(s.retry);
       if (s.id) watcher.unwatch(s.id, s.fd);

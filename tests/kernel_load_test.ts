@@ -57,6 +57,24 @@ function note(text: string): void {
   console.log(`    [measured] ${text}`);
 }
 
+/**
+ * A kernel-mode proxy routing `a.test` to `backend`: `extra` config sections, and `ebpf` over
+ * kernel mode's default data path (`splice_mode` "pipe").
+ */
+function routedProxy(
+  scope: Scope,
+  backend: string,
+  extra: Record<string, unknown> = {},
+  ebpf: Record<string, unknown> = {},
+): Promise<ProxyProcess> {
+  return startKernelProxy(scope, {
+    listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+    routes: [{ match: "a.test", backends: [backend] }],
+    ...extra,
+    ebpf: kernelEbpf({ splice_mode: "pipe", ...ebpf }),
+  });
+}
+
 /** A socket's TCP queues by its Deno addresses (sock_diag), or null when gone. */
 function queues(diag: SockDiag, conn: Deno.Conn): { recvQ: number; sendQ: number } | null {
   const info = diag.query(socketTuple({
@@ -110,15 +128,10 @@ for (const direction of ["backend → client", "client → backend"] as const) {
       `within ebpf.rcvbuf + pipe_bytes + sndbuf, then gets every byte`,
     async (scope) => {
       const backend = rawBackend(scope);
-      const proxy = await startKernelProxy(scope, {
-        listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-        routes: [{ match: "a.test", backends: [backend.address] }],
-        ebpf: kernelEbpf({
-          splice_mode: "pipe",
-          pipe_bytes: PIPE_BYTES,
-          sndbuf: SOCKET_BUFFER,
-          rcvbuf: SOCKET_BUFFER,
-        }),
+      const proxy = await routedProxy(scope, backend.address, {}, {
+        pipe_bytes: PIPE_BYTES,
+        sndbuf: SOCKET_BUFFER,
+        rcvbuf: SOCKET_BUFFER,
       });
       const diag = SockDiag.open();
       scope.defer(() => diag.close());
@@ -300,12 +313,12 @@ ktest(
   async (scope) => {
     const backend = rawBackend(scope);
     const metricsPort = unusedPort();
-    const proxy = await startKernelProxy(scope, {
-      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-      routes: [{ match: "a.test", backends: [backend.address] }],
-      metrics: { address: `127.0.0.1:${metricsPort}` },
-      ebpf: kernelEbpf({ maps: { pairs: 64, sockets: 64 } }),
-    });
+    const proxy = await routedProxy(
+      scope,
+      backend.address,
+      { metrics: { address: `127.0.0.1:${metricsPort}` } },
+      { splice_mode: "sockmap", maps: { pairs: 64, sockets: 64 } },
+    );
     const pairs: RawPair[] = [];
     for (let i = 0; i < OVERFLOW_CONNECTIONS; i++) {
       pairs.push(await openPair(proxy.port(), backend));
@@ -426,14 +439,11 @@ for (const mode of ["sockmap", "pipe"] as const) {
         while ((await conn.read(buf)) !== null) await conn.write(buf.subarray(0, 1));
       });
       const metricsPort = unusedPort();
-      const proxy = await startKernelProxy(scope, {
-        listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-        routes: [{ match: "a.test", backends: [backend.address] }],
+      const proxy = await routedProxy(scope, backend.address, {
         metrics: { address: `127.0.0.1:${metricsPort}` },
         // one access log file for them all (no rotation)
         log: { level: "info", max_file_bytes: 1 << 30 },
-        ebpf: kernelEbpf({ splice_mode: mode }),
-      });
+      }, { splice_mode: mode });
       const stats = async () => {
         const text = await (await fetch(`http://127.0.0.1:${metricsPort}/stats`)).json();
         return (text.kernel.sockmap ?? { socketsLive: 0 }) as Record<string, number>;
@@ -518,12 +528,7 @@ ktest(
     "logged, with a reset on both sides (never a FIN after a cut stream)",
   async (scope) => {
     const backend = rawBackend(scope);
-    const proxy = await startKernelProxy(scope, {
-      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-      routes: [{ match: "a.test", backends: [backend.address] }],
-      timeouts: { idle_ms: 1500 },
-      ebpf: kernelEbpf({ splice_mode: "pipe" }),
-    });
+    const proxy = await routedProxy(scope, backend.address, { timeouts: { idle_ms: 1500 } });
     const { conn: client } = await rawSpliced(proxy.port(), "a.test");
     const server = await backend.next();
     scope.defer(() => {
@@ -555,12 +560,7 @@ ktest(
     "every byte and count exact",
   async (scope) => {
     const backend = rawBackend(scope);
-    const proxy = await startKernelProxy(scope, {
-      workers: 2,
-      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-      routes: [{ match: "a.test", backends: [backend.address] }],
-      ebpf: kernelEbpf({ splice_mode: "pipe" }),
-    });
+    const proxy = await routedProxy(scope, backend.address, { workers: 2 });
     const jobs = [];
     for (let i = 0; i < 40; i++) {
       const pair = await openPair(proxy.port(), backend);
@@ -590,11 +590,7 @@ ktest(
     "byte for byte",
   async (scope) => {
     const backend = await rawServer(scope, echoHandler);
-    const proxy = await startKernelProxy(scope, {
-      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-      routes: [{ match: "a.test", backends: [backend.address] }],
-      ebpf: kernelEbpf({ splice_mode: "pipe" }),
-    });
+    const proxy = await routedProxy(scope, backend.address);
     const payload = POOL.subarray(0, MiB);
     const echoes = await Promise.all(Array.from({ length: 50 }, async () => {
       const conn = await tlsConnect(proxy.port(), "a.test");
@@ -621,11 +617,7 @@ for (const side of ["client", "backend"] as const) {
       `${side}_reset`,
     async (scope) => {
       const backend = rawBackend(scope);
-      const proxy = await startKernelProxy(scope, {
-        listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-        routes: [{ match: "a.test", backends: [backend.address] }],
-        ebpf: kernelEbpf({ splice_mode: "pipe" }),
-      });
+      const proxy = await routedProxy(scope, backend.address);
       const pair = await openPair(proxy.port(), backend);
       const [resetter, other] = side === "client"
         ? [pair.client, pair.server]
@@ -654,11 +646,7 @@ ktest(
     "stream: the bytes after it arrive, as in userspace mode",
   async (scope) => {
     const backend = rawBackend(scope);
-    const proxy = await startKernelProxy(scope, {
-      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-      routes: [{ match: "a.test", backends: [backend.address] }],
-      ebpf: kernelEbpf({ splice_mode: "pipe" }),
-    });
+    const proxy = await routedProxy(scope, backend.address);
     const pair = await openPair(proxy.port(), backend);
     await writeAll(pair.client, new Uint8Array([1, 2, 3]));
     assert.equal(sendFd(fdOf(pair.client), new Uint8Array([9]), MSG_OOB), 1, "urgent byte sent");

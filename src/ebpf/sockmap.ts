@@ -516,12 +516,8 @@ export class KernelAccel {
     for (const key of [p.keyA, p.keyB]) this.#pairs.delete(key);
   }
 
-  #readPair(key: Uint8Array): boolean {
-    return this.#pairs.lookup(key, this.#pairBuf);
-  }
-
   #readBytes(key: Uint8Array): number {
-    if (!this.#readPair(key)) return 0;
+    if (!this.#pairs.lookup(key, this.#pairBuf)) return 0;
     return pairBytes(this.#pairBuf);
   }
 
