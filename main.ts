@@ -3,14 +3,14 @@
  *
  * @module
  */
-import { serveAdmin } from "./src/admin.ts";
+import { serveAdmin } from "./src/ops/admin.ts";
 import { ConfigError, loadConfig } from "./src/config.ts";
-import { parseCommandLine, runCtl } from "./src/ctl_cli.ts";
-import { runUntilStopped } from "./src/lifecycle.ts";
-import { logger, LogSetupError, setupLogging } from "./src/log.ts";
-import { Proxy } from "./src/proxy.ts";
-import { printStats } from "./src/stats_cli.ts";
-import { runWorker, Supervisor, workerSpec } from "./src/workers.ts";
+import { parseCommandLine, runCtl } from "./src/ops/ctl_cli.ts";
+import { runUntilStopped } from "./src/run/lifecycle.ts";
+import { logger, LogSetupError, setupLogging } from "./src/ops/log.ts";
+import { Proxy } from "./src/run/proxy.ts";
+import { printStats } from "./src/ops/stats_cli.ts";
+import { runWorker, Supervisor, workerSpec } from "./src/run/workers.ts";
 
 /** The release this source tree is. */
 export const VERSION = "0.1.0";

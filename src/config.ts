@@ -6,13 +6,13 @@
  */
 import { dirname, resolve as resolvePath } from "node:path";
 import { z } from "zod";
-import { type Cidr, parseCidr } from "./acl.ts";
+import { type Cidr, parseCidr } from "./route/acl.ts";
 import { isIpAddress } from "./net/ip.ts";
-import type { InternalPolicy } from "./dialguard.ts";
-import { compileFingerprintPatterns, type FingerprintPatterns } from "./fingerprint.ts";
-import type { ProxyTlv } from "./proxyproto.ts";
-import type { SourceLimits } from "./sourcelimit.ts";
-import { compilePattern, type NamePattern } from "./router.ts";
+import type { InternalPolicy } from "./route/dialguard.ts";
+import { compileFingerprintPatterns, type FingerprintPatterns } from "./proto/fingerprint.ts";
+import type { ProxyTlv } from "./proto/proxyproto.ts";
+import type { SourceLimits } from "./conn/sourcelimit.ts";
+import { compilePattern, type NamePattern } from "./route/router.ts";
 
 /** How a route picks one of its backends. */
 export type Balance = "round_robin" | "random" | "least_conn" | "source_hash";

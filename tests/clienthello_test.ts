@@ -10,7 +10,7 @@ import {
   ClientHelloError,
   type ClientHelloErrorKind,
   ClientHelloParser,
-} from "../src/clienthello.ts";
+} from "../src/proto/clienthello.ts";
 
 const dir = new URL("./fixtures/hellos/", import.meta.url);
 

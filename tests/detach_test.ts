@@ -1,10 +1,10 @@
 /**
- * src/detach.ts: a pair whose sockets fail the caller's check is refused, and its conns keep
+ * src/conn/detach.ts: a pair whose sockets fail the caller's check is refused, and its conns keep
  * working (the session then relays it the usual way); a pair that passes leaves Deno's loop and
  * its fds are the conns' sockets.
  */
 import assert from "node:assert/strict";
-import { detachSockets } from "../src/detach.ts";
+import { detachSockets } from "../src/conn/detach.ts";
 import { recvFd, sendFd, socketPorts } from "../ffi/libc.ts";
 
 Deno.test("detachSockets refuses sockets that are not the paired ones and leaves them working", async () => {

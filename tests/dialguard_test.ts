@@ -1,7 +1,7 @@
 /** Which backend addresses the proxy may dial: internal kinds, opt-ins, its own listeners. */
 import assert from "node:assert/strict";
-import { parseCidr, parseIpWords } from "../src/acl.ts";
-import { DialGuard, internalKind, type InternalPolicy } from "../src/dialguard.ts";
+import { parseCidr, parseIpWords } from "../src/route/acl.ts";
+import { DialGuard, internalKind, type InternalPolicy } from "../src/route/dialguard.ts";
 
 const policy = (allowPrivate: boolean, allowAddresses: string[] = []): InternalPolicy => ({
   allowPrivate,

@@ -13,8 +13,8 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { socketTuple } from "../src/ebpf/sockmap.ts";
-import { concat } from "../src/bytes.ts";
-import { SockDiag } from "../src/tcpinfo.ts";
+import { concat } from "../src/net/bytes.ts";
+import { SockDiag } from "../src/conn/tcpinfo.ts";
 import {
   assertCleanStop,
   assertStillServes,

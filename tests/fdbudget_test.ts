@@ -1,7 +1,7 @@
 /** The descriptor budget: its limit and count, and which errors are this host's own. */
 import assert from "node:assert/strict";
-import { DnsError } from "../src/dnscache.ts";
-import { FdBudget, localResourceError } from "../src/fdbudget.ts";
+import { DnsError } from "../src/dns/dnscache.ts";
+import { FdBudget, localResourceError } from "../src/conn/fdbudget.ts";
 
 Deno.test("local resource errors are told from the far end's, also behind a cause", () => {
   const emfile = Object.assign(new Error("Too many open files (os error 24)"), { code: "EMFILE" });

@@ -6,8 +6,8 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { ClientHelloParser } from "../src/clienthello.ts";
-import { compileFingerprintPatterns } from "../src/fingerprint.ts";
+import { ClientHelloParser } from "../src/proto/clienthello.ts";
+import { compileFingerprintPatterns } from "../src/proto/fingerprint.ts";
 
 const dir = new URL("./fixtures/hellos/", import.meta.url);
 const manifest = JSON.parse(Deno.readTextFileSync(new URL("manifest.json", dir))) as {

@@ -6,8 +6,8 @@
  *
  * @module
  */
-import type { AccessEntry as LoggedAccessEntry } from "../src/log.ts";
-import { concat, lines, LineSplitter, writeAll } from "../src/bytes.ts";
+import type { AccessEntry as LoggedAccessEntry } from "../src/ops/log.ts";
+import { concat, lines, LineSplitter, writeAll } from "../src/net/bytes.ts";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import net from "node:net";
@@ -813,7 +813,7 @@ export async function assertServesBundled(bundled: BundledConfig): Promise<void>
 // ---------------------------------------------------------------------------------------------
 // The proxy process
 
-/** One access-log entry as read back from the file (src/log.ts writes it). */
+/** One access-log entry as read back from the file (src/ops/log.ts writes it). */
 export type AccessEntry = LoggedAccessEntry & Record<string, unknown>;
 
 /** A listener as the proxy logged it. */

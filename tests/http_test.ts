@@ -9,7 +9,7 @@ import {
   HttpRequestError,
   type HttpRequestErrorKind,
   type HttpRequestHead,
-} from "../src/http.ts";
+} from "../src/proto/http.ts";
 
 const ascii = (s: string) => new TextEncoder().encode(s);
 

@@ -12,7 +12,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { socketTuple } from "../src/ebpf/sockmap.ts";
 import { MSG_OOB, resetSocket, sendFd, socketPorts } from "../ffi/libc.ts";
-import { SockDiag } from "../src/tcpinfo.ts";
+import { SockDiag } from "../src/conn/tcpinfo.ts";
 import {
   type AccessEntry,
   drainHash,

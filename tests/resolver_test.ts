@@ -9,8 +9,8 @@
 
 import assert from "node:assert/strict";
 import { BpfMapFd, BpfMapType, libbpf } from "../ffi/libbpf.ts";
-import { DnsError } from "../src/dnscache.ts";
-import { queryDns, Resolver, type ResolverOptions } from "../src/resolver.ts";
+import { DnsError } from "../src/dns/dnscache.ts";
+import { queryDns, Resolver, type ResolverOptions } from "../src/dns/resolver.ts";
 import { type FakeDnsServer, startFakeDns } from "./fixtures/dns_server.ts";
 
 const PIN_ROOT = "/sys/fs/bpf/sni-proxy-dns-test";
@@ -302,7 +302,7 @@ Deno.test({
       dns.records.set("other.test", { a: ["10.0.7.2"], ttl: 60 });
       const script = `
         import { Resolver } from ${
-        JSON.stringify(new URL("../src/resolver.ts", import.meta.url).href)
+        JSON.stringify(new URL("../src/dns/resolver.ts", import.meta.url).href)
       };
         const r = Resolver.open(${JSON.stringify(options)});
         console.log(JSON.stringify([r.cache.kind, await r.resolve("shared.test"), await r.resolve("other.test")]));

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
-import { Acl, parseCidr } from "../src/acl.ts";
-import { BackendPool } from "../src/backend.ts";
-import { compilePattern, Router } from "../src/router.ts";
+import { Acl, parseCidr } from "../src/route/acl.ts";
+import { BackendPool } from "../src/route/backend.ts";
+import { compilePattern, Router } from "../src/route/router.ts";
 
 function router(...patterns: string[]) {
   return new Router(

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { resolveConfig } from "../src/config.ts";
-import { SourceLimiter } from "../src/sourcelimit.ts";
-import { workerConfig } from "../src/workers.ts";
+import { SourceLimiter } from "../src/conn/sourcelimit.ts";
+import { workerConfig } from "../src/run/workers.ts";
 
 Deno.test("per-source live connections: refused at the limit, admitted again on release", () => {
   const s = new SourceLimiter();

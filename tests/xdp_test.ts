@@ -10,8 +10,8 @@
  */
 
 import assert from "node:assert/strict";
-import { parseCidr } from "../src/acl.ts";
-import { LineSplitter } from "../src/bytes.ts";
+import { parseCidr } from "../src/route/acl.ts";
+import { LineSplitter } from "../src/net/bytes.ts";
 import { lpmKey } from "../src/ebpf/xdp.ts";
 import { ensureBpfObject, hasCommand } from "./kernel_helpers.ts";
 
@@ -144,8 +144,8 @@ async function makeCert(dir: string): Promise<{ cert: string; key: string }> {
 // The agent runs inside the proxy namespace: XdpFilter + real proxy + TLS backend + UDP sink.
 const AGENT = `
 import { XdpFilter, XdpError } from "${ROOT}src/ebpf/xdp.ts";
-import { parseCidr } from "${ROOT}src/acl.ts";
-import { lines } from "${ROOT}src/bytes.ts";
+import { parseCidr } from "${ROOT}src/route/acl.ts";
+import { lines } from "${ROOT}src/net/bytes.ts";
 
 const cfg = JSON.parse(Deno.args[0]);
 const enc = new TextEncoder();

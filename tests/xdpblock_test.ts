@@ -1,10 +1,10 @@
 /**
- * The offence counting of ebpf.xdp.block (src/xdpblock.ts) against a block set in memory: the
+ * The offence counting of ebpf.xdp.block (src/ebpf/xdpblock.ts) against a block set in memory: the
  * kernel side is tested in tests/proxy_xdp_test.ts.
  */
 import assert from "node:assert/strict";
 import type { XdpBlock, XdpBlockResult } from "../src/ebpf/xdp.ts";
-import { SourceBlocker } from "../src/xdpblock.ts";
+import { SourceBlocker } from "../src/ebpf/xdpblock.ts";
 
 /** A block set in memory with a capacity; `now` is moved by hand. */
 class FakeSet {

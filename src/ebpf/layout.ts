@@ -6,8 +6,8 @@
  * @module
  */
 
-import type { Cidr } from "../acl.ts";
-import type { SocketTuple } from "../tcpinfo.ts";
+import type { Cidr } from "../route/acl.ts";
+import type { SocketTuple } from "../conn/tcpinfo.ts";
 
 // ---------------------------------------------------------------------------------------------
 // bpf/sockmap.h

@@ -26,7 +26,7 @@ import {
 } from "../../ffi/libbpf.ts";
 import { closeFd, Errno, openDirectory } from "../../ffi/libc.ts";
 import { parseIp } from "../net/ip.ts";
-import { SockDiag, type SocketTuple, type TcpSocketInfo } from "../tcpinfo.ts";
+import { SockDiag, type SocketTuple, type TcpSocketInfo } from "../conn/tcpinfo.ts";
 import {
   CGROUP_NAME,
   cgroupPath,

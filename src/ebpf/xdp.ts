@@ -23,7 +23,7 @@ import {
   xdpQuery,
 } from "../../ffi/libbpf.ts";
 import { closeFd, Errno, ifNameToIndex, monotonicNs } from "../../ffi/libc.ts";
-import { type Cidr, parseCidr } from "../acl.ts";
+import { type Cidr, parseCidr } from "../route/acl.ts";
 import {
   decodeXdpBlock,
   encodeXdpBlock,

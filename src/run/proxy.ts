@@ -10,22 +10,27 @@ import {
   type AdminTarget,
   applyLocal,
   everyPool,
-} from "./admin.ts";
-import { type Config, reloadable, routeSummary } from "./config.ts";
-import { DialGuard, type OwnSocket } from "./dialguard.ts";
-import { FdBudget } from "./fdbudget.ts";
-import { KernelAccel, KernelAccelError } from "./ebpf/sockmap.ts";
-import { PipePool } from "./piped.ts";
-import { XdpError, XdpFilter } from "./ebpf/xdp.ts";
-import { Listener, type ListenerHost, warnIfListened } from "./listener.ts";
-import { logger } from "./log.ts";
-import { Metrics } from "./metrics.ts";
-import { configureResolver, DEFAULT_DNS_PIN_PATH, type Resolver } from "./resolver.ts";
-import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
-import type { Session } from "./session.ts";
-import { SourceLimiter } from "./sourcelimit.ts";
-import { SourceBlocker } from "./xdpblock.ts";
-import { buildTables, type RoutingTables, startHealthChecks, stopHealthChecks } from "./table.ts";
+} from "../ops/admin.ts";
+import { type Config, reloadable, routeSummary } from "../config.ts";
+import { DialGuard, type OwnSocket } from "../route/dialguard.ts";
+import { FdBudget } from "../conn/fdbudget.ts";
+import { KernelAccel, KernelAccelError } from "../ebpf/sockmap.ts";
+import { PipePool } from "../conn/piped.ts";
+import { XdpError, XdpFilter } from "../ebpf/xdp.ts";
+import { Listener, type ListenerHost, warnIfListened } from "../conn/listener.ts";
+import { logger } from "../ops/log.ts";
+import { Metrics } from "../ops/metrics.ts";
+import { configureResolver, DEFAULT_DNS_PIN_PATH, type Resolver } from "../dns/resolver.ts";
+import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
+import type { Session } from "../conn/session.ts";
+import { SourceLimiter } from "../conn/sourcelimit.ts";
+import { SourceBlocker } from "../ebpf/xdpblock.ts";
+import {
+  buildTables,
+  type RoutingTables,
+  startHealthChecks,
+  stopHealthChecks,
+} from "../route/table.ts";
 
 const log = logger("proxy");
 

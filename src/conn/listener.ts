@@ -4,19 +4,19 @@
  *
  * @module
  */
-import { Acl } from "./acl.ts";
-import type { ListenerConfig } from "./config.ts";
-import type { DialGuard } from "./dialguard.ts";
+import { Acl } from "../route/acl.ts";
+import type { ListenerConfig } from "../config.ts";
+import type { DialGuard } from "../route/dialguard.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
-import type { KernelAccel } from "./ebpf/sockmap.ts";
+import type { KernelAccel } from "../ebpf/sockmap.ts";
 import type { PipePool } from "./piped.ts";
-import { BurstLog, logger, writeAccess } from "./log.ts";
-import { Metrics } from "./metrics.ts";
+import { BurstLog, logger, writeAccess } from "../ops/log.ts";
+import { Metrics } from "../ops/metrics.ts";
 import { closeQuietly } from "./relay.ts";
 import { type CloseReason, errText, formatAddr, Session } from "./session.ts";
 import type { SourceLimiter } from "./sourcelimit.ts";
-import type { SourceBlocker } from "./xdpblock.ts";
-import type { RoutingTables } from "./table.ts";
+import type { SourceBlocker } from "../ebpf/xdpblock.ts";
+import type { RoutingTables } from "../route/table.ts";
 
 const log = logger("listener");
 const bursts = new BurstLog(log);

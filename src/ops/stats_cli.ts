@@ -4,8 +4,8 @@
  *
  * @module
  */
-import type { Config } from "./config.ts";
-import { PIN_DIR, SOCKMAP_MAPS, SOCKMAP_STATS_FIELDS } from "./ebpf/layout.ts";
+import type { Config } from "../config.ts";
+import { PIN_DIR, SOCKMAP_MAPS, SOCKMAP_STATS_FIELDS } from "../ebpf/layout.ts";
 
 /** struct sni_stats: the counters the table shows (all but sockets_closed), in map order. */
 const SOCKMAP_STATS = SOCKMAP_STATS_FIELDS.filter((f) => f !== "sockets_closed");

@@ -9,7 +9,7 @@
  * @module
  */
 
-import { writeAll } from "./bytes.ts";
+import { writeAll } from "../net/bytes.ts";
 
 /** Why a relay ended. */
 export type RelayEnd =

@@ -22,8 +22,8 @@ import {
   type DnsLookupResult,
   normalizeDnsName,
 } from "./dnscache.ts";
-import { formatIpv6, isIpAddress } from "./net/ip.ts";
-import { writeAll } from "./bytes.ts";
+import { formatIpv6, isIpAddress } from "../net/ip.ts";
+import { writeAll } from "../net/bytes.ts";
 
 /** A DNS server to ask. */
 export interface NameServer {

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { parseIp } from "./net/ip.ts";
+import { parseIp } from "../net/ip.ts";
 
 /** An IP address as four 32-bit words (IPv4 uses only the last one). */
 export interface IpWords {

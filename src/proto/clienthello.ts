@@ -95,7 +95,7 @@ export class ClientHelloParser extends HeadParser<ClientHello> {
   /** The handshake message's total length with its 4-byte header, once known. */
   #msgLen = -1;
 
-  /** Compute the hello's fingerprints (see src/fingerprint.ts). */
+  /** Compute the hello's fingerprints (see src/proto/fingerprint.ts). */
   readonly #fingerprint: boolean;
 
   /**

@@ -14,7 +14,7 @@ import {
   type Sink,
 } from "@logtape/logtape";
 import { getRotatingFileSink } from "@logtape/file";
-import type { Config } from "./config.ts";
+import type { Config } from "../config.ts";
 
 /** One connection, as written to the access log when it closes. */
 export interface AccessEntry {
@@ -24,7 +24,7 @@ export interface AccessEntry {
   sni: string | null;
   /** TLS listeners: the ALPN protocols the client offered, in its order. */
   alpn?: string[];
-  /** TLS listeners: the hello's JA4 and JA3 fingerprints (src/fingerprint.ts). */
+  /** TLS listeners: the hello's JA4 and JA3 fingerprints (src/proto/fingerprint.ts). */
   ja4?: string;
   ja3?: string;
   route: string | null;

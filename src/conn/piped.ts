@@ -4,7 +4,7 @@
  * userspace mode: what a slow reader does not take stays in the pipe (at most its capacity,
  * `ebpf.pipe_bytes`) and the socket buffers, and the sender is held back by its closed window.
  *
- * The sockets leave Deno's event loop (src/detach.ts) and are watched, edge-triggered, by the
+ * The sockets leave Deno's event loop (src/conn/detach.ts) and are watched, edge-triggered, by the
  * process's own epoll: input, EOF and errors on a source, write space on a destination whose
  * pipe could not be emptied. Pipes come from a small pool and go back to it as soon as they are
  * empty, so an idle connection holds none.
@@ -31,10 +31,10 @@ import {
   socketError,
   spliceFd,
   strerror,
-} from "../ffi/libc.ts";
+} from "../../ffi/libc.ts";
 import { type DetachedPair, watcher } from "./detach.ts";
 import { type ByteRelay, closeQuietly, cutByProxy, IdleTimer, type RelayEnd } from "./relay.ts";
-import { logger } from "./log.ts";
+import { logger } from "../ops/log.ts";
 
 const log = logger("piped");
 

@@ -6,7 +6,7 @@
  * @module
  */
 
-/** The XDP block set (src/xdpblock.ts), as `/stats` shows it. */
+/** The XDP block set (src/ebpf/xdpblock.ts), as `/stats` shows it. */
 export interface XdpBlockSnapshot {
   /** Blocks set since start. */
   blocked_total: number;
@@ -93,7 +93,7 @@ export class Metrics {
   /** ClientHello / HTTP head parse errors by kind. */
   readonly helloErrors = new Map<string, number>();
   connectFailures = 0;
-  /** Resolved backend addresses refused, by why (see src/dialguard.ts). */
+  /** Resolved backend addresses refused, by why (see src/route/dialguard.ts). */
   readonly addressDenied = new Map<string, number>();
   /** Failures for lack of a local resource, by `operation:errno` (`connect:EMFILE`). */
   readonly localErrors = new Map<string, number>();

@@ -4,7 +4,7 @@
  * @module
  */
 
-import { closeFd, errno, libc, SyscallError } from "../ffi/libc.ts";
+import { closeFd, errno, libc, SyscallError } from "../../ffi/libc.ts";
 
 /** A TCP socket's 4-tuple as seen from that socket. IPv4-mapped IPv6 is stored as IPv4. */
 export interface SocketTuple {

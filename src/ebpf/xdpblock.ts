@@ -8,10 +8,10 @@
  *
  * @module
  */
-import type { XdpBlockConfig } from "./config.ts";
-import type { XdpBlock, XdpBlockResult } from "./ebpf/xdp.ts";
-import { BurstLog, logger } from "./log.ts";
-import type { XdpBlockSnapshot } from "./metrics.ts";
+import type { XdpBlockConfig } from "../config.ts";
+import type { XdpBlock, XdpBlockResult } from "./xdp.ts";
+import { BurstLog, logger } from "../ops/log.ts";
+import type { XdpBlockSnapshot } from "../ops/metrics.ts";
 
 const log = logger("xdp");
 const bursts = new BurstLog(log);

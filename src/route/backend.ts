@@ -9,12 +9,12 @@
  *
  * @module
  */
-import type { BackendAddress, Balance, HealthConfig, RouteBackend } from "./config.ts";
+import type { BackendAddress, Balance, HealthConfig, RouteBackend } from "../config.ts";
 import type { InternalPolicy } from "./dialguard.ts";
-import type { FingerprintPatterns } from "./fingerprint.ts";
-import { localResourceError, localResourceHint } from "./fdbudget.ts";
-import type { ProxyTlv } from "./proxyproto.ts";
-import { BurstLog, logger } from "./log.ts";
+import type { FingerprintPatterns } from "../proto/fingerprint.ts";
+import { localResourceError, localResourceHint } from "../conn/fdbudget.ts";
+import type { ProxyTlv } from "../proto/proxyproto.ts";
+import { BurstLog, logger } from "../ops/log.ts";
 
 const log = logger("backend");
 const bursts = new BurstLog(log);
@@ -40,7 +40,7 @@ export interface Backend {
   successes: number;
   /** Down until this time (ms since epoch); 0 when up. Active checks keep it down until `rise`. */
   downUntil: number;
-  /** Taken out of rotation by the admin API (see src/admin.ts) until the next reload; or null. */
+  /** Taken out of rotation by the admin API (see src/ops/admin.ts) until the next reload; or null. */
   held: "drained" | "disabled" | null;
 }
 

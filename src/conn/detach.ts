@@ -1,7 +1,7 @@
 /**
  * Taking a pair's sockets out of Deno's event loop, and the process's own epoll that watches
  * them instead (waited on off the JS thread), for the relays whose bytes the kernel moves
- * (src/spliced.ts: sockmap; src/piped.ts: splice(2)).
+ * (src/conn/spliced.ts: sockmap; src/conn/piped.ts: splice(2)).
  *
  * Deno has no supported API for a conn's fd or its epoll instance. The fd of an accepted conn is
  * its internal `Deno.internal.fd` property; a connected one has none, so its fd is searched for
@@ -11,8 +11,8 @@
  *
  * @module
  */
-import { Epoll, epollDelete, EPOLLET, errnoName, lowestFreeFd } from "../ffi/libc.ts";
-import { logger } from "./log.ts";
+import { Epoll, epollDelete, EPOLLET, errnoName, lowestFreeFd } from "../../ffi/libc.ts";
+import { logger } from "../ops/log.ts";
 
 const log = logger("detach");
 

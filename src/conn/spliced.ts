@@ -9,7 +9,7 @@
  * its socket down), and one epoll instance per process, waited on off the JS thread, watches
  * them for input, EOF and errors only.
  *
- * The sockets are found and taken out of Deno's loop by src/detach.ts; when that fails the pair
+ * The sockets are found and taken out of Deno's loop by src/conn/detach.ts; when that fails the pair
  * stays with the userspace {@link Relay}, which handles spliced pairs too.
  *
  * @module
@@ -27,7 +27,7 @@ import {
   socketError,
   strerror,
   tcpState,
-} from "../ffi/libc.ts";
+} from "../../ffi/libc.ts";
 import { type DetachedPair, watcher } from "./detach.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
 import {

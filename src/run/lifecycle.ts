@@ -5,8 +5,8 @@
  * @module
  */
 import type { Logger } from "@logtape/logtape";
-import { type Config, ConfigError, loadConfig } from "./config.ts";
-import { closeLogging } from "./log.ts";
+import { type Config, ConfigError, loadConfig } from "../config.ts";
+import { closeLogging } from "../ops/log.ts";
 
 /** What runs until stopped: the proxy itself, or the supervisor of its workers. */
 export interface Running {

@@ -4,28 +4,28 @@
  *
  * @module
  */
-import { BackendPool } from "./backend.ts";
-import { concat, writeAll } from "./bytes.ts";
-import type { Backend } from "./backend.ts";
-import { type ClientHello, ClientHelloError, ClientHelloParser } from "./clienthello.ts";
-import type { FingerprintPatterns } from "./fingerprint.ts";
+import { BackendPool } from "../route/backend.ts";
+import { concat, writeAll } from "../net/bytes.ts";
+import type { Backend } from "../route/backend.ts";
+import { type ClientHello, ClientHelloError, ClientHelloParser } from "../proto/clienthello.ts";
+import type { FingerprintPatterns } from "../proto/fingerprint.ts";
 import {
   AddressDeniedError,
   type DeniedAddress,
   type DialGuard,
   type InternalPolicy,
-} from "./dialguard.ts";
+} from "../route/dialguard.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
-import { type KernelAccel, KernelAccelError, type SplicePair } from "./ebpf/sockmap.ts";
-import { HttpHostParser, HttpRequestError } from "./http.ts";
-import { BurstLog, logger, writeAccess } from "./log.ts";
-import { Metrics, NO_ROUTE } from "./metrics.ts";
+import { type KernelAccel, KernelAccelError, type SplicePair } from "../ebpf/sockmap.ts";
+import { HttpHostParser, HttpRequestError } from "../proto/http.ts";
+import { BurstLog, logger, writeAccess } from "../ops/log.ts";
+import { Metrics, NO_ROUTE } from "../ops/metrics.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
 import { SplicedRelay } from "./spliced.ts";
 import { backendFdHint, type DetachedPair, detachSockets } from "./detach.ts";
 import { PipedRelay, type PipePool } from "./piped.ts";
-import { socketCookie, socketEnds } from "../ffi/libc.ts";
-import { parseIp } from "./net/ip.ts";
+import { socketCookie, socketEnds } from "../../ffi/libc.ts";
+import { parseIp } from "../net/ip.ts";
 import {
   parseProxyHeader,
   proxyHeader,
@@ -33,10 +33,10 @@ import {
   type ProxyTlv,
   type ProxyTlvValues,
   type ReceivedProxyHeader,
-} from "./proxyproto.ts";
-import { resolveHost } from "./resolver.ts";
+} from "../proto/proxyproto.ts";
+import { resolveHost } from "../dns/resolver.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
-import type { RoutingTable } from "./table.ts";
+import type { RoutingTable } from "../route/table.ts";
 
 const log = logger("session");
 /** Warnings that can come once per connection: logged once per burst. */

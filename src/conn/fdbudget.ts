@@ -15,7 +15,7 @@
  *
  * @module
  */
-import { openFileLimit } from "../ffi/libc.ts";
+import { openFileLimit } from "../../ffi/libc.ts";
 
 /** errno values of failures that are this host's, not the far end's. */
 const LOCAL_ERRNOS: Record<number, string> = {

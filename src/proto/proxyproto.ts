@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { isIpAddress } from "./net/ip.ts";
+import { isIpAddress } from "../net/ip.ts";
 
 /** Which PROXY protocol version a route sends. */
 export type ProxyProtocolVersion = "v1" | "v2";

@@ -17,7 +17,7 @@ import {
   type AdminResult,
   type AdminTarget,
   mergeResults,
-} from "./admin.ts";
+} from "../ops/admin.ts";
 import {
   type Config,
   ConfigError,
@@ -25,16 +25,16 @@ import {
   loadConfig,
   reloadable,
   routeSummary,
-} from "./config.ts";
-import { lines } from "./bytes.ts";
-import type { KernelAccel } from "./ebpf/sockmap.ts";
+} from "../config.ts";
+import { lines } from "../net/bytes.ts";
+import type { KernelAccel } from "../ebpf/sockmap.ts";
 import { runUntilStopped } from "./lifecycle.ts";
-import { warnIfListened } from "./listener.ts";
-import { type ForwardedLog, logger, setupWorkerLogging, writeForwarded } from "./log.ts";
-import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "./metrics.ts";
-import { type MetricsServer, serveMetrics } from "./metrics_server.ts";
+import { warnIfListened } from "../conn/listener.ts";
+import { type ForwardedLog, logger, setupWorkerLogging, writeForwarded } from "../ops/log.ts";
+import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "../ops/metrics.ts";
+import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
 import { flattenXdp, kernelMode, openKernel, openXdp, Proxy, type WorkerRole } from "./proxy.ts";
-import type { XdpFilter } from "./ebpf/xdp.ts";
+import type { XdpFilter } from "../ebpf/xdp.ts";
 
 // the supervisor is the proxy to the operator: its lines read like the single-process ones
 const log = logger("proxy");

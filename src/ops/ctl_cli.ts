@@ -1,5 +1,5 @@
 /**
- * `sni-proxy ctl`: the admin API's client (see src/admin.ts). Finds the socket from the config
+ * `sni-proxy ctl`: the admin API's client (see src/ops/admin.ts). Finds the socket from the config
  * (`admin.socket`), sends one request and prints the answer: tables for lists, the message for
  * changes, JSON with `--json` (and for `config`).
  *
@@ -8,7 +8,7 @@
 import { dirname, resolve } from "node:path";
 import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 import { type AdminRequest, adminRequest } from "./admin.ts";
-import { ConfigError, DEFAULT_ADMIN_SOCKET, loadConfig } from "./config.ts";
+import { ConfigError, DEFAULT_ADMIN_SOCKET, loadConfig } from "../config.ts";
 
 const USAGE = `Usage: sni-proxy ctl [--config PATH] [--json] COMMAND
 

@@ -16,11 +16,11 @@ import {
   BtfBuilder,
   BtfIntEncoding,
   libbpf,
-} from "../ffi/libbpf.ts";
-import { Errno } from "../ffi/libc.ts";
-import { formatIpv6, parseIpv4, parseIpv6 } from "./net/ip.ts";
-import { normalizeName as foldName } from "./router.ts";
-import { KernelAccelError } from "./ebpf/loader.ts";
+} from "../../ffi/libbpf.ts";
+import { Errno } from "../../ffi/libc.ts";
+import { formatIpv6, parseIpv4, parseIpv6 } from "../net/ip.ts";
+import { normalizeName as foldName } from "../route/router.ts";
+import { KernelAccelError } from "../ebpf/loader.ts";
 
 /** Why a name has no addresses. */
 export type DnsErrorCode =

@@ -5,7 +5,7 @@
  * changes backends' weights, closes sessions, reloads the config and shows the config in force.
  * Backend changes live in
  * the running routing tables: a reload (SIGHUP or the API's) or a restart starts from the
- * config file again. `sni-proxy ctl` (src/ctl_cli.ts) is its client.
+ * config file again. `sni-proxy ctl` (src/ops/ctl_cli.ts) is its client.
  *
  * With `workers` above 1 the supervisor serves the socket and asks every worker (each has its
  * own pools and sessions); see {@link mergeResults}.
@@ -13,12 +13,12 @@
  * @module
  */
 import { basename, dirname } from "node:path";
-import type { BackendPool } from "./backend.ts";
-import type { Config } from "./config.ts";
+import type { BackendPool } from "../route/backend.ts";
+import type { Config } from "../config.ts";
 import { logger } from "./log.ts";
-import { LineSplitter, writeAll } from "./bytes.ts";
-import { type Session, type SessionInfo } from "./session.ts";
-import type { RoutingTables } from "./table.ts";
+import { LineSplitter, writeAll } from "../net/bytes.ts";
+import { type Session, type SessionInfo } from "../conn/session.ts";
+import type { RoutingTables } from "../route/table.ts";
 
 const log = logger("admin");
 
