@@ -24,6 +24,7 @@ export interface DetachedPair {
   backendFd: number;
 }
 
+/** The symbol Deno keys a conn's fd by: the runtime's, so looked up once per process. */
 let fdSymbol: symbol | null | undefined;
 
 /** Deno's fd of a conn (an internal property), or null when it has none. */
@@ -60,6 +61,7 @@ function findFd(isIt: (fd: number) => boolean, near: number): number | null {
   return null;
 }
 
+/** Deno's epoll instance: its runtime has one per process, so it is found once. */
 let denoEpoll: number | null | undefined;
 
 /** The fd of the epoll instance Deno's runtime registered `fd` with, or null. */
@@ -116,9 +118,17 @@ export function detachSockets(
 /** How long one epoll wait may block; the watcher stops when nothing is watched after one. */
 const WAIT_MS = 250;
 
-/** The process's one epoll instance for detached sockets, and who gets each event. */
-class FdWatcher {
+/** Size of {@link FdWatcher.readBuffer}. */
+const READ_BUFFER_BYTES = 64 * 1024;
+
+/** An epoll instance for detached sockets, waited on off the JS thread, and who gets each event. */
+export class FdWatcher {
   #epoll: Epoll | null = null;
+  /**
+   * The buffer the handlers read their sockets into. One is enough: handlers run one at a time
+   * on the JS thread and copy the bytes they keep before anything awaits.
+   */
+  readonly readBuffer: Uint8Array = new Uint8Array(READ_BUFFER_BYTES);
   readonly #handlers = new Map<number, (events: number) => void>();
   #nextId = 1;
   #running = false;
@@ -164,5 +174,8 @@ class FdWatcher {
   }
 }
 
-/** The process's watcher of detached sockets. */
+/**
+ * The process's watcher of detached sockets: one per process, as each one's wait holds a thread
+ * of Deno's blocking pool for as long as it watches anything.
+ */
 export const watcher: FdWatcher = new FdWatcher();

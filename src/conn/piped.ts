@@ -32,7 +32,7 @@ import {
   spliceFd,
   strerror,
 } from "../../ffi/libc.ts";
-import { type DetachedPair, watcher } from "./detach.ts";
+import type { DetachedPair, FdWatcher } from "./detach.ts";
 import { type ByteRelay, closeQuietly, cutByProxy, IdleTimer, type RelayEnd } from "./relay.ts";
 import { logger } from "../ops/log.ts";
 
@@ -111,9 +111,6 @@ interface Direction {
   urgent: boolean;
 }
 
-/** Read buffer of the rare bytes read past an urgent mark (copied out before anything waits). */
-const scratch = new Uint8Array(64 * 1024);
-
 /**
  * The relay of a pair whose sockets were taken out of Deno's loop, through splice(2). Ends when
  * both directions passed their EOF on ("done"), on a reset of either socket (the other gets a
@@ -127,6 +124,7 @@ export class PipedRelay implements ByteRelay {
   readonly #downDir: Direction;
   readonly #ids: number[] = [];
   readonly #release: () => void;
+  readonly #watcher: FdWatcher;
   #end: RelayEnd | null = null;
   #error: unknown = null;
   #done: (end: RelayEnd) => void = () => {};
@@ -135,7 +133,8 @@ export class PipedRelay implements ByteRelay {
    * `first`: what to write to the backend before the client's bytes (the hello, after any
    * PROXY header); `release`: called once as the relay ends, before the sockets close;
    * `sndbuf`/`rcvbuf` (when above 0): both sockets' buffer sizes (`ebpf.sndbuf`/`ebpf.rcvbuf`),
-   * which with the pipe bound what a direction holds for a reader that stops.
+   * which with the pipe bound what a direction holds for a reader that stops; `watcher`: watches
+   * the detached sockets, and its read buffer takes the rare bytes read past an urgent mark.
    */
   constructor(
     pair: DetachedPair,
@@ -146,9 +145,11 @@ export class PipedRelay implements ByteRelay {
       release?: () => void;
       sndbuf?: number;
       rcvbuf?: number;
+      watcher: FdWatcher;
     },
   ) {
     this.#pair = pair;
+    this.#watcher = opts.watcher;
     this.#pool = pool;
     this.#release = opts.release ?? (() => {});
     this.#idle = new IdleTimer(opts.idleMs, null, () => this.#finish("idle_timeout", null));
@@ -196,7 +197,7 @@ export class PipedRelay implements ByteRelay {
     try {
       for (const fd of [clientFd, backendFd]) {
         // a socket that is readable, writable or at EOF already reports that at once
-        this.#ids.push(watcher.watch(
+        this.#ids.push(this.#watcher.watch(
           fd,
           EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI,
           (events) => this.#onEvent(fd, events),
@@ -294,11 +295,12 @@ export class PipedRelay implements ByteRelay {
       // a userspace relay would, and written like the hello. After urgent data (EPOLLPRI), and
       // before any 0 is taken for the end: one recv per direction and connection
       if (n === 0 || (n === -EAGAIN && d.urgent)) {
-        const got = recvFd(d.src, scratch);
+        const buf = this.#watcher.readBuffer;
+        const got = recvFd(d.src, buf);
         if (got > 0) {
           this.#pool.give(pipe, true);
           d.pipe = null;
-          d.prefix = scratch.slice(0, got);
+          d.prefix = buf.slice(0, got);
           d.prefixOff = 0;
           d.bytes += got;
           this.#idle.touch();
@@ -353,7 +355,7 @@ export class PipedRelay implements ByteRelay {
     clearTimeout(this.#pipeRetry);
     this.#release();
     const { clientFd, backendFd } = this.#pair;
-    this.#ids.forEach((id, i) => watcher.unwatch(id, i === 0 ? clientFd : backendFd));
+    this.#ids.forEach((id, i) => this.#watcher.unwatch(id, i === 0 ? clientFd : backendFd));
     // A stream the proxy cuts (idle, drain deadline, error) ends with a reset on both sides,
     // never a FIN a peer could take for its end; after a peer's reset, the other side is reset
     // when bytes for it were left in the pipe, and otherwise closed as in userspace mode (a reset

@@ -22,7 +22,7 @@ import { BurstLog, logger, writeAccess } from "../ops/log.ts";
 import { Metrics, NO_ROUTE } from "../ops/metrics.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
 import { SplicedRelay } from "./spliced.ts";
-import { backendFdHint, type DetachedPair, detachSockets } from "./detach.ts";
+import { backendFdHint, type DetachedPair, detachSockets, watcher } from "./detach.ts";
 import { PipedRelay, type PipePool } from "./piped.ts";
 import { socketCookie, socketEnds } from "../../ffi/libc.ts";
 import { parseIp } from "../net/ip.ts";
@@ -543,7 +543,7 @@ export class Session {
       client: (fd) => socketCookie(fd) === cookies.a,
       backend: (fd) => socketCookie(fd) === cookies.b,
     }, "spliced sockets stay in Deno's event loop: the proxy is woken by their traffic");
-    return pair && new SplicedRelay(pair, idleMs, hooks, first);
+    return pair && new SplicedRelay(pair, { idleMs, hooks, first, watcher });
   }
 
   /**
@@ -577,7 +577,7 @@ export class Session {
     if (!pair) return null;
     this.#piped = true;
     const { sndbuf, rcvbuf } = this.#ctx.table.config.ebpf;
-    return new PipedRelay(pair, pipes, { idleMs, first, sndbuf, rcvbuf });
+    return new PipedRelay(pair, pipes, { idleMs, first, sndbuf, rcvbuf, watcher });
   }
 
   /** Takes the pair's sockets out of Deno's loop, or warns (once) why not and returns null. */

@@ -6,8 +6,8 @@
  * closes). Left in Deno's epoll set, the sockets would still wake the process for every
  * write-space change the kernel's redirects cause (tens of thousands a second under load), so
  * the pair's sockets are taken out of Deno's epoll set (the conns stay open: closing one shuts
- * its socket down), and one epoll instance per process, waited on off the JS thread, watches
- * them for input, EOF and errors only.
+ * its socket down), and the watcher the relay is given (src/conn/detach.ts: one epoll instance
+ * per process, waited on off the JS thread) watches them for input, EOF and errors only.
  *
  * The sockets are found and taken out of Deno's loop by src/conn/detach.ts; when that fails the pair
  * stays with the userspace {@link Relay}, which handles spliced pairs too.
@@ -28,7 +28,7 @@ import {
   strerror,
   tcpState,
 } from "../../ffi/libc.ts";
-import { type DetachedPair, watcher } from "./detach.ts";
+import type { DetachedPair, FdWatcher } from "./detach.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
 import {
   type ByteRelay,
@@ -57,8 +57,17 @@ interface Side {
   retryMs: number;
 }
 
-/** Read buffer of every spliced relay: bytes are copied out of it before anything awaits. */
-const scratch = new Uint8Array(64 * 1024);
+/** What a {@link SplicedRelay} is made with. */
+export interface SplicedRelayOptions {
+  /** The idle timeout (`timeouts.idle_ms`). */
+  idleMs: number;
+  /** The session's side of the kernel pairing. */
+  hooks: SpliceHooks;
+  /** What to write to the backend first (the hello, after any PROXY header). */
+  first: Uint8Array;
+  /** Watches the detached sockets; the relay reads them into its read buffer. */
+  watcher: FdWatcher;
+}
 
 /**
  * Relay of a spliced pair whose sockets were taken out of Deno's epoll set ({@link detachSockets}):
@@ -68,6 +77,7 @@ const scratch = new Uint8Array(64 * 1024);
 export class SplicedRelay implements ByteRelay {
   readonly #pair: DetachedPair;
   readonly #hooks: SpliceHooks;
+  readonly #watcher: FdWatcher;
   readonly #idle: IdleTimer;
   readonly #client: Side;
   readonly #backend: Side;
@@ -78,11 +88,12 @@ export class SplicedRelay implements ByteRelay {
   bytesUp = 0;
   bytesDown = 0;
 
-  /** `first`: what to write to the backend first (the hello, after any PROXY header). */
-  constructor(pair: DetachedPair, idleMs: number, hooks: SpliceHooks, first: Uint8Array) {
+  constructor(pair: DetachedPair, options: SplicedRelayOptions) {
+    const { idleMs, hooks, first, watcher } = options;
     this.#pair = pair;
     this.#first = first;
     this.#hooks = hooks;
+    this.#watcher = watcher;
     this.#idle = new IdleTimer(idleMs, hooks, () => this.#finish("idle_timeout", null));
     const side = (fd: number, up: boolean): Side => ({
       fd,
@@ -111,7 +122,7 @@ export class SplicedRelay implements ByteRelay {
       for (const s of [this.#client, this.#backend]) {
         // a socket that is already readable or at EOF reports that at once
         // no EPOLLOUT: the write-space wakeups the kernel's redirects cause are what this avoids
-        s.id = watcher.watch(s.fd, EPOLLIN | EPOLLRDHUP, () => this.#onEvent(s));
+        s.id = this.#watcher.watch(s.fd, EPOLLIN | EPOLLRDHUP, () => this.#onEvent(s));
       }
     } catch (e) {
       this.#finish("error", e);
@@ -156,10 +167,11 @@ export class SplicedRelay implements ByteRelay {
       }
       for (;;) {
         if (this.#end !== null) return;
-        const n = recvFd(s.fd, scratch);
+        const buf = this.#watcher.readBuffer;
+        const n = recvFd(s.fd, buf);
         if (n > 0) {
           s.retryMs = 1;
-          const bytes = scratch.slice(0, n);
+          const bytes = buf.slice(0, n);
           this.#idle.touch();
           // bytes the kernel passed to userspace must not overtake redirected ones
           if (!(await this.#drain(s, false))) return;
@@ -253,7 +265,7 @@ export class SplicedRelay implements ByteRelay {
     const cut = cutByProxy(reason);
     for (const s of [this.#client, this.#backend]) {
       clearTimeout(s.retry);
-      if (s.id) watcher.unwatch(s.id, s.fd);
+      if (s.id) this.#watcher.unwatch(s.id, s.fd);
       // a stream the proxy cuts ends with a reset on both sides, never a FIN a peer could take
       // for its end (after a peer's reset the other side is closed, as in userspace mode)
       if (cut) resetSocket(s.fd);
