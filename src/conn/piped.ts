@@ -240,25 +240,8 @@ export class PipedRelay implements ByteRelay {
   /** Moves what can be moved now; returns at EAGAIN (an event resumes it), EOF or an error. */
   #pump(d: Direction): void {
     while (this.#end === null && !d.done) {
-      if (d.prefix) {
-        const n = sendFd(d.dst, d.prefix.subarray(d.prefixOff));
-        if (n > 0) {
-          d.prefixOff += n;
-          if (d.prefixOff === d.prefix.length) d.prefix = null;
-          continue;
-        }
-        if (!this.#retry(n, d.dst)) return;
-        continue;
-      }
-      if (d.inPipe > 0) {
-        const n = spliceFd(d.pipe!.r, d.dst, d.inPipe);
-        if (n > 0) {
-          d.inPipe -= n;
-          d.bytes += n;
-          this.#idle.touch();
-          continue;
-        }
-        if (!this.#retry(n, d.dst)) return;
+      if (d.prefix || d.inPipe > 0) {
+        if (!this.#deliver(d)) return;
         continue;
       }
       if (d.pipe) {
@@ -272,66 +255,103 @@ export class PipedRelay implements ByteRelay {
         if (this.#upDir.done && this.#downDir.done) this.#finish("done", null);
         return;
       }
-      const pipe = this.#pool.take();
-      if (pipe instanceof Error) {
-        // a local shortage is no reason to cut a healthy stream: the bytes wait in the socket
-        // (TCP holds the sender back) until a descriptor frees up
-        this.#pool.shortage(pipe);
-        clearTimeout(this.#pipeRetry);
-        this.#pipeRetry = setTimeout(() => {
-          for (const dir of [this.#upDir, this.#downDir]) this.#pump(dir);
-        }, 20);
-        return;
-      }
-      d.pipe = pipe;
-      const n = spliceFd(d.src, pipe.w, this.#pool.bytes);
-      if (n > 0) {
-        d.inPipe = n;
-        this.#idle.touch();
-        continue;
-      }
-      // splice(2) stops at a TCP urgent mark (returning EAGAIN, or 0 once the FIN came), and
-      // so does SIOCINQ: the bytes past the mark are read with recv(2), which steps over it as
-      // a userspace relay would, and written like the hello. After urgent data (EPOLLPRI), and
-      // before any 0 is taken for the end: one recv per direction and connection
-      if (n === 0 || (n === -EAGAIN && d.urgent)) {
-        const buf = this.#watcher.readBuffer;
-        const got = recvFd(d.src, buf);
-        if (got > 0) {
-          this.#pool.give(pipe, true);
-          d.pipe = null;
-          d.prefix = buf.slice(0, got);
-          d.prefixOff = 0;
-          d.bytes += got;
-          this.#idle.touch();
-          continue;
-        }
-        if (got < 0 && got !== -EAGAIN && got !== -EINTR) {
-          // the read took the socket's pending error (a reset): report it, not an EOF
-          this.#pool.give(pipe, true);
-          d.pipe = null;
-          this.#retry(got, d.src);
-          return;
-        }
-      }
-      if (n === 0) {
-        // a reset socket reads 0 bytes too: its pending error tells a reset from an EOF
-        const err = socketError(d.src);
-        if (err) {
-          this.#retry(-err, d.src);
-          return;
-        }
-        d.eof = true;
-        continue;
-      }
-      if (!this.#retry(n, d.src)) {
-        if (d.pipe) {
-          this.#pool.give(d.pipe, true);
-          d.pipe = null;
-        }
-        return;
-      }
+      if (!this.#fill(d)) return;
     }
+  }
+
+  /**
+   * Writes some of what `d` holds for its destination: its prefix first, then its pipe's bytes.
+   * True: go on; false: wait for an event (or the relay ended).
+   */
+  #deliver(d: Direction): boolean {
+    if (d.prefix) {
+      const n = sendFd(d.dst, d.prefix.subarray(d.prefixOff));
+      if (n <= 0) return this.#retry(n, d.dst);
+      d.prefixOff += n;
+      if (d.prefixOff === d.prefix.length) d.prefix = null;
+      return true;
+    }
+    const n = spliceFd(d.pipe!.r, d.dst, d.inPipe);
+    if (n <= 0) return this.#retry(n, d.dst);
+    d.inPipe -= n;
+    d.bytes += n;
+    this.#idle.touch();
+    return true;
+  }
+
+  /**
+   * Takes in what the source has: spliced into a pipe, or read past an urgent mark, or its EOF.
+   * True: go on; false: wait for an event or a pipe (or the relay ended).
+   */
+  #fill(d: Direction): boolean {
+    const pipe = this.#pool.take();
+    if (pipe instanceof Error) {
+      // a local shortage is no reason to cut a healthy stream: the bytes wait in the socket
+      // (TCP holds the sender back) until a descriptor frees up
+      this.#pool.shortage(pipe);
+      clearTimeout(this.#pipeRetry);
+      this.#pipeRetry = setTimeout(() => {
+        for (const dir of [this.#upDir, this.#downDir]) this.#pump(dir);
+      }, 20);
+      return false;
+    }
+    d.pipe = pipe;
+    const n = spliceFd(d.src, pipe.w, this.#pool.bytes);
+    if (n > 0) {
+      d.inPipe = n;
+      this.#idle.touch();
+      return true;
+    }
+    // splice(2) stops at a TCP urgent mark (returning EAGAIN, or 0 once the FIN came), and
+    // so does SIOCINQ: the bytes past the mark are read with recv(2), which steps over it as
+    // a userspace relay would, and written like the hello. After urgent data (EPOLLPRI), and
+    // before any 0 is taken for the end: one recv per direction and connection
+    if (n === 0 || (n === -EAGAIN && d.urgent)) {
+      const read = this.#readPastMark(d);
+      if (read !== null) return read;
+    }
+    if (n === 0) {
+      // a reset socket reads 0 bytes too: its pending error tells a reset from an EOF
+      const err = socketError(d.src);
+      if (err) {
+        this.#retry(-err, d.src);
+        return false;
+      }
+      d.eof = true;
+      return true;
+    }
+    if (this.#retry(n, d.src)) return true;
+    if (d.pipe) {
+      this.#pool.give(d.pipe, true);
+      d.pipe = null;
+    }
+    return false;
+  }
+
+  /**
+   * One recv(2) of the source, its (empty) pipe given back when it returns anything: true, bytes
+   * read (`d`'s prefix now); false, a reset (the relay ended); null, nothing to read.
+   */
+  #readPastMark(d: Direction): boolean | null {
+    const buf = this.#watcher.readBuffer;
+    const got = recvFd(d.src, buf);
+    if (got > 0) {
+      this.#pool.give(d.pipe!, true);
+      d.pipe = null;
+      d.prefix = buf.slice(0, got);
+      d.prefixOff = 0;
+      d.bytes += got;
+      this.#idle.touch();
+      return true;
+    }
+    if (got < 0 && got !== -EAGAIN && got !== -EINTR) {
+      // the read took the socket's pending error (a reset): report it, not an EOF
+      this.#pool.give(d.pipe!, true);
+      d.pipe = null;
+      this.#retry(got, d.src);
+      return false;
+    }
+    return null;
   }
 
   /** After a failed call on `fd`: true to try again now (EINTR); false to wait or stop. */
