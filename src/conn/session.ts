@@ -6,6 +6,8 @@
  */
 import { BackendPool } from "../route/backend.ts";
 import { concat, writeAll } from "../net/bytes.ts";
+import { formatAddr } from "../net/addr.ts";
+import { errText } from "../ops/errtext.ts";
 import type { Backend } from "../route/backend.ts";
 import { type ClientHello, ClientHelloError, ClientHelloParser } from "../proto/clienthello.ts";
 import type { FingerprintPatterns } from "../proto/fingerprint.ts";
@@ -115,12 +117,6 @@ const HTTP_MISDIRECTED = new TextEncoder().encode(
 const HTTP_UNAVAILABLE = new TextEncoder().encode(
   "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
 );
-
-/** `host:port` with brackets around IPv6 hosts. */
-export function formatAddr(addr: Deno.Addr): string {
-  const a = addr as Deno.NetAddr;
-  return a.hostname.includes(":") ? `[${a.hostname}]:${a.port}` : `${a.hostname}:${a.port}`;
-}
 
 class Stopped extends Error {}
 
@@ -863,9 +859,4 @@ function abortable<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
     signal.addEventListener("abort", onAbort, { once: true });
     p.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
   });
-}
-
-/** A short text for an error, for logs. */
-export function errText(e: unknown): string {
-  return e instanceof Error ? `${e.name === "Error" ? "" : e.name + ": "}${e.message}` : String(e);
 }
