@@ -16,6 +16,7 @@ import { closeQuietly } from "./relay.ts";
 import { type CloseReason, Session } from "./session.ts";
 import { formatAddr } from "../net/addr.ts";
 import { errText } from "../ops/errtext.ts";
+import { type Protocol, PROTOCOLS } from "../proto/protocol.ts";
 import type { SourceLimiter } from "./sourcelimit.ts";
 import type { SourceBlocker } from "../ebpf/xdpblock.ts";
 import type { RoutingTables } from "../route/table.ts";
@@ -62,6 +63,8 @@ export class Listener {
   readonly #host: ListenerHost;
   /** Sources that send a PROXY header first; null when the listener accepts none. */
   readonly #trusted: Acl | null;
+  /** The protocol the config names. */
+  readonly #protocol: Protocol;
   #closed = false;
 
   /**
@@ -74,6 +77,7 @@ export class Listener {
     this.config = config;
     this.index = index;
     this.#host = host;
+    this.#protocol = PROTOCOLS[config.protocol];
     this.#trusted = config.acceptProxyProtocol.length
       ? new Acl(config.acceptProxyProtocol, [])
       : null;
@@ -144,7 +148,7 @@ export class Listener {
       const session = new Session(conn, {
         table,
         listener: this.address,
-        protocol: this.config.protocol,
+        protocol: this.#protocol,
         metrics: host.metrics,
         trustedProxy,
         kernel: host.kernel,

@@ -9,7 +9,8 @@ import { concat, writeAll } from "../net/bytes.ts";
 import { formatAddr } from "../net/addr.ts";
 import { errText } from "../ops/errtext.ts";
 import type { Backend } from "../route/backend.ts";
-import { type ClientHello, ClientHelloError, ClientHelloParser } from "../proto/clienthello.ts";
+import type { ClientHello } from "../proto/clienthello.ts";
+import type { Protocol, Refusal } from "../proto/protocol.ts";
 import type { FingerprintPatterns } from "../proto/fingerprint.ts";
 import {
   AddressDeniedError,
@@ -19,7 +20,6 @@ import {
 } from "../route/dialguard.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
 import { type KernelAccel, KernelAccelError, type SplicePair } from "../ebpf/sockmap.ts";
-import { HttpHostParser, HttpRequestError } from "../proto/http.ts";
 import { BurstLog, logger, writeAccess } from "../ops/log.ts";
 import { Metrics, NO_ROUTE } from "../ops/metrics.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
@@ -86,7 +86,8 @@ export interface SessionContext {
   table: RoutingTable;
   /** The listener's bound address, e.g. `127.0.0.1:8443`. */
   listener: string;
-  protocol: "tls" | "http";
+  /** The listener's protocol: how the head is read, how a refused client is told. */
+  protocol: Protocol;
   metrics: Metrics;
   /**
    * The connection comes from a trusted load balancer (`accept_proxy_protocol`): it starts
@@ -104,19 +105,6 @@ export interface SessionContext {
   /** Told when the client sent a bad ClientHello / HTTP head (an XDP block offence), or null. */
   onBadHello?: (() => void) | null;
 }
-
-/** TLS fatal alert `unrecognized_name` (112), sent when no route takes the name. */
-const ALERT_UNRECOGNIZED_NAME = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70]);
-/** TLS fatal alert `internal_error` (80), sent when every backend of the route is down. */
-const ALERT_INTERNAL_ERROR = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50]);
-/** TLS fatal alert `handshake_failure` (40), sent to a client refused by its fingerprint. */
-const ALERT_HANDSHAKE_FAILURE = new Uint8Array([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]);
-const HTTP_MISDIRECTED = new TextEncoder().encode(
-  "HTTP/1.1 421 Misdirected Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-);
-const HTTP_UNAVAILABLE = new TextEncoder().encode(
-  "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-);
 
 class Stopped extends Error {}
 
@@ -196,18 +184,18 @@ export class Session {
       }
       if (this.#fingerprintDenied(this.#ctx.table.config.acl.denyFingerprints, "acl")) {
         reason = "fingerprint_denied";
-        await this.#refuse(ALERT_HANDSHAKE_FAILURE);
+        await this.#refuse("forbidden");
         return;
       }
       const pool = this.#route_(name);
       if (!pool) {
         reason = "no_route";
-        await this.#refuse();
+        await this.#refuse("misdirected");
         return;
       }
       if (this.#fingerprintDenied(pool.denyFingerprints, `route "${pool.name}"`)) {
         reason = "fingerprint_denied";
-        await this.#refuse(ALERT_HANDSHAKE_FAILURE);
+        await this.#refuse("forbidden");
         return;
       }
       // try backends until one connects: a failed one is marked (passive health) and skipped
@@ -223,14 +211,14 @@ export class Session {
               `every backend of route "${pool.name}" that is up is at its max_connections: ` +
                 `refusing ${this.#clientAddr}`,
             );
-            await this.#refuse(true);
+            await this.#refuse("unavailable");
           } else if (tried.size === 0) {
             reason = "no_backend";
             log.warn(`all backends of route "${pool.name}" are down: refusing ${this.#clientAddr}`);
-            await this.#refuse(true);
+            await this.#refuse("unavailable");
           } else if (error instanceof AddressDeniedError) {
             reason = "address_denied";
-            await this.#refuse();
+            await this.#refuse("misdirected");
           } else reason = "connect_failed";
           return;
         }
@@ -268,7 +256,7 @@ export class Session {
                 `resource (${errText(e)}); the backend is not marked down. ` +
                 localResourceHint(lacking),
             );
-            await this.#refuse(true);
+            await this.#refuse("unavailable");
             return;
           }
           m.connectFailures++;
@@ -372,9 +360,10 @@ export class Session {
   async #readName(): Promise<string | null | undefined> {
     const { clientHelloMs } = this.#ctx.table.config.timeouts;
     const max = this.#ctx.table.config.limits.maxClientHelloBytes;
-    const parser = this.#ctx.protocol === "tls"
-      ? new ClientHelloParser(max, this.#ctx.table.fingerprints)
-      : new HttpHostParser(max);
+    const parser = this.#ctx.protocol.parser({
+      maxBytes: max,
+      fingerprint: this.#ctx.table.fingerprints,
+    });
     const timer = setTimeout(() => this.stop("client_hello_timeout"), clientHelloMs);
     let header: Uint8Array | null = this.#ctx.trustedProxy ? new Uint8Array(0) : null;
     const buf = new Uint8Array(2048);
@@ -409,7 +398,7 @@ export class Session {
           this.#pending = parser.data;
           this.#helloSeconds = (performance.now() - this.#t0) / 1000;
           this.#sni = result.serverName;
-          if (this.#ctx.protocol === "tls") this.#hello = result as ClientHello;
+          this.#hello = this.#ctx.protocol.hello(result);
           return result.serverName;
         }
       }
@@ -420,12 +409,10 @@ export class Session {
         this.#finishEarly("bad_proxy_header", e);
         return undefined;
       }
-      if (e instanceof ClientHelloError || e instanceof HttpRequestError) {
+      if (this.#ctx.protocol.isHeadError(e)) {
         Metrics.bump(this.#ctx.metrics.helloErrors, e.kind);
         log.info(
-          `bad ${
-            this.#ctx.protocol === "tls" ? "ClientHello" : "HTTP request"
-          } from ${this.#clientAddr}: ${e.kind}: ${e.message}`,
+          `bad ${this.#ctx.protocol.headName} from ${this.#clientAddr}: ${e.kind}: ${e.message}`,
         );
         this.#finishEarly("bad_client_hello", e);
         this.#ctx.onBadHello?.();
@@ -694,19 +681,10 @@ export class Session {
     return true;
   }
 
-  /**
-   * Tells the client no: no route (TLS alert / HTTP 421), no backend up or free (alert / 503),
-   * or the TLS alert `msg`.
-   */
-  async #refuse(noBackend: boolean | Uint8Array = false): Promise<void> {
-    const tls = this.#ctx.protocol === "tls";
-    const msg = noBackend instanceof Uint8Array
-      ? noBackend
-      : noBackend
-      ? (tls ? ALERT_INTERNAL_ERROR : HTTP_UNAVAILABLE)
-      : (tls ? ALERT_UNRECOGNIZED_NAME : HTTP_MISDIRECTED);
+  /** Tells the client no, as its protocol says `refusal`, and ends its side. */
+  async #refuse(refusal: Refusal): Promise<void> {
     try {
-      await writeAll(this.#client, msg);
+      await writeAll(this.#client, this.#ctx.protocol.refusals[refusal]);
       await this.#client.closeWrite();
     } catch {
       // the client is gone already
