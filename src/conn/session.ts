@@ -19,15 +19,11 @@ import {
   type InternalPolicy,
 } from "../route/dialguard.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
-import { type KernelAccel, KernelAccelError, type SplicePair } from "../ebpf/sockmap.ts";
+import type { KernelAccel } from "../ebpf/sockmap.ts";
 import { BurstLog, logger, writeAccess } from "../ops/log.ts";
 import { Metrics, NO_ROUTE } from "../ops/metrics.ts";
-import { type ByteRelay, closeQuietly, Relay, type RelayEnd, type SpliceHooks } from "./relay.ts";
-import { SplicedRelay } from "./spliced.ts";
-import { backendFdHint, type DetachedPair, detachSockets, watcher } from "./detach.ts";
-import { PipedRelay, type PipePool } from "./piped.ts";
-import { socketCookie, socketEnds } from "../../ffi/libc.ts";
-import { parseIp } from "../net/ip.ts";
+import { type ByteRelay, closeQuietly, Relay, type RelayEnd } from "./relay.ts";
+import type { PipePool } from "./piped.ts";
 import {
   parseProxyHeader,
   proxyHeader,
@@ -37,49 +33,13 @@ import {
   type ReceivedProxyHeader,
 } from "../proto/proxyproto.ts";
 import { resolveHost } from "../dns/resolver.ts";
-import { afterPeerFin } from "./tcpinfo.ts";
 import type { RoutingTable } from "../route/table.ts";
+import type { CloseReason, SessionInfo } from "./conn_record.ts";
+import { type KernelHandoff, kernelHandoff } from "./kernel_handoff.ts";
 
 const log = logger("session");
 /** Warnings that can come once per connection: logged once per burst. */
 const bursts = new BurstLog(log);
-
-/** Why a session ended, as written to the access log. */
-export type CloseReason =
-  | RelayEnd
-  | "client_hello_timeout"
-  | "bad_client_hello"
-  | "no_route"
-  | "connect_failed"
-  | "no_backend"
-  | "address_denied"
-  | "resource_exhausted"
-  | "bad_proxy_header"
-  | "acl_denied"
-  | "fingerprint_denied"
-  | "backend_full"
-  | "source_connections"
-  | "source_rate"
-  | "admin";
-
-/** One live session as the admin API lists it. */
-export interface SessionInfo {
-  client: string;
-  listener: string;
-  table: string;
-  sni: string | null;
-  /** The route's `match`, `default_backend`, or null while not routed yet. */
-  route: string | null;
-  /** As dialled (a `$sni` backend by the requested name), or null while not connected. */
-  backend: string | null;
-  /** As configured (`$sni:443`): what drain / disable name. */
-  backend_config: string | null;
-  age_ms: number;
-  /** Bytes so far (in `ebpf.splice_mode` "sockmap" the kernel's are counted at the end only). */
-  bytes_up: number;
-  bytes_down: number;
-  mode: "userspace" | "kernel";
-}
 
 /** What a session needs from the proxy around it. */
 export interface SessionContext {
@@ -108,9 +68,6 @@ export interface SessionContext {
 
 class Stopped extends Error {}
 
-/** The warning that spliced sockets cannot leave Deno's event loop was logged. */
-let detachWarned = false;
-
 /** This process's part of every connection id: random, so ids stay unique across restarts. */
 const connIdPrefix = Array.from(
   crypto.getRandomValues(new Uint8Array(6)),
@@ -138,12 +95,8 @@ export class Session {
   #sni: string | null = null;
   /** The parsed ClientHello (TLS listeners only). */
   #hello: ClientHello | null = null;
-  #splice: SplicePair | null = null;
-  #unpaired = false;
-  /** Bytes the kernel redirected each way, read when the pair is removed. */
-  #spliced = { up: 0, down: 0 };
-  /** Bytes known not delivered when a stalled drain cut the connection. */
-  #undelivered = { up: 0, down: 0 };
+  /** Kernel mode's part, made once the client is known; null in userspace mode. */
+  #handoff: KernelHandoff | null = null;
   #route: string | null = null;
   /** The ALPN protocols of the route taken (null: a route without `alpn`). */
   #routeAlpn: readonly string[] | null = null;
@@ -155,11 +108,7 @@ export class Session {
   #backendLabel: string | null = null;
   /** Bytes of the hello (or HTTP head) forwarded to the backend before the relay started. */
   #helloBytes = 0;
-  /** Bytes of the PROXY protocol header written before the hello (not the client's bytes). */
-  #headerBytes = 0;
   #earlyError: unknown = null;
-  /** Kernel mode: the fd the backend socket most likely got (see detachSockets). */
-  #backendFdHint = -1;
 
   constructor(client: Deno.TcpConn, ctx: SessionContext) {
     this.#client = client;
@@ -198,6 +147,14 @@ export class Session {
         await this.#refuse("forbidden");
         return;
       }
+      this.#handoff = kernelHandoff(this.#client, {
+        kernel: this.#ctx.kernel,
+        pipes: this.#ctx.pipes,
+        ebpf: this.#ctx.table.config.ebpf,
+        metrics: m,
+        clientAddr: this.#clientAddr,
+        idleMs: this.#ctx.table.config.timeouts.idleMs,
+      });
       // try backends until one connects: a failed one is marked (passive health) and skipped
       const clientIp = this.#clientNet.hostname;
       const tried = new Set<Backend>();
@@ -271,7 +228,8 @@ export class Session {
       // pair before forwarding the hello: the backend answers nothing until it has the hello
       // and a TLS client sends nothing more until it has the answer, so no byte can pass the
       // kernel path ahead of one still in userspace
-      let first = this.#pending!;
+      const pending = this.#pending!;
+      let first = pending;
       if (pool.proxyProtocol) {
         const header = proxyHeader(
           pool.proxyProtocol,
@@ -279,20 +237,19 @@ export class Session {
           this.#serverNet,
           pool.proxyTlvs.length ? this.#tlvValues(pool.proxyTlvs) : undefined,
         );
-        this.#headerBytes = header.length;
         first = concat(header, first);
       }
-      const hooks = this.#trySplice(backend);
       const idleMs = this.#ctx.table.config.timeouts.idleMs;
-      // a spliced or piped relay writes the hello itself: its sockets are out of Deno's hands
-      const spliced = this.#piped_(backend, idleMs, first) ??
-        (hooks && this.#ctx.table.config.ebpf.detachSpliced
-          ? this.#spliced_(backend, idleMs, hooks, first)
-          : null);
-      if (!spliced) await writeAll(backend, first);
-      this.#helloBytes = this.#pending!.length;
+      // a kernel relay writes the hello itself: its sockets are out of Deno's hands
+      const handoff = this.#handoff;
+      const kernelRelay =
+        handoff?.handOff(backend, { first, clientBytes: pending.length, hello: this.#hello }) ??
+          null;
+      if (!kernelRelay) await writeAll(backend, first);
+      this.#helloBytes = pending.length;
       this.#pending = null;
-      const relay = spliced ?? new Relay(this.#client, backend, idleMs, hooks, this.#readBuffer);
+      const relay = kernelRelay ??
+        new Relay(this.#client, backend, idleMs, handoff?.hooks, this.#readBuffer);
       this.#readBuffer = undefined;
       this.#relay = relay;
       if (this.#stopReason) relay.stop("shutdown");
@@ -308,7 +265,7 @@ export class Session {
       }
     } finally {
       if (picked) picked.active--;
-      this.#unpair();
+      this.#handoff?.release();
       closeQuietly(this.#client);
       if (this.#backendConn) {
         closeQuietly(this.#backendConn);
@@ -331,7 +288,7 @@ export class Session {
       age_ms: Date.now() - this.#started,
       bytes_up: this.#helloBytes + (this.#relay?.bytesUp ?? 0),
       bytes_down: this.#relay?.bytesDown ?? 0,
-      mode: this.#splice || this.#piped ? "kernel" : "userspace",
+      mode: this.#handoff?.mode ?? "userspace",
     };
   }
 
@@ -422,171 +379,6 @@ export class Session {
     } finally {
       clearTimeout(timer);
     }
-  }
-
-  /**
-   * Hands the pair to the kernel when the fast path is on and the connection qualifies;
-   * returns the relay's hooks for a spliced pair, undefined to stay in userspace.
-   */
-  #trySplice(backend: Deno.TcpConn): SpliceHooks | undefined {
-    const kernel = this.#ctx.kernel;
-    const hello = this.#hello;
-    if (!kernel || !hello) return undefined;
-    if (hello.earlyData || this.#pending!.length !== hello.recordBytes) {
-      log.debug(
-        `${this.#clientAddr}: userspace mode (${
-          hello.earlyData ? "early_data in the hello" : "bytes after the hello"
-        })`,
-      );
-      return undefined;
-    }
-    const client = this.#client;
-    try {
-      this.#splice = kernel.pair(
-        { local: client.localAddr, remote: client.remoteAddr },
-        { local: backend.localAddr, remote: backend.remoteAddr },
-      );
-    } catch (e) {
-      if (e instanceof KernelAccelError && e.reason === "map_full") {
-        kernelFallback(this.#ctx.metrics, "map_full", errText(e));
-      } else if (e instanceof KernelAccelError && e.reason === "socket_not_tracked") {
-        kernelFallback(this.#ctx.metrics, "not_tracked", errText(e));
-      } else {
-        log.debug(`${this.#clientAddr}: userspace mode: ${errText(e)}`);
-      }
-      return undefined;
-    }
-    const pair = this.#splice;
-    const drainMs = this.#ctx.table.config.ebpf.drainTimeoutMs;
-    const ended = new AbortController();
-    return {
-      drainKernel: async (up, userspaceBytes, atEof, progress) => {
-        const bytes = up ? this.#headerBytes + this.#helloBytes + userspaceBytes : userspaceBytes;
-        const r = await kernel.waitDrained(pair, up ? "b" : "a", bytes, {
-          timeoutMs: drainMs,
-          sourceFinal: atEof,
-          signal: ended.signal,
-          progress,
-        });
-        const from = up ? "client" : "backend";
-        const to = up ? "backend" : "client";
-        log.debug(
-          `${this.#clientAddr}: ${
-            atEof ? `${from} EOF` : `bytes from the ${from} in userspace`
-          }; ` +
-            `${to} socket took ${r.taken}/${r.expected} bytes in ${r.waitedMs.toFixed(1)} ms`,
-        );
-        if (r.drained) return true;
-        if (r.socketFound && !ended.signal.aborted) {
-          this.#undelivered[up ? "up" : "down"] = Math.max(0, r.expected - r.taken);
-          log.warn(
-            `${this.#clientAddr}: ${to} socket took ${r.taken} of ${r.expected} bytes and then ` +
-              `none for ebpf.drain_timeout_ms (${drainMs}); resetting both sides ` +
-              `(${r.expected - r.taken} bytes undelivered)`,
-          );
-        }
-        return false;
-      },
-      release: () => {
-        ended.abort();
-        this.#unpair();
-      },
-      eofIsReal: (up) => {
-        const conn = up ? this.#client : backend;
-        const info = kernel.tcpInfo({ local: conn.localAddr, remote: conn.remoteAddr });
-        const real = !info || afterPeerFin(info.state);
-        if (!real) {
-          log.debug(
-            `${this.#clientAddr}: false EOF on the ${up ? "client" : "backend"} socket (state ${
-              info!.state
-            })`,
-          );
-        }
-        return real;
-      },
-      splicedBytes: () => {
-        const c = kernel.counters(pair);
-        return c.aToB + c.bToA;
-      },
-    };
-  }
-
-  /**
-   * The relay of a spliced pair with its sockets out of Deno's event loop, or null (logged once)
-   * when they cannot be taken: the userspace relay then serves the spliced pair.
-   */
-  #spliced_(
-    backend: Deno.TcpConn,
-    idleMs: number,
-    hooks: SpliceHooks,
-    first: Uint8Array,
-  ): SplicedRelay | null {
-    const { cookies } = this.#splice!;
-    const pair = this.#detach(backend, {
-      client: (fd) => socketCookie(fd) === cookies.a,
-      backend: (fd) => socketCookie(fd) === cookies.b,
-    }, "spliced sockets stay in Deno's event loop: the proxy is woken by their traffic");
-    return pair && new SplicedRelay(pair, { idleMs, hooks, first, watcher });
-  }
-
-  /**
-   * Kernel mode with splice(2): the relay through pipes, or null (logged once) when the sockets
-   * cannot be taken out of Deno's loop: the userspace relay then serves the pair.
-   */
-  #piped_(backend: Deno.TcpConn, idleMs: number, first: Uint8Array): PipedRelay | null {
-    const pipes = this.#ctx.pipes;
-    if (!pipes) return null;
-    // the whole 4-tuple: two backend sockets to different hosts can share both ports
-    const sameEnds = (conn: Deno.TcpConn) => {
-      const want = [conn.localAddr, conn.remoteAddr].map((a) => {
-        const n = a as Deno.NetAddr;
-        return { ip: parseIp(n.hostname), port: n.port };
-      });
-      return (fd: number) => {
-        const ends = socketEnds(fd);
-        if (!ends) return false;
-        return [ends.local, ends.remote].every((end, i) => {
-          const w = want[i];
-          return w.ip !== null && end.port === w.port && end.family === w.ip.family &&
-            end.bytes.every((b, j) => b === w.ip!.bytes[j]);
-        });
-      };
-    };
-    const pair = this.#detach(
-      backend,
-      { client: sameEnds(this.#client), backend: sameEnds(backend) },
-      "connections run in userspace mode",
-    );
-    if (!pair) return null;
-    this.#piped = true;
-    const { sndbuf, rcvbuf } = this.#ctx.table.config.ebpf;
-    return new PipedRelay(pair, pipes, { idleMs, first, sndbuf, rcvbuf, watcher });
-  }
-
-  /** Takes the pair's sockets out of Deno's loop, or warns (once) why not and returns null. */
-  #detach(
-    backend: Deno.TcpConn,
-    check: { client(fd: number): boolean; backend(fd: number): boolean },
-    consequence: string,
-  ): DetachedPair | null {
-    const pair = detachSockets(this.#client, backend, check, this.#backendFdHint);
-    if (typeof pair !== "string") return pair;
-    if (!detachWarned) {
-      detachWarned = true;
-      log.warn(`kernel mode: the sockets cannot leave Deno's event loop (${pair}); ${consequence}`);
-    }
-    return null;
-  }
-
-  /** The pair is relayed by splice(2) (kernel mode without the sockmap). */
-  #piped = false;
-
-  /** Removes the kernel pairing (once) and keeps its final byte counts for the access log. */
-  #unpair(): void {
-    if (!this.#splice || this.#unpaired) return;
-    this.#unpaired = true;
-    const c = this.#ctx.kernel!.unpair(this.#splice);
-    this.#spliced = { up: c.aToB, down: c.bToA };
   }
 
   /**
@@ -724,11 +516,7 @@ export class Session {
       for (const hostname of addresses) {
         if (abort.signal.aborted) break;
         try {
-          if (
-            this.#ctx.pipes || (this.#ctx.kernel && this.#ctx.table.config.ebpf.detachSpliced)
-          ) {
-            this.#backendFdHint = backendFdHint();
-          }
+          this.#handoff?.beforeConnect();
           // no signal for Deno.connect itself: its cancel handle cost about a tenth of a new
           // connection's CPU (profile in README); a connect given up on is closed when it lands
           const connecting = Deno.connect({ hostname, port });
@@ -786,17 +574,19 @@ export class Session {
     const m = this.#ctx.metrics;
     const finalReason = this.#stopReason && reason === "error" ? this.#stopReason : reason;
     const relay = this.#relay;
-    const up = this.#helloBytes + (relay?.bytesUp ?? 0) + this.#spliced.up;
-    const down = (relay?.bytesDown ?? 0) + this.#spliced.down;
+    const kernelBytes = this.#handoff?.kernelBytes ?? { up: 0, down: 0 };
+    const up = this.#helloBytes + (relay?.bytesUp ?? 0) + kernelBytes.up;
+    const down = (relay?.bytesDown ?? 0) + kernelBytes.down;
     m.bytesUp += up;
     m.bytesDown += down;
-    m.bytesUserspace += up + down - this.#spliced.up - this.#spliced.down;
+    m.bytesUserspace += up + down - kernelBytes.up - kernelBytes.down;
     if (this.#route) Metrics.bump(m.byRoute, this.#route);
     if (this.#backendLabel) Metrics.bump(m.byBackend, this.#backendLabel);
-    const mode = this.#splice || this.#piped ? "kernel" : "userspace";
+    const mode = this.#handoff?.mode ?? "userspace";
     if (relay) Metrics.bump(m.byMode, mode);
     Metrics.bump(m.closed, finalReason);
     const route = this.#route ?? NO_ROUTE;
+    const undelivered = this.#handoff?.undelivered;
     if (this.#helloSeconds !== null) m.helloSeconds.observe(route, this.#helloSeconds);
     if (this.#connectSeconds !== null) m.connectSeconds.observe(route, this.#connectSeconds);
     m.durationSeconds.observe(route, (performance.now() - this.#t0) / 1000);
@@ -817,17 +607,11 @@ export class Session {
       duration_ms: Date.now() - this.#started,
       close_reason: finalReason,
       mode,
-      ...(this.#undelivered.up || this.#undelivered.down ? { undelivered: this.#undelivered } : {}),
+      ...(undelivered && (undelivered.up || undelivered.down) ? { undelivered } : {}),
       ...(error && finalReason !== "done" ? { error: errText(error) } : {}),
     });
     log.debug(`${this.#clientAddr} closed: ${finalReason}`);
   }
-}
-
-/** Counts a kernel-mode connection that runs in userspace instead; logs once per burst. */
-function kernelFallback(m: Metrics, reason: string, detail: string): void {
-  Metrics.bump(m.kernelFallbacks, reason);
-  bursts.warn("kernel_fallback", `kernel mode: a connection runs in userspace mode: ${detail}`);
 }
 
 function abortable<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {

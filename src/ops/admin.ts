@@ -17,7 +17,8 @@ import type { BackendPool } from "../route/backend.ts";
 import type { Config } from "../config.ts";
 import { logger } from "./log.ts";
 import { LineSplitter, writeAll } from "../net/bytes.ts";
-import { type Session, type SessionInfo } from "../conn/session.ts";
+import type { Session } from "../conn/session.ts";
+import type { SessionInfo } from "../conn/conn_record.ts";
 import type { RoutingTables } from "../route/table.ts";
 
 const log = logger("admin");
