@@ -1,10 +1,17 @@
 /**
- * What is known of one connection and what becomes of it: why it ended, the admin API's view
- * while it lives, and the byte counts of its kernel-mode part.
+ * What is known of one connection, filled in by its session as it learns it (the name, the
+ * route, the backend, the relay), and what it becomes: the admin API's view while it lives, and
+ * the metrics and the access-log line at its end.
  *
  * @module
  */
-import type { RelayEnd } from "./relay.ts";
+import type { ClientHello } from "../proto/clienthello.ts";
+import { logger, writeAccess } from "../ops/log.ts";
+import { Metrics, NO_ROUTE } from "../ops/metrics.ts";
+import { errText } from "../ops/errtext.ts";
+import type { ByteRelay, RelayEnd } from "./relay.ts";
+
+const log = logger("session");
 
 /** Why a session ended, as written to the access log. */
 export type CloseReason =
@@ -57,4 +64,114 @@ export interface KernelPart {
   readonly kernelBytes: ByteCounts;
   /** Bytes known not delivered when a stalled drain cut the connection. */
   readonly undelivered: ByteCounts;
+}
+
+/** One connection's facts, as far as they are known. */
+export class ConnRecord {
+  /** Wall clock at accept (age and duration). */
+  readonly #started = Date.now();
+  /** performance.now() at accept (the hello and connect seconds, the duration histogram). */
+  readonly #t0 = performance.now();
+  /** The listener's bound address, e.g. `127.0.0.1:8443`. */
+  readonly listener: string;
+  /** The routing table's name. */
+  readonly table: string;
+  /** The client, as logged: the socket's peer, or the one a trusted PROXY header names. */
+  client: string;
+  /** The requested name (SNI or Host), once read. */
+  sni: string | null = null;
+  /** The parsed ClientHello (TLS listeners only). */
+  hello: ClientHello | null = null;
+  /** Seconds from accept until the hello was read, and that the backend connect took. */
+  helloSeconds: number | null = null;
+  connectSeconds: number | null = null;
+  /** The route taken: its pool's name, `default_backend`, or null. */
+  route: string | null = null;
+  /** The backend for the access log: a dynamic one by the name it was dialled by. */
+  backend: string | null = null;
+  /** The backend for the metrics: as configured (`$sni:443`), so the label set stays bounded. */
+  backendLabel: string | null = null;
+  /** The id sent to the backend in a PROXY v2 UNIQUE_ID TLV, also logged; null when none. */
+  connId: string | null = null;
+  /** Bytes of the hello (or HTTP head) forwarded to the backend before the relay started. */
+  helloBytes = 0;
+  /** The relay, once started. */
+  relay: ByteRelay | null = null;
+  /** Kernel mode's part, when the proxy runs in kernel mode. */
+  kernel: KernelPart | null = null;
+
+  constructor(options: { client: string; listener: string; table: string }) {
+    this.client = options.client;
+    this.listener = options.listener;
+    this.table = options.table;
+  }
+
+  /** Notes that the hello (or HTTP head) is read now. */
+  helloRead(): void {
+    this.helloSeconds = (performance.now() - this.#t0) / 1000;
+  }
+
+  /** "kernel" when the kernel relays the pair. */
+  get mode(): "userspace" | "kernel" {
+    return this.kernel?.mode ?? "userspace";
+  }
+
+  /** What the admin API shows of this connection. */
+  info(): SessionInfo {
+    return {
+      client: this.client,
+      listener: this.listener,
+      table: this.table,
+      sni: this.sni,
+      route: this.route,
+      backend: this.backend,
+      backend_config: this.backendLabel,
+      age_ms: Date.now() - this.#started,
+      bytes_up: this.helloBytes + (this.relay?.bytesUp ?? 0),
+      bytes_down: this.relay?.bytesDown ?? 0,
+      mode: this.mode,
+    };
+  }
+
+  /** Counts the ended connection in `m` and writes its access-log line. */
+  finish(m: Metrics, reason: CloseReason, error: unknown): void {
+    const relay = this.relay;
+    const kernelBytes = this.kernel?.kernelBytes ?? { up: 0, down: 0 };
+    const up = this.helloBytes + (relay?.bytesUp ?? 0) + kernelBytes.up;
+    const down = (relay?.bytesDown ?? 0) + kernelBytes.down;
+    m.bytesUp += up;
+    m.bytesDown += down;
+    m.bytesUserspace += up + down - kernelBytes.up - kernelBytes.down;
+    if (this.route) Metrics.bump(m.byRoute, this.route);
+    if (this.backendLabel) Metrics.bump(m.byBackend, this.backendLabel);
+    const mode = this.mode;
+    if (relay) Metrics.bump(m.byMode, mode);
+    Metrics.bump(m.closed, reason);
+    const route = this.route ?? NO_ROUTE;
+    if (this.helloSeconds !== null) m.helloSeconds.observe(route, this.helloSeconds);
+    if (this.connectSeconds !== null) m.connectSeconds.observe(route, this.connectSeconds);
+    m.durationSeconds.observe(route, (performance.now() - this.#t0) / 1000);
+    m.bytesUpHistogram.observe(route, up);
+    m.bytesDownHistogram.observe(route, down);
+    const undelivered = this.kernel?.undelivered;
+    writeAccess({
+      time: new Date().toISOString(),
+      client: this.client,
+      listener: this.listener,
+      sni: this.sni,
+      ...(this.hello ? { alpn: this.hello.alpn } : {}),
+      ...(this.hello?.fingerprints ?? {}),
+      route: this.route,
+      backend: this.backend,
+      ...(this.connId ? { conn_id: this.connId } : {}),
+      bytes_up: up,
+      bytes_down: down,
+      duration_ms: Date.now() - this.#started,
+      close_reason: reason,
+      mode,
+      ...(undelivered && (undelivered.up || undelivered.down) ? { undelivered } : {}),
+      ...(error && reason !== "done" ? { error: errText(error) } : {}),
+    });
+    log.debug(`${this.client} closed: ${reason}`);
+  }
 }
