@@ -13,6 +13,13 @@ import { compileFingerprintPatterns, type FingerprintPatterns } from "./proto/fi
 import type { ProxyTlv } from "./proto/proxyproto.ts";
 import type { SourceLimits } from "./conn/sourcelimit.ts";
 import { compilePattern, type NamePattern } from "./route/router.ts";
+import {
+  SOCKET_BUFFER_BYTES,
+  SOCKMAP_ENTRIES,
+  XDP_DEFAULT_BLOCK_ENTRIES,
+  XDP_DEFAULT_ENTRIES,
+  XDP_ENTRIES,
+} from "./ebpf/bounds.ts";
 
 /** How a route picks one of its backends. */
 export type Balance = "round_robin" | "random" | "least_conn" | "source_hash";
@@ -205,6 +212,9 @@ export class ConfigError extends Error {
 }
 
 const ms = (def: number) => z.number().int().min(1).max(86_400_000).default(def);
+/** A whole number within one of the shared bounds (see src/ebpf/bounds.ts). */
+const within = (range: { min: number; max: number }) =>
+  z.number().int().min(range.min).max(range.max);
 const pathOrOff = (def: string) =>
   z.union([z.string().min(1), z.literal(false)], { error: "expected a file path or false" })
     .default(def);
@@ -331,13 +341,13 @@ const schema = z.strictObject({
     dns_cache_enabled: z.boolean().default(false),
     // default: room for limits.max_connections spliced connections (see resolveConfig)
     maps: z.strictObject({
-      pairs: z.number().int().min(64).max(16_777_216).optional(),
-      sockets: z.number().int().min(64).max(16_777_216).optional(),
+      pairs: within(SOCKMAP_ENTRIES).optional(),
+      sockets: within(SOCKMAP_ENTRIES).optional(),
     }).prefault({}),
     splice_mode: z.enum(["pipe", "sockmap"]).default("pipe"),
     pipe_bytes: z.number().int().min(4096).max(1 << 20).default(256 * 1024),
-    sndbuf: z.number().int().min(0).max(1 << 30).default(0),
-    rcvbuf: z.number().int().min(0).max(1 << 30).default(0),
+    sndbuf: within(SOCKET_BUFFER_BYTES).default(0),
+    rcvbuf: within(SOCKET_BUFFER_BYTES).default(0),
     drain_timeout_ms: ms(5_000),
     detach_spliced: z.boolean().default(true),
     object: z.string().min(1).optional(),
@@ -348,12 +358,12 @@ const schema = z.strictObject({
         }),
       ).min(1),
       mode: z.enum(["auto", "native", "generic"]).default("auto"),
-      max_entries: z.number().int().min(1).max(1_048_576).default(16_384),
+      max_entries: within(XDP_ENTRIES).default(XDP_DEFAULT_ENTRIES),
       block: z.strictObject({
         after: z.number().int().min(1).max(1_000_000).default(10),
         window_ms: ms(10_000),
         block_ms: ms(60_000),
-        max_entries: z.number().int().min(1).max(1_048_576).default(4096),
+        max_entries: within(XDP_ENTRIES).default(XDP_DEFAULT_BLOCK_ENTRIES),
       }).optional(),
     }).optional(),
   }).prefault({}),
@@ -767,8 +777,9 @@ export function resolveConfig(raw: unknown, path: string, base: PathBase = {}): 
       sockmapEnabled: c.ebpf.sockmap_enabled,
       dnsCacheEnabled: c.ebpf.dns_cache_enabled,
       // two entries per spliced connection; sockets also hold health checks and DNS over TCP
-      maxPairs: c.ebpf.maps.pairs ?? Math.max(64, 2 * c.limits.max_connections),
-      maxSockets: c.ebpf.maps.sockets ?? Math.max(64, 2 * c.limits.max_connections + 1024),
+      maxPairs: c.ebpf.maps.pairs ?? Math.max(SOCKMAP_ENTRIES.min, 2 * c.limits.max_connections),
+      maxSockets: c.ebpf.maps.sockets ??
+        Math.max(SOCKMAP_ENTRIES.min, 2 * c.limits.max_connections + 1024),
       spliceMode: c.ebpf.splice_mode,
       pipeBytes: c.ebpf.pipe_bytes,
       sndbuf: c.ebpf.sndbuf,

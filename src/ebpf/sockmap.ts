@@ -25,6 +25,7 @@ import {
   possibleCpus,
 } from "../../ffi/libbpf.ts";
 import { closeFd, Errno, openDirectory } from "../../ffi/libc.ts";
+import { inRange, SOCKET_BUFFER_BYTES, SOCKMAP_ENTRIES } from "./bounds.ts";
 import { parseIp } from "../net/ip.ts";
 import { SockDiag, type SocketTuple, type TcpSocketInfo } from "../conn/tcpinfo.ts";
 import {
@@ -731,30 +732,21 @@ export class KernelAccel {
 
 /** Refuse map sizes and buffer sizes out of range (`bad_option`). */
 function checkOptions(options: KernelAccelOptions): void {
-  for (
-    const [name, v] of [["maxPairs", options.maxPairs], [
-      "maxSockets",
-      options.maxSockets,
-    ]] as const
-  ) {
-    if (!Number.isInteger(v) || v < 1 || v > 0x7fffffff) {
+  const maps = [["maxPairs", options.maxPairs], ["maxSockets", options.maxSockets]] as const;
+  for (const [name, v] of maps) {
+    if (!inRange(v, SOCKMAP_ENTRIES)) {
       throw new KernelAccelError(
         "bad_option",
-        `${name} must be a positive integer (got ${v})`,
+        `${name} must be an integer from ${SOCKMAP_ENTRIES.min} to ${SOCKMAP_ENTRIES.max} (got ${v})`,
         `fix ebpf.maps in the config`,
       );
     }
   }
-  for (
-    const [name, v] of [
-      ["sndbuf", options.sndbuf],
-      ["rcvbuf", options.rcvbuf],
-    ] as const
-  ) {
-    if (v !== undefined && (!Number.isInteger(v) || v < 0 || v > 0x3fffffff)) {
+  for (const [name, v] of [["sndbuf", options.sndbuf], ["rcvbuf", options.rcvbuf]] as const) {
+    if (v !== undefined && !inRange(v, SOCKET_BUFFER_BYTES)) {
       throw new KernelAccelError(
         "bad_option",
-        `${name} must be an integer from 0 to 1073741823 (got ${v})`,
+        `${name} must be an integer from ${SOCKET_BUFFER_BYTES.min} to ${SOCKET_BUFFER_BYTES.max} (got ${v})`,
         "fix the ebpf buffer size in the config",
       );
     }

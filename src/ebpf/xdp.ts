@@ -24,6 +24,7 @@ import {
 } from "../../ffi/libbpf.ts";
 import { closeFd, Errno, ifNameToIndex, monotonicNs } from "../../ffi/libc.ts";
 import { type Cidr, parseCidr } from "../route/acl.ts";
+import { inRange, XDP_DEFAULT_BLOCK_ENTRIES, XDP_DEFAULT_ENTRIES, XDP_ENTRIES } from "./bounds.ts";
 import {
   decodeXdpBlock,
   encodeXdpBlock,
@@ -131,8 +132,6 @@ export interface XdpAttachment {
 }
 
 const STATS_KEYS = Object.values(XDP_STATS_INDEX).map(u32Key);
-const DEFAULT_MAX_ENTRIES = 16384;
-const DEFAULT_BLOCK_MAX_ENTRIES = 4096;
 const TRIES = XDP_TRIES;
 type TrieName = typeof TRIES[number];
 type MapName = typeof XDP_MAPS[number];
@@ -320,13 +319,13 @@ export class XdpFilter {
    */
   static async open(options: XdpFilterOptions): Promise<XdpFilter> {
     const log = options.log;
-    const maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES;
-    const blockMax = options.blockMaxEntries ?? DEFAULT_BLOCK_MAX_ENTRIES;
+    const maxEntries = options.maxEntries ?? XDP_DEFAULT_ENTRIES;
+    const blockMax = options.blockMaxEntries ?? XDP_DEFAULT_BLOCK_ENTRIES;
     for (const [name, n] of [["maxEntries", maxEntries], ["blockMaxEntries", blockMax]] as const) {
-      if (!Number.isInteger(n) || n < 1 || n > 16_777_216) {
+      if (!inRange(n, XDP_ENTRIES)) {
         throw new XdpError(
           "bad_option",
-          `${name} must be an integer from 1 to 16777216 (got ${n})`,
+          `${name} must be an integer from ${XDP_ENTRIES.min} to ${XDP_ENTRIES.max} (got ${n})`,
           "fix the XDP map capacity in the config",
         );
       }
