@@ -4,7 +4,7 @@
  * @module
  */
 import { serveAdmin } from "./src/ops/admin.ts";
-import { ConfigError, loadConfig } from "./src/config.ts";
+import { ConfigError, loadConfig } from "./src/config/mod.ts";
 import { parseCommandLine, runCtl } from "./src/ops/ctl_cli.ts";
 import { runUntilStopped } from "./src/run/lifecycle.ts";
 import { logger, LogSetupError, setupLogging } from "./src/ops/log.ts";

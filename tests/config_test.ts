@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { ConfigError, reloadable, resolveConfig } from "../src/config.ts";
+import { ConfigError, reloadable, resolveConfig } from "../src/config/mod.ts";
 
 const base = {
   listeners: [{ address: "127.0.0.1:8443" }],

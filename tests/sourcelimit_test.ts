@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { resolveConfig } from "../src/config.ts";
+import { resolveConfig } from "../src/config/mod.ts";
 import { SourceLimiter } from "../src/conn/sourcelimit.ts";
 import { workerConfig } from "../src/run/workers.ts";
 

@@ -5,7 +5,7 @@
  * @module
  */
 import { Acl } from "../route/acl.ts";
-import type { ListenerConfig } from "../config.ts";
+import type { ListenerConfig } from "../config/mod.ts";
 import type { DialGuard } from "../route/dialguard.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
 import type { KernelAccel } from "../ebpf/sockmap.ts";

@@ -8,7 +8,7 @@
  *
  * @module
  */
-import type { XdpBlockConfig } from "../config.ts";
+import type { XdpBlockConfig } from "../config/mod.ts";
 import type { XdpBlock, XdpBlockResult } from "./xdp.ts";
 import { BurstLog, logger } from "../ops/log.ts";
 import type { XdpBlockSnapshot } from "../ops/metrics.ts";

@@ -14,7 +14,7 @@
  */
 import { basename, dirname } from "node:path";
 import type { BackendPool } from "../route/backend.ts";
-import type { Config } from "../config.ts";
+import type { Config } from "../config/mod.ts";
 import { logger } from "./log.ts";
 import { LineSplitter, writeAll } from "../net/bytes.ts";
 import type { Session } from "../conn/session.ts";

@@ -8,7 +8,7 @@
 import { dirname, resolve } from "node:path";
 import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 import { type AdminRequest, adminRequest } from "./admin.ts";
-import { ConfigError, DEFAULT_ADMIN_SOCKET, loadConfig } from "../config.ts";
+import { ConfigError, DEFAULT_ADMIN_SOCKET, loadConfig } from "../config/mod.ts";
 
 const USAGE = `Usage: sni-proxy ctl [--config PATH] [--json] COMMAND
 

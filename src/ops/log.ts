@@ -14,7 +14,7 @@ import {
   type Sink,
 } from "@logtape/logtape";
 import { getRotatingFileSink } from "@logtape/file";
-import type { Config } from "../config.ts";
+import type { Config } from "../config/mod.ts";
 
 /** One connection, as written to the access log when it closes. */
 export interface AccessEntry {

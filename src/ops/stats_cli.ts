@@ -4,7 +4,7 @@
  *
  * @module
  */
-import type { Config } from "../config.ts";
+import type { Config } from "../config/mod.ts";
 import { PIN_DIR, SOCKMAP_MAPS, SOCKMAP_STATS_FIELDS } from "../ebpf/layout.ts";
 
 /** struct sni_stats: the counters the table shows (all but sockets_closed), in map order. */

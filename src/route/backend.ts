@@ -9,7 +9,7 @@
  *
  * @module
  */
-import type { BackendAddress, Balance, HealthConfig, RouteBackend } from "../config.ts";
+import type { BackendAddress, Balance, HealthConfig, RouteBackend } from "../config/mod.ts";
 import type { InternalPolicy } from "./dialguard.ts";
 import type { FingerprintPatterns } from "../proto/fingerprint.ts";
 import { localResourceError, localResourceHint } from "../conn/fdbudget.ts";

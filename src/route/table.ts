@@ -8,7 +8,7 @@
  */
 import { Acl } from "./acl.ts";
 import { BackendPool } from "./backend.ts";
-import type { Config, RouteTableConfig } from "../config.ts";
+import type { Config, RouteTableConfig } from "../config/mod.ts";
 import { Router } from "./router.ts";
 
 /** Everything a new connection on one listener needs to be routed. */

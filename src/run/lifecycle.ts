@@ -5,7 +5,7 @@
  * @module
  */
 import type { Logger } from "@logtape/logtape";
-import { type Config, ConfigError, loadConfig } from "../config.ts";
+import { type Config, ConfigError, loadConfig } from "../config/mod.ts";
 import { closeLogging } from "../ops/log.ts";
 
 /** What runs until stopped: the proxy itself, or the supervisor of its workers. */

@@ -11,7 +11,7 @@ import {
   applyLocal,
   everyPool,
 } from "../ops/admin.ts";
-import { type Config, reloadable, routeSummary } from "../config.ts";
+import { type Config, reloadable, routeSummary } from "../config/mod.ts";
 import { DialGuard, type OwnSocket } from "../route/dialguard.ts";
 import { FdBudget } from "../conn/fdbudget.ts";
 import { KernelAccel, KernelAccelError } from "../ebpf/sockmap.ts";

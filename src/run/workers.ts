@@ -25,7 +25,7 @@ import {
   loadConfig,
   reloadable,
   routeSummary,
-} from "../config.ts";
+} from "../config/mod.ts";
 import { lines } from "../net/bytes.ts";
 import type { KernelAccel } from "../ebpf/sockmap.ts";
 import { runUntilStopped } from "./lifecycle.ts";
