@@ -191,14 +191,9 @@ export class Proxy implements ListenerHost, AdminTarget {
     const d = config.dns;
     const pinned = config.ebpf.enabled && config.ebpf.dnsCacheEnabled;
     this.#resolver = configureResolver({
+      ...d,
       servers: d.servers ?? undefined,
-      minTtlMs: d.minTtlMs,
-      maxTtlMs: d.maxTtlMs,
-      negativeTtlMs: d.negativeTtlMs,
       maxEntries: d.cacheEntries,
-      timeoutMs: d.timeoutMs,
-      attempts: d.attempts,
-      hostsFile: d.hostsFile,
       pinned: pinned ? { path: DEFAULT_DNS_PIN_PATH } : null,
     }, (level, message) => dnsLog[level === "warning" ? "warn" : level](message));
     const resolver = this.#resolver;
@@ -449,10 +444,7 @@ export async function openKernel(config: Config): Promise<KernelAccel | null> {
   const e = config.ebpf;
   try {
     const kernel = await KernelAccel.open({
-      maxPairs: e.maxPairs,
-      maxSockets: e.maxSockets,
-      sndbuf: e.sndbuf,
-      rcvbuf: e.rcvbuf,
+      ...e,
       object: e.object ? await readObject(e.object) : undefined,
       log: (level, message) => kernelLog[level === "warning" ? "warn" : level](message),
     });
@@ -480,12 +472,10 @@ export async function openXdp(config: Config, ports: number[]): Promise<XdpFilte
   const x = config.ebpf.xdp!;
   try {
     const filter = await XdpFilter.open({
-      interfaces: x.interfaces,
-      mode: x.mode,
+      ...x,
       deny: config.acl.deny,
       allow: config.acl.allow,
       ports,
-      maxEntries: x.maxEntries,
       blockMaxEntries: x.block?.maxEntries,
       log: (level, message) => xdpLog[level === "warning" ? "warn" : level](message),
     });
