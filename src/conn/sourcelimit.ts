@@ -6,13 +6,10 @@
  *
  * @module
  */
+import type { Config } from "../config/mod.ts";
 
 /** The `limits.per_source` settings; null fields do not limit. */
-export interface SourceLimits {
-  maxConnections: number | null;
-  newPerSecond: number | null;
-  burst: number;
-}
+export type SourceLimits = NonNullable<Config["limits"]["perSource"]>;
 
 /** Why a source was refused (the access log's close reason). */
 export type SourceRefusal = "source_connections" | "source_rate";
