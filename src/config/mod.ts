@@ -20,5 +20,5 @@ export type {
   RouteTableConfig,
   XdpBlockConfig,
 } from "./resolve.ts";
-export { routeSummary } from "./resolve.ts";
+export { DEFAULT_HEALTH, routeSummary } from "./resolve.ts";
 export { type ConfigSource, DEFAULT_ADMIN_SOCKET, DEFAULT_TABLE } from "./schema.ts";

@@ -20,7 +20,7 @@ import {
   parseListener,
 } from "./address.ts";
 import { configWarnings } from "./checks.ts";
-import { type ConfigSource, DEFAULT_TABLE } from "./schema.ts";
+import { type ConfigSource, DEFAULT_TABLE, healthSchema } from "./schema.ts";
 
 /** `max_file_bytes` as `maxFileBytes`. */
 type Camel<S extends string> = S extends `${infer Head}_${infer Tail}`
@@ -71,7 +71,6 @@ function resolveRoute(route: Route, at: PropertyKey[]) {
     maxConnections: max_connections ?? 0,
   }));
   const dynamic = backends.some((b) => b.dynamic);
-  const { check, ...health } = route.health;
   return {
     ...camelize(rest),
     match: compilePattern(route.match),
@@ -89,10 +88,17 @@ function resolveRoute(route: Route, at: PropertyKey[]) {
     proxyProtocol: route.proxy_protocol ?? null,
     proxyTlvs: [...new Set(proxy_protocol_tlvs)],
     denyFingerprints: compileFingerprintPatterns(route.deny_fingerprints),
-    /** `active`: the active checks (`health.check`), or null. */
-    health: { ...camelize(health), active: check ? camelize(check) : null },
+    health: resolveHealth(route.health),
   };
 }
+
+/** Health settings with `active`: the active checks (`health.check`), or null. */
+function resolveHealth({ check, ...passive }: Route["health"]) {
+  return { ...camelize(passive), active: check ? camelize(check) : null };
+}
+
+/** The health settings of a pool whose route names none (the default backend's). */
+export const DEFAULT_HEALTH: HealthConfig = resolveHealth(healthSchema.parse({}));
 
 /** The route table at `at` (`routes`, `tables.NAME.routes`). */
 function resolveTable(at: PropertyKey[], t: Pick<ConfigSource, "routes" | "default_backend">) {

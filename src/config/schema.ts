@@ -60,6 +60,23 @@ const fingerprintsSchema = z.array(
   }),
 ).default([]);
 
+/** A route's backend health settings. */
+export const healthSchema = z.strictObject({
+  /** Consecutive failed connects that mark a backend down (passive check). */
+  max_fails: z.number().int().min(1).max(1000).default(3),
+  /** How long a passively failed backend stays down. */
+  fail_timeout_ms: ms(10_000),
+  /** Active TCP connect checks; absent: none. */
+  check: z.strictObject({
+    interval_ms: ms(2_000),
+    timeout_ms: ms(1_000),
+    /** Consecutive successes that bring a backend back up. */
+    rise: z.number().int().min(1).max(100).default(2),
+    /** Consecutive failures that take it down. */
+    fall: z.number().int().min(1).max(100).default(3),
+  }).optional(),
+}).prefault({});
+
 /** A route: names it serves and the backends it sends them to. */
 const routeSchema = z.strictObject({
   /** A name, a `*.` wildcard, `*`, or `~regex`. */
@@ -84,21 +101,7 @@ const routeSchema = z.strictObject({
   proxy_protocol_tlvs: z.array(z.enum(["authority", "alpn", "unique_id"])).default([]),
   /** Clients whose TLS fingerprint matches are refused. */
   deny_fingerprints: fingerprintsSchema,
-  health: z.strictObject({
-    /** Consecutive failed connects that mark a backend down (passive check). */
-    max_fails: z.number().int().min(1).max(1000).default(3),
-    /** How long a passively failed backend stays down. */
-    fail_timeout_ms: ms(10_000),
-    /** Active TCP connect checks; absent: none. */
-    check: z.strictObject({
-      interval_ms: ms(2_000),
-      timeout_ms: ms(1_000),
-      /** Consecutive successes that bring a backend back up. */
-      rise: z.number().int().min(1).max(100).default(2),
-      /** Consecutive failures that take it down. */
-      fall: z.number().int().min(1).max(100).default(3),
-    }).optional(),
-  }).prefault({}),
+  health: healthSchema,
 });
 
 /** A route table: ordered routes and the backend for names none of them takes. */

@@ -10,6 +10,7 @@
  * @module
  */
 import type { BackendAddress, Balance, HealthConfig, RouteBackend } from "../config/mod.ts";
+import { DEFAULT_HEALTH } from "../config/mod.ts";
 import type { InternalPolicy } from "./dialguard.ts";
 import type { FingerprintPatterns } from "../proto/fingerprint.ts";
 import { localResourceError, localResourceHint } from "../conn/fdbudget.ts";
@@ -105,7 +106,7 @@ export class BackendPool {
     }));
     this.balance = balance;
     this.proxyProtocol = options.proxyProtocol ?? null;
-    this.#health = options.health ?? { maxFails: 3, failTimeoutMs: 10_000, active: null };
+    this.#health = options.health ?? DEFAULT_HEALTH;
   }
 
   /** Whether `b` may be picked now. */
