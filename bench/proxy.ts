@@ -98,19 +98,9 @@ export async function startProxy(
   }
 }
 
+/** Starts one proxy process in `mode` and waits for its `ready:` line. */
 async function startOnce(dir: string, backendPort: number, mode: ProxyMode): Promise<Proxy> {
-  const config = {
-    workers: mode.workers ?? 1,
-    listeners: [{ address: "127.0.0.1:0" }],
-    routes: [{ match: "localhost", backends: [`127.0.0.1:${backendPort}`] }],
-    timeouts: { drain_ms: 1000 },
-    limits: { max_connections: 20000 },
-    // info, not warning: the port chosen for address :0 is logged at info level
-    log: { level: "info", file: false, access_log: false },
-    ebpf: mode.ebpf,
-  };
-  const path = `${dir}/proxy-${mode.name}.json`;
-  await Deno.writeTextFile(path, JSON.stringify(config, null, 2));
+  const path = await writeConfig(dir, backendPort, mode);
   const proc = spawn(Deno.execPath(), {
     // the same flags as `deno task start` (a small V8 young generation keeps idle RSS down)
     args: [
@@ -126,6 +116,51 @@ async function startOnce(dir: string, backendPort: number, mode: ProxyMode): Pro
     stderr: "piped",
   });
   const reader = proc.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  const text = await readUntilReady(proc, reader, mode);
+  const port = Number(/listening on 127\.0\.0\.1:(\d+)/.exec(text)?.[1]);
+  if (!port) {
+    await stop(proc, "SIGKILL");
+    throw new Error(`proxy (${mode.name}) logged no 'listening on 127.0.0.1:PORT':\n${text}`);
+  }
+  showWarnings(reader);
+  const workerPids = /ready: \d+ workers \(pids ([\d, ]+)\)/.exec(text)?.[1].split(", ").map(
+    Number,
+  );
+  return {
+    port,
+    pid: proc.pid,
+    pids: [proc.pid, ...(workerPids ?? [])],
+    stop: () => stop(proc, "SIGTERM"),
+  } satisfies Proxy;
+}
+
+/** Writes the proxy's config for `mode` into `dir`; returns its path. */
+async function writeConfig(dir: string, backendPort: number, mode: ProxyMode): Promise<string> {
+  const config = {
+    workers: mode.workers ?? 1,
+    listeners: [{ address: "127.0.0.1:0" }],
+    routes: [{ match: "localhost", backends: [`127.0.0.1:${backendPort}`] }],
+    timeouts: { drain_ms: 1000 },
+    limits: { max_connections: 20000 },
+    // info, not warning: the port chosen for address :0 is logged at info level
+    log: { level: "info", file: false, access_log: false },
+    ebpf: mode.ebpf,
+  };
+  const path = `${dir}/proxy-${mode.name}.json`;
+  await Deno.writeTextFile(path, JSON.stringify(config, null, 2));
+  return path;
+}
+
+/**
+ * Reads the proxy's log until its `ready:` line and returns what it read. Kills the proxy and
+ * throws (with the log) if it exits first, reports another mode than `mode`'s, or is not ready
+ * within {@link READY_TIMEOUT_MS}.
+ */
+async function readUntilReady(
+  proc: Deno.ChildProcess,
+  reader: ReadableStreamDefaultReader<string>,
+  mode: ProxyMode,
+): Promise<string> {
   let text = "";
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {
@@ -157,12 +192,11 @@ async function startOnce(dir: string, backendPort: number, mode: ProxyMode): Pro
     );
   }
   clearTimeout(timer);
-  const port = Number(/listening on 127\.0\.0\.1:(\d+)/.exec(text)?.[1]);
-  if (!port) {
-    await stop(proc, "SIGKILL");
-    throw new Error(`proxy (${mode.name}) logged no 'listening on 127.0.0.1:PORT':\n${text}`);
-  }
-  // keep draining stderr so the proxy never blocks on a full pipe; show its warnings
+  return text;
+}
+
+/** Keeps draining the proxy's log so it never blocks on a full pipe; shows its warnings. */
+function showWarnings(reader: ReadableStreamDefaultReader<string>): void {
   (async () => {
     for (;;) {
       const { value, done } = await reader.read();
@@ -172,13 +206,4 @@ async function startOnce(dir: string, backendPort: number, mode: ProxyMode): Pro
       }
     }
   })().catch(() => {});
-  const workerPids = /ready: \d+ workers \(pids ([\d, ]+)\)/.exec(text)?.[1].split(", ").map(
-    Number,
-  );
-  return {
-    port,
-    pid: proc.pid,
-    pids: [proc.pid, ...(workerPids ?? [])],
-    stop: () => stop(proc, "SIGTERM"),
-  } satisfies Proxy;
 }
