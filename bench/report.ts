@@ -1,0 +1,314 @@
+/**
+ * The report of a run: the header, the results table with its ratios, the issue's targets met
+ * or missed, the notes; printed and written to bench/out/results.{md,json}.
+ *
+ * @module
+ */
+import type { ModeResult } from "./measure.ts";
+import {
+  atLeast,
+  bestPeer,
+  busyP99Label,
+  fmt,
+  idleTotalLabel,
+  type Metric,
+  metrics,
+  ratioText,
+} from "./metrics.ts";
+import { SMALL_BYTES } from "./nginx.ts";
+import { tcpMemoryShare } from "./procs.ts";
+import { type Settings, TARGETS } from "./settings.ts";
+import { columnOrder } from "./subjects.ts";
+
+const OUT_DIR = new URL("./out/", import.meta.url).pathname;
+
+/** One target: what was compared and whether it was met. */
+export interface TargetRow {
+  target: string;
+  measured: string;
+  /** undefined: not measured (a column or test missing) */
+  met: boolean | undefined;
+}
+
+/** What a target compares with: a value and where it comes from (undefined: not measured). */
+type Bound = { value: number | undefined; what: string } | undefined;
+/** A target: its sentence, the row it reads, what the row's value must reach. */
+type Check = [target: string, label: string, bound: Bound];
+
+/** The machine and the settings of the run, in one line above the tables. */
+export async function header(s: Settings): Promise<string> {
+  const cpu = (await Deno.readTextFile("/proc/cpuinfo")).match(/model name\s*:\s*(.*)/)?.[1];
+  const load = (await Deno.readTextFile("/proc/loadavg")).split(" ").slice(0, 3).join(" ");
+  const tcpMem = (tcpMemoryShare() * 100).toFixed(0);
+  return `sni-proxy bench ${new Date().toISOString()} — \`${s.command}\` — ` +
+    `${navigator.hardwareConcurrency} CPUs (${cpu}), load before ${load}, TCP memory before ` +
+    `${tcpMem}% of tcp_mem pressure, kernel ${Deno.osRelease()}, deno ${Deno.version.deno}; ` +
+    `${s.rounds} rounds, columns interleaved, medians: bulk ${s.bigBytes / 2 ** 20} MiB (curl); ` +
+    `wrk -t${s.wrk.threads} -c${s.wrk.connections} -d${s.wrk.duration}, ${SMALL_BYTES} B ` +
+    `responses; busy: ${s.busyConns} downloads sent at nginx limit_rate ${s.busy.bulkRate} ` +
+    `each (curl), ${s.busy.concurrency} new connections at a time for ${s.busy.seconds} s; ` +
+    `${s.idleConns} idle connections; nginx 1 worker; peers 1 worker / 1 thread`;
+}
+
+/**
+ * The Markdown table: one column per mode and peer, then ratios: every column to direct, every
+ * proxy mode to the best peer of the row (the fastest, the leanest) and later proxy modes to
+ * the first one.
+ */
+export function table(results: Map<string, ModeResult>, s: Settings): string {
+  const names = [...results.keys()].sort((a, b) => columnOrder(a) - columnOrder(b));
+  const direct = results.get("direct");
+  const others = names.filter((n) => n !== "direct");
+  const modes = others.filter((n) => !results.get(n)!.peer);
+  const hasPeers = others.length > modes.length;
+  const head = [
+    "metric",
+    ...names,
+    ...(direct ? others.map((n) => `${n}/direct`) : []),
+    ...(hasPeers ? modes.map((n) => `${n}/best peer`) : []),
+    ...modes.slice(1).map((n) => `${n}/${modes[0]}`),
+  ];
+  const rows = metrics(s).map((m) => {
+    const value = (n: string) => m.get(results.get(n)!, direct);
+    const ratio = (x: number | undefined, y: number | undefined) =>
+      m.ratio === false ? "–" : ratioText(x, y);
+    const best = bestPeer(results, m);
+    return [
+      m.label,
+      ...names.map((n) => fmt(value(n), m.digits)),
+      ...(direct ? others.map((n) => ratio(value(n), value("direct"))) : []),
+      ...(hasPeers ? modes.map((n) => ratio(value(n), best?.value)) : []),
+      ...modes.slice(1).map((n) => ratio(value(n), value(modes[0]))),
+    ];
+  });
+  return [
+    `| ${head.join(" | ")} |`,
+    `| ${head.map(() => "---").join(" | ")} |`,
+    ...rows.map((r) => `| ${r.join(" | ")} |`),
+  ].join("\n");
+}
+
+/** The results read by row label, for the targets. */
+interface Lookup {
+  results: Map<string, ModeResult>;
+  metric(label: string): Metric;
+  /** a column's value of a row (undefined: the column or the value was not measured) */
+  get(name: string, label: string): number | undefined;
+}
+
+function lookup(results: Map<string, ModeResult>, s: Settings): Lookup {
+  const direct = results.get("direct");
+  const all = metrics(s);
+  const byLabel = new Map(all.map((m) => [m.label, m]));
+  const metric = (label: string) => byLabel.get(label)!;
+  return {
+    results,
+    metric,
+    get: (name, label) => {
+      const r = results.get(name);
+      return r && metric(label).get(r, direct);
+    },
+  };
+}
+
+/** The best peer's value of a row, as a bound. */
+function peerBound(look: Lookup, label: string): Bound {
+  const b = bestPeer(look.results, look.metric(label));
+  return b && { value: b.value, what: `best peer: ${b.name}` };
+}
+
+/** Another column's value of a row, times k, as a bound. */
+function columnBound(look: Lookup, name: string, label: string, k = 1): Bound {
+  const v = look.get(name, label);
+  return { value: v === undefined ? undefined : v * k, what: k === 1 ? name : `${k}x ${name}` };
+}
+
+/** A fixed number as a bound. */
+function fixedBound(value: number, unit: string): Bound {
+  return { value, what: `target ${value} ${unit}` };
+}
+
+/** `mode`'s value of a row against a bound: a number, or another column's value times k. */
+function compare(look: Lookup, mode: string, [target, label, bound]: Check): TargetRow {
+  const m = look.metric(label);
+  const v = look.get(mode, label);
+  const known = v !== undefined && Number.isFinite(v) && bound?.value !== undefined;
+  return {
+    target: `${mode}: ${target}`,
+    measured: `${fmt(v, m.digits)} vs ${
+      bound ? `${fmt(bound.value, m.digits)} (${bound.what})` : "–"
+    }`,
+    met: known ? atLeast(v!, bound!.value!, m.better!) : undefined,
+  };
+}
+
+/** The targets of one proxy mode. */
+function modeChecks(look: Lookup, mode: string, s: Settings): Check[] {
+  const bulk = "bulk download MB/s";
+  const busyP99 = busyP99Label(s);
+  return [
+    [
+      "new connections/s ≥ the better peer's",
+      "new connections/s",
+      peerBound(look, "new connections/s"),
+    ],
+    [
+      `proxy CPU per new connection ≤ ${TARGETS.cpuUsPerNewConnection} µs`,
+      "new-connection: proxy CPU µs per connection",
+      fixedBound(TARGETS.cpuUsPerNewConnection, "µs"),
+    ],
+    [
+      "keep-alive requests/s ≥ the best peer's",
+      "keep-alive requests/s",
+      peerBound(look, "keep-alive requests/s"),
+    ],
+    ["keep-alive p99 ≤ the best peer's", "keep-alive p99 ms", peerBound(look, "keep-alive p99 ms")],
+    ...(mode === "kernel"
+      ? [
+        ["bulk MB/s ≥ HAProxy's", bulk, columnBound(look, "haproxy", bulk)],
+        [
+          "bulk machine CPU per GiB ≤ HAProxy's",
+          "bulk: machine CPU s per GiB",
+          columnBound(look, "haproxy", "bulk: machine CPU s per GiB"),
+        ],
+      ] satisfies Check[]
+      : [[
+        "bulk MB/s ≥ nginx stream's",
+        bulk,
+        columnBound(look, "nginx-stream", bulk),
+      ]] satisfies Check[]),
+    [
+      `RSS per idle connection ≤ ${TARGETS.idleKiBPerConn} KiB`,
+      `RSS KiB per idle connection (${s.idleConns})`,
+      fixedBound(TARGETS.idleKiBPerConn, "KiB"),
+    ],
+    [
+      `total RSS with ${TARGETS.idleTotalConns} idle connections ≤ ${TARGETS.idleTotalMB} MB`,
+      idleTotalLabel(s),
+      fixedBound(TARGETS.idleTotalMB, "MB"),
+    ],
+    ...(s.busyConns > 0
+      ? [[
+        `new-connection p99 while ${s.busyConns} downloads run ≤ ` +
+        `${TARGETS.busyP99VsNginx}x nginx stream's`,
+        busyP99,
+        columnBound(look, "nginx-stream", busyP99, TARGETS.busyP99VsNginx),
+      ]] satisfies Check[]
+      : []),
+  ];
+}
+
+/** The target "kernel at least as good as userspace", over every row with a better side. */
+function kernelVsUserspace(look: Lookup, s: Settings): TargetRow {
+  const worse: string[] = [];
+  let compared = 0;
+  for (const m of metrics(s)) {
+    const k = look.get("kernel", m.label);
+    const u = look.get("userspace", m.label);
+    if (!m.better || k === undefined || u === undefined) continue;
+    if (!Number.isFinite(k) || !Number.isFinite(u)) continue;
+    compared++;
+    if (!atLeast(k, u, m.better)) {
+      worse.push(`${m.label} ${fmt(k, m.digits)} vs ${fmt(u, m.digits)}`);
+    }
+  }
+  return {
+    target: "kernel: at least as good as userspace on every row",
+    measured: worse.length
+      ? `worse on ${worse.length} of ${compared} rows: ${worse.join("; ")}`
+      : `${compared} rows`,
+    met: compared ? worse.length === 0 : undefined,
+  };
+}
+
+/** The issue's targets, met or missed, for each proxy mode measured. */
+export function targetRows(results: Map<string, ModeResult>, s: Settings): TargetRow[] {
+  const look = lookup(results, s);
+  const modes = [...results.keys()].filter((n) => n !== "direct" && !results.get(n)!.peer)
+    .filter((n) => n !== "workers")
+    .sort((a, b) => columnOrder(a) - columnOrder(b));
+  const rows = modes.flatMap((mode) =>
+    modeChecks(look, mode, s).map((check) => compare(look, mode, check))
+  );
+  if (modes.includes("kernel") && modes.includes("userspace")) {
+    rows.push(kernelVsUserspace(look, s));
+  }
+  return rows;
+}
+
+function targetTable(rows: TargetRow[]): string {
+  return [
+    "| target | measured | met |",
+    "| --- | --- | --- |",
+    ...rows.map((r) =>
+      `| ${r.target} | ${r.measured} | ${
+        r.met === undefined ? "not measured" : r.met ? "met" : "MISSED"
+      } |`
+    ),
+  ].join("\n");
+}
+
+/** Notes under the tables: wrk socket errors, failed connections of the busy test. */
+function notes(results: Map<string, ModeResult>): string[] {
+  const lines: string[] = [];
+  for (const [name, r] of results) {
+    for (const e of [r.keepAlive, r.newConnection].flatMap((w) => w?.socketErrors ?? [])) {
+      lines.push(`${name}: wrk socket errors: ${e}`);
+    }
+    if (r.busy?.errors) {
+      lines.push(
+        `${name}: ${r.busy.errors} of ${r.busy.connections} new connections of the busy test ` +
+          `failed (counted at the time they took), first: ${r.busy.firstError}`,
+      );
+    }
+  }
+  return lines;
+}
+
+/** What a run found, for its report. */
+export interface ReportOptions {
+  /** the header line, taken before the run (the machine's load before it) */
+  head: string;
+  settings: Settings;
+  results: Map<string, ModeResult>;
+  skipped: Record<string, string>;
+  /** when the run started (performance.now()) */
+  t0: number;
+}
+
+/** Prints the report and writes it to bench/out/results.md and results.json. */
+export async function writeReport(o: ReportOptions): Promise<void> {
+  const { head, settings: s, results, skipped } = o;
+  const targets = targetRows(results, s);
+  const md = [
+    head,
+    "",
+    table(results, s),
+    "",
+    targetTable(targets),
+    "",
+    ...notes(results).map((l) => `- ${l}`),
+    ...Object.entries(skipped).map(([m, why]) => `- ${m} skipped: ${why}`),
+    "",
+    `(${((performance.now() - o.t0) / 1000).toFixed(0)} s)`,
+  ].join("\n");
+  console.log(`\n${md}`);
+  await Deno.mkdir(OUT_DIR, { recursive: true });
+  await Deno.writeTextFile(`${OUT_DIR}results.md`, `${md}\n`);
+  const json = {
+    header: head,
+    command: s.command,
+    settings: {
+      bigBytes: s.bigBytes,
+      rounds: s.rounds,
+      wrk: s.wrk,
+      busy: s.busy,
+      idleConns: s.idleConns,
+    },
+    targets: { bounds: TARGETS, rows: targets },
+    results: Object.fromEntries([...results].sort(([a], [b]) => columnOrder(a) - columnOrder(b))),
+    skipped,
+  };
+  await Deno.writeTextFile(`${OUT_DIR}results.json`, JSON.stringify(json, null, 2));
+  console.log(`\nwritten: ${OUT_DIR}results.md, ${OUT_DIR}results.json`);
+}
