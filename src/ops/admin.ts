@@ -342,10 +342,12 @@ export async function serveAdmin(
     try {
       await Deno.chmod(tmp, gid === null ? 0o600 : 0o660);
       if (gid !== null) await Deno.chown(tmp, null, gid);
-      if (await answers(path)) {
+      const takeover = await answers(path);
+      await Deno.rename(tmp, path);
+      // logged once the path is ours: an older process told to stop after this line leaves it
+      if (takeover) {
         log.warn(`admin.socket ${path}: another process served it; this one takes it over`);
       }
-      await Deno.rename(tmp, path);
     } catch (e) {
       listener.close();
       throw e;
