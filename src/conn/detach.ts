@@ -11,7 +11,7 @@
  *
  * @module
  */
-import { Epoll, epollDelete, EPOLLET, errnoName, lowestFreeFd } from "../../ffi/libc.ts";
+import { Epoll, epollDelete, EPOLLET, errnoName, lowestFreeFd, recvFd } from "../../ffi/libc.ts";
 import { logger } from "../ops/log.ts";
 
 const log = logger("detach");
@@ -118,20 +118,29 @@ export function detachSockets(
 /** How long one epoll wait may block; the watcher stops when nothing is watched after one. */
 const WAIT_MS = 250;
 
-/** Size of {@link FdWatcher.readBuffer}. */
+/** The most one {@link FdWatcher.recv} reads. */
 const READ_BUFFER_BYTES = 64 * 1024;
 
 /** An epoll instance for detached sockets, waited on off the JS thread, and who gets each event. */
 export class FdWatcher {
   #epoll: Epoll | null = null;
   /**
-   * The buffer the handlers read their sockets into. One is enough: handlers run one at a time
-   * on the JS thread and copy the bytes they keep before anything awaits.
+   * What {@link recv} reads into. One is enough because it never leaves this class: handlers
+   * get a copy, so no await can let another connection's read overwrite their bytes.
    */
-  readonly readBuffer: Uint8Array = new Uint8Array(READ_BUFFER_BYTES);
+  readonly #readBuffer = new Uint8Array(READ_BUFFER_BYTES);
   readonly #handlers = new Map<number, (events: number) => void>();
   #nextId = 1;
   #running = false;
+
+  /**
+   * One recv(2) of `fd` (up to 64 KiB): a copy of the bytes read, or the result of
+   * {@link recvFd} when it read none (0: EOF, -errno).
+   */
+  recv(fd: number): Uint8Array | number {
+    const n = recvFd(fd, this.#readBuffer);
+    return n > 0 ? this.#readBuffer.slice(0, n) : n;
+  }
 
   /**
    * Calls `onEvent(events)` whenever `fd` reports one of `events` (edge-triggered: the handler

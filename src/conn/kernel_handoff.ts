@@ -66,18 +66,22 @@ export interface Opening {
   hello: ClientHello | null;
 }
 
+/**
+ * Where {@link KernelHandoff.handOff} put a pair: with a kernel relay, which writes
+ * `opening.first` itself (the sockets left Deno's event loop); or with the session, which writes
+ * it and runs the userspace relay, with `hooks` when the sockmap splices the pair.
+ */
+export type Handed = { relay: ByteRelay } | { relay: null; hooks: SpliceHooks | undefined };
+
+/** The pair stays with the session's userspace relay, without hooks. */
+const IN_USERSPACE: Handed = { relay: null, hooks: undefined };
+
 /** One session's way into the kernel, and back. */
 export interface KernelHandoff extends KernelPart {
   /** Called right before each backend connect: notes the fd the backend socket will likely get. */
   beforeConnect(): void;
-  /**
-   * Hands the connected pair to the kernel, when it qualifies. Returns the relay when the
-   * sockets left Deno's event loop (it writes `opening.first` itself); null: the session writes
-   * it and runs the userspace relay, with {@link hooks}.
-   */
-  handOff(backend: Deno.TcpConn, opening: Opening): ByteRelay | null;
-  /** For the userspace relay of a pair the sockmap splices; undefined otherwise. */
-  readonly hooks: SpliceHooks | undefined;
+  /** Hands the connected pair to the kernel, when it qualifies: see {@link Handed}. */
+  handOff(backend: Deno.TcpConn, opening: Opening): Handed;
   /** Removes the kernel pairing (once; before the sockets close), keeping its byte counts. */
   release(): void;
 }
@@ -146,7 +150,6 @@ class PipeHandoff implements KernelHandoff {
   #fdHint = -1;
   /** The pair is relayed by splice(2). */
   #piped = false;
-  readonly hooks = undefined;
   /** The relay counts what splice(2) moves as its own bytes. */
   readonly kernelBytes: ByteCounts = { up: 0, down: 0 };
   readonly undelivered: ByteCounts = { up: 0, down: 0 };
@@ -165,24 +168,20 @@ class PipeHandoff implements KernelHandoff {
     this.#fdHint = backendFdHint();
   }
 
-  handOff(backend: Deno.TcpConn, opening: Opening): PipedRelay | null {
+  handOff(backend: Deno.TcpConn, opening: Opening): Handed {
     const pair = detach(this.#client, backend, {
       check: { client: sameEnds(this.#client), backend: sameEnds(backend) },
       fdHint: this.#fdHint,
       consequence: "connections run in userspace mode",
     });
-    if (!pair) return null;
+    if (!pair) return IN_USERSPACE;
     this.#piped = true;
     const { idleMs, ebpf: { sndbuf, rcvbuf } } = this.#options;
-    return new PipedRelay(pair, this.#pipes, {
-      idleMs,
-      first: opening.first,
-      sndbuf,
-      rcvbuf,
-      watcher,
-    });
+    const first = opening.first;
+    return { relay: new PipedRelay(pair, this.#pipes, { idleMs, first, sndbuf, rcvbuf, watcher }) };
   }
 
+  // nothing is paired in the kernel: the relay gives its pipes back to the pool when it ends
   release(): void {}
 }
 
@@ -195,8 +194,7 @@ class SockmapHandoff implements KernelHandoff {
   /** The pairing in the sockmap, once made. */
   #pair: SplicePair | null = null;
   #released = false;
-  hooks: SpliceHooks | undefined = undefined;
-  kernelBytes: ByteCounts = { up: 0, down: 0 };
+  #kernelBytes: ByteCounts = { up: 0, down: 0 };
   readonly undelivered: ByteCounts = { up: 0, down: 0 };
 
   constructor(client: Deno.TcpConn, kernel: KernelAccel, options: KernelHandoffOptions) {
@@ -213,9 +211,13 @@ class SockmapHandoff implements KernelHandoff {
     if (this.#options.ebpf.detachSpliced) this.#fdHint = backendFdHint();
   }
 
-  handOff(backend: Deno.TcpConn, opening: Opening): SplicedRelay | null {
+  get kernelBytes(): ByteCounts {
+    return this.#kernelBytes;
+  }
+
+  handOff(backend: Deno.TcpConn, opening: Opening): Handed {
     const pair = this.#pairUp(backend, opening);
-    if (!pair) return null;
+    if (!pair) return IN_USERSPACE;
     const hooks = new SockmapHooks({
       kernel: this.#kernel,
       pair,
@@ -227,8 +229,7 @@ class SockmapHandoff implements KernelHandoff {
       undelivered: this.undelivered,
       unpair: () => this.release(),
     });
-    this.hooks = hooks;
-    if (!this.#options.ebpf.detachSpliced) return null;
+    if (!this.#options.ebpf.detachSpliced) return { relay: null, hooks };
     const { cookies } = pair;
     const detached = detach(this.#client, backend, {
       check: {
@@ -239,14 +240,15 @@ class SockmapHandoff implements KernelHandoff {
       consequence: "spliced sockets stay in Deno's event loop: the proxy is woken by their traffic",
     });
     const { idleMs } = this.#options;
-    return detached && new SplicedRelay(detached, { idleMs, hooks, first: opening.first, watcher });
+    if (!detached) return { relay: null, hooks };
+    return { relay: new SplicedRelay(detached, { idleMs, hooks, first: opening.first, watcher }) };
   }
 
   release(): void {
     if (!this.#pair || this.#released) return;
     this.#released = true;
     const c = this.#kernel.unpair(this.#pair);
-    this.kernelBytes = { up: c.aToB, down: c.bToA };
+    this.#kernelBytes = { up: c.aToB, down: c.bToA };
   }
 
   /**

@@ -23,7 +23,6 @@ import {
   EPOLLRDHUP,
   errnoName,
   makePipe,
-  recvFd,
   resetSocket,
   sendFd,
   setSocketBuffer,
@@ -333,14 +332,13 @@ export class PipedRelay implements ByteRelay {
    * read (`d`'s prefix now); false, a reset (the relay ended); null, nothing to read.
    */
   #readPastMark(d: Direction): boolean | null {
-    const buf = this.#watcher.readBuffer;
-    const got = recvFd(d.src, buf);
-    if (got > 0) {
+    const got = this.#watcher.recv(d.src);
+    if (typeof got !== "number") {
       this.#pool.give(d.pipe!, true);
       d.pipe = null;
-      d.prefix = buf.slice(0, got);
+      d.prefix = got;
       d.prefixOff = 0;
-      d.bytes += got;
+      d.bytes += got.length;
       this.#idle.touch();
       return true;
     }

@@ -401,19 +401,21 @@ export class Session {
     const first = pool.proxyProtocol ? concat(this.#proxyHeader(pool), pending) : pending;
     const idleMs = this.#ctx.table.config.timeouts.idleMs;
     // a kernel relay writes the hello itself: its sockets are out of Deno's hands
-    const handoff = this.#handoff;
-    const kernelRelay =
-      handoff?.handOff(backend, { first, clientBytes: pending.length, hello: this.#hello }) ??
-        null;
-    if (!kernelRelay) await writeAll(backend, first);
+    const handed = this.#handoff?.handOff(backend, {
+      first,
+      clientBytes: pending.length,
+      hello: this.#hello,
+    });
+    if (!handed?.relay) await writeAll(backend, first);
     this.#record.helloBytes = pending.length;
     this.#pending = null;
-    const relay = kernelRelay ??
-      new Relay(this.#client, backend, idleMs, handoff?.hooks, this.#readBuffer);
+    const relay = handed?.relay ??
+      new Relay(this.#client, backend, idleMs, handed?.hooks, this.#readBuffer);
     this.#readBuffer = undefined;
     this.#relay = relay;
     this.#record.relay = relay;
-    if (this.#stopReason) relay.stop("shutdown");
+    // stopped while the hello was written: the relay ends as stop() would have ended it
+    if (this.#stopReason) relay.stop(this.#stopReason as RelayEnd);
     const reason = await relay.run();
     this.#error = relay.error;
     return reason;

@@ -20,7 +20,6 @@ import {
   EPOLLIN,
   EPOLLRDHUP,
   errnoName,
-  recvFd,
   resetSocket,
   sendFd,
   shutdownWrite,
@@ -167,18 +166,16 @@ export class SplicedRelay implements ByteRelay {
       }
       for (;;) {
         if (this.#end !== null) return;
-        const buf = this.#watcher.readBuffer;
-        const n = recvFd(s.fd, buf);
-        if (n > 0) {
+        const got = this.#watcher.recv(s.fd);
+        if (typeof got !== "number") {
           s.retryMs = 1;
-          const bytes = buf.slice(0, n);
           this.#idle.touch();
           // bytes the kernel passed to userspace must not overtake redirected ones
           if (!(await this.#drain(s, false))) return;
-          if (!(await this.#write(peer, bytes))) return;
+          if (!(await this.#write(peer, got))) return;
           continue;
         }
-        if (n === 0) {
+        if (got === 0) {
           // a reset socket in a sockmap reads 0 bytes too: its pending error tells them apart
           const err = socketError(s.fd);
           if (err) {
@@ -195,9 +192,9 @@ export class SplicedRelay implements ByteRelay {
           await this.#passEof(s, peer);
           break; // an event that came meanwhile (a reset) is served by the EOF branch
         }
-        if (n === -EINTR) continue;
-        if (n === -EAGAIN) break;
-        this.#reset(s, -n);
+        if (got === -EINTR) continue;
+        if (got === -EAGAIN) break;
+        this.#reset(s, -got);
         return;
       }
     } while (s.again && this.#end === null);
