@@ -10,6 +10,7 @@ import { runUntilStopped } from "./src/run/lifecycle.ts";
 import { logger, LogSetupError, setupLogging } from "./src/ops/log.ts";
 import { Proxy } from "./src/run/proxy.ts";
 import { printStats } from "./src/ops/stats_cli.ts";
+import { ReadyFd, ReadyFdError, readyLine } from "./src/run/ready.ts";
 import { runWorker, Supervisor, workerSpec } from "./src/run/workers.ts";
 
 /** The release this source tree is. */
@@ -17,11 +18,14 @@ export const VERSION = "0.1.0";
 
 const USAGE = `sni-proxy ${VERSION}: route TLS (by SNI) and HTTP (by Host) to backends
 
-Usage: sni-proxy [--config PATH] [--check] [--version] [--help]
+Usage: sni-proxy [--config PATH] [--ready-fd N] [--check] [--version] [--help]
        sni-proxy stats [--config PATH]
        sni-proxy ctl [--config PATH] [--json] COMMAND ...   (sni-proxy ctl --help)
 
   --config PATH  config file (default: config.json)
+  --ready-fd N   once every listener serves, write one line of JSON to descriptor N and close
+                 it: {"ready":true,"pid":...,"listeners":[{"address","port","protocol","table"}],
+                 "metrics":"host:port"|null,"admin":"path"|null}. Not written if the start fails
   --check        validate the config, print every error (or "config OK"), exit 0/1
   --version      print the version
   --help         print this help
@@ -41,6 +45,7 @@ async function main(args: string[]): Promise<number> {
     {
       check: { type: "boolean", default: false },
       version: { type: "boolean", default: false },
+      "ready-fd": { type: "string" },
     },
     "sni-proxy",
     USAGE,
@@ -79,6 +84,17 @@ async function main(args: string[]): Promise<number> {
   }
   if (command === "stats") return await printStats(config);
 
+  let readyFd: ReadyFd | null = null;
+  if (flags["ready-fd"] !== undefined) {
+    try {
+      readyFd = ReadyFd.open(flags["ready-fd"]);
+    } catch (e) {
+      if (!(e instanceof ReadyFdError)) throw e;
+      console.error(`sni-proxy: ${e.message}\n\n${USAGE}`);
+      return 2;
+    }
+  }
+
   try {
     await setupLogging(config.log);
   } catch (e) {
@@ -94,6 +110,8 @@ async function main(args: string[]): Promise<number> {
     log: logger("main"),
     serve: async (running, reload) =>
       proxyConfig.admin ? await serveAdmin(proxyConfig.admin, running, reload) : null,
+    onStarted: (_stop, running) =>
+      readyFd?.announce(readyLine(running, proxyConfig.admin?.socket ?? null)),
   });
 }
 

@@ -22,8 +22,11 @@ export interface LifecycleOptions<R extends Running = Running> {
   /** Applied to every reloaded config before it is used (a worker's share of limits). */
   adapt?: (config: Config) => Config;
   log: Logger;
-  /** Runs once started; may stop the process later (a worker whose supervisor is gone). */
-  onStarted?: (stop: (why: string) => void) => void;
+  /**
+   * Runs once started and serving (listeners and `serve`): announces readiness, and may stop the
+   * process later (a worker whose supervisor is gone).
+   */
+  onStarted?: (stop: (why: string) => void, running: R) => void;
   /**
    * Starts what else serves once started (the admin socket), given a reload that reports its
    * outcome (null: applied, else the errors); closed after the shutdown. A failure to start it
@@ -93,7 +96,7 @@ export async function runUntilStopped<R extends Running>(
     await closeLogging();
     return 1;
   }
-  opts.onStarted?.(stop);
+  opts.onStarted?.(stop, running);
   if (stopRequested) stop(stopRequested);
   else if (reloadRequested) await reload();
   await stopped.promise;

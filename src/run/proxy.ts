@@ -11,7 +11,7 @@ import {
   applyLocal,
   everyPool,
 } from "../ops/admin.ts";
-import { type Config, reloadable, routeSummary } from "../config/mod.ts";
+import { type Config, type ListenerConfig, reloadable, routeSummary } from "../config/mod.ts";
 import { DialGuard, type OwnSocket } from "../route/dialguard.ts";
 import { FdBudget } from "../conn/fdbudget.ts";
 import { KernelAccel, KernelAccelError } from "../ebpf/sockmap.ts";
@@ -215,6 +215,16 @@ export class Proxy implements ListenerHost, AdminTarget {
         this.listeners.map((l) => Number(l.address.slice(l.address.lastIndexOf(":") + 1))),
       ),
     ];
+  }
+
+  /** The listeners' configs with the ports they are bound to (the ready line's listeners). */
+  get listening(): ListenerConfig[] {
+    return this.listeners.map((l) => ({ ...l.config, port: l.bound.port }));
+  }
+
+  /** The metrics endpoint's bound `host:port`, or null (always null in a worker). */
+  get metricsAddress(): string | null {
+    return this.#metricsServer?.address ?? null;
   }
 
   /** Live sessions. */

@@ -414,6 +414,16 @@ export class Supervisor implements AdminTarget {
     }, this.#backoff[i]);
   }
 
+  /** The listeners' configs with the ports every worker binds (the ready line's listeners). */
+  get listening(): ListenerConfig[] {
+    return this.#config.listeners.map((l, i) => withPort(l, this.#spec.ports[i]));
+  }
+
+  /** The metrics endpoint's bound `host:port`, or null. */
+  get metricsAddress(): string | null {
+    return this.#metricsServer?.address ?? null;
+  }
+
   get effectiveConfig(): Config {
     return this.#config;
   }
