@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { waitKernelSlot } from "../tests/kernel_helpers.ts";
+import { waitKernelSlot } from "../tests/harness/kernel.ts";
 import { spawn, stop } from "./procs.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;

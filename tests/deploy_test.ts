@@ -3,7 +3,7 @@
  * README's install steps give a service that runs under the unit's sandbox.
  */
 import assert from "node:assert/strict";
-import { assertServesBundled, bundledConfig, e2eTest, ROOT, startProxy } from "./helpers.ts";
+import { assertServesBundled, bundledConfig, e2eTest, ROOT, startProxy } from "./harness/mod.ts";
 
 const unit = await Deno.readTextFile(new URL("../deploy/sni-proxy.service", import.meta.url));
 const analyze = await new Deno.Command("systemd-analyze", { args: ["--version"] }).output().then(
@@ -102,6 +102,11 @@ function unitSandbox(settings: Map<string, string>): string[] {
   return [...lines, `cd ${cwd}`, `exec env ${env.join(" ")} ${exec}`];
 }
 
+/** `lines` with the script's arguments (`"$@"`) added to its last line, the exec of ExecStart. */
+function withArgs(lines: string[]): string[] {
+  return lines.toSpliced(-1, 1, `${lines.at(-1)} "$@"`);
+}
+
 const isRoot = Deno.uid() === 0;
 const hasUnshare = await new Deno.Command("unshare", { args: ["--version"] }).output().then(
   (o) => o.success,
@@ -170,16 +175,21 @@ e2eTest(
             `mount --bind ${denoDir} ${standin}/cache`,
             `mount --bind ${Deno.execPath()} ${standin}/deno`,
             // systemctl start: the installed unit's sandbox, then its ExecStart
-            ...unitSandbox(
-              serviceSettings(Deno.readTextFileSync(`${checkout}/deploy/sni-proxy.service`)),
-            ).toSpliced(-1, 0, "! touch /etc/sni-proxy/probe 2>/dev/null || exit 97"),
+            ...withArgs(
+              unitSandbox(
+                serviceSettings(Deno.readTextFileSync(`${checkout}/deploy/sni-proxy.service`)),
+              ).toSpliced(-1, 0, "! touch /etc/sni-proxy/probe 2>/dev/null || exit 97"),
+            ),
           ];
         }
         throw new Error(`README install step not known to this test: ${step}`);
       }),
     ].join("\n");
     const proxy = await startProxy(s, {}, {
-      command: ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+      // the harness's --ready-fd 1 reaches ExecStart as the script's arguments
+      command: (
+        ready,
+      ) => ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", ...ready],
       readyMs: 60_000,
     });
     const out = () => `${binary}; output:\n${proxy.stderr()}`;

@@ -18,7 +18,7 @@ import {
   whoAnswers,
   within,
   writeAll,
-} from "./helpers.ts";
+} from "./harness/mod.ts";
 
 const encoder = new TextEncoder();
 

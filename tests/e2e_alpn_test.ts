@@ -12,7 +12,7 @@ import {
   startProxy,
   tlsFailure,
   whoAnswers,
-} from "./helpers.ts";
+} from "./harness/mod.ts";
 
 e2eTest(
   "one name, two backends by ALPN; a hello without ALPN takes the route without one",

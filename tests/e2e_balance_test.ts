@@ -17,7 +17,7 @@ import {
   tlsFailure,
   whoAnswers,
   writeAll,
-} from "./helpers.ts";
+} from "./harness/mod.ts";
 
 for (const balance of ["round_robin", "random", "least_conn", "source_hash"] as const) {
   e2eTest(

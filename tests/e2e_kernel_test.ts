@@ -19,52 +19,49 @@ import {
   assertCleanStop,
   assertStillServes,
   clientHelloBytes,
+  cpuTimeMs,
   curl,
+  describeMismatch,
   drainHash,
   e2eTest,
   echoHandler,
+  entriesAtLeast,
+  GO,
   identityBackend,
+  kernelEbpf,
+  kernelSkipReason,
+  kernelSlotHolders,
   LineReader,
+  pairEntries,
+  PIN_DIR,
+  positionStream,
   type ProxyProcess,
+  randomPool,
+  rawBackend,
   rawServer,
+  rawSpliced,
   readExact,
   readOutcome,
   readToEnd,
   ROOT,
   type Scope,
+  sendRandom,
   sha256,
   sleep,
-  startProxy,
-  testCerts,
-  tlsConnect,
-  whoAnswers,
-  within,
-  writeAll,
-} from "./helpers.ts";
-import {
-  cpuTimeMs,
-  describeMismatch,
-  entriesAtLeast,
-  GO,
-  kernelEbpf,
-  kernelSkipReason,
-  kernelSlotHolders,
-  pairEntries,
-  PIN_DIR,
-  positionStream,
-  randomPool,
-  rawBackend,
-  rawSpliced,
-  sendRandom,
   startKernelProxy,
-  startProxyAs,
+  startProxy,
   type SyscallBytes,
   SyscallMeter,
+  testCerts,
+  tlsConnect,
   verifierRejectedObject,
   waitKernelSlot,
   waitPairEntries,
+  whoAnswers,
+  within,
+  writeAll,
   writeRandomSizes,
-} from "./kernel_helpers.ts";
+} from "./harness/mod.ts";
 
 const SKIP = await kernelSkipReason();
 if (SKIP) console.warn(`\n!!! SKIPPING tests/e2e_kernel_test.ts (proxy in kernel mode): ${SKIP}\n`);
@@ -833,12 +830,13 @@ ktest(
   "without privilege (nobody, no capabilities) the proxy warns once with cause and fix and relays TLS in userspace",
   async (scope) => {
     const a = await identityBackend(scope, "A");
-    const proxy = await startProxyAs(scope, {
+    const proxy = await startProxy(scope, {
       listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
       routes: [{ match: "a.test", backends: [a.address] }],
       ebpf: kernelEbpf(),
+      log: { level: "info" },
     }, {
-      prefix: ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],
+      wrapper: ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],
       uid: 65534,
     });
     const status = await Deno.readTextFile(`/proc/${proxy.pid}/status`);
@@ -848,7 +846,7 @@ ktest(
     assert.match(why, /not permitted to load eBPF programs/, "names the cause");
     assert.match(why, /run as root|CAP_BPF/, "names the fix");
     assert.match(proxy.stderr(), /ready: .*mode userspace/);
-    assert.equal(await whoAnswers(proxy.port, "a.test"), "A");
+    assert.equal(await whoAnswers(proxy.port(), "a.test"), "A");
     const entries = await within(
       5000,
       "access entry",

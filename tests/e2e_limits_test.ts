@@ -13,7 +13,7 @@ import {
   sleep,
   startProxy,
   writeAll,
-} from "./helpers.ts";
+} from "./harness/mod.ts";
 
 const encoder = new TextEncoder();
 

@@ -19,7 +19,7 @@ import {
   testCerts,
   traffic,
   within,
-} from "./helpers.ts";
+} from "./harness/mod.ts";
 
 const haproxy = await new Deno.Command("haproxy", { args: ["-v"], stdout: "null", stderr: "null" })
   .output().then((o) => o.success, () => false);

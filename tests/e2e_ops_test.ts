@@ -22,7 +22,7 @@ import {
   within,
   writeAll,
   writeTempConfig,
-} from "./helpers.ts";
+} from "./harness/mod.ts";
 
 const encoder = new TextEncoder();
 

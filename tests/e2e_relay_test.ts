@@ -31,7 +31,7 @@ import {
   whoAnswers,
   within,
   writeAll,
-} from "./helpers.ts";
+} from "./harness/mod.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();

@@ -8,7 +8,16 @@
  * Needs root (`ip netns`).
  */
 import assert from "node:assert/strict";
-import { e2eTest, ip, type Scope, served, sleep, startProxy, traffic, within } from "./helpers.ts";
+import {
+  e2eTest,
+  ip,
+  type Scope,
+  served,
+  sleep,
+  startProxy,
+  traffic,
+  within,
+} from "./harness/mod.ts";
 
 const isRoot = Deno.uid() === 0;
 if (!isRoot) console.warn("!!! SKIPPING the restart tests: they need root (ip netns)");

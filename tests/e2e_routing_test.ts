@@ -20,7 +20,7 @@ import {
   whoAnswers,
   within,
   writeAll,
-} from "./helpers.ts";
+} from "./harness/mod.ts";
 
 e2eTest(
   "exact, wildcard, regex routes and default_backend each reach their own backend",

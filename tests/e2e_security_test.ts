@@ -22,7 +22,7 @@ import {
   whoAnswers,
   within,
   writeAll,
-} from "./helpers.ts";
+} from "./harness/mod.ts";
 import { startFakeDns } from "./fixtures/dns_server.ts";
 
 const encoder = new TextEncoder();

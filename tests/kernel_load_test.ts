@@ -18,27 +18,25 @@ import {
   drainHash,
   e2eTest,
   echoHandler,
+  kernelEbpf,
+  kernelSkipReason,
   type ProxyProcess,
+  randomPool,
+  rawBackend,
   rawServer,
+  rawSpliced,
   readExact,
   readOutcome,
   readToEnd,
   type Scope,
+  sendRandom,
   sleep,
+  startKernelProxy,
   tlsConnect,
   unusedPort,
   within,
   writeAll,
-} from "./helpers.ts";
-import {
-  kernelEbpf,
-  kernelSkipReason,
-  randomPool,
-  rawBackend,
-  rawSpliced,
-  sendRandom,
-  startKernelProxy,
-} from "./kernel_helpers.ts";
+} from "./harness/mod.ts";
 
 const SKIP = await kernelSkipReason();
 if (SKIP) {

@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { BpfAttachType, BpfError, BpfObject, libbpf, queryProgIds } from "../ffi/libbpf.ts";
 import { closeFd, openDirectory } from "../ffi/libc.ts";
-import { ensureBpfObject } from "./kernel_helpers.ts";
+import { ensureBpfObject } from "./harness/mod.ts";
 import { writeAll } from "../src/net/bytes.ts";
 import { FALLBACK_CGROUP2_MOUNT } from "../src/ebpf/host.ts";
 import {

@@ -1,10 +1,10 @@
 /** End to end: passive and active backend health, failover, and every backend down. */
 import assert from "node:assert/strict";
-import { closedPort, curl, namedBackend, sleep, withProxy } from "./proxy_harness.ts";
+import { curl, namedBackend, sleep, testCerts, unusedPort, withProxy } from "./harness/mod.ts";
 
 Deno.test("a refusing backend is skipped: every request still succeeds and it is marked down", async () => {
   const alive = await namedBackend("alive");
-  const dead = `127.0.0.1:${closedPort()}`;
+  const dead = `127.0.0.1:${unusedPort()}`;
   try {
     await withProxy({
       listeners: [{ address: "127.0.0.1:0" }],
@@ -15,10 +15,10 @@ Deno.test("a refusing backend is skipped: every request still succeeds and it is
       }],
     }, async (p) => {
       for (let i = 0; i < 6; i++) {
-        const r = await curl(p.ports[0], "a.test");
+        const r = await curl(p.port(), "a.test");
         assert.equal(r.body, "alive", `request ${i}: ${r.stderr}`);
       }
-      await p.waitFor(
+      await p.waitForLog(
         `backend ${dead} of route "a.test" down for 60000 ms after 1 failed connects`,
       );
       const connects =
@@ -51,16 +51,16 @@ Deno.test("active checks take a killed backend out and bring it back when it ret
       }],
     }, async (p) => {
       const seen = new Set<string>();
-      for (let i = 0; i < 4; i++) seen.add((await curl(p.ports[0], "a.test")).body);
+      for (let i = 0; i < 4; i++) seen.add((await curl(p.port(), "a.test")).body);
       assert.deepEqual([...seen].sort(), ["one", "two"]);
       await one.close(); // killed mid-test
-      await p.waitFor(`backend ${one.address} of route "a.test" down: 2 failed checks`, 5000);
-      for (let i = 0; i < 6; i++) assert.equal((await curl(p.ports[0], "a.test")).body, "two");
+      await p.waitForLog(`backend ${one.address} of route "a.test" down: 2 failed checks`, 5000);
+      for (let i = 0; i < 6; i++) assert.equal((await curl(p.port(), "a.test")).body, "two");
       // it comes back on the same port
       restarted.server = await namedBackendOn("one-again", one.port);
-      await p.waitFor(`backend ${one.address} of route "a.test" up`, 5000);
+      await p.waitForLog(`backend ${one.address} of route "a.test" up`, 5000);
       const back = new Set<string>();
-      for (let i = 0; i < 4; i++) back.add((await curl(p.ports[0], "a.test")).body);
+      for (let i = 0; i < 4; i++) back.add((await curl(p.port(), "a.test")).body);
       assert.ok(back.has("one-again"), `traffic returns to the backend: ${[...back]}`);
     });
   } finally {
@@ -71,15 +71,14 @@ Deno.test("active checks take a killed backend out and bring it back when it ret
 
 /** A named HTTPS backend on a given port (a restarted backend). */
 async function namedBackendOn(name: string, port: number) {
-  const { certs } = await import("./proxy_harness.ts");
-  const c = await certs();
+  const c = await testCerts();
   for (let i = 0; i < 20; i++) {
     try {
       const server = Deno.serve({
         hostname: "127.0.0.1",
         port,
-        cert: c.cert,
-        key: c.key,
+        cert: c.certPem,
+        key: c.keyPem,
         onListen() {},
       }, () => new Response(name));
       return { close: () => server.shutdown() };
@@ -91,7 +90,7 @@ async function namedBackendOn(name: string, port: number) {
 }
 
 Deno.test("every backend down: TLS clients get an alert, HTTP clients a 503, logged as no_backend", async () => {
-  const dead = `127.0.0.1:${closedPort()}`;
+  const dead = `127.0.0.1:${unusedPort()}`;
   await withProxy({
     listeners: [{ address: "127.0.0.1:0" }, { address: "127.0.0.1:0", protocol: "http" }],
     routes: [{
@@ -100,16 +99,16 @@ Deno.test("every backend down: TLS clients get an alert, HTTP clients a 503, log
       health: { max_fails: 1, fail_timeout_ms: 60000 },
     }],
   }, async (p) => {
-    const first = await curl(p.ports[0], "a.test");
+    const first = await curl(p.port(), "a.test");
     assert.notEqual(first.code, 0);
     const e1 = await p.waitAccess((e) => e.sni === "a.test");
     assert.equal(e1.close_reason, "connect_failed");
-    const tls = await curl(p.ports[0], "a.test");
+    const tls = await curl(p.port(), "a.test");
     assert.notEqual(tls.code, 0);
     assert.match(tls.stderr, /internal error|alert/i);
-    const http = await curl(p.ports[1], "a.test", { http: true, extra: ["-w", "%{http_code}"] });
+    const http = await curl(p.port(1), "a.test", { http: true, extra: ["-w", "%{http_code}"] });
     assert.equal(http.body, "503");
-    await p.waitFor('all backends of route "a.test" are down');
+    await p.waitForLog('all backends of route "a.test" are down');
     await p.waitAccess((e) => e.close_reason === "no_backend");
   });
 });

@@ -4,7 +4,7 @@
  * asks for, then the client's hello byte for byte.
  */
 import assert from "node:assert/strict";
-import { readAll, withProxy } from "./proxy_harness.ts";
+import { readToEnd, withProxy } from "./harness/mod.ts";
 
 const chromiumHello = await Deno.readFile(
   new URL("./fixtures/hellos/chromium_pq.bin", import.meta.url),
@@ -116,10 +116,10 @@ async function viaProxy(
     listeners: [{ address: listen }],
     routes: [{ match: helloName, backends: [backend.address], proxy_protocol: version, ...route }],
   }, async (p) => {
-    const conn = await Deno.connect({ hostname: connectTo, port: p.ports[0] });
+    const conn = await Deno.connect({ hostname: connectTo, port: p.port() });
     await conn.write(chromiumHello);
     const seen = await backend.seen;
-    await readAll(conn).catch(() => {});
+    await readToEnd(conn).catch(() => {});
     conn.close();
     result = {
       seen,
@@ -222,13 +222,13 @@ async function fromBalancer(
     routes: [{ match: helloName, backends: [backend.address], proxy_protocol: "v1" }],
     acl: { deny: opts.deny ?? [] },
   }, async (p) => {
-    const conn = await Deno.connect({ hostname: "127.0.0.1", port: p.ports[0] });
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: p.port() });
     await conn.write(new Uint8Array([...prefix, ...chromiumHello]));
     const seen = await Promise.race([
       backend.seen,
       new Promise<null>((r) => setTimeout(() => r(null), 1500)),
     ]);
-    await readAll(conn).catch(() => {});
+    await readToEnd(conn).catch(() => {});
     conn.close();
     outcome = { seen, access: await p.waitAccess(() => true) };
   });

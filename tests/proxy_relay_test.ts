@@ -2,17 +2,18 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import {
-  drain,
-  echo,
-  randomBytes,
-  readAll,
+  drainHash,
+  echoHandler,
+  pseudoRandomBytes,
+  readToEnd,
   sha256,
   sleep,
+  testCerts,
   tlsBackend,
-  tlsClient,
+  tlsConnect,
   withProxy,
   writeAll,
-} from "./proxy_harness.ts";
+} from "./harness/mod.ts";
 
 const route = (address: string) => ({
   listeners: [{ address: "127.0.0.1:0" }],
@@ -21,7 +22,7 @@ const route = (address: string) => ({
 
 Deno.test("1 GiB each way through the proxy: sha256 equal at both ends, access log exact", async () => {
   const GiB = 1 << 30;
-  const block = randomBytes(1 << 20, 7);
+  const block = pseudoRandomBytes(1 << 20, 7);
   // expected hash of the stream: 1024 blocks, each tagged with its index in the first 4 bytes
   const tagged = (i: number) => {
     new DataView(block.buffer).setUint32(0, i);
@@ -33,7 +34,7 @@ Deno.test("1 GiB each way through the proxy: sha256 equal at both ends, access l
   let upstream: { bytes: number; sha256: string } | null = null;
   const backend = await tlsBackend(async (conn) => {
     const [got] = await Promise.all([
-      drain(conn),
+      drainHash(conn),
       (async () => {
         for (let i = 0; i < GiB / block.length; i++) await writeAll(conn, tagged(i).slice());
         await conn.closeWrite();
@@ -43,10 +44,10 @@ Deno.test("1 GiB each way through the proxy: sha256 equal at both ends, access l
   });
   try {
     await withProxy(route(backend.address), async (p) => {
-      const conn = await tlsClient(p.ports[0], "a.test");
+      const conn = await tlsConnect(p.port(), "a.test");
       const t0 = performance.now();
       const [down] = await Promise.all([
-        drain(conn),
+        drainHash(conn),
         (async () => {
           for (let i = 0; i < GiB / block.length; i++) await writeAll(conn, tagged(i).slice());
           await conn.closeWrite();
@@ -76,26 +77,26 @@ Deno.test("1 GiB each way through the proxy: sha256 equal at both ends, access l
 
 Deno.test("half-close from the client: the backend's answer after EOF still reaches the client", async () => {
   const backend = await tlsBackend(async (conn) => {
-    const got = await drain(conn); // until the client's EOF
-    const big = randomBytes(8 << 20, got.bytes);
+    const got = await drainHash(conn); // until the client's EOF
+    const big = pseudoRandomBytes(8 << 20, got.bytes);
     await writeAll(conn, new TextEncoder().encode(`${got.bytes} ${got.sha256}\n`));
     await writeAll(conn, big);
     await conn.closeWrite();
   });
   try {
     await withProxy(route(backend.address), async (p) => {
-      const conn = await tlsClient(p.ports[0], "a.test");
-      const sent = randomBytes(3 << 20, 99);
+      const conn = await tlsConnect(p.port(), "a.test");
+      const sent = pseudoRandomBytes(3 << 20, 99);
       await writeAll(conn, sent);
       await conn.closeWrite();
-      const reply = await readAll(conn);
+      const reply = await readToEnd(conn);
       conn.close();
       const nl = reply.indexOf(10);
       assert.equal(
         new TextDecoder().decode(reply.subarray(0, nl)),
         `${sent.length} ${sha256(sent)}`,
       );
-      assert.equal(sha256(reply.subarray(nl + 1)), sha256(randomBytes(8 << 20, sent.length)));
+      assert.equal(sha256(reply.subarray(nl + 1)), sha256(pseudoRandomBytes(8 << 20, sent.length)));
     });
   } finally {
     backend.close();
@@ -107,14 +108,14 @@ Deno.test("half-close from the backend: the client keeps sending after EOF and a
   const backend = await tlsBackend(async (conn) => {
     await writeAll(conn, new TextEncoder().encode("bye\n"));
     await conn.closeWrite();
-    received = await drain(conn);
+    received = await drainHash(conn);
   });
   try {
     await withProxy(route(backend.address), async (p) => {
-      const conn = await tlsClient(p.ports[0], "a.test");
-      const first = await readAll(conn); // the backend's whole output, then EOF
+      const conn = await tlsConnect(p.port(), "a.test");
+      const first = await readToEnd(conn); // the backend's whole output, then EOF
       assert.equal(new TextDecoder().decode(first), "bye\n");
-      const late = randomBytes(5 << 20, 5);
+      const late = pseudoRandomBytes(5 << 20, 5);
       await writeAll(conn, late);
       await conn.closeWrite();
       await backend.idle();
@@ -128,14 +129,14 @@ Deno.test("half-close from the backend: the client keeps sending after EOF and a
 });
 
 Deno.test("500 concurrent connections with random payloads all come back intact", async () => {
-  const backend = await tlsBackend(echo);
+  const backend = await tlsBackend(echoHandler);
   try {
     await withProxy(route(backend.address), async (p) => {
       const one = async (i: number) => {
-        const conn = await tlsClient(p.ports[0], "a.test");
-        const payload = randomBytes(1 + ((i * 7919) % (256 << 10)), i + 1);
+        const conn = await tlsConnect(p.port(), "a.test");
+        const payload = pseudoRandomBytes(1 + ((i * 7919) % (256 << 10)), i + 1);
         const [back] = await Promise.all([
-          readAll(conn),
+          readToEnd(conn),
           (async () => {
             await writeAll(conn, payload);
             await conn.closeWrite();
@@ -161,13 +162,13 @@ Deno.test("500 concurrent connections with random payloads all come back intact"
 });
 
 Deno.test("an idle connection is closed after idle_ms and logged as idle_timeout", async () => {
-  const backend = await tlsBackend(echo);
+  const backend = await tlsBackend(echoHandler);
   try {
     await withProxy({ ...route(backend.address), timeouts: { idle_ms: 400 } }, async (p) => {
-      const conn = await tlsClient(p.ports[0], "a.test");
+      const conn = await tlsConnect(p.port(), "a.test");
       await writeAll(conn, new Uint8Array([1, 2, 3]));
       const t0 = Date.now();
-      const got = await readAll(conn).catch(() => new Uint8Array(3));
+      const got = await readToEnd(conn).catch(() => new Uint8Array(3));
       const waited = Date.now() - t0;
       conn.close();
       assert.equal(got.length, 3);
@@ -185,7 +186,7 @@ Deno.test("a client that never finishes its hello is closed after client_hello_m
     ...route("127.0.0.1:9"),
     timeouts: { client_hello_ms: 400 },
   }, async (p) => {
-    const conn = await Deno.connect({ hostname: "127.0.0.1", port: p.ports[0] });
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: p.port() });
     await conn.write(new Uint8Array([0x16, 3, 1, 0, 200, 1, 0]));
     const t0 = Date.now();
     const n = await conn.read(new Uint8Array(10)).catch(() => null);
@@ -199,7 +200,7 @@ Deno.test("a client that never finishes its hello is closed after client_hello_m
 });
 
 Deno.test("garbage, SSLv2 and oversized hellos are closed; the next client is served", async () => {
-  const backend = await tlsBackend(echo);
+  const backend = await tlsBackend(echoHandler);
   try {
     await withProxy(
       { ...route(backend.address), limits: { max_client_hello_bytes: 4096 } },
@@ -208,10 +209,10 @@ Deno.test("garbage, SSLv2 and oversized hellos are closed; the next client is se
           new TextEncoder().encode("GET / HTTP/1.1\r\n\r\n"),
           new Uint8Array([0x80, 0x2e, 0x01, 0x00, 0x02]),
           new Uint8Array([0x16, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]), // a 16 KiB record
-          randomBytes(2000, 3),
+          pseudoRandomBytes(2000, 3),
         ];
         for (const bytes of bad) {
-          const conn = await Deno.connect({ hostname: "127.0.0.1", port: p.ports[0] });
+          const conn = await Deno.connect({ hostname: "127.0.0.1", port: p.port() });
           await conn.write(bytes).catch(() => {});
           const n = await conn.read(new Uint8Array(10)).catch(() => null);
           conn.close();
@@ -226,12 +227,12 @@ Deno.test("garbage, SSLv2 and oversized hellos are closed; the next client is se
           return p.access();
         })();
         assert.deepEqual(entries.map((e) => e.close_reason), bad.map(() => "bad_client_hello"));
-        await p.waitFor("too_large");
-        await p.waitFor("sslv2");
-        const ok = await tlsClient(p.ports[0], "a.test");
+        await p.waitForLog("too_large");
+        await p.waitForLog("sslv2");
+        const ok = await tlsConnect(p.port(), "a.test");
         await writeAll(ok, new Uint8Array([42]));
         await ok.closeWrite();
-        assert.deepEqual([...(await readAll(ok))], [42]);
+        assert.deepEqual([...(await readToEnd(ok))], [42]);
         ok.close();
       },
     );
@@ -248,14 +249,14 @@ Deno.test("a backend reset closes the client side; the proxy keeps serving", asy
   });
   try {
     await withProxy(route(backend.address), async (p) => {
-      const conn = await tlsClient(p.ports[0], "a.test");
-      await writeAll(conn, randomBytes(256 << 10, 1)).catch(() => {});
-      const got = await readAll(conn).catch(() => null);
+      const conn = await tlsConnect(p.port(), "a.test");
+      await writeAll(conn, pseudoRandomBytes(256 << 10, 1)).catch(() => {});
+      const got = await readToEnd(conn).catch(() => null);
       conn.close();
       assert.ok(got === null || got.length === 0, "nothing but the close reaches the client");
       const e = await p.waitAccess((e) => e.sni === "a.test");
       assert.ok(["backend_reset", "done"].includes(String(e.close_reason)), String(e.close_reason));
-      const again = await tlsClient(p.ports[0], "a.test");
+      const again = await tlsConnect(p.port(), "a.test");
       again.close();
     });
   } finally {
@@ -266,14 +267,16 @@ Deno.test("a backend reset closes the client side; the proxy keeps serving", asy
 Deno.test("a client reset closes the backend side", async () => {
   let backendSaw: string | null = null;
   const backend = await tlsBackend(async (conn) => {
-    await writeAll(conn, randomBytes(4 << 20, 3)).catch(() => {});
-    backendSaw = await drain(conn).then(() => "eof", (e) => `error ${e.name}`);
+    await writeAll(conn, pseudoRandomBytes(4 << 20, 3)).catch(() => {});
+    backendSaw = await drainHash(conn).then(() => "eof", (e) => `error ${e.name}`);
   });
   try {
     await withProxy(route(backend.address), async (p) => {
-      const raw = await Deno.connect({ hostname: "127.0.0.1", port: p.ports[0] });
-      const { certs } = await import("./proxy_harness.ts");
-      const tls = await Deno.startTls(raw, { hostname: "a.test", caCerts: [(await certs()).ca] });
+      const raw = await Deno.connect({ hostname: "127.0.0.1", port: p.port() });
+      const tls = await Deno.startTls(raw, {
+        hostname: "a.test",
+        caCerts: [(await testCerts()).caPem],
+      });
       await tls.handshake();
       await writeAll(tls, new Uint8Array([1]));
       await sleep(300); // unread bytes pile up in the client's receive buffer

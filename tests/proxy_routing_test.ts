@@ -1,15 +1,15 @@
 /** End to end: which backend a real client reaches, through the real proxy process. */
 import assert from "node:assert/strict";
 import {
-  certs,
-  closedPort,
   curl,
   type NamedBackend,
   namedBackend,
-  tlsClient,
+  sniRoute,
+  testCerts,
+  tlsConnect,
+  unusedPort,
   withProxy,
-} from "./proxy_harness.ts";
-import { sniRoute } from "./helpers.ts";
+} from "./harness/mod.ts";
 
 async function backends(...names: string[]): Promise<Record<string, NamedBackend>> {
   const out: Record<string, NamedBackend> = {};
@@ -22,7 +22,7 @@ async function closeAll(b: Record<string, NamedBackend>) {
 }
 
 async function opensslNoSni(port: number): Promise<string> {
-  const c = await certs();
+  const c = await testCerts();
   const out = await new Deno.Command("openssl", {
     args: ["s_client", "-connect", `127.0.0.1:${port}`, "-noservername", "-CAfile", c.caFile],
     stdin: "null",
@@ -43,7 +43,7 @@ Deno.test("exact, wildcard, regex, catch-all and default routes reach their back
       ],
       default_backend: b.dflt.address,
     }, async (p) => {
-      const port = p.ports[0];
+      const port = p.port();
       const expect: [string, string][] = [
         ["a.test", "exact"],
         ["x.y.b.test", "wild"],
@@ -77,9 +77,9 @@ Deno.test("a trailing-dot name routes like the name without it (Deno TLS client)
       listeners: [{ address: "127.0.0.1:0" }],
       routes: [{ match: "a.test", backends: [b.exact.address] }],
     }, async (p) => {
-      const conn = await tlsClient(p.ports[0], "a.test");
+      const conn = await tlsConnect(p.port(), "a.test");
       conn.close();
-      const r = await curl(p.ports[0], "a.test.");
+      const r = await curl(p.port(), "a.test.");
       assert.equal(r.body, "exact", r.stderr);
     });
   } finally {
@@ -95,7 +95,7 @@ Deno.test("no SNI goes to the default backend; without one the client gets unrec
       routes: [{ match: "a.test", backends: [b.dflt.address] }],
       default_backend: b.dflt.address,
     }, async (p) => {
-      const out = await opensslNoSni(p.ports[0]);
+      const out = await opensslNoSni(p.port());
       assert.match(out, /Verify return code: 0 \(ok\)/, out);
       const e = await p.waitAccess((e) => e.sni === null);
       assert.equal(e.route, "default_backend");
@@ -104,9 +104,9 @@ Deno.test("no SNI goes to the default backend; without one the client gets unrec
       listeners: [{ address: "127.0.0.1:0" }],
       routes: [{ match: "a.test", backends: [b.dflt.address] }],
     }, async (p) => {
-      const out = await opensslNoSni(p.ports[0]);
+      const out = await opensslNoSni(p.port());
       assert.match(out, /unrecognized name|alert number 112/i, out);
-      const r = await curl(p.ports[0], "nomatch.test");
+      const r = await curl(p.port(), "nomatch.test");
       assert.notEqual(r.code, 0);
       assert.match(r.stderr, /unrecognized name|alert/i);
       const e = await p.waitAccess((e) => e.sni === "nomatch.test");
@@ -129,9 +129,9 @@ Deno.test("HTTP listeners route by Host, and answer 421 when nothing matches", a
         { match: "*.b.test", backends: [w.address] },
       ],
     }, async (p) => {
-      assert.equal((await curl(p.ports[0], "a.test", { http: true })).body, "plain-a");
-      assert.equal((await curl(p.ports[0], "q.b.test", { http: true })).body, "plain-w");
-      const miss = await curl(p.ports[0], "zzz.test", {
+      assert.equal((await curl(p.port(), "a.test", { http: true })).body, "plain-a");
+      assert.equal((await curl(p.port(), "q.b.test", { http: true })).body, "plain-w");
+      const miss = await curl(p.port(), "zzz.test", {
         http: true,
         extra: ["-w", "%{http_code}"],
       });
@@ -150,7 +150,7 @@ Deno.test("an IPv6 listener proxies to an IPv6 backend", async () => {
       listeners: [{ address: "[::1]:0" }],
       routes: [{ match: "a.test", backends: [b6.address] }],
     }, async (p) => {
-      const r = await curl(p.ports[0], "a.test", { ip: "::1" });
+      const r = await curl(p.port(), "a.test", { ip: "::1" });
       assert.equal(r.body, "v6", r.stderr);
       const e = await p.waitAccess((e) => e.sni === "a.test");
       assert.match(String(e.client), /^\[::1\]:\d+$/);
@@ -172,11 +172,11 @@ Deno.test("round_robin spreads over backends, source_hash keeps one client on on
       ],
     }, async (p) => {
       const rr = [];
-      for (let i = 0; i < 4; i++) rr.push((await curl(p.ports[0], "a.test")).body);
+      for (let i = 0; i < 4; i++) rr.push((await curl(p.port(), "a.test")).body);
       assert.deepEqual(rr.toSorted(), ["one", "one", "two", "two"]);
       assert.notEqual(rr[0], rr[1]);
       const sh = new Set<string>();
-      for (let i = 0; i < 4; i++) sh.add((await curl(p.ports[1], "other.test")).body);
+      for (let i = 0; i < 4; i++) sh.add((await curl(p.port(1), "other.test")).body);
       assert.equal(sh.size, 1);
     });
   } finally {
@@ -195,15 +195,15 @@ Deno.test("hostname backends resolve, and $sni routes connect only to allowed na
         sniRoute("*", b.byname.port, { allow: ["localhost"], allow_private: true }),
       ],
     }, async (p) => {
-      assert.equal((await curl(p.ports[0], "a.test")).body, "byname");
-      assert.equal((await curl(p.ports[0], "localhost")).body, "byname");
+      assert.equal((await curl(p.port(), "a.test")).body, "byname");
+      assert.equal((await curl(p.port(), "localhost")).body, "byname");
       const e = await p.waitAccess((e) => e.sni === "localhost");
       assert.equal(e.backend, `localhost:${b.byname.port}`);
-      const denied = await curl(p.ports[0], "evil.test");
+      const denied = await curl(p.port(), "evil.test");
       assert.notEqual(denied.code, 0, "a name outside the allow list is refused");
       const d = await p.waitAccess((e) => e.sni === "evil.test");
       assert.equal(d.close_reason, "no_route");
-      await p.waitFor("not its allow list");
+      await p.waitForLog("not its allow list");
     });
   } finally {
     await closeAll(b);
@@ -218,12 +218,12 @@ Deno.test("ACL: a denied source is closed before anything is read; others are se
       routes: [{ match: "a.test", backends: [b.ok.address] }],
       acl: { deny: ["127.0.0.2/32"] },
     }, async (p) => {
-      const denied = await curl(p.ports[0], "a.test", { extra: ["--interface", "127.0.0.2"] });
+      const denied = await curl(p.port(), "a.test", { extra: ["--interface", "127.0.0.2"] });
       assert.notEqual(denied.code, 0, "denied source must not get through");
       const e = await p.waitAccess((e) => e.close_reason === "acl_denied");
       assert.match(String(e.client), /^127\.0\.0\.2:/);
       assert.equal(e.bytes_up, 0);
-      const ok = await curl(p.ports[0], "a.test");
+      const ok = await curl(p.port(), "a.test");
       assert.equal(ok.body, "ok", ok.stderr);
     });
   } finally {
@@ -237,17 +237,17 @@ Deno.test("a backend that refuses the connection: client closed, logged, proxy k
     await withProxy({
       listeners: [{ address: "127.0.0.1:0" }],
       routes: [
-        { match: "a.test", backends: [`127.0.0.1:${closedPort()}`] },
+        { match: "a.test", backends: [`127.0.0.1:${unusedPort()}`] },
         { match: "other.test", backends: [b.alive.address] },
       ],
       timeouts: { connect_ms: 2000 },
     }, async (p) => {
-      const r = await curl(p.ports[0], "a.test");
+      const r = await curl(p.port(), "a.test");
       assert.notEqual(r.code, 0);
       const e = await p.waitAccess((e) => e.sni === "a.test");
       assert.equal(e.close_reason, "connect_failed");
-      await p.waitFor(/connect to 127\.0\.0\.1:\d+ failed/);
-      assert.equal((await curl(p.ports[0], "other.test")).body, "alive");
+      await p.waitForLog(/connect to 127\.0\.0\.1:\d+ failed/);
+      assert.equal((await curl(p.port(), "other.test")).body, "alive");
     });
   } finally {
     await closeAll(b);
@@ -264,18 +264,18 @@ Deno.test("$sni backends resolve through the configured DNS servers, cached by T
       // the test DNS answers loopback
       routes: [sniRoute("*.b.test", b.resolved.port, { allow_addresses: ["127.0.0.0/8"] })],
       dns: { servers: [`${dns.server.ipAddr}:${dns.server.port}`], hosts_file: false },
-      metrics: { address: `127.0.0.1:${closedPort()}` },
+      metrics: { address: `127.0.0.1:${unusedPort()}` },
     }, async (p) => {
       for (let i = 0; i < 3; i++) {
-        const r = await curl(p.ports[0], "web.b.test");
+        const r = await curl(p.port(), "web.b.test");
         assert.equal(r.body, "resolved", r.stderr);
       }
       assert.equal(dns.queries("web.b.test", "A"), 1, "one DNS query, then cache hits");
       const e = await p.waitAccess((e) => e.sni === "web.b.test");
       assert.equal(e.backend, `web.b.test:${b.resolved.port}`);
-      const unknown = await curl(p.ports[0], "nx.b.test");
+      const unknown = await curl(p.port(), "nx.b.test");
       assert.notEqual(unknown.code, 0, "a name DNS does not know is refused");
-      await p.waitFor(/connect to nx\.b\.test:\d+ failed/);
+      await p.waitForLog(/connect to nx\.b\.test:\d+ failed/);
     });
   } finally {
     await dns.close();

@@ -7,17 +7,18 @@ import assert from "node:assert/strict";
 import {
   assertCumulative,
   assertPromtoolClean,
-  echo,
+  echoHandler,
   histogramSeries,
   namedBackend,
   type ProxyProcess,
-  readAll,
+  readToEnd,
+  Scope,
   sleep,
   startProxy,
   tlsBackend,
-  tlsClient,
+  tlsConnect,
   writeAll,
-} from "./proxy_harness.ts";
+} from "./harness/mod.ts";
 
 /** The worker pids from the supervisor's `ready:` line. */
 function workerPids(stderr: string): number[] {
@@ -44,9 +45,9 @@ async function waitGone(pids: number[], ms = 10_000): Promise<void> {
 }
 
 /** An echo backend behind a proxy with two workers routing `a.test` to it. */
-async function echoProxy(extra: Record<string, unknown> = {}) {
-  const backend = await tlsBackend(echo);
-  const p = await startProxy({
+async function echoProxy(scope: Scope, extra: Record<string, unknown> = {}) {
+  const backend = await tlsBackend(echoHandler);
+  const p = await startProxy(scope, {
     workers: 2,
     listeners: [{ address: "127.0.0.1:0" }],
     routes: [{ match: "a.test", backends: [backend.address] }],
@@ -70,11 +71,11 @@ async function accessEntries(p: ProxyProcess, n: number): Promise<Record<string,
 
 /** One short echo through the proxy; returns the bytes that came back. */
 async function echoOnce(port: number, bytes = 1000): Promise<number> {
-  const conn = await tlsClient(port, "a.test");
+  const conn = await tlsConnect(port, "a.test");
   try {
     const [, got] = await Promise.all([
       writeAll(conn, new Uint8Array(bytes).fill(1)).then(() => conn.closeWrite()),
-      readAll(conn),
+      readToEnd(conn),
     ]);
     return got.length;
   } finally {
@@ -83,14 +84,15 @@ async function echoOnce(port: number, bytes = 1000): Promise<number> {
 }
 
 Deno.test("workers: 2 share the listener; access log and /metrics add up to one proxy", async () => {
-  const { backend, p } = await echoProxy({ metrics: { address: "127.0.0.1:0" } });
+  await using scope = new Scope();
+  const { backend, p } = await echoProxy(scope, { metrics: { address: "127.0.0.1:0" } });
   try {
     const pids = workerPids(p.stderr());
     assert.equal(pids.length, 2);
     assert.ok(!pids.includes(p.pid), "workers are processes of their own");
-    assert.equal(p.ports.length, 1, "one listening line, from the supervisor");
+    assert.equal(p.listeners.length, 1, "one listening line, from the supervisor");
     const N = 40;
-    for (let i = 0; i < N; i++) assert.equal(await echoOnce(p.ports[0]), 1000);
+    for (let i = 0; i < N; i++) assert.equal(await echoOnce(p.port()), 1000);
     const entries = await accessEntries(p, N);
     const byWorker = new Map<unknown, number>();
     for (const e of entries) byWorker.set(e.worker, (byWorker.get(e.worker) ?? 0) + 1);
@@ -127,9 +129,10 @@ Deno.test("workers: 2 share the listener; access log and /metrics add up to one 
 });
 
 Deno.test("workers: SIGHUP reaches every worker; SIGTERM stops them all and exits 0", async () => {
+  await using scope = new Scope();
   const one = await namedBackend("one");
   const two = await namedBackend("two");
-  const p = await startProxy({
+  const p = await startProxy(scope, {
     workers: 2,
     listeners: [{ address: "127.0.0.1:0" }],
     routes: [{ match: "a.test", backends: [one.address] }],
@@ -141,11 +144,11 @@ Deno.test("workers: SIGHUP reaches every worker; SIGTERM stops them all and exit
     cfg.routes[0].backends = [two.address];
     await Deno.writeTextFile(p.configPath, JSON.stringify(cfg));
     p.signal("SIGHUP");
-    await p.waitFor("sni-proxy·worker1·proxy: reloaded");
-    await p.waitFor("sni-proxy·worker2·proxy: reloaded");
+    await p.waitForLog("sni-proxy·worker1·proxy: reloaded");
+    await p.waitForLog("sni-proxy·worker2·proxy: reloaded");
     // enough connections to reach both workers: every one goes to the new backend
     for (let i = 0; i < 20; i++) {
-      const conn = await tlsClient(p.ports[0], "a.test");
+      const conn = await tlsConnect(p.port(), "a.test");
       await writeAll(conn, new TextEncoder().encode("GET / HTTP/1.1\r\nhost: a.test\r\n\r\n"));
       const buf = new Uint8Array(4096);
       const n = await conn.read(buf);
@@ -165,18 +168,19 @@ Deno.test("workers: SIGHUP reaches every worker; SIGTERM stops them all and exit
 });
 
 Deno.test("workers: a killed worker is logged and restarted; a killed supervisor takes its workers along", async () => {
-  const { backend, p } = await echoProxy();
+  await using scope = new Scope();
+  const { backend, p } = await echoProxy(scope);
   try {
     const [first, second] = workerPids(p.stderr());
     Deno.kill(first, "SIGKILL");
-    await p.waitFor(
+    await p.waitForLog(
       new RegExp(`worker 1 \\(pid ${first}\\) exited unexpectedly \\(signal SIGKILL\\)`),
     );
-    await p.waitFor(/worker 1 restarted \(pid (\d+)\)/);
+    await p.waitForLog(/worker 1 restarted \(pid (\d+)\)/);
     const restarted = Number(/worker 1 restarted \(pid (\d+)\)/.exec(p.stderr())![1]);
     assert.ok(alive(restarted) && alive(second));
     // served all along by the other worker, and by the new one now
-    for (let i = 0; i < 20; i++) assert.equal(await echoOnce(p.ports[0]), 1000);
+    for (let i = 0; i < 20; i++) assert.equal(await echoOnce(p.port()), 1000);
     const workers = new Set((await accessEntries(p, 20)).map((e) => e.worker));
     assert.ok(workers.has(1) && workers.has(2), JSON.stringify([...workers]));
 
@@ -192,10 +196,11 @@ Deno.test("workers: a killed worker is logged and restarted; a killed supervisor
 
 Deno.test("workers: when a worker cannot bind, the start fails and says why", async () => {
   // a plain listener without SO_REUSEPORT holds the port: no worker can share it
+  await using scope = new Scope();
   const blocker = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (blocker.addr as Deno.NetAddr).port;
   try {
-    const err = await startProxy({
+    const err = await startProxy(scope, {
       workers: 2,
       listeners: [{ address: `127.0.0.1:${port}` }],
       routes: [{ match: "a.test", backends: ["127.0.0.1:9"] }],

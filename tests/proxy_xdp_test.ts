@@ -6,8 +6,14 @@
  * expires.
  */
 import assert from "node:assert/strict";
-import { waitKernelSlot } from "./kernel_helpers.ts";
-import { certs, sleep, startProxy } from "./proxy_harness.ts";
+import {
+  type ProxyProcess,
+  Scope,
+  sleep,
+  startProxy,
+  testCerts,
+  waitKernelSlot,
+} from "./harness/mod.ts";
 
 const isRoot = Deno.uid() === 0;
 if (!isRoot) {
@@ -30,7 +36,7 @@ async function curlFrom(
   source: string,
   scheme: "https" | "http" = "https",
 ): Promise<{ code: number; body: string }> {
-  const c = await certs();
+  const c = await testCerts();
   const out = await new Deno.Command("ip", {
     args: [
       "netns",
@@ -83,7 +89,8 @@ async function withNamespaces(
   await ip("netns", "add", NS_P);
   await ip("netns", "add", NS_C);
   let backend: Deno.ChildProcess | null = null;
-  let proxy: Awaited<ReturnType<typeof startProxy>> | null = null;
+  let proxy: ProxyProcess | null = null;
+  await using scope = new Scope();
   try {
     await ip("link", "add", "sxp-p", "netns", NS_P, "type", "veth", "peer", "sxp-c", "netns", NS_C);
     await ip("-n", NS_P, "addr", "add", "10.198.0.1/24", "dev", "sxp-p");
@@ -94,12 +101,12 @@ async function withNamespaces(
       await ip("-n", ns, "link", "set", "lo", "up");
     }
     // the TLS backend lives in the proxy's namespace
-    const c = await certs();
+    const c = await testCerts();
     const script = await Deno.makeTempFile({ suffix: ".ts" });
     await Deno.writeTextFile(
       script,
-      `Deno.serve({ hostname: "10.198.0.1", port: 9443, cert: ${JSON.stringify(c.cert)}, ` +
-        `key: ${JSON.stringify(c.key)}, onListen() { console.log("ready"); } }, ` +
+      `Deno.serve({ hostname: "10.198.0.1", port: 9443, cert: ${JSON.stringify(c.certPem)}, ` +
+        `key: ${JSON.stringify(c.keyPem)}, onListen() { console.log("ready"); } }, ` +
         `() => new Response("xdp-ok"));`,
     );
     backend = new Deno.Command("ip", {
@@ -110,7 +117,7 @@ async function withNamespaces(
     const reader = backend.stdout.getReader();
     await reader.read(); // "ready"
     reader.releaseLock();
-    proxy = await startProxy({
+    proxy = await startProxy(scope, {
       listeners: [{ address: "10.198.0.1:8443" }],
       routes: [{ match: "a.test", backends: ["10.198.0.1:9443"] }],
       acl: extra.acl ?? {},
@@ -121,7 +128,7 @@ async function withNamespaces(
         xdp: { interfaces: ["sxp-p"], mode: "auto", ...extra.xdp },
       },
     }, { wrapper: ["ip", "netns", "exec", NS_P] });
-    await proxy.waitFor("XDP source filter on sxp-p");
+    await proxy.waitForLog("XDP source filter on sxp-p");
     await f(proxy);
   } finally {
     if (proxy) assert.equal(await proxy.stop(), 0, proxy.stderr());
@@ -156,7 +163,7 @@ Deno.test({
       cfg.acl.deny = ["10.198.0.2/32"];
       await Deno.writeTextFile(proxy.configPath, JSON.stringify(cfg));
       proxy.signal("SIGHUP");
-      await proxy.waitFor("reloaded");
+      await proxy.waitForLog("reloaded");
       await sleep(100);
       assert.equal((await curlFrom("10.198.0.3")).body, "xdp-ok", "now allowed");
       assert.equal((await curlFrom("10.198.0.2")).code, 28, "now dropped");
@@ -178,7 +185,7 @@ Deno.test({
       for (let i = 0; i < 3; i++) {
         assert.notEqual((await curlFrom("10.198.0.3", "http")).code, 0, "a bad hello is refused");
       }
-      await proxy.waitFor("10.198.0.3 blocked in XDP for 6000 ms: 3 offences");
+      await proxy.waitForLog("10.198.0.3 blocked in XDP for 6000 ms: 3 offences");
       const blockedAt = Date.now();
       // the access log is written asynchronously: wait for the good and the three bad ones
       for (let i = 0; i < 50 && await fromBad() < 4; i++) await sleep(100);
@@ -226,7 +233,7 @@ Deno.test({
 
       // expiry lifts it (the sweep deletes the entry within a second)
       await sleep(Math.max(0, blockedAt + 6_000 - Date.now()));
-      await proxy.waitFor("10.198.0.3 unblocked in XDP: its block expired");
+      await proxy.waitForLog("10.198.0.3 unblocked in XDP: its block expired");
       assert.equal((await curlFrom("10.198.0.3")).body, "xdp-ok", "let through after expiry");
       const end = await metrics();
       assert.equal(metric(end, "xdp_blocked_sources"), 0);
@@ -237,9 +244,9 @@ Deno.test({
       cfg.limits = { per_source: { new_per_second: 0.1, burst: 1 } };
       await Deno.writeTextFile(proxy.configPath, JSON.stringify(cfg));
       proxy.signal("SIGHUP");
-      await proxy.waitFor("reloaded");
+      await proxy.waitForLog("reloaded");
       for (let i = 0; i < 4; i++) await curlFrom("10.198.0.3"); // one served, three refused
-      await proxy.waitFor(
+      await proxy.waitForLog(
         "10.198.0.3 blocked in XDP for 6000 ms: 3 offences within 10000 ms " +
           "(last: source_rate)",
       );

@@ -3,7 +3,7 @@
  * what they need and run; `.ci/run` uses the same test command.
  */
 import assert from "node:assert/strict";
-import { e2eTest, ROOT } from "./helpers.ts";
+import { e2eTest, ROOT } from "./harness/mod.ts";
 
 const decoder = new TextDecoder();
 

@@ -13,7 +13,7 @@ import assert from "node:assert/strict";
 import { parseCidr } from "../src/route/acl.ts";
 import { LineSplitter } from "../src/net/bytes.ts";
 import { lpmKey } from "../src/ebpf/xdp.ts";
-import { ensureBpfObject, hasCommand } from "./kernel_helpers.ts";
+import { ensureBpfObject, hasCommand } from "./harness/mod.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 const OBJECT = `${ROOT}bpf/xdp.bpf.o`;

@@ -1,0 +1,64 @@
+/**
+ * Network namespaces (root) and traffic in them: `ip` commands, and the restart-traffic fixture
+ * (an echo backend and client loops) run in a namespace.
+ *
+ * @module
+ */
+import { lines } from "../../src/net/bytes.ts";
+import { ROOT, type Scope, within } from "./scope.ts";
+
+/** Runs `ip ARGS`; throws with its stderr when it fails. */
+export async function ip(...args: string[]): Promise<void> {
+  const out = await new Deno.Command("ip", { args, stderr: "piped" }).output();
+  if (!out.success) {
+    throw new Error(`ip ${args.join(" ")}: ${new TextDecoder().decode(out.stderr)}`);
+  }
+}
+
+/**
+ * tests/fixtures/restart_traffic.ts run by `wrapper` (`ip netns exec NS`) with `args`: its echo
+ * backend (its port, or null) and client loops (`start` them against a proxy, `stop` them for
+ * their result). Killed when the scope closes.
+ */
+export async function traffic(s: Scope, wrapper: string[], args: string[] = []) {
+  const child = new Deno.Command(wrapper[0], {
+    args: [
+      ...wrapper.slice(1),
+      Deno.execPath(),
+      "run",
+      "-A",
+      `${ROOT}tests/fixtures/restart_traffic.ts`,
+      ...args,
+    ],
+    cwd: ROOT,
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  s.defer(() => {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* exited */ }
+  });
+  const output = lines(child.stdout);
+  const line = async () => {
+    const { value, done } = await output.next();
+    if (done) throw new Error("the traffic fixture ended early");
+    return JSON.parse(value);
+  };
+  const stdin = child.stdin.getWriter();
+  const send = (v: unknown) => stdin.write(new TextEncoder().encode(JSON.stringify(v) + "\n"));
+  const { backend } = await within(20_000, "the traffic fixture's backend", line());
+  return {
+    backend: backend as number | null,
+    start: (proxy: number, host?: string) => send({ proxy, host }),
+    stop: async () => {
+      await send("stop");
+      return await within(30_000, "the traffic fixture's result", line()) as {
+        connections: number;
+        bytes: number;
+        errors: string[];
+      };
+    },
+  };
+}
