@@ -115,13 +115,32 @@ export class ReadyFd {
 
   /**
    * Closes descriptor N by pointing it at /dev/null: its reader sees the end, and a later open
-   * cannot take the number over (when N is 1, whatever is printed goes nowhere).
+   * cannot take the number over (when N is 1, whatever is printed goes nowhere). Deno keeps a
+   * duplicate of stdout of its own: a pipe's other descriptors here go the same way, unless
+   * stderr writes to that pipe too (then it does not end here anyway).
    */
   #closeFd(): void {
     const c = libc();
     const devNull = c.open(cString("/dev/null"), O_WRONLY | O_CLOEXEC, 0);
     if (devNull < 0) return;
-    c.dup3(devNull, this.fd, this.fd > 2 ? O_CLOEXEC : 0);
+    for (const fd of pipeAliases(this.fd)) c.dup3(devNull, fd, fd > 2 ? O_CLOEXEC : 0);
     c.close(devNull);
+  }
+}
+
+/** `fd` and the other descriptors of this process on its pipe (but for one stderr shares). */
+function pipeAliases(fd: number): number[] {
+  const target = linkOf(fd);
+  if (!target?.startsWith("pipe:") || target === linkOf(2)) return [fd];
+  return [...Deno.readDirSync("/proc/self/fd")].map((e) => Number(e.name))
+    .filter((n) => linkOf(n) === target);
+}
+
+/** What /proc says descriptor `fd` is (`pipe:[123]`, a path), or null when it is not open. */
+function linkOf(fd: number): string | null {
+  try {
+    return Deno.readLinkSync(`/proc/self/fd/${fd}`);
+  } catch {
+    return null;
   }
 }
