@@ -8,11 +8,11 @@ import {
   echoHandler,
   histogramSeries,
   namedBackend,
+  rawServer,
   readToEnd,
   Scope,
   sleep,
   startProxy,
-  tlsBackend,
   tlsConnect,
   unusedPort,
   waitKernelSlot,
@@ -115,9 +115,10 @@ Deno.test("--check accepts the bundled config.json and lists every error of a ba
 });
 
 Deno.test("SIGHUP with a good config switches new connections; a live one keeps its backend", async () => {
+  await using scope = new Scope();
   const one = await namedBackend("one");
   const two = await namedBackend("two");
-  const live = await tlsBackend(echoHandler);
+  const live = await rawServer(scope, echoHandler);
   const config = (target: string) => ({
     listeners: [{ address: "127.0.0.1:0" }],
     routes: [
@@ -170,7 +171,7 @@ Deno.test("SIGHUP with a bad config is logged with its errors and the old routes
 
 Deno.test("SIGTERM stops accepting, lets a live connection finish, then exits 0", async () => {
   await using scope = new Scope();
-  const live = await tlsBackend(echoHandler);
+  const live = await rawServer(scope, echoHandler);
   try {
     const p = await startProxy(scope, {
       listeners: [{ address: "127.0.0.1:0" }],
@@ -200,7 +201,7 @@ Deno.test("SIGTERM stops accepting, lets a live connection finish, then exits 0"
 
 Deno.test("the drain deadline closes what is left and still exits 0", async () => {
   await using scope = new Scope();
-  const live = await tlsBackend(echoHandler);
+  const live = await rawServer(scope, echoHandler);
   try {
     const p = await startProxy(scope, {
       listeners: [{ address: "127.0.0.1:0" }],
@@ -221,7 +222,8 @@ Deno.test("the drain deadline closes what is left and still exits 0", async () =
 });
 
 Deno.test("at max_connections new clients wait (logged) and are served when a slot frees", async () => {
-  const backend = await tlsBackend(echoHandler);
+  await using scope = new Scope();
+  const backend = await rawServer(scope, echoHandler);
   try {
     await withProxy({
       listeners: [{ address: "127.0.0.1:0" }],
@@ -289,8 +291,9 @@ Deno.test("the metrics endpoint serves Prometheus text, JSON stats and health", 
 });
 
 Deno.test("/metrics histograms: hello, connect, duration and bytes by route, promtool-clean", async () => {
+  await using scope = new Scope();
   const one = await namedBackend("one");
-  const backend = await tlsBackend(echoHandler);
+  const backend = await rawServer(scope, echoHandler);
   const port = unusedPort();
   try {
     await withProxy({
@@ -360,8 +363,9 @@ Deno.test({
   name: "'stats' without a metrics endpoint reads the pinned kernel counters",
   ignore: !isRoot,
   fn: async () => {
+    await using scope = new Scope();
     // one way (upload into a sink): the open echo-tail bug of kernel mode stays out of this test
-    const backend = await tlsBackend(async (c) => {
+    const backend = await rawServer(scope, async (c) => {
       await drainHash(c);
       await c.closeWrite();
     });

@@ -5,11 +5,12 @@ import {
   drainHash,
   echoHandler,
   pseudoRandomBytes,
+  rawServer,
   readToEnd,
+  Scope,
   sha256,
   sleep,
   testCerts,
-  tlsBackend,
   tlsConnect,
   withProxy,
   writeAll,
@@ -21,6 +22,7 @@ const route = (address: string) => ({
 });
 
 Deno.test("1 GiB each way through the proxy: sha256 equal at both ends, access log exact", async () => {
+  await using scope = new Scope();
   const GiB = 1 << 30;
   const block = pseudoRandomBytes(1 << 20, 7);
   // expected hash of the stream: 1024 blocks, each tagged with its index in the first 4 bytes
@@ -32,7 +34,7 @@ Deno.test("1 GiB each way through the proxy: sha256 equal at both ends, access l
   for (let i = 0; i < GiB / block.length; i++) h.update(tagged(i));
   const expected = h.digest("hex");
   let upstream: { bytes: number; sha256: string } | null = null;
-  const backend = await tlsBackend(async (conn) => {
+  const backend = await rawServer(scope, async (conn) => {
     const [got] = await Promise.all([
       drainHash(conn),
       (async () => {
@@ -55,7 +57,7 @@ Deno.test("1 GiB each way through the proxy: sha256 equal at both ends, access l
       ]);
       const secs = (performance.now() - t0) / 1000;
       conn.close();
-      await backend.idle();
+      await backend.settled();
       console.log(`  2 GiB (1 GiB each way, TLS both ends) in ${secs.toFixed(1)} s`);
       assert.equal(down.bytes, GiB);
       assert.equal(down.sha256, expected, "backend → client stream intact");
@@ -76,7 +78,8 @@ Deno.test("1 GiB each way through the proxy: sha256 equal at both ends, access l
 });
 
 Deno.test("half-close from the client: the backend's answer after EOF still reaches the client", async () => {
-  const backend = await tlsBackend(async (conn) => {
+  await using scope = new Scope();
+  const backend = await rawServer(scope, async (conn) => {
     const got = await drainHash(conn); // until the client's EOF
     const big = pseudoRandomBytes(8 << 20, got.bytes);
     await writeAll(conn, new TextEncoder().encode(`${got.bytes} ${got.sha256}\n`));
@@ -104,8 +107,9 @@ Deno.test("half-close from the client: the backend's answer after EOF still reac
 });
 
 Deno.test("half-close from the backend: the client keeps sending after EOF and all of it arrives", async () => {
+  await using scope = new Scope();
   let received: { bytes: number; sha256: string } | null = null;
-  const backend = await tlsBackend(async (conn) => {
+  const backend = await rawServer(scope, async (conn) => {
     await writeAll(conn, new TextEncoder().encode("bye\n"));
     await conn.closeWrite();
     received = await drainHash(conn);
@@ -118,7 +122,7 @@ Deno.test("half-close from the backend: the client keeps sending after EOF and a
       const late = pseudoRandomBytes(5 << 20, 5);
       await writeAll(conn, late);
       await conn.closeWrite();
-      await backend.idle();
+      await backend.settled();
       conn.close();
       assert.equal(received!.bytes, late.length);
       assert.equal(received!.sha256, sha256(late));
@@ -129,7 +133,8 @@ Deno.test("half-close from the backend: the client keeps sending after EOF and a
 });
 
 Deno.test("500 concurrent connections with random payloads all come back intact", async () => {
-  const backend = await tlsBackend(echoHandler);
+  await using scope = new Scope();
+  const backend = await rawServer(scope, echoHandler);
   try {
     await withProxy(route(backend.address), async (p) => {
       const one = async (i: number) => {
@@ -162,7 +167,8 @@ Deno.test("500 concurrent connections with random payloads all come back intact"
 });
 
 Deno.test("an idle connection is closed after idle_ms and logged as idle_timeout", async () => {
-  const backend = await tlsBackend(echoHandler);
+  await using scope = new Scope();
+  const backend = await rawServer(scope, echoHandler);
   try {
     await withProxy({ ...route(backend.address), timeouts: { idle_ms: 400 } }, async (p) => {
       const conn = await tlsConnect(p.port(), "a.test");
@@ -200,7 +206,8 @@ Deno.test("a client that never finishes its hello is closed after client_hello_m
 });
 
 Deno.test("garbage, SSLv2 and oversized hellos are closed; the next client is served", async () => {
-  const backend = await tlsBackend(echoHandler);
+  await using scope = new Scope();
+  const backend = await rawServer(scope, echoHandler);
   try {
     await withProxy(
       { ...route(backend.address), limits: { max_client_hello_bytes: 4096 } },
@@ -242,7 +249,8 @@ Deno.test("garbage, SSLv2 and oversized hellos are closed; the next client is se
 });
 
 Deno.test("a backend reset closes the client side; the proxy keeps serving", async () => {
-  const backend = await tlsBackend(async (conn) => {
+  await using scope = new Scope();
+  const backend = await rawServer(scope, async (conn) => {
     // close with unread data in the receive buffer: the kernel answers with a RST
     await sleep(200);
     conn.close();
@@ -265,8 +273,9 @@ Deno.test("a backend reset closes the client side; the proxy keeps serving", asy
 });
 
 Deno.test("a client reset closes the backend side", async () => {
+  await using scope = new Scope();
   let backendSaw: string | null = null;
-  const backend = await tlsBackend(async (conn) => {
+  const backend = await rawServer(scope, async (conn) => {
     await writeAll(conn, pseudoRandomBytes(4 << 20, 3)).catch(() => {});
     backendSaw = await drainHash(conn).then(() => "eof", (e) => `error ${e.name}`);
   });
@@ -281,7 +290,7 @@ Deno.test("a client reset closes the backend side", async () => {
       await writeAll(tls, new Uint8Array([1]));
       await sleep(300); // unread bytes pile up in the client's receive buffer
       tls.close(); // → RST
-      await backend.idle();
+      await backend.settled();
       assert.ok(backendSaw !== null, "the backend saw its connection end");
       const e = await p.waitAccess((e) => e.sni === "a.test");
       assert.ok(["client_reset", "backend_reset", "done"].includes(String(e.close_reason)));

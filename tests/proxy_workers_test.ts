@@ -11,11 +11,11 @@ import {
   histogramSeries,
   namedBackend,
   type ProxyProcess,
+  rawServer,
   readToEnd,
   Scope,
   sleep,
   startProxy,
-  tlsBackend,
   tlsConnect,
   writeAll,
 } from "./harness/mod.ts";
@@ -46,7 +46,7 @@ async function waitGone(pids: number[], ms = 10_000): Promise<void> {
 
 /** An echo backend behind a proxy with two workers routing `a.test` to it. */
 async function echoProxy(scope: Scope, extra: Record<string, unknown> = {}) {
-  const backend = await tlsBackend(echoHandler);
+  const backend = await rawServer(scope, echoHandler);
   const p = await startProxy(scope, {
     workers: 2,
     listeners: [{ address: "127.0.0.1:0" }],

@@ -211,45 +211,6 @@ export async function namedBackend(
   };
 }
 
-/** A raw TLS backend: each connection is handed to `handle`. */
-export interface TlsBackend {
-  port: number;
-  address: string;
-  close(): void;
-  /** Settles when every handler has finished. */
-  idle(): Promise<void>;
-}
-
-/** Starts a TLS listener whose connections run `handle`. */
-export async function tlsBackend(
-  handle: (conn: Deno.TlsConn) => Promise<void>,
-  hostname = "127.0.0.1",
-): Promise<TlsBackend> {
-  const c = await testCerts();
-  const listener = Deno.listenTls({ hostname, port: 0, cert: c.certPem, key: c.keyPem });
-  const running = new Set<Promise<void>>();
-  (async () => {
-    for await (const conn of listener) {
-      const p = handle(conn).catch(() => {}).finally(() => {
-        running.delete(p);
-        try {
-          conn.close();
-        } catch { /* closed */ }
-      });
-      running.add(p);
-    }
-  })().catch(() => {});
-  const port = (listener.addr as Deno.NetAddr).port;
-  return {
-    port,
-    address: hostPort(hostname, port),
-    close: () => listener.close(),
-    idle: async () => {
-      while (running.size) await Promise.allSettled([...running]);
-    },
-  };
-}
-
 // ---------------------------------------------------------------------------------------------
 // Raw spliced sessions: a real ClientHello, then plain bytes, with exact counts
 
