@@ -6,7 +6,7 @@
  *
  * @module
  */
-import { cString, libc, O_CLOEXEC } from "../../ffi/libc.ts";
+import { cString, Errno, errno, libc, O_CLOEXEC, strerror } from "../../ffi/libc.ts";
 import type { ListenerConfig } from "../config/mod.ts";
 
 /** A listener as the ready line reports it: where it is bound, with the real port. */
@@ -61,26 +61,32 @@ export class ReadyFdError extends Error {
   override name = "ReadyFdError";
 }
 
+const F_GETFL = 3;
 const F_SETFD = 2;
 const FD_CLOEXEC = 1;
+const O_ACCMODE = 3;
 const O_WRONLY = 1;
+const O_RDWR = 2;
 
-/** The descriptor of `--ready-fd`, checked and opened at start, written once when ready. */
+/**
+ * The descriptor of `--ready-fd`, checked at start, written once when ready. Written with
+ * write(2) on the descriptor itself: reopening /dev/fd/N would check the pipe's owner again,
+ * which a proxy started under another user (setpriv, su) is not.
+ */
 export class ReadyFd {
   readonly fd: number;
-  #file: Deno.FsFile | null;
+  #written = false;
 
-  private constructor(fd: number, file: Deno.FsFile) {
+  private constructor(fd: number) {
     this.fd = fd;
-    this.#file = file;
   }
 
   /**
-   * Opens descriptor `text` (as given on the command line) for the ready line. Stdin (0) and
+   * Checks descriptor `text` (as given on the command line) for the ready line. Stdin (0) and
    * stderr (2, the log) are refused. A descriptor above 2 is marked close-on-exec, so worker
    * processes do not hold it open after it is closed here.
    * @throws {ReadyFdError} when `text` is not such a number or the descriptor is not open for
-   * writing (a pipe, a file or a terminal: `/dev/fd/N` reopens it; a socket cannot be).
+   * writing.
    */
   static open(text: string): ReadyFd {
     const fd = Number(text);
@@ -89,26 +95,34 @@ export class ReadyFd {
         `--ready-fd ${text}: expected a descriptor number other than 0 (stdin) and 2 (the log)`,
       );
     }
-    let file: Deno.FsFile;
-    try {
-      file = Deno.openSync(`/dev/fd/${fd}`, { write: true });
-    } catch (e) {
-      throw new ReadyFdError(`--ready-fd ${fd}: cannot write to it: ${(e as Error).message}`);
+    const c = libc();
+    const flags = c.fcntl(fd, F_GETFL, 0);
+    if (flags < 0) {
+      throw new ReadyFdError(`--ready-fd ${fd}: ${strerror(errno())}`);
     }
-    if (fd > 2) libc().fcntl(fd, F_SETFD, FD_CLOEXEC);
-    return new ReadyFd(fd, file);
+    if ((flags & O_ACCMODE) !== O_WRONLY && (flags & O_ACCMODE) !== O_RDWR) {
+      throw new ReadyFdError(`--ready-fd ${fd}: not open for writing`);
+    }
+    if (fd > 2) c.fcntl(fd, F_SETFD, FD_CLOEXEC);
+    return new ReadyFd(fd);
   }
 
   /** Writes `line` (once; later calls do nothing) and closes the descriptor. */
   announce(line: ReadyLine): void {
-    const file = this.#file;
-    if (!file) return;
-    this.#file = null;
+    if (this.#written) return;
+    this.#written = true;
     try {
       const bytes = new TextEncoder().encode(JSON.stringify(line) + "\n");
-      for (let off = 0; off < bytes.length;) off += file.writeSync(bytes.subarray(off));
+      for (let off = 0; off < bytes.length;) {
+        const n = Number(libc().write(this.fd, bytes.subarray(off), BigInt(bytes.length - off)));
+        if (n < 0) {
+          const code = errno();
+          if (code === Errno.EINTR || code === Errno.EAGAIN) continue;
+          throw new Error(`--ready-fd ${this.fd}: ${strerror(code)}`);
+        }
+        off += n;
+      }
     } finally {
-      file.close();
       this.#closeFd();
     }
   }
