@@ -10,7 +10,7 @@ import { runUntilStopped } from "./src/run/lifecycle.ts";
 import { logger, LogSetupError, setupLogging } from "./src/ops/log.ts";
 import { Proxy } from "./src/run/proxy.ts";
 import { printStats } from "./src/ops/stats_cli.ts";
-import { ReadyFd, ReadyFdError, readyLine } from "./src/run/ready.ts";
+import { notifySystemd, ReadyFd, ReadyFdError, readyLine } from "./src/run/ready.ts";
 import { runWorker, Supervisor, workerSpec } from "./src/run/workers.ts";
 
 /** The release this source tree is. */
@@ -110,8 +110,11 @@ async function main(args: string[]): Promise<number> {
     log: logger("main"),
     serve: async (running, reload) =>
       proxyConfig.admin ? await serveAdmin(proxyConfig.admin, running, reload) : null,
-    onStarted: (_stop, running) =>
-      readyFd?.announce(readyLine(running, proxyConfig.admin?.socket ?? null)),
+    onStarted: (_stop, running) => {
+      readyFd?.announce(readyLine(running, proxyConfig.admin?.socket ?? null));
+      const failed = notifySystemd();
+      if (failed) logger("main").warn(`cannot tell systemd the proxy is ready: ${failed}`);
+    },
   });
 }
 

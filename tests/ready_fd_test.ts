@@ -34,7 +34,11 @@ interface Run {
  * Starts main.ts on `config` with `--ready-fd 1`, or `--ready-fd 3` when `fd3` (through sh:
  * fd 3 is the stdout pipe, stdout itself /dev/null). Killed when the scope closes.
  */
-function run(scope: Scope, configPath: string, opts: { fd3?: boolean } = {}): Run {
+function run(
+  scope: Scope,
+  configPath: string,
+  opts: { fd3?: boolean; env?: Record<string, string> } = {},
+): Run {
   const proxy = [Deno.execPath(), "run", "-A", "--unstable-net", `${ROOT}main.ts`];
   const argv = opts.fd3
     ? ["sh", "-c", 'exec "$@" 3>&1 1>/dev/null', "sh", ...proxy, "--config", configPath]
@@ -45,6 +49,7 @@ function run(scope: Scope, configPath: string, opts: { fd3?: boolean } = {}): Ru
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
+    env: opts.env,
   }).spawn();
   let stderr = "";
   const logged = (async () => {
@@ -151,6 +156,19 @@ e2eTest(
   },
   { timeoutMs: 60_000 },
 );
+
+e2eTest("under systemd (Type=notify): READY=1 on $NOTIFY_SOCKET once serving", async (s) => {
+  const { configPath } = await twoListeners(s, { workers: 1 });
+  const dir = await Deno.makeTempDir({ prefix: "sni-notify-" });
+  s.defer(() => Deno.remove(dir, { recursive: true }));
+  const notify = Deno.listenDatagram({ transport: "unixpacket", path: `${dir}/notify` });
+  s.defer(() => notify.close());
+  const r = run(s, configPath, { env: { NOTIFY_SOCKET: `${dir}/notify` } });
+  const [message] = await within(30_000, "a message on NOTIFY_SOCKET", notify.receive());
+  assert.equal(new TextDecoder().decode(message), "READY=1");
+  assert.equal((await readyLineOf(r)).ready, true, "and the ready line, the same moment");
+  assert.doesNotMatch(r.stderr(), /cannot tell systemd/);
+});
 
 e2eTest("a start that fails writes no ready line: exit 1, the cause on stderr", async (s) => {
   const held = Deno.listen({ hostname: "127.0.0.1", port: 0 });

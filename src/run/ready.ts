@@ -2,7 +2,8 @@
  * The readiness line of `--ready-fd N`: once every listener serves (with workers: once every
  * worker does), one line of JSON on descriptor N saying where, then N is closed. A service
  * manager or a test learns that the proxy serves, and on which ports, without reading the log; a
- * start that fails leaves N unwritten (the process exits 1 and says why on stderr).
+ * start that fails leaves N unwritten (the process exits 1 and says why on stderr). Under
+ * systemd (`Type=notify`, `$NOTIFY_SOCKET` set) the same moment is sent as `READY=1`.
  *
  * @module
  */
@@ -156,5 +157,36 @@ function linkOf(fd: number): string | null {
     return Deno.readLinkSync(`/proc/self/fd/${fd}`);
   } catch {
     return null;
+  }
+}
+
+const AF_UNIX = 1;
+const SOCK_DGRAM = 2;
+const SOCK_CLOEXEC = 0o2000000;
+/** sizeof(struct sockaddr_un): sa_family_t, then sun_path[108]. */
+const SOCKADDR_UN_BYTES = 110;
+
+/**
+ * Tells systemd the service is ready (`READY=1` on `$NOTIFY_SOCKET`, for `Type=notify`); does
+ * nothing when it is not set. Returns why it failed, or null.
+ */
+export function notifySystemd(): string | null {
+  const path = Deno.env.get("NOTIFY_SOCKET");
+  if (!path) return null;
+  // a leading @ names a socket in the abstract namespace: a NUL byte there
+  const name = new TextEncoder().encode(path.startsWith("@") ? `\0${path.slice(1)}` : path);
+  if (name.length >= SOCKADDR_UN_BYTES - 2) return `NOTIFY_SOCKET ${path}: path too long`;
+  const addr = new Uint8Array(SOCKADDR_UN_BYTES);
+  new DataView(addr.buffer).setUint16(0, AF_UNIX, true);
+  addr.set(name, 2);
+  const c = libc();
+  const fd = c.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return `NOTIFY_SOCKET: socket: ${strerror(errno())}`;
+  try {
+    const message = new TextEncoder().encode("READY=1");
+    const sent = c.sendto(fd, message, BigInt(message.length), 0, addr, 2 + name.length);
+    return sent < 0 ? `NOTIFY_SOCKET ${path}: ${strerror(errno())}` : null;
+  } finally {
+    c.close(fd);
   }
 }
