@@ -1,0 +1,205 @@
+/**
+ * The pairing table of the sockmap fast path (`sni_pairs` of bpf/sockmap.bpf.c): which socket
+ * is spliced to which, checked against the sockhash that tracks every socket of the proxy, and
+ * the socket 4-tuples both maps are keyed by.
+ * @module
+ */
+
+import { BPF_ANY, BpfError } from "../../ffi/libbpf.ts";
+import { Errno } from "../../ffi/libc.ts";
+import { parseIp } from "../net/ip.ts";
+import type { SocketTuple } from "../conn/tcpinfo.ts";
+import { encodePair, encodeSockKey, PAIR, pairBytes, SOCKHASH_VALUE_SIZE } from "./layout.ts";
+import { type EbpfLog, KernelAccelError } from "./loader.ts";
+
+/** One side of a TCP connection as Deno reports it (conn.localAddr / conn.remoteAddr). */
+export interface HostPort {
+  hostname: string;
+  port: number;
+}
+
+/** A socket named by its own view of the connection. */
+export interface SocketAddrs {
+  local: HostPort;
+  remote: HostPort;
+}
+
+/** Bytes redirected in the kernel, per direction of a pair. */
+export interface PairCounters {
+  /** Received on socket a, redirected to b's egress. */
+  aToB: number;
+  /** Received on socket b, redirected to a's egress. */
+  bToA: number;
+}
+
+/** A spliced pair; the opaque handle pair() returns. Holds prebuilt map keys. */
+export class SplicePair {
+  /** The sockets as given to pair(). */
+  readonly a: SocketAddrs;
+  readonly b: SocketAddrs;
+  /** @internal */
+  readonly keyA: Uint8Array;
+  /** @internal */
+  readonly keyB: Uint8Array;
+  /** @internal */
+  readonly tupleA: SocketTuple;
+  /** @internal */
+  readonly tupleB: SocketTuple;
+  /** @internal 1 for a socket whose acked count includes its SYN (actively opened), else 0. */
+  readonly synOffset = { a: 0, b: 0 };
+  /** The sockets' cookies (SO_COOKIE) as the sockhash holds them: which sockets were paired. */
+  readonly cookies = { a: 0n, b: 0n };
+  /** @internal */
+  constructor(a: SocketAddrs, b: SocketAddrs, tupleA: SocketTuple, tupleB: SocketTuple) {
+    this.a = a;
+    this.b = b;
+    this.tupleA = tupleA;
+    this.tupleB = tupleB;
+    this.keyA = encodeSockKey(tupleA);
+    this.keyB = encodeSockKey(tupleB);
+  }
+}
+
+/**
+ * The 4-tuple of a socket from its Deno addresses. IPv4-mapped IPv6 addresses (dual-stack
+ * listeners) become IPv4, matching what the kernel programs store.
+ * @throws {TypeError} for a hostname that is not an IP literal or a port out of range.
+ */
+export function socketTuple(s: SocketAddrs): SocketTuple {
+  const l = parseIp(s.local.hostname);
+  const r = parseIp(s.remote.hostname);
+  if (!l || !r) {
+    throw new TypeError(`not an IP socket address: ${s.local.hostname} / ${s.remote.hostname}`);
+  }
+  if (l.family !== r.family) {
+    throw new TypeError(`address family mismatch: ${s.local.hostname} / ${s.remote.hostname}`);
+  }
+  for (const p of [s.local.port, s.remote.port]) {
+    if (!Number.isInteger(p) || p < 1 || p > 65535) throw new TypeError(`bad port ${p}`);
+  }
+  return {
+    family: l.family,
+    localIp: l.bytes,
+    localPort: s.local.port,
+    remoteIp: r.bytes,
+    remotePort: s.remote.port,
+  };
+}
+
+/** `local<->remote`, for messages. */
+export function describeSocket(s: SocketAddrs): string {
+  const f = (
+    h: HostPort,
+  ) => (h.hostname.includes(":") ? `[${h.hostname}]:${h.port}` : `${h.hostname}:${h.port}`);
+  return `${f(s.local)}<->${f(s.remote)}`;
+}
+
+/** The element operations the table needs, whether the map is owned or opened from a pin. */
+export interface ElementMap {
+  readonly fd: number;
+  update(key: Uint8Array, value: Uint8Array, flags?: bigint): void;
+  lookup(key: Uint8Array, out: Uint8Array): boolean;
+  delete(key: Uint8Array): boolean;
+  keys(): Generator<Uint8Array>;
+}
+
+/**
+ * The pairing map beside the sockhash: one entry per spliced socket, naming its peer and
+ * counting what the verdict program redirected from it.
+ */
+export class PairTable {
+  readonly #sockhash: ElementMap;
+  readonly #pairs: ElementMap;
+  readonly #log: EbpfLog;
+  readonly #pairBuf = new Uint8Array(PAIR.size);
+  readonly #cookieBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
+  readonly #cookieView = new DataView(this.#cookieBuf.buffer);
+  /** Not before this time (ms) may a full map be swept again: a sweep walks the whole map. */
+  #nextSweep = 0;
+
+  constructor(sockhash: ElementMap, pairs: ElementMap, log: EbpfLog) {
+    this.#sockhash = sockhash;
+    this.#pairs = pairs;
+    this.#log = log;
+  }
+
+  /** The cookie of the socket keyed `key` in the sockhash, or null when it is not tracked. */
+  cookie(key: Uint8Array): bigint | null {
+    if (!this.#sockhash.lookup(key, this.#cookieBuf)) return null;
+    return this.#cookieView.getBigUint64(0, true);
+  }
+
+  /**
+   * Writes both entries of `p` (a's bytes count as upstream); on failure neither stays.
+   * @throws {KernelAccelError} `map_full` when the map is full even after a sweep.
+   */
+  insert(p: SplicePair): void {
+    try {
+      this.#write(p.keyA, p.keyB, true);
+      this.#write(p.keyB, p.keyA, false);
+    } catch (e) {
+      this.remove(p);
+      throw e;
+    }
+  }
+
+  /** Deletes both entries of `p` (those already gone are skipped). */
+  remove(p: SplicePair): void {
+    for (const key of [p.keyA, p.keyB]) this.#pairs.delete(key);
+  }
+
+  /** The redirected-bytes counter of the entry `key`, 0 when it is gone. */
+  bytes(key: Uint8Array): number {
+    if (!this.#pairs.lookup(key, this.#pairBuf)) return 0;
+    return pairBytes(this.#pairBuf);
+  }
+
+  /** Entries in the map; walks it. */
+  count(): number {
+    let n = 0;
+    for (const _ of this.#pairs.keys()) n++;
+    return n;
+  }
+
+  /** `upstream`: `key` is the client side (a of pair()), so its bytes count as upstream. */
+  #write(key: Uint8Array, peer: Uint8Array, upstream: boolean): void {
+    this.#update(key, encodePair(this.#pairBuf, peer, upstream));
+  }
+
+  /**
+   * A map update; a full map (E2BIG, or ENOMEM on preallocation) is swept of entries whose
+   * socket is gone (left by a worker that was killed) once, then refused with `map_full`.
+   */
+  #update(key: Uint8Array, value: Uint8Array): void {
+    for (let attempt = 0;; attempt++) {
+      try {
+        this.#pairs.update(key, value, BPF_ANY);
+        return;
+      } catch (e) {
+        const full = e instanceof BpfError && (e.errno === Errno.E2BIG || e.errno === Errno.ENOMEM);
+        if (!full) throw e;
+        if (attempt === 0 && this.#sweepStale() > 0) continue;
+        throw new KernelAccelError(
+          "map_full",
+          "the eBPF pairing map is full",
+          "raise ebpf.maps.pairs (or limits.max_connections); this connection stays in userspace mode",
+        );
+      }
+    }
+  }
+
+  /** Deletes pairing entries whose socket left the sockhash; returns how many. */
+  #sweepStale(): number {
+    const now = performance.now();
+    if (now < this.#nextSweep) return 0;
+    this.#nextSweep = now + 1000;
+    let removed = 0;
+    const stale: Uint8Array[] = [];
+    for (const key of this.#pairs.keys()) {
+      if (!this.#sockhash.lookup(key, this.#cookieBuf)) stale.push(key.slice());
+    }
+    for (const key of stale) if (this.#pairs.delete(key)) removed++;
+    if (removed) this.#log("info", `eBPF maps full: removed ${removed} entries of closed sockets`);
+    return removed;
+  }
+}
