@@ -10,7 +10,8 @@
 import assert from "node:assert/strict";
 import { BpfMapFd, BpfMapType, libbpf } from "../ffi/libbpf.ts";
 import { DnsError } from "../src/dns/dnscache.ts";
-import { queryDns, Resolver, type ResolverOptions } from "../src/dns/resolver.ts";
+import { queryDns } from "../src/dns/client.ts";
+import { Resolver, type ResolverOptions } from "../src/dns/resolver.ts";
 import { type FakeDnsServer, startFakeDns } from "./fixtures/dns_server.ts";
 
 const PIN_ROOT = "/sys/fs/bpf/sni-proxy-dns-test";
