@@ -17,7 +17,7 @@ import { BurstLog, logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { errText } from "../ops/errtext.ts";
 import type { Refusal } from "../proto/protocol.ts";
-import { resolveHost } from "../dns/resolver.ts";
+import type { HostResolver } from "../dns/resolver.ts";
 import type { CloseReason } from "./conn_record.ts";
 
 const log = logger("session");
@@ -34,6 +34,8 @@ export interface DialOptions {
   clientAddr: string;
   /** `timeouts.connect_ms`: the budget of one backend's connect, its name's resolution included. */
   connectMs: number;
+  /** Resolves a backend's host. */
+  resolver: HostResolver;
   /** Which resolved addresses may be dialled. */
   guard: DialGuard;
   metrics: Metrics;
@@ -190,7 +192,7 @@ async function connect(
     abort.abort();
   }, o.connectMs);
   try {
-    const resolved = await abortable(resolveHost(host), abort.signal);
+    const resolved = await abortable(o.resolver.resolve(host), abort.signal);
     const addresses = dialable(host, port, resolved, policy, o);
     let lastError: unknown = null;
     for (const hostname of addresses) {

@@ -7,6 +7,7 @@
 import { Acl } from "../route/acl.ts";
 import type { ListenerConfig } from "../config/mod.ts";
 import type { DialGuard } from "../route/dialguard.ts";
+import type { HostResolver } from "../dns/resolver.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
 import type { KernelAccel } from "../ebpf/sockmap.ts";
 import type { PipePool } from "./piped.ts";
@@ -34,6 +35,8 @@ export interface ListenerHost {
   readonly kernel: KernelAccel | null;
   /** Kernel mode through splice(2) (`ebpf.splice_mode` "pipe"): its pipes, or null. */
   readonly pipes: PipePool | null;
+  /** Resolves backend hosts for the sessions. */
+  readonly resolver: HostResolver;
   /** Which resolved backend addresses sessions may dial. */
   readonly guard: DialGuard;
   /** The descriptor budget, or null when unknown. */
@@ -154,6 +157,7 @@ export class Listener {
         trustedProxy,
         kernel: host.kernel,
         pipes: host.pipes,
+        resolver: host.resolver,
         guard: host.guard,
         fds: host.fds,
         // the socket's source is what XDP sees: a trusted balancer's clients are not blocked

@@ -29,6 +29,7 @@ import {
   type ProxyTlvValues,
   type ReceivedProxyHeader,
 } from "../proto/proxyproto.ts";
+import type { HostResolver } from "../dns/resolver.ts";
 import type { RoutingTable } from "../route/table.ts";
 import { type CloseReason, ConnRecord, type SessionInfo } from "./conn_record.ts";
 import { dialBackend } from "./backend_dial.ts";
@@ -55,6 +56,8 @@ export interface SessionContext {
   kernel: KernelAccel | null;
   /** Kernel mode with splice(2) (`ebpf.splice_mode` "pipe"): the pipes; null otherwise. */
   pipes: PipePool | null;
+  /** Resolves backend hosts. */
+  resolver: HostResolver;
   /** Which resolved backend addresses may be dialled. */
   guard: DialGuard;
   /** The process's descriptor budget (told about backend sockets), or null when unknown. */
@@ -350,7 +353,7 @@ export class Session {
    * null once connected, else why not (the client told so).
    */
   async #connectBackend(name: string | null, pool: BackendPool): Promise<CloseReason | null> {
-    const { table, metrics, guard, fds } = this.#ctx;
+    const { table, metrics, resolver, guard, fds } = this.#ctx;
     const record = this.#record;
     const handoff = kernelHandoff(this.#client, {
       kernel: this.#ctx.kernel,
@@ -367,6 +370,7 @@ export class Session {
       clientIp: this.#clientNet.hostname,
       clientAddr: record.client,
       connectMs: table.config.timeouts.connectMs,
+      resolver,
       guard,
       metrics,
       fds,

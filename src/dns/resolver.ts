@@ -3,6 +3,9 @@
  * the hosts file (/etc/hosts, re-read when it changes) come from there, everything else from the
  * {@link DnsCache}, which asks DNS servers (the configured ones, else /etc/resolv.conf's) for A
  * and AAAA records in parallel through the stub client of src/dns/client.ts.
+ *
+ * A resolver is an instance: the proxy opens one from its config, hands it to its sessions,
+ * replaces it on a reload that changes the DNS settings and closes it when it stops.
  * @module
  */
 
@@ -31,20 +34,20 @@ export interface ResolverOptions extends DnsCacheOptions {
   hostsFile?: string | null;
 }
 
-/** Defaults used until {@link configureResolver} is called (and for omitted config keys). */
-export const DEFAULT_RESOLVER_OPTIONS: Readonly<ResolverOptions> = {
-  minTtlMs: 5_000,
-  maxTtlMs: 3_600_000,
-  negativeTtlMs: 10_000,
-  maxEntries: 4096,
-  pinned: null,
-};
-
 /** Where the pinned cache lives (its own dir: the sockmap loader removes /sys/fs/bpf/sni-proxy). */
 export const DEFAULT_DNS_PIN_PATH = "/sys/fs/bpf/sni-proxy-dns/cache";
 
+/** What resolves a backend host for a session (a {@link Resolver}, or one standing for it). */
+export interface HostResolver {
+  /**
+   * Addresses to try for `host`, in order (IPv4 first, then IPv6).
+   * @throws {DnsError} naming the host and the cause.
+   */
+  resolve(host: string): Promise<string[]>;
+}
+
 /** Resolves backend hosts: IP literal, hosts file, then the DNS cache. */
-export class Resolver {
+export class Resolver implements HostResolver {
   /** The DNS cache (its `stats` and `kind` are for metrics and logs). */
   readonly cache: DnsCache;
   /** The servers asked, in order. */
@@ -108,29 +111,4 @@ function openCache(options: ResolverOptions, lookup: DnsLookup, log: DnsLog): Dn
     log("warning", `DNS cache: ${(e as Error).message}; using an in-process cache`);
     return DnsCache.open({ ...options, pinned: null }, lookup, log);
   }
-}
-
-let current: Resolver | null = null;
-
-/**
- * Replace the process-wide resolver used by {@link resolveHost} (at start and on reload); the
- * previous one is closed. Returns the new one.
- */
-export function configureResolver(options: ResolverOptions, log?: DnsLog): Resolver {
-  const next = Resolver.open(options, log);
-  const prev = current;
-  current = next;
-  prev?.close();
-  return next;
-}
-
-/**
- * Resolves a backend host to the addresses to try, in order (IPv4 then IPv6). IP literals pass
- * through. Uses the resolver of {@link configureResolver}, or one with
- * {@link DEFAULT_RESOLVER_OPTIONS} until then.
- * @throws {DnsError} naming the host and the cause.
- */
-export function resolveHost(host: string): Promise<string[]> {
-  current ??= Resolver.open(DEFAULT_RESOLVER_OPTIONS);
-  return current.resolve(host);
 }

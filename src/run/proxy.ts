@@ -20,7 +20,7 @@ import { XdpError, XdpFilter } from "../ebpf/xdp.ts";
 import { Listener, type ListenerHost, warnIfListened } from "../conn/listener.ts";
 import { logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
-import { configureResolver, DEFAULT_DNS_PIN_PATH, type Resolver } from "../dns/resolver.ts";
+import { DEFAULT_DNS_PIN_PATH, type HostResolver, Resolver } from "../dns/resolver.ts";
 import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
 import type { Session } from "../conn/session.ts";
 import { SourceLimiter } from "../conn/sourcelimit.ts";
@@ -144,6 +144,7 @@ export class Proxy implements ListenerHost, AdminTarget {
       }
     } catch (e) {
       for (const l of proxy.listeners) l.close();
+      proxy.#resolver?.close();
       await proxy.kernel?.close();
       throw e;
     }
@@ -185,17 +186,21 @@ export class Proxy implements ListenerHost, AdminTarget {
   }
 
   #resolver: Resolver | null = null;
+  /** Resolves backend hosts for the sessions: the resolver of the config in force. */
+  readonly resolver: HostResolver = { resolve: (host) => this.#resolver!.resolve(host) };
 
-  /** (Re)creates the backend resolver and its cache from the config. */
+  /** (Re)creates the backend resolver and its cache from the config; closes the previous one. */
   #configureDns(config: Config): void {
     const d = config.dns;
     const pinned = config.ebpf.enabled && config.ebpf.dnsCacheEnabled;
-    this.#resolver = configureResolver({
+    const previous = this.#resolver;
+    this.#resolver = Resolver.open({
       ...d,
       servers: d.servers ?? undefined,
       maxEntries: d.cacheEntries,
       pinned: pinned ? { path: DEFAULT_DNS_PIN_PATH } : null,
     }, (level, message) => dnsLog[level === "warning" ? "warn" : level](message));
+    previous?.close();
     const resolver = this.#resolver;
     this.metrics.dnsSource = () => resolver.cache.stats;
   }
@@ -418,6 +423,7 @@ export class Proxy implements ListenerHost, AdminTarget {
       clearTimeout(timer);
     }
     await this.#metricsServer?.close();
+    this.#resolver?.close();
     this.xdp?.close();
     await this.kernel?.close();
     log.info("stopped");
