@@ -230,146 +230,188 @@ export function emptySnapshot(): MetricsSnapshot {
 
 /** Prometheus text exposition format 0.0.4 of a snapshot. */
 export function renderPrometheus(snap: MetricsSnapshot): string {
-  const out: string[] = [];
-  const family = (name: string, type: "counter" | "gauge" | "histogram", help: string) => {
-    out.push(`# HELP sni_proxy_${name} ${help}`, `# TYPE sni_proxy_${name} ${type}`);
-  };
-  const sample = (name: string, value: number, labels?: Record<string, string>) => {
+  const out = new PromText();
+  renderConnections(out, snap);
+  renderResources(out, snap);
+  renderDns(out, snap.dns);
+  renderXdpBlock(out, snap.xdp_block);
+  renderHistograms(out, snap.histograms);
+  renderKernel(out, snap.kernel);
+  return out.text();
+}
+
+/** Lines of the exposition format, every metric name prefixed `sni_proxy_`. */
+class PromText {
+  readonly #lines: string[] = [];
+
+  /** The HELP and TYPE lines of a metric family. */
+  family(name: string, type: "counter" | "gauge" | "histogram", help: string): void {
+    this.#lines.push(`# HELP sni_proxy_${name} ${help}`, `# TYPE sni_proxy_${name} ${type}`);
+  }
+
+  /** One sample, with its labels (values escaped). */
+  sample(name: string, value: number, labels?: Record<string, string>): void {
     const l = labels
       ? `{${Object.entries(labels).map(([k, v]) => `${k}="${escapeLabel(v)}"`).join(",")}}`
       : "";
-    out.push(`sni_proxy_${name}${l} ${value}`);
-  };
-  const labelled = (name: string, help: string, label: string, map: Record<string, number>) => {
-    family(name, "counter", help);
-    for (const [k, v] of Object.entries(map)) sample(name, v, { [label]: k });
-  };
+    this.#lines.push(`sni_proxy_${name}${l} ${value}`);
+  }
+
+  /** A counter family with one sample per key of `map`, the key as label `label`. */
+  labelled(name: string, help: string, label: string, map: Record<string, number>): void {
+    this.family(name, "counter", help);
+    for (const [k, v] of Object.entries(map)) this.sample(name, v, { [label]: k });
+  }
+
+  /** A histogram family: per route of each series, its buckets, sum and count. */
+  histogram(
+    name: string,
+    help: string,
+    parts: [Record<string, HistogramSnapshot>, Record<string, string>][],
+  ): void {
+    this.family(name, "histogram", help);
+    for (const [series, extra] of parts) {
+      for (const [route, h] of Object.entries(series)) {
+        const labels = { route, ...extra };
+        // the keys of numeric bounds do not keep their order in an object: sort by value
+        const bounds = Object.keys(h.buckets).sort((a, b) => leValue(a) - leValue(b));
+        for (const le of bounds) this.sample(`${name}_bucket`, h.buckets[le], { ...labels, le });
+        this.sample(`${name}_sum`, h.sum, labels);
+        this.sample(`${name}_count`, h.count, labels);
+      }
+    }
+  }
+
+  text(): string {
+    return this.#lines.join("\n") + "\n";
+  }
+}
+
+/** Connections: accepted, active, how they ended, where they went, what failed. */
+function renderConnections(out: PromText, snap: MetricsSnapshot): void {
   const c = snap.connections;
-  family("connections_accepted_total", "counter", "Connections accepted.");
-  sample("connections_accepted_total", c.accepted);
-  family("connections_active", "gauge", "Connections open now.");
-  sample("connections_active", c.active);
-  labelled("connections_closed_total", "Connections closed, by reason.", "reason", c.closed);
-  labelled("connections_route_total", "Connections routed, by route.", "route", c.by_route);
-  labelled(
+  out.family("connections_accepted_total", "counter", "Connections accepted.");
+  out.sample("connections_accepted_total", c.accepted);
+  out.family("connections_active", "gauge", "Connections open now.");
+  out.sample("connections_active", c.active);
+  out.labelled("connections_closed_total", "Connections closed, by reason.", "reason", c.closed);
+  out.labelled("connections_route_total", "Connections routed, by route.", "route", c.by_route);
+  out.labelled(
     "connections_backend_total",
     "Connections sent to a backend.",
     "backend",
     c.by_backend,
   );
-  labelled("connections_mode_total", "Connections by relay mode.", "mode", c.by_mode);
-  labelled(
+  out.labelled("connections_mode_total", "Connections by relay mode.", "mode", c.by_mode);
+  out.labelled(
     "hello_errors_total",
     "Bad ClientHellos / HTTP heads, by kind.",
     "kind",
     snap.hello_errors,
   );
-  labelled(
+  out.labelled(
     "kernel_fallbacks_total",
     "Kernel mode: connections relayed in userspace instead, by cause.",
     "reason",
     c.kernel_fallbacks,
   );
-  family("connect_failures_total", "counter", "Backend connects that failed.");
-  sample("connect_failures_total", c.connect_failures);
-  labelled(
+  out.family("connect_failures_total", "counter", "Backend connects that failed.");
+  out.sample("connect_failures_total", c.connect_failures);
+  out.labelled(
     "backend_address_denied_total",
     "Resolved backend addresses refused: internal without the route's opt-in, or a loop.",
     "kind",
     snap.backend_address_denied,
   );
-  family(
+  out.family(
     "local_resource_errors_total",
     "counter",
     "Failures for lack of a local resource (descriptors, buffers, ports), not a backend's.",
   );
   for (const [key, v] of Object.entries(snap.local_resource_errors)) {
     const [op, code] = key.split(":");
-    sample("local_resource_errors_total", v, { op, code });
+    out.sample("local_resource_errors_total", v, { op, code });
   }
-  labelled(
+  out.labelled(
     "accept_paused_total",
     "Times accepting paused, by the limit reached.",
     "reason",
     c.accept_paused,
   );
+}
+
+/** Descriptors (when known) and bytes relayed. */
+function renderResources(out: PromText, snap: MetricsSnapshot): void {
   if (snap.fds.limit !== undefined) {
-    family("open_fds", "gauge", "Open file descriptors.");
-    sample("open_fds", snap.fds.open ?? 0);
-    family("max_fds", "gauge", "The soft limit on open file descriptors (RLIMIT_NOFILE).");
-    sample("max_fds", snap.fds.limit);
+    out.family("open_fds", "gauge", "Open file descriptors.");
+    out.sample("open_fds", snap.fds.open ?? 0);
+    out.family("max_fds", "gauge", "The soft limit on open file descriptors (RLIMIT_NOFILE).");
+    out.sample("max_fds", snap.fds.limit);
   }
-  family("bytes_total", "counter", "Bytes relayed, by direction (up: client to backend).");
-  sample("bytes_total", snap.bytes.up, { direction: "up" });
-  sample("bytes_total", snap.bytes.down, { direction: "down" });
-  family("userspace_bytes_total", "counter", "Bytes copied by the proxy process itself.");
-  sample("userspace_bytes_total", snap.bytes.userspace);
-  const dns = snap.dns;
-  if (dns.hits !== undefined) {
-    family("dns_cache_total", "counter", "Backend name lookups, by how they were answered.");
-    sample("dns_cache_total", dns.hits, { result: "hit" });
-    sample("dns_cache_total", dns.negativeHits ?? 0, { result: "negative_hit" });
-    sample("dns_cache_total", dns.coalesced ?? 0, { result: "coalesced" });
-    sample("dns_cache_total", dns.lookups ?? 0, { result: "miss" });
+  out.family("bytes_total", "counter", "Bytes relayed, by direction (up: client to backend).");
+  out.sample("bytes_total", snap.bytes.up, { direction: "up" });
+  out.sample("bytes_total", snap.bytes.down, { direction: "down" });
+  out.family("userspace_bytes_total", "counter", "Bytes copied by the proxy process itself.");
+  out.sample("userspace_bytes_total", snap.bytes.userspace);
+}
+
+/** The DNS cache's counters, when there is a resolver. */
+function renderDns(out: PromText, dns: MetricsSnapshot["dns"]): void {
+  if (dns.hits === undefined) return;
+  out.family("dns_cache_total", "counter", "Backend name lookups, by how they were answered.");
+  out.sample("dns_cache_total", dns.hits, { result: "hit" });
+  out.sample("dns_cache_total", dns.negativeHits ?? 0, { result: "negative_hit" });
+  out.sample("dns_cache_total", dns.coalesced ?? 0, { result: "coalesced" });
+  out.sample("dns_cache_total", dns.lookups ?? 0, { result: "miss" });
+}
+
+/** The XDP block set (`ebpf.xdp.block`), when on. */
+function renderXdpBlock(out: PromText, block: MetricsSnapshot["xdp_block"]): void {
+  if (block.blocked_total === undefined) return;
+  out.family("xdp_blocked_total", "counter", "Sources put into the XDP block set.");
+  out.sample("xdp_blocked_total", block.blocked_total);
+  out.family("xdp_blocked_sources", "gauge", "Sources in the XDP block set now.");
+  out.sample("xdp_blocked_sources", block.blocked_sources ?? 0);
+  // one series per blocked source: bounded by ebpf.xdp.block.max_entries
+  out.family("xdp_blocked_seconds", "gauge", "Seconds left of each blocked source's XDP block.");
+  for (const [source, b] of Object.entries(block.blocked ?? {})) {
+    out.sample("xdp_blocked_seconds", b.seconds_left, { source });
   }
-  const block = snap.xdp_block;
-  if (block.blocked_total !== undefined) {
-    family("xdp_blocked_total", "counter", "Sources put into the XDP block set.");
-    sample("xdp_blocked_total", block.blocked_total);
-    family("xdp_blocked_sources", "gauge", "Sources in the XDP block set now.");
-    sample("xdp_blocked_sources", block.blocked_sources ?? 0);
-    // one series per blocked source: bounded by ebpf.xdp.block.max_entries
-    family("xdp_blocked_seconds", "gauge", "Seconds left of each blocked source's XDP block.");
-    for (const [source, b] of Object.entries(block.blocked ?? {})) {
-      sample("xdp_blocked_seconds", b.seconds_left, { source });
-    }
-  }
-  const histogram = (
-    name: string,
-    help: string,
-    parts: [Record<string, HistogramSnapshot>, Record<string, string>][],
-  ) => {
-    family(name, "histogram", help);
-    for (const [series, extra] of parts) {
-      for (const [route, h] of Object.entries(series)) {
-        const labels = { route, ...extra };
-        // the keys of numeric bounds do not keep their order in an object: sort by value
-        const bounds = Object.keys(h.buckets).sort((a, b) => leValue(a) - leValue(b));
-        for (const le of bounds) sample(`${name}_bucket`, h.buckets[le], { ...labels, le });
-        sample(`${name}_sum`, h.sum, labels);
-        sample(`${name}_count`, h.count, labels);
-      }
-    }
-  };
-  const hist = snap.histograms;
-  histogram(
+}
+
+/** The per-connection distributions, by route. */
+function renderHistograms(out: PromText, hist: MetricsSnapshot["histograms"]): void {
+  out.histogram(
     "hello_duration_seconds",
     "Accept to a complete ClientHello / HTTP head, by route.",
     [[hist.hello_seconds, {}]],
   );
-  histogram(
+  out.histogram(
     "backend_connect_duration_seconds",
     "Backend connects that succeeded (name resolution included), by route.",
     [[hist.connect_seconds, {}]],
   );
-  histogram(
+  out.histogram(
     "connection_duration_seconds",
     "Connections from accept to close, by route.",
     [[hist.duration_seconds, {}]],
   );
-  histogram(
+  out.histogram(
     "connection_bytes",
     "Bytes of one connection, by route and direction (up: client to backend).",
     [[hist.bytes_up, { direction: "up" }], [hist.bytes_down, { direction: "down" }]],
   );
-  for (const [source, counters] of Object.entries(snap.kernel)) {
+}
+
+/** Every kernel counter, one counter family each. */
+function renderKernel(out: PromText, kernel: MetricsSnapshot["kernel"]): void {
+  for (const [source, counters] of Object.entries(kernel)) {
     for (const [key, value] of Object.entries(counters)) {
       const name = `kernel_${source}_${snake(key)}_total`;
-      family(name, "counter", `eBPF ${source} counter ${key} (summed over CPUs).`);
-      sample(name, value);
+      out.family(name, "counter", `eBPF ${source} counter ${key} (summed over CPUs).`);
+      out.sample(name, value);
     }
   }
-  return out.join("\n") + "\n";
 }
 
 function leValue(le: string): number {
