@@ -24,6 +24,7 @@ import { DEFAULT_DNS_PIN_PATH, type HostResolver, Resolver } from "../dns/resolv
 import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
 import type { Session } from "../conn/session.ts";
 import { SourceLimiter } from "../conn/sourcelimit.ts";
+import { AcceptGate, type PauseReason } from "./acceptgate.ts";
 import { SourceBlocker } from "../ebpf/xdpblock.ts";
 import {
   buildTables,
@@ -33,13 +34,6 @@ import {
 } from "../route/table.ts";
 
 const log = logger("proxy");
-
-/** Why the accept loops wait: the connection limit, or descriptors running out. */
-type PauseReason = "max_connections" | "fd_reserve";
-/** A burst of accept pauses ends (and "accepting again" is logged) after this long without one. */
-const PAUSE_QUIET_MS = 1_000;
-/** While paused for descriptors, how often to look again (they can free up without a session). */
-const FD_RETRY_MS = 100;
 
 /** This process's part when the proxy runs as several worker processes (see workers.ts). */
 export interface WorkerRole {
@@ -69,17 +63,7 @@ export class Proxy implements ListenerHost, AdminTarget {
   readonly sources = new SourceLimiter();
   #metricsServer: MetricsServer | null = null;
   readonly #sessions = new Map<Session, Promise<void>>();
-  #slotWaiters: (() => void)[] = [];
-  /** Why accepting is paused now, or null. */
-  #paused: PauseReason | null = null;
-  /** The burst of pauses being reported (see #pauseStarted), with its end-of-burst timer. */
-  #pauseBurst: {
-    reason: PauseReason;
-    pauses: number;
-    quiet: ReturnType<typeof setTimeout> | undefined;
-  } | null = null;
-  /** While paused for descriptors: re-checks, since they can free up without a session ending. */
-  #fdRetry: ReturnType<typeof setTimeout> | undefined;
+  readonly #gate: AcceptGate;
   #stopping = false;
   /** SIGTERM came: /healthz answers 503 (the listeners accept until #stopping). */
   #leaving = false;
@@ -103,6 +87,12 @@ export class Proxy implements ListenerHost, AdminTarget {
         return { open: fds.open, limit: fds.limit };
       };
     }
+    this.#gate = new AcceptGate({
+      full: () => this.#full(),
+      maxConnections: () => this.tables.config.limits.maxConnections,
+      metrics: this.metrics,
+      fds: this.fds,
+    });
   }
 
   /**
@@ -252,12 +242,7 @@ export class Proxy implements ListenerHost, AdminTarget {
   }
 
   waitForSlot(): Promise<void> {
-    const full = this.#full();
-    if (!full) return Promise.resolve();
-    if (this.#paused !== full) this.#pauseStarted(full);
-    this.#paused = full;
-    if (full === "fd_reserve") this.#retryForFds();
-    return new Promise((resolve) => this.#slotWaiters.push(resolve));
+    return this.#gate.wait();
   }
 
   /** Which limit keeps a new client out now, or null when one may come in. */
@@ -265,55 +250,6 @@ export class Proxy implements ListenerHost, AdminTarget {
     if (this.#stopping) return null;
     if (this.#sessions.size >= this.tables.config.limits.maxConnections) return "max_connections";
     return this.fds && !this.fds.hasRoom() ? "fd_reserve" : null;
-  }
-
-  /**
-   * Counts a pause; logs it when it starts a burst. Under steady pressure accepting pauses and
-   * resumes once per closing connection: one line per burst, not per pause.
-   */
-  #pauseStarted(reason: PauseReason): void {
-    Metrics.bump(this.metrics.acceptPauses, reason);
-    const burst = this.#pauseBurst;
-    clearTimeout(burst?.quiet);
-    if (burst?.reason === reason) {
-      burst.pauses++;
-      return;
-    }
-    this.#pauseBurst = { reason, pauses: 1, quiet: undefined };
-    const fds = this.fds!;
-    log.warn(
-      reason === "max_connections"
-        ? `limits.max_connections (${this.tables.config.limits.maxConnections}) reached: ` +
-          `not accepting until a connection closes`
-        : `file descriptors: ${fds.committed} of the limit of ${fds.limit} in use or held for ` +
-          `live connections' backends, ${fds.reserve} kept in reserve: not accepting until ` +
-          `connections close (new clients wait in the listen backlog)`,
-    );
-  }
-
-  /** Accepting resumed: the burst ends (logged) once it has not paused for a while. */
-  #pauseEnded(): void {
-    const burst = this.#pauseBurst;
-    if (!burst || this.#stopping) return;
-    burst.quiet = setTimeout(() => {
-      this.#pauseBurst = null;
-      const times = burst.pauses > 1 ? ` (paused ${burst.pauses} times in this burst)` : "";
-      log.info(
-        burst.reason === "max_connections"
-          ? `accepting again: below limits.max_connections${times}`
-          : `accepting again: file descriptors to spare (${this.fds!.open} of ` +
-            `${this.fds!.limit} open)${times}`,
-      );
-    }, PAUSE_QUIET_MS);
-  }
-
-  #retryForFds(): void {
-    if (this.#fdRetry !== undefined) return;
-    this.#fdRetry = setTimeout(() => {
-      this.#fdRetry = undefined;
-      this.#wakeWaiters();
-      if (this.#paused === "fd_reserve") this.#retryForFds();
-    }, FD_RETRY_MS);
   }
 
   track(session: Session, done: Promise<void>): void {
@@ -324,16 +260,8 @@ export class Proxy implements ListenerHost, AdminTarget {
       this.#sessions.delete(session);
       this.fds?.sessionEnded();
       this.metrics.active = this.#sessions.size;
-      this.#wakeWaiters();
+      this.#gate.wake();
     });
-  }
-
-  #wakeWaiters(): void {
-    while (this.#slotWaiters.length > 0 && !this.#full()) this.#slotWaiters.shift()!();
-    if (this.#slotWaiters.length === 0 && this.#paused) {
-      this.#paused = null;
-      this.#pauseEnded();
-    }
   }
 
   /**
@@ -375,7 +303,7 @@ export class Proxy implements ListenerHost, AdminTarget {
         );
       }
     }
-    this.#wakeWaiters();
+    this.#gate.wake();
     log.info(
       `reloaded ${config.path}: ${routeSummary(config)}; ` +
         `${this.#sessions.size} live connection(s) keep their routes`,
@@ -399,13 +327,12 @@ export class Proxy implements ListenerHost, AdminTarget {
       await new Promise((r) => setTimeout(r, delayMs));
     }
     this.#stopping = true;
-    clearTimeout(this.#fdRetry);
-    clearTimeout(this.#pauseBurst?.quiet);
+    this.#gate.close();
     for (const l of this.listeners) l.close();
     stopHealthChecks(this.tables);
     this.sources.close();
     this.blocker?.close();
-    this.#wakeWaiters();
+    this.#gate.wake();
     // an accept that completed as the listener closed still hands its connection over: it is
     // served and drained like the others, not cut by the exit
     await Promise.all(this.#accepting);
