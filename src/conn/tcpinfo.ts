@@ -4,7 +4,7 @@
  * @module
  */
 
-import { closeFd, errno, libc, SyscallError } from "../../ffi/libc.ts";
+import { closeFd, errno, libc, SOCK_CLOEXEC, SyscallError } from "../../ffi/libc.ts";
 
 /** A TCP socket's 4-tuple as seen from that socket. IPv4-mapped IPv6 is stored as IPv4. */
 export interface SocketTuple {
@@ -52,7 +52,6 @@ export interface TcpSocketInfo {
 const AF_NETLINK = 16;
 const TCP_LISTEN = 10;
 const SOCK_RAW = 3;
-const SOCK_CLOEXEC = 0o2000000;
 const NETLINK_SOCK_DIAG = 4;
 const SOCK_DIAG_BY_FAMILY = 20;
 const NLMSG_ERROR = 2;

@@ -7,7 +7,14 @@
  *
  * @module
  */
-import { cString, Errno, errno, libc, O_CLOEXEC, strerror } from "../../ffi/libc.ts";
+import {
+  pointAtDevNull,
+  sendUnixDatagram,
+  setCloseOnExec,
+  strerror,
+  writableFd,
+  writeAllFd,
+} from "../../ffi/libc.ts";
 import type { ListenerConfig } from "../config/mod.ts";
 
 /** A listener as the ready line reports it: where it is bound, with the real port. */
@@ -62,13 +69,6 @@ export class ReadyFdError extends Error {
   override name = "ReadyFdError";
 }
 
-const F_GETFL = 3;
-const F_SETFD = 2;
-const FD_CLOEXEC = 1;
-const O_ACCMODE = 3;
-const O_WRONLY = 1;
-const O_RDWR = 2;
-
 /**
  * The descriptor of `--ready-fd`, checked at start, written once when ready. Written with
  * write(2) on the descriptor itself: reopening /dev/fd/N would check the pipe's owner again,
@@ -96,15 +96,12 @@ export class ReadyFd {
         `--ready-fd ${text}: expected a descriptor number other than 0 (stdin) and 2 (the log)`,
       );
     }
-    const c = libc();
-    const flags = c.fcntl(fd, F_GETFL, 0);
-    if (flags < 0) {
-      throw new ReadyFdError(`--ready-fd ${fd}: ${strerror(errno())}`);
+    const writable = writableFd(fd);
+    if (typeof writable === "number") {
+      throw new ReadyFdError(`--ready-fd ${fd}: ${strerror(-writable)}`);
     }
-    if ((flags & O_ACCMODE) !== O_WRONLY && (flags & O_ACCMODE) !== O_RDWR) {
-      throw new ReadyFdError(`--ready-fd ${fd}: not open for writing`);
-    }
-    if (fd > 2) c.fcntl(fd, F_SETFD, FD_CLOEXEC);
+    if (!writable) throw new ReadyFdError(`--ready-fd ${fd}: not open for writing`);
+    if (fd > 2) setCloseOnExec(fd);
     return new ReadyFd(fd);
   }
 
@@ -113,16 +110,8 @@ export class ReadyFd {
     if (this.#written) return;
     this.#written = true;
     try {
-      const bytes = new TextEncoder().encode(JSON.stringify(line) + "\n");
-      for (let off = 0; off < bytes.length;) {
-        const n = Number(libc().write(this.fd, bytes.subarray(off), BigInt(bytes.length - off)));
-        if (n < 0) {
-          const code = errno();
-          if (code === Errno.EINTR || code === Errno.EAGAIN) continue;
-          throw new Error(`--ready-fd ${this.fd}: ${strerror(code)}`);
-        }
-        off += n;
-      }
+      const rc = writeAllFd(this.fd, new TextEncoder().encode(JSON.stringify(line) + "\n"));
+      if (rc < 0) throw new Error(`--ready-fd ${this.fd}: ${strerror(-rc)}`);
     } finally {
       this.#closeFd();
     }
@@ -135,11 +124,7 @@ export class ReadyFd {
    * stderr writes to that pipe too (then it does not end here anyway).
    */
   #closeFd(): void {
-    const c = libc();
-    const devNull = c.open(cString("/dev/null"), O_WRONLY | O_CLOEXEC, 0);
-    if (devNull < 0) return;
-    for (const fd of pipeAliases(this.fd)) c.dup3(devNull, fd, fd > 2 ? O_CLOEXEC : 0);
-    c.close(devNull);
+    pointAtDevNull(pipeAliases(this.fd));
   }
 }
 
@@ -160,12 +145,6 @@ function linkOf(fd: number): string | null {
   }
 }
 
-const AF_UNIX = 1;
-const SOCK_DGRAM = 2;
-const SOCK_CLOEXEC = 0o2000000;
-/** sizeof(struct sockaddr_un): sa_family_t, then sun_path[108]. */
-const SOCKADDR_UN_BYTES = 110;
-
 /**
  * Tells systemd the service is ready (`READY=1` on `$NOTIFY_SOCKET`, for `Type=notify`); does
  * nothing when it is not set. Returns why it failed, or null.
@@ -173,20 +152,6 @@ const SOCKADDR_UN_BYTES = 110;
 export function notifySystemd(): string | null {
   const path = Deno.env.get("NOTIFY_SOCKET");
   if (!path) return null;
-  // a leading @ names a socket in the abstract namespace: a NUL byte there
-  const name = new TextEncoder().encode(path.startsWith("@") ? `\0${path.slice(1)}` : path);
-  if (name.length >= SOCKADDR_UN_BYTES - 2) return `NOTIFY_SOCKET ${path}: path too long`;
-  const addr = new Uint8Array(SOCKADDR_UN_BYTES);
-  new DataView(addr.buffer).setUint16(0, AF_UNIX, true);
-  addr.set(name, 2);
-  const c = libc();
-  const fd = c.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return `NOTIFY_SOCKET: socket: ${strerror(errno())}`;
-  try {
-    const message = new TextEncoder().encode("READY=1");
-    const sent = c.sendto(fd, message, BigInt(message.length), 0, addr, 2 + name.length);
-    return sent < 0 ? `NOTIFY_SOCKET ${path}: ${strerror(errno())}` : null;
-  } finally {
-    c.close(fd);
-  }
+  const rc = sendUnixDatagram(path, new TextEncoder().encode("READY=1"));
+  return rc < 0 ? `NOTIFY_SOCKET ${path}: ${strerror(-rc)}` : null;
 }
