@@ -19,6 +19,9 @@ class FakeSet {
     this.entries.set(source, this.now + ms);
     return known ? "extended" : "blocked";
   }
+  unblock(source: string): boolean {
+    return this.entries.delete(source);
+  }
   sweepBlocked(): string[] {
     const gone = [...this.entries].filter(([, until]) => until <= this.now).map(([s]) => s);
     for (const s of gone) this.entries.delete(s);
@@ -87,6 +90,45 @@ Deno.test("a full block set is not overrun: the source stays unblocked and count
     assert.equal(b.offence("192.0.2.2", "source_rate", 0), false, "no room");
     assert.equal(b.snapshot().blocked_total, 1);
     assert.deepEqual(Object.keys(b.snapshot().blocked), ["192.0.2.1"]);
+  } finally {
+    b.close();
+  }
+});
+
+Deno.test("offences reported in batches add up to the same threshold as one by one", () => {
+  const set = new FakeSet();
+  const b = new SourceBlocker(set, settings);
+  try {
+    // two workers' lines: 2 offences, then 1 more
+    assert.equal(b.offence("192.0.2.1", "bad_client_hello", 0, 2), false);
+    assert.equal(b.offence("192.0.2.1", "source_rate", 10, 1), true);
+    assert.equal(b.offence("192.0.2.2", "bad_client_hello", 10, 5), true, "one line past after");
+    assert.deepEqual(set.calls.map(([s]) => s), ["192.0.2.1", "192.0.2.2"]);
+    assert.equal(b.offence("192.0.2.1", "bad_client_hello", 20, 7), false, "blocked already");
+    assert.equal(b.snapshot().offences_total, 15, "every reported offence is counted");
+  } finally {
+    b.close();
+  }
+});
+
+Deno.test("unblock lifts a block at once (any spelling of the address) and resets its count", () => {
+  const set = new FakeSet();
+  const b = new SourceBlocker(set, settings);
+  try {
+    for (let i = 0; i < 3; i++) b.offence("2001:db8::7", "bad_client_hello", i);
+    b.offence("192.0.2.1", "bad_client_hello", 0, 3);
+    assert.equal(b.snapshot().blocked_sources, 2);
+    assert.equal(b.unblock("192.0.2.9"), null, "not blocked");
+    assert.equal(b.unblock("not an address"), null);
+    assert.equal(b.unblock("2001:0db8:0:0::7"), "2001:db8::7");
+    assert.equal(b.unblock("::ffff:192.0.2.1"), "192.0.2.1", "IPv4-mapped IPv6 is the same");
+    assert.deepEqual(b.snapshot().blocked, {});
+    assert.equal(set.entries.size, 0, "gone from the block set");
+    assert.equal(b.unblock("192.0.2.1"), null, "once");
+    // counting starts over: two offences do not block again
+    assert.equal(b.offence("192.0.2.1", "bad_client_hello", 100, 2), false);
+    assert.equal(b.offence("192.0.2.1", "bad_client_hello", 110), true);
+    assert.equal(b.snapshot().blocked_total, 3);
   } finally {
     b.close();
   }

@@ -6,11 +6,16 @@
  * kernel builds an skb. A periodic sweep deletes expired entries (the program already ignores
  * them). The set lives in the filter's maps, so a reload (SIGHUP) keeps it.
  *
+ * One process counts: the single-process proxy, or the supervisor, which owns the XDP maps
+ * and to which every worker reports its offences (src/run/offences.ts), so offences seen by
+ * different workers add up to the same thresholds.
+ *
  * @module
  */
 import type { XdpBlockConfig } from "../config/mod.ts";
 import type { XdpBlock, XdpBlockResult } from "./xdp.ts";
 import { BurstLog, logger } from "../ops/log.ts";
+import { parseIp } from "../net/ip.ts";
 import type { XdpBlockSnapshot } from "../ops/metrics.ts";
 
 const log = logger("xdp");
@@ -19,9 +24,23 @@ const bursts = new BurstLog(log);
 /** What counts against a source. */
 export type Offence = "source_connections" | "source_rate" | "bad_client_hello";
 
+/**
+ * Where the accept loops and sessions report an offence: the counter itself
+ * ({@link SourceBlocker}), or in a worker process the pipe to its supervisor's.
+ */
+export interface OffenceSink {
+  /** Counts (or passes on) one offence of `source`; never throws. */
+  offence(source: string, kind: Offence): void;
+  /** Its counters, for `/stats` and `/metrics`. */
+  snapshot(): Partial<XdpBlockSnapshot>;
+  /** Stops its timers (the proxy stops). */
+  close(): void;
+}
+
 /** The part of the XDP filter the blocker uses (see src/ebpf/xdp.ts). */
 export interface BlockSet {
   block(source: string, ms: number): XdpBlockResult;
+  unblock(source: string): boolean;
   sweepBlocked(): string[];
   blocked(): XdpBlock[];
 }
@@ -32,7 +51,7 @@ const TRACKED_MAX = 65_536;
 const SWEEP_MS = 1_000;
 
 /** Offence counts per source and the blocks they led to. */
-export class SourceBlocker {
+export class SourceBlocker implements OffenceSink {
   readonly #set: BlockSet;
   readonly #settings: XdpBlockConfig;
   /** Source -> offences in the window that started at `since` (performance.now() ms). */
@@ -40,6 +59,8 @@ export class SourceBlocker {
   /** Sources blocked now (offences from them are not counted meanwhile). */
   readonly #blocked = new Set<string>();
   #total = 0;
+  /** Offences reported, from blocked sources too. */
+  #offencesTotal = 0;
   readonly #sweeper: ReturnType<typeof setInterval>;
 
   constructor(set: BlockSet, settings: XdpBlockConfig) {
@@ -55,10 +76,12 @@ export class SourceBlocker {
   }
 
   /**
-   * Counts an offence of `source`; returns true when it put the source into the block set.
-   * Never throws: a block that fails is logged and the userspace limits still apply.
+   * Counts `count` offences of `source` (a worker reports several at once); returns true when
+   * they put the source into the block set. Never throws: a block that fails is logged and the
+   * userspace limits still apply.
    */
-  offence(source: string, kind: Offence, now = performance.now()): boolean {
+  offence(source: string, kind: Offence, now = performance.now(), count = 1): boolean {
+    this.#offencesTotal += count;
     if (this.#blocked.has(source)) return false;
     const s = this.#settings;
     let e = this.#offences.get(source);
@@ -71,7 +94,7 @@ export class SourceBlocker {
       e = { count: 0, since: now };
       this.#offences.set(source, e);
     }
-    e.count++;
+    e.count += count;
     if (e.count < s.after) return false;
     this.#offences.delete(source);
     let result: XdpBlockResult;
@@ -96,6 +119,29 @@ export class SourceBlocker {
         `${s.windowMs} ms (last: ${kind})`,
     );
     return true;
+  }
+
+  /**
+   * Lifts the block of `address` now (the admin API), and forgets its offences; returns the
+   * blocked source as it was recorded, or null when it is not blocked.
+   */
+  unblock(address: string): string | null {
+    const want = parseIp(address);
+    if (!want) return null;
+    const same = (source: string) => {
+      const ip = parseIp(source);
+      return ip?.family === want.family && ip.bytes.every((b, i) => b === want.bytes[i]);
+    };
+    const source = this.#blocked.has(address) ? address : [...this.#blocked].find(same);
+    if (source === undefined) return null;
+    try {
+      this.#set.unblock(source);
+    } catch (e) {
+      log.debug(`XDP unblock of ${source}: ${(e as Error).message}`);
+    }
+    this.#blocked.delete(source);
+    this.#offences.delete(source);
+    return source;
   }
 
   /** Deletes expired blocks and stale offence counts. */
@@ -125,7 +171,12 @@ export class SourceBlocker {
     for (const b of list) {
       blocked[b.source] = { seconds_left: Math.ceil(b.expiresInMs / 1000), hits: b.hits };
     }
-    return { blocked_total: this.#total, blocked_sources: list.length, blocked };
+    return {
+      blocked_total: this.#total,
+      blocked_sources: list.length,
+      blocked,
+      offences_total: this.#offencesTotal,
+    };
   }
 
   /** Stops the sweep (the proxy stops; the filter goes with it). */

@@ -14,6 +14,13 @@ export interface XdpBlockSnapshot {
   blocked_sources: number;
   /** Each blocked source: seconds left and packets dropped. */
   blocked: Record<string, { seconds_left: number; hits: number }>;
+  /** Offences counted (per-source limit refusals, bad hellos), from blocked sources too. */
+  offences_total: number;
+  /**
+   * With workers: offences a worker could not report to the supervisor (its queue was full),
+   * so never counted.
+   */
+  offences_dropped?: number;
 }
 
 /** Kernel-side counters, summed over CPUs (see src/ebpf/sockmap.ts and src/ebpf/xdp.ts). */
@@ -114,8 +121,11 @@ export class Metrics {
   dnsSource:
     | (() => { hits: number; negativeHits: number; lookups: number; coalesced: number })
     | null = null;
-  /** The XDP block set of misbehaving sources (`ebpf.xdp.block`), when on. */
-  blockSource: (() => XdpBlockSnapshot) | null = null;
+  /**
+   * The XDP block set of misbehaving sources (`ebpf.xdp.block`), when on; in a worker, what
+   * it could not report of its offences.
+   */
+  blockSource: (() => Partial<XdpBlockSnapshot>) | null = null;
   /** Sources of kernel counters, by prefix (e.g. `sockmap`, `xdp`). */
   readonly kernelSources = new Map<string, () => KernelCounters>();
   /** Accept to a complete ClientHello / HTTP head, by route. */
@@ -377,6 +387,18 @@ function renderXdpBlock(out: PromText, block: MetricsSnapshot["xdp_block"]): voi
   for (const [source, b] of Object.entries(block.blocked ?? {})) {
     out.sample("xdp_blocked_seconds", b.seconds_left, { source });
   }
+  out.family(
+    "xdp_offences_total",
+    "counter",
+    "Offences counted: per-source limit refusals, bad hellos.",
+  );
+  out.sample("xdp_offences_total", block.offences_total ?? 0);
+  out.family(
+    "xdp_offences_dropped_total",
+    "counter",
+    "Offences a worker could not report to the supervisor (its queue was full).",
+  );
+  out.sample("xdp_offences_dropped_total", block.offences_dropped ?? 0);
 }
 
 /** The per-connection distributions, by route. */
