@@ -192,13 +192,6 @@ function ebpfWarnings(c: ConfigSource): string[] {
       );
     }
   }
-  const workers = c.workers === "auto" ? navigator.hardwareConcurrency || 1 : c.workers;
-  if (c.ebpf.enabled && c.ebpf.xdp?.block && workers > 1) {
-    warnings.push(
-      "ebpf.xdp.block: not enforced with more than one worker process (offences are counted " +
-        "by the workers, the XDP maps belong to the supervisor); set workers to 1 to use it",
-    );
-  }
   return warnings;
 }
 

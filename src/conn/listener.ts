@@ -20,7 +20,7 @@ import { formatAddr } from "../net/addr.ts";
 import { errText } from "../ops/errtext.ts";
 import { type Protocol, PROTOCOLS } from "../proto/protocol.ts";
 import type { SourceLimiter } from "./sourcelimit.ts";
-import type { SourceBlocker } from "../ebpf/xdpblock.ts";
+import type { OffenceSink } from "../ebpf/xdpblock.ts";
 import type { RoutingTables } from "../route/table.ts";
 
 const log = logger("listener");
@@ -43,8 +43,11 @@ export interface ListenerHost {
   readonly fds: FdBudget | null;
   /** Live connections and new-connection buckets per source (limits.per_source). */
   readonly sources: SourceLimiter;
-  /** Offence counts and XDP blocks of misbehaving sources (ebpf.xdp.block), or null. */
-  readonly blocker: SourceBlocker | null;
+  /**
+   * Where offences of misbehaving sources go (ebpf.xdp.block): the counter of XDP blocks, or in
+   * a worker the reports to its supervisor's; null when off.
+   */
+  readonly blocker: OffenceSink | null;
   /**
    * Resolves when a connection slot is free: under limits.max_connections, and with descriptors
    * for the client and its backend to spare (immediately when so).

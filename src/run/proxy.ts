@@ -11,7 +11,13 @@ import {
   applyLocal,
   everyPool,
 } from "../ops/admin.ts";
-import { type Config, type ListenerConfig, reloadable, routeSummary } from "../config/mod.ts";
+import {
+  type Config,
+  type ListenerConfig,
+  reloadable,
+  routeSummary,
+  type XdpBlockConfig,
+} from "../config/mod.ts";
 import { DialGuard, type OwnSocket } from "../route/dialguard.ts";
 import { FdBudget } from "../conn/fdbudget.ts";
 import { KernelAccel, KernelAccelError } from "../ebpf/sockmap.ts";
@@ -25,7 +31,7 @@ import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
 import type { Session } from "../conn/session.ts";
 import { SourceLimiter } from "../conn/sourcelimit.ts";
 import { AcceptGate, type PauseReason } from "./acceptgate.ts";
-import { SourceBlocker } from "../ebpf/xdpblock.ts";
+import { type OffenceSink, SourceBlocker } from "../ebpf/xdpblock.ts";
 import {
   buildTables,
   type RoutingTables,
@@ -55,8 +61,11 @@ export class Proxy implements ListenerHost, AdminTarget {
   pipes: PipePool | null = null;
   /** The XDP source filter, when configured and attached. */
   xdp: XdpFilter | null = null;
-  /** Temporary XDP blocks of misbehaving sources (ebpf.xdp.block), when on and attached. */
-  blocker: SourceBlocker | null = null;
+  /**
+   * Where offences of misbehaving sources go (ebpf.xdp.block): this process's counter of XDP
+   * blocks, or in a worker the reports to its supervisor's; null when off.
+   */
+  blocker: OffenceSink | null = null;
   /** Set once the listeners are bound (they are its own sockets). */
   guard = new DialGuard([]);
   readonly fds: FdBudget | null;
@@ -98,9 +107,18 @@ export class Proxy implements ListenerHost, AdminTarget {
   /**
    * Attaches the eBPF fast path when the config asks for it (falling back to userspace mode
    * with one warning when it cannot), binds every listener (all or none) and starts accepting.
+   * A worker passes `offences`: where it reports offences for its supervisor's XDP blocks.
    */
-  static async start(config: Config, worker: WorkerRole | null = null): Promise<Proxy> {
+  static async start(
+    config: Config,
+    worker: WorkerRole | null = null,
+    offences: OffenceSink | null = null,
+  ): Promise<Proxy> {
     const proxy = new Proxy(config, worker);
+    if (worker && offences) {
+      proxy.blocker = offences;
+      proxy.metrics.blockSource = () => offences.snapshot();
+    }
     // a worker's warnings would repeat its supervisor's once per worker
     if (!worker) { for (const w of config.warnings) log.warn(w); }
     // before the listeners: sockets take the cgroup (and so the sock_ops program) of the
@@ -159,10 +177,7 @@ export class Proxy implements ListenerHost, AdminTarget {
         const blocker = new SourceBlocker(xdp, block);
         proxy.blocker = blocker;
         proxy.metrics.blockSource = () => blocker.snapshot();
-        log.info(
-          `XDP blocks misbehaving sources: ${block.after} offences within ${block.windowMs} ms ` +
-            `block one for ${block.blockMs} ms`,
-        );
+        logBlocking(block);
       } else if (block) {
         log.warn("ebpf.xdp.block: off, it needs the XDP filter attached");
       }
@@ -433,6 +448,14 @@ export async function openXdp(config: Config, ports: number[]): Promise<XdpFilte
     log.warn(`XDP filter unavailable, the userspace ACL alone applies: ${why}`);
     return null;
   }
+}
+
+/** Says how `ebpf.xdp.block` is enforced (once the block set is attached). */
+export function logBlocking(block: XdpBlockConfig): void {
+  log.info(
+    `XDP blocks misbehaving sources: ${block.after} offences within ${block.windowMs} ms ` +
+      `block one for ${block.blockMs} ms`,
+  );
 }
 
 export function flattenXdp(s: ReturnType<XdpFilter["stats"]>): Record<string, number> {

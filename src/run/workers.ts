@@ -4,10 +4,11 @@
  * metrics endpoint, owns the log files, and starts `workers` processes of this same program.
  * Each worker runs the whole proxy on listeners shared with SO_REUSEPORT (the kernel spreads
  * new connections over them), attaches to the pinned eBPF maps, and sends its log lines,
- * access entries, counters and admin answers to the supervisor over its stdout (the supervisor
- * asks on the worker's stdin). SIGHUP and SIGTERM are passed on to every worker; a worker that
- * dies is restarted (with a back-off) and logged; a worker whose supervisor is gone (its stdin
- * closes) drains and exits.
+ * access entries, counters, admin answers and offences (`ebpf.xdp.block`, batched: see
+ * offences.ts) to the supervisor over its stdout (the supervisor asks on the worker's stdin).
+ * The supervisor counts every worker's offences in one place, beside the XDP maps it owns.
+ * SIGHUP and SIGTERM are passed on to every worker; a worker that dies is restarted (with a
+ * back-off) and logged; a worker whose supervisor is gone (its stdin closes) drains and exits.
  *
  * @module
  */
@@ -33,8 +34,18 @@ import { warnIfListened } from "../conn/listener.ts";
 import { type ForwardedLog, logger, setupWorkerLogging, writeForwarded } from "../ops/log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "../ops/metrics.ts";
 import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
-import { flattenXdp, kernelMode, openKernel, openXdp, Proxy, type WorkerRole } from "./proxy.ts";
+import {
+  flattenXdp,
+  kernelMode,
+  logBlocking,
+  openKernel,
+  openXdp,
+  Proxy,
+  type WorkerRole,
+} from "./proxy.ts";
 import type { XdpFilter } from "../ebpf/xdp.ts";
+import { SourceBlocker } from "../ebpf/xdpblock.ts";
+import { countOffences, type OffenceLine, OffenceReporter } from "./offences.ts";
 
 // the supervisor is the proxy to the operator: its lines read like the single-process ones
 const log = logger("proxy");
@@ -121,9 +132,13 @@ export async function runWorker(spec: WorkerSpec, configPath: string): Promise<n
     return 1;
   }
   await setupWorkerLogging(config.log.level, spec.index, send);
+  // ebpf is restart-only: what the config says now holds for this process's life
+  const offences = config.ebpf.enabled && config.ebpf.xdp?.block
+    ? new OffenceReporter({ send })
+    : null;
   let proxy: Proxy | null = null;
   return await runUntilStopped({
-    start: async () => (proxy = await Proxy.start(workerConfig(config, spec), spec)),
+    start: async () => (proxy = await Proxy.start(workerConfig(config, spec), spec, offences)),
     configPath,
     adapt: (c) => workerConfig(c, spec),
     log: logger("worker"),
@@ -161,7 +176,8 @@ type WorkerLine =
   | ForwardedLog
   | { t: "ready"; pid: number }
   | { t: "stats"; id: number; s: MetricsSnapshot }
-  | { t: "admin"; id: number; s: AdminResult | { error: string } };
+  | { t: "admin"; id: number; s: AdminResult | { error: string } }
+  | OffenceLine;
 
 /** The command that runs this program again: the compiled binary, or deno run of main.ts. */
 function selfCommand(configPath: string): { cmd: string; args: string[] } {
@@ -203,8 +219,16 @@ class WorkerProcess {
   /** Answers awaited from the worker, by request id. */
   readonly #pending = new Map<number, (s: unknown) => void>();
 
-  constructor(index: number, spec: WorkerSpec, configPath: string) {
+  readonly #onOffences: (line: OffenceLine) => void;
+
+  constructor(
+    index: number,
+    spec: WorkerSpec,
+    configPath: string,
+    onOffences: (line: OffenceLine) => void,
+  ) {
     this.index = index;
+    this.#onOffences = onOffences;
     const { cmd, args } = selfCommand(configPath);
     this.child = new Deno.Command(cmd, {
       args,
@@ -236,6 +260,7 @@ class WorkerProcess {
         continue;
       }
       if (line.t === "log" || line.t === "access") writeForwarded(this.index, line);
+      else if (line.t === "offences") this.#onOffences(line);
       else if (line.t === "ready") {
         this.isReady = true;
         onReady(line.pid);
@@ -305,6 +330,8 @@ export class Supervisor implements AdminTarget {
   readonly #workers: (WorkerProcess | null)[];
   readonly #kernel: KernelAccel | null;
   #xdp: XdpFilter | null = null;
+  /** Every worker's offences, counted in one place (ebpf.xdp.block), once XDP is attached. */
+  #blocker: SourceBlocker | null = null;
   #metricsServer: MetricsServer | null = null;
   #stopping = false;
   #statsId = 0;
@@ -341,7 +368,14 @@ export class Supervisor implements AdminTarget {
     const resolved = config.listeners.map((l, i) => withPort(l, ports[i]));
     for (const l of resolved) log.info(`listening on ${l.address} (${l.protocol})`);
     if (config.ebpf.enabled && config.ebpf.xdp) {
-      sup.#xdp = await openXdp(config, [...new Set(ports)]);
+      const xdp = sup.#xdp = await openXdp(config, [...new Set(ports)]);
+      const block = config.ebpf.xdp.block;
+      if (xdp && block) {
+        sup.#blocker = new SourceBlocker(xdp, block);
+        logBlocking(block);
+      } else if (block) {
+        log.warn("ebpf.xdp.block: off, it needs the XDP filter attached");
+      }
     }
     if (config.metrics) {
       sup.#metricsServer = await serveMetrics(
@@ -361,7 +395,15 @@ export class Supervisor implements AdminTarget {
 
   /** Starts worker `i` (0-based) and waits until it is ready; throws when it exits first. */
   async #spawn(i: number): Promise<void> {
-    const w = new WorkerProcess(i + 1, { ...this.#spec, index: i + 1 }, this.#config.path);
+    const w = new WorkerProcess(
+      i + 1,
+      { ...this.#spec, index: i + 1 },
+      this.#config.path,
+      (line) => {
+        // offences that come before XDP is attached (or with it off) are not counted
+        if (this.#blocker) countOffences(this.#blocker, line);
+      },
+    );
     this.#workers[i] = w;
     w.exited.then((status) => this.#exited(i, w, status));
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -450,6 +492,14 @@ export class Supervisor implements AdminTarget {
     if (kernel) sum.kernel.sockmap = { ...kernel.stats() };
     const xdp = this.#xdp;
     if (xdp) sum.kernel.xdp = flattenXdp(xdp.stats());
+    // the workers' part is what they could not report
+    const blocker = this.#blocker;
+    if (blocker) {
+      sum.xdp_block = {
+        ...blocker.snapshot(),
+        offences_dropped: sum.xdp_block.offences_dropped ?? 0,
+      };
+    }
     return sum;
   }
 
@@ -480,6 +530,7 @@ export class Supervisor implements AdminTarget {
     this.#stopping = true;
     await this.#stopWorkers();
     await this.#metricsServer?.close();
+    this.#blocker?.close();
     this.#xdp?.close();
     await this.#kernel?.close();
     log.info("stopped");
