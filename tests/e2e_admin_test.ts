@@ -375,3 +375,24 @@ e2eTest(
   },
   { timeoutMs: 120_000 },
 );
+
+e2eTest(
+  "ctl unblock: the supervisor answers (workers: 2); refused without an XDP block set or an address",
+  async (s) => {
+    const { p } = await twoBackends(s, { workers: 2 });
+    assert.match(
+      await ctl(p, ["unblock", "192.0.2.7"], true),
+      /no XDP block set: ebpf\.xdp\.block is off, or the XDP filter is not attached/,
+    );
+    assert.match(
+      await ctl(p, ["unblock", "192.0.2.7:443"], true),
+      /unblock needs one IP address, e\.g\. 192\.0\.2\.7, not 192\.0\.2\.7:443/,
+    );
+    const usage = await runCli(["ctl", "--config", p.configPath, "unblock"]);
+    assert.equal(usage.code, 2);
+    assert.match(usage.stderr, /expected unblock ADDRESS/);
+    const help = await runCli(["ctl", "--help"]);
+    assert.match(help.stdout, /^ {2}unblock ADDRESS\b/m);
+    // with the block set on, tests/proxy_xdp_test.ts lifts a real block
+  },
+);

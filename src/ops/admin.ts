@@ -2,13 +2,14 @@
  * The runtime admin API: one JSON request line and one JSON reply line per connection on a UNIX
  * socket (`admin.socket`), which only its owner (root) and `admin.group` may open (mode 0660, or
  * 0600 without a group). It lists backends and sessions, drains, disables and enables backends,
- * changes backends' weights, closes sessions, reloads the config and shows the config in force.
- * Backend changes live in
+ * changes backends' weights, closes sessions, lifts XDP blocks (`ebpf.xdp.block`), reloads the
+ * config and shows the config in force. Backend changes live in
  * the running routing tables: a reload (SIGHUP or the API's) or a restart starts from the
  * config file again. `sni-proxy ctl` (src/ops/ctl_cli.ts) is its client.
  *
  * With `workers` above 1 the supervisor serves the socket and asks every worker (each has its
- * own pools and sessions); see {@link mergeResults}.
+ * own pools and sessions); see {@link mergeResults}. `unblock` it carries out itself: it owns
+ * the XDP maps.
  *
  * @module
  */
@@ -16,6 +17,8 @@ import { basename, dirname } from "node:path";
 import type { BackendPool } from "../route/backend.ts";
 import type { Config } from "../config/mod.ts";
 import { logger } from "./log.ts";
+import { isIpAddress } from "../net/ip.ts";
+import type { SourceBlocker } from "../ebpf/xdpblock.ts";
 import { LineSplitter, writeAll } from "../net/bytes.ts";
 import type { Session } from "../conn/session.ts";
 import type { SessionInfo } from "../conn/conn_record.ts";
@@ -37,6 +40,8 @@ export interface AdminRequest {
   client?: string;
   /** close: every session. */
   all?: boolean;
+  /** unblock: the client IP address whose XDP block to lift. */
+  source?: string;
 }
 
 /** One backend of one route, as `backends` lists it. */
@@ -67,7 +72,8 @@ export interface BackendRef {
 export type AdminResult =
   | { backends: BackendRow[] }
   | { sessions: (SessionInfo & { worker?: number })[] }
-  | { changed: BackendRef[]; closed: number };
+  | { changed: BackendRef[]; closed: number }
+  | { unblocked: string };
 
 /** A request the API refuses; its message goes back to the client. */
 export class AdminError extends Error {}
@@ -88,10 +94,14 @@ export interface AdminHost {
 
 /** Checks a request's shape; throws an AdminError saying what is wrong. */
 export function checkRequest(req: AdminRequest): void {
-  if (!["reload", "config", ...LOCAL_COMMANDS].includes(req.cmd)) {
+  if (!["reload", "config", "unblock", ...LOCAL_COMMANDS].includes(req.cmd)) {
     throw new AdminError(
-      `unknown command "${req.cmd}" (commands: reload, config, ${LOCAL_COMMANDS.join(", ")})`,
+      `unknown command "${req.cmd}" (commands: reload, config, unblock, ` +
+        `${LOCAL_COMMANDS.join(", ")})`,
     );
+  }
+  if (req.cmd === "unblock" && !(typeof req.source === "string" && isIpAddress(req.source))) {
+    throw new AdminError(`unblock needs one IP address, e.g. 192.0.2.7, not ${req.source}`);
   }
   if ((req.cmd in HOLDS || req.cmd === "weight") && !req.backend) {
     throw new AdminError(`${req.cmd} needs a backend as configured, e.g. 127.0.0.1:9443`);
@@ -185,6 +195,28 @@ export function applyLocal(host: AdminHost, req: AdminRequest): AdminResult {
     }
   }
   return { changed, closed };
+}
+
+/** Blocked sources an `unblock` error lists at most. */
+const LISTED_BLOCKS = 10;
+
+/**
+ * `unblock`: lifts the XDP block of `req.source` in `blocker`, the block set of the process
+ * that owns the XDP maps (null: `ebpf.xdp.block` is off or the filter is not attached).
+ */
+export function applyUnblock(blocker: SourceBlocker | null, req: AdminRequest): AdminResult {
+  checkRequest(req);
+  if (!blocker) {
+    throw new AdminError(
+      "no XDP block set: ebpf.xdp.block is off, or the XDP filter is not attached",
+    );
+  }
+  const source = blocker.unblock(req.source!);
+  if (source !== null) return { unblocked: source };
+  const now = Object.keys(blocker.snapshot().blocked);
+  const listed = now.slice(0, LISTED_BLOCKS).join(", ") +
+    (now.length > LISTED_BLOCKS ? ` and ${now.length - LISTED_BLOCKS} more` : "");
+  throw new AdminError(`${req.source} is not blocked in XDP (blocked now: ${listed || "none"})`);
 }
 
 /** Every backend pool of `tables` (each route's, the default backend's) with its table's name. */
@@ -298,6 +330,12 @@ async function answer(
       return { ok: true, path: c.path, config: c.source };
     }
     const result = await target.admin(req);
+    if ("unblocked" in result) {
+      const message = `${result.unblocked} unblocked in XDP by the admin API: its packets pass ` +
+        `again and its offences count from zero`;
+      log.info(message);
+      return { ok: true, message, ...result };
+    }
     if ("changed" in result) {
       const message = changeMessage(req, result);
       log.info(message);

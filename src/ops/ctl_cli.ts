@@ -21,6 +21,7 @@ Operates the running proxy through its admin socket (admin.socket in the config)
   weight BACKEND N [--route R] [--table T]   BACKEND's weight (1-1000) for new connections
   sessions [--client C] [--route R] [--backend B]   live connections
   close (--client C | --route R | --backend B | --all)   close live connections
+  unblock ADDRESS                         lift ADDRESS's XDP block now (ebpf.xdp.block)
   reload                                  reload the config file (as SIGHUP), report errors
   config                                  the config in force, as JSON
 
@@ -74,7 +75,7 @@ export async function runCtl(args: string[]): Promise<number> {
   );
   if (!parsed) return 2;
   const f = parsed.values;
-  const [cmd, backend, ...extra] = parsed.positionals;
+  const [cmd, operand, ...extra] = parsed.positionals;
   if (f.help) {
     console.log(USAGE);
     return 0;
@@ -82,10 +83,14 @@ export async function runCtl(args: string[]): Promise<number> {
   const takesBackend = ["drain", "disable", "enable", "weight"].includes(cmd);
   const weight = cmd === "weight" ? extra.shift() : undefined;
   if (
-    !cmd || extra.length > 0 || (backend !== undefined && !takesBackend) ||
-    (cmd === "weight" && !/^\d+$/.test(weight ?? ""))
+    !cmd || extra.length > 0 || (operand !== undefined && !takesBackend && cmd !== "unblock") ||
+    (cmd === "weight" && !/^\d+$/.test(weight ?? "")) || (cmd === "unblock" && !operand)
   ) {
-    const what = cmd === "weight" ? "weight BACKEND N (a whole number)" : "one command";
+    const what = cmd === "weight"
+      ? "weight BACKEND N (a whole number)"
+      : cmd === "unblock"
+      ? "unblock ADDRESS"
+      : "one command";
     console.error(`sni-proxy ctl: expected ${what}\n\n${USAGE}`);
     return 2;
   }
@@ -93,12 +98,13 @@ export async function runCtl(args: string[]): Promise<number> {
   if (!socket) return 1;
   const req: AdminRequest = {
     cmd,
-    backend: takesBackend ? backend : f.backend,
+    backend: takesBackend ? operand : f.backend,
     weight: weight === undefined ? undefined : Number(weight),
     route: f.route,
     table: f.table,
     client: f.client,
     all: f.all || undefined,
+    source: cmd === "unblock" ? operand : undefined,
   };
   let reply: Record<string, unknown>;
   try {

@@ -9,6 +9,7 @@ import {
   type AdminResult,
   type AdminTarget,
   applyLocal,
+  applyUnblock,
   everyPool,
 } from "../ops/admin.ts";
 import {
@@ -66,6 +67,8 @@ export class Proxy implements ListenerHost, AdminTarget {
    * blocks, or in a worker the reports to its supervisor's; null when off.
    */
   blocker: OffenceSink | null = null;
+  /** The counter of XDP blocks when this process owns the XDP maps (not in a worker). */
+  #counter: SourceBlocker | null = null;
   /** Set once the listeners are bound (they are its own sockets). */
   guard = new DialGuard([]);
   readonly fds: FdBudget | null;
@@ -175,7 +178,7 @@ export class Proxy implements ListenerHost, AdminTarget {
       const block = config.ebpf.xdp.block;
       if (xdp && block) {
         const blocker = new SourceBlocker(xdp, block);
-        proxy.blocker = blocker;
+        proxy.blocker = proxy.#counter = blocker;
         proxy.metrics.blockSource = () => blocker.snapshot();
         logBlocking(block);
       } else if (block) {
@@ -247,8 +250,12 @@ export class Proxy implements ListenerHost, AdminTarget {
     return this.#sessions.keys();
   }
 
-  /** The admin API's backend and session commands, on this process's tables and sessions. */
+  /**
+   * The admin API's backend and session commands, on this process's tables and sessions, and
+   * `unblock` on its XDP block set.
+   */
   admin(req: AdminRequest): AdminResult {
+    if (req.cmd === "unblock") return applyUnblock(this.#counter, req);
     return applyLocal(this, req);
   }
 

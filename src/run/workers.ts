@@ -17,6 +17,7 @@ import {
   type AdminRequest,
   type AdminResult,
   type AdminTarget,
+  applyUnblock,
   mergeResults,
 } from "../ops/admin.ts";
 import {
@@ -470,8 +471,12 @@ export class Supervisor implements AdminTarget {
     return this.#config;
   }
 
-  /** An admin backend or session command, carried out by every worker; their answers merged. */
+  /**
+   * An admin backend or session command, carried out by every worker (their answers merged);
+   * `unblock` here, on the XDP block set.
+   */
   async admin(req: AdminRequest): Promise<AdminResult> {
+    if (req.cmd === "unblock") return applyUnblock(this.#blocker, req);
     const id = ++this.#statsId;
     const answers = await Promise.all(this.#workers.map((w) => w?.admin(id, req) ?? null));
     const missing = answers.flatMap((a, i) => a ? [] : [i + 1]);
