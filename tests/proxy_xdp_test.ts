@@ -74,13 +74,33 @@ const metric = (text: string, series: string) =>
   );
 const dropped = (text: string) => metric(text, "kernel_xdp_dropped_deny_total");
 
+/** Runs `sni-proxy ARGS` (deno run main.ts), in the proxy's namespace when `inProxyNs`. */
+function sniProxy(args: string[], inProxyNs = false): Promise<Deno.CommandOutput> {
+  const main = new URL("../main.ts", import.meta.url).pathname;
+  const cmd = [Deno.execPath(), "run", "-A", "--unstable-net", main, ...args];
+  const [c, ...rest] = inProxyNs ? ["ip", "netns", "exec", NS_P, ...cmd] : cmd;
+  return new Deno.Command(c, { args: rest, stdin: "null" }).output();
+}
+
+/** `sni-proxy stats` in the proxy's namespace (it reads /stats); its table. */
+async function statsCli(configPath: string): Promise<string> {
+  const cli = await sniProxy(["stats", "--config", configPath], true);
+  assert.ok(cli.success, new TextDecoder().decode(cli.stderr));
+  return new TextDecoder().decode(cli.stdout);
+}
+
 /**
  * Two namespaces joined by a veth pair (proxy side 10.198.0.1, client side .2 and .3), a TLS
  * backend on 10.198.0.1:9443 answering "xdp-ok", and the proxy on 10.198.0.1:8443 (metrics on
  * :9090) with XDP on sxp-p and the `acl` / `ebpf.xdp` given; everything is removed afterwards.
  */
 async function withNamespaces(
-  extra: { acl?: Record<string, unknown>; xdp?: Record<string, unknown> },
+  extra: {
+    acl?: Record<string, unknown>;
+    xdp?: Record<string, unknown>;
+    /** More top-level config fields (workers, admin). */
+    config?: Record<string, unknown>;
+  },
   f: (proxy: Awaited<ReturnType<typeof startProxy>>) => Promise<void>,
 ): Promise<void> {
   await waitKernelSlot();
@@ -127,6 +147,7 @@ async function withNamespaces(
         sockmap_enabled: false,
         xdp: { interfaces: ["sxp-p"], mode: "auto", ...extra.xdp },
       },
+      ...extra.config,
     }, { wrapper: ["ip", "netns", "exec", NS_P] });
     await proxy.waitForLog("XDP source filter on sxp-p");
     await f(proxy);
@@ -199,24 +220,7 @@ Deno.test({
         `the blocked set in /metrics:\n${before}`,
       );
       // the stats CLI (it reads /stats)
-      const cli = await new Deno.Command("ip", {
-        args: [
-          "netns",
-          "exec",
-          NS_P,
-          Deno.execPath(),
-          "run",
-          "-A",
-          "--unstable-net",
-          new URL("../main.ts", import.meta.url).pathname,
-          "stats",
-          "--config",
-          proxy.configPath,
-        ],
-        stdin: "null",
-      }).output();
-      const table = new TextDecoder().decode(cli.stdout);
-      assert.ok(cli.success, new TextDecoder().decode(cli.stderr));
+      const table = await statsCli(proxy.configPath);
       assert.match(table, /^xdp_block\.blocked_sources +1$/m, table);
       assert.match(table, /^xdp_block\.blocked\.10\.198\.0\.3\.seconds_left +[1-6]$/m, table);
 
@@ -253,4 +257,153 @@ Deno.test({
       assert.equal((await curlFrom("10.198.0.3")).code, 28, "blocked again");
       assert.equal(metric(await metrics(), "xdp_blocked_total"), 2);
     }),
+});
+
+Deno.test({
+  name: "ebpf.xdp.block with workers: 2: offences from both workers add up in the supervisor, " +
+    "which blocks; ctl unblock lifts it; SIGHUP keeps it; expiry lifts it",
+  ignore: !isRoot,
+  fn: async () => {
+    const dir = await Deno.makeTempDir({ prefix: "sni-xdp-workers-" });
+    const socket = `${dir}/admin.sock`;
+    // 12 offences: 11 spread over two workers by SO_REUSEPORT leave both below it (all 11 on
+    // one worker has a chance of 1 in 1024), and neither worker alone could have counted 12
+    const after = 12;
+    try {
+      await withNamespaces({
+        xdp: { block: { after, window_ms: 30_000, block_ms: 10_000 } },
+        config: { workers: 2, admin: { socket } },
+      }, async (proxy) => {
+        await proxy.waitForLog(`XDP blocks misbehaving sources: ${after} offences`);
+        await proxy.waitForLog(`admin API on ${socket}`);
+        assert.doesNotMatch(proxy.stderr(), /not enforced/, "no warning: workers report");
+        const fromBad = async () =>
+          (await proxy.access()).filter((e) => String(e.client).startsWith("10.198.0.3:"));
+        /** Waits until the access log holds `n` entries from 10.198.0.3 (flushed every 500 ms). */
+        const loggedFromBad = async (n: number) => {
+          for (let i = 0; i < 50 && (await fromBad()).length < n; i++) await sleep(100);
+          const entries = await fromBad();
+          assert.equal(entries.length, n, "every connection from 10.198.0.3 so far is logged");
+          return entries;
+        };
+        const stats = async () => JSON.parse(await metrics("/stats"));
+        const badHellos = async (n: number) => {
+          for (let i = 0; i < n; i++) {
+            assert.notEqual((await curlFrom("10.198.0.3", "http")).code, 0, "bad hello refused");
+          }
+        };
+
+        assert.equal((await curlFrom("10.198.0.3")).body, "xdp-ok", "well behaved at first");
+        let mark = proxy.stderr().length;
+        await badHellos(after - 1);
+        // the workers' batches reach the supervisor within 50 ms
+        for (let i = 0; i < 50 && (await stats()).xdp_block.offences_total < after - 1; i++) {
+          await sleep(20);
+        }
+        assert.equal((await stats()).xdp_block.offences_total, after - 1, "all reported");
+        assert.equal((await stats()).xdp_block.blocked_sources, 0, "one short of the threshold");
+        assert.doesNotMatch(proxy.stderr().slice(mark), /blocked in XDP/);
+        const bad = (await loggedFromBad(after)).filter((e) => e.sni === null);
+        assert.equal(bad.length, after - 1, "the bad hellos: no SNI read");
+        const byWorker = Object.groupBy(bad, (e) => String(e.worker));
+        assert.deepEqual(
+          Object.keys(byWorker).sort(),
+          ["1", "2"],
+          `SO_REUSEPORT spread the bad hellos over both workers: ${JSON.stringify(bad)}`,
+        );
+
+        await badHellos(1);
+        await proxy.waitForLog(
+          `10.198.0.3 blocked in XDP for 10000 ms: ${after} offences within 30000 ms`,
+          5_000,
+          mark,
+        );
+        const seen = (await loggedFromBad(after + 1)).length;
+        const before = await metrics();
+        assert.equal(metric(before, "xdp_blocked_total"), 1);
+        assert.equal(metric(before, "xdp_blocked_sources"), 1);
+        assert.equal(metric(before, "xdp_offences_total"), after);
+        assert.equal(metric(before, "xdp_offences_dropped_total"), 0, "nothing lost on the way");
+        assert.ok(
+          metric(before, 'xdp_blocked_seconds{source="10.198.0.3"}') > 0,
+          `the blocked set in the supervisor's /metrics:\n${before}`,
+        );
+        const table = await statsCli(proxy.configPath);
+        assert.match(table, /^xdp_block\.blocked_sources +1$/m, table);
+        assert.match(
+          table,
+          /^xdp_block\.blocked\.10\.198\.0\.3\.seconds_left +([1-9]|10)$/m,
+          table,
+        );
+
+        assert.equal((await curlFrom("10.198.0.3")).code, 28, "blocked: cannot even connect");
+        const dropped = metric(await metrics(), "kernel_xdp_dropped_blocked_total");
+        const was = metric(before, "kernel_xdp_dropped_blocked_total");
+        assert.ok(dropped > was, `XDP block drop counter rose: ${was} → ${dropped}`);
+        await sleep(600); // an access line the proxy would have written is flushed by now
+        assert.equal((await fromBad()).length, seen, "no worker saw the blocked connections");
+        for (let i = 0; i < 4; i++) {
+          assert.equal((await curlFrom("10.198.0.2")).body, "xdp-ok", "other sources pass");
+        }
+
+        // the operator lifts it early, through the supervisor's admin socket
+        const unblock = () =>
+          sniProxy(["ctl", "--config", proxy.configPath, "unblock", "10.198.0.3"]);
+        const lifted = await unblock();
+        const said = new TextDecoder().decode(lifted.stdout);
+        assert.ok(lifted.success, new TextDecoder().decode(lifted.stderr));
+        assert.match(said, /^10\.198\.0\.3 unblocked in XDP by the admin API/);
+        await proxy.waitForLog("admin: 10.198.0.3 unblocked in XDP by the admin API");
+        assert.equal((await curlFrom("10.198.0.3")).body, "xdp-ok", "let through at once");
+        assert.equal(metric(await metrics(), "xdp_blocked_sources"), 0);
+        const again = await unblock();
+        assert.equal(again.code, 1);
+        assert.match(
+          new TextDecoder().decode(again.stderr),
+          /10\.198\.0\.3 is not blocked in XDP \(blocked now: none\)/,
+        );
+
+        // its count started over: a full round of bad hellos blocks it again
+        mark = proxy.stderr().length;
+        await badHellos(after);
+        await proxy.waitForLog(`10.198.0.3 blocked in XDP for 10000 ms: ${after}`, 5_000, mark);
+        const blockedAt = Date.now();
+        assert.equal(metric(await metrics(), "xdp_blocked_total"), 2);
+
+        // SIGHUP reaches the workers and keeps the block set (per-source limits from now on)
+        const cfg = JSON.parse(await Deno.readTextFile(proxy.configPath));
+        cfg.limits = { per_source: { new_per_second: 0.1, burst: 1 } };
+        await Deno.writeTextFile(proxy.configPath, JSON.stringify(cfg));
+        mark = proxy.stderr().length;
+        proxy.signal("SIGHUP");
+        await proxy.waitForLog("passed to 2 workers", 5_000, mark);
+        await proxy.waitForLog(/worker1.*reloaded/, 5_000, mark);
+        await proxy.waitForLog(/worker2.*reloaded/, 5_000, mark);
+        assert.equal((await curlFrom("10.198.0.3")).code, 28, "still blocked after the reload");
+        assert.equal(metric(await metrics(), "xdp_blocked_sources"), 1);
+
+        // expiry lifts it (the supervisor's sweep deletes the entry within a second)
+        await sleep(Math.max(0, blockedAt + 10_000 - Date.now()));
+        await proxy.waitForLog("10.198.0.3 unblocked in XDP: its block expired", 5_000, mark);
+        assert.equal((await curlFrom("10.198.0.3")).body, "xdp-ok", "let through after expiry");
+        assert.equal(metric(await metrics(), "xdp_blocked_sources"), 0);
+
+        // per-source limit refusals in both workers count too
+        mark = proxy.stderr().length;
+        const blockedRe =
+          /10\.198\.0\.3 blocked in XDP for 10000 ms: \d+ offences within 30000 ms \(last: source_rate\)/;
+        for (let i = 0; i < after + 4 && !blockedRe.test(proxy.stderr().slice(mark)); i++) {
+          await curlFrom("10.198.0.3");
+          await sleep(20);
+        }
+        await proxy.waitForLog(blockedRe, 5_000, mark);
+        assert.equal((await curlFrom("10.198.0.3")).code, 28, "blocked again");
+        const end = await metrics();
+        assert.equal(metric(end, "xdp_blocked_total"), 3);
+        assert.equal(metric(end, "xdp_offences_dropped_total"), 0);
+      });
+    } finally {
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
 });
