@@ -198,6 +198,7 @@ Deno.test({
   fn: () =>
     withNamespaces({
       xdp: { block: { after: 3, window_ms: 10_000, block_ms: 6_000 } },
+      config: { admin: { socket: `/tmp/snipx-admin-${Deno.pid}.sock` } },
     }, async (proxy) => {
       const fromBad = async () =>
         (await proxy.access()).filter((e) => String(e.client).startsWith("10.198.0.3:")).length;
@@ -256,6 +257,14 @@ Deno.test({
       );
       assert.equal((await curlFrom("10.198.0.3")).code, 28, "blocked again");
       assert.equal(metric(await metrics(), "xdp_blocked_total"), 2);
+
+      // ctl unblock lifts it before its expiry: packets reach the proxy again (whose rate limit
+      // refuses them in userspace)
+      const lifted = await sniProxy(["ctl", "--config", proxy.configPath, "unblock", "10.198.0.3"]);
+      assert.ok(lifted.success, new TextDecoder().decode(lifted.stderr));
+      await proxy.waitForLog("admin: 10.198.0.3 unblocked in XDP by the admin API");
+      assert.notEqual((await curlFrom("10.198.0.3")).code, 28, "not dropped by XDP any more");
+      assert.equal(metric(await metrics(), "xdp_blocked_sources"), 0);
     }),
 });
 
