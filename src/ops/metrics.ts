@@ -81,6 +81,14 @@ export class Histogram {
   }
 }
 
+/** The DNS cache's counters (src/dns/dnscache.ts). */
+interface DnsCounters {
+  hits: number;
+  negativeHits: number;
+  lookups: number;
+  coalesced: number;
+}
+
 /** The route label of a connection that was not routed (no name, bad hello, no route). */
 export const NO_ROUTE = "(none)";
 
@@ -118,9 +126,7 @@ export class Metrics {
   /** Bytes the Deno process itself copied (userspace mode and the hello). */
   bytesUserspace = 0;
   /** DNS cache counters, when a resolver is configured. */
-  dnsSource:
-    | (() => { hits: number; negativeHits: number; lookups: number; coalesced: number })
-    | null = null;
+  dnsSource: (() => DnsCounters) | null = null;
   /**
    * The XDP block set of misbehaving sources (`ebpf.xdp.block`), when on; in a worker, what
    * it could not report of its offences.
@@ -143,8 +149,11 @@ export class Metrics {
     map.set(key, (map.get(key) ?? 0) + 1);
   }
 
-  /** Everything as one plain object (the `/stats` JSON). */
-  snapshot(): MetricsSnapshot {
+  /**
+   * Everything as one plain object (the `/stats` JSON): snake_case keys, maps as objects, empty
+   * objects for the parts that are off (`fds`, `dns`, `xdp_block`).
+   */
+  snapshot() {
     const kernel: Record<string, KernelCounters> = {};
     for (const [name, read] of this.kernelSources) kernel[name] = safeRead(read);
     return {
@@ -161,11 +170,12 @@ export class Metrics {
       },
       backend_address_denied: Object.fromEntries(this.addressDenied),
       local_resource_errors: Object.fromEntries(this.localErrors),
-      fds: this.fdSource?.() ?? {},
+      fds: this.fdSource?.() ?? {} as { open?: number; limit?: number },
       hello_errors: Object.fromEntries(this.helloErrors),
       bytes: { up: this.bytesUp, down: this.bytesDown, userspace: this.bytesUserspace },
-      dns: this.dnsSource?.() ?? {},
-      xdp_block: this.blockSource?.() ?? {},
+      dns: this.dnsSource?.() ?? {} as Partial<DnsCounters>,
+      /** `ebpf.xdp.block`: empty when off. */
+      xdp_block: this.blockSource?.() ?? {} as Partial<XdpBlockSnapshot>,
       kernel,
       histograms: {
         hello_seconds: this.helloSeconds.snapshot(),
@@ -183,37 +193,11 @@ export class Metrics {
   }
 }
 
-/** The counters as plain data: the `/stats` JSON, and what worker processes report. */
-export interface MetricsSnapshot {
-  connections: {
-    accepted: number;
-    active: number;
-    closed: Record<string, number>;
-    by_route: Record<string, number>;
-    by_backend: Record<string, number>;
-    by_mode: Record<string, number>;
-    connect_failures: number;
-    kernel_fallbacks: Record<string, number>;
-    accept_paused: Record<string, number>;
-  };
-  backend_address_denied: Record<string, number>;
-  local_resource_errors: Record<string, number>;
-  fds: { open?: number; limit?: number };
-  hello_errors: Record<string, number>;
-  bytes: { up: number; down: number; userspace: number };
-  dns: { hits?: number; negativeHits?: number; lookups?: number; coalesced?: number };
-  /** `ebpf.xdp.block`: empty when off. */
-  xdp_block: Partial<XdpBlockSnapshot>;
-  kernel: Record<string, KernelCounters>;
-  /** Per-connection distributions, each by route. */
-  histograms: {
-    hello_seconds: Record<string, HistogramSnapshot>;
-    connect_seconds: Record<string, HistogramSnapshot>;
-    duration_seconds: Record<string, HistogramSnapshot>;
-    bytes_up: Record<string, HistogramSnapshot>;
-    bytes_down: Record<string, HistogramSnapshot>;
-  };
-}
+/**
+ * The counters as plain data: the `/stats` JSON, and what worker processes report. Its shape is
+ * {@link Metrics.snapshot}'s, so a counter is named once there.
+ */
+export type MetricsSnapshot = ReturnType<Metrics["snapshot"]>;
 
 /**
  * Adds `b` into `a`, field by field (numbers are summed, objects merged the same way): the
