@@ -11,10 +11,10 @@ import {
   pointAtDevNull,
   sendUnixDatagram,
   setCloseOnExec,
-  strerror,
   writableFd,
   writeAllFd,
-} from "../../ffi/libc.ts";
+} from "../../ffi/fdio.ts";
+import { strerror } from "../../ffi/libc.ts";
 import type { ListenerConfig } from "../config/mod.ts";
 
 /** A listener as the ready line reports it: where it is bound, with the real port. */
@@ -38,7 +38,14 @@ export interface ReadyLine {
   metrics: string | null;
   /** The admin socket's path, or null without `admin`. */
   admin: string | null;
+  /** How bytes are relayed: "kernel" (`ebpf.sockmap_enabled` in force) or "userspace". */
+  mode: RelayMode;
+  /** The worker processes' pids (`workers` > 1), empty with one process. */
+  workers: number[];
 }
+
+/** Where a proxy relays the bytes of its connections. */
+export type RelayMode = "kernel" | "userspace";
 
 /** What the ready line is made from: the listeners as bound and the metrics endpoint. */
 export interface Serving {
@@ -46,6 +53,10 @@ export interface Serving {
   readonly listening: ListenerConfig[];
   /** The metrics endpoint's bound `host:port`, or null. */
   readonly metricsAddress: string | null;
+  /** How bytes are relayed (as the `ready:` log line says it too). */
+  readonly mode: RelayMode;
+  /** The worker processes' pids, empty with one process. */
+  readonly workerPids: number[];
 }
 
 /** The ready line of `serving` with the admin socket at `admin`. */
@@ -61,6 +72,8 @@ export function readyLine(serving: Serving, admin: string | null): ReadyLine {
     })),
     metrics: serving.metricsAddress,
     admin,
+    mode: serving.mode,
+    workers: serving.workerPids,
   };
 }
 
