@@ -11,7 +11,8 @@ import { logger, LogSetupError, setupLogging } from "./src/ops/log.ts";
 import { Proxy } from "./src/run/proxy.ts";
 import { printStats } from "./src/ops/stats_cli.ts";
 import { notifySystemd, ReadyFd, ReadyFdError, readyLine } from "./src/run/ready.ts";
-import { runWorker, Supervisor, workerSpec } from "./src/run/workers.ts";
+import { Supervisor } from "./src/run/supervisor.ts";
+import { runWorker, workerSpec } from "./src/run/worker.ts";
 
 /** The release this source tree is. */
 export const VERSION = "0.1.0";

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { resolveConfig } from "../src/config/mod.ts";
 import { SourceLimiter } from "../src/conn/sourcelimit.ts";
-import { workerConfig } from "../src/run/workers.ts";
+import { workerConfig } from "../src/run/worker.ts";
 
 Deno.test("per-source live connections: refused at the limit, admitted again on release", () => {
   const s = new SourceLimiter();

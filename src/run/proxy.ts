@@ -33,6 +33,7 @@ import type { Session } from "../conn/session.ts";
 import { SourceLimiter } from "../conn/sourcelimit.ts";
 import { AcceptGate, type PauseReason } from "./acceptgate.ts";
 import { type OffenceSink, SourceBlocker } from "../ebpf/xdpblock.ts";
+import type { RelayMode } from "./ready.ts";
 import {
   buildTables,
   type RoutingTables,
@@ -42,7 +43,7 @@ import {
 
 const log = logger("proxy");
 
-/** This process's part when the proxy runs as several worker processes (see workers.ts). */
+/** This process's part when the proxy runs as several worker processes (see supervisor.ts and worker.ts). */
 export interface WorkerRole {
   /** 1-based. */
   index: number;
@@ -188,7 +189,7 @@ export class Proxy implements ListenerHost, AdminTarget {
     startHealthChecks(proxy.tables);
     info(
       `ready: ${proxy.listeners.length} listener(s), ${routeSummary(config)}, ` +
-        `mode ${proxy.kernel || proxy.pipes ? "kernel" : "userspace"}`,
+        `mode ${proxy.mode}`,
     );
     return proxy;
   }
@@ -233,6 +234,16 @@ export class Proxy implements ListenerHost, AdminTarget {
   /** The listeners' configs with the ports they are bound to (the ready line's listeners). */
   get listening(): ListenerConfig[] {
     return this.listeners.map((l) => ({ ...l.config, port: l.bound.port }));
+  }
+
+  /** Whether the bytes of this process's connections move in the kernel. */
+  get mode(): RelayMode {
+    return this.kernel || this.pipes ? "kernel" : "userspace";
+  }
+
+  /** No workers: this process serves. */
+  get workerPids(): number[] {
+    return [];
   }
 
   /** The metrics endpoint's bound `host:port`, or null (always null in a worker). */
