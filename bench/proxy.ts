@@ -7,6 +7,7 @@
  */
 import { waitKernelSlot } from "../tests/harness/kernel.ts";
 import { spawn, stop } from "./procs.ts";
+import type { ReadyLine } from "../src/run/ready.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 
@@ -14,7 +15,7 @@ const ROOT = new URL("..", import.meta.url).pathname;
 export interface ProxyMode {
   /** Column name. */
   name: "userspace" | "kernel" | "sockmap" | "workers";
-  /** The mode the proxy must report in its `ready:` line (default: the name). */
+  /** The mode the proxy must report in its ready line (default: the name). */
   reports?: "userspace" | "kernel";
   /** The `ebpf` section of the generated config. */
   ebpf: Record<string, unknown>;
@@ -65,7 +66,7 @@ export interface Proxy {
   stop(): Promise<void>;
 }
 
-/** How long the proxy may take from spawn to its `ready:` line. */
+/** How long the proxy may take from spawn to its ready line. */
 const READY_TIMEOUT_MS = 30_000;
 
 /** How long a kernel-mode start waits for another kernel-mode sni-proxy on the machine to end. */
@@ -98,7 +99,7 @@ export async function startProxy(
   }
 }
 
-/** Starts one proxy process in `mode` and waits for its `ready:` line. */
+/** Starts one proxy process in `mode` and waits for its ready line (`--ready-fd 1`). */
 async function startOnce(dir: string, backendPort: number, mode: ProxyMode): Promise<Proxy> {
   const path = await writeConfig(dir, backendPort, mode);
   const proc = spawn(Deno.execPath(), {
@@ -111,25 +112,18 @@ async function startOnce(dir: string, backendPort: number, mode: ProxyMode): Pro
       `${ROOT}main.ts`,
       "--config",
       path,
+      "--ready-fd",
+      "1",
     ],
-    stdout: "null",
+    stdout: "piped",
     stderr: "piped",
   });
-  const reader = proc.stderr.pipeThrough(new TextDecoderStream()).getReader();
-  const text = await readUntilReady(proc, reader, mode);
-  const port = Number(/listening on 127\.0\.0\.1:(\d+)/.exec(text)?.[1]);
-  if (!port) {
-    await stop(proc, "SIGKILL");
-    throw new Error(`proxy (${mode.name}) logged no 'listening on 127.0.0.1:PORT':\n${text}`);
-  }
-  showWarnings(reader);
-  const workerPids = /ready: \d+ workers \(pids ([\d, ]+)\)/.exec(text)?.[1].split(", ").map(
-    Number,
-  );
+  const log = keepLog(proc.stderr);
+  const ready = await waitReady(proc, log, mode);
   return {
-    port,
+    port: ready.listeners[0].port,
     pid: proc.pid,
-    pids: [proc.pid, ...(workerPids ?? [])],
+    pids: [proc.pid, ...ready.workers],
     stop: () => stop(proc, "SIGTERM"),
   } satisfies Proxy;
 }
@@ -142,7 +136,6 @@ async function writeConfig(dir: string, backendPort: number, mode: ProxyMode): P
     routes: [{ match: "localhost", backends: [`127.0.0.1:${backendPort}`] }],
     timeouts: { drain_ms: 1000 },
     limits: { max_connections: 20000 },
-    // info, not warning: the port chosen for address :0 is logged at info level
     log: { level: "info", file: false, access_log: false },
     ebpf: mode.ebpf,
   };
@@ -151,59 +144,54 @@ async function writeConfig(dir: string, backendPort: number, mode: ProxyMode): P
   return path;
 }
 
-/**
- * Reads the proxy's log until its `ready:` line and returns what it read. Kills the proxy and
- * throws (with the log) if it exits first, reports another mode than `mode`'s, or is not ready
- * within {@link READY_TIMEOUT_MS}.
- */
-async function readUntilReady(
-  proc: Deno.ChildProcess,
-  reader: ReadableStreamDefaultReader<string>,
-  mode: ProxyMode,
-): Promise<string> {
+/** The proxy's log as it comes: kept for error messages, its warnings shown as they come. */
+function keepLog(stderr: ReadableStream<Uint8Array>): { text: () => string } {
   let text = "";
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new Error(`no 'ready:' line within ${READY_TIMEOUT_MS} ms`)),
-        READY_TIMEOUT_MS,
-      );
-    });
-    while (!/ready: .*\n/.test(text)) {
-      const { value, done } = await Promise.race([reader.read(), timeout]);
-      if (done) throw new Error(`it exited (${(await proc.status).code})`);
-      text += value;
-    }
-    const ready = /ready: .*mode (\w+)/.exec(text);
-    if (ready?.[1] !== (mode.reports ?? mode.name)) {
-      // the proxy says why in a warning: "eBPF fast path unavailable, userspace mode in use: …"
-      const why = text.split("\n").filter((l) => l.includes("[WRN]") || l.includes("[ERR]"))
-        .map((l) => l.replace(/^.*?\[(WRN|ERR)\] \S+ /, "")).join("; ");
-      throw new Error(
-        `it runs in ${ready?.[1] ?? "an unknown"} mode, not ${mode.reports ?? mode.name}: ${why}`,
-      );
-    }
-  } catch (e) {
-    clearTimeout(timer);
-    await stop(proc, "SIGKILL");
-    throw new Error(
-      `proxy (${mode.name}) did not start: ${(e as Error).message}\n--- its log:\n${text}`,
-    );
-  }
-  clearTimeout(timer);
-  return text;
-}
-
-/** Keeps draining the proxy's log so it never blocks on a full pipe; shows its warnings. */
-function showWarnings(reader: ReadableStreamDefaultReader<string>): void {
   (async () => {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      for (const line of value.split("\n")) {
+    for await (const chunk of stderr.pipeThrough(new TextDecoderStream())) {
+      if (text.length < 1 << 20) text += chunk;
+      for (const line of chunk.split("\n")) {
         if (/\[(WRN|ERR|FTL)\]/.test(line)) console.error(`    proxy: ${line}`);
       }
     }
   })().catch(() => {});
+  return { text: () => text };
+}
+
+/**
+ * The proxy's ready line. Kills the proxy and throws (with its log) if it exits first, runs in
+ * another mode than `mode`'s, or is not ready within {@link READY_TIMEOUT_MS}.
+ */
+async function waitReady(
+  proc: Deno.ChildProcess,
+  log: { text: () => string },
+  mode: ProxyMode,
+): Promise<ReadyLine> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`no ready line within ${READY_TIMEOUT_MS} ms`)),
+        READY_TIMEOUT_MS,
+      );
+    });
+    // the proxy closes the descriptor after the line: stdout ends there
+    const out = await Promise.race([new Response(proc.stdout).text(), timeout]);
+    if (!out.trim()) throw new Error(`it exited (${(await proc.status).code})`);
+    const ready = JSON.parse(out) as ReadyLine;
+    if (ready.mode !== (mode.reports ?? mode.name)) {
+      // the proxy says why in a warning: "eBPF fast path unavailable, userspace mode in use: …"
+      const why = log.text().split("\n").filter((l) => l.includes("[WRN]") || l.includes("[ERR]"))
+        .map((l) => l.replace(/^.*?\[(WRN|ERR)\] \S+ /, "")).join("; ");
+      throw new Error(`it runs in ${ready.mode} mode, not ${mode.reports ?? mode.name}: ${why}`);
+    }
+    return ready;
+  } catch (e) {
+    await stop(proc, "SIGKILL");
+    throw new Error(
+      `proxy (${mode.name}) did not start: ${(e as Error).message}\n--- its log:\n${log.text()}`,
+    );
+  } finally {
+    clearTimeout(timer);
+  }
 }

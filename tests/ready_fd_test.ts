@@ -108,8 +108,19 @@ async function assertServesAsSaid(
   line: Record<string, unknown>,
   pid: number,
   admin: string,
+  workers: number[],
 ): Promise<void> {
-  assert.deepEqual(Object.keys(line), ["ready", "pid", "listeners", "metrics", "admin"]);
+  assert.deepEqual(Object.keys(line), [
+    "ready",
+    "pid",
+    "listeners",
+    "metrics",
+    "admin",
+    "mode",
+    "workers",
+  ]);
+  assert.equal(line.mode, "userspace");
+  assert.deepEqual(line.workers, workers);
   assert.equal(line.ready, true);
   assert.equal(line.pid, pid, "the pid of the process that was started");
   const [tls, http] = line.listeners as { address: string; port: number }[];
@@ -135,7 +146,7 @@ e2eTest(
     const r = run(s, configPath);
     const line = await readyLineOf(r);
     assert.match(r.stderr(), /ready: 2 listener\(s\)/, "written once the proxy is ready");
-    await assertServesAsSaid(line, r.child.pid, admin);
+    await assertServesAsSaid(line, r.child.pid, admin, []);
     r.child.kill("SIGTERM");
     assert.equal((await r.status).code, 0, r.stderr());
   },
@@ -150,7 +161,7 @@ e2eTest(
     const line = await readyLineOf(r);
     const pids = /ready: 2 workers \(pids (\d+), (\d+)\)/.exec(r.stderr());
     assert.ok(pids, `the supervisor logged both workers ready first:\n${r.stderr()}`);
-    await assertServesAsSaid(line, r.child.pid, admin);
+    await assertServesAsSaid(line, r.child.pid, admin, [Number(pids[1]), Number(pids[2])]);
     r.child.kill("SIGTERM");
     assert.equal((await r.status).code, 0, r.stderr());
   },

@@ -125,7 +125,7 @@ export function kernelEbpf(extra: Record<string, unknown> = {}): Record<string, 
 
 /**
  * Starts the proxy in kernel mode (waiting for the machine-wide slot first, retrying when
- * another kernel-mode proxy took it in between) and asserts it said `mode kernel`.
+ * another kernel-mode proxy took it in between) and asserts its ready line says `mode: "kernel"`.
  */
 export async function startKernelProxy(
   scope: Scope,
@@ -134,7 +134,7 @@ export async function startKernelProxy(
   for (let attempt = 1;; attempt++) {
     await waitKernelSlot();
     const proxy = await startProxy(scope, config);
-    if (/ready: .*mode kernel/.test(proxy.stderr())) return proxy;
+    if (proxy.ready.mode === "kernel") return proxy;
     const lost = /already holds process/.test(proxy.stderr());
     await proxy.stop();
     if (!lost || attempt === 5) {
