@@ -7,6 +7,7 @@
  */
 import { z } from "zod";
 import {
+  DNS_CACHE_ENTRIES,
   SOCKET_BUFFER_BYTES,
   SOCKMAP_ENTRIES,
   XDP_DEFAULT_BLOCK_ENTRIES,
@@ -165,7 +166,7 @@ const dnsSchema = z.strictObject({
   min_ttl_s: z.number().int().min(0).max(86_400).default(DNS_TTL_DEFAULTS.min_ttl_s),
   max_ttl_s: z.number().int().min(1).max(604_800).default(DNS_TTL_DEFAULTS.max_ttl_s),
   negative_ttl_s: z.number().int().min(0).max(86_400).default(10),
-  cache_entries: z.number().int().min(16).max(16_777_216).default(4096),
+  cache_entries: within(DNS_CACHE_ENTRIES).default(4096),
   timeout_ms: ms(2_000),
   attempts: z.number().int().min(1).max(10).default(2),
   /** Relative: against the config's directory. */

@@ -12,6 +12,7 @@
 
 import { normalizeName as foldName } from "../route/router.ts";
 import { openPinnedStore } from "./pinned.ts";
+import { DNS_CACHE_ENTRIES } from "../ebpf/bounds.ts";
 import { type CacheStore, type DnsCacheEntry, MAX_ADDRS_PER_FAMILY, MemoryStore } from "./store.ts";
 
 export { MAX_ADDRS_PER_FAMILY };
@@ -147,8 +148,11 @@ export class DnsCache {
     if (minTtlMs > maxTtlMs) {
       throw new RangeError(`minTtlMs (${minTtlMs}) is above maxTtlMs (${maxTtlMs})`);
     }
-    if (!Number.isInteger(maxEntries) || maxEntries < 1 || maxEntries > 0x7fffffff) {
-      throw new RangeError(`maxEntries must be a positive integer (got ${maxEntries})`);
+    // below the config's minimum too: small caches let tests reach eviction
+    if (!Number.isInteger(maxEntries) || maxEntries < 1 || maxEntries > DNS_CACHE_ENTRIES.max) {
+      throw new RangeError(
+        `maxEntries must be an integer from 1 to ${DNS_CACHE_ENTRIES.max} (got ${maxEntries})`,
+      );
     }
     const store: CacheStore = options.pinned
       ? openPinnedStore(options.pinned.path, maxEntries, log)

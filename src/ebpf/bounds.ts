@@ -29,6 +29,9 @@ export const XDP_DEFAULT_ENTRIES = 16_384;
 /** Default capacity of each XDP block set (IPv4, IPv6). */
 export const XDP_DEFAULT_BLOCK_ENTRIES = 4096;
 
+/** Capacity of the DNS cache (`dns.cache_entries`): a pinned BPF LRU map, or one in memory. */
+export const DNS_CACHE_ENTRIES: Readonly<Range> = { min: 16, max: 16_777_216 };
+
 /** Whether `n` is a whole number within `range`. */
 export function inRange(n: number, range: Range): boolean {
   return Number.isInteger(n) && n >= range.min && n <= range.max;
