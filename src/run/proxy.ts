@@ -12,18 +12,12 @@ import {
   applyUnblock,
   everyPool,
 } from "../ops/admin.ts";
-import {
-  type Config,
-  type ListenerConfig,
-  reloadable,
-  routeSummary,
-  type XdpBlockConfig,
-} from "../config/mod.ts";
+import { type Config, type ListenerConfig, reloadable, routeSummary } from "../config/mod.ts";
 import { DialGuard, type OwnSocket } from "../route/dialguard.ts";
 import { FdBudget } from "../conn/fdbudget.ts";
-import { KernelAccel, KernelAccelError } from "../ebpf/sockmap.ts";
+import type { KernelAccel } from "../ebpf/sockmap.ts";
 import { PipePool } from "../conn/piped.ts";
-import { XdpError, XdpFilter } from "../ebpf/xdp.ts";
+import type { XdpFilter } from "../ebpf/xdp.ts";
 import { Listener, type ListenerHost, warnIfListened } from "../conn/listener.ts";
 import { logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
@@ -32,7 +26,15 @@ import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
 import type { Session } from "../conn/session.ts";
 import { SourceLimiter } from "../conn/sourcelimit.ts";
 import { AcceptGate, type PauseReason } from "./acceptgate.ts";
-import { type OffenceSink, SourceBlocker } from "../ebpf/xdpblock.ts";
+import type { OffenceSink, SourceBlocker } from "../ebpf/xdpblock.ts";
+import {
+  attachKernel,
+  ebpfLog,
+  flattenXdp,
+  kernelMode,
+  openKernel,
+  openXdpBlocking,
+} from "./accel.ts";
 import type { RelayMode } from "./ready.ts";
 import {
   buildTables,
@@ -173,17 +175,12 @@ export class Proxy implements ListenerHost, AdminTarget {
       log.info("ebpf.sockmap_enabled is false: userspace mode in use");
     }
     if (config.ebpf.enabled && config.ebpf.xdp && !worker) {
-      proxy.xdp = await openXdp(config, proxy.#tcpPorts());
-      const xdp = proxy.xdp;
+      const { xdp, blocker } = await openXdpBlocking(config, proxy.#tcpPorts());
+      proxy.xdp = xdp;
       if (xdp) proxy.metrics.kernelSources.set("xdp", () => flattenXdp(xdp.stats()));
-      const block = config.ebpf.xdp.block;
-      if (xdp && block) {
-        const blocker = new SourceBlocker(xdp, block);
+      if (blocker) {
         proxy.blocker = proxy.#counter = blocker;
         proxy.metrics.blockSource = () => blocker.snapshot();
-        logBlocking(block);
-      } else if (block) {
-        log.warn("ebpf.xdp.block: off, it needs the XDP filter attached");
       }
     }
     startHealthChecks(proxy.tables);
@@ -208,7 +205,7 @@ export class Proxy implements ListenerHost, AdminTarget {
       servers: d.servers ?? undefined,
       maxEntries: d.cacheEntries,
       pinned: pinned ? { path: DEFAULT_DNS_PIN_PATH } : null,
-    }, (level, message) => dnsLog[level === "warning" ? "warn" : level](message));
+    }, ebpfLog("dns"));
     previous?.close();
     const resolver = this.#resolver;
     this.metrics.dnsSource = () => resolver.cache.stats;
@@ -388,105 +385,4 @@ export class Proxy implements ListenerHost, AdminTarget {
     await this.kernel?.close();
     log.info("stopped");
   }
-}
-
-const kernelLog = logger("kernel");
-const dnsLog = logger("dns");
-
-/** A worker's use of the supervisor's fast path, or null (one warning) when it cannot. */
-function attachKernel(): KernelAccel | null {
-  try {
-    return KernelAccel.attach((level, message) =>
-      kernelLog[level === "warning" ? "warn" : level](message)
-    );
-  } catch (err) {
-    const why = err instanceof KernelAccelError ? err.message : String(err);
-    log.warn(`eBPF fast path unavailable in this worker, userspace mode in use: ${why}`);
-    return null;
-  }
-}
-
-/**
- * How the config asks kernel mode to move bytes: through splice(2) pipes, the eBPF sockmap, or
- * not at all (userspace mode).
- */
-export function kernelMode(config: Config): "pipe" | "sockmap" | null {
-  if (!config.ebpf.enabled || !config.ebpf.sockmapEnabled) return null;
-  return config.ebpf.spliceMode;
-}
-
-/** Opens the fast path, or logs one warning with cause and fix and returns null. */
-export async function openKernel(config: Config): Promise<KernelAccel | null> {
-  const e = config.ebpf;
-  try {
-    const kernel = await KernelAccel.open({
-      ...e,
-      object: e.object ? await readObject(e.object) : undefined,
-      log: (level, message) => kernelLog[level === "warning" ? "warn" : level](message),
-    });
-    log.info(`eBPF fast path on: sockmap splicing (pins in ${kernel.pinDir})`);
-    return kernel;
-  } catch (err) {
-    const why = err instanceof KernelAccelError ? err.message : String(err);
-    log.warn(`eBPF fast path unavailable, userspace mode in use: ${why}`);
-    return null;
-  }
-}
-
-async function readObject(path: string): Promise<Uint8Array> {
-  try {
-    return await Deno.readFile(path);
-  } catch (e) {
-    throw new Error(`cannot read ebpf.object ${path}: ${(e as Error).message}`);
-  }
-}
-
-const xdpLog = logger("xdp");
-
-/** Attaches the XDP filter, or logs one warning with cause and fix and returns null. */
-export async function openXdp(config: Config, ports: number[]): Promise<XdpFilter | null> {
-  const x = config.ebpf.xdp!;
-  try {
-    const filter = await XdpFilter.open({
-      ...x,
-      deny: config.acl.deny,
-      allow: config.acl.allow,
-      ports,
-      blockMaxEntries: x.block?.maxEntries,
-      log: (level, message) => xdpLog[level === "warning" ? "warn" : level](message),
-    });
-    log.info(
-      `XDP source filter on ${
-        filter.attachments.map((a) => `${a.interface} (${a.mode})`).join(", ")
-      }: ${config.acl.deny.length} deny, ${config.acl.allow.length} allow CIDRs`,
-    );
-    return filter;
-  } catch (e) {
-    const why = e instanceof XdpError ? e.message : String(e);
-    log.warn(`XDP filter unavailable, the userspace ACL alone applies: ${why}`);
-    return null;
-  }
-}
-
-/** Says how `ebpf.xdp.block` is enforced (once the block set is attached). */
-export function logBlocking(block: XdpBlockConfig): void {
-  log.info(
-    `XDP blocks misbehaving sources: ${block.after} offences within ${block.windowMs} ms ` +
-      `block one for ${block.blockMs} ms`,
-  );
-}
-
-export function flattenXdp(s: ReturnType<XdpFilter["stats"]>): Record<string, number> {
-  const out: Record<string, number> = {
-    passed: s.passed,
-    droppedDeny: s.droppedDeny,
-    droppedNotAllowed: s.droppedNotAllowed,
-    droppedBlocked: s.droppedBlocked,
-  };
-  for (const fam of ["ipv4", "ipv6"] as const) {
-    out[`${fam}DroppedDeny`] = s[fam].droppedDeny;
-    out[`${fam}DroppedNotAllowed`] = s[fam].droppedNotAllowed;
-    out[`${fam}DroppedBlocked`] = s[fam].droppedBlocked;
-  }
-  return out;
 }

@@ -23,7 +23,7 @@ import { warnIfListened } from "../conn/listener.ts";
 import { logger, writeForwarded } from "../ops/log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "../ops/metrics.ts";
 import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
-import { flattenXdp, kernelMode, logBlocking, openKernel, openXdp } from "./proxy.ts";
+import { flattenXdp, kernelMode, openKernel, openXdpBlocking } from "./accel.ts";
 import type { XdpFilter } from "../ebpf/xdp.ts";
 import { SourceBlocker } from "../ebpf/xdpblock.ts";
 import { countOffences, type OffenceLine } from "./offences.ts";
@@ -233,14 +233,9 @@ export class Supervisor implements AdminTarget {
     const resolved = config.listeners.map((l, i) => withPort(l, ports[i]));
     for (const l of resolved) log.info(`listening on ${l.address} (${l.protocol})`);
     if (config.ebpf.enabled && config.ebpf.xdp) {
-      const xdp = sup.#xdp = await openXdp(config, [...new Set(ports)]);
-      const block = config.ebpf.xdp.block;
-      if (xdp && block) {
-        sup.#blocker = new SourceBlocker(xdp, block);
-        logBlocking(block);
-      } else if (block) {
-        log.warn("ebpf.xdp.block: off, it needs the XDP filter attached");
-      }
+      ({ xdp: sup.#xdp, blocker: sup.#blocker } = await openXdpBlocking(config, [
+        ...new Set(ports),
+      ]));
     }
     if (config.metrics) {
       sup.#metricsServer = await serveMetrics(

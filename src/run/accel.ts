@@ -1,0 +1,130 @@
+/**
+ * The eBPF parts a proxy process opens: the sockmap fast path (or, in a worker, its
+ * supervisor's), the XDP source filter and the block set of `ebpf.xdp.block`. Each is optional:
+ * when one cannot be had, one warning says why and the proxy goes on without it.
+ *
+ * @module
+ */
+import type { Config } from "../config/mod.ts";
+import type { EbpfLog } from "../ebpf/loader.ts";
+import { KernelAccel, KernelAccelError } from "../ebpf/sockmap.ts";
+import { XdpError, XdpFilter } from "../ebpf/xdp.ts";
+import { SourceBlocker } from "../ebpf/xdpblock.ts";
+import { logger } from "../ops/log.ts";
+const log = logger("proxy");
+
+/** An eBPF loader's log, into the LogTape category `category`. */
+export function ebpfLog(category: string): EbpfLog {
+  const to = logger(category);
+  return (level, message) => to[level === "warning" ? "warn" : level](message);
+}
+
+const kernelLog = ebpfLog("kernel");
+
+/** A worker's use of the supervisor's fast path, or null (one warning) when it cannot. */
+export function attachKernel(): KernelAccel | null {
+  try {
+    return KernelAccel.attach(kernelLog);
+  } catch (err) {
+    const why = err instanceof KernelAccelError ? err.message : String(err);
+    log.warn(`eBPF fast path unavailable in this worker, userspace mode in use: ${why}`);
+    return null;
+  }
+}
+
+/**
+ * How the config asks kernel mode to move bytes: through splice(2) pipes, the eBPF sockmap, or
+ * not at all (userspace mode).
+ */
+export function kernelMode(config: Config): "pipe" | "sockmap" | null {
+  if (!config.ebpf.enabled || !config.ebpf.sockmapEnabled) return null;
+  return config.ebpf.spliceMode;
+}
+
+/** Opens the fast path, or logs one warning with cause and fix and returns null. */
+export async function openKernel(config: Config): Promise<KernelAccel | null> {
+  const e = config.ebpf;
+  try {
+    const kernel = await KernelAccel.open({
+      ...e,
+      object: e.object ? await readObject(e.object) : undefined,
+      log: kernelLog,
+    });
+    log.info(`eBPF fast path on: sockmap splicing (pins in ${kernel.pinDir})`);
+    return kernel;
+  } catch (err) {
+    const why = err instanceof KernelAccelError ? err.message : String(err);
+    log.warn(`eBPF fast path unavailable, userspace mode in use: ${why}`);
+    return null;
+  }
+}
+
+async function readObject(path: string): Promise<Uint8Array> {
+  try {
+    return await Deno.readFile(path);
+  } catch (e) {
+    throw new Error(`cannot read ebpf.object ${path}: ${(e as Error).message}`);
+  }
+}
+
+/** Attaches the XDP filter, or logs one warning with cause and fix and returns null. */
+/**
+ * The XDP filter on `ports` and, with `ebpf.xdp.block`, the block set's counter of offences
+ * (each null when off or unavailable: said in a log line). For the process that owns XDP.
+ */
+export async function openXdpBlocking(
+  config: Config,
+  ports: number[],
+): Promise<{ xdp: XdpFilter | null; blocker: SourceBlocker | null }> {
+  const xdp = await openXdp(config, ports);
+  const block = config.ebpf.xdp?.block;
+  if (!block) return { xdp, blocker: null };
+  if (!xdp) {
+    log.warn("ebpf.xdp.block: off, it needs the XDP filter attached");
+    return { xdp, blocker: null };
+  }
+  log.info(
+    `XDP blocks misbehaving sources: ${block.after} offences within ${block.windowMs} ms ` +
+      `block one for ${block.blockMs} ms`,
+  );
+  return { xdp, blocker: new SourceBlocker(xdp, block) };
+}
+
+async function openXdp(config: Config, ports: number[]): Promise<XdpFilter | null> {
+  const x = config.ebpf.xdp!;
+  try {
+    const filter = await XdpFilter.open({
+      ...x,
+      deny: config.acl.deny,
+      allow: config.acl.allow,
+      ports,
+      blockMaxEntries: x.block?.maxEntries,
+      log: ebpfLog("xdp"),
+    });
+    log.info(
+      `XDP source filter on ${
+        filter.attachments.map((a) => `${a.interface} (${a.mode})`).join(", ")
+      }: ${config.acl.deny.length} deny, ${config.acl.allow.length} allow CIDRs`,
+    );
+    return filter;
+  } catch (e) {
+    const why = e instanceof XdpError ? e.message : String(e);
+    log.warn(`XDP filter unavailable, the userspace ACL alone applies: ${why}`);
+    return null;
+  }
+}
+
+export function flattenXdp(s: ReturnType<XdpFilter["stats"]>): Record<string, number> {
+  const out: Record<string, number> = {
+    passed: s.passed,
+    droppedDeny: s.droppedDeny,
+    droppedNotAllowed: s.droppedNotAllowed,
+    droppedBlocked: s.droppedBlocked,
+  };
+  for (const fam of ["ipv4", "ipv6"] as const) {
+    out[`${fam}DroppedDeny`] = s[fam].droppedDeny;
+    out[`${fam}DroppedNotAllowed`] = s[fam].droppedNotAllowed;
+    out[`${fam}DroppedBlocked`] = s[fam].droppedBlocked;
+  }
+  return out;
+}
