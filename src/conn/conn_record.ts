@@ -107,7 +107,7 @@ export class ConnRecord {
   }
 
   /** Notes that the hello (or HTTP head) is read now. */
-  helloRead(): void {
+  noteHelloRead(): void {
     this.helloSeconds = (performance.now() - this.#t0) / 1000;
   }
 

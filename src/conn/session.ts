@@ -227,7 +227,7 @@ export class Session {
   /** Notes the head read (`data`: every byte read so far); returns the name to route by. */
   #headRead(head: Head, data: Uint8Array): string | null {
     this.#pending = data;
-    this.#record.helloRead();
+    this.#record.noteHelloRead();
     this.#record.sni = head.serverName;
     this.#record.hello = this.#ctx.protocol.hello(head);
     return head.serverName;
