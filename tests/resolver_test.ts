@@ -214,6 +214,25 @@ cacheTest("50 concurrent lookups of one name make one query per family", async (
   });
 });
 
+cacheTest(
+  "a resolver closed while a lookup is under way (a reload replaced it) still answers it and stores the answer before its cache closes",
+  async (kind) => {
+    const records = { "slow.test": { a: ["10.0.5.1"], ttl: 60 } };
+    await withResolver(kind, records, {}, async ({ dns, resolver, reopen }) => {
+      dns.delayMs = 150;
+      const pending = resolver.resolve("slow.test");
+      await sleep(20);
+      resolver.close();
+      assert.deepEqual(await pending, ["10.0.5.1"]);
+      dns.delayMs = 0;
+      // the next resolver on the same store: a pinned map holds the answer written after close()
+      const next = reopen();
+      assert.deepEqual(await next.resolve("slow.test"), ["10.0.5.1"]);
+      assert.equal(dns.queries("slow.test", "A"), kind === "pinned" ? 1 : 2);
+    });
+  },
+);
+
 cacheTest("IPv4 and IPv6 addresses: both families, either alone, via CNAME", async (kind) => {
   const records = {
     "dual.test": { a: ["192.0.2.10"], aaaa: ["2001:db8:0:1::10", "fe80::1:0:0:2"], ttl: 60 },

@@ -53,6 +53,9 @@ export class Resolver implements HostResolver {
   /** The servers asked, in order. */
   readonly servers: readonly NameServer[];
   readonly #hosts: HostsFile | null;
+  /** Lookups under way: a closed resolver keeps its cache until they are done. */
+  #inFlight = 0;
+  #closing = false;
 
   private constructor(cache: DnsCache, servers: NameServer[], hosts: HostsFile | null) {
     this.cache = cache;
@@ -89,16 +92,27 @@ export class Resolver implements HostResolver {
   async resolve(host: string): Promise<string[]> {
     if (isIpAddress(host)) return [host];
     const name = normalizeDnsName(host);
-    if (this.#hosts !== null) {
-      const h = await this.#hosts.lookup(name);
-      if (h) return [...h.v4, ...h.v6];
+    this.#inFlight++;
+    try {
+      if (this.#hosts !== null) {
+        const h = await this.#hosts.lookup(name);
+        if (h) return [...h.v4, ...h.v6];
+      }
+      return await this.cache.resolve(name);
+    } finally {
+      if (--this.#inFlight === 0 && this.#closing) this.cache.close();
     }
-    return await this.cache.resolve(name);
   }
 
-  /** Release the cache (a pinned map stays for the next process). */
+  /**
+   * Releases the cache (a pinned map stays for the next process) once the lookups under way are
+   * done: a reload replaces the resolver while sessions may still wait on this one, and their
+   * answers must not be written through a closed (or reused) map descriptor.
+   */
   close(): void {
-    this.cache.close();
+    if (this.#closing) return;
+    this.#closing = true;
+    if (this.#inFlight === 0) this.cache.close();
   }
 }
 
