@@ -19,6 +19,8 @@ import { errText } from "../ops/errtext.ts";
 import type { Refusal } from "../proto/protocol.ts";
 import type { HostResolver } from "../dns/resolver.ts";
 import type { CloseReason } from "./conn_record.ts";
+import { connected, connectTcp, type TcpSocket } from "../io/tcp.ts";
+import { eventLoop } from "../io/loop.ts";
 
 const log = logger("session");
 /** Warnings that can come once per connection: logged once per burst. */
@@ -43,8 +45,6 @@ export interface DialOptions {
   fds: FdBudget | null;
   /** Aborted when the session is stopped: the connect in progress is given up. */
   signal: AbortSignal;
-  /** Called right before each connect (kernel mode notes the fd the socket will get). */
-  beforeConnect?: () => void;
   /** Told each backend as it is tried: as dialled (for the access log) and as configured. */
   onTry(dialled: string, configured: string): void;
 }
@@ -66,7 +66,7 @@ export interface DialFailure {
 export type DialResult =
   | {
     kind: "connected";
-    conn: Deno.TcpConn;
+    conn: TcpSocket;
     /** The backend connected to; its `active` count is the caller's to decrement. */
     backend: Backend;
     /** How long the connect took. */
@@ -179,7 +179,7 @@ async function connect(
   port: number,
   policy: InternalPolicy | null,
   o: DialOptions,
-): Promise<Deno.TcpConn> {
+): Promise<TcpSocket> {
   // one controller per attempt, aborted by its deadline or by the session's stop; the timer
   // is cleared once connected so no per-connection timer outlives the connect, and a timed-out
   // attempt leaves the next backend's attempt unaborted
@@ -197,18 +197,13 @@ async function connect(
     let lastError: unknown = null;
     for (const hostname of addresses) {
       if (abort.signal.aborted) break;
+      let sock: TcpSocket | null = null;
       try {
-        o.beforeConnect?.();
-        // no signal for Deno.connect itself: its cancel handle cost about a tenth of a new
-        // connection's CPU (profile in README); a connect given up on is closed when it lands
-        const connecting = Deno.connect({ hostname, port });
-        try {
-          return await abortable(connecting, abort.signal);
-        } catch (e) {
-          if (abort.signal.aborted) connecting.then((c) => c.close(), () => {});
-          throw e;
-        }
+        sock = connectTcp(eventLoop(), hostname, port);
+        await abortable(connected(sock), abort.signal);
+        return sock;
       } catch (e) {
+        sock?.close();
         lastError = e;
       }
     }

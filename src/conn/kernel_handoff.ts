@@ -2,9 +2,9 @@
  * Kernel mode's part of one session: handing the connected pair to the kernel, and taking it
  * back at the end. In `ebpf.splice_mode` "sockmap" the pair is put in the sockmap (its bytes are
  * redirected by the kernel; userspace sees EOFs, resets and stray bytes); in "pipe" splice(2)
- * moves them through pipes. Either way the sockets leave Deno's event loop when they can
- * (src/conn/detach.ts), and the relay then is {@link SplicedRelay} or {@link PipedRelay}; a pair
- * that does not qualify, or whose sockets cannot leave, stays with the userspace relay.
+ * moves them through pipes. The relay then is {@link SplicedRelay} or {@link PipedRelay}, on the
+ * proxy's own sockets; a pair that does not qualify for the sockmap stays with the userspace
+ * relay.
  *
  * @module
  */
@@ -14,18 +14,13 @@ import { BurstLog, logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { errText } from "../ops/errtext.ts";
 import { parseIp } from "../net/ip.ts";
-import { socketCookie, socketEnds } from "../../ffi/libc.ts";
 import type { ByteRelay, SpliceHooks } from "./relay.ts";
 import type { ByteCounts, KernelPart } from "./conn_record.ts";
 import { SplicedRelay } from "./spliced.ts";
 import { PipedRelay, type PipePool } from "./piped.ts";
-import {
-  backendFdHint,
-  type DetachedPair,
-  detachSockets,
-  type SocketCheck,
-  watcher,
-} from "./detach.ts";
+import { PairWatcher, socketPair } from "../io/watch.ts";
+import { eventLoop } from "../io/loop.ts";
+import type { TcpSocket } from "../io/tcp.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
 
 const log = logger("session");
@@ -33,8 +28,6 @@ const bursts = new BurstLog(log);
 
 /** The `ebpf` settings a handoff reads. */
 export interface KernelRelaySettings {
-  /** Sockmap mode: take spliced sockets out of Deno's event loop. */
-  detachSpliced: boolean;
   /** Sockmap mode: how long a socket may take no redirected byte before the pair is cut. */
   drainTimeoutMs: number;
   /** Pipe mode: both sockets' buffer sizes, when above 0. */
@@ -66,74 +59,25 @@ export interface Opening {
   hello: ClientHello | null;
 }
 
-/**
- * Where {@link KernelHandoff.handOff} put a pair: with a kernel relay, which writes
- * `opening.first` itself (the sockets left Deno's event loop); or with the session, which writes
- * it and runs the userspace relay, with `hooks` when the sockmap splices the pair.
- */
-export type Handed = { relay: ByteRelay } | { relay: null; hooks: SpliceHooks | undefined };
-
-/** The pair stays with the session's userspace relay, without hooks. */
-const IN_USERSPACE: Handed = { relay: null, hooks: undefined };
-
 /** One session's way into the kernel, and back. */
 export interface KernelHandoff extends KernelPart {
-  /** Called right before each backend connect: notes the fd the backend socket will likely get. */
-  beforeConnect(): void;
-  /** Hands the connected pair to the kernel, when it qualifies: see {@link Handed}. */
-  handOff(backend: Deno.TcpConn, opening: Opening): Handed;
+  /**
+   * Hands the connected pair to a kernel relay, which writes `opening.first` itself; or returns
+   * null when the pair does not qualify (the session writes it and relays in userspace).
+   */
+  handOff(backend: TcpSocket, opening: Opening): ByteRelay | null;
   /** Removes the kernel pairing (once; before the sockets close), keeping its byte counts. */
   release(): void;
 }
 
 /** The handoff of `client`'s session in the proxy's kernel mode; null in userspace mode. */
 export function kernelHandoff(
-  client: Deno.TcpConn,
+  client: TcpSocket,
   options: KernelHandoffOptions,
 ): KernelHandoff | null {
   if (options.pipes) return new PipeHandoff(client, options.pipes, options);
   if (options.kernel) return new SockmapHandoff(client, options.kernel, options);
   return null;
-}
-
-/**
- * The warning that the sockets cannot leave Deno's event loop was logged: once per process, as
- * what it depends on (the Deno build, its epoll) is the process's.
- */
-let detachWarned = false;
-
-/** Takes the pair's sockets out of Deno's loop, or warns (once) why not and returns null. */
-function detach(
-  client: Deno.TcpConn,
-  backend: Deno.TcpConn,
-  options: { check: SocketCheck; fdHint: number; consequence: string },
-): DetachedPair | null {
-  const pair = detachSockets(client, backend, options.check, options.fdHint);
-  if (typeof pair !== "string") return pair;
-  if (!detachWarned) {
-    detachWarned = true;
-    log.warn(
-      `kernel mode: the sockets cannot leave Deno's event loop (${pair}); ${options.consequence}`,
-    );
-  }
-  return null;
-}
-
-/** Whether an fd is `conn`'s socket: the whole 4-tuple (two backend sockets can share ports). */
-function sameEnds(conn: Deno.TcpConn): (fd: number) => boolean {
-  const want = [conn.localAddr, conn.remoteAddr].map((a) => {
-    const n = a as Deno.NetAddr;
-    return { ip: parseIp(n.hostname), port: n.port };
-  });
-  return (fd: number) => {
-    const ends = socketEnds(fd);
-    if (!ends) return false;
-    return [ends.local, ends.remote].every((end, i) => {
-      const w = want[i];
-      return w.ip !== null && end.port === w.port && end.family === w.ip.family &&
-        end.bytes.every((b, j) => b === w.ip!.bytes[j]);
-    });
-  };
 }
 
 /** Counts a kernel-mode connection that runs in userspace instead; logs once per burst. */
@@ -144,17 +88,16 @@ function kernelFallback(m: Metrics, reason: string, detail: string): void {
 
 /** `ebpf.splice_mode` "pipe": the pair is relayed by splice(2) through the pool's pipes. */
 class PipeHandoff implements KernelHandoff {
-  readonly #client: Deno.TcpConn;
+  readonly #client: TcpSocket;
   readonly #pipes: PipePool;
   readonly #options: KernelHandoffOptions;
-  #fdHint = -1;
   /** The pair is relayed by splice(2). */
   #piped = false;
   /** The relay counts what splice(2) moves as its own bytes. */
   readonly kernelBytes: ByteCounts = { up: 0, down: 0 };
   readonly undelivered: ByteCounts = { up: 0, down: 0 };
 
-  constructor(client: Deno.TcpConn, pipes: PipePool, options: KernelHandoffOptions) {
+  constructor(client: TcpSocket, pipes: PipePool, options: KernelHandoffOptions) {
     this.#client = client;
     this.#pipes = pipes;
     this.#options = options;
@@ -164,21 +107,13 @@ class PipeHandoff implements KernelHandoff {
     return this.#piped ? "kernel" : "userspace";
   }
 
-  beforeConnect(): void {
-    this.#fdHint = backendFdHint();
-  }
-
-  handOff(backend: Deno.TcpConn, opening: Opening): Handed {
-    const pair = detach(this.#client, backend, {
-      check: { client: sameEnds(this.#client), backend: sameEnds(backend) },
-      fdHint: this.#fdHint,
-      consequence: "connections run in userspace mode",
-    });
-    if (!pair) return IN_USERSPACE;
+  handOff(backend: TcpSocket, opening: Opening): ByteRelay {
+    const pair = socketPair(this.#client, backend);
     this.#piped = true;
     const { idleMs, ebpf: { sndbuf, rcvbuf } } = this.#options;
     const first = opening.first;
-    return { relay: new PipedRelay(pair, this.#pipes, { idleMs, first, sndbuf, rcvbuf, watcher }) };
+    const watcher = new PairWatcher(eventLoop(), pair);
+    return new PipedRelay(pair, this.#pipes, { idleMs, first, sndbuf, rcvbuf, watcher });
   }
 
   // nothing is paired in the kernel: the relay gives its pipes back to the pool when it ends
@@ -187,17 +122,16 @@ class PipeHandoff implements KernelHandoff {
 
 /** `ebpf.splice_mode` "sockmap": the kernel redirects the pair's bytes between the sockets. */
 class SockmapHandoff implements KernelHandoff {
-  readonly #client: Deno.TcpConn;
+  readonly #client: TcpSocket;
   readonly #kernel: KernelAccel;
   readonly #options: KernelHandoffOptions;
-  #fdHint = -1;
   /** The pairing in the sockmap, once made. */
   #pair: SplicePair | null = null;
   #released = false;
   #kernelBytes: ByteCounts = { up: 0, down: 0 };
   readonly undelivered: ByteCounts = { up: 0, down: 0 };
 
-  constructor(client: Deno.TcpConn, kernel: KernelAccel, options: KernelHandoffOptions) {
+  constructor(client: TcpSocket, kernel: KernelAccel, options: KernelHandoffOptions) {
     this.#client = client;
     this.#kernel = kernel;
     this.#options = options;
@@ -207,17 +141,13 @@ class SockmapHandoff implements KernelHandoff {
     return this.#pair ? "kernel" : "userspace";
   }
 
-  beforeConnect(): void {
-    if (this.#options.ebpf.detachSpliced) this.#fdHint = backendFdHint();
-  }
-
   get kernelBytes(): ByteCounts {
     return this.#kernelBytes;
   }
 
-  handOff(backend: Deno.TcpConn, opening: Opening): Handed {
+  handOff(backend: TcpSocket, opening: Opening): ByteRelay | null {
     const pair = this.#pairUp(backend, opening);
-    if (!pair) return IN_USERSPACE;
+    if (!pair) return null;
     const hooks = new SockmapHooks({
       kernel: this.#kernel,
       pair,
@@ -229,19 +159,10 @@ class SockmapHandoff implements KernelHandoff {
       undelivered: this.undelivered,
       unpair: () => this.release(),
     });
-    if (!this.#options.ebpf.detachSpliced) return { relay: null, hooks };
-    const { cookies } = pair;
-    const detached = detach(this.#client, backend, {
-      check: {
-        client: (fd) => socketCookie(fd) === cookies.a,
-        backend: (fd) => socketCookie(fd) === cookies.b,
-      },
-      fdHint: this.#fdHint,
-      consequence: "spliced sockets stay in Deno's event loop: the proxy is woken by their traffic",
-    });
     const { idleMs } = this.#options;
-    if (!detached) return { relay: null, hooks };
-    return { relay: new SplicedRelay(detached, { idleMs, hooks, first: opening.first, watcher }) };
+    const sockets = socketPair(this.#client, backend);
+    const watcher = new PairWatcher(eventLoop(), sockets);
+    return new SplicedRelay(sockets, { idleMs, hooks, first: opening.first, watcher });
   }
 
   release(): void {
@@ -255,7 +176,7 @@ class SockmapHandoff implements KernelHandoff {
    * Puts the pair in the sockmap when it qualifies (a TLS hello alone, without early data);
    * returns the pairing, or null to stay in userspace.
    */
-  #pairUp(backend: Deno.TcpConn, opening: Opening): SplicePair | null {
+  #pairUp(backend: TcpSocket, opening: Opening): SplicePair | null {
     const { hello } = opening;
     const { clientAddr, metrics } = this.#options;
     if (!hello) return null;
@@ -291,8 +212,8 @@ class SockmapHandoff implements KernelHandoff {
 interface SockmapHooksOptions {
   kernel: KernelAccel;
   pair: SplicePair;
-  client: Deno.TcpConn;
-  backend: Deno.TcpConn;
+  client: TcpSocket;
+  backend: TcpSocket;
   /** Bytes written to the backend before the relay started (PROXY header and hello). */
   firstBytes: number;
   /** The client, for log lines. */

@@ -14,6 +14,9 @@ import type { PipePool } from "./piped.ts";
 import { BurstLog, logger, writeAccess } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { closeQuietly } from "./relay.ts";
+import { E } from "../../ffi/socket.ts";
+import { eventLoop } from "../io/loop.ts";
+import { SocketError, socketError, TcpListenSocket, type TcpSocket } from "../io/tcp.ts";
 import { Session } from "./session.ts";
 import type { CloseReason } from "./conn_record.ts";
 import { formatAddr } from "../net/addr.ts";
@@ -25,6 +28,11 @@ import type { RoutingTables } from "../route/table.ts";
 
 const log = logger("listener");
 const bursts = new BurstLog(log);
+
+/** Connections taken per report of a listening socket; the rest wait for the next round. */
+const ACCEPT_BATCH = 64;
+/** The accept queue of each listening socket (nginx's default; the kernel caps it at somaxconn). */
+const BACKLOG = 511;
 
 /** What a listener needs from the proxy that owns it. */
 export interface ListenerHost {
@@ -53,6 +61,8 @@ export interface ListenerHost {
    * for the client and its backend to spare (immediately when so).
    */
   waitForSlot(): Promise<void>;
+  /** Whether a connection slot is free now (waitForSlot would resolve at once). */
+  hasSlot(): boolean;
   /** Registers a live session until its promise settles. */
   track(session: Session, done: Promise<void>): void;
 }
@@ -66,13 +76,14 @@ export class Listener {
   readonly address: string;
   /** The same, as host and port. */
   readonly bound: Deno.NetAddr;
-  readonly #socket: Deno.TcpListener;
+  readonly #socket: TcpListenSocket;
   readonly #host: ListenerHost;
   /** Sources that send a PROXY header first; null when the listener accepts none. */
   readonly #trusted: Acl | null;
   /** The protocol the config names. */
   readonly #protocol: Protocol;
   #closed = false;
+  #onClosed: () => void = () => {};
 
   /**
    * Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. Always with
@@ -89,12 +100,13 @@ export class Listener {
       ? new Acl(config.acceptProxyProtocol, [])
       : null;
     try {
-      this.#socket = Deno.listen({
-        hostname: config.hostname,
-        port: config.port,
-        transport: "tcp",
-        reusePort: true,
-      });
+      this.#socket = new TcpListenSocket(
+        eventLoop(),
+        config.hostname.replace(/^\[|\]$/g, ""),
+        config.port,
+        { reusePort: true, backlog: BACKLOG },
+        () => this.#acceptBatch(),
+      );
     } catch (e) {
       throw new Error(`cannot listen on ${config.address}: ${errText(e)}`);
     }
@@ -102,80 +114,109 @@ export class Listener {
     this.address = formatAddr(this.bound);
   }
 
-  /** Accepts until close(). */
-  async serve(): Promise<void> {
+  /** Accepts until close(); resolves then. */
+  serve(): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.#onClosed = resolve);
+    if (this.#closed) return Promise.resolve();
+    this.#socket.resume();
+    return closed;
+  }
+
+  /**
+   * Accepts what waits, up to a batch (the loop reports the rest next round), while the host
+   * has a slot for it.
+   */
+  #acceptBatch(): void {
     const host = this.#host;
-    for (;;) {
-      await host.waitForSlot();
-      if (this.#closed) return;
-      let conn: Deno.TcpConn;
-      try {
-        conn = await this.#socket.accept();
-      } catch (e) {
-        if (this.#closed) return;
-        // EMFILE and friends: log, back off briefly, keep serving (clients wait in the backlog)
-        const lacking = localResourceError(e);
-        if (lacking) {
-          Metrics.bump(host.metrics.localErrors, `accept:${lacking}`);
-          bursts.warn(
-            `accept:${lacking}`,
-            `accept on ${this.address} failed: ${errText(e)}; retrying every 100 ms. ` +
-              localResourceHint(lacking),
-          );
-        } else log.error(`accept on ${this.address} failed: ${errText(e)}`);
-        await new Promise((r) => setTimeout(r, 100));
+    for (let i = 0; i < ACCEPT_BATCH && !this.#closed; i++) {
+      if (!host.hasSlot()) {
+        // clients wait in the backlog until a slot frees up
+        this.#socket.pause();
+        host.waitForSlot().then(() => this.#socket.resume());
+        return;
+      }
+      const got = this.#socket.accept();
+      if (typeof got !== "number") {
+        this.#admit(got);
         continue;
       }
-      host.metrics.accepted++;
-      const table = host.tables.byListener[this.index];
-      const remote = conn.remoteAddr as Deno.NetAddr;
-      // a trusted balancer's clients are checked by the session, once the header names them
-      const trustedProxy = this.#trusted?.permits(remote.hostname) ?? false;
-      if (!trustedProxy && !table.acl.permits(remote.hostname)) {
-        log.info(`${formatAddr(remote)} denied by acl on ${this.address}`);
-        this.#refuse(conn, remote, "acl_denied");
-        continue;
-      }
-      // a balancer's clients are not known yet: the per-source limits skip trusted sources
-      const perSource = trustedProxy ? null : table.config.limits.perSource;
-      const refusal = perSource ? host.sources.admit(remote.hostname, perSource) : null;
-      if (refusal) {
-        const limit = refusal === "source_connections"
-          ? `limits.per_source.max_connections (${perSource!.maxConnections}) live connections`
-          : `limits.per_source.new_per_second (${perSource!.newPerSecond}, burst ` +
-            `${perSource!.burst}) new connections`;
-        bursts.warn(
-          refusal,
-          `${formatAddr(remote)} refused on ${this.address}: its address is at ${limit}`,
-        );
-        this.#refuse(conn, remote, refusal);
-        host.blocker?.offence(remote.hostname, refusal);
-        continue;
-      }
-      const session = new Session(conn, {
-        table,
-        listener: this.address,
-        protocol: this.#protocol,
-        metrics: host.metrics,
-        trustedProxy,
-        kernel: host.kernel,
-        pipes: host.pipes,
-        resolver: host.resolver,
-        guard: host.guard,
-        fds: host.fds,
-        // the socket's source is what XDP sees: a trusted balancer's clients are not blocked
-        onBadHello: host.blocker && !trustedProxy
-          ? () => host.blocker?.offence(remote.hostname, "bad_client_hello")
-          : null,
-      });
-      const done = session.run();
-      if (perSource) done.finally(() => host.sources.release(remote.hostname));
-      host.track(session, done);
+      if (got === -E.EAGAIN) return;
+      if (got === -E.ECONNABORTED || got === -E.EINTR) continue;
+      this.#acceptFailed(socketError(`accept on ${this.address}`, -got));
+      return;
     }
   }
 
+  /**
+   * EMFILE and friends: logged, counted, and the listener paused for 100 ms (a level-triggered
+   * listener would otherwise be reported, and fail, every round); clients wait in the backlog.
+   */
+  #acceptFailed(e: SocketError): void {
+    const lacking = localResourceError(e);
+    if (lacking) {
+      Metrics.bump(this.#host.metrics.localErrors, `accept:${lacking}`);
+      bursts.warn(
+        `accept:${lacking}`,
+        `accept on ${this.address} failed: ${errText(e)}; retrying every 100 ms. ` +
+          localResourceHint(lacking),
+      );
+    } else log.error(`accept on ${this.address} failed: ${errText(e)}`);
+    this.#socket.pause();
+    setTimeout(() => this.#socket.resume(), 100);
+  }
+
+  /** Applies the ACL and per-source limits to a new connection, then starts its session. */
+  #admit(conn: TcpSocket): void {
+    const host = this.#host;
+    host.metrics.accepted++;
+    const table = host.tables.byListener[this.index];
+    const remote = conn.remoteAddr;
+    // a trusted balancer's clients are checked by the session, once the header names them
+    const trustedProxy = this.#trusted?.permits(remote.hostname) ?? false;
+    if (!trustedProxy && !table.acl.permits(remote.hostname)) {
+      log.info(`${formatAddr(remote)} denied by acl on ${this.address}`);
+      this.#refuse(conn, remote, "acl_denied");
+      return;
+    }
+    // a balancer's clients are not known yet: the per-source limits skip trusted sources
+    const perSource = trustedProxy ? null : table.config.limits.perSource;
+    const refusal = perSource ? host.sources.admit(remote.hostname, perSource) : null;
+    if (refusal) {
+      const limit = refusal === "source_connections"
+        ? `limits.per_source.max_connections (${perSource!.maxConnections}) live connections`
+        : `limits.per_source.new_per_second (${perSource!.newPerSecond}, burst ` +
+          `${perSource!.burst}) new connections`;
+      bursts.warn(
+        refusal,
+        `${formatAddr(remote)} refused on ${this.address}: its address is at ${limit}`,
+      );
+      this.#refuse(conn, remote, refusal);
+      host.blocker?.offence(remote.hostname, refusal);
+      return;
+    }
+    const session = new Session(conn, {
+      table,
+      listener: this.address,
+      protocol: this.#protocol,
+      metrics: host.metrics,
+      trustedProxy,
+      kernel: host.kernel,
+      pipes: host.pipes,
+      resolver: host.resolver,
+      guard: host.guard,
+      fds: host.fds,
+      // the socket's source is what XDP sees: a trusted balancer's clients are not blocked
+      onBadHello: host.blocker && !trustedProxy
+        ? () => host.blocker?.offence(remote.hostname, "bad_client_hello")
+        : null,
+    });
+    const done = session.run();
+    if (perSource) done.finally(() => host.sources.release(remote.hostname));
+    host.track(session, done);
+  }
+
   /** Closes a connection refused at accept; counts and access-logs it. */
-  #refuse(conn: Deno.TcpConn, remote: Deno.NetAddr, reason: CloseReason): void {
+  #refuse(conn: TcpSocket, remote: Deno.NetAddr, reason: CloseReason): void {
     closeQuietly(conn);
     Metrics.bump(this.#host.metrics.closed, reason);
     writeAccess({
@@ -197,11 +238,8 @@ export class Listener {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    try {
-      this.#socket.close();
-    } catch {
-      // already closed
-    }
+    this.#socket.close();
+    this.#onClosed();
   }
 }
 

@@ -4,9 +4,8 @@
  * userspace mode: what a slow reader does not take stays in the pipe (at most its capacity,
  * `ebpf.pipe_bytes`) and the socket buffers, and the sender is held back by its closed window.
  *
- * The sockets leave Deno's event loop (src/conn/detach.ts) and are watched, edge-triggered, by the
- * process's own epoll: input, EOF and errors on a source, write space on a destination whose
- * pipe could not be emptied. Pipes come from a small pool and go back to it as soon as they are
+ * The sockets are the proxy's own (src/io/), watched edge-triggered on its epoll: input, EOF and
+ * errors on a source, write space on a destination whose pipe could not be emptied. Pipes come from a small pool and go back to it as soon as they are
  * empty, so an idle connection holds none.
  *
  * @module
@@ -23,7 +22,6 @@ import {
   EPOLLRDHUP,
   errnoName,
   makePipe,
-  resetSocket,
   sendFd,
   setSocketBuffer,
   shutdownWrite,
@@ -31,8 +29,8 @@ import {
   spliceFd,
   strerror,
 } from "../../ffi/libc.ts";
-import type { DetachedPair, FdWatcher } from "./detach.ts";
-import { type ByteRelay, closeQuietly, cutByProxy, IdleTimer, type RelayEnd } from "./relay.ts";
+import type { FdWatcher, SocketPair } from "../io/watch.ts";
+import { type ByteRelay, IdleTimer, type RelayEnd } from "./relay.ts";
 import { logger } from "../ops/log.ts";
 
 const log = logger("piped");
@@ -116,7 +114,7 @@ interface Direction {
  * reset too), idle timeout or stop; closes both conns.
  */
 export class PipedRelay implements ByteRelay {
-  readonly #pair: DetachedPair;
+  readonly #pair: SocketPair;
   readonly #pool: PipePool;
   readonly #idle: IdleTimer;
   readonly #upDir: Direction;
@@ -136,7 +134,7 @@ export class PipedRelay implements ByteRelay {
    * the detached sockets, and its read buffer takes the rare bytes read past an urgent mark.
    */
   constructor(
-    pair: DetachedPair,
+    pair: SocketPair,
     pool: PipePool,
     opts: {
       idleMs: number;
@@ -374,19 +372,15 @@ export class PipedRelay implements ByteRelay {
     this.#release();
     const { clientFd, backendFd } = this.#pair;
     this.#ids.forEach((id, i) => this.#watcher.unwatch(id, i === 0 ? clientFd : backendFd));
-    // A stream the proxy cuts (idle, drain deadline, error) ends with a reset on both sides,
-    // never a FIN a peer could take for its end; after a peer's reset, the other side is reset
-    // when bytes for it were left in the pipe, and otherwise closed as in userspace mode (a reset
-    // would make its kernel drop what it received and its reader has not read yet).
-    const cut = cutByProxy(reason);
     for (const d of [this.#upDir, this.#downDir]) {
-      if (cut || d.inPipe > 0 || d.prefix) resetSocket(d.dst);
       if (d.pipe) this.#pool.give(d.pipe, d.inPipe === 0);
       d.pipe = null;
     }
-    // Deno closes the fds (its epoll no longer has them: its removal finds nothing, harmlessly)
-    closeQuietly(this.#pair.client);
-    closeQuietly(this.#pair.backend);
+    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN
+    for (const sock of [this.#pair.client, this.#pair.backend]) {
+      if (reason === "done") sock.close();
+      else sock.reset();
+    }
     this.#done(reason);
   }
 }

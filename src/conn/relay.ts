@@ -2,14 +2,14 @@
  * Userspace relay: copies bytes both ways between a client and its backend until both
  * directions end, with half-close, idle timeout and reset handling.
  *
- * Each direction is a read()/write() loop over one reused buffer. Deno's `readable`/`pipeTo`
- * is not used: it closes the whole socket at EOF (no half-close) and is slower on small
- * messages.
+ * The sockets are the proxy's own (src/io/): the relay is a handler of their events, with no
+ * promise per chunk.
  *
  * @module
  */
 
-import { writeAll } from "../net/bytes.ts";
+import { E } from "../../ffi/socket.ts";
+import { socketError, type TcpSocket } from "../io/tcp.ts";
 
 /** Why a relay ended. */
 export type RelayEnd =
@@ -29,11 +29,6 @@ export type RelayEnd =
 export function cutByProxy(reason: RelayEnd): boolean {
   return reason !== "done" && reason !== "client_reset" && reason !== "backend_reset";
 }
-
-/** First buffer of each direction; idle connections keep only this much. */
-const INITIAL_BUFFER = 2048;
-/** A direction's buffer grows (x4) up to this while reads keep filling it. */
-const MAX_BUFFER = 64 * 1024;
 
 /** Hooks for a relay whose bytes are (mostly) spliced in the kernel. */
 export interface SpliceHooks {
@@ -136,36 +131,54 @@ export class IdleTimer {
   }
 }
 
-/** A running relay between `client` and `backend`. Both conns are closed when it ends. */
+/** The relays' one read buffer: a chunk is read into it and written on at once, synchronously. */
+const chunk = new Uint8Array(64 * 1024);
+const CHUNK_LEN = BigInt(chunk.length);
+
+/** One direction of a {@link Relay}. */
+class Direction {
+  readonly up: boolean;
+  readonly src: TcpSocket;
+  readonly dst: TcpSocket;
+  /** Bytes read but refused by `dst` so far (a copy; null when none wait). */
+  pending: Uint8Array | null = null;
+  /** The source's EOF was read. */
+  eof = false;
+  /** The EOF was passed on (`dst` half-closed). */
+  done = false;
+  /** Bytes written to `dst`. */
+  bytes = 0;
+
+  constructor(up: boolean, src: TcpSocket, dst: TcpSocket) {
+    this.up = up;
+    this.src = src;
+    this.dst = dst;
+  }
+}
+
+/**
+ * The userspace relay between `client` and `backend`: each socket event moves what can be moved
+ * at once, synchronously (read into the one shared buffer, write on; what the peer refuses is
+ * kept until it has room, and its source is not read meanwhile), so an idle connection holds no
+ * buffer and no chunk costs a promise. A FIN is passed on after every byte before it; a reset
+ * of either side resets the other; a stream the proxy cuts is reset on both sides.
+ */
 export class Relay implements ByteRelay {
-  readonly #client: Deno.Conn;
-  readonly #backend: Deno.Conn;
-  readonly #splice: SpliceHooks | null;
+  readonly #client: TcpSocket;
+  readonly #backend: TcpSocket;
+  readonly #up: Direction;
+  readonly #down: Direction;
   readonly #idle: IdleTimer;
-  #clientBuffer: Uint8Array | null;
   #end: RelayEnd | null = null;
   #error: unknown = null;
-  /** Bytes client → backend copied by this relay. */
-  bytesUp = 0;
-  /** Bytes backend → client copied by this relay. */
-  bytesDown = 0;
+  #resolve: ((end: RelayEnd) => void) | null = null;
 
-  /**
-   * `clientBuffer`: a buffer to read the client with (the one the hello was read into), so a
-   * new connection allocates one buffer less.
-   */
-  constructor(
-    client: Deno.Conn,
-    backend: Deno.Conn,
-    idleMs: number,
-    splice?: SpliceHooks,
-    clientBuffer?: Uint8Array,
-  ) {
-    this.#clientBuffer = clientBuffer ?? null;
+  constructor(client: TcpSocket, backend: TcpSocket, idleMs: number) {
     this.#client = client;
     this.#backend = backend;
-    this.#splice = splice ?? null;
-    this.#idle = new IdleTimer(idleMs, this.#splice, () => this.#finish("idle_timeout", null));
+    this.#up = new Direction(true, client, backend);
+    this.#down = new Direction(false, backend, client);
+    this.#idle = new IdleTimer(idleMs, null, () => this.#finish("idle_timeout", null));
   }
 
   /** The error behind a reset or error end, for the log. */
@@ -173,20 +186,102 @@ export class Relay implements ByteRelay {
     return this.#error;
   }
 
-  /** Relays until both directions are done (or the relay is stopped); closes both conns. */
-  async run(): Promise<RelayEnd> {
-    this.#idle.start();
-    await Promise.all([
-      this.#pump(this.#client, this.#backend, true),
-      this.#pump(this.#backend, this.#client, false),
-    ]);
-    this.#finish("done", null);
-    return this.#end!;
+  /** Bytes client → backend copied by this relay. */
+  get bytesUp(): number {
+    return this.#up.bytes;
   }
 
-  /** Ends the relay now with `reason` (e.g. shutdown); both conns are closed. */
+  /** Bytes backend → client copied by this relay. */
+  get bytesDown(): number {
+    return this.#down.bytes;
+  }
+
+  /** Relays until both directions are done (or the relay is stopped); closes both sockets. */
+  run(): Promise<RelayEnd> {
+    if (this.#end !== null) return Promise.resolve(this.#end);
+    const done = new Promise<RelayEnd>((resolve) => this.#resolve = resolve);
+    const onIo = () => this.#move();
+    this.#client.setHandler(onIo);
+    this.#backend.setHandler(onIo);
+    this.#idle.start();
+    // either socket may have input already (what followed the hello, the backend's answer)
+    this.#move();
+    return done;
+  }
+
+  /** Ends the relay now with `reason` (e.g. shutdown); both sockets are closed. */
   stop(reason: RelayEnd): void {
     this.#finish(reason, null);
+  }
+
+  #move(): void {
+    this.#pump(this.#up);
+    this.#pump(this.#down);
+  }
+
+  /** Moves what `d` can move now. */
+  #pump(d: Direction): void {
+    while (this.#end === null) {
+      if (d.pending !== null) {
+        if (!d.dst.writable) return;
+        const w = d.dst.send(d.pending);
+        if (w < 0) {
+          if (w !== -E.EAGAIN) this.#reset(d, false, -w);
+          return;
+        }
+        d.bytes += w;
+        this.#idle.touch();
+        if (w < d.pending.length) {
+          d.pending = d.pending.subarray(w);
+          return;
+        }
+        d.pending = null;
+      }
+      if (d.eof) {
+        this.#passEof(d);
+        return;
+      }
+      if (!d.src.readable) return;
+      const n = d.src.recv(chunk, CHUNK_LEN);
+      if (n > 0) {
+        this.#forward(d, n);
+        // a short read after the peer's FIN took the last bytes: the EOF needs no read of its own
+        if (n < chunk.length && d.src.peerClosed) d.eof = true;
+      } else if (n === 0) d.eof = true;
+      else if (n !== -E.EAGAIN) this.#reset(d, true, -n);
+    }
+  }
+
+  /** Writes the `n` bytes just read for `d`; what `dst` refuses waits in `pending`. */
+  #forward(d: Direction, n: number): void {
+    this.#idle.touch();
+    const w = d.dst.send(chunk, n);
+    if (w === n) {
+      d.bytes += n;
+      return;
+    }
+    if (w < 0 && w !== -E.EAGAIN) {
+      this.#reset(d, false, -w);
+      return;
+    }
+    const sent = Math.max(w, 0);
+    d.bytes += sent;
+    d.pending = chunk.slice(sent, n);
+  }
+
+  /** Half-closes `d.dst` (once); ends the relay when both directions are through. */
+  #passEof(d: Direction): void {
+    if (d.done) return;
+    d.done = true;
+    d.dst.shutdownWrite();
+    if (this.#up.done && this.#down.done) this.#finish("done", null);
+  }
+
+  /** A reset (or another error) of `d`'s source (`atSource`) or destination. */
+  #reset(d: Direction, atSource: boolean, errno: number): void {
+    const clientSide = atSource === d.up;
+    const op = atSource ? "recv" : "send";
+    this.#finish(clientSide ? "client_reset" : "backend_reset", socketError(op, errno));
   }
 
   #finish(reason: RelayEnd, error: unknown): void {
@@ -194,74 +289,20 @@ export class Relay implements ByteRelay {
     this.#end = reason;
     this.#error = error;
     this.#idle.clear();
-    this.#splice?.release();
-    closeQuietly(this.#client);
-    closeQuietly(this.#backend);
-  }
-
-  /** drainKernel for direction `up`; false (the relay ended) when it did not drain. */
-  async #drain(up: boolean, atEof: boolean): Promise<boolean> {
-    const userspace = up ? this.bytesUp : this.bytesDown;
-    if (await this.#splice!.drainKernel(up, userspace, atEof, () => this.#idle.touch())) {
-      return true;
+    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN
+    if (reason === "done") {
+      this.#client.close();
+      this.#backend.close();
+    } else {
+      this.#client.reset();
+      this.#backend.reset();
     }
-    this.#finish("drain_stalled", new Error("the kernel's queue toward a socket did not drain"));
-    return false;
-  }
-
-  async #pump(src: Deno.Conn, dst: Deno.Conn, up: boolean): Promise<void> {
-    let buf = (up && this.#clientBuffer) || new Uint8Array(INITIAL_BUFFER);
-    this.#clientBuffer = null;
-    let full = false;
-    for (;;) {
-      let n: number | null;
-      try {
-        n = await src.read(buf);
-      } catch (e) {
-        this.#finish(up ? "client_reset" : "backend_reset", e);
-        return;
-      }
-      if (this.#end !== null) return;
-      if (n === null && this.#splice && !this.#splice.eofIsReal(up)) {
-        // a false EOF of a spliced socket: wait a moment (it may repeat) and read again
-        await new Promise((r) => setTimeout(r, 1));
-        continue;
-      }
-      if (n === null) {
-        // EOF: pass the half-close on; the other direction keeps flowing until it ends too
-        try {
-          if (this.#splice && !(await this.#drain(up, true))) return;
-          await (dst as Deno.TcpConn).closeWrite();
-        } catch {
-          // the peer is already gone; its own direction reports that
-        }
-        return;
-      }
-      this.#idle.touch();
-      if (this.#splice && !(await this.#drain(up, false))) return;
-      if (this.#end !== null) return;
-      try {
-        await writeAll(dst, buf.subarray(0, n));
-      } catch (e) {
-        this.#finish(up ? "backend_reset" : "client_reset", e);
-        return;
-      }
-      if (up) this.bytesUp += n;
-      else this.bytesDown += n;
-      // grow only after two full reads in a row: a TLS handshake flight fills the small buffer
-      // once, a bulk transfer keeps filling it; idle connections keep the small one
-      if (n === buf.length) {
-        if (full && buf.length < MAX_BUFFER) {
-          buf = new Uint8Array(Math.min(buf.length * 4, MAX_BUFFER));
-          full = false;
-        } else full = true;
-      } else full = false;
-    }
+    this.#resolve?.(reason);
   }
 }
 
-/** Closes a conn, ignoring "already closed". */
-export function closeQuietly(conn: Deno.Conn): void {
+/** Closes a socket or conn, ignoring "already closed". */
+export function closeQuietly(conn: { close(): void }): void {
   try {
     conn.close();
   } catch {

@@ -8,7 +8,9 @@
  * @module
  */
 import type { Backend, BackendPool } from "../route/backend.ts";
-import { concat, writeAll } from "../net/bytes.ts";
+import { concat } from "../net/bytes.ts";
+import { E } from "../../ffi/socket.ts";
+import { socketError, type TcpSocket, writeAll } from "../io/tcp.ts";
 import { formatAddr } from "../net/addr.ts";
 import type { ClientHello } from "../proto/clienthello.ts";
 import type { FingerprintPatterns } from "../proto/fingerprint.ts";
@@ -79,22 +81,21 @@ let connIds = 0;
 
 /** One accepted client connection. */
 export class Session {
-  readonly #client: Deno.TcpConn;
+  readonly #client: TcpSocket;
   readonly #ctx: SessionContext;
   /** What is known of the connection; at the end its metrics and access-log line. */
   readonly #record: ConnRecord;
   /** The client and the address it connected to: the socket's, or a trusted PROXY header's. */
   #clientNet: Deno.NetAddr;
-  #serverNet: Deno.NetAddr;
-  /** The buffer the hello was read into; the relay reads the client with it afterwards. */
-  #readBuffer: Uint8Array | undefined;
+  /** Null until asked for (a getsockname), unless a PROXY header named it. */
+  #serverNet: Deno.NetAddr | null = null;
   /** Bytes read from the client before the backend was connected; forwarded as-is. */
   #pending: Uint8Array | null = null;
   /** The ALPN protocols of the route taken (null: a route without `alpn`). */
   #routeAlpn: readonly string[] | null = null;
   /** Kernel mode's part, made once the client is known; null in userspace mode. */
   #handoff: KernelHandoff | null = null;
-  #backendConn: Deno.TcpConn | null = null;
+  #backendConn: TcpSocket | null = null;
   /** The backend connected to: this session is one of its `active` connections. */
   #backend: Backend | null = null;
   #relay: ByteRelay | null = null;
@@ -103,11 +104,10 @@ export class Session {
   /** The error behind the end so far, for the access log. */
   #error: unknown = null;
 
-  constructor(client: Deno.TcpConn, ctx: SessionContext) {
+  constructor(client: TcpSocket, ctx: SessionContext) {
     this.#client = client;
     this.#ctx = ctx;
-    this.#clientNet = client.remoteAddr as Deno.NetAddr;
-    this.#serverNet = client.localAddr as Deno.NetAddr;
+    this.#clientNet = client.remoteAddr;
     this.#record = new ConnRecord({
       client: formatAddr(client.remoteAddr),
       listener: ctx.listener,
@@ -188,15 +188,12 @@ export class Session {
     const timer = setTimeout(() => this.stop("client_hello_timeout"), timeouts.clientHelloMs);
     let header: Uint8Array | null = this.#ctx.trustedProxy ? new Uint8Array(0) : null;
     const buf = new Uint8Array(2048);
-    this.#readBuffer = buf;
     try {
       for (;;) {
-        let n: number | null;
-        try {
-          n = await this.#client.read(buf);
-        } catch (e) {
-          if (this.#stopReason) throw new Stopped();
-          this.#finishEarly("client_reset", e);
+        const n = await this.#readClient(buf);
+        if (this.#stopReason) throw new Stopped();
+        if (typeof n !== "number" && n !== null) {
+          this.#finishEarly("client_reset", n);
           return undefined;
         }
         let chunk: Uint8Array | null = n === null ? null : buf.subarray(0, n);
@@ -221,6 +218,18 @@ export class Session {
       return this.#headFailed(e);
     } finally {
       clearTimeout(timer);
+    }
+  }
+
+  /** Reads the client into `buf`: bytes read, null at EOF, or the error. */
+  async #readClient(buf: Uint8Array): Promise<number | null | Error> {
+    const client = this.#client;
+    for (;;) {
+      const n = client.recv(buf);
+      if (n > 0) return n;
+      if (n === 0) return null;
+      if (n !== -E.EAGAIN) return socketError("recv", -n);
+      if ((await client.nextEvent()) === 0) return socketError("recv", E.EBADF);
     }
   }
 
@@ -342,7 +351,7 @@ export class Session {
   async #refuse(refusal: Refusal): Promise<void> {
     try {
       await writeAll(this.#client, this.#ctx.protocol.refusals[refusal]);
-      await this.#client.closeWrite();
+      this.#client.shutdownWrite();
     } catch {
       // the client is gone already
     }
@@ -375,7 +384,6 @@ export class Session {
       metrics,
       fds,
       signal: this.#connectAbort.signal,
-      beforeConnect: handoff ? () => handoff.beforeConnect() : undefined,
       onTry: (backend, configured) => {
         record.backend = backend;
         record.backendLabel = configured;
@@ -396,26 +404,22 @@ export class Session {
   /** Forwards what the client sent so far, then relays until both sides are done. */
   async #relayPair(pool: BackendPool): Promise<CloseReason> {
     const backend = this.#backendConn!;
-    backend.setNoDelay(true);
-    this.#client.setNoDelay(true);
     // pair before forwarding the hello: the backend answers nothing until it has the hello
     // and a TLS client sends nothing more until it has the answer, so no byte can pass the
     // kernel path ahead of one still in userspace
     const pending = this.#pending!;
     const first = pool.proxyProtocol ? concat(this.#proxyHeader(pool), pending) : pending;
     const idleMs = this.#ctx.table.config.timeouts.idleMs;
-    // a kernel relay writes the hello itself: its sockets are out of Deno's hands
+    // a kernel relay writes the hello itself
     const handed = this.#handoff?.handOff(backend, {
       first,
       clientBytes: pending.length,
       hello: this.#hello,
-    });
-    if (!handed?.relay) await writeAll(backend, first);
+    }) ?? null;
+    if (!handed) await writeAll(backend, first);
     this.#record.helloBytes = pending.length;
     this.#pending = null;
-    const relay = handed?.relay ??
-      new Relay(this.#client, backend, idleMs, handed?.hooks, this.#readBuffer);
-    this.#readBuffer = undefined;
+    const relay = handed ?? new Relay(this.#client, backend, idleMs);
     this.#relay = relay;
     this.#record.relay = relay;
     // stopped while the hello was written: the relay ends as stop() would have ended it
@@ -430,7 +434,7 @@ export class Session {
     return proxyHeader(
       pool.proxyProtocol!,
       this.#clientNet,
-      this.#serverNet,
+      this.#serverNet ?? this.#client.localAddr,
       pool.proxyTlvs.length ? this.#tlvValues(pool.proxyTlvs) : undefined,
     );
   }

@@ -3,14 +3,9 @@
  *
  * Once the kernel redirects a pair's bytes, userspace only has to see each socket's EOF, a reset,
  * and the rare bytes the kernel hands to userspace instead (a socket leaving the sockmap as it
- * closes). Left in Deno's epoll set, the sockets would still wake the process for every
- * write-space change the kernel's redirects cause (tens of thousands a second under load), so
- * the pair's sockets are taken out of Deno's epoll set (the conns stay open: closing one shuts
- * its socket down), and the watcher the relay is given (src/conn/detach.ts: one epoll instance
- * per process, waited on off the JS thread) watches them for input, EOF and errors only.
- *
- * The sockets are found and taken out of Deno's loop by src/conn/detach.ts; when that fails the pair
- * stays with the userspace {@link Relay}, which handles spliced pairs too.
+ * closes). Watched for write space too, the sockets would wake the process for every change of
+ * it that the kernel's redirects cause (tens of thousands a second under load), so the relay
+ * watches them (on the proxy's own epoll, src/io/) for input, EOF and errors only.
  *
  * @module
  */
@@ -20,23 +15,15 @@ import {
   EPOLLIN,
   EPOLLRDHUP,
   errnoName,
-  resetSocket,
   sendFd,
   shutdownWrite,
   socketError,
   strerror,
   tcpState,
 } from "../../ffi/libc.ts";
-import type { DetachedPair, FdWatcher } from "./detach.ts";
+import type { FdWatcher, SocketPair } from "../io/watch.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
-import {
-  type ByteRelay,
-  closeQuietly,
-  cutByProxy,
-  IdleTimer,
-  type RelayEnd,
-  type SpliceHooks,
-} from "./relay.ts";
+import { type ByteRelay, IdleTimer, type RelayEnd, type SpliceHooks } from "./relay.ts";
 
 /** One socket of the pair and the direction it is the source of. */
 interface Side {
@@ -74,7 +61,7 @@ export interface SplicedRelayOptions {
  * byte), ends on a reset, writes what the kernel handed to userspace, and closes both conns.
  */
 export class SplicedRelay implements ByteRelay {
-  readonly #pair: DetachedPair;
+  readonly #pair: SocketPair;
   readonly #hooks: SpliceHooks;
   readonly #watcher: FdWatcher;
   readonly #idle: IdleTimer;
@@ -87,7 +74,7 @@ export class SplicedRelay implements ByteRelay {
   bytesUp = 0;
   bytesDown = 0;
 
-  constructor(pair: DetachedPair, options: SplicedRelayOptions) {
+  constructor(pair: SocketPair, options: SplicedRelayOptions) {
     const { idleMs, hooks, first, watcher } = options;
     this.#pair = pair;
     this.#first = first;
@@ -259,17 +246,15 @@ export class SplicedRelay implements ByteRelay {
     this.#error = error;
     this.#idle.clear();
     this.#hooks.release();
-    const cut = cutByProxy(reason);
     for (const s of [this.#client, this.#backend]) {
       clearTimeout(s.retry);
       if (s.id) this.#watcher.unwatch(s.id, s.fd);
-      // a stream the proxy cuts ends with a reset on both sides, never a FIN a peer could take
-      // for its end (after a peer's reset the other side is closed, as in userspace mode)
-      if (cut) resetSocket(s.fd);
     }
-    // Deno closes the fds (its epoll no longer has them: its removal finds nothing, harmlessly)
-    closeQuietly(this.#pair.client);
-    closeQuietly(this.#pair.backend);
+    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN
+    for (const sock of [this.#pair.client, this.#pair.backend]) {
+      if (reason === "done") sock.close();
+      else sock.reset();
+    }
     this.#done(reason);
   }
 }

@@ -275,6 +275,10 @@ export class Proxy implements ListenerHost, AdminTarget {
     return this.#gate.wait();
   }
 
+  hasSlot(): boolean {
+    return this.#full() === null;
+  }
+
   /** Which limit keeps a new client out now, or null when one may come in. */
   #full(): PauseReason | null {
     if (this.#stopping) return null;

@@ -1,0 +1,210 @@
+/**
+ * The socket engine's event loop: one epoll instance per process that watches every socket the
+ * proxy owns (listening, accepted, backend, pipes of kernel relays), and calls each socket's
+ * handler synchronously for its events.
+ *
+ * Deno's own loop still has to run (timers, DNS, the admin socket, metrics, reloads), so the
+ * engine polls without blocking while events keep coming (`epoll_wait` with timeout 0, a fast
+ * FFI call, no promise), and only when nothing is ready waits off the JS thread (a nonblocking
+ * FFI call: one thread hop and one promise per idle wake). After a streak of busy rounds it waits
+ * off-thread once with timeout 0 too, so Deno's loop gets its turn under sustained load. After
+ * every round the microtask queue is drained, so sessions awaiting a socket move on at once.
+ *
+ * Handlers are found by fd, with a generation number in the event's data: an event that was
+ * already fetched for an fd closed (and maybe reused) in the same round is dropped.
+ *
+ * @module
+ */
+import {
+  closeFd,
+  EPOLL_CLOEXEC,
+  EPOLL_CTL_ADD,
+  EPOLL_CTL_DEL,
+  EPOLL_CTL_MOD,
+  EPOLL_EVENT_DATA,
+  EPOLL_EVENT_SIZE,
+  EPOLLIN,
+  errnoText,
+  rcOrErrno,
+  sys,
+} from "../../ffi/socket.ts";
+
+/** Something that owns an fd on the loop. */
+export interface IoHandler {
+  /** The fd's events (EPOLLIN, EPOLLOUT, ...), as epoll reported them. */
+  onIo(events: number): void;
+}
+
+/** Most events fetched by one epoll_wait. */
+const MAX_EVENTS = 256;
+/** How long an idle off-thread wait blocks (a stop wakes it at once through the eventfd). */
+const IDLE_WAIT_MS = 1000;
+/** Busy rounds after which Deno's loop gets a turn even though events keep coming. */
+const BUSY_ROUNDS = 32;
+
+/** Counts of the loop's work, for tests and the benchmark. */
+export interface LoopStats {
+  /** epoll_wait calls on the JS thread (timeout 0). */
+  polls: number;
+  /** epoll_wait calls off the JS thread. */
+  waits: number;
+  /** Events handed to handlers. */
+  events: number;
+}
+
+/** One process's epoll and the handlers of its fds. */
+export class EventLoop {
+  readonly #epfd: number;
+  /** eventfd that wakes an off-thread wait (stop). */
+  readonly #wakeFd: number;
+  readonly #handlers: (IoHandler | undefined)[] = [];
+  readonly #gens: number[] = [];
+  readonly #ctl = new Uint8Array(EPOLL_EVENT_SIZE);
+  readonly #ctlView = new DataView(this.#ctl.buffer);
+  readonly #events = new Uint8Array(MAX_EVENTS * EPOLL_EVENT_SIZE);
+  readonly #eventsView = new DataView(this.#events.buffer);
+  /** The off-thread wait's own buffer: the kernel writes it while JS may poll. */
+  readonly #offEvents = new Uint8Array(MAX_EVENTS * EPOLL_EVENT_SIZE);
+  readonly #offEventsView = new DataView(this.#offEvents.buffer);
+  readonly #onError: (e: unknown) => void;
+  #running = false;
+  #closed = false;
+  #count = 0;
+  readonly stats: LoopStats = { polls: 0, waits: 0, events: 0 };
+
+  /** `onError`: told about a handler that threw (the loop goes on). */
+  constructor(onError: (e: unknown) => void = (e) => console.error(e)) {
+    const s = sys();
+    this.#epfd = s.epoll_create1(EPOLL_CLOEXEC);
+    if (this.#epfd < 0) throw new Error(`epoll_create1: ${errnoText(-rcOrErrno(-1))}`);
+    this.#wakeFd = s.eventfd(0, 0o4000 | 0o2000000); // EFD_NONBLOCK | EFD_CLOEXEC
+    if (this.#wakeFd < 0 || this.#ctlAdd(this.#wakeFd, EPOLLIN, 0xffffffff, 0) < 0) {
+      throw new Error("eventfd for the socket engine failed");
+    }
+    this.#onError = onError;
+  }
+
+  /** fds watched now. */
+  get watched(): number {
+    return this.#count;
+  }
+
+  /** Watches `fd` for `events` (EPOLLET for edge-triggered); 0 or -errno. */
+  add(fd: number, events: number, handler: IoHandler): number {
+    const gen = ((this.#gens[fd] ?? 0) + 1) >>> 0;
+    const rc = this.#ctlAdd(fd, events, fd, gen);
+    if (rc < 0) return rc;
+    this.#gens[fd] = gen;
+    this.#handlers[fd] = handler;
+    this.#count++;
+    if (!this.#running && !this.#closed) this.#run();
+    return 0;
+  }
+
+  /** Changes the events `fd` is watched for; 0 or -errno. */
+  modify(fd: number, events: number): number {
+    return this.#ctl_(EPOLL_CTL_MOD, fd, events, fd, this.#gens[fd] ?? 0);
+  }
+
+  /** Gives `fd` a new handler (a session handing its sockets to a relay). */
+  setHandler(fd: number, handler: IoHandler): void {
+    if (this.#handlers[fd]) this.#handlers[fd] = handler;
+  }
+
+  /**
+   * Forgets `fd` before it is closed: no event fetched for it is delivered any more. `unwatch`:
+   * also take it out of the epoll set (needed only when the fd stays open, e.g. a paused
+   * listener; closing the fd removes it from the set by itself).
+   */
+  forget(fd: number, unwatch = false): void {
+    if (!this.#handlers[fd]) return;
+    this.#handlers[fd] = undefined;
+    this.#gens[fd] = ((this.#gens[fd] ?? 0) + 1) >>> 0;
+    this.#count--;
+    if (unwatch) this.#ctl_(EPOLL_CTL_DEL, fd, 0, 0, 0);
+  }
+
+  /** Stops the loop (after the current round); watched fds stay open. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    const one = new Uint8Array(8);
+    one[0] = 1;
+    sys().write(this.#wakeFd, one, 8n);
+  }
+
+  #ctlAdd(fd: number, events: number, data: number, gen: number): number {
+    return this.#ctl_(EPOLL_CTL_ADD, fd, events, data, gen);
+  }
+
+  #ctl_(op: number, fd: number, events: number, data: number, gen: number): number {
+    const v = this.#ctlView;
+    v.setUint32(0, events >>> 0, true);
+    v.setUint32(EPOLL_EVENT_DATA, data >>> 0, true);
+    v.setUint32(EPOLL_EVENT_DATA + 4, gen, true);
+    return rcOrErrno(sys().epoll_ctl(this.#epfd, op, fd, this.#ctl));
+  }
+
+  async #run(): Promise<void> {
+    this.#running = true;
+    const s = sys();
+    let busy = 0;
+    try {
+      // with nothing watched the loop ends (and with it the off-thread wait that would keep the
+      // process alive); the next add() starts it again
+      while (!this.#closed && this.#count > 0) {
+        if (busy < BUSY_ROUNDS) {
+          this.stats.polls++;
+          const n = s.epoll_wait(this.#epfd, this.#events, MAX_EVENTS, 0);
+          if (n > 0) {
+            busy++;
+            this.#dispatch(this.#eventsView, n);
+            // sessions awaiting a socket run now (microtasks), before the next poll
+            await undefined;
+            continue;
+          }
+        }
+        this.stats.waits++;
+        const timeout = busy >= BUSY_ROUNDS ? 0 : IDLE_WAIT_MS;
+        busy = 0;
+        const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
+        if (n > 0) this.#dispatch(this.#offEventsView, n);
+      }
+    } finally {
+      this.#running = false;
+      if (this.#closed) {
+        closeFd(this.#wakeFd);
+        closeFd(this.#epfd);
+      }
+    }
+  }
+
+  #dispatch(v: DataView, n: number): void {
+    this.stats.events += n;
+    for (let i = 0; i < n; i++) {
+      const at = i * EPOLL_EVENT_SIZE;
+      const fd = v.getUint32(at + EPOLL_EVENT_DATA, true);
+      const handler = this.#handlers[fd];
+      // the wake eventfd has no handler; a stale event (fd closed this round) has an old gen
+      if (!handler || v.getUint32(at + EPOLL_EVENT_DATA + 4, true) !== this.#gens[fd]) continue;
+      try {
+        handler.onIo(v.getUint32(at, true));
+      } catch (e) {
+        this.#onError(e);
+      }
+    }
+  }
+}
+
+let processLoop: EventLoop | null = null;
+
+/** The process's event loop (one epoll for all its sockets), made on first use. */
+export function eventLoop(): EventLoop {
+  processLoop ??= new EventLoop();
+  return processLoop;
+}
+
+/** Sets the process loop's error sink (the proxy's logger). */
+export function setLoopErrorSink(onError: (e: unknown) => void): void {
+  processLoop ??= new EventLoop(onError);
+}

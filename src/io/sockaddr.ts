@@ -1,0 +1,64 @@
+/**
+ * struct sockaddr_in / sockaddr_in6 from and to the `{ hostname, port }` shape of Deno.NetAddr,
+ * which the rest of the proxy (ACL, logs, PROXY headers) speaks.
+ *
+ * @module
+ */
+import { formatIpv6, parseIp } from "../net/ip.ts";
+import { AF_INET, AF_INET6 } from "../../ffi/socket.ts";
+
+/** sizeof(struct sockaddr_in6): room for either family. */
+export const SOCKADDR_SIZE = 28;
+
+/** An IP socket address as Deno.NetAddr has it (`hostname` without brackets). */
+export type NetAddr = Deno.NetAddr;
+
+/**
+ * Writes `hostname:port` into `out` (at least {@link SOCKADDR_SIZE} bytes); returns its length,
+ * or 0 when `hostname` is no IP literal. `v6`: an IPv4 address is written as IPv4-mapped IPv6
+ * (for a socket of family AF_INET6).
+ */
+export function encodeSockaddr(
+  hostname: string,
+  port: number,
+  out: Uint8Array,
+  v6 = false,
+): number {
+  const ip = parseIp(hostname);
+  if (!ip) return 0;
+  out.fill(0, 0, SOCKADDR_SIZE);
+  out[2] = port >> 8;
+  out[3] = port & 0xff;
+  if (ip.family === 2 && !v6) {
+    out[0] = AF_INET;
+    out.set(ip.bytes.subarray(0, 4), 4);
+    return 16;
+  }
+  out[0] = AF_INET6;
+  if (ip.family === 2) {
+    out[18] = 0xff;
+    out[19] = 0xff;
+    out.set(ip.bytes.subarray(0, 4), 20);
+  } else out.set(ip.bytes, 8);
+  return SOCKADDR_SIZE;
+}
+
+/** Whether `hostname` is an IPv6 literal (a socket for it must be AF_INET6). */
+export function isV6(hostname: string): boolean {
+  return parseIp(hostname)?.family === 10 || hostname.includes(":");
+}
+
+/** The address in a sockaddr buffer as Deno.NetAddr, or null for another family. */
+export function decodeSockaddr(b: Uint8Array, transport: "tcp" | "udp" = "tcp"): NetAddr | null {
+  const family = b[0] | (b[1] << 8);
+  const port = (b[2] << 8) | b[3];
+  if (family === AF_INET) {
+    return { transport, hostname: `${b[4]}.${b[5]}.${b[6]}.${b[7]}`, port };
+  }
+  if (family !== AF_INET6) return null;
+  const a = b.subarray(8, 24);
+  const mapped = a[10] === 0xff && a[11] === 0xff && a.subarray(0, 10).every((x) => x === 0);
+  // a v4 client of a dual-stack listener, spelled as Deno spells it
+  const hostname = mapped ? `::ffff:${a[12]}.${a[13]}.${a[14]}.${a[15]}` : formatIpv6(a);
+  return { transport, hostname, port };
+}
