@@ -1,8 +1,8 @@
 /**
  * The few libc functions the eBPF fast path needs that Deno has no API for: file descriptors for
  * directories (cgroup attach), mount(2) (cgroup2/bpffs), netlink sockets (sock_diag), errno and
- * vsnprintf (rendering libbpf's va_list log messages), the socket and epoll calls that let a
- * spliced pair live outside Deno's event loop, getrlimit (the descriptor limit the accept loop
+ * vsnprintf (rendering libbpf's va_list log messages), the socket, pipe and splice calls of the
+ * kernel relays, getrlimit (the descriptor limit the accept loop
  * keeps clear of) and clock_gettime (the clock of XDP block expiries). Opened lazily on first
  * use.
  * @module
@@ -32,10 +32,6 @@ const LIBC_SYMBOLS = {
   pipe2: { parameters: ["buffer", "i32"], result: "i32" },
   dup3: { parameters: ["i32", "i32", "i32"], result: "i32" },
   splice: { parameters: ["i32", "pointer", "i32", "pointer", "usize", "u32"], result: "isize" },
-  epoll_create1: { parameters: ["i32"], result: "i32" },
-  epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
-  // on a thread of its own: the wait blocks
-  epoll_wait: { parameters: ["i32", "buffer", "i32", "i32"], result: "i32", nonblocking: true },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The opened libc with its typed symbol table. */
@@ -184,21 +180,12 @@ export function openFileLimit(): number {
 export const EINTR = Errno.EINTR;
 export const EAGAIN = Errno.EAGAIN;
 
-const F_DUPFD_CLOEXEC = 1030;
 const SOL_SOCKET = 1;
 const SO_ERROR = 4;
 const SO_LINGER = 13;
-const SO_COOKIE = 57;
 const IPPROTO_TCP = 6;
 const TCP_INFO = 11;
 const SHUT_WR = 1;
-
-/** The lowest fd not in use (the one the next socket or file gets), or -1. */
-export function lowestFreeFd(): number {
-  const fd = libc().fcntl(0, F_DUPFD_CLOEXEC, 0);
-  if (fd >= 0) libc().close(fd);
-  return fd;
-}
 
 /** socket(2) type flag: the socket's fd is close-on-exec. */
 export const SOCK_CLOEXEC = 0o2000000;
@@ -272,11 +259,6 @@ export function resetSocket(fd: number): number {
   if (devNull < 0) devNull = libc().open(cString("/dev/null"), O_RDONLY | O_CLOEXEC, 0);
   if (devNull < 0) return -errno();
   return libc().dup3(devNull, fd, O_CLOEXEC) >= 0 ? 0 : -errno();
-}
-
-/** The socket's cookie (SO_COOKIE), the id a sockhash lookup returns; null when not a socket. */
-export function socketCookie(fd: number): bigint | null {
-  return getsockopt(fd, SOL_SOCKET, SO_COOKIE, 8) ? optView.getBigUint64(0, true) : null;
 }
 
 /** The socket's pending error (SO_ERROR, e.g. ECONNRESET), 0 for none; clears it. */
@@ -361,80 +343,4 @@ export function spliceFd(from: number, to: number, len: number): number {
     libc().splice(from, null, to, null, BigInt(len), SPLICE_F_MOVE | SPLICE_F_NONBLOCK),
   );
   return n < 0 ? -errno() : n;
-}
-
-export const EPOLLIN = 0x001;
-export const EPOLLPRI = 0x002;
-export const EPOLLOUT = 0x004;
-export const EPOLLERR = 0x008;
-export const EPOLLHUP = 0x010;
-export const EPOLLRDHUP = 0x2000;
-export const EPOLLET = 1 << 31;
-const EPOLL_CLOEXEC = 0o2000000;
-const EPOLL_CTL_ADD = 1;
-const EPOLL_CTL_DEL = 2;
-/** struct epoll_event is packed (12 bytes) on x86_64 only; 16 bytes with padding elsewhere. */
-const EVENT_SIZE = Deno.build.arch === "x86_64" ? 12 : 16;
-const EVENT_DATA = Deno.build.arch === "x86_64" ? 4 : 8;
-
-const noEvent = new Uint8Array(EVENT_SIZE);
-
-/** Takes `fd` out of the epoll instance `epfd` (not necessarily ours); 0 or -errno. */
-export function epollDelete(epfd: number, fd: number): number {
-  return libc().epoll_ctl(epfd, EPOLL_CTL_DEL, fd, noEvent) === 0 ? 0 : -errno();
-}
-
-/** An epoll instance whose wait runs off the JS thread (the event loop stays free); it lives as long as the process. */
-export class Epoll {
-  readonly #fd: number;
-  readonly #ctl = new Uint8Array(EVENT_SIZE);
-  readonly #ctlView = new DataView(this.#ctl.buffer);
-  readonly #events: Uint8Array<ArrayBuffer>;
-  readonly #eventsView: DataView;
-  readonly #max: number;
-  #waiting = false;
-
-  /** `maxEvents`: how many events one wait() returns at most. */
-  constructor(maxEvents = 256) {
-    this.#fd = libc().epoll_create1(EPOLL_CLOEXEC);
-    if (this.#fd < 0) throw new SyscallError("epoll_create1", errno());
-    this.#max = maxEvents;
-    this.#events = new Uint8Array(maxEvents * EVENT_SIZE);
-    this.#eventsView = new DataView(this.#events.buffer);
-  }
-
-  /** Watches `fd` for `events`; `id` (a safe integer) comes back with each of its events. */
-  add(fd: number, events: number, id: number): void {
-    this.#ctlView.setUint32(0, events >>> 0, true);
-    this.#ctlView.setBigUint64(EVENT_DATA, BigInt(id), true);
-    if (libc().epoll_ctl(this.#fd, EPOLL_CTL_ADD, fd, this.#ctl) !== 0) {
-      throw new SyscallError(`epoll_ctl(ADD, ${fd})`, errno());
-    }
-  }
-
-  /** Stops watching `fd` (closing it does that too). */
-  delete(fd: number): void {
-    epollDelete(this.#fd, fd);
-  }
-
-  /**
-   * Waits up to `timeoutMs` for events and calls `onEvent(id, events)` for each. One wait at a
-   * time.
-   */
-  async wait(timeoutMs: number, onEvent: (id: number, events: number) => void): Promise<void> {
-    if (this.#waiting) throw new Error("Epoll.wait: a wait is already running");
-    this.#waiting = true;
-    let n: number;
-    try {
-      n = await libc().epoll_wait(this.#fd, this.#events, this.#max, timeoutMs);
-    } finally {
-      this.#waiting = false;
-    }
-    // -1 is EINTR (a signal reached that thread): an empty round
-    const v = this.#eventsView;
-    for (let i = 0; i < n; i++) {
-      const at = i * EVENT_SIZE;
-      onEvent(Number(v.getBigUint64(at + EVENT_DATA, true)), v.getUint32(at, true));
-    }
-  }
 }

@@ -40,7 +40,6 @@ Deno.test("a minimal config gets the documented defaults", () => {
   assert.equal(c.log.file, "/etc/sni/logs/sni-proxy.log", "relative to the config's directory");
   assert.equal(c.log.accessLog, "/etc/sni/logs/access.log");
   assert.equal(c.ebpf.enabled, false);
-  assert.equal(c.ebpf.detachSpliced, true, "spliced sockets leave Deno's event loop");
   assert.equal(c.workers, navigator.hardwareConcurrency, "workers: one per CPU");
 });
 
@@ -295,6 +294,7 @@ Deno.test("a reload names every field it cannot apply and keeps their running va
       maps: { pairs: 2048 },
       sndbuf: 65536,
       detach_spliced: false,
+      drain_timeout_ms: 700,
       xdp: { interfaces: ["lo"] },
     },
   }, "/c.json");
@@ -321,7 +321,11 @@ Deno.test("a reload names every field it cannot apply and keeps their running va
     ["127.0.0.1:8443", "default"],
     ["127.0.0.1:8080", "plain"],
   ]);
-  assert.equal(config.ebpf.detachSpliced, false);
+  assert.equal(config.ebpf.drainTimeoutMs, 700);
+  assert.ok(
+    warnings.some((w) => w.startsWith("ebpf.detach_spliced: has no effect")),
+    "a config that still sets ebpf.detach_spliced is told it has no effect",
+  );
   // kept: what needs a restart
   assert.equal(config.workers, running.workers);
   assert.equal(config.log.level, "info");

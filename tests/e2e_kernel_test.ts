@@ -425,7 +425,7 @@ async function echo(conn: Deno.TcpConn, received?: number[]): Promise<void> {
 const ROUND_TRIPS = 2000;
 
 ktest(
-  "kernel mode: traffic on spliced connections does not wake the proxy (controls: with detach_spliced false, and in userspace mode, every message does)",
+  "kernel mode: traffic on spliced connections does not wake the proxy (control: in userspace mode every message does)",
   async (scope) => {
     const backend = rawBackend(scope, echo);
     const routes = [{ match: "a.test", backends: [backend.address] }];
@@ -451,31 +451,20 @@ ktest(
     const proxy = await startKernelProxy(scope, { listeners, routes, ebpf: kernelEbpf() });
     const k = await wakeups(proxy);
     await assertCleanStop(proxy);
-    const lproxy = await startKernelProxy(scope, {
-      listeners,
-      routes,
-      ebpf: kernelEbpf({ detach_spliced: false }),
-    });
-    const l = await wakeups(lproxy);
-    await assertCleanStop(lproxy);
     const uproxy = await startProxy(scope, { listeners, routes, ebpf: { enabled: false } });
     const u = await wakeups(uproxy);
     await assertCleanStop(uproxy);
     note(
       `${ROUND_TRIPS} round trips of ${message.length} B: kernel mode woke the proxy ` +
-        `${k.wakeups} times and it moved ${k.read + k.written} B; in Deno's loop ` +
-        `${l.wakeups} times, ${l.read + l.written} B; userspace mode ` +
+        `${k.wakeups} times and it moved ${k.read + k.written} B; userspace mode ` +
         `${u.wakeups} times, ${u.read + u.written} B`,
     );
     // the 4 conns' messages may share a wakeup
     assert.ok(u.wakeups >= ROUND_TRIPS / 8, `userspace control woke ${u.wakeups} times`);
     assert.ok(u.read >= ROUND_TRIPS * message.length, `userspace control read ${u.read} B`);
-    // spliced sockets are out of Deno's epoll set: a handful of wakeups at most (timers)
+    // spliced sockets are watched for input and EOF only: a handful of wakeups at most (timers)
     assert.ok(k.wakeups < 50, `kernel mode woke the proxy ${k.wakeups} times`);
     assert.ok(k.read + k.written < 4096, "kernel mode moved no payload through the process");
-    // left in Deno's epoll set, spliced sockets wake it for what the kernel did on them
-    assert.ok(l.wakeups >= ROUND_TRIPS / 8, `in Deno's loop: woke ${l.wakeups} times`);
-    assert.ok(l.read + l.written < 4096, "in Deno's loop the payload is still spliced");
   },
   60_000,
 );
@@ -662,22 +651,20 @@ async function tlsEchoes(port: number, payload: Uint8Array, count: number): Prom
 // bytes still in the kernel's redirect queue (TLS: "cannot decrypt"); before the fix about 1 in
 // 20 of these echoes broke, so 100 in a row catch a regression almost surely.
 ktest(
-  "kernel mode: 100 TLS echoes of 1 MiB where the backend closes right after its last write all arrive in order (detached and with detach_spliced: false)",
+  "kernel mode: 100 TLS echoes of 1 MiB where the backend closes right after its last write all arrive in order",
   async (scope) => {
     const backend = await rawServer(scope, echoHandler);
-    for (const detach of [true, false]) {
-      const proxy = await startKernelProxy(scope, {
-        listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-        routes: [{ match: "a.test", backends: [backend.address] }],
-        ebpf: kernelEbpf({ detach_spliced: detach }),
-      });
-      const bad = await tlsEchoes(proxy.port(), POOL.subarray(0, MiB), 100);
-      assert.deepEqual(bad, [], `detach ${detach}: ${bad.length} of 100 echoes broken`);
-      const entries = await entriesAtLeast(proxy, backend.address, 100);
-      assert.ok(entries.every((e) => e.mode === "kernel" && e.close_reason === "done"));
-      assert.deepEqual(backend.errors, []);
-      await assertCleanStop(proxy);
-    }
+    const proxy = await startKernelProxy(scope, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+      routes: [{ match: "a.test", backends: [backend.address] }],
+      ebpf: kernelEbpf(),
+    });
+    const bad = await tlsEchoes(proxy.port(), POOL.subarray(0, MiB), 100);
+    assert.deepEqual(bad, [], `${bad.length} of 100 echoes broken`);
+    const entries = await entriesAtLeast(proxy, backend.address, 100);
+    assert.ok(entries.every((e) => e.mode === "kernel" && e.close_reason === "done"));
+    assert.deepEqual(backend.errors, []);
+    await assertCleanStop(proxy);
   },
   90_000,
 );

@@ -192,6 +192,12 @@ function ebpfWarnings(c: ConfigSource): string[] {
       );
     }
   }
+  if (c.ebpf.detach_spliced !== undefined) {
+    warnings.push(
+      "ebpf.detach_spliced: has no effect (the proxy owns its sockets and watches them on its " +
+        "own epoll in every mode); remove it",
+    );
+  }
   return warnings;
 }
 

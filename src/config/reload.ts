@@ -89,7 +89,6 @@ export function reloadable(
       ...running.ebpf,
       dnsCacheEnabled: next.ebpf.dnsCacheEnabled,
       drainTimeoutMs: next.ebpf.drainTimeoutMs,
-      detachSpliced: next.ebpf.detachSpliced,
     },
   };
   const warnings = ignored.length > 0

@@ -230,10 +230,10 @@ const ebpfSchema = z.strictObject({
   /** How long a closing spliced side waits for the kernel's redirect queue to drain. */
   drain_timeout_ms: ms(5_000),
   /**
-   * Take spliced sockets out of Deno's event loop (the proxy's own epoll, the stream-parser
-   * sockhash); false leaves them in Deno's loop, woken by their traffic.
+   * No effect any more (the proxy owns its sockets, on its own epoll, in every mode): accepted
+   * so that older configs still load, with a warning.
    */
-  detach_spliced: z.boolean().default(true),
+  detach_spliced: z.boolean().optional(),
   /** A BPF object file to load instead of the bundled one (relative: the config's directory). */
   object: z.string().min(1).optional(),
   xdp: xdpSchema.optional(),

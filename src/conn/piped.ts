@@ -14,12 +14,6 @@ import {
   closeFd,
   EAGAIN,
   EINTR,
-  EPOLLERR,
-  EPOLLHUP,
-  EPOLLIN,
-  EPOLLOUT,
-  EPOLLPRI,
-  EPOLLRDHUP,
   errnoName,
   makePipe,
   sendFd,
@@ -29,6 +23,7 @@ import {
   spliceFd,
   strerror,
 } from "../../ffi/libc.ts";
+import { EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLPRI, EPOLLRDHUP } from "../../ffi/socket.ts";
 import type { FdWatcher, SocketPair } from "../io/watch.ts";
 import { type ByteRelay, IdleTimer, type RelayEnd } from "./relay.ts";
 import { logger } from "../ops/log.ts";

@@ -12,8 +12,6 @@
 import {
   EAGAIN,
   EINTR,
-  EPOLLIN,
-  EPOLLRDHUP,
   errnoName,
   sendFd,
   shutdownWrite,
@@ -21,6 +19,7 @@ import {
   strerror,
   tcpState,
 } from "../../ffi/libc.ts";
+import { EPOLLIN, EPOLLRDHUP } from "../../ffi/socket.ts";
 import type { FdWatcher, SocketPair } from "../io/watch.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
 import { type ByteRelay, IdleTimer, type RelayEnd, type SpliceHooks } from "./relay.ts";
