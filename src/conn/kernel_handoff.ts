@@ -13,7 +13,6 @@ import type { ClientHello } from "../proto/clienthello.ts";
 import { BurstLog, logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { errText } from "../ops/errtext.ts";
-import { parseIp } from "../net/ip.ts";
 import type { ByteRelay, SpliceHooks } from "./relay.ts";
 import type { ByteCounts, KernelPart } from "./conn_record.ts";
 import { SplicedRelay } from "./spliced.ts";
