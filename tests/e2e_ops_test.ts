@@ -213,7 +213,7 @@ e2eTest("a listener address in use is a clear start error", async () => {
     const r = await runCli(["--config", file], 15_000);
     assert.notEqual(r.code, 0);
     assert.match(r.stdout + r.stderr, new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}`));
-    assert.match(r.stdout + r.stderr, /AddrInUse/);
+    assert.match(r.stdout + r.stderr, /Address already in use \[EADDRINUSE\]/);
   } finally {
     held.close();
   }

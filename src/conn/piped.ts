@@ -24,7 +24,8 @@ import {
   strerror,
 } from "../../ffi/libc.ts";
 import { EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLPRI, EPOLLRDHUP } from "../../ffi/socket.ts";
-import type { FdWatcher, SocketPair } from "../io/watch.ts";
+import { type FdWatcher, socketOf, type SocketPair } from "../io/watch.ts";
+import type { TcpSocket } from "../io/tcp.ts";
 import { type ByteRelay, IdleTimer, type RelayEnd } from "./relay.ts";
 import { logger } from "../ops/log.ts";
 
@@ -101,7 +102,19 @@ interface Direction {
   bytes: number;
   /** The source got TCP urgent data (EPOLLPRI): splice(2) stops at its mark, recv(2) passes it. */
   urgent: boolean;
+  /** The source socket (its readiness as epoll last said). */
+  srcSocket: TcpSocket;
+  /**
+   * The direction carries bulk and moves through a pipe; until then it is copied (recv/send:
+   * a short read says the socket is drained, where a short splice does not, so small messages
+   * cost no extra call).
+   */
+  spliced: boolean;
 }
+
+/** What a direction's copies are read into (written on at once, synchronously). */
+const copyChunk = new Uint8Array(64 * 1024);
+const COPY_LEN = BigInt(copyChunk.length);
 
 /**
  * The relay of a pair whose sockets were taken out of Deno's loop, through splice(2). Ends when
@@ -157,6 +170,8 @@ export class PipedRelay implements ByteRelay {
       done: false,
       bytes: 0,
       urgent: false,
+      srcSocket: socketOf(pair, src),
+      spliced: false,
     });
     this.#upDir = dir(true, pair.clientFd, pair.backendFd);
     this.#downDir = dir(false, pair.backendFd, pair.clientFd);
@@ -212,9 +227,10 @@ export class PipedRelay implements ByteRelay {
     const input = (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP | EPOLLPRI)) !== 0;
     if (events & EPOLLPRI) (fd === this.#pair.clientFd ? this.#upDir : this.#downDir).urgent = true;
     const output = (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) !== 0;
-    for (const d of [this.#upDir, this.#downDir]) {
-      if ((input && d.src === fd) || (output && d.dst === fd)) this.#pump(d);
-    }
+    const up = this.#upDir;
+    const down = this.#downDir;
+    if ((input && up.src === fd) || (output && up.dst === fd)) this.#pump(up);
+    if ((input && down.src === fd) || (output && down.dst === fd)) this.#pump(down);
     // a reset of a socket whose own direction already ended (it half-closed earlier) reaches
     // no read: its pending error says so
     if ((events & (EPOLLERR | EPOLLHUP)) && this.#end === null) {
@@ -276,6 +292,7 @@ export class PipedRelay implements ByteRelay {
    * True: go on; false: wait for an event or a pipe (or the relay ended).
    */
   #fill(d: Direction): boolean {
+    if (!d.spliced) return this.#copy(d);
     const pipe = this.#pool.take();
     if (pipe instanceof Error) {
       // a local shortage is no reason to cut a healthy stream: the bytes wait in the socket
@@ -302,22 +319,49 @@ export class PipedRelay implements ByteRelay {
       const read = this.#readPastMark(d);
       if (read !== null) return read;
     }
-    if (n === 0) {
-      // a reset socket reads 0 bytes too: its pending error tells a reset from an EOF
-      const err = socketError(d.src);
-      if (err) {
-        this.#retry(-err, d.src);
-        return false;
-      }
-      d.eof = true;
-      return true;
-    }
+    if (n === 0) return this.#atZero(d);
     if (this.#retry(n, d.src)) return true;
     if (d.pipe) {
       this.#pool.give(d.pipe, true);
       d.pipe = null;
     }
     return false;
+  }
+
+  /**
+   * Copies what the source has (one read): written on at once, what the destination refuses
+   * kept as the prefix. A read that fills the buffer is bulk: the direction moves to splice(2).
+   * True: go on; false: wait for an event (or the relay ended).
+   */
+  #copy(d: Direction): boolean {
+    const src = d.srcSocket;
+    if (!src.readable) return false;
+    const n = src.recv(copyChunk, COPY_LEN);
+    if (n > 0) {
+      this.#idle.touch();
+      d.bytes += n;
+      if (n === copyChunk.length) d.spliced = true;
+      const w = sendFd(d.dst, n === copyChunk.length ? copyChunk : copyChunk.subarray(0, n));
+      if (w === n) return true;
+      if (w < 0 && w !== -EAGAIN && w !== -EINTR) return this.#retry(w, d.dst);
+      d.prefix = copyChunk.slice(Math.max(w, 0), n);
+      d.prefixOff = 0;
+      return true;
+    }
+    if (n === 0) return this.#atZero(d);
+    return this.#retry(n, d.src);
+  }
+
+  /** A read of 0 bytes: a reset (its pending error) or the EOF. */
+  #atZero(d: Direction): boolean {
+    // a reset socket reads 0 bytes too: its pending error tells a reset from an EOF
+    const err = socketError(d.src);
+    if (err) {
+      this.#retry(-err, d.src);
+      return false;
+    }
+    d.eof = true;
+    return true;
   }
 
   /**

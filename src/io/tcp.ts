@@ -50,7 +50,7 @@ export class SocketError extends Error {
   readonly errno: number;
   readonly code: string;
   constructor(op: string, errno: number, code: string) {
-    super(`${op}: ${strerror(errno)} (os error ${errno})`);
+    super(`${op}: ${strerror(errno)} [${code}] (os error ${errno})`);
     this.name = errno === E.ECONNREFUSED
       ? "ConnectionRefused"
       : errno === E.ECONNRESET
