@@ -3,7 +3,8 @@
  * reassembles a handshake message spread over several records and TCP segments, and returns the
  * server name, ALPN list and the presence of early_data and encrypted_client_hello. Every
  * malformed, truncated, oversized or non-TLS input ends in a {@link ClientHelloError}; no other
- * exception escapes.
+ * exception escapes. {@link parseClientHelloMessage} parses a whole handshake message without
+ * records, as QUIC carries it (src/proto/quic.ts).
  *
  * Cost: bytes are copied once into one growing buffer (doubling); a record is looked at only
  * when its header, and then its whole payload, is there, so feeding one byte at a time is linear.
