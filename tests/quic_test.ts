@@ -325,6 +325,26 @@ Deno.test("the first copy of repeated CRYPTO data is kept", () => {
   assert.equal(got.hello.serverName, "pq.example");
 });
 
+Deno.test("an Initial with a token (after a Retry or NEW_TOKEN) is read", () => {
+  const token = new Uint8Array(120).fill(0x5a);
+  const got = helloOf(reader().push(initial(cryptoFrame(0, rfcHello), { token })));
+  assert.equal(got.hello.serverName, "example.com");
+});
+
+Deno.test("packet numbers of 1 to 4 bytes decode against the largest one seen", () => {
+  for (const [pn, pnLen] of [[0, 1], [200, 2], [70000, 3], [0x1234567, 4]] as const) {
+    const got = helloOf(reader().push(initial(cryptoFrame(0, rfcHello), { pn, pnLen })));
+    assert.equal(got.hello.serverName, "example.com", `pn ${pn} in ${pnLen} bytes`);
+  }
+  // 0x1ff then 0x200 sent as its low byte 0x00: the nonce holds the full number, so a wrong
+  // decoding would not authenticate
+  const first = initial(cryptoFrame(0, pqHello.subarray(0, 1000)), { pn: 0x1ff, pnLen: 2 });
+  const second = initial(cryptoFrame(1000, pqHello.subarray(1000)), { pn: 0x200, pnLen: 1 });
+  const r = reader();
+  assert.equal(r.push(first).kind, "more");
+  assert.equal(helloOf(r.push(second)).hello.serverName, "pq.example");
+});
+
 Deno.test("ACK, ACK with ECN counts, PING and PADDING frames are skipped", () => {
   const ack = concatBytes(
     Uint8Array.of(0x02),
