@@ -58,7 +58,7 @@ export interface ClientHello {
   encryptedClientHello: boolean;
   /**
    * Bytes of the TLS records that carried the hello, record headers included. Bytes pushed
-   * beyond this are application data the client sent early.
+   * beyond this are application data the client sent early. Over QUIC: the handshake message's.
    */
   recordBytes: number;
   /** JA4 and JA3, when the parser was asked for them. */

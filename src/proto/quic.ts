@@ -111,7 +111,9 @@ export class QuicInitialReader {
   readonly #crypto: CryptoAssembler;
   readonly #maxPackets: number;
   readonly #fingerprint: boolean;
+  /** The connection's keys, once one of its Initials has decrypted. */
   #opener: InitialOpener | null = null;
+  #tried: InitialOpener | null = null;
   #scid: Uint8Array | null = null;
   #largestPn = -1;
   #packets = 0;
@@ -147,11 +149,18 @@ export class QuicInitialReader {
         `an Initial in a datagram of ${datagram.length} bytes, under ${MIN_INITIAL_DATAGRAM}`,
       );
     }
-    return this.#packetsOf(
-      datagram,
-      first,
-      opener ?? new InitialOpener(first.version, dcidOf(datagram, first)),
-    );
+    return this.#packetsOf(datagram, first, opener ?? this.#candidate(datagram, first));
+  }
+
+  /**
+   * The keys for a flow whose Initials have not decrypted yet: those of the last datagram
+   * tried when it had the same connection ID, so repeated bad datagrams cost no new derivation.
+   */
+  #candidate(b: Uint8Array, first: LongHeader): InitialOpener {
+    const tried = this.#tried;
+    if (tried && sameConnection(tried, b, first)) return tried;
+    this.#tried = new InitialOpener(first.version, dcidOf(b, first));
+    return this.#tried;
   }
 
   /** Decrypts and takes in every Initial of the datagram that belongs to the connection. */
@@ -190,6 +199,7 @@ export class QuicInitialReader {
       return bad("undecryptable", "no Initial of the datagram decrypts with the Initial keys");
     }
     this.#opener = opener;
+    this.#tried = null;
     this.#scid ??= b.slice(first.scidOff, first.scidOff + first.scidLen);
     this.#largestPn = largest;
     this.#packets += frames.length;
