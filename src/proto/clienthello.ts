@@ -3,7 +3,8 @@
  * reassembles a handshake message spread over several records and TCP segments, and returns the
  * server name, ALPN list and the presence of early_data and encrypted_client_hello. Every
  * malformed, truncated, oversized or non-TLS input ends in a {@link ClientHelloError}; no other
- * exception escapes.
+ * exception escapes. {@link parseClientHelloMessage} parses a whole handshake message without
+ * records, as QUIC carries it (src/proto/quic.ts).
  *
  * Cost: bytes are copied once into one growing buffer (doubling); a record is looked at only
  * when its header, and then its whole payload, is there, so feeding one byte at a time is linear.
@@ -11,7 +12,7 @@
  *
  * @module
  */
-import { type Fingerprints, fingerprints } from "./fingerprint.ts";
+import { type Fingerprints, fingerprints, type HelloTransport } from "./fingerprint.ts";
 import { HeadParser } from "./headparser.ts";
 
 /** What was wrong with the bytes. */
@@ -57,7 +58,7 @@ export interface ClientHello {
   encryptedClientHello: boolean;
   /**
    * Bytes of the TLS records that carried the hello, record headers included. Bytes pushed
-   * beyond this are application data the client sent early.
+   * beyond this are application data the client sent early. Over QUIC: the handshake message's.
    */
   recordBytes: number;
   /** JA4 and JA3, when the parser was asked for them. */
@@ -230,6 +231,30 @@ export class ClientHelloParser extends HeadParser<ClientHello> {
   }
 }
 
+/**
+ * Parses one whole ClientHello handshake message (4-byte header included, nothing after it),
+ * as QUIC carries it in CRYPTO frames without TLS records; `recordBytes` of the result is the
+ * message's length. Throws a {@link ClientHelloError} like the record parser does.
+ */
+export function parseClientHelloMessage(
+  message: Uint8Array,
+  options: { fingerprint?: boolean; transport?: HelloTransport } = {},
+): ClientHello {
+  if (message.length < HANDSHAKE_HEADER) {
+    throw new ClientHelloError("truncated", `handshake message of ${message.length} bytes`);
+  }
+  checkHandshakeType(message[0]);
+  const length = (message[1] << 16) | (message[2] << 8) | message[3];
+  if (HANDSHAKE_HEADER + length !== message.length) {
+    throw new ClientHelloError(
+      "bad_length",
+      `handshake length ${length} does not match the ${message.length - HANDSHAKE_HEADER} bytes`,
+    );
+  }
+  const body = message.subarray(HANDSHAKE_HEADER);
+  return parseBody(body, message.length, options.fingerprint ?? false, options.transport);
+}
+
 function checkHandshakeType(type: number): void {
   if (type !== HANDSHAKE_CLIENT_HELLO) {
     throw new ClientHelloError(
@@ -292,7 +317,12 @@ class Reader {
  * Parses a ClientHello body (after the 4-byte handshake header); `body` is exactly the message.
  * With `fingerprint`, the hello gets its fingerprints, from the blocks checked here.
  */
-function parseBody(body: Uint8Array, recordBytes: number, fingerprint: boolean): ClientHello {
+function parseBody(
+  body: Uint8Array,
+  recordBytes: number,
+  fingerprint: boolean,
+  transport: HelloTransport = "tcp",
+): ClientHello {
   const r = new Reader(body, 0, body.length);
   r.u16("legacy_version");
   r.need(32, "random");
@@ -314,7 +344,9 @@ function parseBody(body: Uint8Array, recordBytes: number, fingerprint: boolean):
   };
   if (r.pos === r.end) {
     // no extensions at all (allowed before TLS 1.3)
-    if (fingerprint) hello.fingerprints = fingerprints(body, cs, cm - 1, -1, -1, hello.alpn);
+    if (fingerprint) {
+      hello.fingerprints = fingerprints(body, cs, cm - 1, -1, -1, hello.alpn, transport);
+    }
     return hello;
   }
   const extStart = r.vec(2, "extensions");
@@ -360,7 +392,7 @@ function parseBody(body: Uint8Array, recordBytes: number, fingerprint: boolean):
     }
   }
   if (fingerprint) {
-    hello.fingerprints = fingerprints(body, cs, cm - 1, extStart, ext.end, hello.alpn);
+    hello.fingerprints = fingerprints(body, cs, cm - 1, extStart, ext.end, hello.alpn, transport);
   }
   return hello;
 }

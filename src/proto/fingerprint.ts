@@ -3,7 +3,7 @@
  * JA3 (Salesforce's), computed once from the hello the parser has already checked, and the
  * patterns a config denies clients by.
  *
- * JA4 is `a_b_c`: `a` is `t`, the TLS version (the highest of supported_versions, else the
+ * JA4 is `a_b_c`: `a` is `t` (TCP) or `q` (QUIC), the TLS version (the highest of supported_versions, else the
  * legacy version), `d`/`i` for SNI present or not, the cipher and extension counts (2 digits,
  * at most 99) and the first and last characters of the first ALPN value (`00` without ALPN);
  * `b` the first 12 hex digits of the SHA-256 of the sorted cipher list, `c` of the sorted
@@ -13,6 +13,9 @@
  * @module
  */
 import { createHash } from "node:crypto";
+
+/** The transport a hello came over: JA4's first character, `t` for TCP, `q` for QUIC. */
+export type HelloTransport = "tcp" | "quic";
 
 /** A hello's fingerprints. */
 export interface Fingerprints {
@@ -78,7 +81,7 @@ function u16s(b: Uint8Array, start: number, end: number): number[] {
  * The fingerprints of a ClientHello body (the handshake message without its 4-byte header)
  * whose structure the parser has checked: `ciphers` and `extensions` are the [start, end)
  * offsets of the cipher_suites content and of the extensions block content (both -1 when the
- * hello has no extensions); `alpn` the offered protocols.
+ * hello has no extensions); `alpn` the offered protocols; `transport` what carried the hello.
  */
 export function fingerprints(
   body: Uint8Array,
@@ -87,6 +90,7 @@ export function fingerprints(
   extStart: number,
   extEnd: number,
   alpn: readonly string[],
+  transport: HelloTransport = "tcp",
 ): Fingerprints {
   const legacy = (body[0] << 8) | body[1];
   const ciphers = u16s(body, ciphersStart, ciphersEnd).filter((c) => !isGrease(c));
@@ -127,9 +131,9 @@ export function fingerprints(
         break;
     }
   }
-  const a = `t${VERSIONS[version] ?? "00"}${sni ? "d" : "i"}${count2(ciphers.length)}${
-    count2(exts.length)
-  }${alpnChars(alpn[0])}`;
+  const a = `${transport === "quic" ? "q" : "t"}${VERSIONS[version] ?? "00"}${sni ? "d" : "i"}${
+    count2(ciphers.length)
+  }${count2(exts.length)}${alpnChars(alpn[0])}`;
   const b = ciphers.length
     ? hash12([...ciphers].sort((x, y) => x - y).map(hex4).join(","))
     : "000000000000";
