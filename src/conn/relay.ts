@@ -245,10 +245,15 @@ export class Relay implements ByteRelay {
       const n = d.src.recv(chunk, CHUNK_LEN);
       if (n > 0) {
         this.#forward(d, n);
-        // a short read after the peer's FIN took the last bytes: the EOF needs no read of its own
-        if (n < chunk.length && d.src.peerClosed) d.eof = true;
-      } else if (n === 0) d.eof = true;
-      else if (n !== -E.EAGAIN) this.#reset(d, true, -n);
+        // a short read after the peer's FIN took the last bytes: the EOF needs no read of its
+        // own (after a reset, epoll said error too: the next read reports it)
+        if (n < chunk.length && d.src.peerClosed && !d.src.failed) d.eof = true;
+      } else if (n === 0) {
+        // a socket reset after its FIN reads 0: its pending error tells them apart
+        const err = d.src.failed ? d.src.pendingError() : 0;
+        if (err) this.#reset(d, true, err);
+        else d.eof = true;
+      } else if (n !== -E.EAGAIN) this.#reset(d, true, -n);
     }
   }
 
