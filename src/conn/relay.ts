@@ -10,6 +10,7 @@
 
 import { E } from "../../ffi/socket.ts";
 import { socketError, type TcpSocket } from "../io/tcp.ts";
+import { eventLoop } from "../io/loop.ts";
 
 /** Why a relay ended. */
 export type RelayEnd =
@@ -134,6 +135,11 @@ export class IdleTimer {
 /** The relays' one read buffer: a chunk is read into it and written on at once, synchronously. */
 const chunk = new Uint8Array(64 * 1024);
 const CHUNK_LEN = BigInt(chunk.length);
+/**
+ * Reads one direction may do per round of the loop (1 MiB): a bulk transfer whose peers keep up
+ * would otherwise hold the loop, and new connections would wait behind it.
+ */
+const READS_PER_ROUND = 16;
 
 /** One direction of a {@link Relay}. */
 class Direction {
@@ -172,6 +178,12 @@ export class Relay implements ByteRelay {
   #end: RelayEnd | null = null;
   #error: unknown = null;
   #resolve: ((end: RelayEnd) => void) | null = null;
+  /** A direction used up its share of a round: #move is called again in the next one. */
+  #resumeQueued = false;
+  readonly #resume = () => {
+    this.#resumeQueued = false;
+    this.#move();
+  };
 
   constructor(client: TcpSocket, backend: TcpSocket, idleMs: number) {
     this.#client = client;
@@ -219,9 +231,16 @@ export class Relay implements ByteRelay {
     this.#pump(this.#down);
   }
 
-  /** Moves what `d` can move now. */
+  /** Moves what `d` can move now, up to its share of the round. */
   #pump(d: Direction): void {
-    while (this.#end === null) {
+    for (let reads = 0; this.#end === null; reads++) {
+      if (reads === READS_PER_ROUND) {
+        if (!this.#resumeQueued) {
+          this.#resumeQueued = true;
+          eventLoop().later(this.#resume);
+        }
+        return;
+      }
       if (d.pending !== null) {
         if (!d.dst.writable) return;
         const w = d.dst.send(d.pending);
