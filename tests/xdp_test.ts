@@ -737,10 +737,21 @@ Deno.test({
         await t.step(
           "the old one stopping leaves the new one's program; the last one detaches it",
           async () => {
-            const c = await Agent.start(env.dir, filterOnly);
+            // configured for the other mode: the link keeps the mode it has, and says so
+            const modeA = a.first.attachments![0].mode;
+            const other = modeA === "native" ? "generic" : "native";
+            const c = await Agent.start(env.dir, {
+              ...agentConfig(env, lists, other),
+              filterOnly: true,
+            });
             running.add(c);
             assert.equal(c.first.error, undefined, JSON.stringify(c.first.error));
             const idC = c.first.attachments![0].programId;
+            assert.equal(c.first.attachments![0].mode, modeA);
+            assert.match(
+              c.first.logs.join("\n"),
+              new RegExp(`warning: XDP on veth-p stays in ${modeA} mode.*${other} mode applies`),
+            );
             // the old one stops in the middle of a flood of denied datagrams
             const flood = sendUdp(env.dir, BAD4, PROXY_IP4, 600, 5);
             await new Promise((r) => setTimeout(r, 1500));

@@ -83,10 +83,16 @@ export function attachAll(
   const links: XdpLink[] = [];
   try {
     for (const iface of ifaces) {
-      links.push(
-        takeOver(progFd, iface, log, adopt) ??
-          attach(progFd, iface.name, iface.ifindex, mode, log),
-      );
+      const taken = takeOver(progFd, iface, log, adopt);
+      if (taken && mode !== "auto" && taken.attachment.mode !== mode) {
+        log(
+          "warning",
+          `XDP on ${iface.name} stays in ${taken.attachment.mode} mode, as the instance it was ` +
+            `taken over from attached it; ${mode} mode applies at a start with no sni-proxy ` +
+            `filter on the interface`,
+        );
+      }
+      links.push(taken ?? attach(progFd, iface.name, iface.ifindex, mode, log));
     }
   } catch (e) {
     for (const l of links) log("debug", `XDP on ${l.attachment.interface}: ${release(l, progFd)}`);
