@@ -173,7 +173,14 @@ export class XdpFilter {
       fillLists(listMaps(obj), want);
       blocks = new XdpBlockMaps(obj, blockMax);
       const adopt = (oldProgId: number) => {
-        const { adopted, full } = blocks.adopt(oldProgId);
+        let done;
+        try {
+          done = blocks.adopt(oldProgId);
+        } catch (e) {
+          log("warning", `XDP block set not carried over: ${(e as Error).message}`);
+          return;
+        }
+        const { adopted, full } = done;
         if (adopted + full === 0) return;
         log(
           full ? "warning" : "info",

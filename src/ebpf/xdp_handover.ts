@@ -33,7 +33,7 @@ import {
 } from "../../ffi/libbpf.ts";
 import { closeFd, Errno } from "../../ffi/libc.ts";
 import { XDP_PROGRAM } from "./layout.ts";
-import type { EbpfLog } from "./loader.ts";
+import { type EbpfLog, XdpError } from "./loader.ts";
 import type { Interface, XdpLink } from "./xdp_attach.ts";
 
 /** Copies what should carry over from the program with id `oldProgId` (its block set). */
@@ -56,6 +56,7 @@ export function takeOver(
   log: EbpfLog,
   adopt: Adopt,
 ): XdpLink | null {
+  const programId = progMaps(progFd).id;
   for (let attempt = 1; attempt <= ATTEMPTS; attempt++) {
     const occupant = sniProgramOn(iface.ifindex);
     if (!occupant) return null;
@@ -79,9 +80,14 @@ export function takeOver(
       closeFd(linkFd);
       const errno = e instanceof BpfError ? e.errno : 0;
       if (RETRY_ERRNOS.includes(errno)) continue;
-      throw e;
+      throw new XdpError(
+        "attach_failed",
+        `cannot take XDP on ${iface.name} over from sni-proxy program id ${occupant.progId}: ` +
+          (e as Error).message,
+        "stop the other sni-proxy first, or list another interface",
+        { cause: e, interface: iface.name },
+      );
     }
-    const programId = linkInfo(linkFd).progId;
     log(
       "info",
       `XDP on ${iface.name} taken over from sni-proxy program id ${occupant.progId} ` +
