@@ -23,12 +23,14 @@
  *
  * @module
  */
-import { measureIdle, measureLoad, type ModeResult } from "./measure.ts";
+import { measureChurn, measureIdle, measureLoad, type ModeResult } from "./measure.ts";
 import { startNginx } from "./nginx.ts";
 import { killChildren, need } from "./procs.ts";
 import { header, writeReport } from "./report.ts";
 import { parseSettings, type Settings, USAGE } from "./settings.ts";
+import { startDuplexServer } from "./starve.ts";
 import { type Subject, SUBJECTS } from "./subjects.ts";
+import { syscallCountingProblem } from "./syscalls.ts";
 
 /** Throws on a column name that is neither direct nor a subject. */
 function checkModes(names: string[]): void {
@@ -54,7 +56,21 @@ async function prepare(names: string[], skipped: Record<string, string>): Promis
   return subjects;
 }
 
-/** Starts nginx in `dir`, runs the tests the settings ask for, stops nginx. */
+/** Whether perf can count syscalls here; when it cannot, the syscall rows say why. */
+async function syscallProblem(s: Settings, skipped: Record<string, string>) {
+  if (s.syscallSeconds <= 0 || s.idleOnly) return null;
+  const why = await syscallCountingProblem();
+  if (why) {
+    skipped["syscalls per new connection"] = why;
+    console.log(`syscalls per new connection: skipped: ${why}`);
+  }
+  return why;
+}
+
+/**
+ * Starts nginx (and the starvation test's duplex server) in `dir`, runs the tests the settings
+ * ask for, stops them.
+ */
 async function measure(
   s: Settings,
   dir: string,
@@ -62,15 +78,26 @@ async function measure(
   skipped: Record<string, string>,
 ): Promise<void> {
   const nginx = await startNginx(dir, s.bigBytes);
+  const duplex = s.starve.transfers > 0 && !s.idleOnly ? await startDuplexServer() : null;
   try {
     const subjects = await prepare(s.modes, skipped);
-    const o = { subjects, dir, nginx, settings: s, results, skipped };
+    const o = {
+      subjects,
+      dir,
+      nginx,
+      backends: { port: nginx.port, duplexPort: duplex?.port },
+      settings: s,
+      syscallProblem: await syscallProblem(s, skipped),
+      results,
+      skipped,
+    };
     if (s.idleConns > 0) await measureIdle(o);
-    if (!s.idleOnly) {
-      const live = subjects.filter((x) => !skipped[x.name]);
-      await measureLoad({ ...o, subjects: live, withDirect: s.modes.includes("direct") });
-    }
+    if (s.idleOnly) return;
+    if (s.churnConns > 0) await measureChurn(o);
+    const live = subjects.filter((x) => !skipped[x.name]);
+    await measureLoad({ ...o, subjects: live, withDirect: s.modes.includes("direct") });
   } finally {
+    await duplex?.stop();
     await nginx.stop();
   }
 }
