@@ -141,7 +141,8 @@ function starveTest(s: Settings): LoadTest {
         percentile(r.latenciesMs, 50).toFixed(1)
       } ms, ` +
         `p99 ${percentile(r.latenciesMs, 99).toFixed(1)} ms, ${r.starved} without ServerHello; ` +
-        `transfers ${r.transferMBs.toFixed(0)} MB/s (${r.transferErrors} failed); TCP memory ` +
+        `transfers ${r.transferMBs.toFixed(0)} MB/s (${r.transferErrors} failed` +
+        `${r.transferFirstError ? `, first: ${r.transferFirstError}` : ""}); TCP memory ` +
         `${(r.tcpMemoryPeak * 100).toFixed(0)}% of tcp_mem pressure`;
     },
   };

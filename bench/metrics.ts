@@ -181,6 +181,7 @@ function churnRows(s: Settings): Row[] {
 /** The rows of the idle-connection test. */
 function idleRows(s: Settings): Row[] {
   const conns = s.idleConns;
+  if (conns <= 0) return [];
   const total = TARGETS.idleTotalConns;
   return [
     [`RSS KiB per idle connection (${conns})`, (r) => r.idle?.kibPerConn, 1, "lower"],

@@ -309,7 +309,10 @@ function notes(results: Map<string, ModeResult>): string[] {
       );
     }
     if (r.starve?.transferErrors) {
-      lines.push(`${name}: ${r.starve.transferErrors} duplex transfers failed`);
+      lines.push(
+        `${name}: ${r.starve.transferErrors} duplex transfers of the starvation test failed, ` +
+          `first: ${r.starve.transferFirstError}`,
+      );
     }
     if (r.busy?.errors) {
       lines.push(

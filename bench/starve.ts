@@ -21,6 +21,8 @@ export const DUPLEX_NAME = "bulk.localhost";
 const PROBE_EVERY_MS = 50;
 /** A probe without a ServerHello this long is starved. */
 export const PROBE_TIMEOUT_MS = 5000;
+/** The longest wait for the machine's TCP memory to come back down after a run. */
+const SETTLE_MS = 10_000;
 /** Time the transfers get to connect and get going before the first probe. */
 const RAMP_MS = 1500;
 
@@ -51,8 +53,9 @@ export interface StarveRun {
   firstError: string;
   /** the transfers' bytes, both ways together, MB/s (10^6 bytes) */
   transferMBs: number;
-  /** transfers that failed before the end (connect refused, reset) */
+  /** transfers that failed before the end (connect refused, reset), and the first error */
   transferErrors: number;
+  transferFirstError: string;
   /** the machine's peak TCP memory meanwhile, share of the pressure threshold */
   tcpMemoryPeak: number;
 }
@@ -94,7 +97,8 @@ export async function starveRun(target: StarveTarget, opts: StarveOptions): Prom
     stderr: "inherit",
   });
   const output = client.output();
-  let tcpMemoryPeak = tcpMemoryShare();
+  const tcpMemoryBefore = tcpMemoryShare();
+  let tcpMemoryPeak = tcpMemoryBefore;
   const sampler = setInterval(() => tcpMemoryPeak = Math.max(tcpMemoryPeak, tcpMemoryShare()), 200);
   const t0 = performance.now();
   try {
@@ -111,12 +115,24 @@ export async function starveRun(target: StarveTarget, opts: StarveOptions): Prom
       ...probes,
       transferMBs: (totals.bytesUp + totals.bytesDown) / 1e6 / seconds,
       transferErrors: totals.errors,
+      transferFirstError: totals.firstError,
       tcpMemoryPeak,
     };
   } finally {
     clearInterval(sampler);
     await stop(client, "SIGKILL", 0).catch(() => {});
+    await settle(tcpMemoryBefore);
   }
+}
+
+/**
+ * Waits (up to {@link SETTLE_MS}) until the machine's TCP memory is back near where it was before
+ * the run: the sockets of the stopped transfers are closing with full buffers, and the next
+ * column's run should not start under their pressure.
+ */
+async function settle(before: number): Promise<void> {
+  const end = performance.now() + SETTLE_MS;
+  while (tcpMemoryShare() > before + 0.05 && performance.now() < end) await sleep(200);
 }
 
 /** Probes every {@link PROBE_EVERY_MS} for `seconds`; resolves when each has its answer. */
@@ -130,7 +146,7 @@ async function probeEvery(
   let starved = 0;
   let firstError = "";
   for (let i = 0; i < (seconds * 1000) / PROBE_EVERY_MS; i++) {
-    await sleep(start + i * PROBE_EVERY_MS - performance.now());
+    await sleep(Math.max(0, start + i * PROBE_EVERY_MS - performance.now()));
     probes.push(
       probe(port, hello).catch((e) => {
         starved++;
@@ -179,6 +195,7 @@ export interface StarveResult {
   firstError: string;
   transferMBs: number;
   transferErrors: number;
+  transferFirstError: string;
   tcpMemoryPeak: number;
   /** every run's p99, ms, and starved probes, in order */
   p99Runs: number[];
@@ -195,6 +212,7 @@ export function summarizeStarve(runs: StarveRun[]): StarveResult {
     firstError: runs.find((r) => r.firstError)?.firstError ?? "",
     transferMBs: median(runs.map((r) => r.transferMBs)),
     transferErrors: runs.reduce((s, r) => s + r.transferErrors, 0),
+    transferFirstError: runs.find((r) => r.transferFirstError)?.transferFirstError ?? "",
     tcpMemoryPeak: Math.max(...runs.map((r) => r.tcpMemoryPeak)),
     p99Runs,
     starvedRuns: runs.map((r) => r.starved),
