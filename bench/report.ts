@@ -173,7 +173,7 @@ function peerChecks(look: Lookup): Check[] {
 /** Issue 18's memory targets: idle connections, and RSS after many short connections. */
 function memoryChecks(look: Lookup, s: Settings): Check[] {
   const perConn = `RSS KiB per idle connection (${s.idleConns})`;
-  const n = s.churnConns;
+  const n = s.churnConns || TARGETS.churnConns; // the target's count when the test did not run
   return [
     ["RSS per idle connection ≤ HAProxy's", perConn, columnBound(look, "haproxy", perConn)],
     [
@@ -205,7 +205,9 @@ function bulkChecks(look: Lookup, mode: string): Check[] {
 
 /** Issue 18's targets on the cost and the fairness of new connections. */
 function newConnectionChecks(look: Lookup, s: Settings): Check[] {
-  const under = `with ${s.starve.transfers} unthrottled duplex transfers`;
+  const under = `with ${
+    s.starve.transfers || TARGETS.starveTransfers
+  } unthrottled duplex transfers`;
   return [
     [
       "syscalls per new connection ≤ nginx's",

@@ -10,7 +10,7 @@ import { DEFAULT_COLUMNS } from "./subjects.ts";
 
 /** The usage line printed by `--help`. */
 export const USAGE = "usage: deno task bench [--quick] [--modes " +
-  "direct,userspace,kernel,nginx-stream,haproxy,workers] [--idle N] [--busy N] " +
+  "direct,userspace,kernel,sockmap,nginx-stream,haproxy,workers] [--idle N] [--busy N] " +
   "[--busy-rate 1m] [--starve N] [--starve-seconds S] [--churn N] [--syscall-seconds S] " +
   "[--duration 5s] [--rounds 3] [--idle-only]";
 
