@@ -3,12 +3,12 @@
  * proxy owns (listening, accepted, backend, pipes of kernel relays), and calls each socket's
  * handler synchronously for its events.
  *
- * Deno's own loop still has to run (timers, DNS, the admin socket, metrics, reloads), so the
- * engine polls without blocking while events keep coming (`epoll_wait` with timeout 0, a fast
- * FFI call, no promise), and only when nothing is ready waits off the JS thread (a nonblocking
- * FFI call: one thread hop and one promise per idle wake). After a streak of busy rounds it waits
- * off-thread once with timeout 0 too, so Deno's loop gets its turn under sustained load. After
- * every round the microtask queue is drained, so sessions awaiting a socket move on at once.
+ * Deno's own loop still has to run (timers, DNS, the admin socket, metrics, reloads). While
+ * traffic flows (an event in the last 5 ms) the engine waits on the JS thread (`epoll_wait`, a
+ * fast FFI call, no promise, blocking at most 1 ms), and every 2 ms it waits off the JS thread
+ * once with timeout 0, which gives Deno's loop its turn; when idle it waits off the JS thread
+ * (a nonblocking FFI call: one thread hop and one promise per wake). After every round the
+ * microtask queue is drained, so sessions awaiting a socket move on at once.
  *
  * Handlers are found by fd, with a generation number in the event's data: an event that was
  * already fetched for an fd closed (and maybe reused) in the same round is dropped.
@@ -39,8 +39,15 @@ export interface IoHandler {
 const MAX_EVENTS = 256;
 /** How long an idle off-thread wait blocks (a stop wakes it at once through the eventfd). */
 const IDLE_WAIT_MS = 1000;
-/** Busy rounds after which Deno's loop gets a turn even though events keep coming. */
-const BUSY_ROUNDS = 32;
+/**
+ * While events keep coming, Deno's loop (timers, DNS answers, the admin socket) gets a turn at
+ * least this often (ms).
+ */
+const YIELD_EVERY_MS = 2;
+/** How long after the last event the loop counts as busy and waits on the JS thread (ms). */
+const HOT_MS = 5;
+/** How long one wait on the JS thread may block (ms): the delay it can add to Deno's loop. */
+const HOT_WAIT_MS = 1;
 
 /** Counts of the loop's work, for tests and the benchmark. */
 export interface LoopStats {
@@ -159,28 +166,39 @@ export class EventLoop {
   async #run(): Promise<void> {
     this.#running = true;
     const s = sys();
-    let busy = 0;
+    let lastYield = performance.now();
+    let lastEvent = lastYield;
     try {
       // with nothing watched the loop ends (and with it the off-thread wait that would keep the
       // process alive); the next add() starts it again
       while (!this.#closed && this.#count > 0) {
-        if (busy < BUSY_ROUNDS) {
+        const now = performance.now();
+        const yieldDue = now - lastYield >= YIELD_EVERY_MS || this.#later.length > 0;
+        if (!yieldDue) {
+          // while traffic flows, wait on the JS thread (briefly): the next event is near, and an
+          // off-thread wait would cost a thread hop and a promise for each
+          const hot = now - lastEvent < HOT_MS;
           this.stats.polls++;
-          const n = s.epoll_wait(this.#epfd, this.#events, MAX_EVENTS, 0);
-          if (n > 0 || this.#later.length > 0) {
-            busy++;
-            if (n > 0) this.#dispatch(this.#eventsView, n);
+          const n = s.epoll_wait(this.#epfd, this.#events, MAX_EVENTS, hot ? HOT_WAIT_MS : 0);
+          if (n > 0) {
+            lastEvent = performance.now();
+            this.#dispatch(this.#eventsView, n);
             this.#runLater();
             // sessions awaiting a socket run now (microtasks), before the next poll
             await undefined;
             continue;
           }
+          if (hot) continue;
         }
+        // Deno's loop gets its turn: timers, DNS, the admin socket, reloads
         this.stats.waits++;
-        const timeout = busy >= BUSY_ROUNDS || this.#later.length > 0 ? 0 : IDLE_WAIT_MS;
-        busy = 0;
+        const timeout = yieldDue ? 0 : IDLE_WAIT_MS;
         const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
-        if (n > 0) this.#dispatch(this.#offEventsView, n);
+        lastYield = performance.now();
+        if (n > 0) {
+          lastEvent = lastYield;
+          this.#dispatch(this.#offEventsView, n);
+        }
         this.#runLater();
       }
     } finally {
