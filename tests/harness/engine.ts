@@ -1,0 +1,223 @@
+/**
+ * The socket engine (src/io/) in tests: a fresh {@linkcode EventLoop} per test with everything
+ * it opened closed afterwards, listening and connected sockets of the engine paired with Deno
+ * clients or with each other, reads that wait for the socket's events, and what the kernel
+ * holds in a socket's queues.
+ *
+ * @module
+ */
+import { E } from "../../ffi/socket.ts";
+import { EventLoop } from "../../src/io/loop.ts";
+import {
+  connected,
+  connectTcp,
+  socketError,
+  TcpListenSocket,
+  type TcpSocket,
+} from "../../src/io/tcp.ts";
+import { within } from "./scope.ts";
+
+/** One test's loop, the errors its handlers threw, and cleanups. */
+export interface EngineRig {
+  loop: EventLoop;
+  /** What handlers threw (the loop's error sink). */
+  errors: unknown[];
+  /** Registers `cleanup` for the end of the test (last registered runs first). */
+  defer(cleanup: () => void | Promise<void>): void;
+}
+
+/**
+ * Declares a test on a fresh loop, bounded by `timeoutMs`; the loop and what the test
+ * registered are closed afterwards. A handler error the test did not take out of
+ * `rig.errors` fails it.
+ */
+export function engineTest(
+  name: string,
+  fn: (rig: EngineRig) => Promise<void>,
+  timeoutMs = 20_000,
+): void {
+  Deno.test({
+    name,
+    // the loop's off-thread wait settles after the test (close() wakes it)
+    sanitizeOps: false,
+    sanitizeResources: false,
+    fn: async () => {
+      const errors: unknown[] = [];
+      const cleanups: (() => void | Promise<void>)[] = [];
+      const loop = new EventLoop((e) => errors.push(e));
+      const rig: EngineRig = { loop, errors, defer: (c) => cleanups.push(c) };
+      try {
+        await within(timeoutMs, name, fn(rig));
+        if (errors.length > 0) throw new Error(`handler errors: ${errors.join("; ")}`);
+      } finally {
+        for (const c of cleanups.reverse()) {
+          try {
+            await c();
+          } catch { /* best effort */ }
+        }
+        loop.close();
+      }
+    },
+  });
+}
+
+/** A listening socket of the engine and a way to await its next connection. */
+export interface EngineListener {
+  socket: TcpListenSocket;
+  port: number;
+  /** The next accepted connection (the listener is watched only while one is awaited). */
+  accept(): Promise<TcpSocket>;
+}
+
+/** Listens on `hostname`:0 with the engine (closed at the end of the test). */
+export function engineListen(rig: EngineRig, hostname = "127.0.0.1", backlog = 64): EngineListener {
+  const waiters: PromiseWithResolvers<TcpSocket>[] = [];
+  const socket: TcpListenSocket = new TcpListenSocket(
+    rig.loop,
+    hostname,
+    0,
+    { reusePort: false, backlog },
+    () => {
+      while (waiters.length > 0) {
+        const got = socket.accept();
+        if (got === -E.EAGAIN) return;
+        const w = waiters.shift()!;
+        if (typeof got === "number") w.reject(socketError("accept", -got));
+        else {
+          rig.defer(() => got.close());
+          w.resolve(got);
+        }
+      }
+      // level-triggered: not watched while nobody awaits a connection
+      socket.pause();
+    },
+  );
+  rig.defer(() => socket.close());
+  return {
+    socket,
+    port: socket.addr.port,
+    accept() {
+      const w = Promise.withResolvers<TcpSocket>();
+      waiters.push(w);
+      socket.resume();
+      return w.promise;
+    },
+  };
+}
+
+/** A Deno client connected to an engine socket. */
+export async function denoPair(
+  rig: EngineRig,
+  hostname = "127.0.0.1",
+): Promise<{ conn: Deno.TcpConn; sock: TcpSocket; listener: EngineListener }> {
+  const listener = engineListen(rig, hostname);
+  const accepted = listener.accept();
+  const conn = await Deno.connect({ hostname, port: listener.port });
+  rig.defer(() => closeConn(conn));
+  return { conn, sock: await accepted, listener };
+}
+
+/** Two engine sockets connected to each other: `a` connected, `b` accepted. */
+export async function enginePair(rig: EngineRig): Promise<{ a: TcpSocket; b: TcpSocket }> {
+  const listener = engineListen(rig);
+  const accepted = listener.accept();
+  const a = connectTcp(rig.loop, "127.0.0.1", listener.port);
+  rig.defer(() => a.close());
+  await connected(a);
+  return { a, b: await accepted };
+}
+
+/** An engine socket connected to a Deno server: `sock` connected, `conn` accepted. */
+export async function engineToDeno(
+  rig: EngineRig,
+): Promise<{ sock: TcpSocket; conn: Deno.TcpConn }> {
+  const server = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  rig.defer(() => server.close());
+  const accepted = server.accept();
+  const sock = connectTcp(rig.loop, "127.0.0.1", server.addr.port);
+  rig.defer(() => sock.close());
+  await connected(sock);
+  const conn = await accepted;
+  rig.defer(() => closeConn(conn));
+  return { sock, conn };
+}
+
+/** Closes a Deno conn, ignoring "already closed". */
+export function closeConn(conn: Deno.Conn): void {
+  try {
+    conn.close();
+  } catch { /* closed already */ }
+}
+
+/** One recv into `buf` that waits for the socket's events on EAGAIN: bytes, 0 at EOF, -errno. */
+export async function recvWait(sock: TcpSocket, buf: Uint8Array): Promise<number> {
+  for (;;) {
+    const n = sock.recv(buf);
+    if (n !== -E.EAGAIN) return n;
+    if ((await sock.nextEvent()) === 0) return -E.EBADF;
+  }
+}
+
+/** Reads `n` bytes from an engine socket (throws at EOF or an error before). */
+export async function recvExact(sock: TcpSocket, n: number): Promise<Uint8Array> {
+  const out = new Uint8Array(n);
+  let have = 0;
+  while (have < n) {
+    const got = await recvWait(sock, out.subarray(have));
+    if (got === 0) throw new Error(`EOF after ${have} of ${n} bytes`);
+    if (got < 0) throw socketError("recv", -got);
+    have += got;
+  }
+  return out;
+}
+
+/** Waits for `sock`'s events until `ready()` holds (returns at once when it does). */
+export async function untilEvent(sock: TcpSocket, ready: () => boolean): Promise<void> {
+  while (!ready()) {
+    if ((await sock.nextEvent()) === 0) throw new Error("socket closed while waiting");
+  }
+}
+
+const IOCTLS = {
+  ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
+} as const satisfies Deno.ForeignLibraryInterface;
+let ioctlLib: Deno.DynamicLibrary<typeof IOCTLS>["symbols"] | null = null;
+const ioctlArg = new Int32Array(1);
+
+/** SIOCINQ (FIONREAD): bytes in the receive queue. */
+const SIOCINQ = 0x541bn;
+/** SIOCOUTQNSD: bytes in the send queue not yet sent. */
+const SIOCOUTQNSD = 0x894bn;
+/** SIOCOUTQ (TIOCOUTQ): bytes in the send queue, sent or not, not yet acknowledged. */
+const SIOCOUTQ = 0x5411n;
+
+function queueIoctl(fd: number, request: bigint): number {
+  ioctlLib ??= Deno.dlopen("libc.so.6", IOCTLS).symbols;
+  if (ioctlLib.ioctl(fd, request, new Uint8Array(ioctlArg.buffer)) !== 0) return -1;
+  return ioctlArg[0];
+}
+
+/** Bytes in `fd`'s queues: received and unread; unacknowledged; not yet sent. */
+export function queues(fd: number): { inq: number; outq: number; unsent: number } {
+  return {
+    inq: queueIoctl(fd, SIOCINQ),
+    outq: queueIoctl(fd, SIOCOUTQ),
+    unsent: queueIoctl(fd, SIOCOUTQNSD),
+  };
+}
+
+/** Polls `cond` every few ms until it holds (a kernel state with no event to await). */
+export async function until(what: string, cond: () => boolean, ms = 5000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** Descriptors open in this process now. */
+export function openFds(): number {
+  let n = -1; // the directory's own descriptor while it is read
+  for (const _ of Deno.readDirSync("/proc/self/fd")) n++;
+  return n;
+}
