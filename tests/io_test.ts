@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { E, EPOLLIN, EPOLLOUT, sys } from "../ffi/socket.ts";
-import { libc, tcpState } from "../ffi/libc.ts";
+import { libc, setSocketBuffer, tcpState } from "../ffi/libc.ts";
 import type { IoHandler } from "../src/io/loop.ts";
 import {
   connected,
@@ -15,17 +15,32 @@ import {
   type TcpSocket,
   writeAll,
 } from "../src/io/tcp.ts";
-import { describeMismatch, positionStream, readExact, readOutcome } from "./harness/bytes.ts";
+import {
+  describeMismatch,
+  positionStream,
+  readExact,
+  readOutcome,
+  readToEnd,
+  sha256,
+  writeAll as writeConn,
+  writeRandomSizes,
+} from "./harness/bytes.ts";
+import { Relay, type RelayEnd } from "../src/conn/relay.ts";
+import { e2eTest, type Scope, within } from "./harness/scope.ts";
 import {
   closeConn,
+  cpuSeconds,
   denoPair,
   engineListen,
   enginePair,
+  type EngineRig,
   engineTest,
+  engineToDeno,
   openFds,
   queues,
   recvExact,
   recvWait,
+  spawnFixture,
   until,
   untilEvent,
 } from "./harness/engine.ts";
@@ -397,4 +412,298 @@ engineTest(
     loop.forget(x, true);
     loop.forget(y, true);
   },
+);
+
+// ---- the userspace relay over two engine sockets ----
+
+type Peer = "deno" | "engine";
+
+/** A client and a backend relayed by a Relay on the test's loop; each peer Deno's or the engine's. */
+async function relayed<C extends Peer, B extends Peer>(
+  rig: EngineRig,
+  clientPeer: C,
+  backendPeer: B,
+  backendReceiveBuffer = 0,
+): Promise<{
+  client: C extends "deno" ? Deno.TcpConn : TcpSocket;
+  backend: B extends "deno" ? Deno.TcpConn : TcpSocket;
+  relay: Relay;
+  cs: TcpSocket;
+  bs: TcpSocket;
+  end: Promise<RelayEnd>;
+}> {
+  const front = engineListen(rig);
+  const acceptedClient = front.accept();
+  let client: Deno.TcpConn | TcpSocket;
+  if (clientPeer === "deno") {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: front.port });
+    rig.defer(() => closeConn(conn));
+    client = conn;
+  } else {
+    const sock = connectTcp(rig.loop, "127.0.0.1", front.port);
+    rig.defer(() => sock.close());
+    await connected(sock);
+    client = sock;
+  }
+  const cs = await acceptedClient;
+  let backend: Deno.TcpConn | TcpSocket;
+  let bs: TcpSocket;
+  if (backendPeer === "deno") {
+    ({ sock: bs, conn: backend } = await engineToDeno(rig));
+  } else {
+    ({ a: bs, b: backend } = await enginePair(rig, backendReceiveBuffer));
+  }
+  const relay = new Relay(cs, bs, 60_000);
+  const end = relay.run();
+  // deno-lint-ignore no-explicit-any -- the conditional types of the peers
+  return { client: client as any, backend: backend as any, relay, cs, bs, end };
+}
+
+/** Reads a Deno conn to its end: the bytes, and how it ended (`eof`, or the error's name). */
+async function readToOutcome(conn: Deno.Conn): Promise<{ bytes: number; end: string }> {
+  const buf = new Uint8Array(256 * 1024);
+  let bytes = 0;
+  for (;;) {
+    try {
+      const n = await conn.read(buf);
+      if (n === null) return { bytes, end: "eof" };
+      bytes += n;
+    } catch (e) {
+      return { bytes, end: (e as Error).name };
+    }
+  }
+}
+
+engineTest(
+  "four relays on one loop (one shared read buffer): random write sizes both ways arrive intact, each FIN after its bytes, run() ends done with exact counts",
+  async (rig) => {
+    const SIZE = 3 * 1024 * 1024;
+    const one = async (k: number) => {
+      const { client, backend, relay, end } = await relayed(rig, "deno", "deno");
+      const up = positionStream(SIZE + k, 100 * k + 1);
+      const down = positionStream(SIZE - k, 100 * k + 2);
+      const [, , gotUp, gotDown] = await Promise.all([
+        writeRandomSizes(client, up, { maxWrite: 200_000, closeWrite: true }),
+        writeRandomSizes(backend, down, { maxWrite: 200_000, closeWrite: true }),
+        readToEnd(backend),
+        readToEnd(client),
+      ]);
+      assert.equal(describeMismatch(up, gotUp, 100 * k + 1), "identical", `relay ${k} up`);
+      assert.equal(describeMismatch(down, gotDown, 100 * k + 2), "identical", `relay ${k} down`);
+      assert.equal(sha256(gotUp), sha256(up));
+      assert.equal(sha256(gotDown), sha256(down));
+      assert.equal(await end, "done");
+      assert.equal(relay.bytesUp, up.length);
+      assert.equal(relay.bytesDown, down.length);
+    };
+    await Promise.all([0, 1, 2, 3].map(one));
+  },
+);
+
+engineTest(
+  "a client that stops reading holds the backend back: the relay stops reading it, keeps at most one 64 KiB chunk, and delivers everything once the client reads",
+  async (rig) => {
+    const { client, backend, relay, cs, bs, end } = await relayed(rig, "deno", "engine");
+    const seed = 9;
+    const stream = positionStream(256 * 1024 * 1024, seed);
+    let written = 0;
+    // the backend writes until the kernel refuses: every buffer on the way is full
+    for (;;) {
+      const w = backend.send(stream.subarray(written, written + 256 * 1024));
+      if (w === -E.EAGAIN) {
+        // the relay may still move a little: write again once it did
+        const before = relay.bytesDown;
+        await new Promise((r) => setTimeout(r, 20));
+        if (
+          relay.bytesDown === before && backend.send(new Uint8Array(0)) === 0 && !backend.writable
+        ) {
+          break;
+        }
+        continue;
+      }
+      assert.ok(w > 0, `send ${w}`);
+      written += w;
+      assert.ok(written < stream.length / 2, "the backend was never held back");
+    }
+    // steady: what left the backend's send queue and the relay's receive queue is what the
+    // relay read; what it read but did not write is what it holds
+    let read = 0;
+    await until("no byte moves", () => {
+      const a = written - queues(backend.fd).unsent - queues(bs.fd).inq;
+      const same = a === read;
+      read = a;
+      return same;
+    });
+    const held = read - relay.bytesDown;
+    console.log(
+      `backend held back after ${written} bytes; relay read ${read}, wrote ${relay.bytesDown}, ` +
+        `holds ${held}; client socket queue ${queues(cs.fd).outq}`,
+    );
+    assert.ok(held >= 0 && held <= 64 * 1024, `the relay holds ${held} bytes`);
+    assert.equal(cs.writable, false, "the relay's write to the client was refused");
+    // the client reads again: everything arrives, in order, then the backend's FIN
+    const reading = readToEnd(client);
+    const more = 1024 * 1024;
+    await writeAll(backend, stream.subarray(written, written + more));
+    assert.equal(backend.shutdownWrite(), 0);
+    const got = await reading;
+    assert.equal(describeMismatch(stream.subarray(0, written + more), got, seed), "identical");
+    await client.closeWrite();
+    assert.equal(await recvWait(backend, new Uint8Array(16)), 0, "the client's FIN");
+    assert.equal(await end, "done");
+  },
+);
+
+engineTest(
+  "a client's reset mid-stream reaches the backend as a reset, not EOF; run() ends client_reset",
+  async (rig) => {
+    const { client, backend, relay, end } = await relayed(rig, "engine", "deno");
+    await writeAll(client, positionStream(100_000, 1));
+    await readExact(backend, 100_000);
+    await writeConn(backend, positionStream(50_000, 2)); // on its way to a client that does not read
+    client.reset();
+    assert.equal(await end, "client_reset");
+    assert.ok(relay.error instanceof SocketError);
+    assert.equal(relay.error.code, "ECONNRESET");
+    const outcome = await readToOutcome(backend);
+    assert.deepEqual(outcome, { bytes: 0, end: "ConnectionReset" });
+  },
+);
+
+engineTest(
+  "a backend's reset mid-stream reaches the client as a reset, not EOF; run() ends backend_reset",
+  async (rig) => {
+    const { client, backend, relay, end } = await relayed(rig, "deno", "engine");
+    await writeAll(backend, positionStream(100_000, 3));
+    await readExact(client, 100_000);
+    await client.write(positionStream(50_000, 4)); // on its way to a backend that does not read
+    backend.reset();
+    assert.equal(await end, "backend_reset");
+    assert.ok(relay.error instanceof SocketError);
+    assert.equal(relay.error.code, "ECONNRESET");
+    const outcome = await readToOutcome(client);
+    assert.deepEqual(outcome, { bytes: 0, end: "ConnectionReset" });
+  },
+);
+
+engineTest(
+  "a FIN that arrives while the relay still holds bytes is passed on after every one of them",
+  async (rig) => {
+    // a small window at the backend and a small send buffer of the relay's backend socket, a large
+    // receive buffer of its client socket: the relay holds bytes, the client's path takes all
+    const { client, backend, relay, cs, bs, end } = await relayed(rig, "deno", "engine", 16384);
+    assert.equal(setSocketBuffer(bs.fd, "send", 16 * 1024), 0);
+    assert.equal(setSocketBuffer(cs.fd, "receive", 4 * 1024 * 1024), 0);
+    const seed = 5;
+    const SIZE = 1024 * 1024;
+    const stream = positionStream(SIZE, seed);
+    // the backend does not read yet: the bytes pile up on the way, the FIN behind them
+    await writeConn(client, stream);
+    await client.closeWrite();
+    await until("the FIN reached the relay's socket", () => cs.peerClosed);
+    assert.ok(relay.bytesUp < SIZE, `${relay.bytesUp} of ${SIZE} passed on: nothing was held`);
+    const got = new Uint8Array(SIZE + 1);
+    let have = 0;
+    for (;;) {
+      const n = await recvWait(backend, got.subarray(have));
+      assert.ok(n >= 0, `recv ${n}`);
+      if (n === 0) break;
+      have += n;
+    }
+    assert.equal(describeMismatch(stream, got.subarray(0, have), seed), "identical");
+    assert.equal(backend.shutdownWrite(), 0);
+    assert.equal(await client.read(new Uint8Array(8)), null);
+    assert.equal(await end, "done");
+  },
+);
+
+// ---- out of descriptors ----
+
+/** What the fixture's listener counted. */
+interface EmfileStats {
+  accepted: number;
+  closed: Record<string, number>;
+  localErrors: Record<string, number>;
+}
+
+/**
+ * Clients wait in the backlog of a listener whose process has no descriptor left; returns the
+ * share of a core the process used meanwhile (over `ms`), and what the listener counted.
+ */
+async function cpuWhileOutOfDescriptors(
+  scope: Scope,
+  naive: boolean,
+  ms: number,
+): Promise<{ busy: number; failures: number; serve: () => Promise<EmfileStats> }> {
+  const child = spawnFixture(
+    scope,
+    "emfile_listener.ts",
+    naive ? ["--naive"] : [],
+    ["prlimit", "--nofile=64:64"],
+  );
+  const [, port] = (await child.line()).split(" ").map(Number);
+  const stats = async () => JSON.parse((await child.ask("stats")).slice(6)) as EmfileStats;
+  const clients = await Promise.all(
+    Array.from({ length: 5 }, () => Deno.connect({ hostname: "127.0.0.1", port })),
+  );
+  for (const c of clients) scope.defer(() => closeConn(c));
+  let settled = 0;
+  const outcomes = clients.map((c) => readOutcome(c).finally(() => settled++));
+  if (!naive) {
+    // the listener was told about them and found no descriptor
+    for (let s = await stats(); !s.localErrors["accept:EMFILE"]; s = await stats()) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+  const failuresBefore = (await stats()).localErrors["accept:EMFILE"] ?? 0;
+  const cpu0 = cpuSeconds(child.pid);
+  const t0 = performance.now();
+  await new Promise((r) => setTimeout(r, ms));
+  const busy = (cpuSeconds(child.pid) - cpu0) / ((performance.now() - t0) / 1000);
+  const s = await stats();
+  assert.equal(settled, 0, "a client was served with no descriptor to serve it with");
+  assert.equal(s.accepted, 0);
+  return {
+    busy,
+    failures: (s.localErrors["accept:EMFILE"] ?? 0) - failuresBefore,
+    serve: async () => {
+      assert.equal(await child.ask("free 16"), "freed");
+      const ends = await within(
+        3000,
+        "clients served once descriptors are free",
+        Promise.all(outcomes),
+      );
+      assert.deepEqual(ends.map((e) => e.kind), ["eof", "eof", "eof", "eof", "eof"]);
+      return await stats();
+    },
+  };
+}
+
+e2eTest(
+  "out of descriptors (EMFILE on accept), the Listener does not spin: under 10% of a core, a retry every 100 ms, and it serves the waiting clients once descriptors free up",
+  async (scope) => {
+    const { busy, failures, serve } = await cpuWhileOutOfDescriptors(scope, false, 1500);
+    console.log(
+      `Listener out of descriptors: ${
+        (busy * 100).toFixed(1)
+      }% of a core, ${failures} accept retries in 1.5 s`,
+    );
+    assert.ok(busy < 0.1, `${(busy * 100).toFixed(1)}% of a core: it spins`);
+    assert.ok(failures >= 5 && failures <= 30, `${failures} failed accepts in 1.5 s`);
+    const stats = await serve();
+    assert.equal(stats.accepted, 5);
+    assert.equal(stats.closed.acl_denied, 5);
+  },
+  { timeoutMs: 30_000 },
+);
+
+e2eTest(
+  "the meter of that test sees a spin: an accept handler that ignores EMFILE on a level-triggered listener takes most of a core",
+  async (scope) => {
+    const { busy, serve } = await cpuWhileOutOfDescriptors(scope, true, 1000);
+    console.log(`naive accept handler out of descriptors: ${(busy * 100).toFixed(1)}% of a core`);
+    assert.ok(busy > 0.25, `${(busy * 100).toFixed(1)}% of a core`);
+    assert.equal((await serve()).accepted, 5);
+  },
+  { timeoutMs: 30_000 },
 );

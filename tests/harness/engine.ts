@@ -6,7 +6,9 @@
  *
  * @module
  */
+import assert from "node:assert/strict";
 import { E } from "../../ffi/socket.ts";
+import { setSocketBuffer } from "../../ffi/libc.ts";
 import { EventLoop } from "../../src/io/loop.ts";
 import {
   connected,
@@ -15,7 +17,8 @@ import {
   TcpListenSocket,
   type TcpSocket,
 } from "../../src/io/tcp.ts";
-import { within } from "./scope.ts";
+import { ROOT, within } from "./scope.ts";
+import { LineSplitter } from "../../src/net/bytes.ts";
 
 /** One test's loop, the errors its handlers threw, and cleanups. */
 export interface EngineRig {
@@ -117,9 +120,17 @@ export async function denoPair(
   return { conn, sock: await accepted, listener };
 }
 
-/** Two engine sockets connected to each other: `a` connected, `b` accepted. */
-export async function enginePair(rig: EngineRig): Promise<{ a: TcpSocket; b: TcpSocket }> {
+/**
+ * Two engine sockets connected to each other: `a` connected, `b` accepted (with a receive
+ * buffer of `receiveBuffer` bytes when given: no autotuning, a small window).
+ */
+export async function enginePair(
+  rig: EngineRig,
+  receiveBuffer = 0,
+): Promise<{ a: TcpSocket; b: TcpSocket }> {
   const listener = engineListen(rig);
+  // set on the listening socket, it is the accepted socket's from the handshake on
+  if (receiveBuffer) assert.equal(setSocketBuffer(listener.socket.fd, "receive", receiveBuffer), 0);
   const accepted = listener.accept();
   const a = connectTcp(rig.loop, "127.0.0.1", listener.port);
   rig.defer(() => a.close());
@@ -220,4 +231,75 @@ export function openFds(): number {
   let n = -1; // the directory's own descriptor while it is read
   for (const _ of Deno.readDirSync("/proc/self/fd")) n++;
   return n;
+}
+
+/** A Deno script of tests/fixtures/ as a child process that speaks lines on stdio. */
+export interface LineChild {
+  pid: number;
+  /** The next line it prints. */
+  line(): Promise<string>;
+  /** Writes `line` to its stdin and returns its next line of output. */
+  ask(line: string): Promise<string>;
+}
+
+/**
+ * Runs `deno run -A --unstable-net tests/fixtures/SCRIPT ARGS` (under `wrapper`, e.g.
+ * prlimit); killed when `scope` closes.
+ */
+export function spawnFixture(
+  scope: { defer(c: () => void | Promise<void>): void },
+  script: string,
+  args: string[] = [],
+  wrapper: string[] = [],
+): LineChild {
+  const argv = [
+    ...wrapper,
+    Deno.execPath(),
+    "run",
+    "-A",
+    "--unstable-net",
+    `${ROOT}tests/fixtures/${script}`,
+    ...args,
+  ];
+  const child = new Deno.Command(argv[0], {
+    args: argv.slice(1),
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "inherit",
+    env: { DENO_NO_UPDATE_CHECK: "1" },
+  }).spawn();
+  scope.defer(async () => {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* exited */ }
+    await child.status;
+  });
+  const lines = new LineSplitter();
+  const reader = child.stdout.getReader();
+  const writer = child.stdin.getWriter();
+  const line = async () => {
+    for (;;) {
+      const l = lines.shift();
+      if (l !== null) return l;
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`${script} exited`);
+      lines.push(value);
+    }
+  };
+  return {
+    pid: child.pid,
+    line,
+    async ask(l: string) {
+      await writer.write(new TextEncoder().encode(`${l}\n`));
+      return await line();
+    },
+  };
+}
+
+/** CPU time (user + system) a process used so far, in seconds. */
+export function cpuSeconds(pid: number): number {
+  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+  // fields after the command name: state is field 3, utime 14, stime 15 (clock ticks, 100/s)
+  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(f[11]) + Number(f[12])) / 100;
 }
