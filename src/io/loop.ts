@@ -139,6 +139,11 @@ export class EventLoop {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    // a loop that is not running (nothing watched) has no round to end: its fds go now
+    if (!this.#running) {
+      this.#release();
+      return;
+    }
     const one = new Uint8Array(8);
     one[0] = 1;
     sys().write(this.#wakeFd, one, 8n);
@@ -185,10 +190,7 @@ export class EventLoop {
       }
     } finally {
       this.#running = false;
-      if (this.#closed) {
-        closeFd(this.#wakeFd);
-        closeFd(this.#epfd);
-      }
+      if (this.#closed) this.#release();
     }
   }
 
@@ -203,6 +205,12 @@ export class EventLoop {
         this.#onError(e);
       }
     }
+  }
+
+  /** Closes the epoll instance and the wake eventfd. */
+  #release(): void {
+    closeFd(this.#wakeFd);
+    closeFd(this.#epfd);
   }
 
   #dispatch(v: DataView, n: number): void {
