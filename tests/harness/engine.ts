@@ -32,7 +32,7 @@ export interface EngineRig {
 /**
  * Declares a test on a fresh loop, bounded by `timeoutMs`; the loop and what the test
  * registered are closed afterwards. A handler error the test did not take out of
- * `rig.errors` fails it.
+ * `rig.errors` fails it, and so does a descriptor left open (the loop's own included).
  */
 export function engineTest(
   name: string,
@@ -47,11 +47,14 @@ export function engineTest(
     fn: async () => {
       const errors: unknown[] = [];
       const cleanups: (() => void | Promise<void>)[] = [];
+      const fdsBefore = openFds();
       const loop = new EventLoop((e) => errors.push(e));
       const rig: EngineRig = { loop, errors, defer: (c) => cleanups.push(c) };
+      let passed = false;
       try {
         await within(timeoutMs, name, fn(rig));
         if (errors.length > 0) throw new Error(`handler errors: ${errors.join("; ")}`);
+        passed = true;
       } finally {
         for (const c of cleanups.reverse()) {
           try {
@@ -59,6 +62,11 @@ export function engineTest(
           } catch { /* best effort */ }
         }
         loop.close();
+        // the loop closes its epoll and eventfd once its wait returns; Deno conns close theirs
+        // once their pending reads are cancelled: then the count is what it was
+        const settled = until("descriptors closed", () => openFds() <= fdsBefore, 3000);
+        if (passed) await settled;
+        else await settled.catch(() => {});
       }
     },
   });
