@@ -424,6 +424,7 @@ async function relayed<C extends Peer, B extends Peer>(
   clientPeer: C,
   backendPeer: B,
   backendReceiveBuffer = 0,
+  idleMs = 60_000,
 ): Promise<{
   client: C extends "deno" ? Deno.TcpConn : TcpSocket;
   backend: B extends "deno" ? Deno.TcpConn : TcpSocket;
@@ -453,7 +454,7 @@ async function relayed<C extends Peer, B extends Peer>(
   } else {
     ({ a: bs, b: backend } = await enginePair(rig, backendReceiveBuffer));
   }
-  const relay = new Relay(cs, bs, 60_000);
+  const relay = new Relay(cs, bs, idleMs);
   const end = relay.run();
   // deno-lint-ignore no-explicit-any -- the conditional types of the peers
   return { client: client as any, backend: backend as any, relay, cs, bs, end };
@@ -604,6 +605,22 @@ engineTest(
     assert.equal(backend.shutdownWrite(), 0);
     assert.equal(await client.read(new Uint8Array(8)), null);
     assert.equal(await end, "done");
+  },
+);
+
+engineTest(
+  "a relay idle past its timeout cuts the stream with a reset on both sides (never a FIN a peer could take for the end); run() ends idle_timeout",
+  async (rig) => {
+    const { client, backend, relay, end } = await relayed(rig, "deno", "deno", 0, 300);
+    await writeConn(client, positionStream(1000, 1));
+    await readExact(backend, 1000);
+    const t0 = performance.now();
+    assert.equal(await end, "idle_timeout");
+    const idle = performance.now() - t0;
+    assert.ok(idle >= 250 && idle < 2000, `cut after ${idle.toFixed(0)} ms idle`);
+    assert.equal(relay.bytesUp, 1000);
+    assert.deepEqual(await readToOutcome(client), { bytes: 0, end: "ConnectionReset" });
+    assert.deepEqual(await readToOutcome(backend), { bytes: 0, end: "ConnectionReset" });
   },
 );
 
