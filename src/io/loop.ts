@@ -72,6 +72,11 @@ export class EventLoop {
   #count = 0;
   /** Work handed to the next round (a relay that used up its share of this one). */
   #later: (() => void)[] = [];
+  /** The off-thread wait is under way: later() has to wake it. */
+  #waiting = false;
+  /** The wake eventfd was written for later() and is not drained yet. */
+  #woken = false;
+  readonly #wakeBuf = new Uint8Array(8);
   readonly stats: LoopStats = { polls: 0, waits: 0, events: 0 };
 
   /** `onError`: told about a handler that threw (the loop goes on). */
@@ -133,6 +138,13 @@ export class EventLoop {
    */
   later(work: () => void): void {
     this.#later.push(work);
+    // called outside a round (a relay started by a session), it would otherwise wait for an
+    // event or the idle wait's end
+    if (this.#waiting && !this.#woken) {
+      this.#woken = true;
+      this.#wakeBuf[0] = 1;
+      sys().write(this.#wakeFd, this.#wakeBuf, 8n);
+    }
   }
 
   /** Stops the loop (after the current round); watched fds stay open. */
@@ -184,7 +196,14 @@ export class EventLoop {
         this.stats.waits++;
         const timeout = busy >= BUSY_ROUNDS || this.#later.length > 0 ? 0 : IDLE_WAIT_MS;
         busy = 0;
+        this.#waiting = true;
         const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
+        this.#waiting = false;
+        if (this.#woken) {
+          // drained, or the level-triggered eventfd would end every wait at once
+          this.#woken = false;
+          s.read(this.#wakeFd, this.#wakeBuf, 8n);
+        }
         if (n > 0) this.#dispatch(this.#offEventsView, n);
         this.#runLater();
       }
