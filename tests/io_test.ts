@@ -418,13 +418,24 @@ engineTest(
 
 type Peer = "deno" | "engine";
 
-/** A client and a backend relayed by a Relay on the test's loop; each peer Deno's or the engine's. */
+/** Options of {@link relayed}. */
+interface RelayedOptions {
+  /** The backend peer's receive buffer (an engine peer only; 0: the kernel's default). */
+  backendReceiveBuffer?: number;
+  idleMs?: number;
+  /** Start the relay at once (run()); else `end` is null and the test calls run(). */
+  start?: boolean;
+}
+
+/**
+ * A client and a backend relayed by a Relay on the process's loop (the Relay hands work to
+ * it); each peer Deno's or the engine's.
+ */
 async function relayed<C extends Peer, B extends Peer>(
   rig: EngineRig,
   clientPeer: C,
   backendPeer: B,
-  backendReceiveBuffer = 0,
-  idleMs = 60_000,
+  o: RelayedOptions = {},
 ): Promise<{
   client: C extends "deno" ? Deno.TcpConn : TcpSocket;
   backend: B extends "deno" ? Deno.TcpConn : TcpSocket;
@@ -452,12 +463,12 @@ async function relayed<C extends Peer, B extends Peer>(
   if (backendPeer === "deno") {
     ({ sock: bs, conn: backend } = await engineToDeno(rig));
   } else {
-    ({ a: bs, b: backend } = await enginePair(rig, backendReceiveBuffer));
+    ({ a: bs, b: backend } = await enginePair(rig, o.backendReceiveBuffer ?? 0));
   }
-  const relay = new Relay(cs, bs, idleMs);
-  const end = relay.run();
+  const relay = new Relay(cs, bs, o.idleMs ?? 60_000);
+  const end = o.start === false ? null : relay.run();
   // deno-lint-ignore no-explicit-any -- the conditional types of the peers
-  return { client: client as any, backend: backend as any, relay, cs, bs, end };
+  return { client: client as any, backend: backend as any, relay, cs, bs, end: end! };
 }
 
 /** Reads a Deno conn to its end: the bytes, and how it ended (`eof`, or the error's name). */
@@ -499,6 +510,7 @@ engineTest(
     };
     await Promise.all([0, 1, 2, 3].map(one));
   },
+  { processLoop: true },
 );
 
 engineTest(
@@ -543,6 +555,7 @@ engineTest(
     assert.equal(await recvWait(backend, new Uint8Array(16)), 0, "the client's FIN");
     assert.equal(await end, "done");
   },
+  { processLoop: true },
 );
 
 engineTest(
@@ -559,6 +572,7 @@ engineTest(
     const outcome = await readToOutcome(backend);
     assert.deepEqual(outcome, { bytes: 0, end: "ConnectionReset" });
   },
+  { processLoop: true },
 );
 
 engineTest(
@@ -575,6 +589,7 @@ engineTest(
     const outcome = await readToOutcome(client);
     assert.deepEqual(outcome, { bytes: 0, end: "ConnectionReset" });
   },
+  { processLoop: true },
 );
 
 engineTest(
@@ -582,7 +597,9 @@ engineTest(
   async (rig) => {
     // a small window at the backend and a small send buffer of the relay's backend socket, a large
     // receive buffer of its client socket: the relay holds bytes, the client's path takes all
-    const { client, backend, relay, cs, bs, end } = await relayed(rig, "deno", "engine", 16384);
+    const { client, backend, relay, cs, bs, end } = await relayed(rig, "deno", "engine", {
+      backendReceiveBuffer: 16384,
+    });
     assert.equal(setSocketBuffer(bs.fd, "send", 16 * 1024), 0);
     assert.equal(setSocketBuffer(cs.fd, "receive", 4 * 1024 * 1024), 0);
     const seed = 5;
@@ -606,12 +623,13 @@ engineTest(
     assert.equal(await client.read(new Uint8Array(8)), null);
     assert.equal(await end, "done");
   },
+  { processLoop: true },
 );
 
 engineTest(
   "a relay idle past its timeout cuts the stream with a reset on both sides (never a FIN a peer could take for the end); run() ends idle_timeout",
   async (rig) => {
-    const { client, backend, relay, end } = await relayed(rig, "deno", "deno", 0, 300);
+    const { client, backend, relay, end } = await relayed(rig, "deno", "deno", { idleMs: 300 });
     await writeConn(client, positionStream(1000, 1));
     await readExact(backend, 1000);
     const t0 = performance.now();
@@ -622,6 +640,34 @@ engineTest(
     assert.deepEqual(await readToOutcome(client), { bytes: 0, end: "ConnectionReset" });
     assert.deepEqual(await readToOutcome(backend), { bytes: 0, end: "ConnectionReset" });
   },
+  { processLoop: true },
+);
+
+engineTest(
+  "more than a round's share already waiting when the relay starts (an eager upload) all moves on at once, without waiting for an event or the loop's idle timeout",
+  async (rig) => {
+    const { client, backend, relay, cs, bs } = await relayed(rig, "deno", "deno", { start: false });
+    // room everywhere: the relay reads 1 MiB in its first round, and no event follows it
+    assert.equal(setSocketBuffer(cs.fd, "receive", 8 * 1024 * 1024), 0);
+    assert.equal(setSocketBuffer(bs.fd, "send", 8 * 1024 * 1024), 0);
+    const SIZE = 3 * 1024 * 1024;
+    const stream = positionStream(SIZE, 11);
+    await writeConn(client, stream);
+    await client.closeWrite();
+    await until("every byte and the FIN at the relay's socket", () => {
+      return cs.peerClosed && queues(cs.fd).inq === SIZE;
+    });
+    const reading = readToEnd(backend);
+    const t0 = performance.now();
+    const end = relay.run();
+    const got = await reading;
+    const ms = performance.now() - t0;
+    assert.equal(describeMismatch(stream, got, 11), "identical");
+    assert.ok(ms < 300, `${SIZE} bytes waiting took ${ms.toFixed(0)} ms to pass`);
+    await backend.closeWrite();
+    assert.equal(await end, "done");
+  },
+  { processLoop: true },
 );
 
 // ---- out of descriptors ----
@@ -853,5 +899,23 @@ engineTest(
     // with nothing watched its run ends after the wait under way (at most a second)
     ran.close();
     await until("the loop's descriptors closed", () => openFds() === before, 3000);
+  },
+);
+
+engineTest(
+  "work handed to the next round while the loop is idle in its wait (a relay started from a session) runs at once, not after the idle wait",
+  async (rig) => {
+    const loop = rig.loop;
+    const fd = eventFd(rig);
+    assert.equal(loop.add(fd, EPOLLIN, { onIo() {} }), 0); // watched: the loop runs, idle
+    await until("the loop waits off-thread", () => loop.stats.waits > 0);
+    for (let i = 0; i < 3; i++) {
+      const t0 = performance.now();
+      const ran = Promise.withResolvers<number>();
+      loop.later(() => ran.resolve(performance.now() - t0));
+      const delay = await ran.promise;
+      assert.ok(delay < 200, `ran after ${delay.toFixed(0)} ms`);
+    }
+    loop.forget(fd, true);
   },
 );

@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { E } from "../../ffi/socket.ts";
 import { setSocketBuffer } from "../../ffi/libc.ts";
-import { EventLoop } from "../../src/io/loop.ts";
+import { EventLoop, eventLoop, setLoopErrorSink } from "../../src/io/loop.ts";
 import {
   connected,
   connectTcp,
@@ -29,26 +29,45 @@ export interface EngineRig {
   defer(cleanup: () => void | Promise<void>): void;
 }
 
+/** The process's loop as tests use it: its handlers' errors are collected here. */
+const processLoopErrors: unknown[] = [];
+let processLoopReady = false;
+
+/** Options of {@linkcode engineTest}. */
+export interface EngineTestOptions {
+  timeoutMs?: number;
+  /**
+   * Run on the process's loop (eventLoop()), not a fresh one: for code that hands work to it,
+   * such as the Relay. It is not closed; everything the test opened on it is.
+   */
+  processLoop?: boolean;
+}
+
 /**
- * Declares a test on a fresh loop, bounded by `timeoutMs`; the loop and what the test
- * registered are closed afterwards. A handler error the test did not take out of
- * `rig.errors` fails it, and so does a descriptor left open (the loop's own included).
+ * Declares a test on a fresh loop (or the process's), bounded in time; the loop and what the
+ * test registered are closed afterwards. A handler error the test did not take out of
+ * `rig.errors` fails it, and so does a descriptor left open (a fresh loop's own included).
  */
 export function engineTest(
   name: string,
   fn: (rig: EngineRig) => Promise<void>,
-  timeoutMs = 20_000,
+  options: EngineTestOptions = {},
 ): void {
+  const timeoutMs = options.timeoutMs ?? 20_000;
   Deno.test({
     name,
     // the loop's off-thread wait settles after the test (close() wakes it)
     sanitizeOps: false,
     sanitizeResources: false,
     fn: async () => {
-      const errors: unknown[] = [];
+      if (options.processLoop && !processLoopReady) {
+        setLoopErrorSink((e) => processLoopErrors.push(e));
+        processLoopReady = true;
+      }
       const cleanups: (() => void | Promise<void>)[] = [];
       const fdsBefore = openFds();
-      const loop = new EventLoop((e) => errors.push(e));
+      const errors = options.processLoop ? processLoopErrors : [];
+      const loop = options.processLoop ? eventLoop() : new EventLoop((e) => errors.push(e));
       const rig: EngineRig = { loop, errors, defer: (c) => cleanups.push(c) };
       let passed = false;
       try {
@@ -56,12 +75,13 @@ export function engineTest(
         if (errors.length > 0) throw new Error(`handler errors: ${errors.join("; ")}`);
         passed = true;
       } finally {
+        errors.length = 0;
         for (const c of cleanups.reverse()) {
           try {
             await c();
           } catch { /* best effort */ }
         }
-        loop.close();
+        if (!options.processLoop) loop.close();
         // the loop closes its epoll and eventfd once its wait returns; Deno conns close theirs
         // once their pending reads are cancelled: then the count is what it was
         const settled = until("descriptors closed", () => openFds() <= fdsBefore, 3000);
