@@ -289,6 +289,79 @@ engineTest(
   },
 );
 
+engineTest(
+  "a paused listener is not reported (clients wait in the backlog); resumed, it is reported every round while connections wait, so taking one per report takes them all",
+  async (rig) => {
+    let reports = 0;
+    const accepted: TcpSocket[] = [];
+    let allIn = Promise.withResolvers<void>();
+    const listener: TcpListenSocket = new TcpListenSocket(
+      rig.loop,
+      "127.0.0.1",
+      0,
+      { reusePort: false, backlog: 16 },
+      () => {
+        reports++;
+        const got = listener.accept(); // one per report: level-triggered reports the rest
+        if (typeof got === "number") return;
+        rig.defer(() => got.close());
+        accepted.push(got);
+        if (accepted.length === 3) allIn.resolve();
+      },
+    );
+    rig.defer(() => listener.close());
+    const conns = await Promise.all(
+      [1, 2, 3].map(() => Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port })),
+    );
+    for (const c of conns) rig.defer(() => closeConn(c));
+    // another socket's event proves the loop ran rounds while the listener was paused
+    const { conn, sock } = await denoPair(rig);
+    await conn.write(text.encode("x"));
+    assert.equal(await recvWait(sock, new Uint8Array(4)), 1);
+    assert.equal(reports, 0, "a paused listener was reported");
+    listener.resume();
+    await allIn.promise;
+    assert.equal(accepted.length, 3);
+    assert.deepEqual(
+      accepted.map((s) => s.remoteAddr.port).sort(),
+      conns.map((c) => c.localAddr.port).sort(),
+    );
+    listener.pause();
+    allIn = Promise.withResolvers<void>();
+    const later = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
+    rig.defer(() => closeConn(later));
+    await conn.write(text.encode("y"));
+    assert.equal(await recvWait(sock, new Uint8Array(4)), 1);
+    assert.equal(accepted.length, 3, "paused again: the fourth waits");
+    listener.resume();
+    await until("the fourth accepted", () => accepted.length === 4);
+  },
+);
+
+engineTest(
+  "writeAll rejects when the peer resets mid-write (ECONNRESET or EPIPE), and with ECONNABORTED when the socket is closed while it waits",
+  async (rig) => {
+    const { a, b } = await enginePair(rig);
+    const big = positionStream(32 * 1024 * 1024, 1);
+    // the peer never reads: writeAll waits for room
+    const writing = writeAll(a, big).then(() => null, (e) => e);
+    await untilEvent(b, () => b.readable);
+    b.reset();
+    const error = await writing;
+    assert.ok(error instanceof SocketError, String(error));
+    assert.ok(["ECONNRESET", "EPIPE"].includes(error.code), error.code);
+
+    const pair = await enginePair(rig);
+    const waiting = writeAll(pair.a, big).then(() => null, (e) => e);
+    await untilEvent(pair.b, () => pair.b.readable);
+    await until("writeAll waits for room", () => !pair.a.writable);
+    pair.a.close();
+    const aborted = await waiting;
+    assert.ok(aborted instanceof SocketError, String(aborted));
+    assert.equal(aborted.code, "ECONNABORTED");
+  },
+);
+
 /** A non-blocking eventfd (closed at the end of the test). */
 function eventFd(rig: { defer(c: () => void): void }): number {
   const fd = sys().eventfd(0, 0o4000 | 0o2000000);
