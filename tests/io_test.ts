@@ -76,6 +76,23 @@ for (const hostname of ["127.0.0.1", "::1"]) {
 }
 
 engineTest(
+  "connectTcp to ::1 connects over IPv6: the connected socket names both ends as the accepting one does",
+  async (rig) => {
+    const listener = engineListen(rig, "::1");
+    const accepted = listener.accept();
+    const sock = connectTcp(rig.loop, "::1", listener.port);
+    rig.defer(() => sock.close());
+    await connected(sock);
+    const peer = await accepted;
+    assert.deepEqual(sock.remoteAddr, { transport: "tcp", hostname: "::1", port: listener.port });
+    assert.deepEqual(sock.localAddr, peer.remoteAddr);
+    assert.deepEqual(peer.localAddr, sock.remoteAddr);
+    await writeAll(sock, text.encode("over v6"));
+    assert.equal(untext.decode(await recvExact(peer, 7)), "over v6");
+  },
+);
+
+engineTest(
   "a dual-stack listener names an IPv4 client as Deno does (::ffff:127.0.0.1), on both ends",
   async (rig) => {
     const listener = engineListen(rig, "::");
