@@ -10,7 +10,6 @@
 
 import { E } from "../../ffi/socket.ts";
 import { socketError, type TcpSocket } from "../io/tcp.ts";
-import { eventLoop } from "../io/loop.ts";
 
 /** Why a relay ended. */
 export type RelayEnd =
@@ -237,7 +236,7 @@ export class Relay implements ByteRelay {
       if (reads === READS_PER_ROUND) {
         if (!this.#resumeQueued) {
           this.#resumeQueued = true;
-          eventLoop().later(this.#resume);
+          this.#client.loop.later(this.#resume);
         }
         return;
       }

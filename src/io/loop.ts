@@ -79,6 +79,11 @@ export class EventLoop {
   #count = 0;
   /** Work handed to the next round (a relay that used up its share of this one). */
   #later: (() => void)[] = [];
+  /** The off-thread wait is under way: later() has to wake it. */
+  #waiting = false;
+  /** The wake eventfd was written for later() and is not drained yet. */
+  #woken = false;
+  readonly #wakeBuf = new Uint8Array(8);
   readonly stats: LoopStats = { polls: 0, waits: 0, events: 0 };
 
   /** `onError`: told about a handler that threw (the loop goes on). */
@@ -140,12 +145,24 @@ export class EventLoop {
    */
   later(work: () => void): void {
     this.#later.push(work);
+    // called outside a round (a relay started by a session), it would otherwise wait for an
+    // event or the idle wait's end
+    if (this.#waiting && !this.#woken) {
+      this.#woken = true;
+      this.#wakeBuf[0] = 1;
+      sys().write(this.#wakeFd, this.#wakeBuf, 8n);
+    }
   }
 
   /** Stops the loop (after the current round); watched fds stay open. */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    // a loop that is not running (nothing watched) has no round to end: its fds go now
+    if (!this.#running) {
+      this.#release();
+      return;
+    }
     const one = new Uint8Array(8);
     one[0] = 1;
     sys().write(this.#wakeFd, one, 8n);
@@ -193,8 +210,15 @@ export class EventLoop {
         // Deno's loop gets its turn: timers, DNS, the admin socket, reloads
         this.stats.waits++;
         const timeout = yieldDue ? 0 : IDLE_WAIT_MS;
+        this.#waiting = true;
         const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
+        this.#waiting = false;
         lastYield = performance.now();
+        if (this.#woken) {
+          // drained, or the level-triggered eventfd would end every wait at once
+          this.#woken = false;
+          s.read(this.#wakeFd, this.#wakeBuf, 8n);
+        }
         if (n > 0) {
           lastEvent = lastYield;
           this.#dispatch(this.#offEventsView, n);
@@ -203,10 +227,7 @@ export class EventLoop {
       }
     } finally {
       this.#running = false;
-      if (this.#closed) {
-        closeFd(this.#wakeFd);
-        closeFd(this.#epfd);
-      }
+      if (this.#closed) this.#release();
     }
   }
 
@@ -221,6 +242,12 @@ export class EventLoop {
         this.#onError(e);
       }
     }
+  }
+
+  /** Closes the epoll instance and the wake eventfd. */
+  #release(): void {
+    closeFd(this.#wakeFd);
+    closeFd(this.#epfd);
   }
 
   #dispatch(v: DataView, n: number): void {

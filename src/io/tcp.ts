@@ -98,7 +98,7 @@ export class TcpSocket implements IoHandler {
   peerClosed = false;
   /** Urgent data arrived (EPOLLPRI). */
   urgent = false;
-  /** epoll reported an error or a hang-up (a failed connect, a reset). */
+  /** epoll reported an error (a failed connect, a reset). */
   failed = false;
   #handler: ((events: number) => void) | null = null;
   #waiter: ((events: number) => void) | null = null;
@@ -117,6 +117,11 @@ export class TcpSocket implements IoHandler {
     return this.#localAddr;
   }
 
+  /** The loop the socket is watched on. */
+  get loop(): EventLoop {
+    return this.#loop;
+  }
+
   /** Closed by this process. */
   get closed(): boolean {
     return this.#closed;
@@ -127,7 +132,7 @@ export class TcpSocket implements IoHandler {
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) this.writable = true;
     if (events & (EPOLLRDHUP | EPOLLHUP)) this.peerClosed = true;
     if (events & EPOLLPRI) this.urgent = true;
-    if (events & (EPOLLERR | EPOLLHUP)) this.failed = true;
+    if (events & EPOLLERR) this.failed = true;
     if (this.#handler) this.#handler(events);
     else if (this.#waiter) {
       const w = this.#waiter;
@@ -156,6 +161,8 @@ export class TcpSocket implements IoHandler {
   recv(buf: Uint8Array, len: bigint = BigInt(buf.length)): number {
     // a closed fd's number may already belong to another connection
     if (this.#closed) return -E.EBADF;
+    // never past the buffer: the kernel would write where `len` says
+    if (Number(len) > buf.length) len = BigInt(buf.length);
     const n = Number(sys().recv(this.fd, buf, len, 0));
     if (n < 0) {
       const err = lastErrno();
@@ -170,6 +177,7 @@ export class TcpSocket implements IoHandler {
   /** send(2) of `buf`'s first `n` bytes (all by default), without SIGPIPE: bytes sent, or -errno. */
   send(buf: Uint8Array, n: number = buf.length): number {
     if (this.#closed) return -E.EBADF;
+    if (n > buf.length) n = buf.length;
     const w = Number(sys().send(this.fd, buf, BigInt(n), MSG_NOSIGNAL));
     if (w < 0) {
       const err = lastErrno();
