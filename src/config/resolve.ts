@@ -193,6 +193,7 @@ export function resolveSections(c: ConfigSource, path: string, base: PathBase = 
     tables,
     timeouts: camelize(c.timeouts),
     limits: resolveLimits(c.limits),
+    quic: { ...camelize(c.quic), maxFlowsPerSource: c.quic.max_flows_per_source ?? null },
     acl: {
       ...camelize(c.acl),
       allow: c.acl.allow.map(parseCidr),
