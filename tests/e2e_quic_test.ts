@@ -1,0 +1,195 @@
+/**
+ * End to end, QUIC listeners: real HTTP/3 clients (gtlsclient) through the proxy to real
+ * HTTP/3 servers (gtlsserver) chosen by the SNI of the client's Initials, every byte compared;
+ * many flows at once; a flow's idle end (metrics, admin view, access log); a client that
+ * rebinds its port mid-download.
+ */
+import assert from "node:assert/strict";
+import {
+  e2eTest,
+  type ProxyProcess,
+  pseudoRandomBytes,
+  runCli,
+  scrapeMetrics,
+  sha256,
+  sleep,
+  startProxy,
+} from "./harness/mod.ts";
+import { haveCommand } from "./harness/quic_clients.ts";
+import { quicBackend, quicDownloads, quicGet, rebindingShim } from "./harness/quic.ts";
+import type { Scope } from "./harness/scope.ts";
+
+const tools = await haveCommand("gtlsclient") && await haveCommand("gtlsserver") &&
+  Deno.uid() === 0;
+if (!tools) console.warn("e2e_quic_test: needs root, gtlsclient and gtlsserver: skipped");
+
+/** The value of one sample of the proxy's metrics (0 when absent). */
+export function sample(text: string, name: string, labels = ""): number {
+  const line = text.split("\n").find((l) => l.startsWith(`${name}${labels} `));
+  return line ? Number(line.split(" ")[1]) : 0;
+}
+
+/** Two HTTP/3 backends with their own content, a QUIC listener routing a.test and b.test. */
+async function twoBackends(s: Scope, extra: Record<string, unknown> = {}) {
+  const bodyA = pseudoRandomBytes(1 << 20, 1);
+  const bodyB = pseudoRandomBytes(1 << 20, 2);
+  const a = await quicBackend(s, { who: "backend A\n", "f.bin": bodyA });
+  const b = await quicBackend(s, { who: "backend B\n", "f.bin": bodyB });
+  const proxy = await startProxy(s, {
+    listeners: [{ address: "127.0.0.1:0", protocol: "quic" }],
+    routes: [
+      { match: "a.test", backends: [`127.0.0.1:${a.port}`] },
+      { match: "b.test", alpn: ["h3"], backends: [`127.0.0.1:${b.port}`] },
+    ],
+    metrics: { address: "127.0.0.1:0" },
+    ...extra,
+  });
+  return { a, b, bodyA, bodyB, proxy };
+}
+
+for (const workers of [1, 2]) {
+  e2eTest(
+    `QUIC (workers ${workers}): downloads by SNI reach the backend of the name, byte for byte`,
+    async (s) => {
+      const { a, b, bodyA, bodyB, proxy } = await twoBackends(s, { workers });
+      assert.equal(proxy.listeners[0].protocol, "quic");
+      const port = proxy.port();
+      const got = await quicDownloads(port, [
+        { name: "a.test", path: "who" },
+        { name: "b.test", path: "who" },
+        { name: "a.test", path: "f.bin" },
+        { name: "b.test", path: "f.bin" },
+      ]);
+      assert.deepEqual(got.map((g) => g.code), [0, 0, 0, 0]);
+      const text = (g: { body: Uint8Array | null }) => new TextDecoder().decode(g.body!);
+      assert.equal(text(got[0]), "backend A\n");
+      assert.equal(text(got[1]), "backend B\n");
+      assert.equal(sha256(got[2].body!), sha256(bodyA));
+      assert.equal(sha256(got[3].body!), sha256(bodyB));
+      const m = await scrapeMetrics(proxy);
+      assert.equal(sample(m, "sni_proxy_quic_flows_total"), 4, m);
+      assert.ok(sample(m, "sni_proxy_quic_bytes_total", '{direction="down"}') > 2 << 20);
+      // the flows end when idle; each is logged once with its name, route and backend
+      await proxy.stop();
+      const entries = (await proxy.access()).filter((e) => e.protocol === "quic");
+      assert.equal(entries.length, 4, JSON.stringify(entries));
+      for (const e of entries) {
+        const backend = e.sni === "a.test" ? a.port : b.port;
+        assert.equal(e.backend, `127.0.0.1:${backend}`);
+        assert.equal(e.mode, "userspace");
+        assert.ok(e.ja4?.startsWith("q"), e.ja4);
+        assert.deepEqual(e.alpn, ["h3"]);
+        assert.ok((e.datagrams_down ?? 0) > 0 && (e.datagrams_up ?? 0) > 0);
+      }
+      const big = entries.filter((e) => e.bytes_down > 1 << 20);
+      assert.equal(big.length, 2);
+    },
+    { ignore: !tools, timeoutMs: 60_000 },
+  );
+}
+
+e2eTest(
+  "QUIC: a name no route takes is refused (no_route, logged once) and the client gives up",
+  async (s) => {
+    const { proxy } = await twoBackends(s);
+    const got = await quicGet(proxy.port(), {
+      name: "other.test",
+      path: "who",
+      args: ["--handshake-timeout=2s"],
+    }, 8);
+    assert.ok(!got.body?.length, "nothing downloaded");
+    const e = await proxy.waitAccess((e) => e.sni === "other.test");
+    assert.equal(e.close_reason, "no_route");
+    assert.equal(e.backend, null);
+    const m = await scrapeMetrics(proxy);
+    assert.ok(sample(m, "sni_proxy_quic_dropped_total", '{reason="refused_flow"}') >= 1, m);
+    assert.equal((await proxy.access()).filter((x) => x.sni === "other.test").length, 1);
+  },
+  { ignore: !tools, timeoutMs: 30_000 },
+);
+
+/** The flows the admin API lists. */
+async function adminFlows(p: ProxyProcess): Promise<Record<string, unknown>[]> {
+  const r = await runCli(["ctl", "--config", p.configPath, "--json", "sessions"]);
+  assert.equal(r.code, 0, r.stderr);
+  return JSON.parse(r.stdout).sessions;
+}
+
+e2eTest(
+  "QUIC: a flow lives in the admin view and the metrics until it idles out, then is gone",
+  async (s) => {
+    const dir = await Deno.makeTempDir();
+    s.defer(() => Deno.remove(dir, { recursive: true }));
+    const { a, proxy } = await twoBackends(s, {
+      quic: { idle_ms: 1500 },
+      admin: { socket: `${dir}/admin.sock` },
+    });
+    const got = await quicGet(proxy.port(), { name: "a.test", path: "who" });
+    assert.equal(got.code, 0);
+    const listed = await adminFlows(proxy);
+    assert.equal(listed.length, 1, JSON.stringify(listed));
+    assert.equal(listed[0].sni, "a.test");
+    assert.equal(listed[0].backend, `127.0.0.1:${a.port}`);
+    let m = await scrapeMetrics(proxy);
+    assert.equal(sample(m, "sni_proxy_quic_flows_active"), 1, m);
+    const e = await proxy.waitAccess((e) => e.protocol === "quic", 5000);
+    assert.equal(e.close_reason, "idle_timeout");
+    assert.ok(e.duration_ms >= 1500 && e.duration_ms < 4000, `${e.duration_ms}`);
+    m = await scrapeMetrics(proxy);
+    assert.equal(sample(m, "sni_proxy_quic_flows_active"), 0, m);
+    assert.equal(sample(m, "sni_proxy_quic_flows_closed_total", '{reason="idle_timeout"}'), 1);
+    assert.deepEqual(await adminFlows(proxy), []);
+  },
+  { ignore: !tools, timeoutMs: 30_000 },
+);
+
+e2eTest(
+  "QUIC: a client that rebinds its port mid-download keeps its flow and its download",
+  async (s) => {
+    const big = pseudoRandomBytes(16 << 20, 3);
+    const a = await quicBackend(s, { "big.bin": big });
+    const proxy = await startProxy(s, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "quic" }],
+      routes: [{ match: "a.test", backends: [`127.0.0.1:${a.port}`] }],
+      metrics: { address: "127.0.0.1:0" },
+    });
+    // a NAT in front of the client gives it a new outside port after 300 datagrams
+    const nat = rebindingShim(s, proxy.port(), 300);
+    const got = await quicGet(nat.port, { name: "a.test", path: "big.bin" });
+    assert.equal(got.code, 0);
+    assert.equal(sha256(got.body!), sha256(big));
+    assert.ok(nat.afterSwitch() > 100, `${nat.afterSwitch()} datagrams after the switch`);
+    const m = await scrapeMetrics(proxy);
+    assert.ok(sample(m, "sni_proxy_quic_rebinds_total") >= 1, m);
+    assert.equal(sample(m, "sni_proxy_quic_flows_total"), 1, m);
+    await proxy.stop();
+    const entries = (await proxy.access()).filter((e) => e.protocol === "quic");
+    assert.equal(entries.length, 1, JSON.stringify(entries));
+    assert.ok(entries[0].bytes_down >= 16 << 20);
+    assert.equal(entries[0].client, `127.0.0.1:${nat.outside[1]}`, "logged at its last address");
+  },
+  { ignore: !tools, timeoutMs: 60_000 },
+);
+
+e2eTest(
+  "QUIC: 200 concurrent flows with 1 MiB downloads, every byte compared",
+  async (s) => {
+    const { bodyA, bodyB, proxy } = await twoBackends(s, { workers: 2 });
+    const n = 200;
+    const t = performance.now();
+    const got = await quicDownloads(
+      proxy.port(),
+      Array.from({ length: n }, (_, i) => ({ name: i % 2 ? "b.test" : "a.test", path: "f.bin" })),
+      60,
+    );
+    const seconds = (performance.now() - t) / 1000;
+    const failed = got.map((g, i) => [i, g.code] as const).filter(([, c]) => c !== 0);
+    assert.deepEqual(failed, [], `${failed.length} of ${n} downloads failed`);
+    got.forEach((g, i) => assert.equal(sha256(g.body!), sha256(i % 2 ? bodyB : bodyA)));
+    console.log(`${n} concurrent 1 MiB QUIC downloads in ${seconds.toFixed(1)} s`);
+    const m = await scrapeMetrics(proxy);
+    assert.equal(sample(m, "sni_proxy_quic_flows_total"), n, m);
+    await sleep(0);
+  },
+  { ignore: !tools, timeoutMs: 120_000 },
+);
