@@ -16,18 +16,12 @@ import {
   startProxy,
 } from "./harness/mod.ts";
 import { haveCommand } from "./harness/quic_clients.ts";
-import { quicBackend, quicDownloads, quicGet, rebindingShim } from "./harness/quic.ts";
+import { quicBackend, quicDownloads, quicGet, rebindingShim, sample } from "./harness/quic.ts";
 import type { Scope } from "./harness/scope.ts";
 
 const tools = await haveCommand("gtlsclient") && await haveCommand("gtlsserver") &&
   Deno.uid() === 0;
 if (!tools) console.warn("e2e_quic_test: needs root, gtlsclient and gtlsserver: skipped");
-
-/** The value of one sample of the proxy's metrics (0 when absent). */
-export function sample(text: string, name: string, labels = ""): number {
-  const line = text.split("\n").find((l) => l.startsWith(`${name}${labels} `));
-  return line ? Number(line.split(" ")[1]) : 0;
-}
 
 /** Two HTTP/3 backends with their own content, a QUIC listener routing a.test and b.test. */
 async function twoBackends(s: Scope, extra: Record<string, unknown> = {}) {

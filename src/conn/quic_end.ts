@@ -141,15 +141,17 @@ export class FlowEnder {
     flow.state = "refused";
   }
 
-  /** Ends a flow; `silent`: no access-log line (a datagram that never started a hello). */
-  end(flow: QuicFlow, reason: FlowEnd, silent = false): void {
+  /**
+   * Ends a flow. `record`: `log` counts it and writes its access-log line; `count` only counts
+   * it (a flood's evictions would flood the log); `none` neither (a first datagram that
+   * started no hello: counted as a drop, it was never a flow).
+   */
+  end(flow: QuicFlow, reason: FlowEnd, record: "log" | "count" | "none" = "log"): void {
     if (flow.state === "closed") return;
     const refused = flow.state === "refused";
     this.#collectKernel(flow);
-    if (!refused) {
-      if (silent) Metrics.bump(this.#host.metrics.quic.closed, reason);
-      else this.#log(flow, reason);
-    }
+    if (!refused && record === "log") this.#log(flow, reason);
+    else if (!refused && record === "count") Metrics.bump(this.#host.metrics.quic.closed, reason);
     const { pool, backend } = flow;
     if (pool && backend) {
       backend.active--;

@@ -289,7 +289,7 @@ export class QuicListener {
     if (this.#flows.pendingCount >= Math.ceil(config.quic.maxPendingFlows / workers)) {
       // the oldest unfinished hello gives way: a flood of Initials cannot lock new clients out
       const oldest = this.#flows.oldestPending();
-      if (oldest) this.#end.end(oldest, "pending_evicted");
+      if (oldest) this.#end.end(oldest, "pending_evicted", "count");
       metrics.quic.drop("pending_evicted");
     }
     return null;
@@ -313,7 +313,7 @@ export class QuicListener {
   #afterPush(flow: QuicFlow, d: Uint8Array, r: QuicReadResult, first: boolean): void {
     const q = this.#host.metrics.quic;
     if (r.kind === "more") {
-      if (!this.#hold(flow, d) && first) this.#end.end(flow, "pending_evicted", true);
+      if (!this.#hold(flow, d) && first) this.#end.end(flow, "pending_evicted", "none");
       return;
     }
     if (r.kind === "hello") {
@@ -332,7 +332,7 @@ export class QuicListener {
       this.#end.refuse(flow, "bad_initial", r.message);
     } else if (first) {
       // nothing of this source is kept for a datagram that did not start a hello
-      this.#end.end(flow, "bad_initial", true);
+      this.#end.end(flow, "bad_initial", "none");
     }
   }
 

@@ -195,3 +195,9 @@ export function rebindingShim(s: Scope, target: number, switchAfter: number): Re
     afterSwitch: () => Math.max(0, count - switchAfter),
   };
 }
+
+/** The value of one sample of the proxy's metrics text (0 when absent). */
+export function sample(text: string, name: string, labels = ""): number {
+  const line = text.split("\n").find((l) => l.startsWith(`${name}${labels} `));
+  return line ? Number(line.split(" ")[1]) : 0;
+}
