@@ -16,7 +16,14 @@ import {
   startProxy,
 } from "./harness/mod.ts";
 import { haveCommand } from "./harness/quic_clients.ts";
-import { quicBackend, quicDownloads, quicGet, rebindingShim, sample } from "./harness/quic.ts";
+import {
+  chromiumDumpDom,
+  quicBackend,
+  quicDownloads,
+  quicGet,
+  rebindingShim,
+  sample,
+} from "./harness/quic.ts";
 import type { Scope } from "./harness/scope.ts";
 
 const tools = await haveCommand("gtlsclient") && await haveCommand("gtlsserver") &&
@@ -186,4 +193,38 @@ e2eTest(
     await sleep(0);
   },
   { ignore: !tools, timeoutMs: 120_000 },
+);
+
+const chromium = tools && await haveCommand("chromium");
+
+e2eTest(
+  "QUIC: headless Chromium loads a page over HTTP/3 through the proxy from the backend of its name",
+  async (s) => {
+    const page = (who: string) => `<html><head></head><body><p>served by ${who}</p></body></html>`;
+    const a = await quicBackend(s, { "index.html": page("backend A") });
+    const b = await quicBackend(s, { "index.html": page("backend B") });
+    const proxy = await startProxy(s, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "quic" }],
+      routes: [
+        { match: "a.test", alpn: ["h3"], backends: [`127.0.0.1:${a.port}`] },
+        { match: "*.b.test", backends: [`127.0.0.1:${b.port}`] },
+      ],
+      metrics: { address: "127.0.0.1:0" },
+    });
+    const domA = await chromiumDumpDom("a.test", proxy.port());
+    assert.match(domA, /served by backend A/);
+    const domB = await chromiumDumpDom("x.y.b.test", proxy.port());
+    assert.match(domB, /served by backend B/);
+    const m = await scrapeMetrics(proxy);
+    assert.ok(sample(m, "sni_proxy_quic_flows_total") >= 2, m);
+    await proxy.stop();
+    const entries = (await proxy.access()).filter((e) => e.protocol === "quic");
+    const sni = new Set(entries.map((e) => e.sni));
+    assert.ok(sni.has("a.test") && sni.has("x.y.b.test"), JSON.stringify(entries));
+    for (const e of entries) {
+      assert.ok(e.ja4?.startsWith("q"), e.ja4);
+      assert.ok(e.alpn?.includes("h3"));
+    }
+  },
+  { ignore: !chromium, timeoutMs: 120_000 },
 );

@@ -201,3 +201,47 @@ export function sample(text: string, name: string, labels = ""): number {
   const line = text.split("\n").find((l) => l.startsWith(`${name}${labels} `));
   return line ? Number(line.split(" ")[1]) : 0;
 }
+
+/** base64 SHA-256 of the test leaf's public key: what Chromium is told to accept. */
+export async function testLeafSpki(): Promise<string> {
+  const certs = await testCerts();
+  const r = await new Deno.Command("sh", {
+    args: [
+      "-c",
+      `openssl x509 -in ${certs.dir}/leaf.pem -pubkey -noout | ` +
+      "openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+    ],
+  }).output();
+  return new TextDecoder().decode(r.stdout).trim();
+}
+
+/**
+ * Headless Chromium loading https://`name`:`port`/ over HTTP/3 only (QUIC forced for the
+ * origin, the name mapped to 127.0.0.1, the test leaf accepted by its key): the page's DOM.
+ */
+export async function chromiumDumpDom(name: string, port: number, timeoutS = 40): Promise<string> {
+  const profile = await Deno.makeTempDir({ prefix: "quic-chromium-" });
+  try {
+    const r = await new Deno.Command("timeout", {
+      args: [
+        String(timeoutS),
+        "chromium",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        `--user-data-dir=${profile}`,
+        `--origin-to-force-quic-on=${name}:${port}`,
+        `--host-resolver-rules=MAP ${name} 127.0.0.1`,
+        `--ignore-certificate-errors-spki-list=${await testLeafSpki()}`,
+        "--dump-dom",
+        `https://${name}:${port}/`,
+      ],
+      stdout: "piped",
+      stderr: "null",
+    }).output();
+    return new TextDecoder().decode(r.stdout);
+  } finally {
+    await Deno.remove(profile, { recursive: true }).catch(() => {});
+  }
+}
