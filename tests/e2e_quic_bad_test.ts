@@ -183,3 +183,35 @@ e2eTest(
   },
   { ignore: !tools, timeoutMs: 40_000 },
 );
+
+e2eTest(
+  "QUIC: an Initial of a new connection from a routed flow's address starts a new flow",
+  async (s) => {
+    const a = await quicBackend(s, { who: "backend A\n" });
+    const proxy = await startProxy(s, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "quic" }],
+      // the RFC 9001 hello asks for example.com
+      routes: [{ match: "example.com", backends: [`127.0.0.1:${a.port}`] }],
+      metrics: { address: "127.0.0.1:0" },
+    });
+    const port = proxy.port();
+    const sock = sender(s);
+    await send(sock, port, initial(cryptoFrame(0, hello), 7));
+    await metricsUntil(proxy, (m) => sample(m, "sni_proxy_quic_flows_total") === 1);
+    // a retransmission of the same connection stays in the flow
+    await send(sock, port, initial(cryptoFrame(0, hello), 7));
+    await sleep(200);
+    let m = await scrapeMetrics(proxy);
+    assert.equal(sample(m, "sni_proxy_quic_flows_total"), 1, m);
+    // the same address:port, another Destination Connection ID: another connection
+    await send(sock, port, initial(cryptoFrame(0, hello), 8));
+    m = await metricsUntil(proxy, (m) => sample(m, "sni_proxy_quic_flows_total") === 2);
+    assert.equal(
+      sample(m, "sni_proxy_quic_flows_closed_total", '{reason="new_connection"}'),
+      1,
+      m,
+    );
+    assert.equal(sample(m, "sni_proxy_quic_flows_active"), 1, m);
+  },
+  { ignore: !tools, timeoutMs: 30_000 },
+);

@@ -76,6 +76,8 @@ export type FlowEnd =
   | "fingerprint_denied"
   | "backend_refused"
   | "pending_evicted"
+  /** An Initial of another connection came from the flow's address (a reused port). */
+  | "new_connection"
   | "admin"
   | "shutdown";
 
@@ -105,6 +107,8 @@ export class QuicFlow {
   alpn: string[] | undefined;
   ja4: string | undefined;
   ja3: string | undefined;
+  /** The client's first Destination Connection ID (as a CID key), once the hello is whole. */
+  clientDcid: string | null = null;
   /** Server connection IDs the table follows this flow by (keys of the CID map). */
   readonly cids: string[] = [];
   /** Kernel mode: the flow as added to the kernel, or null (userspace). */

@@ -35,7 +35,7 @@ import type { ClientHello } from "../proto/clienthello.ts";
 import { errText } from "../ops/errtext.ts";
 import { logger } from "../ops/log.ts";
 import type { SessionInfo } from "./conn_record.ts";
-import { FlowTable, QuicFlow } from "./quic_flow.ts";
+import { cidKey, FlowTable, QuicFlow } from "./quic_flow.ts";
 import { routeQuic } from "./quic_route.ts";
 import { FlowEnder, type QuicListenerHost } from "./quic_end.ts";
 
@@ -174,12 +174,29 @@ export class QuicListener {
       const key = sockaddrKey(fromAddr);
       const flow = key === null ? undefined : this.#flows.get(key);
       if (flow !== undefined && flow.sock !== null) {
+        if ((rx[0] & 0x80) !== 0 && this.#newConnection(flow, n)) {
+          // the client's port was reused by a new connection (maybe for another name)
+          this.#end.end(flow, "new_connection");
+          this.#unknown(key!, n, now);
+          continue;
+        }
         flow.lastActive = now;
         this.#forwardUp(flow, n);
       } else if (flow !== undefined) this.#unrouted(flow, n, now);
       else if (key !== null) this.#unknown(key, n, now);
       else q.drop("garbage");
     }
+  }
+
+  /**
+   * Whether the long-header datagram in `rx` is the Initial of another connection than the
+   * flow's: its Destination Connection ID is neither the client's first one nor one the
+   * backend chose (the client's Initials carry one of those, RFC 9000 7.2).
+   */
+  #newConnection(flow: QuicFlow, n: number): boolean {
+    if (classifyDatagram(rx.subarray(0, n)) !== "initial") return false;
+    const key = cidKey(rx, 6, rx[5]);
+    return key !== flow.clientDcid && !flow.cids.includes(key);
   }
 
   /** Sends a client datagram (in `rx`) to the flow's backend. */
@@ -320,6 +337,7 @@ export class QuicListener {
       // the datagram that completes the hello is kept whatever the bounds: it is the hello
       flow.pending.push(d.slice());
       flow.pendingBytes += d.length;
+      flow.clientDcid = cidKey(r.dcid);
       this.#route(flow, r.hello);
       return;
     }
@@ -378,7 +396,7 @@ export class QuicListener {
         return;
       }
       // the server's connection ID, from its long headers (not Version Negotiation's echo)
-      if ((rx[0] & 0x80) !== 0 && flow.cids.length === 0 && n > 7) this.#learn(flow, n);
+      if ((rx[0] & 0x80) !== 0 && n > 7) this.#learn(flow, n);
       if (flow.datagramsDown === 0) flow.pool?.connected(flow.backend!);
       flow.lastActive = now;
       const w = this.#sock.sendTo(rx, n, flow.clientAddr, flow.clientAddr.length);

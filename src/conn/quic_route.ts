@@ -24,6 +24,11 @@ import { errText } from "../ops/errtext.ts";
 import type { FlowEnd } from "./quic_flow.ts";
 
 const log = logger("quic");
+/**
+ * Each flow socket's receive buffer: room for a backend's burst while the process is busy (a
+ * ceiling, not an allocation: the kernel takes memory as datagrams wait).
+ */
+const FLOW_BUFFERS = { rcvbuf: 2 << 20 };
 const bursts = new BurstLog(log);
 
 /** What routing one flow needs. */
@@ -129,7 +134,7 @@ async function pickAndConnect(
       deniedOnly = false;
       if (o.fds && !o.fds.hasRoom()) return refused("resource_exhausted", route, "no descriptor");
       try {
-        const sock = connectUdp(eventLoop(), address, port, {}, o.onReadable);
+        const sock = connectUdp(eventLoop(), address, port, FLOW_BUFFERS, o.onReadable);
         o.fds?.backendOpened();
         b.active++;
         const dialled = address.includes(":") ? `[${address}]:${port}` : `${address}:${port}`;
