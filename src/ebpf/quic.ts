@@ -33,7 +33,13 @@
  * @module
  */
 
-import { BpfAttachType, type BpfMap, type BpfObject, linkCreate, linkDetachFd } from "../../ffi/libbpf.ts";
+import {
+  BpfAttachType,
+  type BpfMap,
+  type BpfObject,
+  linkCreate,
+  linkDetachFd,
+} from "../../ffi/libbpf.ts";
 import { closeFd, Errno, ifNameToIndex, monotonicNs } from "../../ffi/libc.ts";
 import { inRange, QUIC_DEFAULT_FLOWS, QUIC_FLOWS } from "./bounds.ts";
 import {
@@ -322,7 +328,11 @@ export class QuicFastPath {
   /** The program's counters summed over CPUs, with the loader's flow count and refusals. */
   stats(): QuicFastPathStats {
     const ok = !this.#closed && this.#stats.lookup(KEY_ZERO, this.#statsBuf);
-    const s = sumPerCpu(ok ? this.#statsBuf : new Uint8Array(0), QUIC_STATS_SIZE, QUIC_STATS_FIELDS);
+    const s = sumPerCpu(
+      ok ? this.#statsBuf : new Uint8Array(0),
+      QUIC_STATS_SIZE,
+      QUIC_STATS_FIELDS,
+    );
     return {
       toBackend: { packets: s.to_backend_packets, bytes: s.to_backend_bytes },
       toClient: { packets: s.to_client_packets, bytes: s.to_client_bytes },

@@ -6,7 +6,7 @@
  */
 
 import { parseIp } from "../net/ip.ts";
-import { encodeQuicFlow, encodeQuicKey, type QuicEndpoint, QUIC_TO_BACKEND } from "./layout.ts";
+import { encodeQuicFlow, encodeQuicKey, QUIC_TO_BACKEND, type QuicEndpoint } from "./layout.ts";
 
 /** A UDP address as Deno names it (`Deno.NetAddr` fits): an IP literal and a port. */
 export interface QuicAddr {
