@@ -191,6 +191,7 @@ function ebpfWarnings(c: ConfigSource): string[] {
       c.ebpf.sockmap_enabled && "ebpf.sockmap_enabled",
       c.ebpf.dns_cache_enabled && "ebpf.dns_cache_enabled",
       c.ebpf.xdp && "ebpf.xdp",
+      c.ebpf.quic && "ebpf.quic",
     ].filter((x) => x);
     for (const field of unused) {
       warnings.push(

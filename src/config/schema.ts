@@ -8,6 +8,8 @@
 import { z } from "zod";
 import {
   DNS_CACHE_ENTRIES,
+  QUIC_DEFAULT_FLOWS,
+  QUIC_FLOWS,
   SOCKET_BUFFER_BYTES,
   SOCKMAP_ENTRIES,
   XDP_DEFAULT_BLOCK_ENTRIES,
@@ -254,6 +256,18 @@ const ebpfSchema = z.strictObject({
   /** A BPF object file to load instead of the bundled one (relative: the config's directory). */
   object: z.string().min(1).optional(),
   xdp: xdpSchema.optional(),
+  /**
+   * Kernel forwarding of routed QUIC flows (a tc program on these interfaces, see
+   * src/ebpf/quic.ts); absent: QUIC flows are forwarded in userspace.
+   */
+  quic: z.strictObject({
+    /** Interfaces the flows' datagrams arrive on, client and backend side (`lo` for local). */
+    interfaces: z.array(
+      z.string().regex(/^[a-zA-Z0-9_.:@-]{1,15}$/, { error: "not an interface name" }),
+    ).min(1),
+    /** Flows in the kernel at most (two map entries each); more stay in userspace, counted. */
+    max_flows: within(QUIC_FLOWS).default(QUIC_DEFAULT_FLOWS),
+  }).optional(),
 });
 
 /** The config file. */

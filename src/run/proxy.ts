@@ -35,9 +35,12 @@ import {
   ebpfLog,
   flattenXdp,
   kernelMode,
+  flattenQuic,
   openKernel,
+  openQuicFastPath,
   openXdpBlocking,
 } from "./accel.ts";
+import type { QuicFastPath } from "../ebpf/quic.ts";
 import type { RelayMode } from "./ready.ts";
 import {
   buildTables,
@@ -70,6 +73,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
   readonly #all: (Listener | QuicListener)[] = [];
   /** Kernel mode: the kernel forwarding of routed QUIC flows, or null. */
   quicKernel: QuicKernelPath | null = null;
+  #quicFast: QuicFastPath | null = null;
   /** QUIC flows may not be sent to the proxy's own UDP sockets (set once they are bound). */
   quicGuard = new DialGuard([]);
   kernel: KernelAccel | null = null;
@@ -172,6 +176,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
       await proxy.kernel?.close();
       throw e;
     }
+    await proxy.#openQuicKernel(config);
     proxy.guard = new DialGuard(proxy.#ownSockets(config));
     proxy.quicGuard = new DialGuard(proxy.quicListeners.map((l) => l.bound));
     // a worker's lines would repeat the supervisor's once per worker
@@ -200,6 +205,16 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
         `mode ${proxy.mode}`,
     );
     return proxy;
+  }
+
+  /** Kernel mode for QUIC listeners (`ebpf.quic`): the fast path, or userspace (warned). */
+  async #openQuicKernel(config: Config): Promise<void> {
+    if (this.quicListeners.length === 0) return;
+    const fast = await openQuicFastPath(config, this.worker?.count ?? 1);
+    if (!fast) return;
+    this.#quicFast = fast;
+    this.quicKernel = fast;
+    this.metrics.kernelSources.set("quic", () => flattenQuic(fast.stats()));
   }
 
   /** Binds every listener of `config`, TCP or QUIC (throws at the first that fails). */
@@ -421,6 +436,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
       clearTimeout(timer);
     }
     for (const q of this.quicListeners) q.close();
+    this.#quicFast?.close();
     await this.#metricsServer?.close();
     this.#resolver?.close();
     this.xdp?.close();
