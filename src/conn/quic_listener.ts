@@ -22,7 +22,8 @@
 import type { ListenerConfig } from "../config/mod.ts";
 import { E } from "../../ffi/socket.ts";
 import { eventLoop } from "../io/loop.ts";
-import { bindUdp, fromAddr, fromAddrLength, type UdpSocket } from "../io/udp.ts";
+import { bindUdp, type UdpSocket } from "../io/udp.ts";
+import { DatagramBatch } from "../io/dgram_batch.ts";
 import { decodeSockaddr, sockaddrKey } from "../io/sockaddr.ts";
 import { formatAddr } from "../net/addr.ts";
 import {
@@ -56,8 +57,11 @@ const OFFENCES = new Set([
   "bad_hello",
 ]);
 
-/** One receive buffer for every QUIC socket of the process (handlers never interleave). */
-const rx = new Uint8Array(65536);
+/**
+ * One batch of receive slots for every QUIC socket of the process (handlers never interleave,
+ * and a datagram kept past its handler is copied).
+ */
+const batch = new DatagramBatch(BATCH);
 
 /** A flow as the admin API handles it. */
 export interface QuicSessionView {
@@ -165,43 +169,46 @@ export class QuicListener {
   #readClients(): void {
     const now = Date.now();
     const q = this.#host.metrics.quic;
-    for (let i = 0; i < BATCH; i++) {
-      const n = this.#sock.recvFrom(rx);
-      if (n < 0) {
-        if (n !== -E.EAGAIN && n !== -E.EINTR) q.drop("receive_error");
-        return;
-      }
-      const key = sockaddrKey(fromAddr);
+    const got = batch.receive(this.#sock.fd);
+    if (got < 0) {
+      if (got !== -E.EAGAIN && got !== -E.EINTR) q.drop("receive_error");
+      return;
+    }
+    for (let i = 0; i < got; i++) {
+      const d = batch.datagram(i);
+      const src = batch.source(i);
+      const key = sockaddrKey(src);
       const flow = key === null ? undefined : this.#flows.get(key);
       if (flow !== undefined && flow.sock !== null) {
-        if ((rx[0] & 0x80) !== 0 && this.#newConnection(flow, n)) {
+        if ((d[0] & 0x80) !== 0 && this.#newConnection(flow, d)) {
           // the client's port was reused by a new connection (maybe for another name)
           this.#end.end(flow, "new_connection");
-          this.#unknown(key!, n, now);
+          this.#unknown(key!, d, src, now);
           continue;
         }
         flow.lastActive = now;
-        this.#forwardUp(flow, n);
-      } else if (flow !== undefined) this.#unrouted(flow, n, now);
-      else if (key !== null) this.#unknown(key, n, now);
+        this.#forwardUp(flow, d);
+      } else if (flow !== undefined) this.#unrouted(flow, d, now);
+      else if (key !== null) this.#unknown(key, d, src, now);
       else q.drop("garbage");
     }
   }
 
   /**
-   * Whether the long-header datagram in `rx` is the Initial of another connection than the
+   * Whether the long-header datagram `d` is the Initial of another connection than the
    * flow's: its Destination Connection ID is neither the client's first one nor one the
    * backend chose (the client's Initials carry one of those, RFC 9000 7.2).
    */
-  #newConnection(flow: QuicFlow, n: number): boolean {
-    if (classifyDatagram(rx.subarray(0, n)) !== "initial") return false;
-    const key = cidKey(rx, 6, rx[5]);
+  #newConnection(flow: QuicFlow, d: Uint8Array): boolean {
+    if (classifyDatagram(d) !== "initial") return false;
+    const key = cidKey(d, 6, d[5]);
     return key !== flow.clientDcid && !flow.cids.includes(key);
   }
 
-  /** Sends a client datagram (in `rx`) to the flow's backend. */
-  #forwardUp(flow: QuicFlow, n: number): void {
-    const w = flow.sock!.send(rx, n);
+  /** Sends a client datagram to the flow's backend. */
+  #forwardUp(flow: QuicFlow, d: Uint8Array): void {
+    const n = d.length;
+    const w = flow.sock!.send(d, n);
     if (w >= 0) {
       const q = this.#host.metrics.quic;
       flow.datagramsUp++;
@@ -212,14 +219,13 @@ export class QuicListener {
   }
 
   /** A datagram of a flow not routed (yet, or refused). */
-  #unrouted(flow: QuicFlow, n: number, now: number): void {
+  #unrouted(flow: QuicFlow, d: Uint8Array, now: number): void {
     const q = this.#host.metrics.quic;
     flow.lastActive = now;
     if (flow.state === "refused") {
       q.drop("refused_flow");
       return;
     }
-    const d = rx.subarray(0, n);
     // 0-RTT and Handshake datagrams wait with the Initials; only Initials hold the hello
     if (flow.state === "routing" || flow.reader === null || classifyDatagram(d) !== "initial") {
       this.#hold(flow, d);
@@ -237,17 +243,17 @@ export class QuicListener {
   }
 
   /** A datagram from an address without a flow: a rebinding client, a new client, or junk. */
-  #unknown(key: number | string, n: number, now: number): void {
+  #unknown(key: number | string, d: Uint8Array, src: Uint8Array, now: number): void {
     const q = this.#host.metrics.quic;
-    const d = rx.subarray(0, n);
+    const n = d.length;
     const kind = classifyDatagram(d);
     if (kind !== "initial") {
       const moved = kind === "short" || kind === "other_long"
-        ? this.#flows.byDcid(rx, n)
+        ? this.#flows.byDcid(d, n)
         : undefined;
-      if (moved && moved.sock && this.#rebind(moved, key)) {
+      if (moved && moved.sock && this.#rebind(moved, key, src)) {
         moved.lastActive = now;
-        this.#forwardUp(moved, n);
+        this.#forwardUp(moved, d);
         return;
       }
       q.drop(
@@ -261,7 +267,7 @@ export class QuicListener {
       );
       return;
     }
-    const net = decodeSockaddr(fromAddr, "udp")!;
+    const net = decodeSockaddr(src, "udp")!;
     if (n < MIN_INITIAL_DATAGRAM) {
       q.drop("small_datagram");
       this.#host.blocker?.offence(net.hostname, "bad_quic_initial");
@@ -281,7 +287,7 @@ export class QuicListener {
     });
     const flow = new QuicFlow(
       key,
-      fromAddr.slice(0, fromAddrLength()),
+      src.slice(),
       net,
       formatAddr(net),
       table,
@@ -377,56 +383,62 @@ export class QuicListener {
     }).then((r) => this.#end.routed(flow, r, (n) => this.#forwardHeld(flow, n)));
   }
 
-  /** Sends a buffered datagram (already in `rx` as `n` bytes) to the backend. */
+  /** Sends a buffered datagram to the backend. */
   #forwardHeld(flow: QuicFlow, d: Uint8Array): void {
-    rx.set(d);
-    this.#forwardUp(flow, d.length);
+    this.#forwardUp(flow, d);
   }
 
   /** Reads a batch of the backend's datagrams of `flow` and sends them to the client. */
   #readBackend(flow: QuicFlow): void {
     const sock = flow.sock;
     if (!sock) return;
-    const now = Date.now();
-    const q = this.#host.metrics.quic;
-    for (let i = 0; i < BATCH; i++) {
-      const n = sock.recv(rx);
-      if (n < 0) {
-        if (n !== -E.EAGAIN && n !== -E.EINTR) this.#end.receiveFailed(flow, -n);
-        return;
-      }
-      // the server's connection ID, from its long headers (not Version Negotiation's echo)
-      if ((rx[0] & 0x80) !== 0 && n > 7) this.#learn(flow, n);
-      if (flow.datagramsDown === 0) flow.pool?.connected(flow.backend!);
-      flow.lastActive = now;
-      const w = this.#sock.sendTo(rx, n, flow.clientAddr, flow.clientAddr.length);
-      if (w < 0) {
-        q.drop(w === -E.EAGAIN || w === -E.ENOBUFS ? "send_buffer_full" : "send_error");
-        continue;
-      }
-      flow.datagramsDown++;
-      flow.bytesDown += n;
-      q.datagramsDown++;
-      q.bytesDown += n;
+    const got = batch.receive(sock.fd);
+    if (got < 0) {
+      if (got !== -E.EAGAIN && got !== -E.EINTR) this.#end.receiveFailed(flow, -got);
+      return;
     }
+    let bytes = 0;
+    for (let i = 0; i < got; i++) {
+      const d = batch.datagram(i);
+      bytes += d.length;
+      // the server's connection IDs, from its long headers (not Version Negotiation's echo)
+      if ((d[0] & 0x80) !== 0 && d.length > 7) this.#learn(flow, d);
+    }
+    if (flow.datagramsDown === 0) flow.pool?.connected(flow.backend!);
+    flow.lastActive = Date.now();
+    const sent = batch.send(this.#sock.fd, 0, got, flow.clientAddr);
+    const q = this.#host.metrics.quic;
+    if (sent < got) {
+      const e = sent < 0 ? -sent : E.EAGAIN;
+      for (let i = Math.max(0, sent); i < got; i++) {
+        bytes -= batch.length(i);
+        q.drop(e === E.EAGAIN || e === E.ENOBUFS ? "send_buffer_full" : "send_error");
+      }
+    }
+    const n = Math.max(0, sent);
+    flow.datagramsDown += n;
+    flow.bytesDown += bytes;
+    q.datagramsDown += n;
+    q.bytesDown += bytes;
   }
 
-  /** Follows the flow by the Source Connection ID of the backend's long header in `rx`. */
-  #learn(flow: QuicFlow, n: number): void {
-    if ((rx[1] | rx[2] | rx[3] | rx[4]) === 0) return; // Version Negotiation
-    const scidAt = 6 + rx[5];
+  /** Follows the flow by the Source Connection ID of the backend's long header `d`. */
+  #learn(flow: QuicFlow, d: Uint8Array): void {
+    if ((d[1] | d[2] | d[3] | d[4]) === 0) return; // Version Negotiation
+    const n = d.length;
+    const scidAt = 6 + d[5];
     if (scidAt >= n) return;
-    const len = rx[scidAt];
-    if (len <= 20 && scidAt + 1 + len <= n) this.#flows.learnCid(flow, rx, scidAt + 1, len);
+    const len = d[scidAt];
+    if (len <= 20 && scidAt + 1 + len <= n) this.#flows.learnCid(flow, d, scidAt + 1, len);
   }
 
-  /** Moves `flow` to the address in fromAddr; false when another flow has it. */
-  #rebind(flow: QuicFlow, key: number | string): boolean {
+  /** Moves `flow` to the address `src`; false when another flow has it. */
+  #rebind(flow: QuicFlow, key: number | string, src: Uint8Array): boolean {
     if (this.#flows.get(key)) return false;
-    const net = decodeSockaddr(fromAddr, "udp")!;
+    const net = decodeSockaddr(src, "udp")!;
     const text = formatAddr(net);
     log.debug(`QUIC flow of ${flow.client} continues from ${text}`);
-    this.#flows.rebind(flow, key, fromAddr.slice(0, fromAddrLength()), net, text);
+    this.#flows.rebind(flow, key, src.slice(), net, text);
     this.#end.rebound(flow);
     this.#host.metrics.quic.rebinds++;
     return true;

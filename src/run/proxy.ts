@@ -33,9 +33,9 @@ import type { OffenceSink, SourceBlocker } from "../ebpf/xdpblock.ts";
 import {
   attachKernel,
   ebpfLog,
+  flattenQuic,
   flattenXdp,
   kernelMode,
-  flattenQuic,
   openKernel,
   openQuicFastPath,
   openXdpBlocking,

@@ -1,0 +1,125 @@
+/**
+ * End to end, QUIC in kernel mode (`ebpf.quic`): the real proxy with the tc fast path on `lo`,
+ * gtlsclient downloads through it from gtlsserver. Once a flow is routed its datagrams are
+ * forwarded by the kernel (the process counts only the few it forwarded itself), the bytes
+ * arrive intact, and a flow that idles out is gone from the process and from the kernel's map.
+ *
+ * Needs root, libbpf, clang (the object), bpftool, gtlsclient and gtlsserver; elsewhere skipped
+ * with the reason. Run under the kernel lock:
+ * `flock /tmp/sni-kernel-tests.lock ./run test tests/e2e_quic_kernel_test.ts`.
+ */
+import assert from "node:assert/strict";
+import {
+  curl,
+  e2eTest,
+  hasCommand,
+  identityBackend,
+  pseudoRandomBytes,
+  ROOT,
+  scrapeMetrics,
+  sha256,
+  sleep,
+  startProxy,
+} from "./harness/mod.ts";
+import { quicBackend, quicGet, sample } from "./harness/quic.ts";
+
+async function mtime(path: string): Promise<number> {
+  return await Deno.stat(path).then((s) => s.mtime?.getTime() ?? 0, () => -1);
+}
+
+async function skipReason(): Promise<string | null> {
+  if (Deno.uid() !== 0) return "not root";
+  for (const cmd of ["gtlsclient", "gtlsserver", "bpftool", "clang"]) {
+    if (!(await hasCommand(cmd))) return `${cmd} missing`;
+  }
+  const src = Math.max(await mtime(`${ROOT}bpf/quic.bpf.c`), await mtime(`${ROOT}bpf/quic.h`));
+  if ((await mtime(`${ROOT}bpf/quic.bpf.o`)) < src) {
+    const out = await new Deno.Command("bash", { args: [`${ROOT}build.sh`, "bpf"] }).output();
+    if (!out.success) return "build.sh bpf failed";
+  }
+  return null;
+}
+
+const SKIP = await skipReason();
+if (SKIP) console.warn(`\n!!! SKIPPING tests/e2e_quic_kernel_test.ts: ${SKIP}\n`);
+
+/** Entries of the QUIC fast path's flow maps (two per flow in the kernel). */
+async function kernelFlowEntries(): Promise<number> {
+  const out = await new Deno.Command("bpftool", {
+    args: ["-j", "map", "dump", "name", "quic_flows"],
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout).trim();
+  if (!text) return 0;
+  const parsed = JSON.parse(text);
+  return Array.isArray(parsed) ? parsed.length : 0;
+}
+
+e2eTest(
+  "QUIC kernel mode: a routed flow's datagrams bypass the process, bytes intact; idle flows leave the kernel",
+  async (s) => {
+    const big = pseudoRandomBytes(16 << 20, 9);
+    const a = await quicBackend(s, { "big.bin": big });
+    const proxy = await startProxy(s, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "quic" }],
+      routes: [{ match: "a.test", backends: [`127.0.0.1:${a.port}`] }],
+      metrics: { address: "127.0.0.1:0" },
+      quic: { idle_ms: 2000 },
+      ebpf: { enabled: true, quic: { interfaces: ["lo"] } },
+    });
+    assert.doesNotMatch(proxy.stderr(), /QUIC kernel forwarding unavailable/);
+    const got = await quicGet(proxy.port(), { name: "a.test", path: "big.bin" });
+    assert.equal(got.code, 0);
+    assert.equal(sha256(got.body!), sha256(big));
+    let m = await scrapeMetrics(proxy);
+    const kernelDown = sample(m, "sni_proxy_kernel_quic_to_client_packets_total");
+    const userDown = sample(m, "sni_proxy_quic_datagrams_total", '{direction="down"}');
+    // 16 MiB is over 11,000 datagrams: the process saw the handshake's, the kernel the rest
+    assert.ok(kernelDown > 10_000, m);
+    assert.ok(userDown < kernelDown / 20, `userspace forwarded ${userDown} of them`);
+    assert.equal(await kernelFlowEntries(), 2, "the flow's two entries in the kernel");
+    const e = await proxy.waitAccess((e) => e.protocol === "quic", 8000);
+    assert.equal(e.close_reason, "idle_timeout");
+    assert.equal(e.mode, "kernel");
+    assert.ok(e.bytes_down >= 16 << 20, `${e.bytes_down}`);
+    assert.ok((e.datagrams_down ?? 0) > 10_000);
+    assert.equal(await kernelFlowEntries(), 0, "gone from the kernel with the flow");
+    m = await scrapeMetrics(proxy);
+    assert.equal(sample(m, "sni_proxy_quic_flows_active"), 0, m);
+    await sleep(0);
+  },
+  { ignore: SKIP !== null, timeoutMs: 60_000 },
+);
+
+e2eTest(
+  "QUIC with ebpf.xdp.block: a source that keeps sending bad Initials is blocked in XDP",
+  async (s) => {
+    const a = await quicBackend(s, { who: "backend A\n" });
+    const tlsBackend = await identityBackend(s, "tls-backend");
+    const proxy = await startProxy(s, {
+      listeners: [
+        { address: "127.0.0.1:0", protocol: "tls" },
+        { address: "127.0.0.1:0", protocol: "quic" },
+      ],
+      routes: [{ match: "a.test", backends: [`127.0.0.1:${a.port}`] }],
+      default_backend: `127.0.0.1:${tlsBackend.port}`,
+      ebpf: { enabled: true, xdp: { interfaces: ["lo"], block: { after: 3, block_ms: 5000 } } },
+    });
+    await proxy.waitForLog("XDP source filter on lo");
+    const tls = proxy.port(0);
+    assert.equal((await curl(tls, "a.test", { iface: "127.0.0.7" })).body, "tls-backend");
+    // three Initials that do not decrypt, from 127.0.0.7
+    const sock = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.7", port: 0 });
+    s.defer(() => sock.close());
+    const junk = new Uint8Array(1200);
+    junk.set([0xc0, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x44, 0x00]);
+    for (let i = 0; i < 3; i++) {
+      await sock.send(junk, { transport: "udp", hostname: "127.0.0.1", port: proxy.port(1) });
+    }
+    await proxy.waitForLog("127.0.0.7 blocked in XDP");
+    assert.equal((await curl(tls, "a.test", { iface: "127.0.0.7" })).code, 28, "blocked");
+    assert.equal((await curl(tls, "a.test")).body, "tls-backend", "others are served");
+  },
+  { ignore: SKIP !== null, timeoutMs: 60_000 },
+);
