@@ -55,7 +55,17 @@ export async function quicBackend(
   await Deno.writeTextFile(`${dir}/cert.pem`, certs.certPem);
   const port = unusedUdpPort();
   const child = new Deno.Command("gtlsserver", {
-    args: ["-q", "-d", www, "127.0.0.1", String(port), `${dir}/key.pem`, `${dir}/cert.pem`],
+    args: [
+      "-q",
+      // a loaded 2-core machine may take seconds per handshake: do not give up on one
+      "--handshake-timeout=60s",
+      "-d",
+      www,
+      "127.0.0.1",
+      String(port),
+      `${dir}/key.pem`,
+      `${dir}/cert.pem`,
+    ],
     stdin: "null",
     stdout: "null",
     stderr: "piped",
