@@ -6,7 +6,9 @@
  */
 import assert from "node:assert/strict";
 import {
+  curl,
   e2eTest,
+  identityBackend,
   type ProxyProcess,
   pseudoRandomBytes,
   runCli,
@@ -14,6 +16,7 @@ import {
   sha256,
   sleep,
   startProxy,
+  unusedPort,
 } from "./harness/mod.ts";
 import { haveCommand } from "./harness/quic_clients.ts";
 import {
@@ -88,6 +91,39 @@ for (const workers of [1, 2]) {
     { ignore: !tools, timeoutMs: 60_000 },
   );
 }
+
+e2eTest(
+  "QUIC: a dual-stack listener ([::]) serves IPv4 and IPv6 clients beside a TLS listener on its port",
+  async (s) => {
+    const a = await quicBackend(s, { who: "backend A\n" });
+    const tls = await identityBackend(s, "tls-backend");
+    const port = unusedPort();
+    const proxy = await startProxy(s, {
+      listeners: [
+        { address: `[::]:${port}`, protocol: "tls" },
+        { address: `[::]:${port}`, protocol: "quic" },
+      ],
+      routes: [{ match: "a.test", backends: [`127.0.0.1:${a.port}`] }],
+      default_backend: `127.0.0.1:${tls.port}`,
+    });
+    assert.deepEqual(proxy.listeners.map((l) => [l.port, l.protocol]), [
+      [port, "tls"],
+      [port, "quic"],
+    ]);
+    for (const ip of ["127.0.0.1", "::1"]) {
+      const [got] = await quicDownloads(port, [{ name: "a.test", path: "who" }], 20, ip);
+      assert.equal(new TextDecoder().decode(got.body ?? new Uint8Array()), "backend A\n", ip);
+    }
+    assert.equal((await curl(port, "other.test")).body, "tls-backend", "TCP on the same port");
+    await proxy.stop();
+    const clients = (await proxy.access()).filter((e) => e.protocol === "quic").map((e) =>
+      e.client
+    );
+    assert.ok(clients.some((c) => c.startsWith("[::ffff:127.0.0.1]:")), clients.join(" "));
+    assert.ok(clients.some((c) => c.startsWith("[::1]:")), clients.join(" "));
+  },
+  { ignore: !tools, timeoutMs: 40_000 },
+);
 
 e2eTest(
   "QUIC: a name no route takes is refused (no_route, logged once) and the client gives up",

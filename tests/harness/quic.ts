@@ -109,17 +109,18 @@ export interface QuicGot {
 const NAMES = ["localhost", "a.test", "b.test", "other.test", "nomatch.test"];
 
 /**
- * Runs every download of `gets` at once through 127.0.0.1:`port`, each within `timeoutS`
- * seconds; their exit codes and files, in order.
+ * Runs every download of `gets` at once through `ip`:`port` (the test names resolve to `ip`),
+ * each within `timeoutS` seconds; their exit codes and files, in order.
  */
 export async function quicDownloads(
   port: number,
   gets: QuicGet[],
   timeoutS = 20,
+  ip = "127.0.0.1",
 ): Promise<QuicGot[]> {
   const dir = await Deno.makeTempDir({ prefix: "sni-e2e-h3get-" });
   try {
-    await Deno.writeTextFile(`${dir}/hosts`, `127.0.0.1 ${NAMES.join(" ")}\n`);
+    await Deno.writeTextFile(`${dir}/hosts`, `${ip} ${NAMES.join(" ")}\n`);
     const lines = gets.map((g, i) => {
       const out = `${dir}/${i}`;
       const args = [
