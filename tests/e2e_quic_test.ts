@@ -6,6 +6,7 @@
  */
 import assert from "node:assert/strict";
 import {
+  assertPromtoolClean,
   curl,
   e2eTest,
   identityBackend,
@@ -72,6 +73,7 @@ for (const workers of [1, 2]) {
       assert.equal(sha256(got[3].body!), sha256(bodyB));
       const m = await scrapeMetrics(proxy);
       assert.equal(sample(m, "sni_proxy_quic_flows_total"), 4, m);
+      await assertPromtoolClean(m);
       assert.ok(sample(m, "sni_proxy_quic_bytes_total", '{direction="down"}') > 2 << 20);
       // the flows end when idle; each is logged once with its name, route and backend
       await proxy.stop();

@@ -98,20 +98,27 @@ export class FlowEnder {
     if (!kernel || !flow.sock?.remote) return;
     const fallbacks = this.#host.metrics.quic.kernelFallbacks;
     const b = this.#bound;
-    if (b.hostname === "0.0.0.0" || b.hostname === "::") {
-      // the program rewrites to a concrete listener address: a wildcard one is not known
-      Metrics.bump(fallbacks, "wildcard_listener");
+    const local = flow.listenerIp;
+    if (!local || local === "0.0.0.0" || local === "::") {
+      // the program rewrites to the address the client sent to: here it is not known
+      Metrics.bump(fallbacks, "no_local_address");
       return;
     }
     const kf = {
-      client: { hostname: flow.clientNet.hostname, port: flow.clientNet.port },
-      listener: { hostname: b.hostname, port: b.port },
+      // a dual-stack socket's IPv4 client is IPv4 on the wire, where the program works
+      client: {
+        hostname: flow.clientNet.hostname.replace(/^::ffff:(?=\d)/, ""),
+        port: flow.clientNet.port,
+      },
+      listener: { hostname: local, port: b.port },
       local: { hostname: flow.sock.addr.hostname, port: flow.sock.addr.port },
       backend: { hostname: flow.sock.remote.hostname, port: flow.sock.remote.port },
     };
     try {
-      if (kernel.addFlow(kf)) flow.kernel = kf;
-      else Metrics.bump(fallbacks, "map_full");
+      if (kernel.addFlow(kf)) {
+        flow.kernel = kf;
+        flow.wasInKernel = true;
+      } else Metrics.bump(fallbacks, "map_full");
     } catch {
       Metrics.bump(fallbacks, "error");
     }
@@ -268,7 +275,7 @@ export class FlowEnder {
       datagrams_down: flow.datagramsDown,
       duration_ms: Date.now() - flow.started,
       close_reason: reason,
-      mode: flow.kernel ? "kernel" : "userspace",
+      mode: flow.wasInKernel ? "kernel" : "userspace",
       ...(flow.error ? { error: flow.error } : {}),
     });
   }

@@ -87,6 +87,8 @@ export class QuicFlow {
   key: number | string;
   /** The client's sockaddr as received (where its answers are sent). */
   clientAddr: Uint8Array;
+  /** The address the client sends to (the listener's, or from IP_PKTINFO), or null. */
+  listenerIp: string | null = null;
   /** The client as `IP:port`, and its IP (ACL, limits, balancing). */
   client: string;
   clientNet: Deno.NetAddr;
@@ -113,6 +115,8 @@ export class QuicFlow {
   readonly cids: string[] = [];
   /** Kernel mode: the flow as added to the kernel, or null (userspace). */
   kernel: KernelFlow | null = null;
+  /** Whether the kernel forwarded it at some time (the access log's `mode`). */
+  wasInKernel = false;
   /** ms since epoch. */
   readonly started = Date.now();
   lastActive = this.started;
@@ -163,7 +167,7 @@ export class QuicFlow {
       age_ms: Date.now() - this.started,
       bytes_up: this.bytesUp,
       bytes_down: this.bytesDown,
-      mode: this.kernel ? "kernel" : "userspace",
+      mode: this.wasInKernel ? "kernel" : "userspace",
     };
   }
 }

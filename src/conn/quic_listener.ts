@@ -81,6 +81,8 @@ export class QuicListener {
   readonly #end: FlowEnder;
   #accepting = true;
   #closed = false;
+  /** Bound to 0.0.0.0 or ::: each flow's local address comes from its first datagram. */
+  readonly #wildcard: boolean;
   #sweepTimer: ReturnType<typeof setTimeout> | undefined;
   #onClosed: () => void = () => {};
   #onEmpty: (() => void) | null = null;
@@ -103,6 +105,9 @@ export class QuicListener {
     }
     this.bound = this.#sock.addr;
     this.address = formatAddr(this.bound);
+    this.#wildcard = this.bound.hostname === "0.0.0.0" || this.bound.hostname === "::";
+    // the kernel path rewrites to the address a client sent to: a wildcard one is not it
+    if (this.#wildcard) this.#sock.wantDestination();
     this.#end = new FlowEnder(host, this.#flows, this.address, this.bound, () => {
       if (this.#flows.size === 0) this.#onEmpty?.();
     });
@@ -183,13 +188,13 @@ export class QuicListener {
         if ((d[0] & 0x80) !== 0 && this.#newConnection(flow, d)) {
           // the client's port was reused by a new connection (maybe for another name)
           this.#end.end(flow, "new_connection");
-          this.#unknown(key!, d, src, now);
+          this.#unknown(key!, d, src, now, i);
           continue;
         }
         flow.lastActive = now;
         this.#forwardUp(flow, d);
       } else if (flow !== undefined) this.#unrouted(flow, d, now);
-      else if (key !== null) this.#unknown(key, d, src, now);
+      else if (key !== null) this.#unknown(key, d, src, now, i);
       else q.drop("garbage");
     }
   }
@@ -243,7 +248,7 @@ export class QuicListener {
   }
 
   /** A datagram from an address without a flow: a rebinding client, a new client, or junk. */
-  #unknown(key: number | string, d: Uint8Array, src: Uint8Array, now: number): void {
+  #unknown(key: number | string, d: Uint8Array, src: Uint8Array, now: number, i: number): void {
     const q = this.#host.metrics.quic;
     const n = d.length;
     const kind = classifyDatagram(d);
@@ -294,6 +299,7 @@ export class QuicListener {
       reader,
     );
     flow.admittedIp = admitted;
+    flow.listenerIp = this.#wildcard ? batch.destination(i) : this.bound.hostname;
     this.#flows.add(flow);
     q.active++;
     this.#afterPush(flow, d, reader.push(d), true);

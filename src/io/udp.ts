@@ -148,6 +148,16 @@ export class UdpSocket implements IoHandler {
     return w < 0 ? -lastErrno() : w;
   }
 
+  /**
+   * Asks for each datagram's destination address (IP_PKTINFO, IPV6_RECVPKTINFO): what a socket
+   * bound to a wildcard address needs to know where a client sent to. 0 or -errno.
+   */
+  wantDestination(): number {
+    const v6 = this.addr.hostname.includes(":");
+    const rc = setIntOption(this.fd, 0, 8, 1); // IPPROTO_IP, IP_PKTINFO (IPv4 on any socket)
+    return v6 ? setIntOption(this.fd, IPPROTO_IPV6, 49, 1) : rc; // IPV6_RECVPKTINFO
+  }
+
   /** The pending error of the socket (SO_ERROR, which reading clears), 0 for none. */
   pendingError(): number {
     const v = getIntOption(this.fd, SOL_SOCKET, SO_ERROR);
