@@ -4,10 +4,10 @@
  * socket). Watched level-triggered for input: the owner reads a batch per report, and what is
  * left is reported again next round, so one busy socket cannot starve the others.
  *
- * Calls return numbers (bytes, or -errno), never throw, and cost one syscall each; the source
- * address of the last {@link UdpSocket.recvFrom} is left in one shared buffer
- * ({@link fromAddr}), so receiving allocates nothing. Datagrams are sent as given: nothing here
- * reads or changes their bytes.
+ * Calls return numbers (bytes, or -errno), never throw, and cost one syscall each. Datagrams
+ * are received in batches (src/io/dgram_batch.ts, recvmmsg) into one shared buffer, so
+ * receiving allocates nothing; they are sent as given: nothing here reads or changes their
+ * bytes.
  *
  * @module
  */
@@ -39,16 +39,6 @@ import {
 import type { EventLoop, IoHandler } from "./loop.ts";
 import { decodeSockaddr, encodeSockaddr, isV6, type NetAddr, SOCKADDR_SIZE } from "./sockaddr.ts";
 import { socketError } from "./tcp.ts";
-
-/** The source of the datagram the last recvFrom() returned (sockaddr_in or sockaddr_in6). */
-export const fromAddr = new Uint8Array(SOCKADDR_SIZE);
-const fromLen = new Uint8Array(4);
-const fromLenView = new DataView(fromLen.buffer);
-
-/** The length of the address in {@link fromAddr}. */
-export function fromAddrLength(): number {
-  return fromLenView.getUint32(0, true);
-}
 
 const addrBuf = new Uint8Array(SOCKADDR_SIZE);
 const addrLen = new Uint8Array(4);
@@ -111,34 +101,6 @@ export class UdpSocket implements IoHandler {
   /** Starts watching for datagrams; 0 or -errno. */
   watch(): number {
     return this.#loop.add(this.fd, EPOLLIN, this);
-  }
-
-  /**
-   * recvfrom(2) into `buf`: the datagram's length (cut at `buf`'s), or -errno (-EAGAIN: none
-   * waits). The sender is left in {@link fromAddr}.
-   */
-  recvFrom(buf: Uint8Array, len: bigint = BigInt(buf.length)): number {
-    if (this.#closed) return -E.EBADF;
-    fromLenView.setUint32(0, SOCKADDR_SIZE, true);
-    const n = Number(sys().recvfrom(this.fd, buf, len, 0, fromAddr, fromLen));
-    return n < 0 ? -lastErrno() : n;
-  }
-
-  /**
-   * recv(2) of a connected socket: the datagram's length, or -errno (-EAGAIN: none waits;
-   * -ECONNREFUSED: the peer's host said its port is closed, ICMP).
-   */
-  recv(buf: Uint8Array, len: bigint = BigInt(buf.length)): number {
-    if (this.#closed) return -E.EBADF;
-    const n = Number(sys().recv(this.fd, buf, len, 0));
-    return n < 0 ? -lastErrno() : n;
-  }
-
-  /** sendto(2) of `buf`'s first `n` bytes to the sockaddr `to` (`toLen` bytes); n or -errno. */
-  sendTo(buf: Uint8Array, n: number, to: Uint8Array, toLen: number): number {
-    if (this.#closed) return -E.EBADF;
-    const w = Number(sys().sendto(this.fd, buf, BigInt(n), 0, to, toLen));
-    return w < 0 ? -lastErrno() : w;
   }
 
   /** send(2) of `buf`'s first `n` bytes on a connected socket; n or -errno. */
