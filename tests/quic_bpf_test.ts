@@ -13,7 +13,7 @@
 import assert from "node:assert/strict";
 import { QuicBpfError, QuicFastPath, type QuicFlow } from "../src/ebpf/quic.ts";
 import { lines } from "../src/net/bytes.ts";
-import { hasCommand, ROOT, sleep } from "./harness/mod.ts";
+import { hasCommand, ROOT } from "./harness/mod.ts";
 
 const OBJECT = `${ROOT}bpf/quic.bpf.o`;
 const dec = new TextDecoder();

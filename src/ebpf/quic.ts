@@ -33,14 +33,8 @@
  * @module
  */
 
-import {
-  BpfAttachType,
-  type BpfMap,
-  type BpfObject,
-  linkCreate,
-  linkDetachFd,
-} from "../../ffi/libbpf.ts";
-import { closeFd, Errno, ifNameToIndex, monotonicNs } from "../../ffi/libc.ts";
+import type { BpfMap, BpfObject } from "../../ffi/libbpf.ts";
+import { Errno, monotonicNs } from "../../ffi/libc.ts";
 import { inRange, QUIC_DEFAULT_FLOWS, QUIC_FLOWS } from "./bounds.ts";
 import {
   decodeQuicFlowCounters,
@@ -54,7 +48,6 @@ import {
 import {
   checkBpfAccess,
   checkPlatform,
-  EbpfError,
   type EbpfLog,
   loadError,
   openBpfObject,
@@ -62,19 +55,18 @@ import {
   Undo,
   withLibbpfLog,
 } from "./loader.ts";
+import {
+  attach,
+  detach,
+  noteForwarding,
+  QuicBpfError,
+  resolveInterface,
+  type TcxLink,
+} from "./quic_attach.ts";
 import { addrText, flowEntries, flowKeys, type QuicAddr, type QuicFlow } from "./quic_flow.ts";
 
+export { QuicBpfError };
 export type { QuicAddr, QuicFlow };
-
-/**
- * Why the QUIC fast path could not be set up. Reasons: `bad_option`, `unsupported_platform`,
- * `old_kernel`, `not_root`, `no_libbpf`, `no_object`, `bad_object`, `no_interface`,
- * `unsupported_interface`, `load_failed`, `verifier_rejected`, `not_permitted`,
- * `attach_failed`, `update_failed`, `closed`.
- */
-export class QuicBpfError extends EbpfError {
-  override name = "QuicBpfError";
-}
 
 /** Options of {@link QuicFastPath.open}. */
 export interface QuicFastPathOptions {
@@ -128,15 +120,6 @@ export interface QuicFastPathStats {
   /** addFlow calls that returned false, by reason: the caller relays those in userspace. */
   refused: { full: number; mixedFamilies: number; unsupportedAddress: number };
 }
-
-interface TcxLink {
-  fd: number;
-  interface: string;
-  ifindex: number;
-}
-
-/** ARPHRD_ETHER and ARPHRD_LOOPBACK: the program expects a 14-byte Ethernet header. */
-const ETHERNET_TYPES = new Set(["1", "772"]);
 
 /**
  * The QUIC forwarding program, loaded and attached to its interfaces. Use
@@ -210,6 +193,7 @@ export class QuicFastPath {
       await undo.unwind();
       throw e;
     }
+    noteForwarding(ifaces, log);
     log(
       "info",
       `QUIC fast path attached (tcx ingress) to ${links.map((l) => l.interface).join(", ")}; ` +
@@ -398,33 +382,6 @@ function checkOptions(options: QuicFastPathOptions): number {
   return maxFlows;
 }
 
-/** The interface by name, refusing a missing one and one without Ethernet framing. */
-function resolveInterface(name: string): { name: string; ifindex: number } {
-  const ifindex = ifNameToIndex(name);
-  if (ifindex === 0) {
-    throw new QuicBpfError(
-      "no_interface",
-      `network interface "${name}" does not exist (in this network namespace)`,
-      "fix the interface list; `ip -br link` lists the interfaces",
-      { interface: name },
-    );
-  }
-  let type = "";
-  try {
-    type = Deno.readTextFileSync(`/sys/class/net/${name}/type`).trim();
-  } catch { /* no sysfs: let the attach decide */ }
-  if (type && !ETHERNET_TYPES.has(type)) {
-    throw new QuicBpfError(
-      "unsupported_interface",
-      `interface "${name}" has no Ethernet framing (ARPHRD ${type}); the QUIC fast path ` +
-        `handles Ethernet interfaces and lo only`,
-      "leave it out of the list (its flows are relayed in userspace)",
-      { interface: name },
-    );
-  }
-  return { name, ifindex };
-}
-
 /** Size the flow map (two entries per flow) and load the program. */
 function load(obj: BpfObject, maxFlows: number, log: EbpfLog): void {
   try {
@@ -447,40 +404,6 @@ function load(obj: BpfObject, maxFlows: number, log: EbpfLog): void {
       otherFix: "check the kernel supports tc programs (CONFIG_NET_CLS_BPF, tcx)",
     });
   }
-}
-
-/** Attach through a tcx link on the interface's ingress. */
-function attach(progFd: number, iface: { name: string; ifindex: number }): TcxLink {
-  try {
-    const fd = linkCreate(
-      progFd,
-      iface.ifindex,
-      BpfAttachType.TCX_INGRESS,
-      0,
-      `tcx ingress on ${iface.name}`,
-    );
-    return { fd, interface: iface.name, ifindex: iface.ifindex };
-  } catch (e) {
-    const code = (e as { errno?: number }).errno;
-    throw new QuicBpfError(
-      code === Errno.EPERM ? "not_permitted" : "attach_failed",
-      `cannot attach the QUIC fast path to ${iface.name}: ${(e as Error).message}`,
-      code === Errno.EPERM
-        ? "run as root (CAP_BPF + CAP_NET_ADMIN); check kernel lockdown"
-        : "tcx needs Linux 6.6 or later; check `bpftool net show dev " + iface.name + "`",
-      { cause: e, interface: iface.name },
-    );
-  }
-}
-
-/** Detach a link and close its fd; a link gone with its interface is only logged (debug). */
-function detach(link: TcxLink, log: EbpfLog): void {
-  try {
-    linkDetachFd(link.fd, `tcx link on ${link.interface}`);
-  } catch (e) {
-    log("debug", `QUIC fast path detach from ${link.interface}: ${(e as Error).message}`);
-  }
-  closeFd(link.fd);
 }
 
 function hex(b: Uint8Array): string {
