@@ -10,6 +10,7 @@
  */
 import assert from "node:assert/strict";
 import {
+  cpuTimeMs,
   e2eTest,
   hasCommand,
   pseudoRandomBytes,
