@@ -20,7 +20,7 @@ import {
   sleep,
   startProxy,
 } from "./harness/mod.ts";
-import { quicBackend, quicGet, sample } from "./harness/quic.ts";
+import { quicBackend, quicDownloads, quicGet, sample } from "./harness/quic.ts";
 
 async function mtime(path: string): Promise<number> {
   return await Deno.stat(path).then((s) => s.mtime?.getTime() ?? 0, () => -1);
@@ -69,7 +69,14 @@ for (const host of ["127.0.0.1", "0.0.0.0", "[::]"]) {
         ebpf: { enabled: true, quic: { interfaces: ["lo"] } },
       });
       assert.doesNotMatch(proxy.stderr(), /QUIC kernel forwarding unavailable/);
+      const cpu0 = await cpuTimeMs(proxy.pid);
+      const t0 = performance.now();
       const got = await quicGet(proxy.port(), { name: "a.test", path: "big.bin" });
+      const wallMs = performance.now() - t0;
+      console.log(
+        `kernel mode: 16 MiB in ${wallMs.toFixed(0)} ms, proxy CPU ` +
+          `${await cpuTimeMs(proxy.pid) - cpu0} ms`,
+      );
       assert.equal(got.code, 0);
       assert.equal(sha256(got.body!), sha256(big));
       let m = await scrapeMetrics(proxy);
@@ -92,6 +99,34 @@ for (const host of ["127.0.0.1", "0.0.0.0", "[::]"]) {
     { ignore: SKIP !== null, timeoutMs: 60_000 },
   );
 }
+
+e2eTest(
+  "QUIC kernel mode with workers 2: each worker's fast path forwards its own flows",
+  async (s) => {
+    const big = pseudoRandomBytes(4 << 20, 10);
+    const a = await quicBackend(s, { "big.bin": big });
+    const proxy = await startProxy(s, {
+      workers: 2,
+      listeners: [{ address: "127.0.0.1:0", protocol: "quic" }],
+      routes: [{ match: "a.test", backends: [`127.0.0.1:${a.port}`] }],
+      metrics: { address: "127.0.0.1:0" },
+      ebpf: { enabled: true, quic: { interfaces: ["lo"] } },
+    });
+    assert.doesNotMatch(proxy.stderr(), /QUIC kernel forwarding unavailable/);
+    const got = await quicDownloads(
+      proxy.port(),
+      Array.from({ length: 8 }, () => ({ name: "a.test", path: "big.bin" })),
+    );
+    for (const g of got) assert.equal(sha256(g.body!), sha256(big));
+    const m = await scrapeMetrics(proxy);
+    const kernelDown = sample(m, "sni_proxy_kernel_quic_to_client_packets_total");
+    const userDown = sample(m, "sni_proxy_quic_datagrams_total", '{direction="down"}');
+    assert.ok(kernelDown > 8 * 2500, m);
+    assert.ok(userDown < kernelDown / 10, `userspace forwarded ${userDown}`);
+    assert.equal(sample(m, "sni_proxy_quic_flows_total"), 8, m);
+  },
+  { ignore: SKIP !== null, timeoutMs: 60_000 },
+);
 
 e2eTest(
   "QUIC with ebpf.xdp.block: a source that keeps sending bad Initials is blocked in XDP",
