@@ -284,3 +284,30 @@ e2eTest(
   },
   { ignore: !chromium, timeoutMs: 120_000 },
 );
+
+e2eTest(
+  "QUIC: ctl close ends a live flow (admin); a reload sends new flows by the new routes",
+  async (s) => {
+    const dir = await Deno.makeTempDir();
+    s.defer(() => Deno.remove(dir, { recursive: true }));
+    const { a, b, proxy } = await twoBackends(s, { admin: { socket: `${dir}/admin.sock` } });
+    const who = async () =>
+      new TextDecoder().decode(
+        (await quicGet(proxy.port(), { name: "a.test", path: "who" })).body ?? new Uint8Array(),
+      );
+    assert.equal(await who(), "backend A\n");
+    const r = await runCli(["ctl", "--config", proxy.configPath, "close", "--all"]);
+    assert.equal(r.code, 0, r.stderr);
+    const e = await proxy.waitAccess((e) => e.protocol === "quic" && e.close_reason === "admin");
+    assert.equal(e.backend, `127.0.0.1:${a.port}`);
+    assert.deepEqual(await adminFlows(proxy), []);
+    // a.test moves to backend B
+    const config = JSON.parse(await Deno.readTextFile(proxy.configPath));
+    config.routes[0].backends = [`127.0.0.1:${b.port}`];
+    await Deno.writeTextFile(proxy.configPath, JSON.stringify(config));
+    proxy.signal("SIGHUP");
+    await proxy.waitForLog("reloaded");
+    assert.equal(await who(), "backend B\n");
+  },
+  { ignore: !tools, timeoutMs: 40_000 },
+);
