@@ -169,19 +169,34 @@ e2eTest(
 );
 
 e2eTest(
-  "QUIC bad input: quic.max_flows refuses new flows (flow_limit); a finished one frees a place",
+  "QUIC: at quic.max_flows routed flows new clients are dropped (flow_limit); unfinished hellos give way",
   async (s) => {
-    const proxy = await proxyWithBackend(s, { quic: { max_flows: 3, idle_ms: 800 } });
+    const proxy = await proxyWithBackend(s, { quic: { max_flows: 2, idle_ms: 4000 } });
     const port = proxy.port();
+    // two routed flows (they live until they idle out)
+    await stillServes(proxy);
+    await stillServes(proxy);
+    let m = await metricsUntil(proxy, (m) => sample(m, "sni_proxy_quic_flows_active") === 2);
+    const third = await quicGet(port, {
+      name: "a.test",
+      path: "who",
+      args: ["--handshake-timeout=1s"],
+    }, 6);
+    assert.ok(!third.body?.length, "the third client is not served");
+    m = await metricsUntil(proxy, (m) => dropped(m, "flow_limit") >= 1);
+    assert.equal(sample(m, "sni_proxy_quic_flows_active"), 2, m);
+    // once they idle out a client is served again
+    await metricsUntil(proxy, (m) =>
+      sample(m, "sni_proxy_quic_flows_total") === 2 &&
+      sample(m, "sni_proxy_quic_flows_closed_total", '{reason="idle_timeout"}') === 2, 12_000);
+    await stillServes(proxy);
+    // unfinished hellos never fill the table: each gives way to the next
     const half = cryptoFrame(0, hello.subarray(0, 100));
-    for (let i = 0; i < 5; i++) await send(sender(s), port, initial(half, 200 + i));
-    let m = await metricsUntil(proxy, (m) => dropped(m, "flow_limit") >= 2);
-    assert.equal(sample(m, "sni_proxy_quic_flows_active"), 3, m);
-    // once they time out a real client is served
-    m = await metricsUntil(proxy, (m) => sample(m, "sni_proxy_quic_flows_active") === 0, 15_000);
+    for (let i = 0; i < 5; i++) await send(sender(s), port, initial(half, 300 + i));
+    m = await metricsUntil(proxy, (m) => dropped(m, "pending_evicted") >= 3);
     await stillServes(proxy);
   },
-  { ignore: !tools, timeoutMs: 40_000 },
+  { ignore: !tools, timeoutMs: 60_000 },
 );
 
 e2eTest(

@@ -143,7 +143,7 @@ export class FlowEnder {
     flow.reader = null;
     flow.pending = [];
     flow.pendingBytes = 0;
-    this.#flows.settled(flow);
+    this.#flows.evictable(flow);
     this.#log(flow, reason);
     flow.state = "refused";
   }

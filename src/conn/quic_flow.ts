@@ -185,7 +185,7 @@ export class FlowTable {
   readonly #byCid = new Map<string, QuicFlow>();
   /** Connection ID lengths seen (a short header does not say its DCID's length). */
   readonly #cidLengths = new Set<number>();
-  /** Flows not routed yet, oldest first (a Map keeps insertion order). */
+  /** Flows not routed yet and refused ones, oldest first (a Set keeps insertion order). */
   readonly #pending = new Set<QuicFlow>();
   /** Flows per client IP, for quic.max_flows_per_source. */
   readonly #perSource = new Map<string, number>();
@@ -195,7 +195,7 @@ export class FlowTable {
     return this.#byClient.size;
   }
 
-  /** Flows whose hello is not whole yet. */
+  /** Flows whose hello is not whole yet, and refused ones. */
   get pendingCount(): number {
     return this.#pending.size;
   }
@@ -214,7 +214,7 @@ export class FlowTable {
     return this.#perSource.get(ip) ?? 0;
   }
 
-  /** The oldest flow not routed yet, or undefined. */
+  /** The oldest flow not routed yet (or refused), or undefined. */
   oldestPending(): QuicFlow | undefined {
     return this.#pending.values().next().value;
   }
@@ -226,9 +226,15 @@ export class FlowTable {
     this.#perSource.set(ip, (this.#perSource.get(ip) ?? 0) + 1);
   }
 
-  /** The flow left the pending state (routing started, or refused). */
+  /** The flow is being routed: no longer one to evict. */
   settled(flow: QuicFlow): void {
     this.#pending.delete(flow);
+  }
+
+  /** The flow was refused: its tombstone may give way to a new flow, as a pending one may. */
+  evictable(flow: QuicFlow): void {
+    this.#pending.delete(flow);
+    this.#pending.add(flow);
   }
 
   /** Follows `flow` by the server connection ID in `b` (bounded per flow; 0-length IDs not). */

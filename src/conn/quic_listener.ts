@@ -314,11 +314,13 @@ export class QuicListener {
     const workers = Math.max(1, config.workers);
     const perSource = config.quic.maxFlowsPerSource;
     if (perSource !== null && this.#flows.ofSource(ip) >= perSource) return "source_flows";
-    if (this.#flows.size >= Math.ceil(config.quic.maxFlows / workers)) return "flow_limit";
-    if (this.#flows.pendingCount >= Math.ceil(config.quic.maxPendingFlows / workers)) {
-      // the oldest unfinished hello gives way: a flood of Initials cannot lock new clients out
+    const full = this.#flows.size >= Math.ceil(config.quic.maxFlows / workers);
+    if (full || this.#flows.pendingCount >= Math.ceil(config.quic.maxPendingFlows / workers)) {
+      // the oldest unfinished hello (or refused flow) gives way: a flood of Initials cannot
+      // lock new clients out; only routed flows make the table full
       const oldest = this.#flows.oldestPending();
-      if (oldest) this.#end.end(oldest, "pending_evicted", "count");
+      if (!oldest) return "flow_limit";
+      this.#end.end(oldest, "pending_evicted", "count");
       metrics.quic.drop("pending_evicted");
     }
     return null;
