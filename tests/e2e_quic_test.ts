@@ -311,3 +311,23 @@ e2eTest(
   },
   { ignore: !tools, timeoutMs: 40_000 },
 );
+
+e2eTest(
+  "QUIC: a backend's Retry passes through and the client's retried Initial stays in its flow",
+  async (s) => {
+    const body = pseudoRandomBytes(1 << 20, 4);
+    // -V: the server validates the client's address with a Retry before anything else
+    const a = await quicBackend(s, { "f.bin": body }, ["-V"]);
+    const proxy = await startProxy(s, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "quic" }],
+      routes: [{ match: "a.test", backends: [`127.0.0.1:${a.port}`] }],
+      metrics: { address: "127.0.0.1:0" },
+    });
+    const got = await quicGet(proxy.port(), { name: "a.test", path: "f.bin" });
+    assert.equal(sha256(got.body!), sha256(body));
+    const m = await scrapeMetrics(proxy);
+    assert.equal(sample(m, "sni_proxy_quic_flows_total"), 1, m);
+    assert.equal(sample(m, "sni_proxy_quic_flows_closed_total", '{reason="new_connection"}'), 0);
+  },
+  { ignore: !tools, timeoutMs: 30_000 },
+);

@@ -36,11 +36,13 @@ export function unusedUdpPort(): number {
 
 /**
  * Starts gtlsserver on a free UDP port serving `files` (name → content) with the test leaf
- * certificate (valid for the test names); stopped when the scope closes.
+ * certificate (valid for the test names), with `extraArgs` (e.g. `-V`: a Retry first);
+ * stopped when the scope closes.
  */
 export async function quicBackend(
   s: Scope,
   files: Record<string, Uint8Array | string>,
+  extraArgs: string[] = [],
 ): Promise<QuicBackend> {
   const certs = await testCerts();
   const dir = await Deno.makeTempDir({ prefix: "sni-e2e-h3-" });
@@ -59,6 +61,7 @@ export async function quicBackend(
       "-q",
       // a loaded 2-core machine may take seconds per handshake: do not give up on one
       "--handshake-timeout=60s",
+      ...extraArgs,
       "-d",
       www,
       "127.0.0.1",
