@@ -230,3 +230,21 @@ e2eTest(
   },
   { ignore: !tools, timeoutMs: 30_000 },
 );
+
+e2eTest(
+  "QUIC: limits.per_source applies to new flows (source_rate); other sources are served",
+  async (s) => {
+    const proxy = await proxyWithBackend(s, {
+      limits: { per_source: { new_per_second: 0.5, burst: 2 } },
+    });
+    const port = proxy.port();
+    const half = cryptoFrame(0, hello.subarray(0, 100));
+    for (let i = 0; i < 4; i++) await send(sender(s, "127.0.0.9"), port, initial(half, 400 + i));
+    const m = await metricsUntil(proxy, (m) => dropped(m, "source_rate") >= 2);
+    assert.equal(dropped(m, "source_rate"), 2, m);
+    assert.equal(sample(m, "sni_proxy_quic_flows_active"), 2, m);
+    // another address is not limited
+    await stillServes(proxy);
+  },
+  { ignore: !tools, timeoutMs: 30_000 },
+);
