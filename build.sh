@@ -5,9 +5,12 @@
 #   ./build.sh all       both
 #   ./build.sh --check   check the toolchain (clang, BPF target, libbpf headers); exit 0 or 1
 # Environment: CLANG (default clang), DENO (default deno, then .tools/node_modules/.bin/deno),
-# DENORT_BIN (a local denort runtime for `deno compile` on machines that cannot download it).
+# DENORT_BIN (a local denort runtime for `deno compile` on machines that cannot download it; the
+# compiled file must answer --version as sni-proxy, else it is deleted and the build fails).
 set -euo pipefail
 
+# a relative DENORT_BIN means relative to where build.sh was run from, not to the checkout
+case "${DENORT_BIN:-}" in "" | /*) ;; *) DENORT_BIN="$PWD/$DENORT_BIN" ;; esac
 cd "$(dirname "$0")"
 CLANG="${CLANG:-clang}"
 BPF_SRC=bpf/sockmap.bpf.c
@@ -71,26 +74,57 @@ find_deno() {
 	fail "deno not found: install it (npm install deno@2.9) or set DENO=/path/to/deno"
 }
 
+# Refuses a DENORT_BIN that cannot be a denort runtime before compiling with it.
+check_denort_bin() {
+	[ -n "${DENORT_BIN:-}" ] || return 0
+	[ -e "$DENORT_BIN" ] || fail "DENORT_BIN=$DENORT_BIN does not exist (set it to a denort runtime)"
+	[ -f "$DENORT_BIN" ] || fail "DENORT_BIN=$DENORT_BIN is not a file (set it to a denort runtime)"
+	[ -x "$DENORT_BIN" ] || fail "DENORT_BIN=$DENORT_BIN is not executable (set it to a denort runtime)"
+}
+
+# Checks that the binary at $1 is sni-proxy: `--version` answers "sni-proxy ...". A DENORT_BIN
+# that is the deno CLI compiles without error into a file that only behaves as `deno`.
+verify_binary() {
+	local bin="$1" version
+	version="$(timeout 30 "$bin" --version 2>&1 | head -n1)" || true
+	case "$version" in
+	"sni-proxy "*) return 0 ;;
+	"deno "*)
+		rm -f "$bin"
+		[ -n "${DENORT_BIN:-}" ] && fail "DENORT_BIN=$DENORT_BIN is the deno CLI, not denort:" \
+			"the compiled file only behaves as deno; set DENORT_BIN to the denort runtime of this deno version"
+		fail "deno compile made a file that only behaves as deno ('$version'); no ./sni-proxy built"
+		;;
+	*)
+		rm -f "$bin"
+		fail "the compiled binary does not answer --version as sni-proxy (it printed '$version')" \
+			"${DENORT_BIN:+; DENORT_BIN=$DENORT_BIN is not a denort runtime for this deno}; no ./sni-proxy built"
+		;;
+	esac
+}
+
+# Compiles into a scratch file, checks it, and only then replaces ./sni-proxy.
 compile_binary() {
-	local deno log
+	local deno log out=.sni-proxy.build
 	deno="$(find_deno)"
 	[ -f "$BPF_OBJ" ] && [ -f bpf/xdp.bpf.o ] && [ -f bpf/quic.bpf.o ] || build_bpf
-	log="$(mktemp)"
-	if [ -n "${DENORT_BIN:-}" ] && [ ! -x "$DENORT_BIN" ]; then
-		fail "DENORT_BIN=$DENORT_BIN is not an executable denort runtime"
-	fi
+	check_denort_bin
 	# deno compile reads DENORT_BIN from the environment; an empty value would be taken as a path
 	[ -n "${DENORT_BIN:-}" ] || unset DENORT_BIN
-	if ! "$deno" compile -A --unstable-net --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" --include bpf/xdp.bpf.o --include bpf/quic.bpf.o -o sni-proxy main.ts 2>&1 |
+	log="$(mktemp)"
+	rm -f "$out"
+	if ! "$deno" compile -A --unstable-net --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" --include bpf/xdp.bpf.o --include bpf/quic.bpf.o -o "$out" main.ts 2>&1 |
 		tee "$log"; then
 		if grep -qiE 'denort|download|fetch|network|dns|connect' "$log"; then
 			echo "build.sh: deno compile could not fetch the denort runtime; download denort" \
 				"for this deno version elsewhere and set DENORT_BIN=/path/to/denort" >&2
 		fi
-		rm -f "$log"
+		rm -f "$log" "$out"
 		fail "deno compile failed"
 	fi
 	rm -f "$log"
+	verify_binary "./$out"
+	mv -f "$out" sni-proxy
 	echo "built ./sni-proxy"
 }
 
@@ -99,6 +133,6 @@ case "${1:-bpf}" in
 bpf) build_bpf ;;
 binary) compile_binary ;;
 all) build_bpf && compile_binary ;;
--h | --help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
+-h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
 *) fail "unknown argument '$1' (use --check, bpf, binary or nothing)" ;;
 esac

@@ -372,7 +372,7 @@ export function summarizeBusy(runs: BusyRun[]): BusyResult {
 }
 
 /** The `pct` percentile (nearest rank) of `xs`; NaN if empty. */
-function percentile(xs: number[], pct: number): number {
+export function percentile(xs: number[], pct: number): number {
   if (!xs.length) return NaN;
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.ceil((pct / 100) * s.length) - 1)];
@@ -416,7 +416,8 @@ function latency(text: string, pct: string): number {
   return m[2] === "us" ? v / 1000 : m[2] === "s" ? v * 1000 : v;
 }
 
-function median(xs: number[]): number {
+/** The median of `xs`. */
+export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const mid = Math.floor(s.length / 2);
   return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;

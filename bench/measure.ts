@@ -1,30 +1,33 @@
 /**
- * The measurements of a run: the idle test of each subject on a fresh instance, then the load
- * tests (bulk, keep-alive, new-connection, busy) in rounds with the columns interleaved. A
+ * The measurements of a run: the idle test and the churn test of each subject, each on a fresh
+ * instance, then the load tests (load_tests.ts) in rounds with the columns interleaved. A
  * column that may fail ({@link optional}) is skipped or dropped with its reason instead.
  *
  * @module
  */
+import { type ChurnResult, churnRss } from "./churn.ts";
 import {
   type BulkResult,
-  type BulkRun,
-  bulkRun,
   type BusyResult,
-  type BusyRun,
-  busyRun,
   summarizeBulk,
   summarizeBusy,
   summarizeWrk,
-  type Watch,
   type WrkResult,
-  type WrkRun,
-  wrkRun,
 } from "./load.ts";
+import { type Column, type LoadTest, loadTests, type SyscallRun } from "./load_tests.ts";
 import { type IdleResult, idleRss } from "./idle_conns.ts";
 import type { Nginx } from "./nginx.ts";
-import type { Proxy } from "./proxy.ts";
+import type { Backends, Proxy } from "./proxy.ts";
 import type { Settings } from "./settings.ts";
+import { type StarveResult, summarizeStarve } from "./starve.ts";
 import { optional, type Subject } from "./subjects.ts";
+
+/** Syscalls of the proxy's processes per new connection, over all rounds. */
+export interface SyscallResult {
+  perConnection: number;
+  /** every round's syscalls per connection, in order */
+  runs: number[];
+}
 
 /** What one column measured; absent parts were not run. */
 export interface ModeResult {
@@ -34,8 +37,11 @@ export interface ModeResult {
   bulk?: BulkResult;
   keepAlive?: WrkResult;
   newConnection?: WrkResult;
+  syscalls?: SyscallResult;
   busy?: BusyResult;
+  starve?: StarveResult;
   idle?: IdleResult;
+  churn?: ChurnResult;
 }
 
 /** What the measurements work on and where they put what they find. */
@@ -44,32 +50,17 @@ export interface MeasureOptions {
   subjects: Subject[];
   /** the temporary directory of the run (configs, logs) */
   dir: string;
-  /** the backend every column reaches */
+  /** the TLS backend every column reaches */
   nginx: Nginx;
+  /** the backends every column routes to (nginx, and the duplex server if it runs) */
+  backends: Backends;
   settings: Settings;
+  /** why syscalls cannot be counted here (no perf), or null */
+  syscallProblem: string | null;
   /** per column: filled in by the tests */
   results: Map<string, ModeResult>;
   /** per column: why it was skipped or dropped */
   skipped: Record<string, string>;
-}
-
-/** A column being measured: where its clients connect and the runs so far. */
-interface Column {
-  name: string;
-  port: number;
-  watch: Watch;
-  proxy: Proxy | null;
-  subject: Subject | null;
-  bulk: BulkRun[];
-  keepAlive: WrkRun[];
-  newConnection: WrkRun[];
-  busy: BusyRun[];
-}
-
-/** One load test: runs once on a column, records the run there and says what it measured. */
-interface LoadTest {
-  label: string;
-  run(c: Column): Promise<string>;
 }
 
 /** The first lines of an error's message, for a one-line reason. */
@@ -78,45 +69,71 @@ function firstLines(e: unknown): string {
     .split("\n").slice(0, 3).join(" ");
 }
 
-/** Idle test of each subject, each on a fresh instance of its own. */
-export async function measureIdle(o: MeasureOptions): Promise<void> {
-  const { dir, nginx, results, skipped } = o;
-  const conns = o.settings.idleConns;
-  for (const subject of o.subjects.filter((s) => s.idle)) {
-    console.log(`${subject.name}: ${conns} idle connections...`);
+/**
+ * Runs `test` on a fresh instance of each subject the memory tests apply to (one proxy process:
+ * not the workers column), one after another, and keeps what it says in the column's result.
+ */
+async function onFreshInstances(
+  o: MeasureOptions,
+  title: string,
+  test: (proxy: Proxy, r: ModeResult) => Promise<string>,
+): Promise<void> {
+  for (const subject of o.subjects.filter((s) => s.idle && !o.skipped[s.name])) {
+    console.log(`${subject.name}: ${title}...`);
     try {
       // fresh: a proxy that served the load tests keeps its grown heap and buffers, and new
       // connections reuse them, so its growth per connection would read near zero
-      const proxy = await subject.start(dir, nginx.port);
+      const proxy = await subject.start(o.dir, o.backends);
       try {
-        const idle = await idleRss(proxy.port, proxy.pids, conns, nginx.certPem);
-        results.set(subject.name, { proxied: true, peer: subject.peer, idle });
-        console.log(
-          `  ${idle.kibPerConn.toFixed(1)} KiB per connection ` +
-            `(${idle.rssBeforeKiB} → ${idle.rssAfterKiB} KiB)`,
-        );
+        const r = o.results.get(subject.name) ?? { proxied: true, peer: subject.peer };
+        console.log(`  ${await test(proxy, r)}`);
+        o.results.set(subject.name, r);
       } finally {
         await proxy.stop();
       }
     } catch (e) {
       if (!optional(subject.name)) throw e;
-      skipped[subject.name] = firstLines(e);
-      console.log(`  skipped: ${skipped[subject.name]}`);
+      o.skipped[subject.name] = firstLines(e);
+      console.log(`  skipped: ${o.skipped[subject.name]}`);
     }
   }
 }
 
+/** Idle test of each subject, each on a fresh instance of its own. */
+export async function measureIdle(o: MeasureOptions): Promise<void> {
+  const conns = o.settings.idleConns;
+  await onFreshInstances(o, `${conns} idle connections`, async (proxy, r) => {
+    const idle = await idleRss(proxy.port, proxy.pids, conns, o.nginx.certPem);
+    r.idle = idle;
+    return `${idle.kibPerConn.toFixed(1)} KiB per connection ` +
+      `(${idle.rssBeforeKiB} → ${idle.rssAfterKiB} KiB)`;
+  });
+}
+
+/** RSS around many short connections, each subject on a fresh instance of its own. */
+export async function measureChurn(o: MeasureOptions): Promise<void> {
+  const n = o.settings.churnConns;
+  await onFreshInstances(o, `${n} short connections, then 15 s`, async (proxy, r) => {
+    const c = await churnRss(o.dir, proxy.port, proxy.pids, n);
+    r.churn = c;
+    return `RSS ${c.baselineKiB} → ${c.peakKiB} KiB (${c.seconds.toFixed(1)} s), ` +
+      `${c.settledKiB} KiB 15 s later`;
+  });
+}
+
 /**
- * Bulk, keep-alive, new-connection and busy runs, interleaved: each round runs every column
+ * The load tests (bulk, keep-alive, new connections, syscalls, busy, starve), interleaved: each round runs every column
  * once per test (in an order rotated every round), so that a change in the machine's
  * background load hits all columns alike instead of one.
  */
 export async function measureLoad(o: MeasureOptions & { withDirect: boolean }): Promise<void> {
   const columns: Column[] = [];
-  if (o.withDirect) columns.push(newColumn("direct", o.nginx.port, null, null, o.nginx));
+  if (o.withDirect) {
+    columns.push(newColumn("direct", o.nginx.port, o.backends.duplexPort, null, null, o.nginx));
+  }
   try {
     await startColumns(columns, o);
-    await runRounds(columns, loadTests(o.settings, o.nginx), o.settings.rounds, o.skipped);
+    await runRounds(columns, loadTests(o), o.settings.rounds, o.skipped);
   } finally {
     for (const c of columns) await c.proxy?.stop();
   }
@@ -126,14 +143,25 @@ export async function measureLoad(o: MeasureOptions & { withDirect: boolean }): 
     r.bulk = summarizeBulk(c.bulk);
     r.keepAlive = summarizeWrk(c.keepAlive);
     r.newConnection = summarizeWrk(c.newConnection);
+    if (c.syscalls.length) r.syscalls = summarizeSyscalls(c.syscalls);
     if (c.busy.length) r.busy = summarizeBusy(c.busy);
+    if (c.starve.length) r.starve = summarizeStarve(c.starve);
     o.results.set(c.name, r);
   }
+}
+
+function summarizeSyscalls(runs: SyscallRun[]): SyscallResult {
+  const sum = (f: (r: SyscallRun) => number) => runs.reduce((s, r) => s + f(r), 0);
+  return {
+    perConnection: sum((r) => r.syscalls) / sum((r) => r.connections),
+    runs: runs.map((r) => r.syscalls / r.connections),
+  };
 }
 
 function newColumn(
   name: string,
   port: number,
+  bulkPort: number | undefined,
   proxy: Proxy | null,
   subject: Subject | null,
   nginx: Nginx,
@@ -141,13 +169,16 @@ function newColumn(
   return {
     name,
     port,
+    bulkPort,
     proxy,
     subject,
     watch: { proxy: proxy ? proxy.pids : [], nginx: nginx.pids },
     bulk: [],
     keepAlive: [],
     newConnection: [],
+    syscalls: [],
     busy: [],
+    starve: [],
   };
 }
 
@@ -155,58 +186,15 @@ function newColumn(
 async function startColumns(columns: Column[], o: MeasureOptions): Promise<void> {
   for (const subject of o.subjects) {
     try {
-      const proxy = await subject.start(o.dir, o.nginx.port);
-      columns.push(newColumn(subject.name, proxy.port, proxy, subject, o.nginx));
+      const proxy = await subject.start(o.dir, o.backends);
+      const bulkPort = o.backends.duplexPort && proxy.port;
+      columns.push(newColumn(subject.name, proxy.port, bulkPort, proxy, subject, o.nginx));
     } catch (e) {
       if (!optional(subject.name)) throw e;
       o.skipped[subject.name] = firstLines(e);
       console.log(`${subject.name}: skipped: ${o.skipped[subject.name]}`);
     }
   }
-}
-
-/** The load tests of one round, in the order they run. */
-function loadTests(s: Settings, nginx: Nginx): LoadTest[] {
-  const wrkLine = (r: WrkRun) => `${r.rps.toFixed(0)} req/s, p99 ${r.p99ms.toFixed(2)} ms`;
-  const tests: LoadTest[] = [
-    {
-      label: "bulk",
-      run: async (c) => {
-        const r = await bulkRun(c.port, s.bigBytes, c.watch);
-        c.bulk.push(r);
-        return `${r.mbs.toFixed(0)} MB/s`;
-      },
-    },
-    {
-      label: "keep-alive",
-      run: async (c) => {
-        const r = await wrkRun(c.port, false, s.wrk, c.watch);
-        c.keepAlive.push(r);
-        return wrkLine(r);
-      },
-    },
-    {
-      label: "new-connection",
-      run: async (c) => {
-        const r = await wrkRun(c.port, true, s.wrk, c.watch);
-        c.newConnection.push(r);
-        return wrkLine(r);
-      },
-    },
-  ];
-  if (s.busyConns <= 0) return tests;
-  tests.push({
-    label: "busy",
-    run: async (c) => {
-      const r = await busyRun(c.port, nginx.certPem, s.busy);
-      c.busy.push(r);
-      const p99 = summarizeBusy([r]).p99ms;
-      return `${r.latenciesMs.length} new connections (${r.errors} failed), ` +
-        `p99 ${p99.toFixed(2)} ms; bulk ${r.bulkMBs.toFixed(0)} MB/s; TCP memory ` +
-        `${(r.tcpMemoryPeak * 100).toFixed(0)}% of tcp_mem pressure`;
-    },
-  });
-  return tests;
 }
 
 /**

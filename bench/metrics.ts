@@ -9,6 +9,7 @@ import type { CpuUse, WrkResult } from "./load.ts";
 import type { IdleResult } from "./idle_conns.ts";
 import type { ModeResult } from "./measure.ts";
 import { type Settings, TARGETS } from "./settings.ts";
+import { PROBE_TIMEOUT_MS } from "./starve.ts";
 
 /** One row of the table. */
 export interface Metric {
@@ -39,6 +40,29 @@ function busyRow(s: Settings): string {
 export function busyP99Label(s: Settings): string {
   return `${busyRow(s)} new-connection p99 ms, connect to last byte`;
 }
+
+/** Label start of the starvation test's rows. */
+function starveRow(s: Settings): string {
+  return `starve (${s.starve.transfers} duplex transfers):`;
+}
+
+/** Label of the starvation test's p99 row (a target reads it). */
+export function starveP99Label(s: Settings): string {
+  return `${starveRow(s)} new connection to ServerHello p99 ms`;
+}
+
+/** Label of the starvation test's row of probes without an answer (a target reads it). */
+export function starvedLabel(s: Settings): string {
+  return `${starveRow(s)} probes without ServerHello in ${PROBE_TIMEOUT_MS / 1000} s, all rounds`;
+}
+
+/** Label of the churn test's settled RSS row (a target reads it). */
+export function churnSettledLabel(s: Settings): string {
+  return `churn (${s.churnConns} short connections): RSS 15 s after, % of baseline`;
+}
+
+/** Label of the syscall row (a target reads it). */
+export const SYSCALLS_LABEL = "new-connection: proxy syscalls per connection";
 
 /** Label of the row of total idle RSS at the target's connection count, measured or linear. */
 export function idleTotalLabel(s: Settings): string {
@@ -119,9 +143,45 @@ function busyRows(s: Settings): Row[] {
   ];
 }
 
+/** The rows of the starvation test (none when it does not run). */
+function starveRows(s: Settings): Row[] {
+  if (s.starve.transfers <= 0) return [];
+  const row = starveRow(s);
+  return [
+    [`${row} new connection to ServerHello p50 ms`, (r) => r.starve?.p50ms, 1, "lower"],
+    [starveP99Label(s), (r) => r.starve?.p99ms, 1, "lower"],
+    [starvedLabel(s), (r) => r.starve?.starved, 0, "lower", false],
+    [`${row} MB/s of the transfers, both ways`, (r) => r.starve?.transferMBs, 0, "higher"],
+    [
+      `${row} peak TCP memory of the machine, % of tcp_mem pressure`,
+      (r) => r.starve && r.starve.tcpMemoryPeak * 100,
+      0,
+    ],
+  ];
+}
+
+/** The rows of the churn test (none when it does not run). */
+function churnRows(s: Settings): Row[] {
+  if (s.churnConns <= 0) return [];
+  const row = `churn (${s.churnConns} short connections):`;
+  const mb = (kib: number | undefined) => kib === undefined ? undefined : kib * 1024 / 1e6;
+  return [
+    [`${row} RSS MB before`, (r) => mb(r.churn?.baselineKiB), 1, "lower"],
+    [`${row} RSS MB right after`, (r) => mb(r.churn?.peakKiB), 1, "lower"],
+    [`${row} RSS MB 15 s after`, (r) => mb(r.churn?.settledKiB), 1, "lower"],
+    [
+      churnSettledLabel(s),
+      (r) => r.churn && (r.churn.settledKiB / r.churn.baselineKiB) * 100,
+      0,
+      "lower",
+    ],
+  ];
+}
+
 /** The rows of the idle-connection test. */
 function idleRows(s: Settings): Row[] {
   const conns = s.idleConns;
+  if (conns <= 0) return [];
   const total = TARGETS.idleTotalConns;
   return [
     [`RSS KiB per idle connection (${conns})`, (r) => r.idle?.kibPerConn, 1, "lower"],
@@ -155,8 +215,11 @@ export function metrics(s: Settings): Metric[] {
       false,
     ],
     ...wrkRows("new-connection", "new connections/s", "connection", (r) => r.newConnection),
+    [SYSCALLS_LABEL, (r) => proxyOnly(r, r.syscalls?.perConnection), 1, "lower"],
     ...busyRows(s),
+    ...starveRows(s),
     ...idleRows(s),
+    ...churnRows(s),
   ];
   return rows.map(([label, get, digits, better, ratio]) => ({
     label,

@@ -11,7 +11,7 @@
  */
 import { freePort, runNginx, SMALL_PATH, spawnListening } from "./nginx.ts";
 import { need, sh, stop } from "./procs.ts";
-import type { Proxy } from "./proxy.ts";
+import { type Backends, type Proxy, routeList } from "./proxy.ts";
 
 /** Where Debian's libnginx-mod-stream installs the module. */
 const STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so";
@@ -26,8 +26,8 @@ export interface Peer {
   name: "nginx-stream" | "haproxy";
   /** Why it cannot run here (not installed), or null. */
   prepare(): string | null;
-  /** Starts it in front of 127.0.0.1:`backendPort`; resolves once it routes a request. */
-  start(dir: string, backendPort: number): Promise<Proxy>;
+  /** Starts it in front of `backends` (on 127.0.0.1); resolves once it routes a request. */
+  start(dir: string, backends: Backends): Promise<Proxy>;
 }
 
 /** The peers, in table order. */
@@ -39,12 +39,12 @@ export const PEERS: Peer[] = [
         (exists(STREAM_MODULE)
           ? null
           : `${STREAM_MODULE} not found: apt-get install -y libnginx-mod-stream`),
-    start: async (dir, backendPort) => {
+    start: async (dir, backends) => {
       const prefix = `${dir}/nginx-stream`;
       await Deno.mkdir(prefix, { recursive: true });
       const port = freePort();
       const conf = `${prefix}/nginx.conf`;
-      await Deno.writeTextFile(conf, nginxStreamConfig(prefix, port, backendPort));
+      await Deno.writeTextFile(conf, nginxStreamConfig(prefix, port, backends));
       const nginx = await runNginx(prefix, conf, port);
       return await routed({ port, pid: nginx.pids[1], pids: nginx.pids, stop: nginx.stop });
     },
@@ -52,10 +52,10 @@ export const PEERS: Peer[] = [
   {
     name: "haproxy",
     prepare: () => missing("haproxy", "haproxy"),
-    start: async (dir, backendPort) => {
+    start: async (dir, backends) => {
       const port = freePort();
       const conf = `${dir}/haproxy.cfg`;
-      await Deno.writeTextFile(conf, haproxyConfig(port, backendPort));
+      await Deno.writeTextFile(conf, haproxyConfig(port, backends));
       // -db: foreground, one process (no master-worker)
       const proc = await spawnListening("haproxy", ["-f", conf, "-db"], port);
       return await routed({
@@ -69,10 +69,13 @@ export const PEERS: Peer[] = [
 ];
 
 /**
- * nginx `stream` with `ssl_preread`: SNI `localhost` → the backend, any other name has no
+ * nginx `stream` with `ssl_preread`: each route's name → its backend, any other name has no
  * upstream (the connection is closed, like the proxy's "no route").
  */
-function nginxStreamConfig(prefix: string, port: number, backendPort: number): string {
+function nginxStreamConfig(prefix: string, port: number, backends: Backends): string {
+  const routes = routeList(backends);
+  const upstreams = routes.map((r, i) => `  upstream b${i} { server 127.0.0.1:${r.port}; }`);
+  const names = routes.map((r, i) => `    ${r.name} b${i};`);
   return `load_module ${STREAM_MODULE};
 worker_processes 1;
 worker_rlimit_nofile 20000;
@@ -81,8 +84,11 @@ error_log ${prefix}/error.log crit;
 events { worker_connections ${2 * MAX_CONNS}; }
 stream {
   access_log off;
-  upstream backend { server 127.0.0.1:${backendPort}; }
-  map $ssl_preread_server_name $route { localhost backend; default ""; }
+${upstreams.join("\n")}
+  map $ssl_preread_server_name $route {
+${names.join("\n")}
+    default "";
+  }
   server {
     listen 127.0.0.1:${port};
     ssl_preread on;
@@ -94,8 +100,11 @@ stream {
 `;
 }
 
-/** HAProxy in tcp mode, one thread, no logs: SNI `localhost` → the backend. */
-function haproxyConfig(port: number, backendPort: number): string {
+/** HAProxy in tcp mode, one thread, no logs: each route's name (SNI) → its backend. */
+function haproxyConfig(port: number, backends: Backends): string {
+  const routes = routeList(backends);
+  const rules = routes.map((r, i) => `  use_backend b${i} if { req.ssl_sni -m str ${r.name} }`);
+  const servers = routes.map((r, i) => `backend b${i}\n  server b${i} 127.0.0.1:${r.port}\n`);
   return `global
   nbthread 1
   maxconn ${MAX_CONNS}
@@ -111,11 +120,9 @@ frontend sni
   bind 127.0.0.1:${port}
   tcp-request inspect-delay 5s
   tcp-request content accept if { req.ssl_hello_type 1 }
-  use_backend nginx if { req.ssl_sni -m str localhost }
+${rules.join("\n")}
 
-backend nginx
-  server backend 127.0.0.1:${backendPort}
-`;
+${servers.join("\n")}`;
 }
 
 /** Checks that a started peer routes a request to the backend; stops it if not. */

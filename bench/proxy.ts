@@ -8,6 +8,7 @@
 import { waitKernelSlot } from "../tests/harness/kernel.ts";
 import { spawn, stop } from "./procs.ts";
 import type { ReadyLine } from "../src/run/ready.ts";
+import { DUPLEX_NAME } from "./starve.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 
@@ -56,6 +57,22 @@ export const PROXY_MODES: ProxyMode[] = [
   },
 ];
 
+/** The backends every column routes to. */
+export interface Backends {
+  /** nginx (TLS), the route `localhost` */
+  port: number;
+  /** the starvation test's duplex server, the route {@link DUPLEX_NAME} (absent: no route) */
+  duplexPort?: number;
+}
+
+/** The routes of a column: `localhost` → nginx, {@link DUPLEX_NAME} → the duplex server. */
+export function routeList(b: Backends): { name: string; port: number }[] {
+  return [
+    { name: "localhost", port: b.port },
+    ...(b.duplexPort ? [{ name: DUPLEX_NAME, port: b.duplexPort }] : []),
+  ];
+}
+
 /** A running proxy. */
 export interface Proxy {
   port: number;
@@ -73,17 +90,17 @@ const READY_TIMEOUT_MS = 30_000;
 export const KERNEL_SLOT_WAIT_MS = 90_000;
 
 /**
- * Starts the proxy in `mode` in front of `backendPort`; resolves once it is ready. Kernel mode
+ * Starts the proxy in `mode` in front of `backends`; resolves once it is ready. Kernel mode
  * first waits (up to {@link KERNEL_SLOT_WAIT_MS}) until no other kernel-mode sni-proxy runs on
  * the machine (one at a time: the cgroup and the pins); throws if one keeps running.
  */
 export async function startProxy(
   dir: string,
-  backendPort: number,
+  backends: Backends,
   mode: ProxyMode,
 ): Promise<Proxy> {
   // only the sockmap holds the machine-wide cgroup and pins
-  if (mode.ebpf.splice_mode !== "sockmap") return await startOnce(dir, backendPort, mode);
+  if (mode.ebpf.splice_mode !== "sockmap") return await startOnce(dir, backends, mode);
   for (let attempt = 1;; attempt++) {
     try {
       await waitKernelSlot(KERNEL_SLOT_WAIT_MS);
@@ -91,7 +108,7 @@ export async function startProxy(
       throw new Error(`proxy (${mode.name}) did not start: ${(e as Error).message}`);
     }
     try {
-      return await startOnce(dir, backendPort, mode);
+      return await startOnce(dir, backends, mode);
     } catch (e) {
       // another kernel-mode proxy took the slot between the wait and the start: wait again
       if (attempt === 3 || !/already holds process/.test((e as Error).message)) throw e;
@@ -100,8 +117,8 @@ export async function startProxy(
 }
 
 /** Starts one proxy process in `mode` and waits for its ready line (`--ready-fd 1`). */
-async function startOnce(dir: string, backendPort: number, mode: ProxyMode): Promise<Proxy> {
-  const path = await writeConfig(dir, backendPort, mode);
+async function startOnce(dir: string, backends: Backends, mode: ProxyMode): Promise<Proxy> {
+  const path = await writeConfig(dir, backends, mode);
   const proc = spawn(Deno.execPath(), {
     // the same flags as `deno task start` (a small V8 young generation keeps idle RSS down)
     args: [
@@ -129,11 +146,14 @@ async function startOnce(dir: string, backendPort: number, mode: ProxyMode): Pro
 }
 
 /** Writes the proxy's config for `mode` into `dir`; returns its path. */
-async function writeConfig(dir: string, backendPort: number, mode: ProxyMode): Promise<string> {
+async function writeConfig(dir: string, backends: Backends, mode: ProxyMode): Promise<string> {
   const config = {
     workers: mode.workers ?? 1,
     listeners: [{ address: "127.0.0.1:0" }],
-    routes: [{ match: "localhost", backends: [`127.0.0.1:${backendPort}`] }],
+    routes: routeList(backends).map((r) => ({
+      match: r.name,
+      backends: [`127.0.0.1:${r.port}`],
+    })),
     timeouts: { drain_ms: 1000 },
     limits: { max_connections: 20000 },
     log: { level: "info", file: false, access_log: false },

@@ -1,21 +1,24 @@
 /**
  * Benchmark (not a test): on loopback, an nginx TLS backend measured directly, through the
- * proxy in each proxy mode (userspace; kernel = eBPF sockmap) and through peer SNI proxies
- * (nginx `stream` with `ssl_preread`, HAProxy in tcp mode), in one run.
+ * proxy in each proxy mode (userspace; kernel = splice pipes; sockmap = eBPF redirect) and
+ * through peer SNI proxies (nginx `stream` with `ssl_preread`, HAProxy in tcp mode), in one run.
  *
- *   deno task bench                          direct, userspace, kernel, nginx-stream, haproxy
+ *   deno task bench                          direct, userspace, kernel, sockmap, nginx-stream,
+ *                                            haproxy
  *   deno task bench --quick                  shorter runs
  *   deno task bench --modes direct,userspace only these columns
  *   deno task bench --idle 0                 skip the idle-connection test
  *   deno task bench --busy 0                 skip the new-connection test under bulk load
+ *   deno task bench --starve 0 --churn 0     skip the starvation and churn tests
  *
  * Reports bulk MB/s (curl TLS download), requests/s with keep-alive and with a new connection
- * per request (wrk), p50/p99 latency, new-connection latency while bulk transfers run, CPU per
+ * per request (wrk), p50/p99 latency, syscalls per new connection (perf), new-connection latency
+ * while paced downloads run, time to ServerHello while unthrottled duplex transfers run, CPU per
  * GiB and per request (the whole machine from /proc/stat, since bytes spliced in the kernel
  * cost softirq time and no process time; and the proxy or peer, nginx and the load generator),
- * and RSS per idle proxied connection. The load tests run in rounds with the columns
- * interleaved; the table shows medians, ratios to direct and to the best peer, and the targets
- * met or missed. See README.md. Writes bench/out/results.{json,md}. Every process it starts is
+ * RSS per idle proxied connection and RSS after many short connections. The load tests run in
+ * rounds with the columns interleaved; the table shows medians, ratios to direct and to the
+ * better peer, and issue 18's targets met or missed. See README.md. Writes bench/out/results.{json,md}. Every process it starts is
  * stopped at the end, on an error and on SIGINT/SIGTERM.
  *
  * This module is the command line and the order of the run: settings.ts reads the flags,
@@ -23,12 +26,14 @@
  *
  * @module
  */
-import { measureIdle, measureLoad, type ModeResult } from "./measure.ts";
+import { measureChurn, measureIdle, measureLoad, type ModeResult } from "./measure.ts";
 import { startNginx } from "./nginx.ts";
 import { killChildren, need } from "./procs.ts";
 import { header, writeReport } from "./report.ts";
 import { parseSettings, type Settings, USAGE } from "./settings.ts";
+import { startDuplexServer } from "./starve.ts";
 import { type Subject, SUBJECTS } from "./subjects.ts";
+import { syscallCountingProblem } from "./syscalls.ts";
 
 /** Throws on a column name that is neither direct nor a subject. */
 function checkModes(names: string[]): void {
@@ -54,7 +59,21 @@ async function prepare(names: string[], skipped: Record<string, string>): Promis
   return subjects;
 }
 
-/** Starts nginx in `dir`, runs the tests the settings ask for, stops nginx. */
+/** Whether perf can count syscalls here; when it cannot, the syscall rows say why. */
+async function syscallProblem(s: Settings, skipped: Record<string, string>) {
+  if (s.syscallSeconds <= 0 || s.idleOnly) return null;
+  const why = await syscallCountingProblem();
+  if (why) {
+    skipped["syscalls per new connection"] = why;
+    console.log(`syscalls per new connection: skipped: ${why}`);
+  }
+  return why;
+}
+
+/**
+ * Starts nginx (and the starvation test's duplex server) in `dir`, runs the tests the settings
+ * ask for, stops them.
+ */
 async function measure(
   s: Settings,
   dir: string,
@@ -62,15 +81,26 @@ async function measure(
   skipped: Record<string, string>,
 ): Promise<void> {
   const nginx = await startNginx(dir, s.bigBytes);
+  const duplex = s.starve.transfers > 0 && !s.idleOnly ? await startDuplexServer() : null;
   try {
     const subjects = await prepare(s.modes, skipped);
-    const o = { subjects, dir, nginx, settings: s, results, skipped };
+    const o = {
+      subjects,
+      dir,
+      nginx,
+      backends: { port: nginx.port, duplexPort: duplex?.port },
+      settings: s,
+      syscallProblem: await syscallProblem(s, skipped),
+      results,
+      skipped,
+    };
     if (s.idleConns > 0) await measureIdle(o);
-    if (!s.idleOnly) {
-      const live = subjects.filter((x) => !skipped[x.name]);
-      await measureLoad({ ...o, subjects: live, withDirect: s.modes.includes("direct") });
-    }
+    if (s.idleOnly) return;
+    if (s.churnConns > 0) await measureChurn(o);
+    const live = subjects.filter((x) => !skipped[x.name]);
+    await measureLoad({ ...o, subjects: live, withDirect: s.modes.includes("direct") });
   } finally {
+    await duplex?.stop();
     await nginx.stop();
   }
 }

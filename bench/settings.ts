@@ -5,20 +5,27 @@
  */
 import { parseArgs } from "node:util";
 import type { BusyOptions, WrkOptions } from "./load.ts";
+import type { StarveOptions } from "./starve.ts";
 import { DEFAULT_COLUMNS } from "./subjects.ts";
 
 /** The usage line printed by `--help`. */
 export const USAGE = "usage: deno task bench [--quick] [--modes " +
-  "direct,userspace,kernel,nginx-stream,haproxy,workers] [--idle N] [--busy N] " +
-  "[--busy-rate 1m] [--duration 5s] [--rounds 3] [--idle-only]";
+  "direct,userspace,kernel,sockmap,nginx-stream,haproxy,workers] [--idle N] [--busy N] " +
+  "[--busy-rate 1m] [--starve N] [--starve-seconds S] [--churn N] [--syscall-seconds S] " +
+  "[--duration 5s] [--rounds 3] [--idle-only]";
 
-/** The issue's targets (see targetRows in report.ts). */
+/** The numbers in issue 18's targets (see targetRows in report.ts). */
 export const TARGETS = {
-  cpuUsPerNewConnection: 90,
-  idleKiBPerConn: 6.5,
+  /** proxy CPU per new connection and per keep-alive request: at most this times the peer's */
+  cpuVsBetterPeer: 0.9,
   idleTotalConns: 10_000,
-  idleTotalMB: 120,
-  busyP99VsNginx: 2,
+  idleTotalMB: 60,
+  /** short connections of the churn test */
+  churnConns: 50_000,
+  /** RSS 15 s after them, at most this % of the baseline ("back within 10 %") */
+  churnSettledPct: 110,
+  /** duplex transfers of the starvation test */
+  starveTransfers: 200,
 };
 
 /** What one run measures and how long, from its command line. */
@@ -50,6 +57,12 @@ export interface Settings {
    * moves at full speed).
    */
   busy: BusyOptions;
+  /** New connections every 50 ms while duplex transfers run unthrottled (0 transfers: skip). */
+  starve: StarveOptions;
+  /** Short connections of the churn test, on a fresh instance of each subject (0: skip). */
+  churnConns: number;
+  /** Seconds of new connections counted with perf for syscalls per connection (0: skip). */
+  syscallSeconds: number;
 }
 
 /** Reads the command line; throws on an unknown flag. */
@@ -61,6 +74,10 @@ export function parseSettings(argv: string[]): Settings {
       idle: { type: "string" },
       busy: { type: "string", default: "200" },
       "busy-rate": { type: "string", default: "1m" },
+      starve: { type: "string", default: String(TARGETS.starveTransfers) },
+      "starve-seconds": { type: "string" },
+      churn: { type: "string" },
+      "syscall-seconds": { type: "string", default: "2" },
       modes: { type: "string", default: DEFAULT_COLUMNS.join(",") },
       duration: { type: "string" },
       rounds: { type: "string" },
@@ -85,5 +102,11 @@ export function parseSettings(argv: string[]): Settings {
       seconds: args.quick ? 3 : 5,
       concurrency: 4,
     },
+    starve: {
+      transfers: Number(args.starve),
+      seconds: Number(args["starve-seconds"] ?? (args.quick ? 4 : 10)),
+    },
+    churnConns: Number(args.churn ?? (args.quick ? 10_000 : TARGETS.churnConns)),
+    syscallSeconds: Number(args["syscall-seconds"]),
   };
 }

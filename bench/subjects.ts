@@ -5,7 +5,7 @@
  * @module
  */
 import { PEERS } from "./peers.ts";
-import { type Proxy, PROXY_MODES, startProxy } from "./proxy.ts";
+import { type Backends, type Proxy, PROXY_MODES, startProxy } from "./proxy.ts";
 
 /** Something in the path between the clients and nginx: a column other than direct. */
 export interface Subject {
@@ -16,7 +16,7 @@ export interface Subject {
   idle: boolean;
   /** Why it cannot run here, or null. */
   prepare(): Promise<string | null>;
-  start(dir: string, backendPort: number): Promise<Proxy>;
+  start(dir: string, backends: Backends): Promise<Proxy>;
 }
 
 /** Every subject, in table order: the proxy modes, then the peers. */
@@ -26,7 +26,7 @@ export const SUBJECTS: Subject[] = [
     peer: false,
     idle: (m.workers ?? 1) === 1,
     prepare: async () => (await m.prepare?.()) ?? null,
-    start: (dir: string, port: number) => startProxy(dir, port, m),
+    start: (dir: string, backends: Backends) => startProxy(dir, backends, m),
   })),
   ...PEERS.map((p) => ({
     name: p.name,

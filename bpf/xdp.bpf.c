@@ -16,7 +16,9 @@
  * extension headers (hop-by-hop, routing, destination options, fragment) are walked.
  * Counters are per CPU and per address family (struct sni_xdp_stats).
  *
- * Userspace (src/ebpf/xdp.ts) updates the maps in place on reload; the program is never replaced.
+ * Userspace (src/ebpf/xdp.ts) updates the maps in place on reload; at a restart the new
+ * instance swaps its own program (with its own maps) into the old one's BPF link
+ * (src/ebpf/xdp_handover.ts).
  * Plain uapi headers only (no CO-RE, no vmlinux.h).
  */
 #include <linux/bpf.h>

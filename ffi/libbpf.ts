@@ -11,3 +11,4 @@
 export * from "./libbpf/core.ts";
 export * from "./libbpf/object.ts";
 export * from "./libbpf/fd.ts";
+export * from "./libbpf/link.ts";

@@ -83,6 +83,7 @@ export const Errno = {
   EPIPE: 32,
   ENAMETOOLONG: 36,
   ENOSYS: 38,
+  ENOLINK: 67,
   EOPNOTSUPP: 95,
   ECONNRESET: 104,
   ETIMEDOUT: 110,

@@ -11,6 +11,7 @@ import {
   type ClientHelloErrorKind,
   ClientHelloParser,
 } from "../src/proto/clienthello.ts";
+import { sslv2ClientHello } from "./harness/hello.ts";
 
 const dir = new URL("./fixtures/hellos/", import.meta.url);
 
@@ -255,19 +256,124 @@ Deno.test("alert and application data records are 'not_handshake', also after a 
   assertKind(cat(first, [0x47, 0x45, 0x54]), "not_tls");
 });
 
-Deno.test("SSLv2 hellos are 'sslv2', HTTP and garbage 'not_tls', other handshakes 'not_client_hello'", () => {
-  // SSLv2 CLIENT-HELLO: 2-byte length with the high bit, msg type 1, version 3.1, ...
-  const v2 = new Uint8Array([0x80, 0x2e, 0x01, 0x03, 0x01, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10]);
-  assertKind(v2, "sslv2");
-  const p = new ClientHelloParser();
-  assert.equal(p.push(v2.subarray(0, 1)), null);
-  assert.equal(p.push(v2.subarray(1, 2)), null);
-  assert.throws(() => p.push(v2.subarray(2, 3)), (e) => (e as ClientHelloError).kind === "sslv2");
+Deno.test("HTTP and garbage are 'not_tls', other handshakes 'not_client_hello'", () => {
   assertKind(ascii("GET / HTTP/1.1\r\n\r\n"), "not_tls");
-  assertKind(new Uint8Array([0x80, 0x2e, 0x02, 0, 0]), "not_tls");
   assertKind(new Uint8Array([0]), "not_tls");
   // a server_hello (2) refused as soon as its type byte arrives
   assertKind(new Uint8Array([22, 3, 3, 0, 50, 2]), "not_client_hello");
+});
+
+// ---- SSLv2-compatible hellos (RFC 6101 E.1, RFC 5246 E.2) ----
+
+/** TLS suites as v2 cipher specs (0x00XXYY), and one SSL 2.0 kind (RC4_128_WITH_MD5). */
+const V2_SPECS = [[0, 0, 0x39], [0, 0, 0x2f], [0, 0, 0x35], [1, 0, 0x80], [0, 0, 0xff]];
+
+/** An SSLv2-format CLIENT-HELLO with {@linkcode V2_SPECS} and a 16-byte challenge by default. */
+function sslv2Hello(o: Parameters<typeof sslv2ClientHello>[0] = {}): Uint8Array {
+  return sslv2ClientHello({ specs: V2_SPECS, challenge: 16, ...o });
+}
+
+Deno.test("an SSLv2-compatible hello is a hello without a name: no ALPN, its bytes counted, in any split", () => {
+  const v2 = sslv2Hello();
+  assert.equal(v2.length, 2 + 9 + 15 + 16);
+  const expect: ClientHello = {
+    serverName: null,
+    alpn: [],
+    earlyData: false,
+    encryptedClientHello: false,
+    recordBytes: v2.length,
+  };
+  assert.deepEqual(outcome(v2), expect);
+  for (let cut = 1; cut < v2.length; cut++) {
+    const { hello, parser } = feed(v2, [cut]);
+    assert.deepEqual(hello, expect, `cut at ${cut}`);
+    assert.deepEqual(parser.data, v2);
+  }
+  const p = new ClientHelloParser();
+  for (let i = 0; i < v2.length - 1; i++) assert.equal(p.push(v2.subarray(i, i + 1)), null);
+  assert.deepEqual(p.push(v2.subarray(v2.length - 1)), expect);
+  // bytes after it are the client's next ones, not the hello's
+  const after = cat(v2, [0x16, 3, 1]);
+  assert.equal((outcome(after) as ClientHello).recordBytes, v2.length);
+  // SSL 2.0 itself, SSL 3.0 and every TLS version, session ids of 0 or 16, challenges 16 to 32
+  for (const version of [0x0002, 0x0300, 0x0301, 0x0302, 0x0303, 0x0304]) {
+    const hello = outcome(sslv2Hello({ version })) as ClientHello;
+    assert.equal(hello.serverName, null, `0x${version.toString(16)}`);
+  }
+  assert.equal(
+    (outcome(sslv2Hello({ sessionId: 16, challenge: 32 })) as ClientHello).recordBytes,
+    2 + 9 + 15 + 16 + 32,
+  );
+});
+
+Deno.test("an SSLv2-compatible hello's fingerprints: JA4 without SNI, extensions or ALPN; JA3 of its TLS suites", async () => {
+  const { createHash } = await import("node:crypto");
+  const p = new ClientHelloParser(16384, true);
+  const hello = p.push(sslv2Hello())!;
+  // the SSL 2.0 spec (0x010080) has no TLS number and is left out: 4 ciphers
+  const b = createHash("sha256").update("002f,0035,0039,00ff").digest("hex").slice(0, 12);
+  assert.equal(hello.fingerprints!.ja4, `t10i040000_${b}_000000000000`);
+  assert.equal(
+    hello.fingerprints!.ja3,
+    createHash("md5").update("769,57-47-53-255,,,").digest("hex"),
+  );
+  const s2 = new ClientHelloParser(16384, true).push(
+    sslv2Hello({ version: 0x0002, specs: [[1, 0, 0x80], [7, 0, 0xc0]] }),
+  )!;
+  assert.equal(s2.fingerprints!.ja4, "ts2i000000_000000000000_000000000000");
+});
+
+Deno.test("an SSLv2-format message that is no CLIENT-HELLO, or of an unknown version, is 'not_tls'", () => {
+  const v2 = sslv2Hello();
+  const other = v2.slice();
+  other[2] = 2;
+  assertKind(other, "not_tls");
+  // refused as soon as the type byte is in
+  const p = new ClientHelloParser();
+  assert.equal(p.push(other.subarray(0, 2)), null);
+  assert.throws(
+    () => p.push(other.subarray(2, 3)),
+    (e) => (e as ClientHelloError).kind === "not_tls",
+  );
+  assertKind(sslv2Hello({ version: 0x0305 }), "not_tls");
+  assertKind(sslv2Hello({ version: 0x0200 }), "not_tls");
+  assertKind(new Uint8Array([0x80, 0x2e, 0x02, 0, 0]), "not_tls");
+});
+
+Deno.test("an SSLv2-compatible hello with lengths RFC 6101 does not allow is 'bad_length'", () => {
+  assertKind(sslv2Hello({ specs: [] }), "bad_length");
+  assertKind(sslv2Hello({ specs: [[0, 0x2f]] }), "bad_length");
+  assertKind(sslv2Hello({ sessionId: 8 }), "bad_length");
+  assertKind(sslv2Hello({ sessionId: 32 }), "bad_length");
+  assertKind(sslv2Hello({ challenge: 15 }), "bad_length");
+  assertKind(sslv2Hello({ challenge: 33 }), "bad_length");
+  // the record length says one byte more, or one less, than the fields hold
+  for (const delta of [1, -1]) {
+    const v2 = sslv2Hello();
+    const n = ((v2[0] & 0x7f) << 8 | v2[1]) + delta;
+    v2[0] = 0x80 | (n >> 8);
+    v2[1] = n & 255;
+    assertKind(delta > 0 ? cat(v2, [0]) : v2.subarray(0, v2.length - 1), "bad_length");
+  }
+});
+
+Deno.test("an SSLv2-compatible hello cut short is 'truncated'; one over max_client_hello_bytes 'too_large'", () => {
+  const v2 = sslv2Hello();
+  for (const n of [1, 2, 3, 10, 11, v2.length - 1]) assertKind(v2.subarray(0, n), "truncated");
+  assertKind(v2, "too_large", v2.length - 1);
+  assert.equal((outcome(v2, v2.length) as ClientHello).recordBytes, v2.length);
+  // the largest a v2 length can say: 2^15-1 bytes after it (specs fill what the rest leaves)
+  const specs = Array.from({ length: (32767 - 9 - 16) / 3 }, (_, i) => [0, i >> 8, i & 255]);
+  const largest = sslv2Hello({ specs });
+  assert.deepEqual([...largest.subarray(0, 2)], [0xff, 0xff]);
+  assert.equal((outcome(largest, 32769) as ClientHello).recordBytes, 32769);
+  // refused by its first three bytes, long before the rest comes
+  const p = new ClientHelloParser();
+  assert.equal(p.push(largest.subarray(0, 2)), null);
+  assert.throws(
+    () => p.push(largest.subarray(2, 3)),
+    (e) => (e as ClientHelloError).kind === "too_large",
+  );
 });
 
 Deno.test("a record of length 0 or over 2^14 is 'bad_length'", () => {
@@ -510,13 +616,14 @@ function prng(seed: number) {
   };
 }
 
-Deno.test("random mutations of real hellos, fed in random pieces, only ever throw ClientHelloError", () => {
+Deno.test("random mutations of real hellos (and an SSLv2-compatible one), fed in random pieces, only ever throw ClientHelloError", () => {
   const seed = Number(Deno.env.get("FUZZ_SEED") ?? 20261125);
   const rand = prng(seed);
   const int = (n: number) => Math.floor(rand() * n);
   const kinds = new Map<string, number>();
+  const sources = [...fixtures.map((f) => f.bytes), sslv2Hello()];
   for (let round = 0; round < 4000; round++) {
-    const src = fixtures[round % fixtures.length].bytes;
+    const src = sources[round % sources.length];
     let b = src.slice();
     const edits = 1 + int(4);
     for (let e = 0; e < edits; e++) {

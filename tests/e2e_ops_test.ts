@@ -9,15 +9,18 @@ import {
   e2eTest,
   identityBackend,
   LineReader,
+  readAccessLog,
   readOutcome,
   ROOT,
   runCli,
   Scope,
   sleep,
+  type SpawnOptions,
   startProxy,
   tlsConnect,
   tlsFailure,
   unusedPort,
+  waitAccess,
   whoAnswers,
   within,
   writeAll,
@@ -566,18 +569,74 @@ for (const workers of [1, 2]) {
   );
 }
 
+/** The log's warning lines. */
+function warnings(output: string): string[] {
+  return output.split("\n").filter((l) => / \[WRN\] /.test(l));
+}
+
+/**
+ * Starts the bundled config (as `opts` say: e.g. as another user) and asserts what an operator
+ * sees: both listeners, the bytes relayed in kernel mode (splice(2) pipes, which need no
+ * privilege) on the ready line and in the access log, and the warnings: none as root, exactly
+ * one otherwise, the pinned DNS cache (a BPF map) giving way to an in-process one, with cause
+ * and fix.
+ */
+async function assertBundledStarts(s: Scope, opts: SpawnOptions, root: boolean): Promise<void> {
+  const bundled = await bundledConfig(s);
+  const proxy = await startProxy(s, bundled.config, opts);
+  const { tls, http } = bundled.ports;
+  assert.deepEqual(proxy.listeners.map((l) => [l.port, l.protocol]), [[tls, "tls"], [
+    http,
+    "http",
+  ]]);
+  assert.equal(proxy.ready.mode, "kernel", proxy.stderr());
+  await assertServesBundled(bundled);
+  // the bundled log section keeps its own paths, beside the config
+  const dir = proxy.configPath.slice(0, proxy.configPath.lastIndexOf("/"));
+  const log = { access: () => readAccessLog(`${dir}/logs/access.log`) };
+  const e = await waitAccess(log, (e) => e.sni === "localhost");
+  assert.equal(e.mode, "kernel");
+  assert.equal(e.close_reason, "done");
+  const warned = warnings(proxy.stderr());
+  if (root) {
+    assert.deepEqual(warned, [], proxy.stderr());
+    assert.match(proxy.stderr(), /DNS cache: (created and pinned|using the pinned map)/);
+  } else {
+    assert.equal(warned.length, 1, proxy.stderr());
+    assert.match(warned[0], /DNS cache: .*(not permitted|root's).*; using an in-process cache/);
+    assert.match(warned[0], /run as root|CAP_BPF/);
+    assert.match(warned[0], /or set ebpf\.dns_cache_enabled to false/);
+  }
+  assert.equal(await proxy.stop(), 0);
+}
+
 e2eTest(
-  "the bundled config.json: HTTP on its HTTP listener, TLS on its TLS listener",
-  async (s) => {
-    const bundled = await bundledConfig(s);
-    const proxy = await startProxy(s, bundled.config);
-    const { tls, http } = bundled.ports;
-    assert.deepEqual(proxy.listeners.map((l) => [l.port, l.protocol]), [[tls, "tls"], [
-      http,
-      "http",
-    ]]);
-    await assertServesBundled(bundled);
+  "the bundled config.json asks for kernel mode and the pinned DNS cache, and passes --check",
+  async () => {
+    const file = JSON.parse(await Deno.readTextFile(`${ROOT}config.json`));
+    assert.deepEqual(
+      [file.ebpf.enabled, file.ebpf.sockmap_enabled, file.ebpf.dns_cache_enabled],
+      [true, true, true],
+    );
+    const check = await runCli(["--check", "--config", `${ROOT}config.json`]);
+    assert.equal(check.code, 0, check.stderr);
+    assert.match(check.stdout, /config OK/);
   },
+);
+
+e2eTest(
+  "the bundled config.json: HTTP on its HTTP listener, TLS on its TLS listener, in kernel mode",
+  async (s) => await assertBundledStarts(s, {}, Deno.uid() === 0),
+);
+
+e2eTest(
+  "the bundled config.json without privilege (nobody): kernel mode, one warning (the DNS cache), and it serves",
+  async (s) =>
+    await assertBundledStarts(s, {
+      wrapper: ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],
+      uid: 65534,
+    }, false),
+  { ignore: Deno.uid() !== 0 },
 );
 
 e2eTest(

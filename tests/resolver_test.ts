@@ -460,6 +460,34 @@ Deno.test("resolver: when the pinned map cannot be opened, the in-process cache 
   }
 });
 
+Deno.test("resolver: a pin path outside /sys/fs/bpf gets no bpffs mounted over it; one warning says why", async () => {
+  const logs: string[] = [];
+  const dns = startFakeDns({ "outside.test": { a: ["10.0.10.2"], ttl: 60 } });
+  const dir = await Deno.makeTempDir();
+  const r = Resolver.open({
+    minTtlMs: 0,
+    maxTtlMs: 60_000,
+    negativeTtlMs: 300,
+    maxEntries: 32,
+    servers: [dns.server],
+    hostsFile: null,
+    pinned: { path: `${dir}/cache` },
+  }, (level, msg) => logs.push(`${level}: ${msg}`));
+  try {
+    assert.equal(r.cache.kind, "memory");
+    const warned = logs.filter((l) => l.startsWith("warning:"));
+    assert.equal(warned.length, 1, logs.join("\n"));
+    assert.match(warned[0], /is not on a bpf filesystem .*not under \/sys\/fs\/bpf/);
+    const mounts = await Deno.readTextFile("/proc/self/mounts");
+    assert.ok(!mounts.split("\n").some((l) => l.split(" ")[1] === dir), mounts);
+    assert.deepEqual(await r.resolve("outside.test"), ["10.0.10.2"]);
+  } finally {
+    r.close();
+    await dns.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("resolver: IP literals, hosts-file names and bad names ask no server", async () => {
   const hosts = await Deno.makeTempFile();
   await Deno.writeTextFile(

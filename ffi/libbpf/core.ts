@@ -78,6 +78,10 @@ const LIBBPF_SYMBOLS = {
   bpf_link_create: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
   bpf_xdp_query: { parameters: ["i32", "i32", "buffer"], result: "i32" },
   bpf_prog_get_fd_by_id: { parameters: ["u32"], result: "i32" },
+  bpf_map_get_fd_by_id: { parameters: ["u32"], result: "i32" },
+  bpf_link_get_fd_by_id: { parameters: ["u32"], result: "i32" },
+  bpf_link_get_next_id: { parameters: ["u32", "buffer"], result: "i32" },
+  bpf_link_update: { parameters: ["i32", "i32", "buffer"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 export type LibbpfSymbols = Deno.DynamicLibrary<typeof LIBBPF_SYMBOLS>["symbols"];

@@ -180,6 +180,15 @@ export class BpfMapFd implements Disposable {
     return new BpfMapFd(objGet(path), path);
   }
 
+  /**
+   * bpf_map_get_fd_by_id: open map `id` (e.g. one of a program's, see progMaps); needs
+   * CAP_SYS_ADMIN. @throws {BpfError} ENOENT when it is gone.
+   */
+  static openById(id: number): BpfMapFd {
+    const fd = check(libbpf().bpf_map_get_fd_by_id(id), `bpf_map_get_fd_by_id(${id})`);
+    return new BpfMapFd(fd, `map id ${id}`);
+  }
+
   /** The map fd. */
   get fd(): number {
     if (this.#fd < 0) throw new BpfError(`map ${this.name}`, 9, { detail: "map closed" });

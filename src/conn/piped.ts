@@ -26,6 +26,7 @@ import {
 import { EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLPRI, EPOLLRDHUP } from "../../ffi/socket.ts";
 import { type FdWatcher, socketOf, type SocketPair } from "../io/watch.ts";
 import type { TcpSocket } from "../io/tcp.ts";
+import { eventLoop } from "../io/loop.ts";
 import { type ByteRelay, IdleTimer, type RelayEnd } from "./relay.ts";
 import { logger } from "../ops/log.ts";
 
@@ -111,6 +112,9 @@ interface Direction {
    */
   spliced: boolean;
 }
+
+/** Reads (copies or splices into a pipe) one direction may do per round of the loop. */
+const FILLS_PER_ROUND = 8;
 
 /** What a direction's copies are read into (written on at once, synchronously). */
 const copyChunk = new Uint8Array(64 * 1024);
@@ -245,9 +249,20 @@ export class PipedRelay implements ByteRelay {
   /** A pipe could not be made (descriptors short): try the direction again shortly. */
   #pipeRetry: ReturnType<typeof setTimeout> | undefined;
 
-  /** Moves what can be moved now; returns at EAGAIN (an event resumes it), EOF or an error. */
+  /** A direction used up its share of a round: both are pumped again in the next one. */
+  #resumeQueued = false;
+  readonly #resume = () => {
+    this.#resumeQueued = false;
+    this.#pump(this.#upDir);
+    this.#pump(this.#downDir);
+  };
+
+  /**
+   * Moves what can be moved now, up to its share of the round; returns at EAGAIN (an event
+   * resumes it), EOF or an error.
+   */
   #pump(d: Direction): void {
-    while (this.#end === null && !d.done) {
+    for (let fills = 0; this.#end === null && !d.done;) {
       if (d.prefix || d.inPipe > 0) {
         if (!this.#deliver(d)) return;
         continue;
@@ -261,6 +276,14 @@ export class PipedRelay implements ByteRelay {
         shutdownWrite(d.dst);
         d.done = true;
         if (this.#upDir.done && this.#downDir.done) this.#finish("done", null);
+        return;
+      }
+      // a bulk transfer whose peers keep up would otherwise hold the loop
+      if (++fills > FILLS_PER_ROUND) {
+        if (!this.#resumeQueued) {
+          this.#resumeQueued = true;
+          eventLoop().later(this.#resume);
+        }
         return;
       }
       if (!this.#fill(d)) return;

@@ -10,6 +10,7 @@
 
 import { E } from "../../ffi/socket.ts";
 import { socketError, type TcpSocket } from "../io/tcp.ts";
+import { eventLoop } from "../io/loop.ts";
 
 /** Why a relay ended. */
 export type RelayEnd =
@@ -134,6 +135,11 @@ export class IdleTimer {
 /** The relays' one read buffer: a chunk is read into it and written on at once, synchronously. */
 const chunk = new Uint8Array(64 * 1024);
 const CHUNK_LEN = BigInt(chunk.length);
+/**
+ * Reads one direction may do per round of the loop (1 MiB): a bulk transfer whose peers keep up
+ * would otherwise hold the loop, and new connections would wait behind it.
+ */
+const READS_PER_ROUND = 16;
 
 /** One direction of a {@link Relay}. */
 class Direction {
@@ -172,6 +178,12 @@ export class Relay implements ByteRelay {
   #end: RelayEnd | null = null;
   #error: unknown = null;
   #resolve: ((end: RelayEnd) => void) | null = null;
+  /** A direction used up its share of a round: #move is called again in the next one. */
+  #resumeQueued = false;
+  readonly #resume = () => {
+    this.#resumeQueued = false;
+    this.#move();
+  };
 
   constructor(client: TcpSocket, backend: TcpSocket, idleMs: number) {
     this.#client = client;
@@ -219,9 +231,16 @@ export class Relay implements ByteRelay {
     this.#pump(this.#down);
   }
 
-  /** Moves what `d` can move now. */
+  /** Moves what `d` can move now, up to its share of the round. */
   #pump(d: Direction): void {
-    while (this.#end === null) {
+    for (let reads = 0; this.#end === null; reads++) {
+      if (reads === READS_PER_ROUND) {
+        if (!this.#resumeQueued) {
+          this.#resumeQueued = true;
+          eventLoop().later(this.#resume);
+        }
+        return;
+      }
       if (d.pending !== null) {
         if (!d.dst.writable) return;
         const w = d.dst.send(d.pending);
@@ -245,10 +264,15 @@ export class Relay implements ByteRelay {
       const n = d.src.recv(chunk, CHUNK_LEN);
       if (n > 0) {
         this.#forward(d, n);
-        // a short read after the peer's FIN took the last bytes: the EOF needs no read of its own
-        if (n < chunk.length && d.src.peerClosed) d.eof = true;
-      } else if (n === 0) d.eof = true;
-      else if (n !== -E.EAGAIN) this.#reset(d, true, -n);
+        // a short read after the peer's FIN took the last bytes: the EOF needs no read of its
+        // own (after a reset, epoll said error too: the next read reports it)
+        if (n < chunk.length && d.src.peerClosed && !d.src.failed) d.eof = true;
+      } else if (n === 0) {
+        // a socket reset after its FIN reads 0: its pending error tells them apart
+        const err = d.src.failed ? d.src.pendingError() : 0;
+        if (err) this.#reset(d, true, err);
+        else d.eof = true;
+      } else if (n !== -E.EAGAIN) this.#reset(d, true, -n);
     }
   }
 

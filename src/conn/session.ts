@@ -225,11 +225,14 @@ export class Session {
   async #readClient(buf: Uint8Array): Promise<number | null | Error> {
     const client = this.#client;
     for (;;) {
+      // a new connection's hello comes after the accept: wait for epoll rather than try a read
+      if (!client.readable && (await client.nextEvent()) === 0) {
+        return socketError("recv", E.EBADF);
+      }
       const n = client.recv(buf);
       if (n > 0) return n;
       if (n === 0) return null;
       if (n !== -E.EAGAIN) return socketError("recv", -n);
-      if ((await client.nextEvent()) === 0) return socketError("recv", E.EBADF);
     }
   }
 

@@ -16,20 +16,30 @@ import {
 import { Errno } from "../../ffi/libc.ts";
 import { formatIpv6, parseIpv4, parseIpv6 } from "../net/ip.ts";
 import { type EbpfLog, KernelAccelError } from "../ebpf/loader.ts";
+import { ensureBpffs } from "../ebpf/host.ts";
 import { type CacheStore, type DnsCacheEntry, MAX_ADDRS_PER_FAMILY } from "./store.ts";
 
 /**
- * The store of the map pinned at `path` (created and pinned when missing; the pin dir made,
- * and refused when another user owns it).
+ * The store of the map pinned at `path` (created and pinned when missing; bpffs mounted when no
+ * mount covers it; the pin dir made, and refused when another user owns it).
  * @throws {KernelAccelError} naming the cause and the fix.
  */
 export function openPinnedStore(path: string, maxEntries: number, log: EbpfLog): CacheStore {
   try {
     libbpf();
     const dir = path.slice(0, path.lastIndexOf("/")) || "/";
+    // a host where nothing mounted bpffs yet (pipe mode mounts nothing): mount it, as root can
+    ensureBpffs(dir, log, "set ebpf.dns_cache_enabled to false");
     Deno.mkdirSync(dir, { recursive: true });
     // /sys/fs/bpf is world-writable: do not share a dir another user prepared
     const owner = Deno.statSync(dir).uid;
+    if (owner === 0 && Deno.uid() !== 0) {
+      throw new KernelAccelError(
+        "not_root",
+        `the DNS cache pin dir ${dir} is root's and this process runs as uid ${Deno.uid()}`,
+        "run as root, or set ebpf.dns_cache_enabled to false",
+      );
+    }
     if (owner !== null && owner !== Deno.uid()) {
       throw new KernelAccelError(
         "pin_dir_foreign",

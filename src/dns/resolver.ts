@@ -17,6 +17,7 @@ import {
   normalizeDnsName,
 } from "./dnscache.ts";
 import { type NameServer, serversLookup } from "./client.ts";
+import { openPinnedStore } from "./pinned.ts";
 import { HostsFile, systemServers } from "./sysconf.ts";
 import { isIpAddress } from "../net/ip.ts";
 
@@ -122,7 +123,29 @@ function openCache(options: ResolverOptions, lookup: DnsLookup, log: DnsLog): Dn
     return DnsCache.open(options, lookup, log);
   } catch (e) {
     if (e instanceof RangeError || !options.pinned) throw e;
-    log("warning", `DNS cache: ${(e as Error).message}; using an in-process cache`);
+    warnFallback(e, log);
     return DnsCache.open({ ...options, pinned: null }, lookup, log);
+  }
+}
+
+function warnFallback(e: unknown, log: DnsLog): void {
+  log("warning", `DNS cache: ${(e as Error).message}; using an in-process cache`);
+}
+
+/**
+ * Whether the pinned cache at `path` can be used by this process (opened, or created when
+ * missing, then closed again); when not, logs the warning {@link Resolver.open} would and
+ * returns false. A supervisor asks once for all its workers, so that they fall back to
+ * in-process caches without one warning each.
+ * @throws {RangeError} on a bad `maxEntries`.
+ */
+export function pinnedCacheUsable(path: string, maxEntries: number, log: DnsLog): boolean {
+  try {
+    openPinnedStore(path, maxEntries, log).close();
+    return true;
+  } catch (e) {
+    if (e instanceof RangeError) throw e;
+    warnFallback(e, log);
+    return false;
   }
 }

@@ -11,6 +11,8 @@ import { PIN_LINK } from "./layout.ts";
 
 /** The proxy's cgroup dir under the cgroup2 mount (one kernel-mode proxy per machine holds it). */
 export const CGROUP_NAME = "sni-proxy";
+/** Where bpffs is mounted when no mount covers a pin dir. */
+const BPFFS_ROOT = "/sys/fs/bpf";
 /** Where cgroup2 is mounted when the host has no cgroup2 mount. */
 export const FALLBACK_CGROUP2_MOUNT = "/run/sni-proxy/cgroup2";
 
@@ -21,7 +23,10 @@ interface Mount {
 }
 
 async function readMounts(): Promise<Mount[]> {
-  const text = await Deno.readTextFile("/proc/self/mounts");
+  return parseMounts(await Deno.readTextFile("/proc/self/mounts"));
+}
+
+function parseMounts(text: string): Mount[] {
   return text.split("\n").filter(Boolean).map((line) => {
     const [source, target, type] = line.split(" ");
     // /proc/self/mounts escapes spaces etc. as octal
@@ -74,28 +79,47 @@ export async function ensureMounts(pinDir: string | null, log: EbpfLog): Promise
     }
   }
   if (pinDir !== null) {
-    const bpffsRoot = pinDir.split("/").slice(0, 4).join("/"); // /sys/fs/bpf
-    if (
-      !mounts.some((m) =>
-        m.type === "bpf" && (pinDir === m.target || pinDir.startsWith(m.target + "/"))
-      )
-    ) {
-      try {
-        mountFs("bpf", bpffsRoot);
-        log("info", `mounted bpffs at ${bpffsRoot}`);
-      } catch (e) {
-        throw new KernelAccelError(
-          "no_bpffs",
-          `${pinDir} is not on a bpf filesystem and mounting one at ${bpffsRoot} failed: ${
-            (e as Error).message
-          }`,
-          "mount bpffs (mount -t bpf bpf /sys/fs/bpf) or set the pin dir to a bpffs path",
-          { cause: e },
-        );
-      }
-    }
+    ensureBpffs(pinDir, log, "set the pin dir to a bpffs path", mounts);
   }
   return cgroupMount;
+}
+
+/**
+ * Makes sure `pinDir` is on a bpffs: when no bpf mount covers it and it is under /sys/fs/bpf,
+ * mounts one there (as bpftool does). Synchronous, for the pinned DNS cache's open.
+ * @param fix what else the operator can do, after "mount bpffs (...) or".
+ * @param mounts this process's mounts (default: read now from /proc/self/mounts).
+ * @throws {KernelAccelError} `no_bpffs` when the mount fails (not root: EPERM).
+ */
+export function ensureBpffs(
+  pinDir: string,
+  log: EbpfLog,
+  fix: string,
+  mounts: Mount[] = parseMounts(Deno.readTextFileSync("/proc/self/mounts")),
+): void {
+  const covered = mounts.some((m) =>
+    m.type === "bpf" && (pinDir === m.target || pinDir.startsWith(m.target + "/"))
+  );
+  if (covered) return;
+  // bpffs goes where the system mounts it, never over another directory
+  let why = `no bpffs is mounted over it and it is not under ${BPFFS_ROOT}`;
+  let cause: unknown;
+  if (pinDir === BPFFS_ROOT || pinDir.startsWith(`${BPFFS_ROOT}/`)) {
+    try {
+      mountFs("bpf", BPFFS_ROOT);
+      log("info", `mounted bpffs at ${BPFFS_ROOT}`);
+      return;
+    } catch (e) {
+      why = `mounting one at ${BPFFS_ROOT} failed: ${(e as Error).message}`;
+      cause = e;
+    }
+  }
+  throw new KernelAccelError(
+    "no_bpffs",
+    `${pinDir} is not on a bpf filesystem and ${why}`,
+    `mount bpffs (mount -t bpf bpf /sys/fs/bpf) or ${fix}`,
+    { cause },
+  );
 }
 
 /** Create the proxy's cgroup dir when missing; returns whether it was created. */

@@ -6,8 +6,11 @@
  * XdpFilter.open() loads the object, fills the deny/allow tries and the port set, and attaches
  * the program to every configured interface through a BPF link (BPF_LINK_CREATE). A link lives
  * as long as an fd refers to it, so the filter goes away with the process even on SIGKILL; it is
- * never pinned. update() rewrites the maps in place (the program stays attached): new entries
- * are added before removed ones are deleted, so there is no moment without filtering.
+ * never pinned. An interface where another sni-proxy instance's filter runs (a restart: the new
+ * process starts next to the old one) is taken over without a gap, its block set copied, and
+ * handed back should this instance stop first (src/ebpf/xdp_handover.ts). update() rewrites the
+ * maps in place (the program stays attached): new entries are added before removed ones are
+ * deleted, so there is no moment without filtering.
  * @module
  */
 
@@ -39,13 +42,13 @@ import {
 } from "./loader.ts";
 import {
   attachAll,
-  detachLink,
   resolveInterfaces,
   type XdpAttachment,
   type XdpLink,
   type XdpMode,
 } from "./xdp_attach.ts";
 import { type XdpBlock, XdpBlockMaps, type XdpBlockResult } from "./xdp_blockmaps.ts";
+import { release } from "./xdp_handover.ts";
 import {
   applyLists,
   checkCapacity,
@@ -125,7 +128,7 @@ export class XdpFilter {
     links: XdpLink[];
     log: XdpLog;
     maxEntries: number;
-    blockMax: number;
+    blocks: XdpBlockMaps;
     current: Wanted;
   }) {
     this.#obj = init.obj;
@@ -135,7 +138,7 @@ export class XdpFilter {
     this.#links = init.links;
     this.#log = init.log;
     this.#maxEntries = init.maxEntries;
-    this.#blocks = new XdpBlockMaps(init.obj, init.blockMax);
+    this.#blocks = init.blocks;
     this.#current = init.current;
   }
 
@@ -163,16 +166,34 @@ export class XdpFilter {
     const ifaces = resolveInterfaces(options.interfaces);
     const obj = await openBpfObject(XdpError, "xdp.bpf.o", "sni_xdp", "XDP", options.object, log);
     let links: XdpLink[];
+    let blocks: XdpBlockMaps;
     try {
       load(obj, maxEntries, blockMax, log);
       // Maps first, then attach: the program never runs with empty lists.
       fillLists(listMaps(obj), want);
-      links = attachAll(obj.program(XDP_PROGRAM).fd, ifaces, options.mode, log);
+      blocks = new XdpBlockMaps(obj, blockMax);
+      const adopt = (oldProgId: number) => {
+        let done;
+        try {
+          done = blocks.adopt(oldProgId);
+        } catch (e) {
+          log("warning", `XDP block set not carried over: ${(e as Error).message}`);
+          return;
+        }
+        const { adopted, full } = done;
+        if (adopted + full === 0) return;
+        log(
+          full ? "warning" : "info",
+          `XDP block set: ${adopted} blocked source(s) carried over from program id ${oldProgId}` +
+            (full ? `; ${full} left out, the block set is full` : ""),
+        );
+      };
+      links = attachAll(obj.program(XDP_PROGRAM).fd, ifaces, options.mode, log, adopt);
     } catch (e) {
       obj.close();
       throw e;
     }
-    const filter = new XdpFilter({ obj, links, log, maxEntries, blockMax, current: want });
+    const filter = new XdpFilter({ obj, links, log, maxEntries, blocks, current: want });
     log(
       "info",
       `XDP source filter attached to ${
@@ -273,19 +294,30 @@ export class XdpFilter {
     return this.#blocks.list();
   }
 
-  /** Detach from every interface and free the program and maps. Idempotent. */
+  /**
+   * Let go of every interface (detached there, unless a newer instance took it over or this
+   * one hands it back to the instance it took it over from) and free the program and maps.
+   * Idempotent.
+   */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
     this.#blocks.close();
-    for (const l of this.#links) detachLink(l, this.#log);
+    const progFd = this.#obj.program(XDP_PROGRAM).fd;
+    const outcomes = new Map<string, string[]>();
+    for (const l of this.#links) {
+      const outcome = release(l, progFd);
+      outcomes.set(outcome, [...outcomes.get(outcome) ?? [], l.attachment.interface]);
+    }
     this.#obj.close();
-    this.#log(
-      "info",
-      `XDP source filter detached from ${
-        this.#links.map((l) => l.attachment.interface).join(", ")
-      }`,
-    );
+    for (const [outcome, ifaces] of outcomes) {
+      this.#log(
+        "info",
+        outcome === "detached"
+          ? `XDP source filter detached from ${ifaces.join(", ")}`
+          : `XDP source filter on ${ifaces.join(", ")}: ${outcome}`,
+      );
+    }
   }
 }
 

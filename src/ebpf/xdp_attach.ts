@@ -1,6 +1,7 @@
 /**
  * Attaching the XDP program to network interfaces through BPF links (BPF_LINK_CREATE), native
- * mode with a fallback to generic, detaching them, and saying who holds an interface that is
+ * mode with a fallback to generic, or taking an interface over from another sni-proxy instance
+ * (src/ebpf/xdp_handover.ts); letting go of them, and saying who holds an interface that is
  * taken.
  * @module
  */
@@ -9,13 +10,13 @@ import {
   BpfAttachType,
   BpfError,
   linkCreate,
-  linkDetachFd,
   progInfoById,
   XdpFlags,
   xdpQuery,
 } from "../../ffi/libbpf.ts";
-import { closeFd, Errno, ifNameToIndex } from "../../ffi/libc.ts";
+import { Errno, ifNameToIndex } from "../../ffi/libc.ts";
 import { type EbpfLog, XdpError } from "./loader.ts";
+import { type Adopt, release, takeOver } from "./xdp_handover.ts";
 
 /**
  * Where the program runs: `native` in the driver (fastest; the driver must support XDP),
@@ -33,10 +34,12 @@ export interface XdpAttachment {
   programId: number;
 }
 
-/** The BPF link of the program on one interface (it lives while `fd` is open). */
+/** The BPF link of the program on one interface (it lives while an fd of it is open). */
 export interface XdpLink {
   fd: number;
   attachment: XdpAttachment;
+  /** The id of the program this link ran before it was taken over from another instance. */
+  predecessor?: number;
 }
 
 /** An interface by name and index. */
@@ -65,35 +68,37 @@ export function resolveInterfaces(names: string[]): Interface[] {
 }
 
 /**
- * Attaches program `progFd` to every interface, in order.
- * @throws {XdpError} for the first that fails; the links made before it are detached then.
+ * Attaches program `progFd` to every interface, in order: takes an interface over from another
+ * sni-proxy instance that runs there (after `adopt` of its program), else attaches anew in
+ * `mode`.
+ * @throws {XdpError} for the first that fails; the interfaces done before it are let go then.
  */
 export function attachAll(
   progFd: number,
   ifaces: Interface[],
   mode: XdpMode,
   log: EbpfLog,
+  adopt: Adopt,
 ): XdpLink[] {
   const links: XdpLink[] = [];
   try {
-    for (const { name, ifindex } of ifaces) links.push(attach(progFd, name, ifindex, mode, log));
+    for (const iface of ifaces) {
+      const taken = takeOver(progFd, iface, log, adopt);
+      if (taken && mode !== "auto" && taken.attachment.mode !== mode) {
+        log(
+          "warning",
+          `XDP on ${iface.name} stays in ${taken.attachment.mode} mode, as the instance it was ` +
+            `taken over from attached it; ${mode} mode applies at a start with no sni-proxy ` +
+            `filter on the interface`,
+        );
+      }
+      links.push(taken ?? attach(progFd, iface.name, iface.ifindex, mode, log));
+    }
   } catch (e) {
-    for (const l of links) detachLink(l, log);
+    for (const l of links) log("debug", `XDP on ${l.attachment.interface}: ${release(l, progFd)}`);
     throw e;
   }
   return links;
-}
-
-/** Detaches a link and closes its fd; a link gone with its interface is only logged (debug). */
-export function detachLink(link: XdpLink, log: EbpfLog): void {
-  const ifname = link.attachment.interface;
-  try {
-    linkDetachFd(link.fd, `XDP link on ${ifname}`);
-  } catch (e) {
-    // ENOLINK/EINVAL when the interface went away (the link was detached with it)
-    log("debug", `XDP detach from ${ifname}: ${(e as Error).message}`);
-  }
-  closeFd(link.fd);
 }
 
 /** Attaches in `mode`; `auto` tries native and falls back to generic (logged) when unsupported. */

@@ -1,12 +1,14 @@
 /**
  * The XDP filter's temporary block set (`blocked_v4` / `blocked_v6` of bpf/xdp.bpf.c): sources
  * whose TCP to the listening ports is dropped until an expiry. The policy that decides who is
- * blocked is src/ebpf/xdpblock.ts; this module only keeps the maps.
+ * blocked is src/ebpf/xdpblock.ts; this module only keeps the maps, and at a restart copies the
+ * previous instance's entries in (adopt).
  * @module
  */
 
-import type { BpfMap, BpfObject } from "../../ffi/libbpf.ts";
+import { type BpfMap, BpfMapFd, type BpfObject, progMaps, withProgById } from "../../ffi/libbpf.ts";
 import { monotonicNs } from "../../ffi/libc.ts";
+import { formatIpv6 } from "../net/ip.ts";
 import { type Cidr, parseCidr } from "../route/acl.ts";
 import { decodeXdpBlock, encodeXdpBlock, lpmKey, XDP_BLOCK, XDP_BLOCK_MAPS } from "./layout.ts";
 import { XdpError } from "./loader.ts";
@@ -31,6 +33,8 @@ export class XdpBlockMaps {
   readonly #buf = new Uint8Array(XDP_BLOCK.size);
   /** The entries of blocked_v4/blocked_v6, by source text. */
   readonly #blocked = new Map<string, { v6: boolean; key: Uint8Array; expiresNs: bigint }>();
+  /** The programs whose block sets were copied in already. */
+  readonly #adopted = new Set<number>();
   #closed = false;
 
   constructor(obj: BpfObject, capacity: number) {
@@ -112,6 +116,59 @@ export class XdpBlockMaps {
       });
     }
     return out;
+  }
+
+  /**
+   * Copies the unexpired entries of the block set of program `progId` (another instance's
+   * filter, about to be taken over) into this one, with their expiry and hits; once per
+   * program. `full`: entries left out because this set reached its capacity. A program that is
+   * gone, or has no such maps, gives nothing.
+   */
+  adopt(progId: number): { adopted: number; full: number } {
+    const done = { adopted: 0, full: 0 };
+    if (this.#closed || this.#adopted.has(progId)) return done;
+    this.#adopted.add(progId);
+    let mapIds: number[];
+    try {
+      mapIds = withProgById(progId, (fd) => progMaps(fd).mapIds);
+    } catch {
+      return done;
+    }
+    for (const id of mapIds) {
+      let old: BpfMapFd;
+      try {
+        old = BpfMapFd.openById(id);
+      } catch {
+        continue;
+      }
+      try {
+        const v6 = old.info.name === XDP_BLOCK_MAPS.v6;
+        if (!v6 && old.info.name !== XDP_BLOCK_MAPS.v4) continue;
+        if (old.info.keySize !== (v6 ? 16 : 4) || old.info.valueSize !== XDP_BLOCK.size) continue;
+        this.#copyFrom(old, v6, done);
+      } finally {
+        old.close();
+      }
+    }
+    return done;
+  }
+
+  #copyFrom(old: BpfMapFd, v6: boolean, done: { adopted: number; full: number }): void {
+    const now = monotonicNs();
+    const value = new Uint8Array(XDP_BLOCK.size);
+    for (const key of old.keys()) {
+      if (!old.lookup(key, value)) continue;
+      const { expiresNs } = decodeXdpBlock(value);
+      const source = v6 ? formatIpv6(key) : key.join(".");
+      if (expiresNs <= now || this.#blocked.has(source)) continue;
+      if (this.#blocked.size >= this.capacity) {
+        done.full++;
+        continue;
+      }
+      this.#maps[v6 ? "v6" : "v4"].update(key, value);
+      this.#blocked.set(source, { v6, key, expiresNs });
+      done.adopted++;
+    }
   }
 
   /** The maps are about to be freed with their object: from now on nothing touches them. */

@@ -71,6 +71,8 @@ export class SourceBlocker implements OffenceSink {
   constructor(set: BlockSet, settings: XdpBlockConfig) {
     this.#set = set;
     this.#settings = settings;
+    // blocks already in the set: carried over from the instance this one took XDP over from
+    for (const b of set.blocked()) this.#blocked.add(b.source);
     this.#sweeper = setInterval(() => this.sweep(), Math.min(SWEEP_MS, settings.blockMs));
     Deno.unrefTimer(this.#sweeper);
   }

@@ -70,6 +70,8 @@ export class EventLoop {
   #running = false;
   #closed = false;
   #count = 0;
+  /** Work handed to the next round (a relay that used up its share of this one). */
+  #later: (() => void)[] = [];
   readonly stats: LoopStats = { polls: 0, waits: 0, events: 0 };
 
   /** `onError`: told about a handler that threw (the loop goes on). */
@@ -124,6 +126,15 @@ export class EventLoop {
     if (unwatch) this.#ctl_(EPOLL_CTL_DEL, fd, 0, 0, 0);
   }
 
+  /**
+   * Calls `work` in the next round, before the loop waits: a handler that stops before EAGAIN
+   * (its share of a round used up, so that one busy connection cannot hold the others back)
+   * gets no new edge-triggered event, so it asks to be called again.
+   */
+  later(work: () => void): void {
+    this.#later.push(work);
+  }
+
   /** Stops the loop (after the current round); watched fds stay open. */
   close(): void {
     if (this.#closed) return;
@@ -156,25 +167,40 @@ export class EventLoop {
         if (busy < BUSY_ROUNDS) {
           this.stats.polls++;
           const n = s.epoll_wait(this.#epfd, this.#events, MAX_EVENTS, 0);
-          if (n > 0) {
+          if (n > 0 || this.#later.length > 0) {
             busy++;
-            this.#dispatch(this.#eventsView, n);
+            if (n > 0) this.#dispatch(this.#eventsView, n);
+            this.#runLater();
             // sessions awaiting a socket run now (microtasks), before the next poll
             await undefined;
             continue;
           }
         }
         this.stats.waits++;
-        const timeout = busy >= BUSY_ROUNDS ? 0 : IDLE_WAIT_MS;
+        const timeout = busy >= BUSY_ROUNDS || this.#later.length > 0 ? 0 : IDLE_WAIT_MS;
         busy = 0;
         const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
         if (n > 0) this.#dispatch(this.#offEventsView, n);
+        this.#runLater();
       }
     } finally {
       this.#running = false;
       if (this.#closed) {
         closeFd(this.#wakeFd);
         closeFd(this.#epfd);
+      }
+    }
+  }
+
+  #runLater(): void {
+    if (this.#later.length === 0) return;
+    const work = this.#later;
+    this.#later = [];
+    for (const w of work) {
+      try {
+        w();
+      } catch (e) {
+        this.#onError(e);
       }
     }
   }

@@ -98,6 +98,8 @@ export class TcpSocket implements IoHandler {
   peerClosed = false;
   /** Urgent data arrived (EPOLLPRI). */
   urgent = false;
+  /** epoll reported an error or a hang-up (a failed connect, a reset). */
+  failed = false;
   #handler: ((events: number) => void) | null = null;
   #waiter: ((events: number) => void) | null = null;
   #closed = false;
@@ -125,6 +127,7 @@ export class TcpSocket implements IoHandler {
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) this.writable = true;
     if (events & (EPOLLRDHUP | EPOLLHUP)) this.peerClosed = true;
     if (events & EPOLLPRI) this.urgent = true;
+    if (events & (EPOLLERR | EPOLLHUP)) this.failed = true;
     if (this.#handler) this.#handler(events);
     else if (this.#waiter) {
       const w = this.#waiter;
@@ -251,12 +254,11 @@ export function connectTcp(loop: EventLoop, hostname: string, port: number): Tcp
 export async function connected(sock: TcpSocket): Promise<void> {
   for (;;) {
     if (sock.closed) throw socketError("connect", E.ECONNABORTED);
-    if (sock.writable || sock.readable) {
-      const err = sock.pendingError();
-      if (err) {
-        throw socketError(`connect ${sock.remoteAddr.hostname}:${sock.remoteAddr.port}`, err);
-      }
-      if (sock.writable) return;
+    // room to write without an error: connected (no getsockopt needed)
+    if (sock.writable && !sock.failed) return;
+    if (sock.failed) {
+      const err = sock.pendingError() || E.ECONNREFUSED;
+      throw socketError(`connect ${sock.remoteAddr.hostname}:${sock.remoteAddr.port}`, err);
     }
     await sock.nextEvent();
   }

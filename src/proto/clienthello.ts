@@ -1,10 +1,11 @@
 /**
  * Incremental TLS ClientHello parser: takes bytes in any split (one at a time included),
  * reassembles a handshake message spread over several records and TCP segments, and returns the
- * server name, ALPN list and the presence of early_data and encrypted_client_hello. Every
- * malformed, truncated, oversized or non-TLS input ends in a {@link ClientHelloError}; no other
- * exception escapes. {@link parseClientHelloMessage} parses a whole handshake message without
- * records, as QUIC carries it (src/proto/quic.ts).
+ * server name, ALPN list and the presence of early_data and encrypted_client_hello. An
+ * SSLv2-compatible hello (src/proto/sslv2.ts) is a hello without a name. Every malformed,
+ * truncated, oversized or non-TLS input ends in a {@link ClientHelloError}; no other exception
+ * escapes. {@link parseClientHelloMessage} parses a whole handshake message without records, as
+ * QUIC carries it (src/proto/quic.ts).
  *
  * Cost: bytes are copied once into one growing buffer (doubling); a record is looked at only
  * when its header, and then its whole payload, is there, so feeding one byte at a time is linear.
@@ -12,58 +13,12 @@
  *
  * @module
  */
-import { type Fingerprints, fingerprints, type HelloTransport } from "./fingerprint.ts";
+import { fingerprints, type HelloTransport } from "./fingerprint.ts";
 import { HeadParser } from "./headparser.ts";
+import { type ClientHello, ClientHelloError, type ClientHelloErrorKind } from "./hello.ts";
+import { isSslv2Start, parseSslv2Hello } from "./sslv2.ts";
 
-/** What was wrong with the bytes. */
-export type ClientHelloErrorKind =
-  /** First byte not a TLS record type we accept / garbage. */
-  | "not_tls"
-  /** SSLv2-format hello. */
-  | "sslv2"
-  /** A record that is not a handshake record (alert, application data...) before the hello is done. */
-  | "not_handshake"
-  /** The handshake message is not a client_hello. */
-  | "not_client_hello"
-  /** A length field is inconsistent with its container, or a record length is 0 or over 2^14. */
-  | "bad_length"
-  /** Malformed extension block, SNI or ALPN list structure. */
-  | "bad_extension"
-  /** Empty or illegal server name, or no host_name entry in the SNI list. */
-  | "bad_server_name"
-  /** More than maxBytes would be needed to complete the hello. */
-  | "too_large"
-  /** end() (peer EOF) before the hello was complete. */
-  | "truncated";
-
-/** A hello the proxy cannot route; `kind` says why, the message names the cause. */
-export class ClientHelloError extends Error {
-  readonly kind: ClientHelloErrorKind;
-  constructor(kind: ClientHelloErrorKind, message: string) {
-    super(message);
-    this.name = "ClientHelloError";
-    this.kind = kind;
-  }
-}
-
-/** What the proxy needs from a ClientHello. */
-export interface ClientHello {
-  /** SNI host_name, lower-cased, trailing dot removed; null when absent. With ECH, the outer name. */
-  serverName: string | null;
-  /** ALPN protocol names in client order ([] when absent). */
-  alpn: string[];
-  /** The early_data (42) extension is present: the client may send 0-RTT data next. */
-  earlyData: boolean;
-  /** The encrypted_client_hello (0xfe0d) extension is present. */
-  encryptedClientHello: boolean;
-  /**
-   * Bytes of the TLS records that carried the hello, record headers included. Bytes pushed
-   * beyond this are application data the client sent early. Over QUIC: the handshake message's.
-   */
-  recordBytes: number;
-  /** JA4 and JA3, when the parser was asked for them. */
-  fingerprints?: Fingerprints;
-}
+export { type ClientHello, ClientHelloError, type ClientHelloErrorKind } from "./hello.ts";
 
 const RECORD_HEADER = 5;
 /** TLSPlaintext.length must not exceed 2^14 (RFC 8446 5.1). */
@@ -122,6 +77,10 @@ export class ClientHelloParser extends HeadParser<ClientHello> {
   /** Consumes every complete record; sets `result` when the hello is complete. */
   protected advance(): void {
     const b = this.buf;
+    if (isSslv2Start(b, this.len)) {
+      this.result = parseSslv2Hello(b, this.len, this.maxBytes, this.#fingerprint);
+      return;
+    }
     for (;;) {
       const off = this.#recordOff;
       const avail = this.len - off;
@@ -177,12 +136,6 @@ export class ClientHelloParser extends HeadParser<ClientHello> {
         throw new ClientHelloError("not_tls", `record version 3.${b[off + 2]} unknown`);
       }
       return;
-    }
-    if (off === 0 && type & 0x80) {
-      // SSLv2: 2-byte length with the high bit set, then message type 1 (client hello)
-      if (avail < 3) return;
-      if (b[2] === 1) throw new ClientHelloError("sslv2", "SSLv2-format ClientHello");
-      throw new ClientHelloError("not_tls", `not TLS (first byte 0x${hex(type)})`);
     }
     const known = type === CT_ALERT || type === CT_APPLICATION_DATA ||
       type === CT_CHANGE_CIPHER_SPEC || type === CT_HEARTBEAT;

@@ -151,6 +151,27 @@ export function fingerprints(
   return { ja4: `${a}_${b}_${c}`, ja3 };
 }
 
+/**
+ * The fingerprints of an SSLv2-format hello (src/proto/sslv2.ts) with `version` and the 3-byte
+ * cipher specs `specs`. It has no extensions: JA4 `t{version}i{ciphers}0000` (`s2` for SSL 2.0
+ * itself, as JA4 names it) with `c` all zeros, JA3 `version,ciphers,,,`. Only the specs that
+ * stand for a TLS cipher suite (first byte 0, RFC 5246 E.2) count as ciphers: the SSL 2.0 kinds
+ * have no TLS number.
+ */
+export function sslv2Fingerprints(version: number, specs: Uint8Array): Fingerprints {
+  const ciphers: number[] = [];
+  for (let i = 0; i + 2 < specs.length; i += 3) {
+    const suite = (specs[i + 1] << 8) | specs[i + 2];
+    if (specs[i] === 0 && !isGrease(suite)) ciphers.push(suite);
+  }
+  const a = `t${VERSIONS[version] ?? "00"}i${count2(ciphers.length)}0000`;
+  const b = ciphers.length
+    ? hash12([...ciphers].sort((x, y) => x - y).map(hex4).join(","))
+    : "000000000000";
+  const ja3 = createHash("md5").update(`${version},${ciphers.join("-")},,,`).digest("hex");
+  return { ja4: `${a}_${b}_000000000000`, ja3 };
+}
+
 /** Compiled fingerprint patterns: each matches a JA4 or a JA3 string, `*` any run of characters. */
 export interface FingerprintPatterns {
   /** The patterns as written in the config. */

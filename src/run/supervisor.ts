@@ -23,7 +23,8 @@ import { warnIfListened } from "../conn/listener.ts";
 import { logger, writeForwarded } from "../ops/log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "../ops/metrics.ts";
 import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
-import { flattenXdp, kernelMode, openKernel, openXdpBlocking } from "./accel.ts";
+import { ebpfLog, flattenXdp, kernelMode, openKernel, openXdpBlocking } from "./accel.ts";
+import { DEFAULT_DNS_PIN_PATH, pinnedCacheUsable } from "../dns/resolver.ts";
 import type { XdpFilter } from "../ebpf/xdp.ts";
 import { SourceBlocker } from "../ebpf/xdpblock.ts";
 import { countOffences, type OffenceLine } from "./offences.ts";
@@ -43,6 +44,16 @@ const RESTART_MIN_MS = 100;
 const RESTART_MAX_MS = 10_000;
 /** A worker that lived this long resets the back-off. */
 const STABLE_MS = 10_000;
+
+/**
+ * Whether the workers can use the pinned DNS cache the config asks for (undefined: it does not
+ * ask): found out once here, so that where it cannot be had there is one warning, not one per
+ * worker. Where it can, the pin exists before the workers open it.
+ */
+function pinnedDnsUsable(config: Config): boolean | undefined {
+  if (!config.ebpf.enabled || !config.ebpf.dnsCacheEnabled) return undefined;
+  return pinnedCacheUsable(DEFAULT_DNS_PIN_PATH, config.dns.cacheEntries, ebpfLog("dns"));
+}
 
 /** The command that runs this program again: the compiled binary, or deno run of main.ts. */
 function selfCommand(configPath: string): { cmd: string; args: string[] } {
@@ -222,7 +233,12 @@ export class Supervisor implements AdminTarget {
     // before the workers: they inherit this process's cgroup, where the sock_ops program sees
     // their sockets
     const kernel = kernelMode(config) === "sockmap" ? await openKernel(config) : null;
-    const sup = new Supervisor(config, { count: config.workers, kernel: !!kernel, ports }, kernel);
+    const sup = new Supervisor(config, {
+      count: config.workers,
+      kernel: !!kernel,
+      ports,
+      pinnedDns: pinnedDnsUsable(config),
+    }, kernel);
     try {
       await Promise.all(sup.#workers.map((_, i) => sup.#spawn(i)));
     } catch (e) {

@@ -24,6 +24,11 @@ export const WORKER_ENV = "SNI_PROXY_WORKER";
 export interface WorkerSpec extends WorkerRole {
   /** The listeners' ports as the supervisor resolved them (a config port 0 gets a real one). */
   ports: number[];
+  /**
+   * false: the config asks for the pinned DNS cache but the supervisor found it unusable here
+   * (and said so once): use an in-process cache without trying. Absent: as the config says.
+   */
+  pinnedDns?: boolean;
 }
 
 /** This process's worker spec, or null when it was not started as a worker. */
@@ -37,14 +42,16 @@ export function workerSpec(): WorkerSpec | null {
 }
 
 /**
- * A worker's config: the supervisor's ports, and its share of limits.max_connections and of the
- * per-source limits (the kernel spreads one source's connections over the workers).
+ * A worker's config: the supervisor's ports, its share of limits.max_connections and of the
+ * per-source limits (the kernel spreads one source's connections over the workers), and no
+ * pinned DNS cache where the supervisor found none usable.
  */
 export function workerConfig(config: Config, spec: WorkerSpec): Config {
   const share = (n: number) => Math.ceil(n / spec.count);
   const perSource = config.limits.perSource;
   return {
     ...config,
+    ebpf: spec.pinnedDns === false ? { ...config.ebpf, dnsCacheEnabled: false } : config.ebpf,
     listeners: config.listeners.map((l, i) => withPort(l, spec.ports[i] ?? l.port)),
     limits: {
       ...config.limits,

@@ -108,3 +108,69 @@ export async function rawSpliced(
   }
   return { conn, helloBytes: hello.length };
 }
+
+/**
+ * The cipher specs OpenSSL 0.9.8's SSLv23 client offered in its v2-format hello: TLS suites as
+ * 0x00XXYY, and SSL 2.0 kinds (0x010080 RC4_128_WITH_MD5, 0x0700c0 DES_192_EDE3_CBC_WITH_MD5...).
+ */
+export const OPENSSL_098_V2_SPECS: readonly (readonly number[])[] = [
+  [0, 0, 0x39],
+  [0, 0, 0x38],
+  [0, 0, 0x35],
+  [0, 0, 0x16],
+  [0, 0, 0x13],
+  [0, 0, 0x0a],
+  [7, 0, 0xc0],
+  [0, 0, 0x33],
+  [0, 0, 0x32],
+  [0, 0, 0x2f],
+  [3, 0, 0x80],
+  [0, 0, 0x05],
+  [0, 0, 0x04],
+  [1, 0, 0x80],
+  [0, 0, 0x15],
+  [0, 0, 0x12],
+  [0, 0, 0x09],
+  [6, 0, 0x40],
+  [0, 0, 0x14],
+  [0, 0, 0x11],
+  [0, 0, 0x08],
+  [0, 0, 0x06],
+  [4, 0, 0x80],
+  [0, 0, 0x03],
+  [2, 0, 0x80],
+  [0, 0, 0xff],
+];
+
+/**
+ * An SSLv2-compatible CLIENT-HELLO (RFC 6101 Appendix E.1, RFC 5246 Appendix E.2): a 2-byte
+ * length with the high bit set, msg_type 1, `version`, the lengths of the cipher specs, session
+ * id and challenge, then those. Built byte by byte (no client here sends one any more); the
+ * defaults are what OpenSSL 0.9.8 sent: TLS 1.0, its cipher specs, no session id, a 32-byte
+ * challenge.
+ */
+export function sslv2ClientHello(
+  o: {
+    version?: number;
+    specs?: readonly (readonly number[])[];
+    sessionId?: number;
+    challenge?: number;
+  } = {},
+): Uint8Array {
+  const specs = (o.specs ?? OPENSSL_098_V2_SPECS).flat();
+  const sid = new Array(o.sessionId ?? 0).fill(7);
+  const challenge = Array.from({ length: o.challenge ?? 32 }, (_, i) => (i * 37 + 11) & 255);
+  const version = o.version ?? 0x0301;
+  const u16 = (n: number) => [n >> 8, n & 255];
+  const msg = [
+    1,
+    ...u16(version),
+    ...u16(specs.length),
+    ...u16(sid.length),
+    ...u16(challenge.length),
+    ...specs,
+    ...sid,
+    ...challenge,
+  ];
+  return new Uint8Array([0x80 | (msg.length >> 8), msg.length & 255, ...msg]);
+}
