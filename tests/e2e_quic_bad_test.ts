@@ -248,3 +248,34 @@ e2eTest(
   },
   { ignore: !tools, timeoutMs: 30_000 },
 );
+
+e2eTest(
+  "QUIC bad input: 3000 random and mutated datagrams leave the proxy serving, within its bounds",
+  async (s) => {
+    const proxy = await proxyWithBackend(s, { quic: { max_pending_flows: 32 } });
+    const port = proxy.port();
+    const socks = Array.from({ length: 20 }, (_, i) => sender(s, `127.0.0.${20 + i}`));
+    const good = initial(cryptoFrame(0, hello), 9);
+    let sent = 0;
+    for (let i = 0; i < 3000; i++) {
+      let d: Uint8Array;
+      if (i % 3 === 0) {
+        d = crypto.getRandomValues(new Uint8Array(Math.floor(Math.random() * 1500)));
+      } else {
+        // a real Initial with a few bytes changed, or cut
+        d = good.slice(0, i % 5 === 0 ? Math.floor(Math.random() * good.length) : good.length);
+        for (let k = 0; k < 3; k++) d[Math.floor(Math.random() * d.length)] ^= 1 + (i & 0x7f);
+      }
+      await send(socks[i % socks.length], port, d);
+      sent++;
+    }
+    const m = await metricsUntil(proxy, (m) => {
+      const drops = m.split("\n").filter((l) => l.startsWith("sni_proxy_quic_dropped_total{"))
+        .reduce((n, l) => n + Number(l.split(" ")[1]), 0);
+      return drops >= sent * 0.9;
+    }, 10_000);
+    assert.ok(sample(m, "sni_proxy_quic_flows_active") <= 32 + 20, m);
+    await stillServes(proxy);
+  },
+  { ignore: !tools, timeoutMs: 60_000 },
+);
