@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build sni-proxy.
 #   ./build.sh           build the eBPF objects (every bpf/*.bpf.c); same as `./build.sh bpf`
-#   ./build.sh binary    build the binary ./sni-proxy (deno compile; embeds bpf/sockmap.bpf.o)
+#   ./build.sh binary    build the binary ./sni-proxy (deno compile; embeds the bpf/*.bpf.o)
 #   ./build.sh all       both
 #   ./build.sh --check   check the toolchain (clang, BPF target, libbpf headers); exit 0 or 1
 # Environment: CLANG (default clang), DENO (default deno, then .tools/node_modules/.bin/deno),
@@ -107,13 +107,13 @@ verify_binary() {
 compile_binary() {
 	local deno log out=.sni-proxy.build
 	deno="$(find_deno)"
-	[ -f "$BPF_OBJ" ] && [ -f bpf/xdp.bpf.o ] || build_bpf
+	[ -f "$BPF_OBJ" ] && [ -f bpf/xdp.bpf.o ] && [ -f bpf/quic.bpf.o ] || build_bpf
 	check_denort_bin
 	# deno compile reads DENORT_BIN from the environment; an empty value would be taken as a path
 	[ -n "${DENORT_BIN:-}" ] || unset DENORT_BIN
 	log="$(mktemp)"
 	rm -f "$out"
-	if ! "$deno" compile -A --unstable-net --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" --include bpf/xdp.bpf.o -o "$out" main.ts 2>&1 |
+	if ! "$deno" compile -A --unstable-net --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" --include bpf/xdp.bpf.o --include bpf/quic.bpf.o -o "$out" main.ts 2>&1 |
 		tee "$log"; then
 		if grep -qiE 'denort|download|fetch|network|dns|connect' "$log"; then
 			echo "build.sh: deno compile could not fetch the denort runtime; download denort" \

@@ -361,7 +361,8 @@ Deno.test("every config field that a message or the README names exists", async 
     }
   };
   await readTree(`${root}src`);
-  const sections = "workers|listeners|routes|tables|timeouts|limits|acl|log|dns|metrics|admin|ebpf";
+  const sections =
+    "workers|listeners|routes|tables|timeouts|limits|quic|acl|log|dns|metrics|admin|ebpf";
   // inside string literals or `code` spans only: code such as config.dns.servers is not a name
   const literal = /"[^"\n]*"|'[^'\n]*'|`[^`\n]*`/g;
   const path = new RegExp(`(?<![\\w.$/-])(${sections})((?:\\[\\d*\\])?\\.[a-z_]+)+`, "g");
@@ -656,4 +657,81 @@ Deno.test("ebpf.xdp.block: defaults, and no warning with several workers (they r
       ),
     /ebpf\.xdp\.block\.after/,
   );
+});
+
+Deno.test("quic: a QUIC listener beside a TLS one on the same address; the quic section's defaults and errors", () => {
+  const c = resolveConfig({
+    ...base,
+    listeners: [{ address: "0.0.0.0:443" }, { address: "0.0.0.0:443", protocol: "quic" }],
+  }, "/c.json");
+  assert.equal(c.listeners[1].protocol, "quic");
+  assert.equal(c.listeners[1].port, 443);
+  assert.deepEqual(c.quic, {
+    idleMs: 30000,
+    maxFlows: 10000,
+    maxFlowsPerSource: null,
+    maxPendingFlows: 1024,
+    maxPendingDatagrams: 16,
+    maxPendingBytes: 65536,
+  });
+  assert.deepEqual(c.warnings, []);
+  const set = resolveConfig({
+    ...base,
+    quic: { idle_ms: 5000, max_flows_per_source: 8, max_pending_datagrams: 4 },
+  }, "/c.json").quic;
+  assert.equal(set.idleMs, 5000);
+  assert.equal(set.maxFlowsPerSource, 8);
+  assert.equal(set.maxPendingDatagrams, 4);
+  assertErrors(
+    errorsOf({
+      ...base,
+      listeners: [{
+        address: "127.0.0.1:443",
+        protocol: "quic",
+        accept_proxy_protocol: ["10.0.0.0/8"],
+      }],
+      quic: {
+        idle_ms: 0,
+        max_flows: 0,
+        max_pending_bytes: 100,
+        max_pending_datagrams: 5000,
+        bogus: 1,
+      },
+    }),
+    [
+      "listeners[0].accept_proxy_protocol",
+      "quic.idle_ms",
+      "quic.max_flows",
+      "quic.max_pending_bytes",
+      "quic.max_pending_datagrams",
+      "quic: ",
+    ],
+  );
+  assertErrors(errorsOf({ ...base, listeners: [{ address: "127.0.0.1:443", protocol: "udp" }] }), [
+    "listeners[0].protocol",
+  ]);
+});
+
+Deno.test("proxy_protocol and health.check on a table only QUIC listeners serve are warned about", () => {
+  const c = resolveConfig({
+    listeners: [
+      { address: "127.0.0.1:8443" },
+      { address: "127.0.0.1:8443", protocol: "quic", table: "h3" },
+    ],
+    routes: [{ match: "a.test", proxy_protocol: "v1", backends: ["127.0.0.1:9443"] }],
+    tables: {
+      h3: {
+        routes: [{
+          match: "a.test",
+          proxy_protocol: "v2",
+          health: { check: {} },
+          backends: ["127.0.0.1:9443"],
+        }],
+      },
+    },
+  }, "/c.json");
+  assert.deepEqual(c.warnings.map((w) => w.split(":")[0]), [
+    "tables.h3.routes[0].proxy_protocol",
+    "tables.h3.routes[0].health.check",
+  ]);
 });

@@ -21,6 +21,10 @@ import {
   PAIR,
   PORT_VALUE,
   portKey,
+  QUIC_FLOW,
+  QUIC_KEY,
+  QUIC_MAPS,
+  QUIC_STATS_SIZE,
   SOCK_KEY,
   SOCKHASH_VALUE_SIZE,
   SOCKMAP_CONFIG,
@@ -34,6 +38,7 @@ import {
 
 const OBJECT = new URL("../bpf/sockmap.bpf.o", import.meta.url);
 const XDP_OBJECT = new URL("../bpf/xdp.bpf.o", import.meta.url);
+const QUIC_OBJECT = new URL("../bpf/quic.bpf.o", import.meta.url);
 
 async function skipReason(): Promise<string | null> {
   try {
@@ -44,13 +49,14 @@ async function skipReason(): Promise<string | null> {
   try {
     await Deno.stat(OBJECT);
     await Deno.stat(XDP_OBJECT);
+    await Deno.stat(QUIC_OBJECT);
   } catch {
     const build = await new Deno.Command("bash", {
       args: [new URL("../build.sh", import.meta.url).pathname, "bpf"],
       stderr: "piped",
     }).output().catch((e) => ({ success: false, stderr: new TextEncoder().encode(String(e)) }));
     if (!build.success) {
-      return `bpf/sockmap.bpf.o or bpf/xdp.bpf.o missing and build.sh failed: ${
+      return `bpf/sockmap.bpf.o, bpf/xdp.bpf.o or bpf/quic.bpf.o missing and build.sh failed: ${
         new TextDecoder().decode(build.stderr)
       }`;
     }
@@ -152,7 +158,7 @@ Deno.test("ffi: socketTuple takes Deno addresses and refuses names, mixed famili
 });
 
 Deno.test({
-  name: "ffi: the maps of both BPF objects have the key and value sizes src/ebpf/layout.ts mirrors",
+  name: "ffi: the maps of the BPF objects have the key and value sizes src/ebpf/layout.ts mirrors",
   ignore: !!SKIP,
   fn() {
     const want: [URL, Record<string, [number, number]>][] = [
@@ -170,6 +176,10 @@ Deno.test({
         ports: [portKey(1).length, PORT_VALUE.length],
         xdp_config: [KEY_ZERO.length, XDP_CONFIG.size],
         [XDP_STATS_MAP]: [KEY_ZERO.length, XDP_STATS_SIZE],
+      }],
+      [QUIC_OBJECT, {
+        [QUIC_MAPS.flows]: [QUIC_KEY.size, QUIC_FLOW.size],
+        [QUIC_MAPS.stats]: [KEY_ZERO.length, QUIC_STATS_SIZE],
       }],
     ];
     for (const [url, maps] of want) {

@@ -93,6 +93,9 @@ export const BpfAttachType = {
   SK_SKB_STREAM_VERDICT: 5,
   SK_SKB_VERDICT: 38,
   XDP: 37,
+  /** tcx: a tc program on an interface's ingress through a BPF link (Linux 6.6+, no qdisc). */
+  TCX_INGRESS: 46,
+  TCX_EGRESS: 47,
 } as const;
 
 /** enum bpf_map_type values this binding treats specially (linux/bpf.h). */

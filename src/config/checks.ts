@@ -108,6 +108,12 @@ function listenerErrors(errors: Errors, top: Record<string, unknown>): void {
     list(obj(l).accept_proxy_protocol).forEach((c, j) =>
       errors.check(["listeners", i, "accept_proxy_protocol", j], c, parseCidr)
     );
+    if (obj(l).protocol === "quic" && list(obj(l).accept_proxy_protocol).length > 0) {
+      errors.fail(
+        ["listeners", i, "accept_proxy_protocol"],
+        "a QUIC listener reads no PROXY header (its clients' datagrams come as they are)",
+      );
+    }
     const table = obj(l).table;
     if (typeof table === "string" && !tableNames.includes(table)) {
       errors.fail(
@@ -185,6 +191,7 @@ function ebpfWarnings(c: ConfigSource): string[] {
       c.ebpf.sockmap_enabled && "ebpf.sockmap_enabled",
       c.ebpf.dns_cache_enabled && "ebpf.dns_cache_enabled",
       c.ebpf.xdp && "ebpf.xdp",
+      c.ebpf.quic && "ebpf.quic",
     ].filter((x) => x);
     for (const field of unused) {
       warnings.push(
@@ -216,7 +223,7 @@ function routeLists(c: ConfigSource): [string, ConfigSource["routes"]][] {
 function httpTableWarnings(c: ConfigSource): string[] {
   const warnings: string[] = [];
   for (const name of new Set(c.listeners.map((l) => l.table))) {
-    if (c.listeners.some((l) => l.table === name && l.protocol === "tls")) continue;
+    if (c.listeners.some((l) => l.table === name && l.protocol !== "http")) continue;
     const at = name === DEFAULT_TABLE ? "routes" : `tables.${name}.routes`;
     const routes = name === DEFAULT_TABLE ? c.routes : c.tables[name]?.routes ?? [];
     routes.forEach((r, i) => {
@@ -232,9 +239,38 @@ function httpTableWarnings(c: ConfigSource): string[] {
   return warnings;
 }
 
+/**
+ * Route fields a QUIC flow cannot use, in tables only QUIC listeners serve: a PROXY header
+ * (datagrams are forwarded as they are) and active checks (TCP connects, which a UDP-only
+ * backend fails).
+ */
+function quicTableWarnings(c: ConfigSource): string[] {
+  const warnings: string[] = [];
+  for (const name of new Set(c.listeners.map((l) => l.table))) {
+    if (c.listeners.some((l) => l.table === name && l.protocol !== "quic")) continue;
+    const at = name === DEFAULT_TABLE ? "routes" : `tables.${name}.routes`;
+    const routes = name === DEFAULT_TABLE ? c.routes : c.tables[name]?.routes ?? [];
+    routes.forEach((r, i) => {
+      if (r.proxy_protocol) {
+        warnings.push(
+          `${at}[${i}].proxy_protocol: only QUIC listeners serve this table, and a QUIC flow ` +
+            `is forwarded as it is, without a PROXY header`,
+        );
+      }
+      if (r.health.check) {
+        warnings.push(
+          `${at}[${i}].health.check: only QUIC listeners serve this table; the active checks ` +
+            `are TCP connects, which a UDP-only backend fails (passive health applies to QUIC)`,
+        );
+      }
+    });
+  }
+  return warnings;
+}
+
 /** Fields of a valid config that have no effect as set, each starting with its JSON path. */
 export function configWarnings(c: ConfigSource): string[] {
-  const warnings = [...ebpfWarnings(c), ...httpTableWarnings(c)];
+  const warnings = [...ebpfWarnings(c), ...httpTableWarnings(c), ...quicTableWarnings(c)];
   for (const [at, routes] of routeLists(c)) {
     routes.forEach((r, i) => {
       if (r.backends.length > 0 && r.backends.every((b) => b.backup)) {

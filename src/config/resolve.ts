@@ -149,7 +149,7 @@ function resolveDns(dns: ConfigSource["dns"], dir: string) {
 }
 
 function resolveEbpf(ebpf: ConfigSource["ebpf"], maxConnections: number, dir: string) {
-  const { maps, xdp, ...rest } = ebpf;
+  const { maps, xdp, quic, ...rest } = ebpf;
   return {
     ...camelize(rest),
     // two entries per spliced connection; sockets also hold health checks and DNS over TCP
@@ -159,6 +159,8 @@ function resolveEbpf(ebpf: ConfigSource["ebpf"], maxConnections: number, dir: st
     object: ebpf.object === undefined ? null : against(dir, ebpf.object),
     /** XDP source filtering, or null when off; its `block` likewise. */
     xdp: xdp ? { ...camelize(xdp), block: xdp.block ? camelize(xdp.block) : null } : null,
+    /** Kernel forwarding of QUIC flows, or null when off. */
+    quic: quic ? camelize(quic) : null,
   };
 }
 
@@ -193,6 +195,7 @@ export function resolveSections(c: ConfigSource, path: string, base: PathBase = 
     tables,
     timeouts: camelize(c.timeouts),
     limits: resolveLimits(c.limits),
+    quic: { ...camelize(c.quic), maxFlowsPerSource: c.quic.max_flows_per_source ?? null },
     acl: {
       ...camelize(c.acl),
       allow: c.acl.allow.map(parseCidr),

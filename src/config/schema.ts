@@ -8,6 +8,8 @@
 import { z } from "zod";
 import {
   DNS_CACHE_ENTRIES,
+  QUIC_DEFAULT_FLOWS,
+  QUIC_FLOWS,
   SOCKET_BUFFER_BYTES,
   SOCKMAP_ENTRIES,
   XDP_DEFAULT_BLOCK_ENTRIES,
@@ -115,7 +117,8 @@ const tableSchema = z.strictObject({
 const listenerSchema = z.strictObject({
   /** `IP:port` or `[IPv6]:port`. */
   address: z.string(),
-  protocol: z.enum(["tls", "http"]).default("tls"),
+  /** `quic`: UDP, routed by the SNI of the client's QUIC Initial packets. */
+  protocol: z.enum(["tls", "http", "quic"]).default("tls"),
   /** Sources (CIDRs) trusted to send a PROXY protocol header first. */
   accept_proxy_protocol: z.array(z.string()).default([]),
   /** The name of the route table it serves (`default`: the top-level routes). */
@@ -142,6 +145,22 @@ const limitsSchema = z.strictObject({
     burst: z.number().int().min(1).max(1_000_000).optional(),
   }).optional(),
 });
+
+/** QUIC listeners' flows (see src/conn/quic_listener.ts). */
+const quicSchema = z.strictObject({
+  /** A flow with no datagram either way for this long ends (QUIC's default idle timeout). */
+  idle_ms: ms(30_000),
+  /** Flows at once, in all (with workers: shared out evenly). */
+  max_flows: z.number().int().min(1).max(1_000_000).default(10_000),
+  /** Flows one client address may hold at once; absent: no such limit. */
+  max_flows_per_source: z.number().int().min(1).max(1_000_000).optional(),
+  /** Flows whose ClientHello is not whole yet, at once; the oldest gives way to a new one. */
+  max_pending_flows: z.number().int().min(1).max(1_000_000).default(1024),
+  /** Datagrams one flow may have buffered before its ClientHello is whole and routed. */
+  max_pending_datagrams: z.number().int().min(1).max(1024).default(16),
+  /** Bytes of those buffered datagrams. */
+  max_pending_bytes: z.number().int().min(1200).max(1_048_576).default(65_536),
+}).prefault({});
 
 const aclSchema = z.strictObject({
   /** When non-empty, only these CIDRs may connect. */
@@ -237,6 +256,18 @@ const ebpfSchema = z.strictObject({
   /** A BPF object file to load instead of the bundled one (relative: the config's directory). */
   object: z.string().min(1).optional(),
   xdp: xdpSchema.optional(),
+  /**
+   * Kernel forwarding of routed QUIC flows (a tc program on these interfaces, see
+   * src/ebpf/quic.ts); absent: QUIC flows are forwarded in userspace.
+   */
+  quic: z.strictObject({
+    /** Interfaces the flows' datagrams arrive on, client and backend side (`lo` for local). */
+    interfaces: z.array(
+      z.string().regex(/^[a-zA-Z0-9_.:@-]{1,15}$/, { error: "not an interface name" }),
+    ).min(1),
+    /** Flows in the kernel at most (two map entries each); more stay in userspace, counted. */
+    max_flows: within(QUIC_FLOWS).default(QUIC_DEFAULT_FLOWS),
+  }).optional(),
 });
 
 /** The config file. */
@@ -253,6 +284,7 @@ export const configSchema = z.strictObject({
   tables: z.record(z.string(), tableSchema).default({}),
   timeouts: timeoutsSchema.prefault({}),
   limits: limitsSchema.prefault({}),
+  quic: quicSchema,
   acl: aclSchema.prefault({}),
   log: logSchema.prefault({}),
   dns: dnsSchema.prefault({}),

@@ -95,7 +95,8 @@ export class Listener {
     this.config = config;
     this.index = index;
     this.#host = host;
-    this.#protocol = PROTOCOLS[config.protocol];
+    // QUIC listeners are QuicListeners (src/conn/quic_listener.ts), never this
+    this.#protocol = PROTOCOLS[config.protocol as Protocol["name"]];
     this.#trusted = config.acceptProxyProtocol.length
       ? new Acl(config.acceptProxyProtocol, [])
       : null;

@@ -32,6 +32,12 @@ export const XDP_DEFAULT_BLOCK_ENTRIES = 4096;
 /** Capacity of the DNS cache (`dns.cache_entries`): a pinned BPF LRU map, or one in memory. */
 export const DNS_CACHE_ENTRIES: Readonly<Range> = { min: 16, max: 16_777_216 };
 
+/** Flows the QUIC fast path holds in the kernel (two map entries each). */
+export const QUIC_FLOWS: Readonly<Range> = { min: 1, max: 1_048_576 };
+
+/** Default of {@link QUIC_FLOWS}. */
+export const QUIC_DEFAULT_FLOWS = 65_536;
+
 /** Whether `n` is a whole number within `range`. */
 export function inRange(n: number, range: Range): boolean {
   return Number.isInteger(n) && n >= range.min && n <= range.max;

@@ -1,5 +1,5 @@
 /**
- * The TypeScript mirror of bpf/sockmap.h and bpf/xdp.h: map names, key/value sizes and field
+ * The TypeScript mirror of bpf/sockmap.h, bpf/xdp.h and bpf/quic.h: map names, key/value sizes and field
  * offsets, the pin directory, and the encoders and decoders of those bytes. Change it together
  * with the headers; the loaders and the tests take every size and offset from here.
  * Host-order fields are little endian: the fast path supports x86_64 and aarch64 only.
@@ -181,4 +181,99 @@ export function encodeXdpConfig(allowActive: boolean): Uint8Array {
 /** A u32 array key. */
 export function u32Key(i: number): Uint8Array {
   return new Uint8Array(new Uint32Array([i]).buffer);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bpf/quic.h
+
+/** The maps and the program of bpf/quic.bpf.c. */
+export const QUIC_MAPS = { flows: "quic_flows", stats: "quic_stats" } as const;
+export const QUIC_PROGRAM = "sni_quic_tc";
+
+/**
+ * struct sni_quic_key: family u32 (host order), sport, dport (network order), saddr[16],
+ * daddr[16] (network order; IPv4 in the first 4 bytes).
+ */
+export const QUIC_KEY = { size: 40, family: 0, sport: 4, dport: 6, saddr: 8, daddr: 24 } as const;
+
+/**
+ * struct sni_quic_flow: the rewrite target (saddr[16], daddr[16], sport, dport), flags u32, then
+ * what the program updates: last_seen_ns, packets, bytes (u64).
+ */
+export const QUIC_FLOW = {
+  size: 64,
+  saddr: 0,
+  daddr: 16,
+  sport: 32,
+  dport: 34,
+  flags: 36,
+  lastSeenNs: 40,
+  packets: 48,
+  bytes: 56,
+} as const;
+
+/** sni_quic_flow.flags: the entry of the client -> backend direction. */
+export const QUIC_TO_BACKEND = 1;
+
+/** struct sni_quic_stats: u64 counters in this order (per-CPU array, key 0). */
+export const QUIC_STATS_FIELDS = [
+  "to_backend_packets",
+  "to_backend_bytes",
+  "to_client_packets",
+  "to_client_bytes",
+  "delivered_local",
+  "redirected",
+  "passed_no_flow",
+  "passed_fragment",
+  "passed_ip_options",
+  "passed_truncated",
+  "passed_fib",
+  "fib_fwd_disabled",
+  "fib_frag_needed",
+  "fib_no_route",
+] as const;
+export const QUIC_STATS_SIZE = QUIC_STATS_FIELDS.length * 8;
+
+/** One end of a UDP datagram: address bytes (network order, 16; IPv4 in the first 4) and port. */
+export interface QuicEndpoint {
+  /** 2 (AF_INET) or 10 (AF_INET6). */
+  family: number;
+  ip: Uint8Array;
+  port: number;
+}
+
+/** The flow-map key of a datagram from `src` to `dst` (same family). */
+export function encodeQuicKey(src: QuicEndpoint, dst: QuicEndpoint): Uint8Array {
+  const out = new Uint8Array(QUIC_KEY.size);
+  const v = new DataView(out.buffer);
+  v.setUint32(QUIC_KEY.family, src.family, true);
+  v.setUint16(QUIC_KEY.sport, src.port, false);
+  v.setUint16(QUIC_KEY.dport, dst.port, false);
+  out.set(src.ip.subarray(0, 16), QUIC_KEY.saddr);
+  out.set(dst.ip.subarray(0, 16), QUIC_KEY.daddr);
+  return out;
+}
+
+/** A flow-map value rewriting to `src` -> `dst`, counters zero. */
+export function encodeQuicFlow(src: QuicEndpoint, dst: QuicEndpoint, flags: number): Uint8Array {
+  const out = new Uint8Array(QUIC_FLOW.size);
+  const v = new DataView(out.buffer);
+  out.set(src.ip.subarray(0, 16), QUIC_FLOW.saddr);
+  out.set(dst.ip.subarray(0, 16), QUIC_FLOW.daddr);
+  v.setUint16(QUIC_FLOW.sport, src.port, false);
+  v.setUint16(QUIC_FLOW.dport, dst.port, false);
+  v.setUint32(QUIC_FLOW.flags, flags, true);
+  return out;
+}
+
+/** What the program recorded in a flow-map value. */
+export function decodeQuicFlowCounters(
+  value: Uint8Array,
+): { lastSeenNs: bigint; packets: number; bytes: number } {
+  const v = new DataView(value.buffer, value.byteOffset, value.byteLength);
+  return {
+    lastSeenNs: v.getBigUint64(QUIC_FLOW.lastSeenNs, true),
+    packets: Number(v.getBigUint64(QUIC_FLOW.packets, true)),
+    bytes: Number(v.getBigUint64(QUIC_FLOW.bytes, true)),
+  };
 }

@@ -22,7 +22,12 @@ const log = logger("xdp");
 const bursts = new BurstLog(log);
 
 /** What counts against a source. */
-export type Offence = "source_connections" | "source_rate" | "bad_client_hello";
+export type Offence =
+  | "source_connections"
+  | "source_rate"
+  | "bad_client_hello"
+  /** A QUIC Initial that is cut, too small, undecryptable or holds no valid ClientHello. */
+  | "bad_quic_initial";
 
 /**
  * Where the accept loops and sessions report an offence: the counter itself

@@ -62,3 +62,25 @@ export function decodeSockaddr(b: Uint8Array, transport: "tcp" | "udp" = "tcp"):
   const hostname = mapped ? `::ffff:${a[12]}.${a[13]}.${a[14]}.${a[15]}` : formatIpv6(a);
   return { transport, hostname, port };
 }
+
+/**
+ * A compact key of the address in a sockaddr buffer, for finding a peer's state per datagram
+ * without decoding it: IPv4 (and IPv4-mapped IPv6) as one number (address * 65536 + port),
+ * other IPv6 as a short string; null for another family.
+ */
+export function sockaddrKey(b: Uint8Array): number | string | null {
+  const family = b[0] | (b[1] << 8);
+  const port = (b[2] << 8) | b[3];
+  if (family === AF_INET) {
+    return ((b[4] << 24 >>> 0) + (b[5] << 16) + (b[6] << 8) + b[7]) * 65536 + port;
+  }
+  if (family !== AF_INET6) return null;
+  let mapped = b[18] === 0xff && b[19] === 0xff;
+  for (let i = 8; mapped && i < 18; i++) mapped = b[i] === 0;
+  if (mapped) {
+    return ((b[20] << 24 >>> 0) + (b[21] << 16) + (b[22] << 8) + b[23]) * 65536 + port;
+  }
+  let s = "";
+  for (let i = 8; i < 24; i += 2) s += String.fromCharCode((b[i] << 8) | b[i + 1]);
+  return s + String.fromCharCode(port);
+}

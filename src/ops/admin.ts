@@ -20,7 +20,6 @@ import { logger } from "./log.ts";
 import { isIpAddress } from "../net/ip.ts";
 import type { SourceBlocker } from "../ebpf/xdpblock.ts";
 import { LineSplitter, writeAll } from "../net/bytes.ts";
-import type { Session } from "../conn/session.ts";
 import type { SessionInfo } from "../conn/conn_record.ts";
 import type { RoutingTables } from "../route/table.ts";
 
@@ -86,10 +85,16 @@ const HOLDS = { drain: "drained", disable: "disabled", enable: null } as const;
 const MIN_WEIGHT = 1;
 const MAX_WEIGHT = 1000;
 
+/** A live connection or QUIC flow as the admin API lists and closes it. */
+export interface AdminSession {
+  info(): SessionInfo;
+  stop(reason: "admin"): void;
+}
+
 /** What {@link applyLocal} needs of a proxy process. */
 export interface AdminHost {
   readonly tables: RoutingTables;
-  sessions(): Iterable<Session>;
+  sessions(): Iterable<AdminSession>;
 }
 
 /** Checks a request's shape; throws an AdminError saying what is wrong. */

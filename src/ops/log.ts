@@ -33,6 +33,11 @@ export interface AccessEntry {
   conn_id?: string;
   bytes_up: number;
   bytes_down: number;
+  /** QUIC listeners: `quic` (absent for TCP connections). */
+  protocol?: "quic";
+  /** QUIC listeners: datagrams each way. */
+  datagrams_up?: number;
+  datagrams_down?: number;
   duration_ms: number;
   close_reason: string;
   mode: "userspace" | "kernel";

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { QuicCounters, renderQuic } from "./quic_metrics.ts";
 
 /** The XDP block set (src/ebpf/xdpblock.ts), as `/stats` shows it. */
 export interface XdpBlockSnapshot {
@@ -143,6 +144,8 @@ export class Metrics {
   /** Bytes of one connection each way, by route. */
   readonly bytesUpHistogram = new Histogram(BYTES_BUCKETS);
   readonly bytesDownHistogram = new Histogram(BYTES_BUCKETS);
+  /** QUIC listeners' flows and datagrams. */
+  readonly quic = new QuicCounters();
 
   /** Adds one to `key` in `map`. */
   static bump(map: Map<string, number>, key: string): void {
@@ -177,6 +180,7 @@ export class Metrics {
       /** `ebpf.xdp.block`: empty when off. */
       xdp_block: this.blockSource?.() ?? {} as Partial<XdpBlockSnapshot>,
       kernel,
+      quic: this.quic.snapshot(),
       histograms: {
         hello_seconds: this.helloSeconds.snapshot(),
         connect_seconds: this.connectSeconds.snapshot(),
@@ -229,13 +233,14 @@ export function renderPrometheus(snap: MetricsSnapshot): string {
   renderResources(out, snap);
   renderDns(out, snap.dns);
   renderXdpBlock(out, snap.xdp_block);
+  renderQuic(out, snap.quic);
   renderHistograms(out, snap.histograms);
   renderKernel(out, snap.kernel);
   return out.text();
 }
 
 /** Lines of the exposition format, every metric name prefixed `sni_proxy_`. */
-class PromText {
+export class PromText {
   readonly #lines: string[] = [];
 
   /** The HELP and TYPE lines of a metric family. */

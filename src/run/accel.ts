@@ -1,6 +1,7 @@
 /**
  * The eBPF parts a proxy process opens: the sockmap fast path (or, in a worker, its
- * supervisor's), the XDP source filter and the block set of `ebpf.xdp.block`. Each is optional:
+ * supervisor's), the XDP source filter and the block set of `ebpf.xdp.block`, and the QUIC
+ * fast path of `ebpf.quic`. Each is optional:
  * when one cannot be had, one warning says why and the proxy goes on without it.
  *
  * @module
@@ -10,6 +11,7 @@ import type { EbpfLog } from "../ebpf/loader.ts";
 import { KernelAccel, KernelAccelError } from "../ebpf/sockmap.ts";
 import { XdpError, XdpFilter } from "../ebpf/xdp.ts";
 import { SourceBlocker } from "../ebpf/xdpblock.ts";
+import { QuicBpfError, QuicFastPath, type QuicFastPathStats } from "../ebpf/quic.ts";
 import { logger } from "../ops/log.ts";
 const log = logger("proxy");
 
@@ -127,4 +129,45 @@ export function flattenXdp(s: ReturnType<XdpFilter["stats"]>): Record<string, nu
     out[`${fam}DroppedBlocked`] = s[fam].droppedBlocked;
   }
   return out;
+}
+
+/**
+ * The kernel forwarding of routed QUIC flows (`ebpf.quic`), attached to its interfaces, or
+ * null with one warning when it cannot be had (QUIC flows are then forwarded in userspace).
+ * Each process has its own instance (its own maps); `share` of `max_flows` each.
+ */
+export async function openQuicFastPath(config: Config, share = 1): Promise<QuicFastPath | null> {
+  const quic = config.ebpf.quic;
+  if (!config.ebpf.enabled || !quic) return null;
+  try {
+    return await QuicFastPath.open({
+      interfaces: quic.interfaces,
+      maxFlows: Math.max(1, Math.ceil(quic.maxFlows / share)),
+      log: ebpfLog("quic"),
+    });
+  } catch (err) {
+    const why = err instanceof QuicBpfError ? err.message : String(err);
+    log.warn(`QUIC kernel forwarding unavailable, QUIC flows are forwarded in userspace: ${why}`);
+    return null;
+  }
+}
+
+/** The QUIC fast path's counters as flat kernel counters (`sni_proxy_kernel_quic_*_total`). */
+export function flattenQuic(s: QuicFastPathStats): Record<string, number> {
+  return {
+    toBackendPackets: s.toBackend.packets,
+    toBackendBytes: s.toBackend.bytes,
+    toClientPackets: s.toClient.packets,
+    toClientBytes: s.toClient.bytes,
+    deliveredLocal: s.deliveredLocal,
+    redirected: s.redirected,
+    passedNoFlow: s.passed.noFlow,
+    passedFragment: s.passed.fragment,
+    passedIpOptions: s.passed.ipOptions,
+    passedTruncated: s.passed.truncated,
+    passedFib: s.passed.fib,
+    refusedFull: s.refused.full,
+    refusedMixedFamilies: s.refused.mixedFamilies,
+    refusedUnsupportedAddress: s.refused.unsupportedAddress,
+  };
 }

@@ -36,6 +36,7 @@ const KINDS: ReadonlySet<string> = new Set<Offence>([
   "source_connections",
   "source_rate",
   "bad_client_hello",
+  "bad_quic_initial",
 ]);
 
 /** A worker's side: batches its offences for the supervisor. */

@@ -7,6 +7,7 @@
 import {
   type AdminRequest,
   type AdminResult,
+  type AdminSession,
   type AdminTarget,
   applyLocal,
   applyUnblock,
@@ -19,6 +20,8 @@ import type { KernelAccel } from "../ebpf/sockmap.ts";
 import { PipePool } from "../conn/piped.ts";
 import type { XdpFilter } from "../ebpf/xdp.ts";
 import { Listener, type ListenerHost, warnIfListened } from "../conn/listener.ts";
+import { QuicListener, type QuicListenerHost } from "../conn/quic_listener.ts";
+import type { QuicKernelPath } from "../conn/quic_flow.ts";
 import { logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { DEFAULT_DNS_PIN_PATH, type HostResolver, Resolver } from "../dns/resolver.ts";
@@ -30,11 +33,14 @@ import type { OffenceSink, SourceBlocker } from "../ebpf/xdpblock.ts";
 import {
   attachKernel,
   ebpfLog,
+  flattenQuic,
   flattenXdp,
   kernelMode,
   openKernel,
+  openQuicFastPath,
   openXdpBlocking,
 } from "./accel.ts";
+import type { QuicFastPath } from "../ebpf/quic.ts";
 import type { RelayMode } from "./ready.ts";
 import {
   buildTables,
@@ -56,10 +62,20 @@ export interface WorkerRole {
 }
 
 /** A running proxy. */
-export class Proxy implements ListenerHost, AdminTarget {
+export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
   tables: RoutingTables;
   readonly metrics = new Metrics();
+  /** TCP listeners (TLS, HTTP). */
   readonly listeners: Listener[] = [];
+  /** QUIC listeners (UDP). */
+  readonly quicListeners: QuicListener[] = [];
+  /** Every listener in config order (the ready line's order). */
+  readonly #all: (Listener | QuicListener)[] = [];
+  /** Kernel mode: the kernel forwarding of routed QUIC flows, or null. */
+  quicKernel: QuicKernelPath | null = null;
+  #quicFast: QuicFastPath | null = null;
+  /** QUIC flows may not be sent to the proxy's own UDP sockets (set once they are bound). */
+  quicGuard = new DialGuard([]);
   kernel: KernelAccel | null = null;
   /** Kernel mode through splice(2): the pipes of this process, or null. */
   pipes: PipePool | null = null;
@@ -144,9 +160,7 @@ export class Proxy implements ListenerHost, AdminTarget {
     }
     if (!worker) warnIfListened(config.listeners);
     try {
-      config.listeners.forEach((l, i) => {
-        proxy.listeners.push(new Listener(l, i, proxy));
-      });
+      proxy.#bind(config);
       if (config.metrics && !worker) {
         const { hostname, port } = config.metrics;
         proxy.#metricsServer = await serveMetrics(
@@ -157,19 +171,21 @@ export class Proxy implements ListenerHost, AdminTarget {
         );
       }
     } catch (e) {
-      for (const l of proxy.listeners) l.close();
+      for (const l of proxy.#all) l.close();
       proxy.#resolver?.close();
       await proxy.kernel?.close();
       throw e;
     }
+    await proxy.#openQuicKernel(config);
     proxy.guard = new DialGuard(proxy.#ownSockets(config));
+    proxy.quicGuard = new DialGuard(proxy.quicListeners.map((l) => l.bound));
     // a worker's lines would repeat the supervisor's once per worker
     const info = worker ? log.debug.bind(log) : log.info.bind(log);
-    for (const l of proxy.listeners) {
+    for (const l of proxy.#all) {
       info(`listening on ${l.address} (${l.config.protocol})`);
-      proxy.#accepting.push(
-        l.serve().catch((e) => log.error(`listener ${l.address} stopped: ${e}`)),
-      );
+      const serving = l.serve().catch((e) => log.error(`listener ${l.address} stopped: ${e}`));
+      // a QUIC listener serves its flows until the drain ends: only TCP accept loops are awaited
+      if (l instanceof Listener) proxy.#accepting.push(serving);
     }
     if (config.ebpf.enabled && !config.ebpf.sockmapEnabled && !worker) {
       log.info("ebpf.sockmap_enabled is false: userspace mode in use");
@@ -185,10 +201,35 @@ export class Proxy implements ListenerHost, AdminTarget {
     }
     startHealthChecks(proxy.tables);
     info(
-      `ready: ${proxy.listeners.length} listener(s), ${routeSummary(config)}, ` +
+      `ready: ${proxy.#all.length} listener(s), ${routeSummary(config)}, ` +
         `mode ${proxy.mode}`,
     );
     return proxy;
+  }
+
+  /** Kernel mode for QUIC listeners (`ebpf.quic`): the fast path, or userspace (warned). */
+  async #openQuicKernel(config: Config): Promise<void> {
+    if (this.quicListeners.length === 0) return;
+    const fast = await openQuicFastPath(config, this.worker?.count ?? 1);
+    if (!fast) return;
+    this.#quicFast = fast;
+    this.quicKernel = fast;
+    this.metrics.kernelSources.set("quic", () => flattenQuic(fast.stats()));
+  }
+
+  /** Binds every listener of `config`, TCP or QUIC (throws at the first that fails). */
+  #bind(config: Config): void {
+    config.listeners.forEach((l, i) => {
+      if (l.protocol === "quic") {
+        const q = new QuicListener(l, i, this);
+        this.quicListeners.push(q);
+        this.#all.push(q);
+      } else {
+        const t = new Listener(l, i, this);
+        this.listeners.push(t);
+        this.#all.push(t);
+      }
+    });
   }
 
   #resolver: Resolver | null = null;
@@ -230,7 +271,7 @@ export class Proxy implements ListenerHost, AdminTarget {
 
   /** The listeners' configs with the ports they are bound to (the ready line's listeners). */
   get listening(): ListenerConfig[] {
-    return this.listeners.map((l) => ({ ...l.config, port: l.bound.port }));
+    return this.#all.map((l) => ({ ...l.config, port: l.bound.port }));
   }
 
   /** Whether the bytes of this process's connections move in the kernel. */
@@ -254,8 +295,8 @@ export class Proxy implements ListenerHost, AdminTarget {
   }
 
   /** The live sessions themselves. */
-  sessions(): Iterable<Session> {
-    return this.#sessions.keys();
+  sessions(): Iterable<AdminSession> {
+    return [...this.#sessions.keys(), ...this.quicListeners.flatMap((q) => q.sessions())];
   }
 
   /**
@@ -363,6 +404,7 @@ export class Proxy implements ListenerHost, AdminTarget {
     this.#stopping = true;
     this.#gate.close();
     for (const l of this.listeners) l.close();
+    for (const q of this.quicListeners) q.stopAccepting();
     stopHealthChecks(this.tables);
     this.sources.close();
     this.blocker?.close();
@@ -371,18 +413,30 @@ export class Proxy implements ListenerHost, AdminTarget {
     // served and drained like the others, not cut by the exit
     await Promise.all(this.#accepting);
     const drainMs = this.tables.config.timeouts.drainMs;
-    if (this.#sessions.size > 0) {
-      log.info(`draining ${this.#sessions.size} connection(s) for up to ${drainMs} ms`);
+    const flows = () => this.quicListeners.reduce((n, q) => n + q.flowCount, 0);
+    if (this.#sessions.size > 0 || flows() > 0) {
+      log.info(
+        `draining ${this.#sessions.size} connection(s) and ${flows()} QUIC flow(s) for up to ` +
+          `${drainMs} ms`,
+      );
       let timer: ReturnType<typeof setTimeout> | undefined;
       const expired = new Promise<boolean>((r) => (timer = setTimeout(() => r(true), drainMs)));
-      const drained = Promise.all(this.#sessions.values()).then(() => false);
+      const drained = Promise.all([
+        ...this.#sessions.values(),
+        ...this.quicListeners.map((q) => q.drained()),
+      ]).then(() => false);
       if (await Promise.race([drained, expired])) {
-        log.warn(`drain time over: closing ${this.#sessions.size} connection(s)`);
+        log.warn(
+          `drain time over: closing ${this.#sessions.size} connection(s), ${flows()} QUIC flow(s)`,
+        );
+        for (const q of this.quicListeners) q.close();
         for (const s of this.#sessions.keys()) s.stop("shutdown");
         await Promise.all(this.#sessions.values());
       }
       clearTimeout(timer);
     }
+    for (const q of this.quicListeners) q.close();
+    this.#quicFast?.close();
     await this.#metricsServer?.close();
     this.#resolver?.close();
     this.xdp?.close();
