@@ -177,6 +177,9 @@ export class Relay implements ByteRelay {
   #end: RelayEnd | null = null;
   #error: unknown = null;
   #resolve: ((end: RelayEnd) => void) | null = null;
+  /** The failed call and its errno behind a reset end (0: none). */
+  #failedOp = "";
+  #errno = 0;
   /** A direction used up its share of a round: #move is called again in the next one. */
   #resumeQueued = false;
   readonly #resume = () => {
@@ -192,8 +195,11 @@ export class Relay implements ByteRelay {
     this.#idle = new IdleTimer(idleMs, null, () => this.#finish("idle_timeout", null));
   }
 
-  /** The error behind a reset or error end, for the log. */
+  /** The error behind a reset or error end, for the log (made when asked: most are never). */
   get error(): unknown {
+    if (this.#error === null && this.#errno !== 0) {
+      this.#error = socketError(this.#failedOp, this.#errno);
+    }
     return this.#error;
   }
 
@@ -303,8 +309,9 @@ export class Relay implements ByteRelay {
   /** A reset (or another error) of `d`'s source (`atSource`) or destination. */
   #reset(d: Direction, atSource: boolean, errno: number): void {
     const clientSide = atSource === d.up;
-    const op = atSource ? "recv" : "send";
-    this.#finish(clientSide ? "client_reset" : "backend_reset", socketError(op, errno));
+    this.#failedOp = atSource ? "recv" : "send";
+    this.#errno = errno;
+    this.#finish(clientSide ? "client_reset" : "backend_reset", null);
   }
 
   #finish(reason: RelayEnd, error: unknown): void {
@@ -312,13 +319,16 @@ export class Relay implements ByteRelay {
     this.#end = reason;
     this.#error = error;
     this.#idle.clear();
-    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN
+    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN;
+    // the side that was reset is closed already, for the kernel: a plain close will do
     if (reason === "done") {
       this.#client.close();
       this.#backend.close();
     } else {
-      this.#client.reset();
-      this.#backend.reset();
+      if (reason === "client_reset") this.#client.close();
+      else this.#client.reset();
+      if (reason === "backend_reset") this.#backend.close();
+      else this.#backend.reset();
     }
     this.#resolve?.(reason);
   }
