@@ -786,27 +786,87 @@ test(
 );
 
 test(
-  "quic fast path: with forwarding off on the ingress interface, datagrams to another host go to L unchanged (counted), none lost",
+  "quic fast path with forwarding off: a datagram to another host goes to L until the way back is learned from the other side, then both directions are redirected that way",
   async () => {
     await withNamespaces(false, async () => {
       const fast = await QuicFastPath.open({ interfaces: [VC, VB], maxFlows: 16, log });
-      const x = await netSetup("v4");
       try {
-        assert.equal(fast.addFlow(x.flow), true);
-        await x.c.send(x.lAddr, 5, 10);
-        for (let i = 0; i < 5; i++) {
-          const r = await receiveWithin(x.l, 3000);
-          assert.ok(r, "the datagram must reach L (userspace relays it)");
-          assert.equal(sourceOf(r[1] as Deno.NetAddr), sourceOf(x.flow.client));
+        for (const v of ["v4", "v6"] as const) {
+          const x = await netSetup(v);
+          try {
+            const before = fast.stats();
+            assert.equal(fast.addFlow(x.flow), true);
+            // nothing came from B yet: C's datagrams go to userspace, unchanged
+            await x.c.send(x.lAddr, 3, 10);
+            for (let i = 0; i < 3; i++) {
+              const r = await receiveWithin(x.l, 3000);
+              assert.ok(r, `${v}: the datagram must reach L (userspace relays it)`);
+              assert.equal(sourceOf(r[1] as Deno.NetAddr), sourceOf(x.flow.client));
+            }
+            let st = fast.stats();
+            assert.equal(st.fibFwdDisabled - before.fibFwdDisabled, 3);
+            assert.equal(st.passed.fib - before.passed.fib, 3);
+            // B's datagrams go the way C's came in; then C's go the way B's came in
+            const down = await transfer(x.b, x.sAddr, x.c, 100, 11);
+            assert.equal(down.received, 100, `${v}: ${JSON.stringify(fast.stats())}`);
+            assert.deepEqual(down.got, down.sent);
+            assert.deepEqual(down.sources, [sourceOf(x.lAddr)]);
+            const up = await transfer(x.c, x.lAddr, x.b, 100, 12);
+            assert.equal(up.received, 100, `${v}: ${JSON.stringify(fast.stats())}`);
+            assert.deepEqual(up.got, up.sent);
+            assert.deepEqual(up.sources, [sourceOf(x.sAddr)]);
+            st = fast.stats();
+            assert.equal(st.redirectedLearned - before.redirectedLearned, 200);
+            assert.equal(st.fibFwdDisabled - before.fibFwdDisabled, 3);
+            assert.deepEqual(await udpQueue(x.lAddr.port, x.v6), { rxQueue: 0, drops: 0 });
+            assert.deepEqual(await udpQueue(x.sAddr.port, x.v6), { rxQueue: 0, drops: 0 });
+            fast.removeFlow(x.flow);
+          } finally {
+            await x.close();
+          }
         }
-        const st = fast.stats();
-        assert.equal(st.fibFwdDisabled, 5);
-        assert.equal(st.passed.fib, 5);
-        assert.equal(st.toBackend.packets, 0);
       } finally {
-        await x.close();
         fast.close();
       }
+    });
+  },
+  120_000,
+);
+
+test(
+  "quic fast path, remote client and local backend, forwarding off: C's datagrams are handed to lo, B's replies on lo go back out of the client's veth",
+  async () => {
+    await withNamespaces(false, async () => {
+      const fast = await QuicFastPath.open({ interfaces: [VC, "lo"], maxFlows: 16, log });
+      try {
+        for (const v of ["v4", "v6"] as const) {
+          const loop = v === "v4" ? "127.0.0.1" : "::1";
+          const x = await setup({
+            client: NET[v].client,
+            listener: NET[v].proxyC,
+            local: loop,
+            backend: loop,
+            clientNs: NSC,
+          });
+          try {
+            const before = fast.stats();
+            await exerciseFlow(fast, x, 300, v === "v4" ? 55 : 66);
+            const st = fast.stats();
+            assert.equal(st.deliveredLocal - before.deliveredLocal, 300, "C -> B: into lo");
+            assert.equal(
+              st.redirectedLearned - before.redirectedLearned,
+              300,
+              "B -> C: out of the veth",
+            );
+            assert.equal(st.fibFwdDisabled - before.fibFwdDisabled, 0);
+          } finally {
+            await x.close();
+          }
+        }
+      } finally {
+        fast.close();
+      }
+      assert.equal(await attachedTo("lo"), "");
     });
   },
   120_000,

@@ -26,10 +26,16 @@
  * delivered by the stack; one to another host leaves through the interface the routing table
  * names (bpf_redirect_neigh). A datagram the program cannot handle (IP fragments, IPv4 options,
  * IPv6 extension headers, no route, larger than the egress MTU) goes on unchanged to the proxy's
- * sockets, counted by reason in {@link QuicFastPath.stats}. Note that bpf_fib_lookup answers
- * "forwarding disabled" for a datagram to another host when forwarding is off on the interface
- * it arrived on (net.ipv4.conf.IF.forwarding / net.ipv6.conf.IF.forwarding): such flows work,
- * through userspace, counted in `fibFwdDisabled`.
+ * sockets, counted by reason in {@link QuicFastPath.stats}.
+ *
+ * Forwarding sysctls: bpf_fib_lookup refuses to route (FWD_DISABLED) a datagram that arrived on
+ * an interface with forwarding off (net.ipv4.conf.IF.forwarding, net.ipv6.conf.IF.forwarding;
+ * lo included). The program then sends it the way the flow's other direction came in (that
+ * interface, to the MAC of its last hop: symmetric routing, as for any server's replies), which
+ * it learns from every datagram of the flow. Until the other side has sent a datagram after
+ * addFlow, the datagram goes to userspace (`fibFwdDisabled`). So with forwarding off, a remote
+ * client's replies from a local backend (arriving on lo) are forwarded from the client's first
+ * datagram on; a remote backend is reached in the kernel once it has answered once.
  * @module
  */
 
@@ -103,6 +109,8 @@ export interface QuicFastPathStats {
   /** Of the forwarded datagrams: delivered to a local address, sent to another host. */
   deliveredLocal: number;
   redirected: number;
+  /** Of the redirected: sent the way the other direction came in, the FIB lookup refused. */
+  redirectedLearned: number;
   /** Datagrams passed unchanged to the stack (and so to the proxy's sockets), by reason. */
   passed: {
     noFlow: number;
@@ -112,6 +120,7 @@ export interface QuicFastPathStats {
     /** The route lookup failed (the three below). */
     fib: number;
   };
+  /** Forwarding is off on the interface it arrived on, and no way back was learned yet. */
   fibFwdDisabled: number;
   fibFragNeeded: number;
   fibNoRoute: number;
@@ -322,6 +331,7 @@ export class QuicFastPath {
       toClient: { packets: s.to_client_packets, bytes: s.to_client_bytes },
       deliveredLocal: s.delivered_local,
       redirected: s.redirected,
+      redirectedLearned: s.redirected_learned,
       passed: {
         noFlow: s.passed_no_flow,
         fragment: s.passed_fragment,
