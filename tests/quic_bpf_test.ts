@@ -459,19 +459,36 @@ async function exerciseFlow(fast: QuicFastPath, x: Setup, n: number, seed: numbe
   return st;
 }
 
-/** tcx programs and qdiscs on `dev` (bpftool net, tc qdisc), to show nothing stays behind. */
-async function attachedTo(dev: string, netns?: string): Promise<string> {
-  const wrap = (args: string[]) => netns ? ["ip", "netns", "exec", netns, ...args] : args;
+/**
+ * What of the fast path is in the kernel: loaded programs named sni_quic_tc, tcx links (link
+ * type 11; this bpftool predates tcx in `bpftool net`), and a clsact/ingress qdisc on `dev`.
+ * Empty when nothing stays behind. Under the kernel lock no other test loads the program.
+ */
+async function leftBehind(dev: string, netns?: string): Promise<string> {
   const run = async (argv: string[]) => {
-    const [cmd, ...args] = wrap(argv);
-    const o = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
-    return dec.decode(o.stdout) + dec.decode(o.stderr);
+    const o = await new Deno.Command(argv[0], {
+      args: argv.slice(1),
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    return dec.decode(o.stdout);
   };
-  const progs = await run(["bpftool", "net", "show", "dev", dev]);
-  const qdisc = await run(["tc", "qdisc", "show", "dev", dev]);
-  return `${progs.split("\n").filter((l) => /sni_quic/.test(l)).join("\n")}${
-    /clsact|ingress/.test(qdisc) ? qdisc : ""
-  }`;
+  const progs = (JSON.parse(await run(["bpftool", "-j", "prog", "show"])) as {
+    id: number;
+    name?: string;
+  }[]).filter((p) => p.name === "sni_quic_tc");
+  const ids = new Set(progs.map((p) => p.id));
+  const links = (JSON.parse(await run(["bpftool", "-j", "link", "show"])) as {
+    type: number | string;
+    prog_id: number;
+  }[]).filter((l) => ids.has(l.prog_id));
+  const tc = netns ? ["ip", "netns", "exec", netns, "tc"] : ["tc"];
+  const qdisc = await run([...tc, "qdisc", "show", "dev", dev]);
+  return [
+    ...progs.map((p) => `program sni_quic_tc id ${p.id}`),
+    ...links.map((l) => `link of type ${l.type} to program ${l.prog_id}`),
+    ...(/clsact|ingress/.test(qdisc) ? [qdisc.trim()] : []),
+  ].join("; ");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -485,6 +502,7 @@ for (const [family, host] of [["IPv4", "127.0.0.1"], ["IPv6", "::1"]] as const) 
       const fast = await QuicFastPath.open({ interfaces: ["lo"], maxFlows: 16, log });
       const x = await setup({ client: host, listener: host, local: host, backend: host });
       try {
+        assert.match(await leftBehind("lo"), /^program sni_quic_tc id \d+; link of type/);
         const st = await exerciseFlow(fast, x, 400, family === "IPv4" ? 11 : 22);
         assert.equal(st.deliveredLocal, 800);
         assert.equal(st.redirected, 0);
@@ -492,7 +510,7 @@ for (const [family, host] of [["IPv4", "127.0.0.1"], ["IPv6", "::1"]] as const) 
         await x.close();
         fast.close();
       }
-      assert.equal(await attachedTo("lo"), "", "close() must leave nothing on lo");
+      assert.equal(await leftBehind("lo"), "", "close() must leave nothing on lo");
     },
   );
 }
@@ -616,7 +634,33 @@ test("quic fast path: two instances on lo each forward their own flow and pass t
     one.close();
     two.close();
   }
-  assert.equal(await attachedTo("lo"), "");
+  assert.equal(await leftBehind("lo"), "");
+});
+
+test("quic fast path: a proxy killed with SIGKILL leaves nothing attached (tcx links die with the process)", async () => {
+  const script = `
+    import { QuicFastPath } from "${ROOT}src/ebpf/quic.ts";
+    await QuicFastPath.open({ interfaces: ["lo"], maxFlows: 4, log: () => {} });
+    console.log("attached");
+    setInterval(() => {}, 1000);
+  `;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", script],
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const out = lines(child.stdout);
+  assert.equal((await out.next()).value, "attached");
+  assert.notEqual(await leftBehind("lo"), "");
+  child.kill("SIGKILL");
+  await child.status;
+  let left = "";
+  for (let i = 0; i < 50; i++) {
+    left = await leftBehind("lo");
+    if (left === "") break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.equal(left, "");
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -730,7 +774,7 @@ test(
       } finally {
         fast.close();
       }
-      assert.equal(await attachedTo(VC) + await attachedTo(VB), "");
+      assert.equal(await leftBehind(VC) + await leftBehind(VB), "");
     });
   },
   120_000,
@@ -866,7 +910,7 @@ test(
       } finally {
         fast.close();
       }
-      assert.equal(await attachedTo("lo"), "");
+      assert.equal(await leftBehind("lo"), "");
     });
   },
   120_000,
