@@ -338,7 +338,13 @@ static __always_inline int send_learned(struct __sk_buff *skb, struct parsed *p,
 {
 	__u8 macs[2 * ETH_ALEN];
 	__u32 ifindex = back->path_ifindex;
+	__u32 mtu = 0;
 
+	/* the FIB lookup checked the MTU on its way; this way checks it here */
+	if (bpf_check_mtu(skb, ifindex, &mtu, 0, 0)) {
+		COUNT(fib_frag_needed);
+		return COUNT(passed_fib);
+	}
 	__builtin_memcpy(macs, back->path_peer_mac, ETH_ALEN);
 	__builtin_memcpy(macs + ETH_ALEN, back->path_self_mac, ETH_ALEN);
 	if (rewrite(skb, p, f) || bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))

@@ -57,14 +57,15 @@ struct sni_quic_stats {
 	__u64 redirected;         /* of the forwarded: to another host (bpf_redirect_neigh) */
 	__u64 redirected_learned; /* of the redirected: the learned way back (FIB refused) */
 	/* passed to the stack unchanged (userspace gets them), by reason */
-	__u64 passed_no_flow;     /* UDP without a flow entry (first datagrams, other traffic) */
+	__u64 passed_no_flow;     /* UDP without a flow entry: a flow's first datagrams, other UDP
+				   * traffic, and datagrams this program sent into lo already */
 	__u64 passed_fragment;    /* IP fragments */
 	__u64 passed_ip_options;  /* IPv4 options (UDP), IPv6 extension headers (any protocol) */
 	__u64 passed_truncated;   /* headers shorter than they claim */
 	__u64 passed_fib;         /* route lookup failed (below); the datagram goes to userspace */
 	/* route lookup failures (bpf_fib_lookup), passed unchanged */
 	__u64 fib_fwd_disabled;   /* forwarding off on the ingress interface, no way back learned */
-	__u64 fib_frag_needed;    /* the datagram is larger than the egress MTU */
+	__u64 fib_frag_needed;    /* the datagram is larger than the egress MTU (either way) */
 	__u64 fib_no_route;       /* blackhole, unreachable, prohibit, no neighbour, other */
 };
 

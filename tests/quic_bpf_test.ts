@@ -228,6 +228,7 @@ interface Peer {
     count: number,
     seed: number,
     raw?: "checksum" | "zero",
+    size?: number,
   ): Promise<{ sent: number; hashes: string[]; bytes: number }>;
   recv(
     count: number,
@@ -272,7 +273,7 @@ async function startPeer(host: string, netns?: string): Promise<Peer> {
   return {
     port,
     pid: child.pid,
-    send: (to, count, seed, raw) => ask({ op: "send", to, count, seed, raw }),
+    send: (to, count, seed, raw, size) => ask({ op: "send", to, count, seed, raw, size }),
     recv: (count, idleMs = 1500, hashes = true) =>
       ask({ op: "recv", count, idleMs, digest: hashes }),
     flood: (to, count, size) => ask({ op: "flood", to, count, size }),
@@ -911,6 +912,51 @@ test(
         fast.close();
       }
       assert.equal(await leftBehind("lo"), "");
+    });
+  },
+  120_000,
+);
+
+test(
+  "quic fast path: a datagram larger than the egress MTU goes to L unchanged (counted), by the FIB's way and by the learned way",
+  async () => {
+    await withNamespaces(true, async () => {
+      await ip("link", "set", VB, "mtu", "1280");
+      const fast = await QuicFastPath.open({ interfaces: [VC, VB], maxFlows: 16, log });
+      const x = await netSetup("v4");
+      const toL = async (n: number, what: string) => {
+        for (let i = 0; i < n; i++) {
+          const r = await receiveWithin(x.l, 3000);
+          assert.ok(r, `${what}: the datagram must reach L`);
+          assert.equal(r[0].length, 1400);
+        }
+      };
+      try {
+        assert.equal(fast.addFlow(x.flow), true);
+        await x.c.send(x.lAddr, 3, 1, undefined, 1400);
+        await toL(3, "FIB");
+        assert.equal(fast.stats().fibFragNeeded, 3);
+        assert.equal((await x.b.recv(1, 300)).count, 0);
+        await x.c.send(x.lAddr, 5, 2, undefined, 1000);
+        assert.equal((await x.b.recv(5)).count, 5, "datagrams within the MTU are forwarded");
+        // forwarding off: the learned way checks the MTU itself
+        for (const dev of [VC, VB]) {
+          await Deno.writeTextFile(`/proc/sys/net/ipv4/conf/${dev}/forwarding`, "0");
+        }
+        await x.b.send(x.sAddr, 2, 3, undefined, 500); // learned: the way to B
+        assert.equal((await x.c.recv(2)).count, 2);
+        await x.c.send(x.lAddr, 2, 4, undefined, 1400);
+        await toL(2, "learned way");
+        const st = fast.stats();
+        assert.equal(st.fibFragNeeded, 5);
+        assert.equal(st.passed.fib, 5);
+        await x.c.send(x.lAddr, 4, 5, undefined, 1000);
+        assert.equal((await x.b.recv(4)).count, 4);
+        assert.equal(fast.stats().redirectedLearned, 6);
+      } finally {
+        await x.close();
+        fast.close();
+      }
     });
   },
   120_000,

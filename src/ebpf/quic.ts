@@ -113,16 +113,25 @@ export interface QuicFastPathStats {
   redirectedLearned: number;
   /** Datagrams passed unchanged to the stack (and so to the proxy's sockets), by reason. */
   passed: {
+    /**
+     * UDP of no flow in the map: flows' first datagrams, other UDP traffic, and datagrams this
+     * program already forwarded into lo (they cross lo's ingress once more).
+     */
     noFlow: number;
+    /** IP fragments. */
     fragment: number;
+    /** IPv4 options (UDP), IPv6 extension headers (any protocol: they are not walked). */
     ipOptions: number;
+    /** Headers shorter than they claim. */
     truncated: number;
     /** The route lookup failed (the three below). */
     fib: number;
   };
   /** Forwarding is off on the interface it arrived on, and no way back was learned yet. */
   fibFwdDisabled: number;
+  /** Larger than the egress MTU: userspace sends it (and the kernel answers with ICMP). */
   fibFragNeeded: number;
+  /** No route: blackhole, unreachable, prohibit, or a local address without a socket. */
   fibNoRoute: number;
   /** Flows in the kernel now. */
   flows: number;
@@ -286,10 +295,11 @@ export class QuicFastPath {
     const keys = flowKeys(flow);
     if (!keys) return false;
     const [toBackend, toClient] = keys;
+    const id = hex(toBackend);
     // the client's direction first, so no datagram is forwarded whose answer would not be
     const found = this.#flows.delete(toBackend);
-    const foundReply = this.#flows.delete(toClient);
-    this.#added.delete(hex(toBackend));
+    const foundReply = this.#flows.delete(this.#added.get(id)?.replyKey ?? toClient);
+    this.#added.delete(id);
     return found || foundReply;
   }
 
