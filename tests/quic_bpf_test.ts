@@ -637,13 +637,22 @@ test("quic fast path: flows it cannot forward are refused and counted, bad addre
     [{ interfaces: ["lo", "lo"] }, "bad_option"],
     [{ interfaces: ["no-such-if0"] }, "no_interface"],
   ];
-  for (const [options, reason] of bad) {
-    await assert.rejects(
-      QuicFastPath.open({ ...options, log }),
-      (e) => e instanceof QuicBpfError && e.reason === reason,
-      JSON.stringify(options),
-    );
+  // a tun device has no Ethernet header for the program to skip
+  const tun = `qbtun${Deno.pid % 100000}`;
+  await sh("ip", ["tuntap", "add", "dev", tun, "mode", "tun"]);
+  bad.push([{ interfaces: ["lo", tun] }, "unsupported_interface"]);
+  try {
+    for (const [options, reason] of bad) {
+      await assert.rejects(
+        QuicFastPath.open({ ...options, log }),
+        (e) => e instanceof QuicBpfError && e.reason === reason,
+        JSON.stringify(options),
+      );
+    }
+  } finally {
+    await sh("ip", ["link", "del", tun], false);
   }
+  assert.equal(await leftBehind("lo"), "", "a failed open leaves nothing");
 });
 
 test("quic fast path: two instances on lo each forward their own flow and pass the other's on", async () => {
