@@ -6,11 +6,14 @@
  * whose (family, saddr, sport, daddr, dport) is a key of quic_flows is rewritten to the flow's
  * other leg (client -> listener becomes proxy socket -> backend; backend -> proxy socket becomes
  * listener -> client), its IPv4 header and UDP checksums fixed incrementally, then:
- * - new destination local (route lookup says "not forwarded"): arrived on lo, the stack delivers
- *   it (TC_ACT_OK; the local route is already attached there); arrived elsewhere, it is handed to
- *   lo's ingress, where a local source address is no martian;
+ * - a local socket would receive the new datagram (bpf_sk_lookup_udp): arrived on lo, the stack
+ *   delivers it (TC_ACT_OK; the local route is already attached there); arrived elsewhere, it is
+ *   sent out of lo with an output route (bpf_redirect_neigh), like a datagram a local socket sent
+ *   (input routing would take its local source for a martian);
  * - otherwise sent out of the egress interface the FIB names (bpf_redirect_neigh, which also
- *   resolves the neighbour).
+ *   resolves the neighbour); when the FIB lookup is refused because forwarding is off on the
+ *   interface the datagram arrived on, sent the way the other direction's datagrams came in
+ *   (their interface, to the MAC of their last hop), which the program learns from them.
  * Anything else goes on unchanged (TCX_NEXT: the next program, then the stack, then userspace):
  * other traffic, flows not in the map, fragments, IPv4 options, IPv6 extension headers,
  * truncated headers, and datagrams whose route lookup fails (counted by reason). Returning
@@ -299,6 +302,58 @@ static __always_inline int to_local_socket(struct __sk_buff *skb, struct parsed 
 	return 1;
 }
 
+/* Records where the datagrams of this entry's key come from (see path_* in quic.h). */
+static __always_inline void learn_path(struct __sk_buff *skb, struct sni_quic_flow *f)
+{
+	struct ethhdr *eth = (void *)(long)skb->data;
+
+	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+		return;
+	/* unconditional: the counters beside these fields are written for every datagram anyway */
+	f->path_ifindex = skb->ifindex;
+	__builtin_memcpy(f->path_peer_mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(f->path_self_mac, eth->h_dest, ETH_ALEN);
+}
+
+/*
+ * The entry of the other direction, whose learned path leads to this datagram's new
+ * destination: its key is this entry's rewrite, reversed.
+ */
+static __always_inline struct sni_quic_flow *reverse_entry(struct parsed *p,
+							   struct sni_quic_flow *f)
+{
+	struct sni_quic_key k = {};
+
+	k.family = p->key.family;
+	k.sport = f->dport;
+	k.dport = f->sport;
+	__builtin_memcpy(k.saddr, f->daddr, 16);
+	__builtin_memcpy(k.daddr, f->saddr, 16);
+	return bpf_map_lookup_elem(&quic_flows, &k);
+}
+
+/* Sends the rewritten datagram the way the other direction came in (Ethernet, not lo). */
+static __always_inline int send_learned(struct __sk_buff *skb, struct parsed *p,
+					struct sni_quic_flow *f, struct sni_quic_flow *back)
+{
+	__u8 macs[2 * ETH_ALEN];
+	__u32 ifindex = back->path_ifindex;
+	__u32 mtu = 0;
+
+	/* the FIB lookup checked the MTU on its way; this way checks it here */
+	if (bpf_check_mtu(skb, ifindex, &mtu, 0, 0)) {
+		COUNT(fib_frag_needed);
+		return COUNT(passed_fib);
+	}
+	__builtin_memcpy(macs, back->path_peer_mac, ETH_ALEN);
+	__builtin_memcpy(macs + ETH_ALEN, back->path_self_mac, ETH_ALEN);
+	if (rewrite(skb, p, f) || bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))
+		return TC_ACT_SHOT;
+	account(f, p, skb, 0);
+	COUNT(redirected_learned);
+	return bpf_redirect(ifindex, 0);
+}
+
 static __always_inline int forward(struct __sk_buff *skb, struct parsed *p)
 {
 	struct sni_quic_flow *f = bpf_map_lookup_elem(&quic_flows, &p->key);
@@ -308,21 +363,24 @@ static __always_inline int forward(struct __sk_buff *skb, struct parsed *p)
 
 	if (!f)
 		return COUNT(passed_no_flow);
+	learn_path(skb, f);
 	if (to_local_socket(skb, p, f)) {
 		if (rewrite(skb, p, f))
 			return TC_ACT_SHOT; /* half-rewritten: never deliver it */
 		account(f, p, skb, 1);
 		if (skb->ifindex == LOOPBACK_IFINDEX)
 			return TC_ACT_OK; /* the local route is attached already (loopback xmit) */
-		/* Arrived elsewhere: there the stack would drop a local source address as a
-		 * martian; lo takes it, when addressed to lo's all-zero MAC. */
-		__u8 zero_mac[ETH_ALEN] = {};
-
-		if (bpf_skb_store_bytes(skb, 0, zero_mac, ETH_ALEN, 0))
-			return TC_ACT_SHOT;
-		return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
+		/* Arrived elsewhere: input routing would drop a local (or 127/8) source there as a
+		 * martian. Sent out of lo with an output route, as if a local socket had sent it. */
+		return bpf_redirect_neigh(LOOPBACK_IFINDEX, 0, 0, 0);
 	}
 	rc = route(skb, p, f, &fib);
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
+		struct sni_quic_flow *back = reverse_entry(p, f);
+
+		if (back && back->path_ifindex && back->path_ifindex != LOOPBACK_IFINDEX)
+			return send_learned(skb, p, f, back);
+	}
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
 		if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
 			COUNT(fib_fwd_disabled);

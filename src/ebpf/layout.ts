@@ -198,10 +198,11 @@ export const QUIC_KEY = { size: 40, family: 0, sport: 4, dport: 6, saddr: 8, dad
 
 /**
  * struct sni_quic_flow: the rewrite target (saddr[16], daddr[16], sport, dport), flags u32, then
- * what the program updates: last_seen_ns, packets, bytes (u64).
+ * what the program updates: last_seen_ns, packets, bytes (u64), and the way back to the key's
+ * source it learns (path_ifindex u32, path_peer_mac[6], path_self_mac[6]).
  */
 export const QUIC_FLOW = {
-  size: 64,
+  size: 80,
   saddr: 0,
   daddr: 16,
   sport: 32,
@@ -210,6 +211,9 @@ export const QUIC_FLOW = {
   lastSeenNs: 40,
   packets: 48,
   bytes: 56,
+  pathIfindex: 64,
+  pathPeerMac: 68,
+  pathSelfMac: 74,
 } as const;
 
 /** sni_quic_flow.flags: the entry of the client -> backend direction. */
@@ -223,6 +227,7 @@ export const QUIC_STATS_FIELDS = [
   "to_client_bytes",
   "delivered_local",
   "redirected",
+  "redirected_learned",
   "passed_no_flow",
   "passed_fragment",
   "passed_ip_options",

@@ -26,10 +26,16 @@
  * delivered by the stack; one to another host leaves through the interface the routing table
  * names (bpf_redirect_neigh). A datagram the program cannot handle (IP fragments, IPv4 options,
  * IPv6 extension headers, no route, larger than the egress MTU) goes on unchanged to the proxy's
- * sockets, counted by reason in {@link QuicFastPath.stats}. Note that bpf_fib_lookup answers
- * "forwarding disabled" for a datagram to another host when forwarding is off on the interface
- * it arrived on (net.ipv4.conf.IF.forwarding / net.ipv6.conf.IF.forwarding): such flows work,
- * through userspace, counted in `fibFwdDisabled`.
+ * sockets, counted by reason in {@link QuicFastPath.stats}.
+ *
+ * Forwarding sysctls: bpf_fib_lookup refuses to route (FWD_DISABLED) a datagram that arrived on
+ * an interface with forwarding off (net.ipv4.conf.IF.forwarding, net.ipv6.conf.IF.forwarding;
+ * lo included). The program then sends it the way the flow's other direction came in (that
+ * interface, to the MAC of its last hop: symmetric routing, as for any server's replies), which
+ * it learns from every datagram of the flow. Until the other side has sent a datagram after
+ * addFlow, the datagram goes to userspace (`fibFwdDisabled`). So with forwarding off, a remote
+ * client's replies from a local backend (arriving on lo) are forwarded from the client's first
+ * datagram on; a remote backend is reached in the kernel once it has answered once.
  * @module
  */
 
@@ -103,17 +109,29 @@ export interface QuicFastPathStats {
   /** Of the forwarded datagrams: delivered to a local address, sent to another host. */
   deliveredLocal: number;
   redirected: number;
+  /** Of the redirected: sent the way the other direction came in, the FIB lookup refused. */
+  redirectedLearned: number;
   /** Datagrams passed unchanged to the stack (and so to the proxy's sockets), by reason. */
   passed: {
+    /**
+     * UDP of no flow in the map: flows' first datagrams, other UDP traffic, and datagrams this
+     * program already forwarded into lo (they cross lo's ingress once more).
+     */
     noFlow: number;
+    /** IP fragments. */
     fragment: number;
+    /** IPv4 options (UDP), IPv6 extension headers (any protocol: they are not walked). */
     ipOptions: number;
+    /** Headers shorter than they claim. */
     truncated: number;
     /** The route lookup failed (the three below). */
     fib: number;
   };
+  /** Forwarding is off on the interface it arrived on, and no way back was learned yet. */
   fibFwdDisabled: number;
+  /** Larger than the egress MTU: userspace sends it (and the kernel answers with ICMP). */
   fibFragNeeded: number;
+  /** No route: blackhole, unreachable, prohibit, or a local address without a socket. */
   fibNoRoute: number;
   /** Flows in the kernel now. */
   flows: number;
@@ -277,10 +295,11 @@ export class QuicFastPath {
     const keys = flowKeys(flow);
     if (!keys) return false;
     const [toBackend, toClient] = keys;
+    const id = hex(toBackend);
     // the client's direction first, so no datagram is forwarded whose answer would not be
     const found = this.#flows.delete(toBackend);
-    const foundReply = this.#flows.delete(toClient);
-    this.#added.delete(hex(toBackend));
+    const foundReply = this.#flows.delete(this.#added.get(id)?.replyKey ?? toClient);
+    this.#added.delete(id);
     return found || foundReply;
   }
 
@@ -322,6 +341,7 @@ export class QuicFastPath {
       toClient: { packets: s.to_client_packets, bytes: s.to_client_bytes },
       deliveredLocal: s.delivered_local,
       redirected: s.redirected,
+      redirectedLearned: s.redirected_learned,
       passed: {
         noFlow: s.passed_no_flow,
         fragment: s.passed_fragment,

@@ -98,7 +98,8 @@ export function detach(link: TcxLink, log: EbpfLog): void {
 
 /**
  * Logs the attached interfaces where forwarding is off for a family: there bpf_fib_lookup
- * answers FWD_DISABLED, so flows to another host arriving there are relayed in userspace.
+ * answers FWD_DISABLED, so a datagram to another host arriving there waits (in userspace) until
+ * the way to its destination has been learned from the other direction.
  */
 export function noteForwarding(ifaces: QuicInterface[], log: EbpfLog): void {
   for (const { name } of ifaces) {
