@@ -34,12 +34,30 @@ export interface KernelRelaySettings {
   rcvbuf: number;
 }
 
+/**
+ * How a process's connections move their bytes: resolved once at start from `ebpf.enabled`,
+ * `ebpf.sockmap_enabled` and `ebpf.splice_mode` (and what the host allowed), then handed
+ * unchanged to every listener and session.
+ */
+export type RelayPath =
+  | { kind: "userspace" }
+  /** Kernel mode, splice(2) through the process's pipes. */
+  | { kind: "pipe"; pipes: PipePool }
+  /** Kernel mode, the eBPF sockmap redirect. */
+  | { kind: "sockmap"; kernel: KernelAccel };
+
+/** Userspace mode: the relay copies. */
+export const USERSPACE_PATH: RelayPath = { kind: "userspace" };
+
+/** What the access log and the ready line call a relay path. */
+export function pathMode(path: RelayPath): "kernel" | "userspace" {
+  return path.kind === "userspace" ? "userspace" : "kernel";
+}
+
 /** What a session's handoff needs. */
 export interface KernelHandoffOptions {
-  /** The sockmap fast path (`ebpf.splice_mode` "sockmap"), or null. */
-  kernel: KernelAccel | null;
-  /** The pipes of `ebpf.splice_mode` "pipe", or null. */
-  pipes: PipePool | null;
+  /** How bytes move in this process. */
+  path: RelayPath;
   ebpf: KernelRelaySettings;
   metrics: Metrics;
   /** The client, for log lines. */
@@ -74,8 +92,9 @@ export function kernelHandoff(
   client: TcpSocket,
   options: KernelHandoffOptions,
 ): KernelHandoff | null {
-  if (options.pipes) return new PipeHandoff(client, options.pipes, options);
-  if (options.kernel) return new SockmapHandoff(client, options.kernel, options);
+  const path = options.path;
+  if (path.kind === "pipe") return new PipeHandoff(client, path.pipes, options);
+  if (path.kind === "sockmap") return new SockmapHandoff(client, path.kernel, options);
   return null;
 }
 

@@ -9,8 +9,7 @@ import type { ListenerConfig } from "../config/mod.ts";
 import type { DialGuard } from "../route/dialguard.ts";
 import type { HostResolver } from "../dns/resolver.ts";
 import { type FdBudget, localResourceError, localResourceHint } from "./fdbudget.ts";
-import type { KernelAccel } from "../ebpf/sockmap.ts";
-import type { PipePool } from "./piped.ts";
+import { pathMode, type RelayPath } from "./kernel_handoff.ts";
 import { BurstLog, logger, writeAccess } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { closeQuietly } from "./relay.ts";
@@ -39,10 +38,8 @@ export interface ListenerHost {
   /** The routing tables new connections are served by (swapped on reload). */
   readonly tables: RoutingTables;
   readonly metrics: Metrics;
-  /** The eBPF fast path (`ebpf.splice_mode` "sockmap"), or null. */
-  readonly kernel: KernelAccel | null;
-  /** Kernel mode through splice(2) (`ebpf.splice_mode` "pipe"): its pipes, or null. */
-  readonly pipes: PipePool | null;
+  /** How bytes move in this process (userspace, or kernel mode's pipes or sockmap). */
+  readonly path: RelayPath;
   /** Resolves backend hosts for the sessions. */
   readonly resolver: HostResolver;
   /** Which resolved backend addresses sessions may dial. */
@@ -201,8 +198,7 @@ export class Listener {
       protocol: this.#protocol,
       metrics: host.metrics,
       trustedProxy,
-      kernel: host.kernel,
-      pipes: host.pipes,
+      path: host.path,
       resolver: host.resolver,
       guard: host.guard,
       fds: host.fds,
@@ -231,7 +227,7 @@ export class Listener {
       bytes_down: 0,
       duration_ms: 0,
       close_reason: reason,
-      mode: this.#host.kernel || this.#host.pipes ? "kernel" : "userspace",
+      mode: pathMode(this.#host.path),
     });
   }
 

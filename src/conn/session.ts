@@ -17,12 +17,10 @@ import type { FingerprintPatterns } from "../proto/fingerprint.ts";
 import type { Head, Protocol, Refusal } from "../proto/protocol.ts";
 import type { DialGuard } from "../route/dialguard.ts";
 import type { FdBudget } from "./fdbudget.ts";
-import type { KernelAccel } from "../ebpf/sockmap.ts";
 import { BurstLog, logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { errText } from "../ops/errtext.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd } from "./relay.ts";
-import type { PipePool } from "./piped.ts";
 import {
   parseProxyHeader,
   proxyHeader,
@@ -35,7 +33,7 @@ import type { HostResolver } from "../dns/resolver.ts";
 import type { RoutingTable } from "../route/table.ts";
 import { type CloseReason, ConnRecord, type SessionInfo } from "./conn_record.ts";
 import { dialBackend } from "./backend_dial.ts";
-import { type KernelHandoff, kernelHandoff } from "./kernel_handoff.ts";
+import { type KernelHandoff, kernelHandoff, type RelayPath } from "./kernel_handoff.ts";
 
 const log = logger("session");
 /** Warnings that can come once per connection: logged once per burst. */
@@ -54,10 +52,8 @@ export interface SessionContext {
    * with a PROXY header naming the real client, and the ACL applies to that client.
    */
   trustedProxy: boolean;
-  /** The eBPF fast path, when it is on; null: userspace mode. */
-  kernel: KernelAccel | null;
-  /** Kernel mode with splice(2) (`ebpf.splice_mode` "pipe"): the pipes; null otherwise. */
-  pipes: PipePool | null;
+  /** How bytes move in this process (userspace, or kernel mode's pipes or sockmap). */
+  path: RelayPath;
   /** Resolves backend hosts. */
   resolver: HostResolver;
   /** Which resolved backend addresses may be dialled. */
@@ -368,8 +364,7 @@ export class Session {
     const { table, metrics, resolver, guard, fds } = this.#ctx;
     const record = this.#record;
     const handoff = kernelHandoff(this.#client, {
-      kernel: this.#ctx.kernel,
-      pipes: this.#ctx.pipes,
+      path: this.#ctx.path,
       ebpf: table.config.ebpf,
       metrics,
       clientAddr: record.client,

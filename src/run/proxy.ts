@@ -18,6 +18,7 @@ import { DialGuard, type OwnSocket } from "../route/dialguard.ts";
 import { FdBudget } from "../conn/fdbudget.ts";
 import type { KernelAccel } from "../ebpf/sockmap.ts";
 import { PipePool } from "../conn/piped.ts";
+import { pathMode, type RelayPath, USERSPACE_PATH } from "../conn/kernel_handoff.ts";
 import type { XdpFilter } from "../ebpf/xdp.ts";
 import { Listener, type ListenerHost, warnIfListened } from "../conn/listener.ts";
 import { QuicListener, type QuicListenerHost } from "../conn/quic_listener.ts";
@@ -274,9 +275,20 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
     return this.#all.map((l) => ({ ...l.config, port: l.bound.port }));
   }
 
+  /** How the bytes of this process's connections move: resolved once, at start. */
+  get path(): RelayPath {
+    this.#path ??= this.pipes
+      ? { kind: "pipe", pipes: this.pipes }
+      : this.kernel
+      ? { kind: "sockmap", kernel: this.kernel }
+      : USERSPACE_PATH;
+    return this.#path;
+  }
+  #path: RelayPath | null = null;
+
   /** Whether the bytes of this process's connections move in the kernel. */
   get mode(): RelayMode {
-    return this.kernel || this.pipes ? "kernel" : "userspace";
+    return pathMode(this.path);
   }
 
   /** No workers: this process serves. */
