@@ -15,7 +15,6 @@ import {
   startProxy,
   tlsConnect,
   unusedPort,
-  waitKernelSlot,
   withProxy,
   writeAll,
 } from "./harness/mod.ts";
@@ -371,7 +370,6 @@ Deno.test({
     });
     try {
       // one kernel-mode proxy per machine (its cgroup): wait for any other to finish
-      await waitKernelSlot();
       await withProxy({
         listeners: [{ address: "127.0.0.1:0" }],
         routes: [{ match: "a.test", backends: [backend.address] }],

@@ -5,11 +5,7 @@
  * @module
  */
 import type { Config } from "../config/mod.ts";
-import { PIN_DIR, SOCKMAP_MAPS, SOCKMAP_STATS_FIELDS } from "../ebpf/layout.ts";
-
-/** struct sni_stats: the counters the table shows (all but sockets_closed), in map order. */
-const SOCKMAP_STATS = SOCKMAP_STATS_FIELDS.filter((f) => f !== "sockets_closed");
-const STATS_PIN = `${PIN_DIR}/${SOCKMAP_MAPS.stats}`;
+import { PIN_ROOT, SOCKMAP_MAPS, SOCKMAP_STATS_FIELDS } from "../ebpf/layout.ts";
 
 /** Prints the table; returns the exit code. */
 export async function printStats(config: Config): Promise<number> {
@@ -29,8 +25,9 @@ export async function printStats(config: Config): Promise<number> {
     }
   } else {
     try {
-      stats = { kernel: { sockmap: await readPinnedStats(STATS_PIN, SOCKMAP_STATS) } };
-      source = `${STATS_PIN} (no metrics.address in ${config.path}: kernel counters only)`;
+      const pin = `${await instanceDir()}/${SOCKMAP_MAPS.stats}`;
+      stats = { kernel: { sockmap: await readPinnedStats(pin, SOCKMAP_STATS_FIELDS) } };
+      source = `${pin} (no metrics.address in ${config.path}: kernel counters only)`;
     } catch (e) {
       console.error(
         `sni-proxy stats: no metrics.address in ${config.path}, and the pinned eBPF maps cannot ` +
@@ -53,6 +50,27 @@ export async function printStats(config: Config): Promise<number> {
   const width = Math.max(...rows.map(([k]) => k.length));
   for (const [k, v] of rows) console.log(`${k.padEnd(width)}  ${v.padStart(14)}`);
   return 0;
+}
+
+/**
+ * The pin dir of the one kernel-mode instance running on this host (each pins under
+ * PIN_ROOT/<pid>); throws when there is none, or several (which one is meant is not known).
+ */
+async function instanceDir(): Promise<string> {
+  const live: string[] = [];
+  try {
+    for await (const e of Deno.readDir(PIN_ROOT)) {
+      if (/^\d+$/.test(e.name) && (await Deno.stat(`/proc/${e.name}`).catch(() => null))) {
+        live.push(e.name);
+      }
+    }
+  } catch { /* no dir: no instance */ }
+  if (live.length === 1) return `${PIN_ROOT}/${live[0]}`;
+  throw new Error(
+    live.length
+      ? `${live.length} kernel-mode instances run (pids ${live.join(", ")}): set metrics.address`
+      : `no kernel-mode instance pins its maps under ${PIN_ROOT} (is the proxy running in kernel mode, as root?)`,
+  );
 }
 
 /** Sums a pinned PERCPU_ARRAY's entry 0 of little-endian u64 fields over CPUs. */

@@ -23,7 +23,7 @@ import { warnIfListened } from "../conn/listener.ts";
 import { logger, writeForwarded } from "../ops/log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "../ops/metrics.ts";
 import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
-import { flattenXdp, kernelMode, openKernel, openXdpBlocking } from "./accel.ts";
+import { addCounters, flattenXdp, kernelMode, openKernel, openXdpBlocking } from "./accel.ts";
 import type { XdpFilter } from "../ebpf/xdp.ts";
 import { SourceBlocker } from "../ebpf/xdpblock.ts";
 import { countOffences, type OffenceLine } from "./offences.ts";
@@ -219,10 +219,10 @@ export class Supervisor implements AdminTarget {
     for (const w of config.warnings) log.warn(w);
     warnIfListened(config.listeners);
     const ports = resolvePorts(config.listeners);
-    // before the workers: they inherit this process's cgroup, where the sock_ops program sees
-    // their sockets
+    // before the workers: they open its maps where it pinned them
     const kernel = kernelMode(config) === "sockmap" ? await openKernel(config) : null;
-    const sup = new Supervisor(config, { count: config.workers, kernel: !!kernel, ports }, kernel);
+    const spec = { count: config.workers, kernel: kernel?.pinDir ?? null, ports };
+    const sup = new Supervisor(config, spec, kernel);
     try {
       await Promise.all(sup.#workers.map((_, i) => sup.#spawn(i)));
     } catch (e) {
@@ -361,7 +361,8 @@ export class Supervisor implements AdminTarget {
     const sum = emptySnapshot();
     for (const p of parts) if (p) addSnapshot(sum, p);
     const kernel = this.#kernel;
-    if (kernel) sum.kernel.sockmap = { ...kernel.stats() };
+    // the verdict program's counters, read here, plus the sockets the workers paired
+    if (kernel) sum.kernel.sockmap = addCounters(sum.kernel.sockmap ?? {}, kernel.stats());
     const xdp = this.#xdp;
     if (xdp) sum.kernel.xdp = flattenXdp(xdp.stats());
     // the workers' part is what they could not report
