@@ -55,6 +55,7 @@ import {
   SyscallMeter,
   testCerts,
   tlsConnect,
+  unusedPort,
   verifierRejectedObject,
   waitPairEntries,
   whoAnswers,
@@ -690,10 +691,12 @@ ktest(
   "kernel mode with workers: 2: the supervisor loads the programs once, both workers splice through its pins",
   async (scope) => {
     const backend = await rawServer(scope, echoHandler);
+    const metricsPort = unusedPort();
     const proxy = await startKernelProxy(scope, {
       workers: 2,
       listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
       routes: [{ match: "a.test", backends: [backend.address] }],
+      metrics: { address: `127.0.0.1:${metricsPort}` },
       ebpf: kernelEbpf(),
     });
     assert.match(proxy.stderr(), /ready: 2 workers \(pids \d+, \d+\).*mode kernel/);
@@ -708,6 +711,12 @@ ktest(
     const workers = new Set(entries.map((e) => (e as { worker?: number }).worker));
     assert.deepEqual([...workers].sort(), [1, 2], "both workers served and spliced");
     assert.equal(await waitPairEntries(proxy.pid, 0), 0, "pair-map entries removed");
+    // the supervisor's counters: the workers' paired sockets plus the verdict program's bytes
+    const stats = await (await fetch(`http://127.0.0.1:${metricsPort}/stats`)).json();
+    const sockmap = stats.kernel.sockmap as Record<string, number>;
+    assert.equal(sockmap.socketsInserted, 60, JSON.stringify(sockmap));
+    assert.equal(sockmap.socketsLive, 0, JSON.stringify(sockmap));
+    assert.ok(sockmap.bytesSpliced > 0, JSON.stringify(sockmap));
     await assertCleanStop(proxy);
   },
   60_000,

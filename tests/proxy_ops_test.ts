@@ -369,7 +369,6 @@ Deno.test({
       await c.closeWrite();
     });
     try {
-      // one kernel-mode proxy per machine (its cgroup): wait for any other to finish
       await withProxy({
         listeners: [{ address: "127.0.0.1:0" }],
         routes: [{ match: "a.test", backends: [backend.address] }],

@@ -1,6 +1,7 @@
 /**
  * `sni-proxy stats`: the running proxy's counters as a table, from its metrics endpoint, or,
- * when it serves none, from the pinned per-CPU maps of the eBPF fast path (via bpftool).
+ * when it serves none, from the pinned per-CPU maps of the eBPF fast path (via bpftool) of the
+ * instance started with the same config file.
  *
  * @module
  */
@@ -25,7 +26,7 @@ export async function printStats(config: Config): Promise<number> {
     }
   } else {
     try {
-      const pin = `${await instanceDir()}/${SOCKMAP_MAPS.stats}`;
+      const pin = `${await instanceDir(config.path)}/${SOCKMAP_MAPS.stats}`;
       stats = { kernel: { sockmap: await readPinnedStats(pin, SOCKMAP_STATS_FIELDS) } };
       source = `${pin} (no metrics.address in ${config.path}: kernel counters only)`;
     } catch (e) {
@@ -53,24 +54,43 @@ export async function printStats(config: Config): Promise<number> {
 }
 
 /**
- * The pin dir of the one kernel-mode instance running on this host (each pins under
- * PIN_ROOT/<pid>); throws when there is none, or several (which one is meant is not known).
+ * The pin dir of the kernel-mode instance started with `configPath` (each pins under
+ * PIN_ROOT/<pid>), or of the only one running; throws when there is none, or several and none
+ * (or more than one) was started with that config.
  */
-async function instanceDir(): Promise<string> {
-  const live: string[] = [];
+async function instanceDir(configPath: string): Promise<string> {
+  const live: number[] = [];
   try {
     for await (const e of Deno.readDir(PIN_ROOT)) {
       if (/^\d+$/.test(e.name) && (await Deno.stat(`/proc/${e.name}`).catch(() => null))) {
-        live.push(e.name);
+        live.push(Number(e.name));
       }
     }
   } catch { /* no dir: no instance */ }
-  if (live.length === 1) return `${PIN_ROOT}/${live[0]}`;
+  const want = await Deno.realPath(configPath).catch(() => configPath);
+  const mine = [];
+  for (const pid of live) if ((await configOf(pid)) === want) mine.push(pid);
+  const pick = mine.length === 1 ? mine : live;
+  if (pick.length === 1) return `${PIN_ROOT}/${pick[0]}`;
   throw new Error(
     live.length
-      ? `${live.length} kernel-mode instances run (pids ${live.join(", ")}): set metrics.address`
+      ? `${live.length} kernel-mode instances run (pids ${live.join(", ")}), none with ` +
+        `${configPath} alone: set metrics.address`
       : `no kernel-mode instance pins its maps under ${PIN_ROOT} (is the proxy running in kernel mode, as root?)`,
   );
+}
+
+/** The config file process `pid` was started with (its last --config), resolved; or null. */
+async function configOf(pid: number): Promise<string | null> {
+  try {
+    const args = (await Deno.readTextFile(`/proc/${pid}/cmdline`)).split("\0");
+    const i = args.lastIndexOf("--config");
+    const path = i >= 0 ? args[i + 1] : "config.json";
+    const cwd = await Deno.readLink(`/proc/${pid}/cwd`);
+    return await Deno.realPath(path.startsWith("/") ? path : `${cwd}/${path}`);
+  } catch {
+    return null;
+  }
 }
 
 /** Sums a pinned PERCPU_ARRAY's entry 0 of little-endian u64 fields over CPUs. */
