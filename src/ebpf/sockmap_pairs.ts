@@ -236,7 +236,9 @@ export class PairTable {
 
   /**
    * Deletes pairing entries whose socket is not in the sockhash (left by a worker that was
-   * killed: its sockets closed and left the sockhash by themselves); returns how many.
+   * killed: its sockets closed and left the sockhash by themselves); returns how many. It may
+   * also catch a pair another process is making (entries written, sockets not yet in): that
+   * pair's bytes then pass to its relay in userspace, which forwards them; nothing is lost.
    */
   #sweepStale(): number {
     const now = performance.now();
