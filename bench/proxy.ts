@@ -5,7 +5,6 @@
  *
  * @module
  */
-import { waitKernelSlot } from "../tests/harness/kernel.ts";
 import { spawn, stop } from "./procs.ts";
 import type { ReadyLine } from "../src/run/ready.ts";
 import { DUPLEX_NAME } from "./starve.ts";
@@ -86,34 +85,12 @@ export interface Proxy {
 /** How long the proxy may take from spawn to its ready line. */
 const READY_TIMEOUT_MS = 30_000;
 
-/** How long a kernel-mode start waits for another kernel-mode sni-proxy on the machine to end. */
-export const KERNEL_SLOT_WAIT_MS = 90_000;
-
 /**
- * Starts the proxy in `mode` in front of `backends`; resolves once it is ready. Kernel mode
- * first waits (up to {@link KERNEL_SLOT_WAIT_MS}) until no other kernel-mode sni-proxy runs on
- * the machine (one at a time: the cgroup and the pins); throws if one keeps running.
+ * Starts the proxy in `mode` in front of `backends`; resolves once it is ready. Kernel-mode
+ * proxies keep their eBPF state per instance, so other proxies on the machine do not matter.
  */
-export async function startProxy(
-  dir: string,
-  backends: Backends,
-  mode: ProxyMode,
-): Promise<Proxy> {
-  // only the sockmap holds the machine-wide cgroup and pins
-  if (mode.ebpf.splice_mode !== "sockmap") return await startOnce(dir, backends, mode);
-  for (let attempt = 1;; attempt++) {
-    try {
-      await waitKernelSlot(KERNEL_SLOT_WAIT_MS);
-    } catch (e) {
-      throw new Error(`proxy (${mode.name}) did not start: ${(e as Error).message}`);
-    }
-    try {
-      return await startOnce(dir, backends, mode);
-    } catch (e) {
-      // another kernel-mode proxy took the slot between the wait and the start: wait again
-      if (attempt === 3 || !/already holds process/.test((e as Error).message)) throw e;
-    }
-  }
+export function startProxy(dir: string, backends: Backends, mode: ProxyMode): Promise<Proxy> {
+  return startOnce(dir, backends, mode);
 }
 
 /** Starts one proxy process in `mode` and waits for its ready line (`--ready-fd 1`). */

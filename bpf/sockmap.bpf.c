@@ -2,8 +2,10 @@
 /*
  * sni-proxy kernel fast path: splice routed client/backend socket pairs inside the kernel.
  *
- * - sni_sockops (sock_ops, attached to the proxy's cgroup v2 dir) inserts every established TCP
- *   socket of the proxy (passive and active) into sni_sockhash, keyed by its 4-tuple.
+ * - Userspace inserts the two sockets of a routed session into sni_sockhash by fd (keyed by each
+ *   socket's 4-tuple), after writing their sni_pairs entries; a socket that closes leaves the
+ *   sockhash by itself. No cgroup program: only the sockets userspace hands over are seen, so
+ *   two proxy instances on one host never see each other's sockets.
  * - sni_verdict (sk_skb verdict, attached to sni_sockhash) redirects what a paired socket receives
  *   to the peer socket's egress and counts it; unpaired traffic is passed to userspace.
  * - No backpressure: a redirect takes the bytes out of the receiving socket at once, so TCP never
@@ -21,11 +23,6 @@
 #include <bpf/bpf_endian.h>
 
 #include "sockmap.h"
-
-#define SOL_SOCKET 1
-#define SO_SNDBUF 7
-#define SO_RCVBUF 8
-#define TCP_CLOSE 7
 
 /* Default sizes; userspace sets the real ones from config before load. */
 struct {
@@ -51,13 +48,6 @@ struct {
 	__type(value, struct sni_stats);
 } sni_stats SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct sni_config);
-} sni_config SEC(".maps");
-
 static __always_inline struct sni_stats *stats(void)
 {
 	__u32 zero = 0;
@@ -71,9 +61,9 @@ static __always_inline int is_v4_mapped(__u32 a0, __u32 a1, __u32 a2)
 }
 
 /*
- * Both contexts expose remote_port as a 16-bit network-order port shifted into the upper half
- * of the u32 on little endian (i.e. the u32 is the port in network byte order); bpf_ntohl()
- * gives the host-order port on either endianness. local_port is host order already.
+ * __sk_buff exposes remote_port as a 16-bit network-order port shifted into the upper half of
+ * the u32 on little endian (i.e. the u32 is the port in network byte order); bpf_ntohl() gives
+ * the host-order port on either endianness. local_port is host order already.
  */
 #define FILL_KEY(key, ctx)                                                                     \
 	({                                                                                     \
@@ -111,56 +101,6 @@ static __always_inline int is_v4_mapped(__u32 a0, __u32 a1, __u32 a2)
 		ok_;                                                                           \
 	})
 
-SEC("sockops")
-int sni_sockops(struct bpf_sock_ops *skops)
-{
-	struct sni_sock_key key;
-	struct sni_config *cfg;
-	struct sni_stats *st;
-	__u32 zero = 0;
-	int val;
-
-	if (skops->op == BPF_SOCK_OPS_STATE_CB) {
-		/* a tracked socket leaving the map: live sockets = inserted - closed */
-		if (skops->args[1] == TCP_CLOSE && skops->args[0] != TCP_CLOSE) {
-			st = stats();
-			if (st)
-				st->sockets_closed++;
-		}
-		return 1;
-	}
-	if (skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
-	    skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
-		return 1;
-	if (!FILL_KEY(&key, skops))
-		return 1;
-
-	st = stats();
-	/* Bound the kernel memory a spliced connection can hold (0 = kernel default/autotune). */
-	cfg = bpf_map_lookup_elem(&sni_config, &zero);
-	if (cfg) {
-		if (cfg->sndbuf) {
-			val = cfg->sndbuf;
-			if (bpf_setsockopt(skops, SOL_SOCKET, SO_SNDBUF, &val, sizeof(val)) && st)
-				st->setsockopt_failures++;
-		}
-		if (cfg->rcvbuf) {
-			val = cfg->rcvbuf;
-			if (bpf_setsockopt(skops, SOL_SOCKET, SO_RCVBUF, &val, sizeof(val)) && st)
-				st->setsockopt_failures++;
-		}
-	}
-
-	if (bpf_sock_hash_update(skops, &sni_sockhash, &key, BPF_ANY) == 0) {
-		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
-		if (st)
-			st->sockets_inserted++;
-	} else if (st) {
-		st->insert_failures++;
-	}
-	return 1;
-}
-
 /* Redirect what a paired socket received to its peer in `sockets`; pass everything else. */
 static __always_inline int splice_verdict(struct __sk_buff *skb, void *sockets)
 {
@@ -192,7 +132,7 @@ static __always_inline int splice_verdict(struct __sk_buff *skb, void *sockets)
 	}
 	__builtin_memcpy(&peer, &pair->peer, sizeof(peer));
 	if (bpf_sk_redirect_hash(skb, sockets, &peer, 0) != SK_PASS) {
-		/* Peer gone (closed, not inserted): hand the bytes to userspace, never drop them. */
+		/* Peer gone (closed, not yet inserted): hand the bytes to userspace, never drop them. */
 		if (st)
 			st->redirect_failures++;
 		return SK_PASS;

@@ -28,7 +28,8 @@ struct sni_sock_key {
 
 /*
  * Pairing entry, keyed by the receiving socket: what arrives on it goes to `peer`. Written by
- * userspace once a session is routed; the counters are written by the verdict program. 64 bytes.
+ * userspace once a session is routed (before it inserts the sockets into the sockhash); the
+ * counters are written by the verdict program. 64 bytes.
  */
 struct sni_pair {
 	struct sni_sock_key peer;
@@ -37,25 +38,18 @@ struct sni_pair {
 	__u64 packets; /* skbs redirected */
 };
 
-/* Single-entry array (key 0), written by userspace before attaching. 0 = leave as is. */
-struct sni_config {
-	__u32 sndbuf; /* SO_SNDBUF for every inserted socket */
-	__u32 rcvbuf; /* SO_RCVBUF for every inserted socket */
-};
-
-/* Per-CPU counters (single-entry per-CPU array, key 0). 88 bytes. */
+/*
+ * Per-CPU counters of the verdict program (single-entry per-CPU array, key 0). 56 bytes.
+ * Sockets are inserted and removed by userspace, which counts them itself.
+ */
 struct sni_stats {
 	__u64 bytes_spliced;     /* payload bytes redirected socket to socket */
 	__u64 packets_spliced;   /* skbs redirected */
 	__u64 redirect_failures; /* pair found but peer not in the sockhash: passed to userspace */
 	__u64 passed;            /* skbs without a pair, passed to userspace */
-	__u64 sockets_inserted;  /* established sockets inserted into the sockhash */
-	__u64 insert_failures;   /* bpf_sock_hash_update failed (map full, ...) */
-	__u64 setsockopt_failures;
 	__u64 bytes_upstream;    /* the part of bytes_spliced that went client -> backend */
 	__u64 packets_upstream;  /* the part of packets_spliced that went client -> backend */
 	__u64 empty_dropped;     /* skbs without payload (a FIN) dropped: TCP already saw the FIN */
-	__u64 sockets_closed;    /* tracked sockets that reached TCP_CLOSE (live = inserted - closed) */
 };
 
 #endif /* SNI_PROXY_SOCKMAP_H */

@@ -4,14 +4,16 @@
  * proxy process, measured from outside with strace, against a userspace control run), bytes
  * arrive intact (full duplex, half-close with a large final write, resets, 2,000 concurrent
  * connections, kernel and userspace sessions side by side), and every fallback path works
- * (no privilege, a verifier-rejected object, clean exit and SIGKILL leave the machine usable).
+ * (no privilege, a verifier-rejected object, clean exit and SIGKILL leave the machine usable),
+ * and two kernel-mode proxies on one host work side by side.
  *
  * Needs root, libbpf, clang, bpftool, strace and setpriv; elsewhere every test is skipped with
- * the reason printed. Only one kernel-mode proxy can run per machine: the tests wait for the
- * slot, so do not run this file at the same time as tests/kernel_test.ts.
+ * the reason printed. Each proxy keeps its eBPF state to itself (pins under its own dir), so
+ * these tests may run beside any other.
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import { resetSocket, socketPorts } from "../ffi/libc.ts";
 import { socketTuple } from "../src/ebpf/sockmap.ts";
 import { concat } from "../src/net/bytes.ts";
 import { SockDiag } from "../src/conn/tcpinfo.ts";
@@ -28,12 +30,11 @@ import {
   entriesAtLeast,
   GO,
   identityBackend,
+  instancePinDir,
   kernelEbpf,
   kernelSkipReason,
-  kernelSlotHolders,
   LineReader,
   pairEntries,
-  PIN_DIR,
   positionStream,
   type ProxyProcess,
   randomPool,
@@ -54,8 +55,8 @@ import {
   SyscallMeter,
   testCerts,
   tlsConnect,
+  unusedPort,
   verifierRejectedObject,
-  waitKernelSlot,
   waitPairEntries,
   whoAnswers,
   within,
@@ -285,7 +286,7 @@ ktest(
       );
     }
     assert.doesNotMatch(proxy.stderr(), /half-closing anyway/, "no drain timeout at the end");
-    assert.equal(await waitPairEntries(0), 0, "pair-map entries removed");
+    assert.equal(await waitPairEntries(proxy.pid, 0), 0, "pair-map entries removed");
     await assertCleanStop(proxy);
   },
   Math.max(120_000, DUPLEX_ROUNDS * 15_000),
@@ -338,11 +339,22 @@ ktest(
       assert.equal(e.close_reason, "done", JSON.stringify(e));
     }
     assert.doesNotMatch(proxy.stderr(), /half-closing anyway/, "no drain timeout");
-    assert.equal(await waitPairEntries(0), 0, "pair-map entries removed");
+    assert.equal(await waitPairEntries(proxy.pid, 0), 0, "pair-map entries removed");
     await assertCleanStop(proxy);
   },
   90_000,
 );
+
+/** This process's fd of a TCP conn, found by its ports. */
+function fdOf(conn: Deno.Conn): number {
+  const local = (conn.localAddr as Deno.NetAddr).port;
+  const remote = (conn.remoteAddr as Deno.NetAddr).port;
+  for (const e of Deno.readDirSync("/proc/self/fd")) {
+    const p = socketPorts(Number(e.name));
+    if (p?.local === local && p.remote === remote) return Number(e.name);
+  }
+  throw new Error(`no fd for ${local} -> ${remote}`);
+}
 
 /** Waits until a read on `conn` ends (EOF or error), failing after `ms`. */
 async function seesClose(conn: Deno.Conn, ms: number, what: string): Promise<string> {
@@ -373,13 +385,12 @@ for (
   ktest(
     `kernel mode: a ${side} reset${
       halfClosed ? " after its half-close" : ""
-    } closes the other side, removes the pairing, and the proxy keeps serving`,
+    } arrives as a reset on the other side, removes the pairing, and the proxy keeps serving`,
     async (scope) => {
       const { proxy, backend } = await rawKernelProxy(scope);
       const { conn: client } = await rawSpliced(proxy.port(), "a.test");
       const server = await backend.next();
-      assert.equal(await waitPairEntries(2), 2, "the session is paired");
-      // closing a socket with unread bytes in its receive queue makes the kernel send RST
+      assert.equal(await waitPairEntries(proxy.pid, 2), 2, "the session is paired");
       const [resetting, other] = side === "client" ? [client, server] : [server, client];
       if (halfClosed) {
         await resetting.closeWrite();
@@ -387,14 +398,17 @@ for (
       }
       await writeAll(other, POOL.subarray(0, 64 * 1024));
       await sleep(200);
+      // a reset and nothing else (Deno's close would send a FIN first)
+      assert.equal(resetSocket(fdOf(resetting)), 0);
       resetting.close();
       const how = await seesClose(other, 5000, `the other side sees the ${side}'s reset`);
       other.close();
       const e = await proxy.waitAccess((e) => e.backend === backend.address);
       assert.equal(e.close_reason, `${side}_reset`, JSON.stringify(e));
       assert.equal(e.mode, "kernel");
-      assert.equal(await waitPairEntries(0), 0, "pair-map entries removed");
-      note(`${side} reset: the other side saw ${how}`);
+      assert.equal(await waitPairEntries(proxy.pid, 0), 0, "pair-map entries removed");
+      // after a half-close the other side has read its EOF already: reads end there
+      if (!halfClosed) assert.equal(how, "ConnectionReset", `the ${side}'s reset arrives as one`);
       await assertStillServes(proxy, "b.test", "B");
       const served = await proxy.waitAccess((e) => e.sni === "b.test");
       assert.equal(served.mode, "kernel", "the follow-up TLS session was spliced");
@@ -559,7 +573,11 @@ ktest(
     }
     scope.defer(() => sessions.forEach((s) => s.conn.close()));
     const openMs = performance.now() - t0;
-    assert.equal(await pairEntries(), 2 * CONCURRENT, "all 2,000 are paired at the same time");
+    assert.equal(
+      await pairEntries(proxy.pid),
+      2 * CONCURRENT,
+      "all 2,000 are paired at the same time",
+    );
     const sizes = sessions.map(() => 1 + Math.floor(Math.random() * 64 * 1024));
     const t1 = performance.now();
     const bad: number[] = [];
@@ -607,7 +625,7 @@ ktest(
       assert.equal(e.bytes_up, helloBytes + sizes[i], JSON.stringify(e));
       assert.equal(e.bytes_down, 1 + sizes[i], JSON.stringify(e));
     });
-    assert.equal(await waitPairEntries(0), 0, "pair-map entries removed");
+    assert.equal(await waitPairEntries(proxy.pid, 0), 0, "pair-map entries removed");
     note(
       `${CONCURRENT} connections opened+paired in ${openMs.toFixed(0)} ms; ` +
         `${(sizes.reduce((a, b) => a + b, 0) / MiB).toFixed(0)} MiB echoed in ${
@@ -673,10 +691,12 @@ ktest(
   "kernel mode with workers: 2: the supervisor loads the programs once, both workers splice through its pins",
   async (scope) => {
     const backend = await rawServer(scope, echoHandler);
+    const metricsPort = unusedPort();
     const proxy = await startKernelProxy(scope, {
       workers: 2,
       listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
       routes: [{ match: "a.test", backends: [backend.address] }],
+      metrics: { address: `127.0.0.1:${metricsPort}` },
       ebpf: kernelEbpf(),
     });
     assert.match(proxy.stderr(), /ready: 2 workers \(pids \d+, \d+\).*mode kernel/);
@@ -690,7 +710,13 @@ ktest(
     );
     const workers = new Set(entries.map((e) => (e as { worker?: number }).worker));
     assert.deepEqual([...workers].sort(), [1, 2], "both workers served and spliced");
-    assert.equal(await waitPairEntries(0), 0, "pair-map entries removed");
+    assert.equal(await waitPairEntries(proxy.pid, 0), 0, "pair-map entries removed");
+    // the supervisor's counters: the workers' paired sockets plus the verdict program's bytes
+    const stats = await (await fetch(`http://127.0.0.1:${metricsPort}/stats`)).json();
+    const sockmap = stats.kernel.sockmap as Record<string, number>;
+    assert.equal(sockmap.socketsInserted, 60, JSON.stringify(sockmap));
+    assert.equal(sockmap.socketsLive, 0, JSON.stringify(sockmap));
+    assert.ok(sockmap.bytesSpliced > 0, JSON.stringify(sockmap));
     await assertCleanStop(proxy);
   },
   60_000,
@@ -793,7 +819,7 @@ ktest(
     assert.equal(await modeOf(earlyAddr), "userspace", "early data: userspace");
     const http = await proxy.waitAccess((e) => e.backend === web.address);
     assert.equal(http.mode, "userspace", "HTTP listener: userspace");
-    assert.equal(await waitPairEntries(0), 0, "pair-map entries removed");
+    assert.equal(await waitPairEntries(proxy.pid, 0), 0, "pair-map entries removed");
     await assertCleanStop(proxy);
   },
   60_000,
@@ -859,7 +885,6 @@ ktest(
     scope.defer(() => Deno.remove(dir, { recursive: true }).catch(() => {}));
     const object = await verifierRejectedObject(dir);
     const a = await identityBackend(scope, "A");
-    await waitKernelSlot();
     const proxy = await startProxy(scope, {
       listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
       routes: [{ match: "a.test", backends: [a.address] }],
@@ -870,7 +895,7 @@ ktest(
     assert.match(why, /invalid mem access|or_null/, "quotes the verifier's reason");
     assert.match(why, /userspace mode or upgrade the kernel/, "names the fix");
     assert.match(proxy.stderr(), /ready: .*mode userspace/);
-    assert.ok(!(await kernelSlotHolders()).includes(proxy.pid), "not left in the eBPF cgroup");
+    assert.equal(await pinNames(proxy.pid), null, "no pins left behind");
     await assertStillServes(proxy, "a.test", "A");
     const e = await proxy.waitAccess((e) => e.sni === "a.test");
     assert.equal(e.mode, "userspace");
@@ -879,10 +904,11 @@ ktest(
   40_000,
 );
 
-async function pinNames(): Promise<string[] | null> {
+/** The pins of the instance `pid`, sorted, or null when its pin dir does not exist. */
+async function pinNames(pid: number): Promise<string[] | null> {
   try {
     const names: string[] = [];
-    for await (const e of Deno.readDir(PIN_DIR)) names.push(e.name);
+    for await (const e of Deno.readDir(instancePinDir(pid))) names.push(e.name);
     return names.sort();
   } catch (e) {
     if (e instanceof Deno.errors.NotFound) return null;
@@ -891,7 +917,8 @@ async function pinNames(): Promise<string[] | null> {
 }
 
 ktest(
-  "after SIGTERM the pins are gone; after SIGKILL a new proxy replaces the stale pins and splices",
+  "the pins live under a dir of the instance's own, gone after SIGTERM; after SIGKILL the next " +
+    "proxy removes the dead instance's pins (logged) and splices",
   async (scope) => {
     const a = await identityBackend(scope, "A");
     const config = {
@@ -900,28 +927,31 @@ ktest(
       ebpf: kernelEbpf(),
     };
     const clean = await startKernelProxy(scope, config);
-    assert.ok((await pinNames())?.includes("sni_pairs"), "pins while running");
+    assert.deepEqual(await pinNames(clean.pid), ["sni_pairs", "sni_sockhash", "sni_stats"]);
+    assert.match(clean.stderr(), new RegExp(`pins in ${instancePinDir(clean.pid)}`));
     await assertStillServes(clean, "a.test", "A");
     assert.equal((await clean.waitAccess(() => true)).mode, "kernel");
     await assertCleanStop(clean);
-    assert.equal(await pinNames(), null, `${PIN_DIR} removed after a clean exit`);
-    assert.ok(!(await kernelSlotHolders()).includes(clean.pid));
+    assert.equal(await pinNames(clean.pid), null, "the instance's pin dir removed at exit");
 
     const killed = await startKernelProxy(scope, config);
     await assertStillServes(killed, "a.test", "A");
     killed.signal("SIGKILL");
     await killed.status;
-    const stale = await pinNames();
-    assert.ok(stale?.includes("sni_pairs") && stale.includes("sockops_link"), `stale: ${stale}`);
+    assert.ok((await pinNames(killed.pid))?.includes("sni_pairs"), "the killed one left pins");
 
     const next = await startKernelProxy(scope, config);
-    assert.match(next.stderr(), /replaced stale eBPF pins/);
+    assert.match(
+      next.stderr(),
+      new RegExp(`removed the eBPF pins of a dead instance \\(pid ${killed.pid}\\)`),
+    );
+    assert.equal(await pinNames(killed.pid), null, "the dead instance's pins are gone");
     assert.equal(fallbackCount(next.stderr()), 0, "no fallback warning");
     await assertStillServes(next, "a.test", "A");
     assert.equal((await next.waitAccess(() => true)).mode, "kernel", "the new proxy splices");
-    assert.equal(await waitPairEntries(0), 0);
+    assert.equal(await waitPairEntries(next.pid, 0), 0);
     await assertCleanStop(next);
-    assert.equal(await pinNames(), null);
+    assert.equal(await pinNames(next.pid), null);
   },
   60_000,
 );
@@ -929,3 +959,84 @@ ktest(
 function fallbackCount(stderr: string): number {
   return [...stderr.matchAll(WARNING)].length;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. Instances side by side
+
+/** Sends `n` bytes of the pool in 256 KiB writes, hashing them into `hash`. */
+async function sendHashed(conn: Deno.Conn, n: number, hash: ReturnType<typeof createHash>) {
+  for (let off = 0; off < n; off += 256 * 1024) {
+    const chunk = POOL.subarray(off % (16 * MiB), off % (16 * MiB) + Math.min(256 * 1024, n - off));
+    hash.update(chunk);
+    await writeAll(conn, chunk);
+  }
+}
+
+/** `bytes` each way through a spliced pair at once, both half-closed at the end; byte-exact. */
+async function duplexExact(client: Deno.TcpConn, server: Deno.TcpConn, bytes: number) {
+  const [up, down, atBackend, atClient] = await Promise.all([
+    sendRandom(client, POOL, bytes, { closeWrite: true }),
+    sendRandom(server, POOL, bytes, { closeWrite: true }),
+    drainHash(server),
+    drainHash(client),
+  ]);
+  assert.deepEqual(atBackend, { bytes, sha256: up }, "upstream intact");
+  assert.deepEqual(atClient, { bytes, sha256: down }, "downstream intact");
+  client.close();
+  server.close();
+}
+
+ktest(
+  "two sockmap-mode proxies on one host at once: each splices its own connections byte-exact " +
+    "in its own pairing map, and one stopping does not disturb the other's transfer",
+  async (scope) => {
+    const one = await rawKernelProxy(scope);
+    const two = await rawKernelProxy(scope);
+    const pids = [one.proxy.pid, two.proxy.pid];
+    for (const pid of pids) {
+      assert.deepEqual(await pinNames(pid), ["sni_pairs", "sni_sockhash", "sni_stats"]);
+    }
+    const c1 = await rawSpliced(one.proxy.port(), "a.test");
+    const s1 = await one.backend.next();
+    const c2 = await rawSpliced(two.proxy.port(), "a.test");
+    const s2 = await two.backend.next();
+    const c3 = await rawSpliced(two.proxy.port(), "a.test");
+    const s3 = await two.backend.next();
+    assert.equal(await waitPairEntries(one.proxy.pid, 2), 2, "one's map: its one session");
+    assert.equal(await waitPairEntries(two.proxy.pid, 4), 4, "two's map: its two sessions");
+    assert.equal(await pairEntries(one.proxy.pid), 2, "two's sessions are not in one's map");
+
+    await Promise.all([duplexExact(c1.conn, s1, 64 * MiB), duplexExact(c2.conn, s2, 64 * MiB)]);
+    assert.equal(await waitPairEntries(one.proxy.pid, 0), 0, "one's map emptied");
+    assert.equal(await waitPairEntries(two.proxy.pid, 2), 2, "two's open session stays paired");
+
+    // `one` stops in the middle of a transfer through `two`
+    const sent = createHash("sha256");
+    const received = drainHash(s3);
+    await sendHashed(c3.conn, 32 * MiB, sent);
+    await assertCleanStop(one.proxy);
+    assert.equal(await pinNames(one.proxy.pid), null, "one removed its own pins");
+    assert.deepEqual(await pinNames(two.proxy.pid), ["sni_pairs", "sni_sockhash", "sni_stats"]);
+    assert.equal(await pairEntries(two.proxy.pid), 2, "two's session still paired");
+    await sendHashed(c3.conn, 32 * MiB, sent);
+    await c3.conn.closeWrite();
+    assert.deepEqual(await received, { bytes: 64 * MiB, sha256: sent.digest("hex") });
+    await s3.closeWrite();
+    assert.equal((await readOutcome(c3.conn)).kind, "eof");
+    c3.conn.close();
+    s3.close();
+
+    const e1 = await entriesAtLeast(one.proxy, one.backend.address, 1);
+    const e2 = await entriesAtLeast(two.proxy, two.backend.address, 2);
+    for (const e of [...e1, ...e2]) {
+      assert.equal(e.mode, "kernel", JSON.stringify(e));
+      assert.equal(e.close_reason, "done", JSON.stringify(e));
+    }
+    assert.equal(await waitPairEntries(two.proxy.pid, 0), 0);
+    await assertStillServes(two.proxy, "b.test", "B");
+    assert.equal((await two.proxy.waitAccess((e) => e.sni === "b.test")).mode, "kernel");
+    await assertCleanStop(two.proxy);
+    assert.equal(await pinNames(two.proxy.pid), null);
+  },
+  90_000,
+);

@@ -27,7 +27,6 @@ import {
   QUIC_STATS_SIZE,
   SOCK_KEY,
   SOCKHASH_VALUE_SIZE,
-  SOCKMAP_CONFIG,
   SOCKMAP_MAPS,
   SOCKMAP_STATS_SIZE,
   TRIE_VALUE,
@@ -166,7 +165,6 @@ Deno.test({
         [SOCKMAP_MAPS.sockhash]: [SOCK_KEY.size, SOCKHASH_VALUE_SIZE],
         [SOCKMAP_MAPS.pairs]: [SOCK_KEY.size, PAIR.size],
         [SOCKMAP_MAPS.stats]: [KEY_ZERO.length, SOCKMAP_STATS_SIZE],
-        [SOCKMAP_MAPS.config]: [KEY_ZERO.length, SOCKMAP_CONFIG.size],
       }],
       [XDP_OBJECT, {
         deny_v4: [LPM_V4.size, TRIE_VALUE.length],

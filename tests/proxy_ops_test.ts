@@ -15,7 +15,6 @@ import {
   startProxy,
   tlsConnect,
   unusedPort,
-  waitKernelSlot,
   withProxy,
   writeAll,
 } from "./harness/mod.ts";
@@ -360,7 +359,8 @@ const isRoot = Deno.uid() === 0;
 if (!isRoot) console.warn("!!! SKIPPING the pinned-map stats test: it needs root (eBPF)");
 
 Deno.test({
-  name: "'stats' without a metrics endpoint reads the pinned kernel counters",
+  name: "'stats' without a metrics endpoint reads the pinned kernel counters of the instance " +
+    "started with that config, with another kernel-mode instance running beside it",
   ignore: !isRoot,
   fn: async () => {
     await using scope = new Scope();
@@ -369,28 +369,37 @@ Deno.test({
       await drainHash(c);
       await c.closeWrite();
     });
+    const kernelConfig = {
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [{ match: "a.test", backends: [backend.address] }],
+      ebpf: { enabled: true, sockmap_enabled: true, splice_mode: "sockmap" },
+    };
     try {
-      // one kernel-mode proxy per machine (its cgroup): wait for any other to finish
-      await waitKernelSlot();
-      await withProxy({
-        listeners: [{ address: "127.0.0.1:0" }],
-        routes: [{ match: "a.test", backends: [backend.address] }],
-        ebpf: { enabled: true, sockmap_enabled: true, splice_mode: "sockmap" },
-      }, async (p) => {
-        await p.waitForLog("mode kernel");
-        const conn = await tlsConnect(p.port(), "a.test");
-        const payload = new Uint8Array(3 << 20).fill(9);
-        await Promise.all([writeAll(conn, payload).then(() => conn.closeWrite()), readToEnd(conn)]);
-        conn.close();
-        await p.waitAccess((e) => e.mode === "kernel");
-        const table = await cli(["stats", "--config", p.configPath]);
-        assert.equal(table.code, 0, table.err);
-        const spliced = Number(/kernel\.sockmap\.bytes_spliced\s+(\d+)/.exec(table.out)?.[1]);
-        // 3 MiB went through; nearly all of it must have been spliced in the kernel
-        assert.ok(spliced > 3e6, `~3 MiB spliced, got ${spliced}:\n${table.out}`);
-        // and the per-CPU counters tell the direction: nearly all of it went upstream
-        const upstream = Number(/kernel\.sockmap\.bytes_upstream\s+(\d+)/.exec(table.out)?.[1]);
-        assert.ok(upstream > 3e6 && spliced - upstream < 1e5, `upstream ${upstream} of ${spliced}`);
+      // another instance, idle: its counters (all 0) must not be the ones read
+      await withProxy(kernelConfig, async (other) => {
+        await other.waitForLog("mode kernel");
+        await withProxy(kernelConfig, async (p) => {
+          await p.waitForLog("mode kernel");
+          const conn = await tlsConnect(p.port(), "a.test");
+          const payload = new Uint8Array(3 << 20).fill(9);
+          await Promise.all([
+            writeAll(conn, payload).then(() => conn.closeWrite()),
+            readToEnd(conn),
+          ]);
+          conn.close();
+          await p.waitAccess((e) => e.mode === "kernel");
+          const table = await cli(["stats", "--config", p.configPath]);
+          assert.equal(table.code, 0, table.err);
+          const spliced = Number(/kernel\.sockmap\.bytes_spliced\s+(\d+)/.exec(table.out)?.[1]);
+          // 3 MiB went through; nearly all of it must have been spliced in the kernel
+          assert.ok(spliced > 3e6, `~3 MiB spliced, got ${spliced}:\n${table.out}`);
+          // and the per-CPU counters tell the direction: nearly all of it went upstream
+          const upstream = Number(/kernel\.sockmap\.bytes_upstream\s+(\d+)/.exec(table.out)?.[1]);
+          assert.ok(
+            upstream > 3e6 && spliced - upstream < 1e5,
+            `upstream ${upstream} of ${spliced}`,
+          );
+        });
       });
     } finally {
       backend.close();

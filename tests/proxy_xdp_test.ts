@@ -6,14 +6,7 @@
  * expires.
  */
 import assert from "node:assert/strict";
-import {
-  type ProxyProcess,
-  Scope,
-  sleep,
-  startProxy,
-  testCerts,
-  waitKernelSlot,
-} from "./harness/mod.ts";
+import { type ProxyProcess, Scope, sleep, startProxy, testCerts } from "./harness/mod.ts";
 
 const isRoot = Deno.uid() === 0;
 if (!isRoot) {
@@ -103,7 +96,6 @@ async function withNamespaces(
   },
   f: (proxy: Awaited<ReturnType<typeof startProxy>>) => Promise<void>,
 ): Promise<void> {
-  await waitKernelSlot();
   await ip("netns", "del", NS_P).catch(() => {});
   await ip("netns", "del", NS_C).catch(() => {});
   await ip("netns", "add", NS_P);

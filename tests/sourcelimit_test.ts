@@ -57,7 +57,7 @@ Deno.test("with several workers each takes its share of the per-source limits", 
     routes: [],
     limits: { per_source: { max_connections: 5, new_per_second: 3, burst: 7 } },
   }, "/c.json");
-  const worker = workerConfig(config, { index: 1, count: 2, kernel: false, ports: [8443] });
+  const worker = workerConfig(config, { index: 1, count: 2, kernel: null, ports: [8443] });
   assert.deepEqual(worker.limits.perSource, { maxConnections: 3, newPerSecond: 1.5, burst: 4 });
   const connectionsOnly = resolveConfig({
     listeners: [{ address: "127.0.0.1:0" }],
@@ -65,7 +65,7 @@ Deno.test("with several workers each takes its share of the per-source limits", 
     limits: { per_source: { max_connections: 5 } },
   }, "/c.json");
   assert.deepEqual(
-    workerConfig(connectionsOnly, { index: 1, count: 2, kernel: false, ports: [8443] }).limits
+    workerConfig(connectionsOnly, { index: 1, count: 2, kernel: null, ports: [8443] }).limits
       .perSource,
     { maxConnections: 3, newPerSecond: null, burst: 1 },
   );

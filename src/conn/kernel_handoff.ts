@@ -209,14 +209,12 @@ class SockmapHandoff implements KernelHandoff {
     const client = this.#client;
     try {
       this.#pair = this.#kernel.pair(
-        { local: client.localAddr, remote: client.remoteAddr },
-        { local: backend.localAddr, remote: backend.remoteAddr },
+        { fd: client.fd, local: client.localAddr, remote: client.remoteAddr },
+        { fd: backend.fd, local: backend.localAddr, remote: backend.remoteAddr },
       );
     } catch (e) {
       if (e instanceof KernelAccelError && e.reason === "map_full") {
         kernelFallback(metrics, "map_full", errText(e));
-      } else if (e instanceof KernelAccelError && e.reason === "socket_not_tracked") {
-        kernelFallback(metrics, "not_tracked", errText(e));
       } else {
         log.debug(`${clientAddr}: userspace mode: ${errText(e)}`);
       }

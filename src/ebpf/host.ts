@@ -1,20 +1,13 @@
 /**
- * Host setup of the sockmap fast path: the cgroup2 and bpffs mounts, the proxy's cgroup (create,
- * refuse a shared one, move in and out) and the pins a previous run left.
+ * Host setup of the sockmap fast path: bpffs mounted under the pin dir, and the pins that dead
+ * instances left (a crash, kill -9) removed. Each instance pins under a dir of its own, named by
+ * the pid of the process that loaded it, so live instances never touch each other's pins.
  * @module
  */
 
 import { linkDetachFd, objGet } from "../../ffi/libbpf.ts";
 import { closeFd, mountFs } from "../../ffi/libc.ts";
 import { type EbpfLog, KernelAccelError } from "./loader.ts";
-import { PIN_LINK } from "./layout.ts";
-
-/** The proxy's cgroup dir under the cgroup2 mount (one kernel-mode proxy per machine holds it). */
-export const CGROUP_NAME = "sni-proxy";
-/** Where bpffs is mounted when no mount covers a pin dir. */
-const BPFFS_ROOT = "/sys/fs/bpf";
-/** Where cgroup2 is mounted when the host has no cgroup2 mount. */
-export const FALLBACK_CGROUP2_MOUNT = "/run/sni-proxy/cgroup2";
 
 interface Mount {
   source: string;
@@ -22,9 +15,8 @@ interface Mount {
   type: string;
 }
 
-async function readMounts(): Promise<Mount[]> {
-  return parseMounts(await Deno.readTextFile("/proc/self/mounts"));
-}
+/** Where bpffs is mounted when no mount covers a pin dir. */
+const BPFFS_ROOT = "/sys/fs/bpf";
 
 function parseMounts(text: string): Mount[] {
   return text.split("\n").filter(Boolean).map((line) => {
@@ -45,43 +37,6 @@ export async function exists(path: string): Promise<boolean> {
     if (e instanceof Deno.errors.NotFound) return false;
     throw e;
   }
-}
-
-/** The cgroup v2 path of this process relative to the cgroup2 mount ("/" for the root). */
-export async function currentCgroup2(): Promise<string> {
-  const text = await Deno.readTextFile("/proc/self/cgroup");
-  const line = text.split("\n").find((l) => l.startsWith("0::"));
-  return line ? line.slice(3) : "/";
-}
-
-/** The directory of cgroup `relative` (as {@link currentCgroup2} gives it) under `mount`. */
-export function cgroupPath(mount: string, relative: string): string {
-  return `${mount}${relative === "/" ? "" : relative}`;
-}
-
-/** Find (or mount) cgroup2 and make sure pinDir is on a bpffs; returns the cgroup2 mount point. */
-export async function ensureMounts(pinDir: string | null, log: EbpfLog): Promise<string> {
-  const mounts = await readMounts();
-  let cgroupMount = mounts.find((m) => m.type === "cgroup2")?.target;
-  if (!cgroupMount) {
-    cgroupMount = FALLBACK_CGROUP2_MOUNT;
-    try {
-      await Deno.mkdir(cgroupMount, { recursive: true });
-      mountFs("cgroup2", cgroupMount);
-      log("info", `mounted cgroup2 at ${cgroupMount}`);
-    } catch (e) {
-      throw new KernelAccelError(
-        "no_cgroup2",
-        `no cgroup v2 mount and mounting one failed: ${(e as Error).message}`,
-        "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup) or enable cgroup v2 in the kernel",
-        { cause: e },
-      );
-    }
-  }
-  if (pinDir !== null) {
-    ensureBpffs(pinDir, log, "set the pin dir to a bpffs path", mounts);
-  }
-  return cgroupMount;
 }
 
 /**
@@ -122,53 +77,56 @@ export function ensureBpffs(
   );
 }
 
-/** Create the proxy's cgroup dir when missing; returns whether it was created. */
-export async function createCgroup(cgroupDir: string): Promise<boolean> {
-  const created = !(await exists(cgroupDir));
+/** Whether process `pid` exists. */
+function alive(pid: number): boolean {
   try {
-    await Deno.mkdir(cgroupDir, { recursive: true });
-  } catch (e) {
-    throw new KernelAccelError(
-      "no_cgroup2",
-      `cannot create cgroup ${cgroupDir}: ${(e as Error).message}`,
-      "check cgroup2 permissions or set a writable cgroup dir",
-      { cause: e },
-    );
-  }
-  return created;
-}
-
-/** Move this process into the cgroup at `cgroupDir`. */
-export async function moveTo(cgroupDir: string): Promise<void> {
-  await Deno.writeTextFile(`${cgroupDir}/cgroup.procs`, `${Deno.pid}\n`);
-}
-
-/** Refuse to share the cgroup with another live process (a second proxy instance). */
-export async function refuseIfInUse(cgroupDir: string): Promise<void> {
-  let procs = "";
-  try {
-    procs = await Deno.readTextFile(`${cgroupDir}/cgroup.procs`);
+    Deno.statSync(`/proc/${pid}`);
+    return true;
   } catch {
-    return;
-  }
-  const others = procs.split("\n").filter((p) => p && Number(p) !== Deno.pid);
-  if (others.length) {
-    throw new KernelAccelError(
-      "cgroup_in_use",
-      `cgroup ${cgroupDir} already holds process(es) ${others.join(", ")} (another sni-proxy?)`,
-      "stop the other instance or give this one its own cgroup dir and pin dir",
-    );
+    return false;
   }
 }
 
 /**
- * Remove pins a previous run left (crash, kill -9): detach its sock_ops link explicitly (the
- * pin kept it attached), then delete the map pins, so this run replaces rather than duplicates.
+ * Removes from `root` the pin dirs of instances whose process is gone (named by its pid), and
+ * the pins an older version left directly in `root` (one machine-wide set, with a sock_ops link)
+ * unless a process still runs in that version's cgroup. Logs what it removed.
  */
-export async function removeStalePins(pinDir: string, log: EbpfLog): Promise<void> {
-  if (!(await exists(pinDir))) return;
-  const linkPin = `${pinDir}/${PIN_LINK}`;
-  if (await exists(linkPin)) {
+export async function removeDeadInstances(root: string, log: EbpfLog): Promise<void> {
+  if (!(await exists(root))) return;
+  const legacy: string[] = [];
+  for await (const entry of Deno.readDir(root)) {
+    if (!/^\d+$/.test(entry.name)) {
+      legacy.push(entry.name);
+      continue;
+    }
+    const pid = Number(entry.name);
+    if (pid === Deno.pid || alive(pid)) continue;
+    const dir = `${root}/${entry.name}`;
+    const names = await removePins(dir);
+    await removeQuietly(dir);
+    log("info", `removed the eBPF pins of a dead instance (pid ${pid}): ${names.join(", ")}`);
+  }
+  if (legacy.length) await removeLegacyPins(root, legacy, log);
+}
+
+/** The sock_ops link pin and cgroup of versions that pinned one machine-wide set. */
+const LEGACY_LINK = "sockops_link";
+const LEGACY_CGROUP = "sni-proxy";
+
+async function removeLegacyPins(root: string, names: string[], log: EbpfLog): Promise<void> {
+  const cgroupMount = parseMounts(await Deno.readTextFile("/proc/self/mounts")).find((m) =>
+    m.type === "cgroup2"
+  )?.target;
+  const cgroup = cgroupMount ? `${cgroupMount}/${LEGACY_CGROUP}` : null;
+  const procs = cgroup ? await Deno.readTextFile(`${cgroup}/cgroup.procs`).catch(() => "") : "";
+  if (procs.trim()) {
+    log("warning", `${root} holds the pins of an older sni-proxy still running; left alone`);
+    return;
+  }
+  if (names.includes(LEGACY_LINK)) {
+    // the pin kept the old sock_ops program attached to the old cgroup: detach it
+    const linkPin = `${root}/${LEGACY_LINK}`;
     try {
       const fd = objGet(linkPin);
       try {
@@ -180,12 +138,23 @@ export async function removeStalePins(pinDir: string, log: EbpfLog): Promise<voi
       log("warning", `stale pin ${linkPin}: ${(e as Error).message}`);
     }
   }
+  for (const name of names) await removeQuietly(`${root}/${name}`);
+  if (cgroup) await removeQuietly(cgroup);
+  log("info", `removed the eBPF pins of an older sni-proxy from ${root}: ${names.join(", ")}`);
+}
+
+/**
+ * Remove the pins in `dir` (what a previous holder of an explicitly configured pin dir left);
+ * returns their names.
+ */
+export async function removePins(dir: string): Promise<string[]> {
+  if (!(await exists(dir))) return [];
   const removed: string[] = [];
-  for await (const entry of Deno.readDir(pinDir)) {
-    await Deno.remove(`${pinDir}/${entry.name}`);
+  for await (const entry of Deno.readDir(dir)) {
+    await Deno.remove(`${dir}/${entry.name}`);
     removed.push(entry.name);
   }
-  if (removed.length) log("info", `replaced stale eBPF pins in ${pinDir}: ${removed.join(", ")}`);
+  return removed.sort();
 }
 
 /** Remove `path`, ignoring failure (already gone, or still in use). */

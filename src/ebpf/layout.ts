@@ -12,18 +12,25 @@ import type { SocketTuple } from "../conn/tcpinfo.ts";
 // ---------------------------------------------------------------------------------------------
 // bpf/sockmap.h
 
-/** Where the sockmap loader pins its maps and link (`stats` and the tests read them there). */
-export const PIN_DIR = "/sys/fs/bpf/sni-proxy";
+/**
+ * Under this bpffs dir each kernel-mode proxy pins its sockmap maps in a dir of its own, named
+ * by the pid of the process that loaded them ({@link instancePinDir}); its workers open them
+ * there, `sni-proxy stats` and the tests read them there.
+ */
+export const PIN_ROOT = "/sys/fs/bpf/sni-proxy";
 
-/** The maps of bpf/sockmap.bpf.c, pinned under {@link PIN_DIR}, and the sock_ops link's pin. */
+/** The pin dir of the instance whose loading process is `pid`. */
+export function instancePinDir(pid: number = Deno.pid): string {
+  return `${PIN_ROOT}/${pid}`;
+}
+
+/** The maps of bpf/sockmap.bpf.c, pinned under {@link instancePinDir}. */
 export const SOCKMAP_MAPS = {
   sockhash: "sni_sockhash",
   pairs: "sni_pairs",
   stats: "sni_stats",
-  config: "sni_config",
 } as const;
 export const PIN_MAPS = Object.values(SOCKMAP_MAPS);
-export const PIN_LINK = "sockops_link";
 
 /** struct sni_sock_key: family u32, local_port u32, remote_port u32, local_ip[16], remote_ip[16]. */
 export const SOCK_KEY = {
@@ -38,10 +45,10 @@ export const SOCK_KEY = {
 /** struct sni_pair: peer key, upstream u32, bytes u64, packets u64. */
 export const PAIR = { size: 64, peer: 0, upstream: 44, bytes: 48, packets: 56 } as const;
 
-/** struct sni_config (single-entry array, key 0): sndbuf u32, rcvbuf u32. */
-export const SOCKMAP_CONFIG = { size: 8, sndbuf: 0, rcvbuf: 4 } as const;
-
-/** A userspace lookup in the sockhash returns the socket cookie (u64). */
+/**
+ * A userspace lookup in the sockhash returns the socket cookie (u64); an update takes the
+ * socket's fd (as a u64).
+ */
 export const SOCKHASH_VALUE_SIZE = 8;
 
 /** struct sni_stats: u64 counters in this order (per-CPU array, key 0). */
@@ -50,13 +57,9 @@ export const SOCKMAP_STATS_FIELDS = [
   "packets_spliced",
   "redirect_failures",
   "passed",
-  "sockets_inserted",
-  "insert_failures",
-  "setsockopt_failures",
   "bytes_upstream",
   "packets_upstream",
   "empty_dropped",
-  "sockets_closed",
 ] as const;
 export const SOCKMAP_STATS_SIZE = SOCKMAP_STATS_FIELDS.length * 8;
 
@@ -89,15 +92,6 @@ export function pairBytes(value: Uint8Array): number {
     new DataView(value.buffer, value.byteOffset, value.byteLength)
       .getBigUint64(PAIR.bytes, true),
   );
-}
-
-/** The value of sni_config. */
-export function encodeSockmapConfig(sndbuf: number, rcvbuf: number): Uint8Array {
-  const cfg = new Uint8Array(SOCKMAP_CONFIG.size);
-  const v = new DataView(cfg.buffer);
-  v.setUint32(SOCKMAP_CONFIG.sndbuf, sndbuf, true);
-  v.setUint32(SOCKMAP_CONFIG.rcvbuf, rcvbuf, true);
-  return cfg;
 }
 
 // ---------------------------------------------------------------------------------------------

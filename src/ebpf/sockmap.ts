@@ -1,21 +1,22 @@
 /**
  * Loader and control of the eBPF splice fast path (bpf/sockmap.bpf.c).
  *
- * KernelAccel.open() loads the object, attaches the sk_skb verdict program to the sockhash,
- * moves this process into a cgroup v2 dir and attaches the sock_ops program there, so every TCP
- * socket this process establishes afterwards (accepted or connected) lands in the sockhash.
- * A routed session then calls pair() with both sockets' addresses; from then on what arrives on
- * one socket is redirected inside the kernel to the other.
+ * KernelAccel.open() loads the object, attaches the sk_skb verdict program to the sockhash and
+ * pins the maps under a dir of this instance's own (its workers open them there). A routed
+ * session then calls pair() with both sockets (fd and addresses): their pairing entries are
+ * written and the sockets inserted into the sockhash by fd; from then on what arrives on one
+ * socket is redirected inside the kernel to the other. unpair() takes both out again, and a
+ * socket that closes leaves the sockhash by itself.
  *
- * Sockets belong to the cgroup of the process that created them, and accepted sockets inherit
- * their listener's: listeners must be created after open(), or their connections are not
- * tracked (pair() then throws, and the session stays in userspace).
+ * Nothing is machine-wide (no cgroup program, no shared pins): two instances on one host, or
+ * an old and a new one during a restart, never see each other's sockets or maps.
  * @module
  */
 import type { BpfMap } from "../../ffi/libbpf.ts";
 import { possibleCpus } from "../../ffi/libbpf.ts";
+import { setSocketBuffer } from "../../ffi/libc.ts";
 import { SockDiag, type TcpSocketInfo } from "../conn/tcpinfo.ts";
-import { encodeSockKey, PIN_DIR, SOCKMAP_MAPS } from "./layout.ts";
+import { encodeSockKey, instancePinDir, SOCKMAP_MAPS } from "./layout.ts";
 import { type EbpfLog, KernelAccelError } from "./loader.ts";
 import { type DrainOptions, type DrainResult, waitDrained } from "./sockmap_drain.ts";
 import {
@@ -26,6 +27,7 @@ import {
   type SocketAddrs,
   socketTuple,
   SplicePair,
+  type SpliceSocket,
 } from "./sockmap_pairs.ts";
 import {
   checkOptions,
@@ -36,7 +38,12 @@ import {
   type Owner,
   releaseSockmap,
 } from "./sockmap_setup.ts";
-import { type KernelStats, readKernelStats, watchFill } from "./sockmap_stats.ts";
+import {
+  type KernelStats,
+  readKernelStats,
+  type SocketCounts,
+  watchFill,
+} from "./sockmap_stats.ts";
 
 export { KernelAccelError, socketTuple, SplicePair };
 export type {
@@ -46,6 +53,7 @@ export type {
   KernelStats,
   PairCounters,
   SocketAddrs,
+  SpliceSocket,
 };
 export type { HostPort } from "./sockmap_pairs.ts";
 
@@ -54,7 +62,7 @@ export type KernelLog = EbpfLog;
 
 /**
  * The eBPF splice fast path. The process that {@link KernelAccel.open}s it loads, attaches
- * and pins the programs (one per machine); worker processes started from it (so in its cgroup)
+ * and pins the program and maps (one set per proxy instance); its worker processes
  * {@link KernelAccel.attach} to the pinned maps. close() undoes what the instance did.
  */
 export class KernelAccel {
@@ -66,10 +74,16 @@ export class KernelAccel {
   readonly #opened: { close(): void }[];
   readonly #log: KernelLog;
   readonly #diag: SockDiag;
+  readonly #buffers: { sndbuf: number; rcvbuf: number };
+  /** The sockets this process inserted into the sockhash, failed to, and has in it now. */
+  readonly #sockets: SocketCounts = {
+    inserted: 0,
+    insertFailures: 0,
+    setsockoptFailures: 0,
+    live: 0,
+  };
   /** The pin dir in use, or null when not pinning. */
   readonly pinDir: string | null;
-  /** The cgroup v2 dir the sock_ops program is attached to. */
-  readonly cgroupDir: string;
   readonly #statsBuf: Uint8Array;
   #fillTimer: ReturnType<typeof setInterval> | undefined;
   #closed = false;
@@ -84,6 +98,7 @@ export class KernelAccel {
     log: KernelLog;
     diag: SockDiag;
     pinDir: string | null;
+    buffers?: { sndbuf?: number; rcvbuf?: number };
   }) {
     this.#owner = init.owner;
     this.#sockhash = init.sockhash;
@@ -92,21 +107,26 @@ export class KernelAccel {
     this.#opened = init.opened ?? [];
     this.#log = init.log;
     this.#diag = init.diag;
+    this.#buffers = { sndbuf: init.buffers?.sndbuf ?? 0, rcvbuf: init.buffers?.rcvbuf ?? 0 };
     this.pinDir = init.pinDir;
-    this.cgroupDir = init.owner?.cgroupDir ?? "";
     this.#statsBuf = new Uint8Array(init.stats?.valueBufferSize ?? 0);
   }
 
   /**
-   * Use the fast path another process of this proxy loaded and pinned (see open()): opens the
-   * pinned sockhash and pairing maps. The calling process must already be in the cgroup the
-   * sock_ops program is attached to (a worker inherits it from the process that spawned it).
+   * Use the fast path another process of this instance (the supervisor) loaded and pinned
+   * under `pinDir` (see open()): opens the pinned sockhash and pairing maps. `share` is this
+   * process's part of the maps (1 / workers): the fill warning is about it.
    * @throws {KernelAccelError} when the pins are missing or of another layout.
    */
-  static attach(log: KernelLog, pinDir: string = PIN_DIR): KernelAccel {
+  static attach(
+    log: KernelLog,
+    pinDir: string,
+    opts: { share?: number; sndbuf?: number; rcvbuf?: number } = {},
+  ): KernelAccel {
     const { sockhash, pairs } = openPinnedMaps(pinDir);
+    let accel: KernelAccel;
     try {
-      return new KernelAccel({
+      accel = new KernelAccel({
         owner: null,
         sockhash,
         pairs,
@@ -115,21 +135,25 @@ export class KernelAccel {
         log,
         diag: SockDiag.open(),
         pinDir,
+        buffers: opts,
       });
     } catch (e) {
       sockhash.close();
       pairs.close();
       throw e;
     }
+    const capacity = Math.max(1, Math.floor(sockhash.info.maxEntries * (opts.share ?? 1)));
+    accel.#fillTimer = watchFill(capacity, () => accel.#sockets.live, log);
+    return accel;
   }
 
   /**
-   * Load, attach and pin the fast path and move this process into its cgroup.
+   * Load, attach and pin the fast path.
    * @throws {KernelAccelError} naming the cause and the fix; nothing stays attached then.
    */
   static async open(options: KernelAccelOptions): Promise<KernelAccel> {
     const log = options.log;
-    const pinDir = options.pinDir === undefined ? PIN_DIR : options.pinDir;
+    const pinDir = options.pinDir === undefined ? instancePinDir() : options.pinDir;
     checkOptions(options);
     if (KernelAccel.#open) {
       throw new KernelAccelError(
@@ -156,44 +180,34 @@ export class KernelAccel {
       log,
       diag,
       pinDir,
+      buffers: options,
     });
     log(
       "info",
-      `eBPF sockmap fast path attached (cgroup ${owner.cgroupDir}, pins ${
+      `eBPF sockmap fast path attached (pins ${
         pinDir ?? "none"
       }, maps.sockets ${options.maxSockets}, maps.pairs ${options.maxPairs})`,
     );
-    accel.#fillTimer = watchFill(options.maxSockets, () => accel.stats().socketsLive, log);
+    accel.#fillTimer = watchFill(options.maxSockets, () => accel.#sockets.live, log);
     return accel;
   }
 
-  /** True when the socket is in the sockhash (the sock_ops program saw it established). */
+  /** True when the socket is in the sockhash (paired and not yet unpaired or closed). */
   isTracked(s: SocketAddrs): boolean {
     return this.#table.cookie(encodeSockKey(socketTuple(s))) !== null;
   }
 
   /**
    * Splice a and b: from now on what arrives on a goes out of b and vice versa, in the kernel.
-   * Bytes already received before this call stay readable by userspace. Call it before
-   * userspace writes the ClientHello to the backend.
-   * @throws {KernelAccelError} when a socket is not tracked (created before open(), or the
-   * sockhash was full), gone, or the pairing map is full (`map_full`); the caller keeps relaying
-   * in userspace.
+   * Both must be established TCP sockets of this process. Bytes already received before this
+   * call stay readable by userspace. Call it before userspace writes the ClientHello to the
+   * backend. Sets `sndbuf`/`rcvbuf` (when configured) on both first.
+   * @throws {KernelAccelError} when a socket is gone or no longer established (`socket_gone`),
+   * or a map is full (`map_full`); nothing stays in the maps then, and the caller keeps
+   * relaying in userspace.
    */
-  pair(a: SocketAddrs, b: SocketAddrs): SplicePair {
+  pair(a: SpliceSocket, b: SpliceSocket): SplicePair {
     const p = new SplicePair(a, b, socketTuple(a), socketTuple(b));
-    for (const [side, key, s] of [["a", p.keyA, a], ["b", p.keyB, b]] as const) {
-      const cookie = this.#table.cookie(key);
-      if (cookie === null) {
-        throw new KernelAccelError(
-          "socket_not_tracked",
-          `socket ${describeSocket(s)} is not in the sockhash`,
-          "it was established before the fast path was attached, or the sockhash was full " +
-            "(ebpf.maps.sockets); it stays in userspace mode",
-        );
-      }
-      p.cookies[side] = cookie;
-    }
     // acked + write queue counts the SYN of an actively opened socket once it is acked; learn
     // that offset now, while nothing was written, so waitDrained compares exactly
     for (const side of ["a", "b"] as const) {
@@ -207,8 +221,27 @@ export class KernelAccel {
       }
       p.synOffset[side] = info.bytesAcked + info.writeQueue === 1 ? 1 : 0;
     }
-    this.#table.insert(p);
+    this.#setBuffers(a.fd, b.fd);
+    try {
+      this.#table.insert(p);
+    } catch (e) {
+      this.#sockets.insertFailures++;
+      throw e;
+    }
+    this.#sockets.inserted += 2;
+    this.#sockets.live += 2;
     return p;
+  }
+
+  /** SO_SNDBUF/SO_RCVBUF on both sockets, when configured: they bound the kernel's memory. */
+  #setBuffers(...fds: number[]): void {
+    const { sndbuf, rcvbuf } = this.#buffers;
+    for (const fd of fds) {
+      if (sndbuf && setSocketBuffer(fd, "send", sndbuf) < 0) this.#sockets.setsockoptFailures++;
+      if (rcvbuf && setSocketBuffer(fd, "receive", rcvbuf) < 0) {
+        this.#sockets.setsockoptFailures++;
+      }
+    }
   }
 
   /** Bytes redirected so far, each way (0 for a side whose entry is gone). */
@@ -217,12 +250,14 @@ export class KernelAccel {
   }
 
   /**
-   * Remove both pairing entries; later traffic goes to userspace. Returns the final counters.
-   * Call when the session ends (bytes already redirected are delivered regardless).
+   * Remove both pairing entries and both sockets from the sockhash; later traffic goes to
+   * userspace. Returns the final counters. Call when the session ends, after the drains: a
+   * socket leaving the sockhash drops what the kernel still queued for it.
    */
   unpair(p: SplicePair): PairCounters {
     const c = this.counters(p);
     this.#table.remove(p);
+    this.#sockets.live -= 2;
     return c;
   }
 
@@ -257,9 +292,12 @@ export class KernelAccel {
     return waitDrained(from, p, toward, userspaceBytes, opts);
   }
 
-  /** The kernel programs' counters summed over CPUs. */
+  /**
+   * The verdict program's counters summed over CPUs (zero in a worker: its supervisor reads
+   * them), with this process's socket counts.
+   */
   stats(): KernelStats {
-    return readKernelStats(this.#stats, this.#statsBuf);
+    return readKernelStats(this.#stats, this.#statsBuf, this.#sockets);
   }
 
   /** Entries in the pairing map (2 per spliced session); walks the map, for tests/diagnostics. */
@@ -268,8 +306,8 @@ export class KernelAccel {
   }
 
   /**
-   * Detach both programs, remove the pins, move the process back to its original cgroup and
-   * free the maps. Spliced sockets fall back to normal delivery. Idempotent.
+   * Detach the program, remove the pins and free the maps. Spliced sockets fall back to normal
+   * delivery. Idempotent.
    */
   async close(): Promise<void> {
     if (this.#closed) return;
@@ -281,11 +319,6 @@ export class KernelAccel {
     if (!owner) return;
     KernelAccel.#open = false;
     await releaseSockmap(owner, this.pinDir, this.#log);
-  }
-
-  /** The cgroup dir fd the sock_ops program is attached to (-1 in an attached worker). */
-  get cgroupFd(): number {
-    return this.#owner?.cgroupFd ?? -1;
   }
 
   /** The sockhash map fd (for bpf_prog_query in tests/diagnostics). */

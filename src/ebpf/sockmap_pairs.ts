@@ -1,18 +1,18 @@
 /**
  * The pairing table of the sockmap fast path (`sni_pairs` of bpf/sockmap.bpf.c): which socket
- * is spliced to which, checked against the sockhash that tracks every socket of the proxy, and
- * the socket 4-tuples both maps are keyed by.
+ * is spliced to which, the sockhash the paired sockets are inserted into by fd, and the socket
+ * 4-tuples both maps are keyed by.
  * @module
  */
 
-import { BPF_ANY, BpfError } from "../../ffi/libbpf.ts";
+import { BPF_ANY, BPF_NOEXIST, BpfError } from "../../ffi/libbpf.ts";
 import { Errno } from "../../ffi/libc.ts";
 import { parseIp } from "../net/ip.ts";
 import type { SocketTuple } from "../conn/tcpinfo.ts";
 import { encodePair, encodeSockKey, PAIR, pairBytes, SOCKHASH_VALUE_SIZE } from "./layout.ts";
 import { type EbpfLog, KernelAccelError } from "./loader.ts";
 
-/** One side of a TCP connection as Deno reports it (conn.localAddr / conn.remoteAddr). */
+/** One end of a TCP connection (a socket's localAddr / remoteAddr). */
 export interface HostPort {
   hostname: string;
   port: number;
@@ -22,6 +22,11 @@ export interface HostPort {
 export interface SocketAddrs {
   local: HostPort;
   remote: HostPort;
+}
+
+/** A socket of this process: its fd (what the sockhash takes) and its 4-tuple (the keys). */
+export interface SpliceSocket extends SocketAddrs {
+  fd: number;
 }
 
 /** Bytes redirected in the kernel, per direction of a pair. */
@@ -35,8 +40,8 @@ export interface PairCounters {
 /** A spliced pair; the opaque handle pair() returns. Holds prebuilt map keys. */
 export class SplicePair {
   /** The sockets as given to pair(). */
-  readonly a: SocketAddrs;
-  readonly b: SocketAddrs;
+  readonly a: SpliceSocket;
+  readonly b: SpliceSocket;
   /** @internal */
   readonly keyA: Uint8Array;
   /** @internal */
@@ -47,10 +52,8 @@ export class SplicePair {
   readonly tupleB: SocketTuple;
   /** @internal 1 for a socket whose acked count includes its SYN (actively opened), else 0. */
   readonly synOffset = { a: 0, b: 0 };
-  /** The sockets' cookies (SO_COOKIE) as the sockhash holds them: which sockets were paired. */
-  readonly cookies = { a: 0n, b: 0n };
   /** @internal */
-  constructor(a: SocketAddrs, b: SocketAddrs, tupleA: SocketTuple, tupleB: SocketTuple) {
+  constructor(a: SpliceSocket, b: SpliceSocket, tupleA: SocketTuple, tupleB: SocketTuple) {
     this.a = a;
     this.b = b;
     this.tupleA = tupleA;
@@ -61,7 +64,7 @@ export class SplicePair {
 }
 
 /**
- * The 4-tuple of a socket from its Deno addresses. IPv4-mapped IPv6 addresses (dual-stack
+ * The 4-tuple of a socket from its addresses. IPv4-mapped IPv6 addresses (dual-stack
  * listeners) become IPv4, matching what the kernel programs store.
  * @throws {TypeError} for a hostname that is not an IP literal or a port out of range.
  */
@@ -104,8 +107,8 @@ export interface ElementMap {
 }
 
 /**
- * The pairing map beside the sockhash: one entry per spliced socket, naming its peer and
- * counting what the verdict program redirected from it.
+ * The pairing map and the sockhash: one pairing entry per spliced socket, naming its peer and
+ * counting what the verdict program redirected from it, and the socket itself in the sockhash.
  */
 export class PairTable {
   readonly #sockhash: ElementMap;
@@ -114,6 +117,8 @@ export class PairTable {
   readonly #pairBuf = new Uint8Array(PAIR.size);
   readonly #cookieBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
   readonly #cookieView = new DataView(this.#cookieBuf.buffer);
+  readonly #fdBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
+  readonly #fdView = new DataView(this.#fdBuf.buffer);
   /** Not before this time (ms) may a full map be swept again: a sweep walks the whole map. */
   #nextSweep = 0;
 
@@ -123,29 +128,45 @@ export class PairTable {
     this.#log = log;
   }
 
-  /** The cookie of the socket keyed `key` in the sockhash, or null when it is not tracked. */
+  /** The cookie of the socket keyed `key` in the sockhash, or null when it is not in it. */
   cookie(key: Uint8Array): bigint | null {
     if (!this.#sockhash.lookup(key, this.#cookieBuf)) return null;
     return this.#cookieView.getBigUint64(0, true);
   }
 
   /**
-   * Writes both entries of `p` (a's bytes count as upstream); on failure neither stays.
-   * @throws {KernelAccelError} `map_full` when the map is full even after a sweep.
+   * Writes both pairing entries of `p` (a's bytes count as upstream), then inserts b and a
+   * into the sockhash; on failure nothing stays. The entries come first, so a socket redirects
+   * from its first byte in the map; b (the backend, which has not yet been sent the hello, so
+   * has nothing to say) goes in before a, so a failed insert never takes out a socket that may
+   * hold bytes for userspace (leaving the map drops what it queued).
+   * @throws {KernelAccelError} `map_full` when a map is full (the pairing map even after a
+   * sweep), `socket_gone` when a socket is no longer established.
    */
   insert(p: SplicePair): void {
+    let inserted = 0;
     try {
       this.#write(p.keyA, p.keyB, true);
       this.#write(p.keyB, p.keyA, false);
+      this.#insertSocket(p.keyB, p.b);
+      inserted++;
+      this.#insertSocket(p.keyA, p.a);
     } catch (e) {
-      this.remove(p);
+      if (inserted) this.#sockhash.delete(p.keyB);
+      for (const key of [p.keyA, p.keyB]) this.#pairs.delete(key);
       throw e;
     }
   }
 
-  /** Deletes both entries of `p` (those already gone are skipped). */
+  /**
+   * Deletes both pairing entries and both sockets' sockhash entries of `p` (those already gone,
+   * e.g. a socket reset by its peer, are skipped).
+   */
   remove(p: SplicePair): void {
-    for (const key of [p.keyA, p.keyB]) this.#pairs.delete(key);
+    for (const key of [p.keyA, p.keyB]) {
+      this.#pairs.delete(key);
+      this.#sockhash.delete(key);
+    }
   }
 
   /** The redirected-bytes counter of the entry `key`, 0 when it is gone. */
@@ -161,11 +182,36 @@ export class PairTable {
     return n;
   }
 
+  /** The socket `s` into the sockhash under `key`, by its fd. */
+  #insertSocket(key: Uint8Array, s: SpliceSocket): void {
+    this.#fdView.setBigUint64(0, BigInt(s.fd), true);
+    try {
+      this.#sockhash.update(key, this.#fdBuf, BPF_NOEXIST);
+    } catch (e) {
+      const errno = e instanceof BpfError ? e.errno : 0;
+      if (errno === Errno.E2BIG || errno === Errno.ENOMEM) {
+        throw new KernelAccelError(
+          "map_full",
+          "the eBPF sockhash is full",
+          "raise ebpf.maps.sockets (or limits.max_connections); this connection stays in userspace mode",
+        );
+      }
+      // only an established socket may enter: one the peer closed or reset meanwhile may not
+      if (errno === Errno.EOPNOTSUPP) {
+        throw new KernelAccelError(
+          "socket_gone",
+          `socket ${describeSocket(s)} is no longer established`,
+          "the connection is closing; it stays in userspace mode",
+        );
+      }
+      throw e;
+    }
+  }
+
   /** `upstream`: `key` is the client side (a of pair()), so its bytes count as upstream. */
   #write(key: Uint8Array, peer: Uint8Array, upstream: boolean): void {
     this.#update(key, encodePair(this.#pairBuf, peer, upstream));
   }
-
   /**
    * A map update; a full map (E2BIG, or ENOMEM on preallocation) is swept of entries whose
    * socket is gone (left by a worker that was killed) once, then refused with `map_full`.
@@ -188,7 +234,12 @@ export class PairTable {
     }
   }
 
-  /** Deletes pairing entries whose socket left the sockhash; returns how many. */
+  /**
+   * Deletes pairing entries whose socket is not in the sockhash (left by a worker that was
+   * killed: its sockets closed and left the sockhash by themselves); returns how many. It may
+   * also catch a pair another process is making (entries written, sockets not yet in): that
+   * pair's bytes then pass to its relay in userspace, which forwards them; nothing is lost.
+   */
   #sweepStale(): number {
     const now = performance.now();
     if (now < this.#nextSweep) return 0;

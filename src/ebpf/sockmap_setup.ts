@@ -1,41 +1,21 @@
 /**
  * Setting up and taking down the sockmap fast path (bpf/sockmap.bpf.c) in the process that owns
- * it: checks, host setup, load, attach, pin (one undo stack a failure unwinds), the reverse in
- * {@link releaseSockmap}, and the pinned maps a worker opens instead.
+ * it: checks, the instance's pin dir, load, attach the verdict, pin (one undo stack a failure
+ * unwinds), the reverse in {@link releaseSockmap}, and the pinned maps a worker opens instead.
  * @module
  */
 
 import {
   BpfAttachType,
   BpfError,
-  type BpfLink,
   BpfMapFd,
   type BpfObject,
   type BpfProgram,
 } from "../../ffi/libbpf.ts";
-import { closeFd, Errno, openDirectory } from "../../ffi/libc.ts";
+import { Errno } from "../../ffi/libc.ts";
 import { inRange, SOCKET_BUFFER_BYTES, SOCKMAP_ENTRIES } from "./bounds.ts";
-import {
-  CGROUP_NAME,
-  cgroupPath,
-  createCgroup,
-  currentCgroup2,
-  ensureMounts,
-  moveTo,
-  refuseIfInUse,
-  removeQuietly,
-  removeStalePins,
-} from "./host.ts";
-import {
-  encodeSockmapConfig,
-  KEY_ZERO,
-  PAIR,
-  PIN_LINK,
-  PIN_MAPS,
-  SOCK_KEY,
-  SOCKHASH_VALUE_SIZE,
-  SOCKMAP_MAPS,
-} from "./layout.ts";
+import { ensureBpffs, removeDeadInstances, removePins, removeQuietly } from "./host.ts";
+import { PAIR, PIN_MAPS, PIN_ROOT, SOCK_KEY, SOCKHASH_VALUE_SIZE, SOCKMAP_MAPS } from "./layout.ts";
 import {
   checkBpfAccess,
   checkPlatform,
@@ -51,20 +31,18 @@ import {
 export interface KernelAccelOptions {
   /** Capacity of the pairing map (2 entries per spliced session). */
   maxPairs: number;
-  /** Capacity of the sockhash (every established socket of the proxy takes one). */
+  /** Capacity of the sockhash (each spliced session's two sockets take one each). */
   maxSockets: number;
-  /** SO_SNDBUF set on every tracked socket (bounds kernel memory); 0/undefined: kernel default. */
+  /** SO_SNDBUF set on both sockets of a pair (bounds kernel memory); 0/undefined: kernel default. */
   sndbuf?: number;
-  /** SO_RCVBUF set on every tracked socket; 0/undefined: kernel default (autotuning). */
+  /** SO_RCVBUF set on both sockets of a pair; 0/undefined: kernel default (autotuning). */
   rcvbuf?: number;
 
-  /** bpffs dir for pins (maps, link); default /sys/fs/bpf/sni-proxy; null: do not pin. */
-  pinDir?: string | null;
   /**
-   * cgroup v2 dir to run in, dedicated to the proxy; default `<cgroup2 mount>/sni-proxy`.
-   * Created when missing, removed by close() once empty.
+   * bpffs dir for this instance's pins (its workers open the maps there); default
+   * `/sys/fs/bpf/sni-proxy/<pid>`; null: do not pin. Created by open(), removed by close().
    */
-  cgroupDir?: string;
+  pinDir?: string | null;
   /** The compiled object's bytes; default: read bpf/sockmap.bpf.o next to this source tree. */
   object?: Uint8Array;
   /**
@@ -76,16 +54,10 @@ export interface KernelAccelOptions {
   log: EbpfLog;
 }
 
-/** What the process that loaded the programs owns (and undoes in {@link releaseSockmap}). */
+/** What the process that loaded the program owns (and undoes in {@link releaseSockmap}). */
 export interface Owner {
   obj: BpfObject;
   verdict: BpfProgram;
-  link: BpfLink;
-  cgroupFd: number;
-  cgroupMount: string;
-  /** The cgroup v2 dir the sock_ops program is attached to. */
-  cgroupDir: string;
-  originalCgroup: string;
   verdictType: number;
 }
 
@@ -123,13 +95,13 @@ export async function checkSupport(): Promise<void> {
     KernelAccelError,
     "the eBPF fast path",
     [5, 10],
-    "sockmap with sk_skb verdicts, sock_ops",
+    "sockmap with sk_skb verdicts",
     "run in userspace mode",
   );
   await checkBpfAccess(
     KernelAccelError,
     "load eBPF programs",
-    "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (cgroup and bpffs mounts)",
+    "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (bpffs mount)",
   );
 }
 
@@ -154,59 +126,44 @@ export async function loadSockmap(
   );
   const undo = new Undo();
   undo.push(() => obj.close());
-  let host: HostSetup;
   try {
-    host = await setUpHost(pinDir, options.cgroupDir, log, undo);
+    if (pinDir !== null) await setUpPinDir(pinDir, log);
   } catch (e) {
     await undo.unwind();
     throw e;
   }
   try {
     load(obj, options, log);
-    const owner = await attachPrograms(obj, host, verdictType, log, undo);
-    if (pinDir !== null) await pin(obj, owner.link, pinDir, log, undo);
-    return owner;
+    // the verdict before any socket enters the map: a socket in a sockmap without a verdict
+    // program loses readiness notifications on recent kernels
+    const verdict = obj.program("sni_verdict");
+    const sockhash = obj.map(SOCKMAP_MAPS.sockhash);
+    withLibbpfLog(log, () => verdict.attachToMap(sockhash, verdictType));
+    undo.push(() => verdict.detachFromMap(sockhash, verdictType)); // else freed with the map
+    if (pinDir !== null) await pin(obj, pinDir, log, undo);
+    return { obj, verdict, verdictType };
   } catch (e) {
     await undo.unwind();
     throw setupError(e);
   }
 }
 
-/**
- * Detach both programs, remove the pins, move the process back to its original cgroup and
- * free the maps; what fails is logged and the rest still done.
- */
+/** Detach the verdict program, remove the pins and free the maps; failures are logged. */
 export async function releaseSockmap(
   owner: Owner,
   pinDir: string | null,
   log: EbpfLog,
 ): Promise<void> {
-  const warn = (what: string, e: unknown) =>
-    log("warning", `eBPF close: ${what}: ${(e as Error).message}`);
-  try {
-    owner.link.detach();
-  } catch (e) {
-    warn("detach sock_ops", e);
-  }
   if (pinDir !== null) {
-    for (const p of [...PIN_MAPS, PIN_LINK]) {
-      await removeQuietly(`${pinDir}/${p}`);
-    }
+    for (const p of PIN_MAPS) await removeQuietly(`${pinDir}/${p}`);
     await removeQuietly(pinDir);
   }
-  owner.link.destroy();
-  closeFd(owner.cgroupFd);
   try {
     owner.verdict.detachFromMap(owner.obj.map(SOCKMAP_MAPS.sockhash), owner.verdictType);
   } catch (e) {
-    warn("detach verdict", e);
+    log("warning", `eBPF close: detach verdict: ${(e as Error).message}`);
   }
   owner.obj.close();
-  const original = cgroupPath(owner.cgroupMount, owner.originalCgroup);
-  await moveTo(original).catch((e) => warn(`move back to cgroup ${original}`, e));
-  // The cgroup dir is dedicated to the proxy (a previous run may have created it): remove it
-  // once empty; rmdir fails harmlessly while other processes are in it.
-  await removeQuietly(owner.cgroupDir);
   log("info", "eBPF sockmap fast path detached");
 }
 
@@ -258,33 +215,18 @@ function openPinned(pinDir: string, name: string, keySize: number, valueSize: nu
   return m;
 }
 
-/** The cgroup the fast path runs in, and where this process came from. */
-interface HostSetup {
-  cgroupMount: string;
-  cgroupDir: string;
-  originalCgroup: string;
-}
-
 /**
- * cgroup v2 and bpffs mounted, the proxy's cgroup dir created (and not shared with another
- * proxy), a previous run's pins removed.
+ * bpffs under `pinDir`, dead instances' pins removed (under the default root), and whatever a
+ * previous holder left in `pinDir` itself (an explicitly configured dir) replaced.
  */
-async function setUpHost(
-  pinDir: string | null,
-  cgroupDirOption: string | undefined,
-  log: EbpfLog,
-  undo: Undo,
-): Promise<HostSetup> {
-  const cgroupMount = await ensureMounts(pinDir, log);
-  const cgroupDir = cgroupDirOption ?? `${cgroupMount}/${CGROUP_NAME}`;
-  const originalCgroup = await currentCgroup2();
-  if (await createCgroup(cgroupDir)) undo.push(() => removeQuietly(cgroupDir));
-  await refuseIfInUse(cgroupDir);
-  if (pinDir !== null) await removeStalePins(pinDir, log);
-  return { cgroupMount, cgroupDir, originalCgroup };
+async function setUpPinDir(pinDir: string, log: EbpfLog): Promise<void> {
+  ensureBpffs(pinDir, log, "set the pin dir to a bpffs path");
+  if (pinDir.startsWith(PIN_ROOT + "/")) await removeDeadInstances(PIN_ROOT, log);
+  const stale = await removePins(pinDir);
+  if (stale.length) log("info", `replaced stale eBPF pins in ${pinDir}: ${stale.join(", ")}`);
 }
 
-/** Size the maps, load the programs and write the config map. */
+/** Size the maps and load the program. */
 function load(obj: BpfObject, options: KernelAccelOptions, log: EbpfLog): void {
   obj.map(SOCKMAP_MAPS.sockhash).setMaxEntries(options.maxSockets);
   obj.map(SOCKMAP_MAPS.pairs).setMaxEntries(options.maxPairs);
@@ -306,62 +248,19 @@ function load(obj: BpfObject, options: KernelAccelOptions, log: EbpfLog): void {
       permissionFix:
         "run as root with CAP_BPF and CAP_NET_ADMIN; on kernels before 5.11 raise RLIMIT_MEMLOCK (ulimit -l unlimited); check kernel lockdown",
       object: "the eBPF object",
-      otherFix: "check the kernel supports sockmap and cgroup BPF",
+      otherFix: "check the kernel supports sockmap (CONFIG_BPF_STREAM_PARSER)",
     });
   }
-  obj.map(SOCKMAP_MAPS.config).update(
-    KEY_ZERO,
-    encodeSockmapConfig(options.sndbuf ?? 0, options.rcvbuf ?? 0),
-  );
 }
 
-/**
- * Attach the verdict program to the sockhash, move this process into the cgroup and attach the
- * sock_ops program there.
- */
-async function attachPrograms(
-  obj: BpfObject,
-  host: HostSetup,
-  verdictType: number,
-  log: EbpfLog,
-  undo: Undo,
-): Promise<Owner> {
-  // Verdict first: a socket in a sockmap without a verdict program loses readiness
-  // notifications on recent kernels, and no socket can enter the map before sock_ops runs.
-  const verdict = obj.program("sni_verdict");
-  const sockhash = obj.map(SOCKMAP_MAPS.sockhash);
-  withLibbpfLog(log, () => verdict.attachToMap(sockhash, verdictType));
-  undo.push(() => verdict.detachFromMap(sockhash, verdictType)); // else freed with the map
-
-  await moveTo(host.cgroupDir);
-  undo.push(() => moveTo(cgroupPath(host.cgroupMount, host.originalCgroup)));
-  const cgroupFd = openDirectory(host.cgroupDir);
-  undo.push(() => closeFd(cgroupFd));
-  const link = withLibbpfLog(log, () => obj.program("sni_sockops").attachCgroup(cgroupFd));
-  undo.push(() => {
-    try {
-      link.detach();
-    } catch { /* already gone */ }
-    link.destroy();
-  });
-  return { obj, verdict, link, cgroupFd, ...host, verdictType };
-}
-
-/** Pin the maps and the sock_ops link under `pinDir`. */
-async function pin(
-  obj: BpfObject,
-  link: BpfLink,
-  pinDir: string,
-  log: EbpfLog,
-  undo: Undo,
-): Promise<void> {
+/** Pin the maps under `pinDir`. */
+async function pin(obj: BpfObject, pinDir: string, log: EbpfLog, undo: Undo): Promise<void> {
   await Deno.mkdir(pinDir, { recursive: true });
+  undo.push(() => removeQuietly(pinDir));
   for (const name of PIN_MAPS) {
     withLibbpfLog(log, () => obj.map(name).pin(`${pinDir}/${name}`));
     undo.push(() => removeQuietly(`${pinDir}/${name}`));
   }
-  withLibbpfLog(log, () => link.pin(`${pinDir}/${PIN_LINK}`));
-  undo.push(() => removeQuietly(`${pinDir}/${PIN_LINK}`));
 }
 
 /** A failed load or attach step as a {@link KernelAccelError}. */
@@ -374,7 +273,7 @@ function setupError(e: unknown): KernelAccelError {
     `eBPF fast path setup failed: ${err.message}`,
     eperm
       ? "run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); check kernel lockdown"
-      : "check the kernel supports sockmap (CONFIG_BPF_STREAM_PARSER) and cgroup BPF (CONFIG_CGROUP_BPF)",
+      : "check the kernel supports sockmap (CONFIG_BPF_STREAM_PARSER)",
     { cause: e },
   );
 }

@@ -1,6 +1,6 @@
 /**
- * The sockmap programs' counters (`sni_stats`, a per-CPU array) summed over CPUs, and the
- * warning when the tracked sockets near the maps' capacity.
+ * The sockmap verdict program's counters (`sni_stats`, a per-CPU array) summed over CPUs, the
+ * sockets userspace put in the sockhash, and the warning when they near the maps' capacity.
  * @module
  */
 
@@ -8,7 +8,21 @@ import type { BpfMap } from "../../ffi/libbpf.ts";
 import { KEY_ZERO, SOCKMAP_STATS_FIELDS, SOCKMAP_STATS_SIZE } from "./layout.ts";
 import { type EbpfLog, sumPerCpu } from "./loader.ts";
 
-/** Sum over CPUs of the kernel programs' counters (struct sni_stats). */
+/** What a process counts of the sockets it inserts into the sockhash. */
+export interface SocketCounts {
+  inserted: number;
+  /** pair() refused: a map full, a socket gone. */
+  insertFailures: number;
+  /** SO_SNDBUF/SO_RCVBUF could not be set. */
+  setsockoptFailures: number;
+  /** In the sockhash now (inserted, not yet unpaired). */
+  live: number;
+}
+
+/**
+ * Sum over CPUs of the verdict program's counters (struct sni_stats), and the socket counts of
+ * the process that reads them (a supervisor adds its workers').
+ */
 export interface KernelStats {
   bytesSpliced: number;
   /** Of bytesSpliced: client → backend (the `a` side of pair() is the client's). */
@@ -26,15 +40,20 @@ export interface KernelStats {
   setsockoptFailures: number;
   /** Payload-less skbs (a FIN) dropped by the verdict: TCP has already seen the FIN. */
   emptyDropped: number;
-  /** Tracked sockets now (inserted less closed): the sockhash's fill, an upper bound of the pairs'. */
+  /** Sockets in the sockhash now: its fill (2 per spliced session, as in the pairing map). */
   socketsLive: number;
 }
 
 /**
  * Reads `sni_stats` into `buf` (its value buffer) and sums it; all zero without the map (a
- * worker, which does not open it) or when the lookup finds nothing.
+ * worker, which does not open it) or when the lookup finds nothing. The socket counts are
+ * `sockets`.
  */
-export function readKernelStats(map: BpfMap | null, buf: Uint8Array): KernelStats {
+export function readKernelStats(
+  map: BpfMap | null,
+  buf: Uint8Array,
+  sockets: SocketCounts,
+): KernelStats {
   const ok = map?.lookup(KEY_ZERO, buf) ?? false;
   const s = sumPerCpu(ok ? buf : new Uint8Array(0), SOCKMAP_STATS_SIZE, SOCKMAP_STATS_FIELDS);
   return {
@@ -42,22 +61,23 @@ export function readKernelStats(map: BpfMap | null, buf: Uint8Array): KernelStat
     packetsSpliced: s.packets_spliced,
     redirectFailures: s.redirect_failures,
     passed: s.passed,
-    socketsInserted: s.sockets_inserted,
-    insertFailures: s.insert_failures,
-    setsockoptFailures: s.setsockopt_failures,
+    socketsInserted: sockets.inserted,
+    insertFailures: sockets.insertFailures,
+    setsockoptFailures: sockets.setsockoptFailures,
     bytesUpstream: s.bytes_upstream,
     bytesDownstream: s.bytes_spliced - s.bytes_upstream,
     packetsUpstream: s.packets_upstream,
     packetsDownstream: s.packets_spliced - s.packets_upstream,
     emptyDropped: s.empty_dropped,
-    socketsLive: Math.max(0, s.sockets_inserted - s.sockets_closed),
+    socketsLive: sockets.live,
   };
 }
 
 /**
- * Warns (once per crossing) when the tracked sockets (`live()`) pass 80 % of the maps' size:
- * past 100 % new connections run in userspace mode. Every tracked socket can take one pairing
- * entry, so this also bounds the pairing map's fill. Returns the (unref'd) timer to clear.
+ * Warns (once per crossing) when the sockets in the sockhash (`live()`) pass 80 % of
+ * `capacity` (the map's size, or a worker's share of it): past 100 % new connections run in
+ * userspace mode. Each socket there has one pairing entry, so this also tells the pairing
+ * map's fill. Returns the (unref'd) timer to clear.
  */
 export function watchFill(
   capacity: number,

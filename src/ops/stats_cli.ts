@@ -1,15 +1,12 @@
 /**
  * `sni-proxy stats`: the running proxy's counters as a table, from its metrics endpoint, or,
- * when it serves none, from the pinned per-CPU maps of the eBPF fast path (via bpftool).
+ * when it serves none, from the pinned per-CPU maps of the eBPF fast path (via bpftool) of the
+ * instance started with the same config file.
  *
  * @module
  */
 import type { Config } from "../config/mod.ts";
-import { PIN_DIR, SOCKMAP_MAPS, SOCKMAP_STATS_FIELDS } from "../ebpf/layout.ts";
-
-/** struct sni_stats: the counters the table shows (all but sockets_closed), in map order. */
-const SOCKMAP_STATS = SOCKMAP_STATS_FIELDS.filter((f) => f !== "sockets_closed");
-const STATS_PIN = `${PIN_DIR}/${SOCKMAP_MAPS.stats}`;
+import { PIN_ROOT, SOCKMAP_MAPS, SOCKMAP_STATS_FIELDS } from "../ebpf/layout.ts";
 
 /** Prints the table; returns the exit code. */
 export async function printStats(config: Config): Promise<number> {
@@ -29,8 +26,9 @@ export async function printStats(config: Config): Promise<number> {
     }
   } else {
     try {
-      stats = { kernel: { sockmap: await readPinnedStats(STATS_PIN, SOCKMAP_STATS) } };
-      source = `${STATS_PIN} (no metrics.address in ${config.path}: kernel counters only)`;
+      const pin = `${await instanceDir(config.path)}/${SOCKMAP_MAPS.stats}`;
+      stats = { kernel: { sockmap: await readPinnedStats(pin, SOCKMAP_STATS_FIELDS) } };
+      source = `${pin} (no metrics.address in ${config.path}: kernel counters only)`;
     } catch (e) {
       console.error(
         `sni-proxy stats: no metrics.address in ${config.path}, and the pinned eBPF maps cannot ` +
@@ -53,6 +51,46 @@ export async function printStats(config: Config): Promise<number> {
   const width = Math.max(...rows.map(([k]) => k.length));
   for (const [k, v] of rows) console.log(`${k.padEnd(width)}  ${v.padStart(14)}`);
   return 0;
+}
+
+/**
+ * The pin dir of the kernel-mode instance started with `configPath` (each pins under
+ * PIN_ROOT/<pid>), or of the only one running; throws when there is none, or several and none
+ * (or more than one) was started with that config.
+ */
+async function instanceDir(configPath: string): Promise<string> {
+  const live: number[] = [];
+  try {
+    for await (const e of Deno.readDir(PIN_ROOT)) {
+      if (/^\d+$/.test(e.name) && (await Deno.stat(`/proc/${e.name}`).catch(() => null))) {
+        live.push(Number(e.name));
+      }
+    }
+  } catch { /* no dir: no instance */ }
+  const want = await Deno.realPath(configPath).catch(() => configPath);
+  const mine = [];
+  for (const pid of live) if ((await configOf(pid)) === want) mine.push(pid);
+  const pick = mine.length === 1 ? mine : live;
+  if (pick.length === 1) return `${PIN_ROOT}/${pick[0]}`;
+  throw new Error(
+    live.length
+      ? `${live.length} kernel-mode instances run (pids ${live.join(", ")}), none with ` +
+        `${configPath} alone: set metrics.address`
+      : `no kernel-mode instance pins its maps under ${PIN_ROOT} (is the proxy running in kernel mode, as root?)`,
+  );
+}
+
+/** The config file process `pid` was started with (its last --config), resolved; or null. */
+async function configOf(pid: number): Promise<string | null> {
+  try {
+    const args = (await Deno.readTextFile(`/proc/${pid}/cmdline`)).split("\0");
+    const i = args.lastIndexOf("--config");
+    const path = i >= 0 ? args[i + 1] : "config.json";
+    const cwd = await Deno.readLink(`/proc/${pid}/cwd`);
+    return await Deno.realPath(path.startsWith("/") ? path : `${cwd}/${path}`);
+  } catch {
+    return null;
+  }
 }
 
 /** Sums a pinned PERCPU_ARRAY's entry 0 of little-endian u64 fields over CPUs. */

@@ -8,7 +8,7 @@
  */
 import type { Config } from "../config/mod.ts";
 import type { EbpfLog } from "../ebpf/loader.ts";
-import { KernelAccel, KernelAccelError } from "../ebpf/sockmap.ts";
+import { KernelAccel, KernelAccelError, type KernelStats } from "../ebpf/sockmap.ts";
 import { XdpError, XdpFilter } from "../ebpf/xdp.ts";
 import { SourceBlocker } from "../ebpf/xdpblock.ts";
 import { QuicBpfError, QuicFastPath, type QuicFastPathStats } from "../ebpf/quic.ts";
@@ -23,10 +23,14 @@ export function ebpfLog(category: string): EbpfLog {
 
 const kernelLog = ebpfLog("kernel");
 
-/** A worker's use of the supervisor's fast path, or null (one warning) when it cannot. */
-export function attachKernel(): KernelAccel | null {
+/**
+ * A worker's use of the supervisor's fast path, pinned under `pinDir`, or null (one warning)
+ * when it cannot. `workers`: how many share the maps (the fill warning is about this share).
+ */
+export function attachKernel(config: Config, pinDir: string, workers: number): KernelAccel | null {
+  const { sndbuf, rcvbuf } = config.ebpf;
   try {
-    return KernelAccel.attach(kernelLog);
+    return KernelAccel.attach(kernelLog, pinDir, { share: 1 / workers, sndbuf, rcvbuf });
   } catch (err) {
     const why = err instanceof KernelAccelError ? err.message : String(err);
     log.warn(`eBPF fast path unavailable in this worker, userspace mode in use: ${why}`);
@@ -59,6 +63,15 @@ export async function openKernel(config: Config): Promise<KernelAccel | null> {
     log.warn(`eBPF fast path unavailable, userspace mode in use: ${why}`);
     return null;
   }
+}
+
+/** `a` plus every number of `b`, key by key (a worker's socket counts into the sum). */
+export function addCounters(
+  a: Record<string, number>,
+  b: Readonly<Record<string, number>> | KernelStats,
+): Record<string, number> {
+  for (const [k, v] of Object.entries(b)) a[k] = (a[k] ?? 0) + v;
+  return a;
 }
 
 async function readObject(path: string): Promise<Uint8Array> {

@@ -58,8 +58,8 @@ export interface WorkerRole {
   index: number;
   /** Worker processes in all. */
   count: number;
-  /** The supervisor loaded the eBPF fast path: attach to its pins. */
-  kernel: boolean;
+  /** Where the supervisor pinned the eBPF fast path it loaded (attach to it there), or null. */
+  kernel: string | null;
 }
 
 /** A running proxy. */
@@ -144,21 +144,18 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
     }
     // a worker's warnings would repeat its supervisor's once per worker
     if (!worker) { for (const w of config.warnings) log.warn(w); }
-    // before the listeners: sockets take the cgroup (and so the sock_ops program) of the
-    // listener they were accepted on. A worker uses what its supervisor loaded; the supervisor
-    // reads the kernel counters and serves the metrics endpoint and the XDP filter.
+    // A worker uses what its supervisor loaded (and reports the sockets it paired); the
+    // supervisor reads the kernel counters and serves the metrics endpoint and the XDP filter.
     if (kernelMode(config) === "pipe") {
       proxy.pipes = new PipePool(config.ebpf.pipeBytes);
     } else if (worker) {
-      if (worker.kernel) proxy.kernel = attachKernel();
+      if (worker.kernel) proxy.kernel = attachKernel(config, worker.kernel, worker.count);
     } else if (kernelMode(config) === "sockmap") {
       proxy.kernel = await openKernel(config);
     }
     proxy.#configureDns(config);
     const kernel = proxy.kernel;
-    if (kernel && !worker) {
-      proxy.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
-    }
+    if (kernel) proxy.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
     if (!worker) warnIfListened(config.listeners);
     try {
       proxy.#bind(config);

@@ -23,7 +23,14 @@ import { warnIfListened } from "../conn/listener.ts";
 import { logger, writeForwarded } from "../ops/log.ts";
 import { addSnapshot, emptySnapshot, type MetricsSnapshot } from "../ops/metrics.ts";
 import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
-import { ebpfLog, flattenXdp, kernelMode, openKernel, openXdpBlocking } from "./accel.ts";
+import {
+  addCounters,
+  ebpfLog,
+  flattenXdp,
+  kernelMode,
+  openKernel,
+  openXdpBlocking,
+} from "./accel.ts";
 import { DEFAULT_DNS_PIN_PATH, pinnedCacheUsable } from "../dns/resolver.ts";
 import type { XdpFilter } from "../ebpf/xdp.ts";
 import { SourceBlocker } from "../ebpf/xdpblock.ts";
@@ -230,12 +237,11 @@ export class Supervisor implements AdminTarget {
     for (const w of config.warnings) log.warn(w);
     warnIfListened(config.listeners);
     const ports = resolvePorts(config.listeners);
-    // before the workers: they inherit this process's cgroup, where the sock_ops program sees
-    // their sockets
+    // before the workers: they open its maps where it pinned them
     const kernel = kernelMode(config) === "sockmap" ? await openKernel(config) : null;
     const sup = new Supervisor(config, {
       count: config.workers,
-      kernel: !!kernel,
+      kernel: kernel?.pinDir ?? null,
       ports,
       pinnedDns: pinnedDnsUsable(config),
     }, kernel);
@@ -377,7 +383,8 @@ export class Supervisor implements AdminTarget {
     const sum = emptySnapshot();
     for (const p of parts) if (p) addSnapshot(sum, p);
     const kernel = this.#kernel;
-    if (kernel) sum.kernel.sockmap = { ...kernel.stats() };
+    // the verdict program's counters, read here, plus the sockets the workers paired
+    if (kernel) sum.kernel.sockmap = addCounters(sum.kernel.sockmap ?? {}, kernel.stats());
     const xdp = this.#xdp;
     if (xdp) sum.kernel.xdp = flattenXdp(xdp.stats());
     // the workers' part is what they could not report
