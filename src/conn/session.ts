@@ -64,6 +64,12 @@ export interface SessionContext {
   onBadHello?: (() => void) | null;
 }
 
+/**
+ * What every session reads its hello into: the parser copies each read at once (before any
+ * await), so one buffer serves them all and a new connection allocates none for it.
+ */
+const helloChunk = new Uint8Array(16 * 1024);
+
 /** Thrown out of a step the session's stop() cut short; run() reports the stop's reason. */
 class Stopped extends Error {}
 
@@ -183,11 +189,13 @@ export class Session {
     });
     const timer = setTimeout(() => this.stop("client_hello_timeout"), timeouts.clientHelloMs);
     let header: Uint8Array | null = this.#ctx.trustedProxy ? new Uint8Array(0) : null;
-    const buf = new Uint8Array(2048);
+    const buf = helloChunk;
     try {
       for (;;) {
-        const n = await this.#readClient(buf);
+        const open = await this.#clientReadable();
         if (this.#stopReason) throw new Stopped();
+        const n = open ? this.#readClient(buf) : socketError("recv", E.EBADF);
+        if (n === 0) continue;
         if (typeof n !== "number" && n !== null) {
           this.#finishEarly("client_reset", n);
           return undefined;
@@ -217,19 +225,28 @@ export class Session {
     }
   }
 
-  /** Reads the client into `buf`: bytes read, null at EOF, or the error. */
-  async #readClient(buf: Uint8Array): Promise<number | null | Error> {
+  /**
+   * Resolves once the client has input (true), or its socket was closed (false): a new
+   * connection's hello comes after the accept, so epoll is waited for rather than a read tried.
+   */
+  async #clientReadable(): Promise<boolean> {
     const client = this.#client;
-    for (;;) {
-      // a new connection's hello comes after the accept: wait for epoll rather than try a read
-      if (!client.readable && (await client.nextEvent()) === 0) {
-        return socketError("recv", E.EBADF);
-      }
-      const n = client.recv(buf);
-      if (n > 0) return n;
-      if (n === 0) return null;
-      if (n !== -E.EAGAIN) return socketError("recv", -n);
+    while (!client.readable) {
+      if ((await client.nextEvent()) === 0) return false;
     }
+    return true;
+  }
+
+  /**
+   * One read of the client into `buf`: bytes read, null at EOF, 0 for nothing after all
+   * (EAGAIN), or the error. Synchronous: the caller uses `buf` before anything else runs (the
+   * buffer is shared by all sessions).
+   */
+  #readClient(buf: Uint8Array): number | null | Error {
+    const n = this.#client.recv(buf);
+    if (n > 0) return n;
+    if (n === 0) return null;
+    return n === -E.EAGAIN ? 0 : socketError("recv", -n);
   }
 
   /** Notes the head read (`data`: every byte read so far); returns the name to route by. */

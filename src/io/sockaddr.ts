@@ -45,7 +45,8 @@ export function encodeSockaddr(
 
 /** Whether `hostname` is an IPv6 literal (a socket for it must be AF_INET6). */
 export function isV6(hostname: string): boolean {
-  return parseIp(hostname)?.family === 10 || hostname.includes(":");
+  // every IPv6 literal has a colon, no IPv4 one has
+  return hostname.includes(":");
 }
 
 /** The address in a sockaddr buffer as Deno.NetAddr, or null for another family. */

@@ -237,11 +237,15 @@ function tcpSocketFor(hostname: string): number {
  * @throws {SocketError} when the socket cannot be made or the connect fails at once.
  */
 export function connectTcp(loop: EventLoop, hostname: string, port: number): TcpSocket {
-  const fd = tcpSocketFor(hostname);
+  // the address is parsed once; the socket takes the family it came out as (an IPv4-mapped
+  // address is dialled as IPv4)
+  const len = encodeSockaddr(hostname, port, addrBuf);
+  if (len === 0) throw socketError(`connect ${hostname}:${port}`, E.EINVAL);
+  const family = addrBuf[0];
+  const fd = rcOrErrno(sys().socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (fd < 0) throw socketError("socket", -fd);
   setIntOption(fd, IPPROTO_TCP, TCP_NODELAY, 1);
-  const len = encodeSockaddr(hostname, port, addrBuf);
-  const rc = len === 0 ? -E.EINVAL : rcOrErrno(sys().connect(fd, addrBuf, len));
+  const rc = rcOrErrno(sys().connect(fd, addrBuf, len));
   if (rc < 0 && rc !== -E.EINPROGRESS) {
     closeFd(fd);
     throw socketError(`connect ${hostname}:${port}`, -rc);
@@ -382,8 +386,10 @@ function bindAndListen(fd: number, hostname: string, port: number, o: ListenOpti
   if (o.reusePort) setIntOption(fd, SOL_SOCKET, SO_REUSEPORT, 1);
   // inherited by every accepted socket: no setsockopt per connection
   setIntOption(fd, IPPROTO_TCP, TCP_NODELAY, 1);
-  if (isV6(hostname)) setIntOption(fd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
-  const len = encodeSockaddr(hostname, port, addrBuf);
+  const v6 = isV6(hostname);
+  if (v6) setIntOption(fd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
+  // the socket's family decides the address's: an IPv4-mapped one stays IPv6
+  const len = encodeSockaddr(hostname, port, addrBuf, v6);
   if (len === 0) throw socketError(`bind ${hostname}`, E.EINVAL);
   let rc = rcOrErrno(sys().bind(fd, addrBuf, len));
   if (rc < 0) throw socketError(`bind ${hostname}:${port}`, -rc);
