@@ -28,6 +28,7 @@ import {
   e2eTest,
   echoHandler,
   entriesAtLeast,
+  fdOf,
   GO,
   identityBackend,
   instancePinDir,
@@ -344,17 +345,6 @@ ktest(
   },
   90_000,
 );
-
-/** This process's fd of a TCP conn, found by its ports. */
-function fdOf(conn: Deno.Conn): number {
-  const local = (conn.localAddr as Deno.NetAddr).port;
-  const remote = (conn.remoteAddr as Deno.NetAddr).port;
-  for (const e of Deno.readDirSync("/proc/self/fd")) {
-    const p = socketPorts(Number(e.name));
-    if (p?.local === local && p.remote === remote) return Number(e.name);
-  }
-  throw new Error(`no fd for ${local} -> ${remote}`);
-}
 
 /** Waits until a read on `conn` ends (EOF or error), failing after `ms`. */
 async function seesClose(conn: Deno.Conn, ms: number, what: string): Promise<string> {

@@ -11,13 +11,14 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { socketTuple } from "../src/ebpf/sockmap.ts";
-import { MSG_OOB, resetSocket, sendFd, socketPorts } from "../ffi/libc.ts";
+import { MSG_OOB, resetSocket, sendFd } from "../ffi/libc.ts";
 import { SockDiag } from "../src/conn/tcpinfo.ts";
 import {
   type AccessEntry,
   drainHash,
   e2eTest,
   echoHandler,
+  fdOf,
   kernelEbpf,
   kernelSkipReason,
   type ProxyProcess,
@@ -395,17 +396,6 @@ async function entriesWithin(proxy: ProxyProcess, n: number, ms: number): Promis
 // 4. Tens of thousands of short connections leave nothing behind
 
 const SHORT_CONNECTIONS = Number(Deno.env.get("SNI_SHORT_CONNECTIONS") ?? 50_000);
-
-/** This process's fd of a TCP conn, found by its ports. */
-function fdOf(conn: Deno.Conn): number {
-  const local = (conn.localAddr as Deno.NetAddr).port;
-  const remote = (conn.remoteAddr as Deno.NetAddr).port;
-  for (const e of Deno.readDirSync("/proc/self/fd")) {
-    const p = socketPorts(Number(e.name));
-    if (p?.local === local && p.remote === remote) return Number(e.name);
-  }
-  throw new Error(`no fd for ${local} -> ${remote}`);
-}
 
 /** Open fds of a process, by what they point at. */
 async function openFds(pid: number): Promise<string[]> {

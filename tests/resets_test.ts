@@ -7,9 +7,10 @@
  * @module
  */
 import assert from "node:assert/strict";
-import { resetSocket, socketPorts } from "../ffi/libc.ts";
+import { resetSocket } from "../ffi/libc.ts";
 import {
   e2eTest,
+  fdOf,
   kernelEbpf,
   kernelSkipReason,
   type ProxyProcess,
@@ -30,17 +31,6 @@ if (KERNEL_SKIP) {
 }
 
 const POOL = randomPool(1 << 20);
-
-/** The fd of a Deno conn in this process, found by its ports. */
-function fdOf(conn: Deno.Conn): number {
-  const local = (conn.localAddr as Deno.NetAddr).port;
-  const remote = (conn.remoteAddr as Deno.NetAddr).port;
-  for (const e of Deno.readDirSync("/proc/self/fd")) {
-    const p = socketPorts(Number(e.name));
-    if (p?.local === local && p.remote === remote) return Number(e.name);
-  }
-  throw new Error(`no fd for ${local} -> ${remote}`);
-}
 
 /** Resets a Deno conn: SO_LINGER 0 and close, so the peer gets a reset and no FIN. */
 function reset(conn: Deno.Conn): void {

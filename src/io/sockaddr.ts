@@ -5,7 +5,7 @@
  * @module
  */
 import { formatIpv6, parseIp } from "../net/ip.ts";
-import { AF_INET, AF_INET6 } from "../../ffi/socket.ts";
+import { AF_INET, AF_INET6, sys } from "../../ffi/socket.ts";
 
 /** sizeof(struct sockaddr_in6): room for either family. */
 export const SOCKADDR_SIZE = 28;
@@ -84,4 +84,15 @@ export function sockaddrKey(b: Uint8Array): number | string | null {
   let s = "";
   for (let i = 8; i < 24; i += 2) s += String.fromCharCode((b[i] << 8) | b[i + 1]);
   return s + String.fromCharCode(port);
+}
+
+const localBuf = new Uint8Array(SOCKADDR_SIZE);
+const localLen = new Uint8Array(4);
+const localLenView = new DataView(localLen.buffer);
+
+/** The local address of socket `fd` (getsockname(2)), or null. */
+export function localAddrOf(fd: number, transport: "tcp" | "udp" = "tcp"): NetAddr | null {
+  localLenView.setUint32(0, SOCKADDR_SIZE, true);
+  if (sys().getsockname(fd, localBuf, localLen) !== 0) return null;
+  return decodeSockaddr(localBuf, transport);
 }

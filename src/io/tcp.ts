@@ -43,7 +43,14 @@ import {
 } from "../../ffi/socket.ts";
 import { strerror } from "../../ffi/libc.ts";
 import type { EventLoop, IoHandler } from "./loop.ts";
-import { decodeSockaddr, encodeSockaddr, isV6, type NetAddr, SOCKADDR_SIZE } from "./sockaddr.ts";
+import {
+  decodeSockaddr,
+  encodeSockaddr,
+  isV6,
+  localAddrOf,
+  type NetAddr,
+  SOCKADDR_SIZE,
+} from "./sockaddr.ts";
 
 /** A failed socket call, shaped like Deno's errors: `code` (`ECONNREFUSED`) and the os error. */
 export class SocketError extends Error {
@@ -77,12 +84,7 @@ const addrBuf = new Uint8Array(SOCKADDR_SIZE);
 const addrLen = new Uint8Array(4);
 const addrLenView = new DataView(addrLen.buffer);
 
-/** getsockname(2) of `fd`, or null. */
-function localOf(fd: number): NetAddr | null {
-  addrLenView.setUint32(0, SOCKADDR_SIZE, true);
-  if (sys().getsockname(fd, addrBuf, addrLen) !== 0) return null;
-  return decodeSockaddr(addrBuf);
-}
+const localOf = (fd: number) => localAddrOf(fd, "tcp");
 
 /** A connected TCP socket: accepted from a listener, or connected to a backend. */
 export class TcpSocket implements IoHandler {

@@ -37,19 +37,12 @@ import {
   sys,
 } from "../../ffi/socket.ts";
 import type { EventLoop, IoHandler } from "./loop.ts";
-import { decodeSockaddr, encodeSockaddr, isV6, type NetAddr, SOCKADDR_SIZE } from "./sockaddr.ts";
+import { encodeSockaddr, isV6, localAddrOf, type NetAddr, SOCKADDR_SIZE } from "./sockaddr.ts";
 import { socketError } from "./tcp.ts";
 
 const addrBuf = new Uint8Array(SOCKADDR_SIZE);
-const addrLen = new Uint8Array(4);
-const addrLenView = new DataView(addrLen.buffer);
 
-/** getsockname(2) of `fd`, or null. */
-function localOf(fd: number): NetAddr | null {
-  addrLenView.setUint32(0, SOCKADDR_SIZE, true);
-  if (sys().getsockname(fd, addrBuf, addrLen) !== 0) return null;
-  return decodeSockaddr(addrBuf, "udp");
-}
+const localOf = (fd: number) => localAddrOf(fd, "udp");
 
 /** Options of a UDP socket. */
 export interface UdpOptions {

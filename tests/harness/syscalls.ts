@@ -5,6 +5,7 @@
  * @module
  */
 import type { Scope } from "./scope.ts";
+import { socketPorts } from "../../ffi/libc.ts";
 
 /** What a process read and wrote through syscalls while a {@linkcode SyscallMeter} ran. */
 export interface SyscallBytes {
@@ -130,4 +131,15 @@ export async function cpuTimeMs(pid: number): Promise<number> {
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
   const ticks = Number(fields[11]) + Number(fields[12]); // utime, stime (fields 14, 15)
   return ticks * 10; // USER_HZ is 100 on Linux
+}
+
+/** This process's fd of a TCP conn, found by its ports. */
+export function fdOf(conn: Deno.Conn): number {
+  const local = (conn.localAddr as Deno.NetAddr).port;
+  const remote = (conn.remoteAddr as Deno.NetAddr).port;
+  for (const e of Deno.readDirSync("/proc/self/fd")) {
+    const p = socketPorts(Number(e.name));
+    if (p?.local === local && p.remote === remote) return Number(e.name);
+  }
+  throw new Error(`no fd for ${local} -> ${remote}`);
 }
