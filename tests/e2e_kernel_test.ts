@@ -13,7 +13,7 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { resetSocket, socketPorts } from "../ffi/libc.ts";
+import { resetSocket } from "../ffi/libc.ts";
 import { socketTuple } from "../src/ebpf/sockmap.ts";
 import { concat } from "../src/net/bytes.ts";
 import { SockDiag } from "../src/conn/tcpinfo.ts";
