@@ -4,13 +4,13 @@
  *
  * - Every IPv4/IPv6 packet whose source is in deny_v4/deny_v6 (LPM tries) is dropped, whatever
  *   its protocol.
- * - A TCP packet to one of the proxy's listening ports (`ports`) from a source in
+ * - A TCP or UDP (QUIC) packet to one of the proxy's listening ports (`ports`) from a source in
  *   blocked_v4/blocked_v6 (temporary blocks userspace sets for misbehaving sources) is dropped
  *   while bpf_ktime_get_ns() is before the entry's expiry; an expired entry is ignored (and
  *   deleted by userspace's sweep).
- * - When the allow list is active (xdp_config.allow_active), a TCP packet to one of the proxy's
- *   listening ports (`ports`) from a source outside allow_v4/allow_v6 is dropped. Other traffic
- *   (backend replies to ephemeral ports, DNS, ...) is not subject to the allow list.
+ * - When the allow list is active (xdp_config.allow_active), a TCP or UDP packet to one of the
+ *   proxy's listening ports (`ports`) from a source outside allow_v4/allow_v6 is dropped. Other
+ *   traffic (backend replies to ephemeral ports, DNS, ...) is not subject to the allow list.
  * - Everything else passes: non-IP frames, truncated headers, non-first fragments.
  * Up to two VLAN tags (802.1Q/802.1ad) that are still in the frame are skipped; up to four IPv6
  * extension headers (hop-by-hop, routing, destination options, fragment) are walked.
@@ -27,6 +27,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -157,15 +158,25 @@ static __always_inline int blocks(struct sni_xdp_block *entry)
 	return 1;
 }
 
-/* True when `tcp` (bounds-checked here) is addressed to one of the listening ports. */
-static __always_inline int to_listening_port(struct tcphdr *tcp, void *data_end)
+/*
+ * True when the TCP or UDP header at `l4` (bounds-checked here) is addressed to one of the
+ * listening ports (TLS and HTTP over TCP, QUIC over UDP). Both headers start with the source
+ * and destination ports.
+ */
+static __always_inline int to_listening_port(void *l4, void *data_end)
 {
+	struct udphdr *ports_of = l4;
 	__u16 dest;
 
-	if ((void *)(tcp + 1) > data_end)
+	if ((void *)(ports_of + 1) > data_end)
 		return 0;
-	dest = tcp->dest;
+	dest = ports_of->dest;
 	return bpf_map_lookup_elem(&ports, &dest) != 0;
+}
+
+static __always_inline int tcp_or_udp(__u8 protocol)
+{
+	return protocol == IPPROTO_TCP || protocol == IPPROTO_UDP;
 }
 
 static __always_inline int filter_v4(void *cur, void *data_end)
@@ -181,9 +192,9 @@ static __always_inline int filter_v4(void *cur, void *data_end)
 	__builtin_memcpy(key.addr, &ip->saddr, sizeof(key.addr));
 	if (bpf_map_lookup_elem(&deny_v4, &key))
 		return account(SNI_XDP_STATS_V4, DROPPED_DENY);
-	if (ip->protocol != IPPROTO_TCP)
+	if (!tcp_or_udp(ip->protocol))
 		return account(SNI_XDP_STATS_V4, PASSED);
-	/* a non-first fragment carries no TCP header; the first one (with the SYN) is filtered */
+	/* a non-first fragment carries no L4 header; the first one (with the SYN) is filtered */
 	if (ip->frag_off & bpf_htons(IP_FRAG_OFFSET))
 		return account(SNI_XDP_STATS_V4, PASSED);
 	ihl = ip->ihl;
@@ -238,7 +249,7 @@ static __always_inline int filter_v6(void *cur, void *data_end)
 			break;
 		}
 	}
-	if (nexthdr != IPPROTO_TCP || !to_listening_port(cur, data_end))
+	if (!tcp_or_udp(nexthdr) || !to_listening_port(cur, data_end))
 		return account(SNI_XDP_STATS_V6, PASSED);
 	saddr = ip6->saddr;
 	if (blocks(bpf_map_lookup_elem(&blocked_v6, &saddr)))

@@ -159,8 +159,27 @@ e2eTest(
     assert.equal(sample(m, "sni_proxy_xdp_blocked_total"), 1, m);
     assert.equal(sample(m, "sni_proxy_xdp_offences_total"), 5, m);
     assert.equal(sample(m, "sni_proxy_quic_dropped_total", '{reason="undecryptable"}'), 5, m);
-    // a real client from elsewhere is served (XDP dropping the blocked source's TCP is
-    // tests/proxy_xdp_test.ts's, across network namespaces)
+    // now XDP drops the blocked source's datagrams to the QUIC listener before the stack: the
+    // proxy never reads them
+    const blockedBefore = sample(m, "sni_proxy_kernel_xdp_dropped_blocked_total");
+    await send("127.0.0.7", junk, 4);
+    let after = m;
+    for (let i = 0; i < 50; i++) {
+      after = await scrapeMetrics(proxy);
+      if (sample(after, "sni_proxy_kernel_xdp_dropped_blocked_total") >= blockedBefore + 4) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(
+      sample(after, "sni_proxy_kernel_xdp_dropped_blocked_total"),
+      blockedBefore + 4,
+      after,
+    );
+    assert.equal(
+      sample(after, "sni_proxy_quic_dropped_total", '{reason="undecryptable"}'),
+      5,
+      "no datagram of the blocked source reached the proxy",
+    );
+    // a real client from elsewhere is served
     const got = await quicGet(proxy.port(1), { name: "a.test", path: "who" });
     assert.equal(new TextDecoder().decode(got.body ?? new Uint8Array()), "backend A\n");
   },

@@ -189,7 +189,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
       log.info("ebpf.sockmap_enabled is false: userspace mode in use");
     }
     if (config.ebpf.enabled && config.ebpf.xdp && !worker) {
-      const { xdp, blocker } = await openXdpBlocking(config, proxy.#tcpPorts());
+      const { xdp, blocker } = await openXdpBlocking(config, proxy.#listeningPorts());
       proxy.xdp = xdp;
       if (xdp) proxy.metrics.kernelSources.set("xdp", () => flattenXdp(xdp.stats()));
       if (blocker) {
@@ -259,12 +259,9 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
   }
 
   /** The bound TCP ports of the listeners (what the XDP allow rule protects). */
-  #tcpPorts(): number[] {
-    return [
-      ...new Set(
-        this.listeners.map((l) => Number(l.address.slice(l.address.lastIndexOf(":") + 1))),
-      ),
-    ];
+  /** The bound ports of every listener, TCP and QUIC (XDP filters both on them). */
+  #listeningPorts(): number[] {
+    return [...new Set(this.#all.map((l) => l.bound.port))];
   }
 
   /** The listeners' configs with the ports they are bound to (the ready line's listeners). */
@@ -380,7 +377,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
     startHealthChecks(this.tables);
     if (this.xdp) {
       try {
-        this.xdp.update(config.acl.deny, config.acl.allow, this.#tcpPorts());
+        this.xdp.update(config.acl.deny, config.acl.allow, this.#listeningPorts());
       } catch (e) {
         log.error(
           `reload: XDP lists not updated, the previous ones stay in force: ${(e as Error).message}`,
