@@ -9,6 +9,8 @@ import {
   identityBackend,
   LineReader,
   type ProxyProcess,
+  rawBackend,
+  rawSpliced,
   runCli,
   type Scope,
   sleep,
@@ -396,3 +398,54 @@ e2eTest(
     // with the block set on, tests/proxy_xdp_test.ts lifts a real block
   },
 );
+
+e2eTest(
+  "ctl sessions shows each connection's state: hello, relaying, draining once one side ended",
+  async (s) => {
+    const backend = rawBackend(s);
+    const dir = await Deno.makeTempDir({ prefix: "sni-e2e-admin-" });
+    s.defer(() => Deno.remove(dir, { recursive: true }));
+    const p = await startProxy(s, {
+      listeners: [{ address: "127.0.0.1:0" }],
+      routes: [{ match: "a.test", backends: [backend.address] }],
+      admin: { socket: `${dir}/admin.sock` },
+    });
+    await p.waitForLog("admin API on");
+    const stateOf = async (port: number) => {
+      const list = (await ctlJson(p, ["sessions"])).sessions as Record<string, string>[];
+      return list.find((x) => x.client === `127.0.0.1:${port}`)?.state;
+    };
+    const portOf = (c: Deno.Conn) => (c.localAddr as Deno.NetAddr).port;
+    // connected, no hello yet
+    const silent = await Deno.connect({ hostname: "127.0.0.1", port: p.port() });
+    s.defer(() => silent.close());
+    assert.equal(await within(5000, "listed", waitFor(() => stateOf(portOf(silent)))), "hello");
+    // routed and connected: relaying; the client half-closes: draining (the backend still may send)
+    const { conn } = await rawSpliced(p.port(), "a.test");
+    s.defer(() => conn.close());
+    const server = await backend.next();
+    assert.equal(await stateOf(portOf(conn)), "relaying");
+    await conn.closeWrite();
+    assert.equal(
+      await within(
+        5000,
+        "draining",
+        waitFor(async () => {
+          const st = await stateOf(portOf(conn));
+          return st === "draining" ? st : undefined;
+        }),
+      ),
+      "draining",
+    );
+    server.close();
+  },
+);
+
+/** Polls `f` every 50 ms until it gives a value. */
+async function waitFor<T>(f: () => Promise<T | undefined>): Promise<T> {
+  for (;;) {
+    const v = await f();
+    if (v !== undefined) return v;
+    await sleep(50);
+  }
+}

@@ -33,6 +33,8 @@ export type CloseReason =
 
 /** One live session as the admin API lists it. */
 export interface SessionInfo {
+  /** Where the connection is in its life (see {@link ConnState}). */
+  state: ConnState;
   client: string;
   listener: string;
   table: string;
@@ -49,6 +51,13 @@ export interface SessionInfo {
   bytes_down: number;
   mode: "userspace" | "kernel";
 }
+
+/**
+ * The states of a connection, in order: reading the hello (or HTTP head) → routing by its name
+ * → connecting a backend → relaying both ways → draining (one side has ended, the other still
+ * sends) → closed. A QUIC flow is `hello` until its ClientHello is complete, then `relaying`.
+ */
+export type ConnState = "hello" | "routing" | "connecting" | "relaying" | "draining" | "closed";
 
 /** Bytes of each direction: `up` client → backend, `down` backend → client. */
 export interface ByteCounts {
@@ -97,6 +106,8 @@ export class ConnRecord {
   helloBytes = 0;
   /** The relay, once started. */
   relay: ByteRelay | null = null;
+  /** Where the connection is (the session moves it on; relaying becomes draining by itself). */
+  state: ConnState = "hello";
   /** Kernel mode's part, when the proxy runs in kernel mode. */
   kernel: KernelPart | null = null;
 
@@ -119,6 +130,7 @@ export class ConnRecord {
   /** What the admin API shows of this connection. */
   info(): SessionInfo {
     return {
+      state: this.state === "relaying" && this.relay?.halfClosed ? "draining" : this.state,
       client: this.client,
       listener: this.listener,
       table: this.table,

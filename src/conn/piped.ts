@@ -200,6 +200,10 @@ export class PipedRelay implements ByteRelay {
     return this.#error;
   }
 
+  get halfClosed(): boolean {
+    return this.#upDir.done !== this.#downDir.done;
+  }
+
   run(): Promise<RelayEnd> {
     if (this.#end !== null) return Promise.resolve(this.#end);
     const ended = new Promise<RelayEnd>((resolve) => this.#done = resolve);

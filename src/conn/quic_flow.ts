@@ -157,6 +157,7 @@ export class QuicFlow {
   /** What the admin API shows of it. */
   info(listener: string): SessionInfo {
     return {
+      state: this.route === null ? "hello" : "relaying",
       client: this.client,
       listener,
       table: this.table.name,

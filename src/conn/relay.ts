@@ -80,6 +80,8 @@ export interface ByteRelay {
   readonly bytesUp: number;
   /** Bytes backend → client this relay copied itself. */
   readonly bytesDown: number;
+  /** One direction has ended (its EOF passed on) while the other still flows. */
+  readonly halfClosed: boolean;
 }
 
 /**
@@ -206,6 +208,10 @@ export class Relay implements ByteRelay {
   /** Bytes client → backend copied by this relay. */
   get bytesUp(): number {
     return this.#up.bytes;
+  }
+
+  get halfClosed(): boolean {
+    return this.#up.done !== this.#down.done;
   }
 
   /** Bytes backend → client copied by this relay. */

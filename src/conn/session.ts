@@ -2,7 +2,9 @@
  * One client connection's life, in steps: read the ClientHello (or HTTP head) → route by name →
  * connect a backend (src/conn/backend_dial.ts) → forward the bytes read so far → relay until
  * both sides are done (in kernel mode handed to the kernel: src/conn/kernel_handoff.ts) → access
- * log (src/conn/conn_record.ts). What differs between TLS and HTTP listeners is their
+ * log (src/conn/conn_record.ts). The connection is an explicit state machine: its record's
+ * `state` goes hello → routing → connecting → relaying (→ draining once one side has ended) →
+ * closed, and the admin API shows it. What differs between TLS and HTTP listeners is their
  * {@link Protocol} value.
  *
  * @module
@@ -139,6 +141,7 @@ export class Session {
         this.#ctx.fds?.backendClosed();
       }
       const final = this.#stopReason && reason === "error" ? this.#stopReason : reason;
+      this.#record.state = "closed";
       this.#record.finish(this.#ctx.metrics, final, this.#error);
     }
   }
@@ -162,12 +165,16 @@ export class Session {
 
   /** The connection's steps; returns why it ended (throws Stopped when stop() cut one short). */
   async #steps(): Promise<CloseReason> {
+    const record = this.#record;
     const name = await this.#readName();
     if (name === undefined) return this.#stopReason!;
+    record.state = "routing";
     const pool = await this.#route(name);
     if (typeof pool === "string") return pool;
+    record.state = "connecting";
     const failed = await this.#connectBackend(name, pool);
     if (failed) return failed;
+    record.state = "relaying";
     return await this.#relayPair(pool);
   }
 

@@ -99,6 +99,10 @@ export class SplicedRelay implements ByteRelay {
     return this.#error;
   }
 
+  get halfClosed(): boolean {
+    return this.#client.passed !== this.#backend.passed;
+  }
+
   run(): Promise<RelayEnd> {
     const ended = new Promise<RelayEnd>((resolve) => this.#done = resolve);
     if (this.#end !== null) return Promise.resolve(this.#end);
