@@ -126,7 +126,16 @@ export async function runCtl(args: string[]): Promise<number> {
     const columns = ["table", "route", "backend", "weight", "health", "admin", "active"];
     printTable(reply.backends, columns);
   } else if (Array.isArray(reply.sessions)) {
-    const columns = ["state", "client", "route", "backend", "age_ms", "bytes_up", "bytes_down", "mode"];
+    const columns = [
+      "state",
+      "client",
+      "route",
+      "backend",
+      "age_ms",
+      "bytes_up",
+      "bytes_down",
+      "mode",
+    ];
     if (reply.sessions.some((s) => "worker" in s)) columns.push("worker");
     printTable(reply.sessions, columns);
   } else console.log(reply.message);
