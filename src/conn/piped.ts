@@ -241,7 +241,7 @@ export class PipedRelay implements ByteRelay {
     if ((input && down.src === fd) || (output && down.dst === fd)) this.#pump(down);
     // a reset of a socket whose own direction already ended (it half-closed earlier) reaches
     // no read: its pending error says so
-    if ((events & (EPOLLERR | EPOLLHUP)) && this.#end === null) {
+    if ((events & EPOLLERR) && this.#end === null) {
       const own = fd === this.#pair.clientFd ? this.#upDir : this.#downDir;
       if (own.eof) {
         const err = socketError(fd);
@@ -381,8 +381,9 @@ export class PipedRelay implements ByteRelay {
 
   /** A read of 0 bytes: a reset (its pending error) or the EOF. */
   #atZero(d: Direction): boolean {
-    // a reset socket reads 0 bytes too: its pending error tells a reset from an EOF
-    const err = socketError(d.src);
+    // a reset socket reads 0 bytes too: its pending error tells a reset from an EOF (epoll
+    // said error then: a clean EOF costs no getsockopt)
+    const err = d.srcSocket.failed ? socketError(d.src) : 0;
     if (err) {
       this.#retry(-err, d.src);
       return false;

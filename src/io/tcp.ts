@@ -78,7 +78,7 @@ export function socketError(op: string, errno: number): SocketError {
 }
 
 /** What each connected socket is watched for, once, for its whole life. */
-const CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET;
+export const CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET;
 
 const addrBuf = new Uint8Array(SOCKADDR_SIZE);
 const addrLen = new Uint8Array(4);

@@ -7,7 +7,7 @@
  */
 import { EPOLLET } from "../../ffi/socket.ts";
 import type { EventLoop } from "./loop.ts";
-import type { TcpSocket } from "./tcp.ts";
+import { CONN_EVENTS, type TcpSocket } from "./tcp.ts";
 
 /** A session's client and backend sockets, and their fds. */
 export interface SocketPair {
@@ -52,8 +52,11 @@ export class PairWatcher implements FdWatcher {
   }
 
   watch(fd: number, events: number, onEvent: (events: number) => void): number {
-    const rc = this.#loop.modify(fd, events | EPOLLET);
-    if (rc < 0) throw new Error(`epoll_ctl(MOD, ${fd}): errno ${-rc}`);
+    // a socket is on epoll for everything already: only a narrower set needs a call
+    if ((events | EPOLLET) !== CONN_EVENTS) {
+      const rc = this.#loop.modify(fd, events | EPOLLET);
+      if (rc < 0) throw new Error(`epoll_ctl(MOD, ${fd}): errno ${-rc}`);
+    }
     socketOf(this.#pair, fd).setHandler(onEvent);
     return fd + 1;
   }

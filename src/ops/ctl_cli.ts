@@ -58,6 +58,18 @@ export function parseCommandLine<T extends ParseArgsOptionsConfig>(
   }
 }
 
+/** The columns of `ctl sessions`, in order. */
+const SESSION_COLUMNS = [
+  "state",
+  "client",
+  "route",
+  "backend",
+  "age_ms",
+  "bytes_up",
+  "bytes_down",
+  "mode",
+];
+
 /** Runs `sni-proxy ctl ARGS`; returns the exit code (2: usage, 1: refused or unreachable). */
 export async function runCtl(args: string[]): Promise<number> {
   const parsed = parseCommandLine(
@@ -126,16 +138,7 @@ export async function runCtl(args: string[]): Promise<number> {
     const columns = ["table", "route", "backend", "weight", "health", "admin", "active"];
     printTable(reply.backends, columns);
   } else if (Array.isArray(reply.sessions)) {
-    const columns = [
-      "state",
-      "client",
-      "route",
-      "backend",
-      "age_ms",
-      "bytes_up",
-      "bytes_down",
-      "mode",
-    ];
+    const columns = [...SESSION_COLUMNS];
     if (reply.sessions.some((s) => "worker" in s)) columns.push("worker");
     printTable(reply.sessions, columns);
   } else console.log(reply.message);
