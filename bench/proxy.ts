@@ -79,6 +79,10 @@ export interface Proxy {
   pid: number;
   /** All its processes: pid, and its workers when it has any (their CPU is added up). */
   pids: number[];
+  /** The metrics endpoint's `host:port` (null: the config has none). */
+  metrics?: string | null;
+  /** Its log so far. */
+  log?(): string;
   stop(): Promise<void>;
 }
 
@@ -89,13 +93,19 @@ const READY_TIMEOUT_MS = 30_000;
  * Starts the proxy in `mode` in front of `backends`; resolves once it is ready. Kernel-mode
  * proxies keep their eBPF state per instance, so other proxies on the machine do not matter.
  */
-export function startProxy(dir: string, backends: Backends, mode: ProxyMode): Promise<Proxy> {
-  return startOnce(dir, backends, mode);
+export async function startProxy(
+  dir: string,
+  backends: Backends,
+  mode: ProxyMode,
+): Promise<Proxy> {
+  return launchProxy(await writeConfig(dir, backends, mode), mode);
 }
 
-/** Starts one proxy process in `mode` and waits for its ready line (`--ready-fd 1`). */
-async function startOnce(dir: string, backends: Backends, mode: ProxyMode): Promise<Proxy> {
-  const path = await writeConfig(dir, backends, mode);
+/**
+ * Starts one proxy process with the config file `path` and waits for its ready line
+ * (`--ready-fd 1`), which must report `mode`'s mode.
+ */
+export async function launchProxy(path: string, mode: ProxyMode): Promise<Proxy> {
   const proc = spawn(Deno.execPath(), {
     // the same flags as `deno task start` (a small V8 young generation keeps idle RSS down)
     args: [
@@ -118,6 +128,8 @@ async function startOnce(dir: string, backends: Backends, mode: ProxyMode): Prom
     port: ready.listeners[0].port,
     pid: proc.pid,
     pids: [proc.pid, ...ready.workers],
+    metrics: ready.metrics,
+    log: log.text,
     stop: () => stop(proc, "SIGTERM"),
   } satisfies Proxy;
 }
