@@ -42,19 +42,25 @@ export const PROXY_MODES: ProxyMode[] = [
     name: "sockmap",
     reports: "kernel",
     ebpf: { enabled: true, sockmap_enabled: true, splice_mode: "sockmap" },
-    prepare: async () => {
-      if (Deno.uid() !== 0) return "needs root (CAP_BPF, CAP_NET_ADMIN)";
-      try {
-        await Deno.stat(`${ROOT}bpf/sockmap.bpf.o`);
-        return null;
-      } catch { /* not built yet */ }
-      const o = await new Deno.Command("bash", { args: [`${ROOT}build.sh`], stdin: "null" })
-        .output();
-      if (o.success) return null;
-      return `./build.sh failed: ${new TextDecoder().decode(o.stderr).trim().split("\n")[0]}`;
-    },
+    prepare: () => needBpfObject("sockmap.bpf.o"),
   },
 ];
+
+/**
+ * Checks that the proxy can load the eBPF object `file` of bpf/: root, and the object built
+ * (running ./build.sh when it is not). Returns why not, or null.
+ */
+export async function needBpfObject(file: string): Promise<string | null> {
+  if (Deno.uid() !== 0) return "needs root (CAP_BPF, CAP_NET_ADMIN)";
+  try {
+    await Deno.stat(`${ROOT}bpf/${file}`);
+    return null;
+  } catch { /* not built yet */ }
+  const o = await new Deno.Command("bash", { args: [`${ROOT}build.sh`], stdin: "null" })
+    .output();
+  if (o.success) return null;
+  return `./build.sh failed: ${new TextDecoder().decode(o.stderr).trim().split("\n")[0]}`;
+}
 
 /** The backends every column routes to. */
 export interface Backends {

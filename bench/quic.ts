@@ -3,8 +3,8 @@
  * directly and through a `quic` listener of the proxy forwarding in userspace and in the kernel
  * (`ebpf.quic` on `lo`: a tc program forwards a routed flow's datagrams).
  *
- * Per column: the handshake (the client's first Initial sent to "handshake completed" in its
- * debug log, timed by the bench as the lines arrive) and the wall time of a tiny download;
+ * Per column: the handshake (the client's first Initial sent to the server's first flight in,
+ * from its syscall trace) and the wall time of a tiny download (untraced);
  * MB/s of big downloads, one at a time, with the machine's and the proxy process's CPU and
  * the datagrams the process forwarded (its /metrics) against those the kernel forwarded; the
  * proxy's CPU per new flow over many tiny downloads, a few at a time. The proxy runs with
@@ -13,8 +13,17 @@
  * @module
  */
 import { median } from "./load.ts";
-import { machineCpuSeconds, processCpuSeconds, sh, sleep, spawn, stop } from "./procs.ts";
-import { launchProxy, type Proxy, type ProxyMode } from "./proxy.ts";
+import {
+  exitedChildrenCpuSeconds,
+  machineCpuSeconds,
+  machineIrqSeconds,
+  sh,
+  sleep,
+  spawn,
+  stop,
+  threadsCpuSeconds,
+} from "./procs.ts";
+import { launchProxy, needBpfObject, type Proxy, type ProxyMode } from "./proxy.ts";
 
 /** How much the QUIC test does per column (see settings.ts). */
 export interface QuicOptions {
@@ -36,10 +45,13 @@ export interface QuicResult {
   tinyMs: number;
   /** median MB/s (10^6 bytes) of the big downloads */
   mbs: number;
-  /** over all big downloads: bytes, machine and proxy CPU seconds, datagrams */
+  /** over all big downloads: bytes, CPU seconds, datagrams */
   bulk: {
     bytes: number;
+    /** the whole machine's (other programs on a shared machine included) */
     machineCpuS: number;
+    /** the client's, the server's and the proxy's, and the machine's irq and softirq time */
+    ownCpuS: number;
     proxyCpuS: number;
     /** datagrams the proxy process forwarded (both ways) */
     processDatagrams: number;
@@ -60,6 +72,7 @@ const QUIC_MODES: Record<string, ProxyMode> = {
     name: "kernel",
     reports: "userspace",
     ebpf: { enabled: true, quic: { interfaces: ["lo"] } },
+    prepare: () => needBpfObject("quic.bpf.o"),
   },
 };
 
@@ -73,6 +86,7 @@ const CLIENT_TIMEOUT_S = 30;
 /** A gtlsserver serving `big` and `small` on 127.0.0.1 (UDP). */
 interface QuicServer {
   port: number;
+  pid: number;
   stop(): Promise<void>;
 }
 
@@ -113,7 +127,7 @@ async function startQuicServer(dir: string, bytes: number): Promise<QuicServer> 
     if (i > 100) throw new Error(`gtlsserver did not bind udp ${port}`);
     await sleep(20);
   }
-  return { port, stop: () => stop(child, "SIGKILL") };
+  return { port, pid: child.pid, stop: () => stop(child, "SIGKILL") };
 }
 
 /** One gtlsclient download of `path` via 127.0.0.1:`port` into `out`; its wall seconds. */
@@ -140,38 +154,46 @@ async function download(port: number, path: string, out: string, bytes: number) 
 }
 
 /**
- * A tiny download with the client's debug log read as it comes: milliseconds from the line of
- * its first sent packet to "QUIC handshake has completed", and its wall time.
+ * The handshake in a client's syscall trace (`strace -ttt`, µs): from its first UDP datagram
+ * sent (the Initial) to the last one received before it sends again (its Finished, once the
+ * server's whole first flight is in). Milliseconds, or undefined when the trace has neither.
  */
+export function handshakeFromTrace(trace: string): number | undefined {
+  let sent: number | undefined;
+  let received: number | undefined;
+  for (const line of trace.split("\n")) {
+    const m = /^(\d+\.\d+) (send|recv)m?msg\(\d+, \{msg_name=\{sa_family=AF_INET6?,.* = (\d+)$/
+      .exec(line);
+    if (!m) continue;
+    const t = Number(m[1]) * 1000;
+    if (m[2] === "send") {
+      if (sent !== undefined && received !== undefined) return received - sent;
+      sent ??= t;
+    } else if (sent !== undefined && Number(m[3]) > 0) received = t;
+  }
+  return undefined;
+}
+
+/** A tiny download traced with strace: its handshake in ms (see handshakeFromTrace). */
 async function timedHandshake(port: number, out: string) {
   await Deno.mkdir(out, { recursive: true });
-  const t0 = performance.now();
+  const trace = `${out}/trace`;
   const child = spawn("timeout", {
     args: [
-      ...[String(CLIENT_TIMEOUT_S), "gtlsclient", "--no-quic-dump", "--no-http-dump"],
+      ...[String(CLIENT_TIMEOUT_S), "strace", "-ttt", "-o", trace, "-e"],
+      ...["trace=sendmsg,recvmsg,sendmmsg,recvmmsg", "gtlsclient", "-q"],
       ...["--exit-on-first-stream-close", "--handshake-timeout=10s", `--download=${out}`],
       ...[NAME, String(port), `https://${NAME}/small`],
     ],
     stdout: "null",
-    stderr: "piped",
+    stderr: "null",
   });
-  let text = "";
-  let sent: number | undefined;
-  let done: number | undefined;
-  for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
-    if (done !== undefined) continue; // read to the end: the client must not block on it
-    text += chunk;
-    const now = performance.now();
-    if (sent === undefined && text.includes("Sent packet")) sent = now;
-    if (text.includes("QUIC handshake has completed")) done = now;
-    if (text.length > 1 << 20) text = text.slice(-4096);
-  }
   const status = await child.status;
-  const wallMs = performance.now() - t0;
-  if (!status.success || sent === undefined || done === undefined) {
-    throw new Error(`gtlsclient small: exit ${status.code}, handshake not seen`);
+  const handshakeMs = handshakeFromTrace(await Deno.readTextFile(trace).catch(() => ""));
+  if (!status.success || handshakeMs === undefined) {
+    throw new Error(`gtlsclient small (traced): exit ${status.code}, no handshake in the trace`);
   }
-  return { handshakeMs: done - sent, wallMs };
+  return handshakeMs;
 }
 
 /** The value of a sample of a metrics text (0 when absent). */
@@ -193,25 +215,33 @@ async function datagrams(proxy: Proxy | null): Promise<{ process: number; kernel
   };
 }
 
-/** The proxy's CPU seconds so far (0 without a proxy). */
-const proxyCpu = (proxy: Proxy | null) => proxy ? processCpuSeconds([proxy.pid]) : 0;
+/** The proxy's CPU seconds so far (0 without a proxy), to the nanosecond. */
+const proxyCpu = (proxy: Proxy | null) => proxy ? threadsCpuSeconds(proxy.pid) : 0;
+
+/** CPU seconds so far: the machine's; the proxy's; the server's + exited clients' + irq. */
+function cpuNow(server: QuicServer, proxy: Proxy | null) {
+  const p = proxyCpu(proxy);
+  const own = threadsCpuSeconds(server.pid) + exitedChildrenCpuSeconds() + machineIrqSeconds();
+  return { machine: machineCpuSeconds(), proxy: p, own: own + p };
+}
 
 /** The big downloads, one at a time: MB/s of each, CPU and datagrams over all of them. */
-async function bulk(port: number, proxy: Proxy | null, o: QuicOptions, out: string) {
-  const d0 = await datagrams(proxy);
-  const [m0, p0] = [machineCpuSeconds(), proxyCpu(proxy)];
+async function bulk(server: QuicServer, c: Column, o: QuicOptions) {
+  const d0 = await datagrams(c.proxy);
+  const c0 = cpuNow(server, c.proxy);
   const mbs: number[] = [];
   for (let i = 0; i < o.downloads; i++) {
-    mbs.push(o.fileBytes / 1e6 / await download(port, "big", out, o.fileBytes));
+    mbs.push(o.fileBytes / 1e6 / await download(c.port, "big", c.out, o.fileBytes));
   }
-  const [m1, p1] = [machineCpuSeconds(), proxyCpu(proxy)];
-  const d1 = await datagrams(proxy);
+  const c1 = cpuNow(server, c.proxy);
+  const d1 = await datagrams(c.proxy);
   return {
     mbs: median(mbs),
     bulk: {
       bytes: o.fileBytes * o.downloads,
-      machineCpuS: m1 - m0,
-      proxyCpuS: p1 - p0,
+      machineCpuS: c1.machine - c0.machine,
+      ownCpuS: c1.own - c0.own,
+      proxyCpuS: c1.proxy - c0.proxy,
       processDatagrams: d1.process - d0.process,
       kernelDatagrams: d1.kernel - d0.kernel,
     },
@@ -231,27 +261,28 @@ async function flows(port: number, proxy: Proxy | null, count: number, out: stri
   return { count, proxyCpuS: proxyCpu(proxy) - p0, seconds: (performance.now() - t0) / 1000 };
 }
 
-/** Every measurement of one column against `port` (the server's or the proxy's). */
-async function measureColumn(
-  port: number,
-  proxy: Proxy | null,
-  o: QuicOptions,
-  out: string,
-): Promise<QuicResult> {
-  await download(port, "small", out, 2); // warm-up: the first run of gtlsclient loads its libraries
+/** Where a column's clients go: the server's port or the proxy's; their download directory. */
+interface Column {
+  port: number;
+  proxy: Proxy | null;
+  out: string;
+}
+
+/** Every measurement of one column. */
+async function measureColumn(server: QuicServer, c: Column, o: QuicOptions): Promise<QuicResult> {
+  await download(c.port, "small", c.out, 2); // warm-up: the first run loads the client's libraries
   const hs: number[] = [];
   const tiny: number[] = [];
   for (let i = 0; i < o.handshakes; i++) {
-    const t = await timedHandshake(port, out);
-    hs.push(t.handshakeMs);
-    tiny.push(t.wallMs);
+    hs.push(await timedHandshake(c.port, c.out));
+    tiny.push(await download(c.port, "small", c.out, 2) * 1000);
   }
-  const b = await bulk(port, proxy, o, out);
+  const b = await bulk(server, c, o);
   return {
     handshakeMs: median(hs),
     tinyMs: median(tiny),
     ...b,
-    flows: await flows(port, proxy, o.flows, out),
+    flows: await flows(c.port, c.proxy, o.flows, c.out),
   };
 }
 
@@ -301,9 +332,11 @@ export async function measureQuic(t: QuicTestOptions): Promise<void> {
       const t0 = performance.now();
       let proxy: Proxy | null = null;
       try {
+        const why = await QUIC_MODES[column]?.prepare?.();
+        if (why) throw new Error(why);
         if (column !== "direct") proxy = await startQuicProxy(dir, server.port, QUIC_MODES[column]);
-        const port = proxy?.port ?? server.port;
-        t.record(column, proxy !== null, await measureColumn(port, proxy, t.options, `${dir}/dl`));
+        const c = { port: proxy?.port ?? server.port, proxy, out: `${dir}/dl` };
+        t.record(column, proxy !== null, await measureColumn(server, c, t.options));
         console.log(`  QUIC ${column}: ${((performance.now() - t0) / 1000).toFixed(1)} s`);
       } catch (e) {
         const why = (e instanceof Error ? e.message : String(e)).split("\n")[0];

@@ -138,6 +138,7 @@ async function main(s: Settings): Promise<void> {
   if (s.quic.flows > 0 && !s.idleOnly) {
     need("gtlsclient", "ngtcp2-client");
     need("gtlsserver", "ngtcp2-server");
+    need("strace", "strace");
   }
   checkModes(s.modes);
   const head = await header(s);
