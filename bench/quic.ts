@@ -84,7 +84,7 @@ export const FLOW_CONCURRENCY = 4;
 const CLIENT_TIMEOUT_S = 30;
 
 /** A gtlsserver serving `big` and `small` on 127.0.0.1 (UDP). */
-interface QuicServer {
+export interface QuicServer {
   port: number;
   pid: number;
   stop(): Promise<void>;
@@ -102,7 +102,7 @@ function freeUdpPort(): number {
  * Starts gtlsserver in `dir` with a self-signed certificate for {@link NAME}: `big` (a sparse
  * file of `bytes`) and `small` (2 bytes).
  */
-async function startQuicServer(dir: string, bytes: number): Promise<QuicServer> {
+export async function startQuicServer(dir: string, bytes: number): Promise<QuicServer> {
   await Deno.mkdir(`${dir}/www`, { recursive: true });
   await sh("openssl", [
     ...["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"],
@@ -175,7 +175,7 @@ export function handshakeFromTrace(trace: string): number | undefined {
 }
 
 /** A tiny download traced with strace: its handshake in ms (see handshakeFromTrace). */
-async function timedHandshake(port: number, out: string) {
+export async function timedHandshake(port: number, out: string) {
   await Deno.mkdir(out, { recursive: true });
   const trace = `${out}/trace`;
   const child = spawn("timeout", {
