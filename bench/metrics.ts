@@ -192,10 +192,15 @@ export const QUIC_PROXY_CPU_LABEL = "QUIC: proxy process CPU s per GiB";
  * other programs on a shared machine would count.
  */
 function quicMBPerCpu(r: ModeResult, d: ModeResult | undefined): number | undefined {
+  const above = quicCpuAboveDirect(r, d);
+  return above === undefined ? undefined : r.quic!.bulk.bytes / 1e6 / Math.max(above, 0.01);
+}
+
+/** The CPU seconds the QUIC downloads of column `r` took above direct's for the same bytes. */
+export function quicCpuAboveDirect(r: ModeResult, d: ModeResult | undefined): number | undefined {
   const [q, dq] = [r.quic?.bulk, d?.quic?.bulk];
   if (!q || !dq || r === d) return undefined;
-  const above = q.ownCpuS - dq.ownCpuS * (q.bytes / dq.bytes);
-  return q.bytes / 1e6 / Math.max(above, 0.01);
+  return q.ownCpuS - dq.ownCpuS * (q.bytes / dq.bytes);
 }
 
 /** The rows of the QUIC test (none when it does not run). */
