@@ -18,6 +18,7 @@ import { type Column, type LoadTest, loadTests, type SyscallRun } from "./load_t
 import { type IdleResult, idleRss } from "./idle_conns.ts";
 import type { Nginx } from "./nginx.ts";
 import type { Backends, Proxy } from "./proxy.ts";
+import type { QuicResult } from "./quic.ts";
 import type { Settings } from "./settings.ts";
 import { type StarveResult, summarizeStarve } from "./starve.ts";
 import { optional, type Subject } from "./subjects.ts";
@@ -42,6 +43,7 @@ export interface ModeResult {
   starve?: StarveResult;
   idle?: IdleResult;
   churn?: ChurnResult;
+  quic?: QuicResult;
 }
 
 /** What the measurements work on and where they put what they find. */

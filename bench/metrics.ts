@@ -8,6 +8,7 @@
 import type { CpuUse, WrkResult } from "./load.ts";
 import type { IdleResult } from "./idle_conns.ts";
 import type { ModeResult } from "./measure.ts";
+import { FLOW_CONCURRENCY } from "./quic.ts";
 import { type Settings, TARGETS } from "./settings.ts";
 import { PROBE_TIMEOUT_MS } from "./starve.ts";
 
@@ -178,6 +179,92 @@ function churnRows(s: Settings): Row[] {
   ];
 }
 
+/** Label of the QUIC row of MB per second of forwarding CPU (a target reads it). */
+export const QUIC_MB_PER_CPU_LABEL =
+  "QUIC: MB per CPU second of forwarding (client+server+proxy+irq CPU above direct's)";
+/** Label of the QUIC row of the proxy process's CPU per GiB (a target reads it). */
+export const QUIC_PROXY_CPU_LABEL = "QUIC: proxy process CPU s per GiB";
+
+/**
+ * MB of the QUIC downloads per CPU second that forwarding added: the CPU of the client, the
+ * server, the proxy and the machine's interrupts (where the kernel forwards) minus direct's for
+ * the same bytes, at least one clock tick (0.01 s) over all downloads. Not the machine's CPU:
+ * other programs on a shared machine would count.
+ */
+function quicMBPerCpu(r: ModeResult, d: ModeResult | undefined): number | undefined {
+  const above = quicCpuAboveDirect(r, d);
+  return above === undefined ? undefined : r.quic!.bulk.bytes / 1e6 / Math.max(above, 0.01);
+}
+
+/** The CPU seconds the QUIC downloads of column `r` took above direct's for the same bytes. */
+export function quicCpuAboveDirect(r: ModeResult, d: ModeResult | undefined): number | undefined {
+  const [q, dq] = [r.quic?.bulk, d?.quic?.bulk];
+  if (!q || !dq || r === d) return undefined;
+  return q.ownCpuS - dq.ownCpuS * (q.bytes / dq.bytes);
+}
+
+/** The rows of the QUIC test (none when it does not run). */
+function quicRows(s: Settings): Row[] {
+  const o = s.quic;
+  if (o.flows <= 0) return [];
+  const perDownload = (r: ModeResult, n: number | undefined) =>
+    r.proxied && r.quic && n !== undefined ? n / o.downloads : undefined;
+  return [
+    [
+      `QUIC handshake ms (median of ${o.handshakes}), client's Initial out to server's flight in (strace)`,
+      (r) => r.quic?.handshakeMs,
+      2,
+      "lower",
+    ],
+    ["QUIC tiny download ms (median), client start to exit", (r) => r.quic?.tinyMs, 1, "lower"],
+    [
+      `QUIC download MB/s (${o.downloads} x ${o.fileBytes / 2 ** 20} MiB, gtlsclient)`,
+      (r) => r.quic?.mbs,
+      0,
+      "higher",
+    ],
+    // no better side: other programs on a shared machine count here (the next row is ours)
+    [
+      "QUIC: machine CPU s per GiB",
+      (r) => r.quic && r.quic.bulk.machineCpuS / (r.quic.bulk.bytes / 2 ** 30),
+      2,
+    ],
+    [
+      "QUIC: client+server+proxy+irq CPU s per GiB",
+      (r) => r.quic && r.quic.bulk.ownCpuS / (r.quic.bulk.bytes / 2 ** 30),
+      2,
+      "lower",
+    ],
+    [QUIC_MB_PER_CPU_LABEL, quicMBPerCpu, 0, "higher"],
+    [
+      QUIC_PROXY_CPU_LABEL,
+      (r) => proxyOnly(r, r.quic && r.quic.bulk.proxyCpuS / (r.quic.bulk.bytes / 2 ** 30)),
+      3,
+      "lower",
+    ],
+    [
+      `QUIC: proxy CPU µs per new flow (${o.flows} tiny downloads, ${FLOW_CONCURRENCY} at a time)`,
+      (r) => proxyOnly(r, r.quic && (r.quic.flows.proxyCpuS / r.quic.flows.count) * 1e6),
+      0,
+      "lower",
+    ],
+    [
+      "QUIC: datagrams per download through the proxy process",
+      (r) => perDownload(r, r.quic?.bulk.processDatagrams),
+      0,
+      null,
+      false,
+    ],
+    [
+      "QUIC: datagrams per download forwarded in the kernel",
+      (r) => perDownload(r, r.quic?.bulk.kernelDatagrams),
+      0,
+      null,
+      false,
+    ],
+  ];
+}
+
 /** The rows of the idle-connection test. */
 function idleRows(s: Settings): Row[] {
   const conns = s.idleConns;
@@ -202,7 +289,7 @@ function idleRows(s: Settings): Row[] {
 
 /** Every row of the table, in order. */
 export function metrics(s: Settings): Metric[] {
-  const rows: Row[] = [
+  const rows: Row[] = s.quicOnly ? quicRows(s) : [
     ...bulkRows(),
     ...wrkRows("keep-alive", "keep-alive requests/s", "request", (r) => r.keepAlive),
     ["keep-alive: nginx CPU µs per request", (r) => r.keepAlive?.cpuUsPerRequest.nginx, 1],
@@ -220,6 +307,7 @@ export function metrics(s: Settings): Metric[] {
     ...starveRows(s),
     ...idleRows(s),
     ...churnRows(s),
+    ...quicRows(s),
   ];
   return rows.map(([label, get, digits, better, ratio]) => ({
     label,

@@ -121,6 +121,28 @@ export function machineCpuSeconds(): number {
   return (user + nice + system + irq + softirq) / USER_HZ;
 }
 
+/** CPU seconds of the whole machine in interrupts so far: irq + softirq of all CPUs. */
+export function machineIrqSeconds(): number {
+  const fields = Deno.readTextFileSync("/proc/stat").split("\n", 1)[0].trim().split(/\s+/);
+  const [, , , , , irq, softirq] = fields.slice(1).map(Number);
+  return (irq + softirq) / USER_HZ;
+}
+
+/**
+ * CPU seconds that the live threads of process `pid` have run so far, to the nanosecond
+ * (`/proc/PID/task/TID/schedstat`): fine enough for a process that hardly runs, where the
+ * clock ticks of /proc/PID/stat would read 0 or 0.01 s.
+ */
+export function threadsCpuSeconds(pid: number): number {
+  let ns = 0;
+  for (const t of Deno.readDirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(Deno.readTextFileSync(`/proc/${pid}/task/${t.name}/schedstat`).split(" ")[0]);
+    } catch { /* the thread exited meanwhile */ }
+  }
+  return ns / 1e9;
+}
+
 /** CPU seconds (user + system, all threads) that the processes `pids` have used so far. */
 export function processCpuSeconds(pids: number[]): number {
   let ticks = 0;

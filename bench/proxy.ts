@@ -42,19 +42,25 @@ export const PROXY_MODES: ProxyMode[] = [
     name: "sockmap",
     reports: "kernel",
     ebpf: { enabled: true, sockmap_enabled: true, splice_mode: "sockmap" },
-    prepare: async () => {
-      if (Deno.uid() !== 0) return "needs root (CAP_BPF, CAP_NET_ADMIN)";
-      try {
-        await Deno.stat(`${ROOT}bpf/sockmap.bpf.o`);
-        return null;
-      } catch { /* not built yet */ }
-      const o = await new Deno.Command("bash", { args: [`${ROOT}build.sh`], stdin: "null" })
-        .output();
-      if (o.success) return null;
-      return `./build.sh failed: ${new TextDecoder().decode(o.stderr).trim().split("\n")[0]}`;
-    },
+    prepare: () => needBpfObject("sockmap.bpf.o"),
   },
 ];
+
+/**
+ * Checks that the proxy can load the eBPF object `file` of bpf/: root, and the object built
+ * (running ./build.sh when it is not). Returns why not, or null.
+ */
+export async function needBpfObject(file: string): Promise<string | null> {
+  if (Deno.uid() !== 0) return "needs root (CAP_BPF, CAP_NET_ADMIN)";
+  try {
+    await Deno.stat(`${ROOT}bpf/${file}`);
+    return null;
+  } catch { /* not built yet */ }
+  const o = await new Deno.Command("bash", { args: [`${ROOT}build.sh`], stdin: "null" })
+    .output();
+  if (o.success) return null;
+  return `./build.sh failed: ${new TextDecoder().decode(o.stderr).trim().split("\n")[0]}`;
+}
 
 /** The backends every column routes to. */
 export interface Backends {
@@ -79,6 +85,10 @@ export interface Proxy {
   pid: number;
   /** All its processes: pid, and its workers when it has any (their CPU is added up). */
   pids: number[];
+  /** The metrics endpoint's `host:port` (null: the config has none). */
+  metrics?: string | null;
+  /** Its log so far. */
+  log?(): string;
   stop(): Promise<void>;
 }
 
@@ -89,13 +99,19 @@ const READY_TIMEOUT_MS = 30_000;
  * Starts the proxy in `mode` in front of `backends`; resolves once it is ready. Kernel-mode
  * proxies keep their eBPF state per instance, so other proxies on the machine do not matter.
  */
-export function startProxy(dir: string, backends: Backends, mode: ProxyMode): Promise<Proxy> {
-  return startOnce(dir, backends, mode);
+export async function startProxy(
+  dir: string,
+  backends: Backends,
+  mode: ProxyMode,
+): Promise<Proxy> {
+  return launchProxy(await writeConfig(dir, backends, mode), mode);
 }
 
-/** Starts one proxy process in `mode` and waits for its ready line (`--ready-fd 1`). */
-async function startOnce(dir: string, backends: Backends, mode: ProxyMode): Promise<Proxy> {
-  const path = await writeConfig(dir, backends, mode);
+/**
+ * Starts one proxy process with the config file `path` and waits for its ready line
+ * (`--ready-fd 1`), which must report `mode`'s mode.
+ */
+export async function launchProxy(path: string, mode: ProxyMode): Promise<Proxy> {
   const proc = spawn(Deno.execPath(), {
     // the same flags as `deno task start` (a small V8 young generation keeps idle RSS down)
     args: [
@@ -118,6 +134,8 @@ async function startOnce(dir: string, backends: Backends, mode: ProxyMode): Prom
     port: ready.listeners[0].port,
     pid: proc.pid,
     pids: [proc.pid, ...ready.workers],
+    metrics: ready.metrics,
+    log: log.text,
     stop: () => stop(proc, "SIGTERM"),
   } satisfies Proxy;
 }

@@ -10,6 +10,7 @@
  *   deno task bench --idle 0                 skip the idle-connection test
  *   deno task bench --busy 0                 skip the new-connection test under bulk load
  *   deno task bench --starve 0 --churn 0     skip the starvation and churn tests
+ *   deno task bench --quic 0                 skip the QUIC test (--quic-only: only it)
  *
  * Reports bulk MB/s (curl TLS download), requests/s with keep-alive and with a new connection
  * per request (wrk), p50/p99 latency, syscalls per new connection (perf), new-connection latency
@@ -29,6 +30,7 @@
 import { measureChurn, measureIdle, measureLoad, type ModeResult } from "./measure.ts";
 import { startNginx } from "./nginx.ts";
 import { killChildren, need } from "./procs.ts";
+import { measureQuic } from "./quic.ts";
 import { header, writeReport } from "./report.ts";
 import { parseSettings, type Settings, USAGE } from "./settings.ts";
 import { startDuplexServer } from "./starve.ts";
@@ -70,6 +72,27 @@ async function syscallProblem(s: Settings, skipped: Record<string, string>) {
   return why;
 }
 
+/** The QUIC test (see quic.ts), unless it is off; its columns go into `results`. */
+async function quic(
+  s: Settings,
+  dir: string,
+  results: Map<string, ModeResult>,
+  skipped: Record<string, string>,
+): Promise<void> {
+  if (s.quic.flows <= 0 || s.idleOnly) return;
+  console.log("QUIC: direct, userspace and kernel forwarding");
+  await measureQuic({
+    dir,
+    columns: s.modes,
+    options: s.quic,
+    record: (column, proxied, r) => {
+      const m = results.get(column) ?? { proxied, peer: false };
+      results.set(column, { ...m, quic: r });
+    },
+    skip: (column, why) => skipped[`QUIC ${column}`] = why,
+  });
+}
+
 /**
  * Starts nginx (and the starvation test's duplex server) in `dir`, runs the tests the settings
  * ask for, stops them.
@@ -106,10 +129,17 @@ async function measure(
 }
 
 async function main(s: Settings): Promise<void> {
-  need("nginx", "nginx");
-  need("wrk", "wrk");
-  need("curl", "curl");
+  if (!s.quicOnly) {
+    need("nginx", "nginx");
+    need("wrk", "wrk");
+    need("curl", "curl");
+  }
   need("openssl", "openssl");
+  if (s.quic.flows > 0 && !s.idleOnly) {
+    need("gtlsclient", "ngtcp2-client");
+    need("gtlsserver", "ngtcp2-server");
+    need("strace", "strace");
+  }
   checkModes(s.modes);
   const head = await header(s);
   const dir = await Deno.makeTempDir({ prefix: "sni-bench-" });
@@ -127,7 +157,8 @@ async function main(s: Settings): Promise<void> {
   const skipped: Record<string, string> = {};
   const t0 = performance.now();
   try {
-    await measure(s, dir, results, skipped);
+    if (!s.quicOnly) await measure(s, dir, results, skipped);
+    await quic(s, dir, results, skipped);
   } finally {
     await cleanup();
   }

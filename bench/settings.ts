@@ -5,6 +5,7 @@
  */
 import { parseArgs } from "node:util";
 import type { BusyOptions, WrkOptions } from "./load.ts";
+import type { QuicOptions } from "./quic.ts";
 import type { StarveOptions } from "./starve.ts";
 import { DEFAULT_COLUMNS } from "./subjects.ts";
 
@@ -12,7 +13,7 @@ import { DEFAULT_COLUMNS } from "./subjects.ts";
 export const USAGE = "usage: deno task bench [--quick] [--modes " +
   "direct,userspace,kernel,sockmap,nginx-stream,haproxy,workers] [--idle N] [--busy N] " +
   "[--busy-rate 1m] [--starve N] [--starve-seconds S] [--churn N] [--syscall-seconds S] " +
-  "[--duration 5s] [--rounds 3] [--idle-only]";
+  "[--duration 5s] [--rounds 3] [--quic N] [--quic-only] [--idle-only]";
 
 /** The numbers in issue 18's targets (see targetRows in report.ts). */
 export const TARGETS = {
@@ -63,6 +64,10 @@ export interface Settings {
   churnConns: number;
   /** Seconds of new connections counted with perf for syscalls per connection (0: skip). */
   syscallSeconds: number;
+  /** The QUIC test (`--quic N`: N short downloads, new flows; 0: skip). */
+  quic: QuicOptions;
+  /** `--quic-only`: only the QUIC test */
+  quicOnly: boolean;
 }
 
 /** Reads the command line; throws on an unknown flag. */
@@ -82,6 +87,8 @@ export function parseSettings(argv: string[]): Settings {
       duration: { type: "string" },
       rounds: { type: "string" },
       "idle-only": { type: "boolean", default: false },
+      quic: { type: "string" },
+      "quic-only": { type: "boolean", default: false },
       help: { type: "boolean", default: false },
     },
   }).values;
@@ -108,5 +115,12 @@ export function parseSettings(argv: string[]): Settings {
     },
     churnConns: Number(args.churn ?? (args.quick ? 10_000 : TARGETS.churnConns)),
     syscallSeconds: Number(args["syscall-seconds"]),
+    quic: {
+      flows: Number(args.quic ?? (args.quick ? 60 : 300)),
+      downloads: args.quick ? 2 : 3,
+      fileBytes: (args.quick ? 16 : 64) * 2 ** 20,
+      handshakes: args.quick ? 8 : 20,
+    },
+    quicOnly: args["quic-only"],
   };
 }
