@@ -114,7 +114,7 @@ interface Direction {
 }
 
 /** Reads (copies or splices into a pipe) one direction may do per round of the loop. */
-const FILLS_PER_ROUND = 8;
+const FILLS_PER_ROUND = 2;
 
 /** What a direction's copies are read into (written on at once, synchronously). */
 const copyChunk = new Uint8Array(64 * 1024);

@@ -137,10 +137,10 @@ export class IdleTimer {
 const chunk = new Uint8Array(64 * 1024);
 const CHUNK_LEN = BigInt(chunk.length);
 /**
- * Reads one direction may do per round of the loop (1 MiB): a bulk transfer whose peers keep up
+ * Reads one direction may do per round of the loop (256 KiB): a bulk transfer whose peers keep up
  * would otherwise hold the loop, and new connections would wait behind it.
  */
-const READS_PER_ROUND = 16;
+const READS_PER_ROUND = 4;
 
 /** One direction of a {@link Relay}. */
 class Direction {

@@ -8,7 +8,9 @@
  * fast FFI call, no promise, blocking at most 1 ms), and every 2 ms it waits off the JS thread
  * once with timeout 0, which gives Deno's loop its turn; when idle it waits off the JS thread
  * (a nonblocking FFI call: one thread hop and one promise per wake). After every round the
- * microtask queue is drained, so sessions awaiting a socket move on at once.
+ * microtask queue is drained, so sessions awaiting a socket move on at once. A round serves the
+ * events of accepts and sessions (and the microtasks they wake) before those of relays, which
+ * are bulk, so a new connection never waits behind bulk transfers.
  *
  * Handlers are found by fd, with a generation number in the event's data: an event that was
  * already fetched for an fd closed (and maybe reused) in the same round is dropped.
@@ -33,6 +35,11 @@ import {
 export interface IoHandler {
   /** The fd's events (EPOLLIN, EPOLLOUT, ...), as epoll reported them. */
   onIo(events: number): void;
+  /**
+   * Its events move bulk (a relay's): served after the round's other events (accepts, hellos,
+   * connects) and the sessions those wake, so a new connection never waits behind bulk.
+   */
+  readonly bulk?: boolean;
 }
 
 /** Most events fetched by one epoll_wait. */
@@ -77,6 +84,8 @@ export class EventLoop {
   #running = false;
   #closed = false;
   #count = 0;
+  /** Indices of the round's bulk events, served after the others. */
+  readonly #held = new Int32Array(MAX_EVENTS);
   /** Work handed to the next round (a relay that used up its share of this one). */
   #later: (() => void)[] = [];
   /** The off-thread wait is under way: later() has to wake it. */
@@ -199,7 +208,11 @@ export class EventLoop {
           const n = s.epoll_wait(this.#epfd, this.#events, MAX_EVENTS, hot ? HOT_WAIT_MS : 0);
           if (n > 0) {
             lastEvent = performance.now();
-            this.#dispatch(this.#eventsView, n);
+            const held = this.#dispatch(this.#eventsView, n);
+            if (held > 0) {
+              await undefined;
+              this.#dispatchHeld(this.#eventsView, held);
+            }
             this.#runLater();
             // sessions awaiting a socket run now (microtasks), before the next poll
             await undefined;
@@ -221,7 +234,11 @@ export class EventLoop {
         }
         if (n > 0) {
           lastEvent = lastYield;
-          this.#dispatch(this.#offEventsView, n);
+          const held = this.#dispatch(this.#offEventsView, n);
+          if (held > 0) {
+            await undefined;
+            this.#dispatchHeld(this.#offEventsView, held);
+          }
         }
         this.#runLater();
       }
@@ -250,19 +267,45 @@ export class EventLoop {
     closeFd(this.#epfd);
   }
 
-  #dispatch(v: DataView, n: number): void {
+  /**
+   * Serves the round's events but the bulk ones, which it holds back (their indices in
+   * `#held`); returns how many it held.
+   */
+  #dispatch(v: DataView, n: number): number {
     this.stats.events += n;
+    let held = 0;
     for (let i = 0; i < n; i++) {
-      const at = i * EPOLL_EVENT_SIZE;
-      const fd = v.getUint32(at + EPOLL_EVENT_DATA, true);
-      const handler = this.#handlers[fd];
-      // the wake eventfd has no handler; a stale event (fd closed this round) has an old gen
-      if (!handler || v.getUint32(at + EPOLL_EVENT_DATA + 4, true) !== this.#gens[fd]) continue;
-      try {
-        handler.onIo(v.getUint32(at, true));
-      } catch (e) {
-        this.#onError(e);
-      }
+      const handler = this.#handlerOf(v, i);
+      if (!handler) continue;
+      if (handler.bulk) this.#held[held++] = i;
+      else this.#serve(handler, v, i);
+    }
+    return held;
+  }
+
+  /** Serves the bulk events {@link #dispatch} held back (those whose fd is still the same). */
+  #dispatchHeld(v: DataView, held: number): void {
+    for (let k = 0; k < held; k++) {
+      const i = this.#held[k];
+      const handler = this.#handlerOf(v, i);
+      if (handler) this.#serve(handler, v, i);
+    }
+  }
+
+  /** The handler of event `i`, or null: the wake eventfd, or an fd closed since it was fetched. */
+  #handlerOf(v: DataView, i: number): IoHandler | null {
+    const at = i * EPOLL_EVENT_SIZE;
+    const fd = v.getUint32(at + EPOLL_EVENT_DATA, true);
+    const handler = this.#handlers[fd];
+    if (!handler || v.getUint32(at + EPOLL_EVENT_DATA + 4, true) !== this.#gens[fd]) return null;
+    return handler;
+  }
+
+  #serve(handler: IoHandler, v: DataView, i: number): void {
+    try {
+      handler.onIo(v.getUint32(i * EPOLL_EVENT_SIZE, true));
+    } catch (e) {
+      this.#onError(e);
     }
   }
 }

@@ -124,6 +124,11 @@ export class TcpSocket implements IoHandler {
     return this.#loop;
   }
 
+  /** A relay owns the socket: its events are bulk, served after the round's others. */
+  get bulk(): boolean {
+    return this.#handler !== null;
+  }
+
   /** Closed by this process. */
   get closed(): boolean {
     return this.#closed;
