@@ -114,7 +114,7 @@ interface Direction {
 }
 
 /** Reads (copies or splices into a pipe) one direction may do per round of the loop. */
-const FILLS_PER_ROUND = 2;
+const FILLS_PER_ROUND = 1;
 
 /** What a direction's copies are read into (written on at once, synchronously). */
 const copyChunk = new Uint8Array(64 * 1024);
@@ -367,7 +367,11 @@ export class PipedRelay implements ByteRelay {
     if (n > 0) {
       this.#idle.touch();
       d.bytes += n;
-      if (n === copyChunk.length) d.spliced = true;
+      if (n === copyChunk.length) {
+        // bulk: spliced from now on, and this pair's events wait behind new connections'
+        d.spliced = true;
+        this.#pair.client.bulk = this.#pair.backend.bulk = true;
+      }
       const w = sendFd(d.dst, n === copyChunk.length ? copyChunk : copyChunk.subarray(0, n));
       if (w === n) return true;
       if (w < 0 && w !== -EAGAIN && w !== -EINTR) return this.#retry(w, d.dst);

@@ -137,10 +137,10 @@ export class IdleTimer {
 const chunk = new Uint8Array(64 * 1024);
 const CHUNK_LEN = BigInt(chunk.length);
 /**
- * Reads one direction may do per round of the loop (256 KiB): a bulk transfer whose peers keep up
+ * Reads one direction may do per round of the loop (128 KiB): a bulk transfer whose peers keep up
  * would otherwise hold the loop, and new connections would wait behind it.
  */
-const READS_PER_ROUND = 4;
+const READS_PER_ROUND = 2;
 
 /** One direction of a {@link Relay}. */
 class Direction {
@@ -290,6 +290,8 @@ export class Relay implements ByteRelay {
   /** Writes the `n` bytes just read for `d`; what `dst` refuses waits in `pending`. */
   #forward(d: Direction, n: number): void {
     this.#idle.touch();
+    // a full read is bulk: from now on this pair's events wait behind new connections'
+    if (n === chunk.length && !this.#client.bulk) this.#client.bulk = this.#backend.bulk = true;
     const w = d.dst.send(chunk, n);
     if (w === n) {
       d.bytes += n;

@@ -43,7 +43,7 @@ export interface IoHandler {
 }
 
 /** Most events fetched by one epoll_wait. */
-const MAX_EVENTS = 256;
+const MAX_EVENTS = 128;
 /** How long an idle off-thread wait blocks (a stop wakes it at once through the eventfd). */
 const IDLE_WAIT_MS = 1000;
 /**

@@ -124,10 +124,11 @@ export class TcpSocket implements IoHandler {
     return this.#loop;
   }
 
-  /** A relay owns the socket: its events are bulk, served after the round's others. */
-  get bulk(): boolean {
-    return this.#handler !== null;
-  }
+  /**
+   * The socket carries bulk (its relay says so once a transfer is under way): its events are
+   * served after the round's others. A connection's first bytes (a TLS handshake) are not bulk.
+   */
+  bulk = false;
 
   /** Closed by this process. */
   get closed(): boolean {
