@@ -114,7 +114,7 @@ interface Direction {
 }
 
 /** Reads (copies or splices into a pipe) one direction may do per round of the loop. */
-const FILLS_PER_ROUND = 1;
+const FILLS_PER_ROUND = 2;
 
 /** What a direction's copies are read into (written on at once, synchronously). */
 const copyChunk = new Uint8Array(64 * 1024);
@@ -283,7 +283,7 @@ export class PipedRelay implements ByteRelay {
         return;
       }
       // a bulk transfer whose peers keep up would otherwise hold the loop
-      if (++fills > FILLS_PER_ROUND) {
+      if (++fills > FILLS_PER_ROUND || eventLoop().exhausted) {
         if (!this.#resumeQueued) {
           this.#resumeQueued = true;
           eventLoop().later(this.#resume);
@@ -336,6 +336,7 @@ export class PipedRelay implements ByteRelay {
     if (n > 0) {
       d.inPipe = n;
       this.#idle.touch();
+      eventLoop().spend(n);
       return true;
     }
     // splice(2) stops at a TCP urgent mark (returning EAGAIN, or 0 once the FIN came), and
@@ -366,6 +367,7 @@ export class PipedRelay implements ByteRelay {
     const n = src.recv(copyChunk, COPY_LEN);
     if (n > 0) {
       this.#idle.touch();
+      eventLoop().spend(n);
       d.bytes += n;
       if (n === copyChunk.length) {
         // bulk: spliced from now on, and this pair's events wait behind new connections'

@@ -137,10 +137,11 @@ export class IdleTimer {
 const chunk = new Uint8Array(64 * 1024);
 const CHUNK_LEN = BigInt(chunk.length);
 /**
- * Reads one direction may do per round of the loop (128 KiB): a bulk transfer whose peers keep up
+ * Reads one direction may do per round of the loop (256 KiB; and none once the round's byte
+ * budget is used up, see EventLoop.spend): a bulk transfer whose peers keep up
  * would otherwise hold the loop, and new connections would wait behind it.
  */
-const READS_PER_ROUND = 2;
+const READS_PER_ROUND = 4;
 
 /** One direction of a {@link Relay}. */
 class Direction {
@@ -244,11 +245,12 @@ export class Relay implements ByteRelay {
 
   /** Moves what `d` can move now, up to its share of the round. */
   #pump(d: Direction): void {
+    const loop = this.#client.loop;
     for (let reads = 0; this.#end === null; reads++) {
-      if (reads === READS_PER_ROUND) {
+      if (reads === READS_PER_ROUND || (loop.exhausted && d.pending === null)) {
         if (!this.#resumeQueued) {
           this.#resumeQueued = true;
-          this.#client.loop.later(this.#resume);
+          loop.later(this.#resume);
         }
         return;
       }
@@ -290,6 +292,7 @@ export class Relay implements ByteRelay {
   /** Writes the `n` bytes just read for `d`; what `dst` refuses waits in `pending`. */
   #forward(d: Direction, n: number): void {
     this.#idle.touch();
+    this.#client.loop.spend(n);
     // a full read is bulk: from now on this pair's events wait behind new connections'
     if (n === chunk.length && !this.#client.bulk) this.#client.bulk = this.#backend.bulk = true;
     const w = d.dst.send(chunk, n);

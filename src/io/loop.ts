@@ -42,8 +42,10 @@ export interface IoHandler {
   readonly bulk?: boolean;
 }
 
+/** Bytes the relays may move in one round (then the rest waits for the next round). */
+const ROUND_BYTES = 4 << 20;
 /** Most events fetched by one epoll_wait. */
-const MAX_EVENTS = 128;
+const MAX_EVENTS = 64;
 /** How long an idle off-thread wait blocks (a stop wakes it at once through the eventfd). */
 const IDLE_WAIT_MS = 1000;
 /**
@@ -84,6 +86,8 @@ export class EventLoop {
   #running = false;
   #closed = false;
   #count = 0;
+  /** Bytes the relays moved this round. */
+  #roundBytes = 0;
   /** Indices of the round's bulk events, served after the others. */
   readonly #held = new Int32Array(MAX_EVENTS);
   /** Work handed to the next round (a relay that used up its share of this one). */
@@ -199,30 +203,25 @@ export class EventLoop {
       // process alive); the next add() starts it again
       while (!this.#closed && this.#count > 0) {
         const now = performance.now();
-        const yieldDue = now - lastYield >= YIELD_EVERY_MS || this.#later.length > 0;
+        const yieldDue = now - lastYield >= YIELD_EVERY_MS;
         if (!yieldDue) {
           // while traffic flows, wait on the JS thread (briefly): the next event is near, and an
           // off-thread wait would cost a thread hop and a promise for each
           const hot = now - lastEvent < HOT_MS;
+          const pending = this.#later.length > 0;
           this.stats.polls++;
-          const n = s.epoll_wait(this.#epfd, this.#events, MAX_EVENTS, hot ? HOT_WAIT_MS : 0);
-          if (n > 0) {
-            lastEvent = performance.now();
-            const held = this.#dispatch(this.#eventsView, n);
-            if (held > 0) {
-              await undefined;
-              this.#dispatchHeld(this.#eventsView, held);
-            }
-            this.#runLater();
-            // sessions awaiting a socket run now (microtasks), before the next poll
-            await undefined;
+          const wait = pending ? 0 : hot ? HOT_WAIT_MS : 0;
+          const n = s.epoll_wait(this.#epfd, this.#events, MAX_EVENTS, wait);
+          if (n > 0 || pending) {
+            if (n > 0) lastEvent = performance.now();
+            await this.#round(this.#eventsView, n);
             continue;
           }
           if (hot) continue;
         }
         // Deno's loop gets its turn: timers, DNS, the admin socket, reloads
         this.stats.waits++;
-        const timeout = yieldDue ? 0 : IDLE_WAIT_MS;
+        const timeout = yieldDue || this.#later.length > 0 ? 0 : IDLE_WAIT_MS;
         this.#waiting = true;
         const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
         this.#waiting = false;
@@ -232,20 +231,42 @@ export class EventLoop {
           this.#woken = false;
           s.read(this.#wakeFd, this.#wakeBuf, 8n);
         }
-        if (n > 0) {
-          lastEvent = lastYield;
-          const held = this.#dispatch(this.#offEventsView, n);
-          if (held > 0) {
-            await undefined;
-            this.#dispatchHeld(this.#offEventsView, held);
-          }
-        }
-        this.#runLater();
+        if (n > 0) lastEvent = lastYield;
+        await this.#round(this.#offEventsView, Math.max(n, 0));
       }
     } finally {
       this.#running = false;
       if (this.#closed) this.#release();
     }
+  }
+
+  /**
+   * One round: the events of accepts and sessions, then the sessions they woke (microtasks),
+   * then the relays' work carried over from the last round, then this round's bulk events, all
+   * within the round's byte budget (see {@link spend}).
+   */
+  async #round(v: DataView, n: number): Promise<void> {
+    this.#roundBytes = 0;
+    const held = n > 0 ? this.#dispatch(v, n) : 0;
+    await undefined;
+    this.#runLater();
+    if (held > 0) this.#dispatchHeld(v, held);
+    // sessions a relay's end woke run now, before the next poll
+    await undefined;
+  }
+
+  /**
+   * Counts `bytes` a relay just moved against the round's budget. Once it is used up
+   * ({@link exhausted}), relays stop and ask to be called again ({@link later}): a round's length
+   * is bounded however many transfers run, so new connections are served every few ms.
+   */
+  spend(bytes: number): void {
+    this.#roundBytes += bytes;
+  }
+
+  /** The round's byte budget is used up: relays wait for the next round. */
+  get exhausted(): boolean {
+    return this.#roundBytes >= ROUND_BYTES;
   }
 
   #runLater(): void {
