@@ -263,6 +263,12 @@ export class Relay implements ByteRelay {
       }
       if (d.eof) {
         this.#passEof(d);
+        // a reset of a source whose EOF was passed on reaches no read (the other way may be
+        // silent): its pending error says so
+        if (this.#end === null && d.src.failed) {
+          const err = d.src.pendingError();
+          if (err) this.#reset(d, true, err);
+        }
         return;
       }
       if (!d.src.readable) return;
