@@ -217,7 +217,10 @@ export class Relay implements ByteRelay {
   run(): Promise<RelayEnd> {
     if (this.#end !== null) return Promise.resolve(this.#end);
     const done = new Promise<RelayEnd>((resolve) => this.#resolve = resolve);
-    const onIo = () => this.#move();
+    const loop = this.#client.loop;
+    // past the round's budget, bytes wait for the next round (FIFO among relays): one round of
+    // many bulk relays must not hold the process's timers and new connections
+    const onIo = () => loop.overBudget ? this.#queueResume() : this.#move();
     this.#client.setHandler(onIo);
     this.#backend.setHandler(onIo);
     this.#idle.start();
@@ -231,6 +234,13 @@ export class Relay implements ByteRelay {
     this.#finish(reason, null);
   }
 
+  /** Asks to move on in the next round (once). */
+  #queueResume(): void {
+    if (this.#resumeQueued) return;
+    this.#resumeQueued = true;
+    this.#client.loop.later(this.#resume);
+  }
+
   #move(): void {
     this.#pump(this.#up);
     this.#pump(this.#down);
@@ -240,10 +250,7 @@ export class Relay implements ByteRelay {
   #pump(d: Direction): void {
     for (let reads = 0; this.#end === null; reads++) {
       if (reads === READS_PER_ROUND) {
-        if (!this.#resumeQueued) {
-          this.#resumeQueued = true;
-          this.#client.loop.later(this.#resume);
-        }
+        this.#queueResume();
         return;
       }
       if (d.pending !== null) {

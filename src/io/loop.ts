@@ -48,6 +48,12 @@ const YIELD_EVERY_MS = 2;
 const HOT_MS = 5;
 /** How long one wait on the JS thread may block (ms): the delay it can add to Deno's loop. */
 const HOT_WAIT_MS = 1;
+/**
+ * How long one round's handlers should run (ms): past it, work handed to later() waits for the
+ * next round and busy handlers (relays) only queue themselves ({@link EventLoop.overBudget}); a
+ * round of many bulk connections otherwise held Deno's loop (timers, new sessions) for seconds.
+ */
+const ROUND_BUDGET_MS = 2;
 
 /** Counts of the loop's work, for tests and the benchmark. */
 export interface LoopStats {
@@ -84,6 +90,8 @@ export class EventLoop {
   /** The wake eventfd was written for later() and is not drained yet. */
   #woken = false;
   readonly #wakeBuf = new Uint8Array(8);
+  /** When the current round's handlers began (performance.now()). */
+  #roundStart = 0;
   readonly stats: LoopStats = { polls: 0, waits: 0, events: 0 };
 
   /** `onError`: told about a handler that threw (the loop goes on). */
@@ -154,6 +162,14 @@ export class EventLoop {
     }
   }
 
+  /**
+   * The current round has used up its time: a handler with bulk to move should hand it to
+   * {@link later} instead of moving it now.
+   */
+  get overBudget(): boolean {
+    return performance.now() - this.#roundStart > ROUND_BUDGET_MS;
+  }
+
   /** Stops the loop (after the current round); watched fds stay open. */
   close(): void {
     if (this.#closed) return;
@@ -199,6 +215,7 @@ export class EventLoop {
           const n = s.epoll_wait(this.#epfd, this.#events, MAX_EVENTS, hot ? HOT_WAIT_MS : 0);
           if (n > 0) {
             lastEvent = performance.now();
+            this.#roundStart = lastEvent;
             this.#dispatch(this.#eventsView, n);
             this.#runLater();
             // sessions awaiting a socket run now (microtasks), before the next poll
@@ -214,6 +231,7 @@ export class EventLoop {
         const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
         this.#waiting = false;
         lastYield = performance.now();
+        this.#roundStart = lastYield;
         if (this.#woken) {
           // drained, or the level-triggered eventfd would end every wait at once
           this.#woken = false;
@@ -235,9 +253,14 @@ export class EventLoop {
     if (this.#later.length === 0) return;
     const work = this.#later;
     this.#later = [];
-    for (const w of work) {
+    for (let i = 0; i < work.length; i++) {
+      if (i > 0 && this.overBudget) {
+        // the rest first in the next round, after Deno's loop had its turn
+        this.#later = work.slice(i).concat(this.#later);
+        return;
+      }
       try {
-        w();
+        work[i]();
       } catch (e) {
         this.#onError(e);
       }
