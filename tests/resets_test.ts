@@ -112,3 +112,52 @@ for (const mode of ["userspace", "pipe", "sockmap"] as const) {
     { timeoutMs: 60_000, ignore },
   );
 }
+
+for (const mode of ["userspace", "pipe", "sockmap"] as const) {
+  const ignore = mode !== "userspace" && KERNEL_SKIP !== null;
+  for (const side of ["backend", "client"] as const) {
+    e2eTest(
+      `${mode} mode: a ${side} that half-closed and then resets while the other side is silent: ` +
+        `the other side is reset at once (not at idle_ms), logged as ${side}_reset`,
+      async (scope) => {
+        const backend = rawBackend(scope);
+        const config = {
+          listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+          routes: [{ match: "a.test", backends: [backend.address] }],
+          timeouts: { idle_ms: 60_000 },
+        };
+        const proxy = mode === "userspace"
+          ? await startProxy(scope, { ...config, ebpf: { enabled: false } })
+          : await startKernelProxy(scope, { ...config, ebpf: kernelEbpf({ splice_mode: mode }) });
+        const { conn: client } = await rawSpliced(proxy.port(), "a.test");
+        const server = await backend.next();
+        scope.defer(() => {
+          for (const c of [client, server]) {
+            try {
+              c.close();
+            } catch {
+              // closed by the test
+            }
+          }
+        });
+        const [resetter, other] = side === "client" ? [client, server] : [server, client];
+        // the FIN is passed on: the other side reads its EOF (and keeps its own way open)
+        await resetter.closeWrite();
+        assert.equal((await readOutcome(other)).kind, "eof");
+        reset(resetter);
+        const entry = await proxy.waitAccess((e) => e.backend === backend.address, 5_000);
+        assert.equal(entry.close_reason, `${side}_reset`, JSON.stringify(entry));
+        // the other side's socket was reset: writing to it fails (it would succeed on a socket
+        // the proxy still held open)
+        await new Promise((r) => setTimeout(r, 100));
+        await assert.rejects(async () => {
+          for (let i = 0; i < 4; i++) {
+            await writeAll(other, POOL.subarray(0, 1000));
+            await new Promise((r) => setTimeout(r, 50));
+          }
+        });
+      },
+      { timeoutMs: 30_000, ignore },
+    );
+  }
+}

@@ -224,6 +224,7 @@ export class Relay implements ByteRelay {
   run(): Promise<RelayEnd> {
     if (this.#end !== null) return Promise.resolve(this.#end);
     const done = new Promise<RelayEnd>((resolve) => this.#resolve = resolve);
+    // past the round's byte budget a direction queues itself for the next round (#pump)
     const onIo = () => this.#move();
     this.#client.setHandler(onIo);
     this.#backend.setHandler(onIo);
@@ -238,6 +239,13 @@ export class Relay implements ByteRelay {
     this.#finish(reason, null);
   }
 
+  /** Asks to move on in the next round (once). */
+  #queueResume(): void {
+    if (this.#resumeQueued) return;
+    this.#resumeQueued = true;
+    this.#client.loop.later(this.#resume);
+  }
+
   #move(): void {
     this.#pump(this.#up);
     this.#pump(this.#down);
@@ -248,10 +256,7 @@ export class Relay implements ByteRelay {
     const loop = this.#client.loop;
     for (let reads = 0; this.#end === null; reads++) {
       if (reads === READS_PER_ROUND || (loop.exhausted && d.pending === null)) {
-        if (!this.#resumeQueued) {
-          this.#resumeQueued = true;
-          loop.later(this.#resume);
-        }
+        this.#queueResume();
         return;
       }
       if (d.pending !== null) {
@@ -271,6 +276,12 @@ export class Relay implements ByteRelay {
       }
       if (d.eof) {
         this.#passEof(d);
+        // a reset of a source whose EOF was passed on reaches no read (the other way may be
+        // silent): its pending error says so
+        if (this.#end === null && d.src.failed) {
+          const err = d.src.pendingError();
+          if (err) this.#reset(d, true, err);
+        }
         return;
       }
       if (!d.src.readable) return;
