@@ -1,0 +1,87 @@
+/**
+ * A backend that resets the connection before the proxy wrote it the hello (an overloaded
+ * server shedding connections): the session ends as `backend_reset`, the client gets a reset,
+ * never a catch-all `error`. In sockmap mode the pairing is then refused (the backend socket is
+ * no longer established) and the session falls back to writing the hello in userspace, which is
+ * where the send failed with EPIPE and escaped as an unexpected error.
+ *
+ * @module
+ */
+import assert from "node:assert/strict";
+import { resetSocket } from "../ffi/libc.ts";
+import {
+  clientHelloBytes,
+  e2eTest,
+  fdOf,
+  kernelEbpf,
+  kernelSkipReason,
+  type ProxyProcess,
+  readOutcome,
+  type Scope,
+  startKernelProxy,
+  startProxy,
+  writeAll,
+} from "./harness/mod.ts";
+
+const KERNEL_SKIP = await kernelSkipReason();
+if (KERNEL_SKIP) {
+  console.warn(`\n!!! SKIPPING the kernel modes of tests/backend_gone_test.ts: ${KERNEL_SKIP}\n`);
+}
+
+const CONNECTIONS = 60;
+
+/** A backend that resets every connection as soon as it accepts it. */
+function resettingBackend(scope: Scope): string {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  scope.defer(() => listener.close());
+  (async () => {
+    for await (const conn of listener) {
+      resetSocket(fdOf(conn));
+      conn.close();
+    }
+  })().catch(() => {});
+  return `127.0.0.1:${(listener.addr as Deno.NetAddr).port}`;
+}
+
+function proxyFor(scope: Scope, mode: string, backend: string): Promise<ProxyProcess> {
+  const config = {
+    listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+    routes: [{ match: "a.test", backends: [backend] }],
+  };
+  if (mode === "userspace") return startProxy(scope, { ...config, ebpf: { enabled: false } });
+  return startKernelProxy(scope, { ...config, ebpf: kernelEbpf({ splice_mode: mode }) });
+}
+
+for (const mode of ["userspace", "pipe", "sockmap"] as const) {
+  e2eTest(
+    `${mode} mode: ${CONNECTIONS} clients of a backend that resets on accept: each session ends ` +
+      `as backend_reset (never error), the client is cut, no session warning`,
+    async (scope) => {
+      const backend = resettingBackend(scope);
+      const proxy = await proxyFor(scope, mode, backend);
+      const hello = await clientHelloBytes("a.test");
+      await Promise.all(Array.from({ length: CONNECTIONS }, async () => {
+        const conn = await Deno.connect({ hostname: "127.0.0.1", port: proxy.port() });
+        try {
+          await writeAll(conn, hello);
+          const o = await readOutcome(conn);
+          assert.notEqual(o.kind, "data", "the client got bytes from a backend that sent none");
+        } finally {
+          conn.close();
+        }
+      }));
+      const deadline = Date.now() + 10_000;
+      let entries = await proxy.access();
+      while (entries.length < CONNECTIONS && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 100));
+        entries = await proxy.access();
+      }
+      const reasons: Record<string, number> = {};
+      for (const e of entries) reasons[e.close_reason] = (reasons[e.close_reason] ?? 0) + 1;
+      assert.equal(entries.length, CONNECTIONS, JSON.stringify(reasons));
+      assert.equal(reasons["error"] ?? 0, 0, JSON.stringify(reasons));
+      assert.doesNotMatch(proxy.stderr(), /session 127\.0\.0\.1:\d+: /);
+    },
+    { timeoutMs: 60_000, ignore: mode !== "userspace" && KERNEL_SKIP !== null },
+  );
+}
