@@ -31,6 +31,8 @@ if (KERNEL_SKIP) {
 
 const CONNECTIONS = 60;
 const ROUNDS = 10;
+/** The content type of a TLS alert record. */
+const TLS_ALERT = 21;
 
 /** The hello write to the backend failed: the backend reset before it had the hello. */
 function resetBeforeHello(e: AccessEntry): boolean {
@@ -43,7 +45,9 @@ async function helloAndOutcome(proxy: ProxyProcess, hello: Uint8Array): Promise<
   try {
     await writeAll(conn, hello);
     const o = await readOutcome(conn);
-    assert.notEqual(o.kind, "data", "the client got bytes from a backend that sent none");
+    // the proxy's own TLS alert (a connect that failed) is all a client may read
+    const alert = o.kind === "data" && o.bytes?.[0] === TLS_ALERT;
+    assert.ok(o.kind !== "data" || alert, `the client got bytes: ${JSON.stringify(o)}`);
   } finally {
     conn.close();
   }
@@ -83,7 +87,8 @@ function proxyFor(scope: Scope, mode: string, backend: string): Promise<ProxyPro
   return startKernelProxy(scope, { ...config, ebpf: kernelEbpf({ splice_mode: mode }) });
 }
 
-for (const mode of ["userspace", "pipe", "sockmap"] as const) {
+// pipe mode is not here: its relay writes the hello itself, and ends on a reset as it would later
+for (const mode of ["userspace", "sockmap"] as const) {
   e2eTest(
     `${mode} mode: ${CONNECTIONS} clients of a backend that resets on accept: each session ends ` +
       `as backend_reset (never error), the client is cut, no session warning`,
