@@ -438,7 +438,9 @@ export class Session {
       clientBytes: pending.length,
       hello: this.#hello,
     }) ?? null;
-    if (!handed) await writeAll(backend, first);
+    // a backend that reset or closed before its hello (e.g. overloaded; a sockmap pairing
+    // then fails on it, as not established) ends like a reset in the relay, not as an error
+    if (!handed && !(await this.#writeHello(backend, first))) return "backend_reset";
     this.#record.helloBytes = pending.length;
     this.#pending = null;
     const relay = handed ?? new Relay(this.#client, backend, idleMs);
@@ -449,6 +451,18 @@ export class Session {
     const reason = await relay.run();
     this.#error = relay.error;
     return reason;
+  }
+
+  /** Writes the hello to the backend; false (the client reset) when the backend refused it. */
+  async #writeHello(backend: TcpSocket, first: Uint8Array): Promise<boolean> {
+    try {
+      await writeAll(backend, first);
+      return true;
+    } catch (e) {
+      this.#error = e;
+      this.#client.reset();
+      return false;
+    }
   }
 
   /** The PROXY protocol header `pool` sends its backends ahead of the client's bytes. */

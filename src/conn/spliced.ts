@@ -194,6 +194,9 @@ export class SplicedRelay implements ByteRelay {
   async #passEof(from: Side, to: Side): Promise<void> {
     from.eof = true;
     if (!(await this.#drain(from, true))) return;
+    // the relay may have ended while the drain's answer came back (a reset of the other side):
+    // its sockets are closed then, and their fd numbers may be a new connection's already
+    if (this.#end !== null) return;
     // fails only when the peer is gone already; its own events report that
     shutdownWrite(to.fd);
     from.passed = true;
