@@ -30,15 +30,7 @@ Deno.test("a refusing backend is skipped: every request still succeeds and it is
         entries = await p.access();
       }
       assert.equal(entries.length, 6);
-      // every request served by the live backend; curl closes with the server's close_notify
-      // unread, which its kernel answers with a reset, so a connection may end client_reset
-      assert.ok(
-        entries.every((e) =>
-          (e.close_reason === "done" || e.close_reason === "client_reset") &&
-          e.backend === alive.address
-        ),
-        JSON.stringify(entries),
-      );
+      assert.ok(entries.every((e) => e.close_reason === "done" && e.backend === alive.address));
     });
   } finally {
     await alive.close();

@@ -133,6 +133,9 @@ export class IdleTimer {
   }
 }
 
+/** How long a reset that came after its side's EOF waits for the other way to end by itself. */
+const LATE_RESET_MS = 50;
+
 /** The relays' one read buffer: a chunk is read into it and written on at once, synchronously. */
 const chunk = new Uint8Array(64 * 1024);
 const CHUNK_LEN = BigInt(chunk.length);
@@ -180,6 +183,8 @@ export class Relay implements ByteRelay {
   #end: RelayEnd | null = null;
   #error: unknown = null;
   #resolve: ((end: RelayEnd) => void) | null = null;
+  /** The check of a reset that came after its side's EOF was passed on (see #pump). */
+  #lateReset: ReturnType<typeof setTimeout> | undefined;
   /** The failed call and its errno behind a reset end (0: none). */
   #failedOp = "";
   #errno = 0;
@@ -277,10 +282,14 @@ export class Relay implements ByteRelay {
       if (d.eof) {
         this.#passEof(d);
         // a reset of a source whose EOF was passed on reaches no read (the other way may be
-        // silent): its pending error says so
-        if (this.#end === null && d.src.failed) {
-          const err = d.src.pendingError();
-          if (err) this.#reset(d, true, err);
+        // silent): its pending error says so. Given a moment first: a client that closed with
+        // bytes unread (curl after its response) is reset by its kernel while the backend's own
+        // end is already on its way, and that stream ended whole
+        if (this.#end === null && d.src.failed && this.#lateReset === undefined) {
+          this.#lateReset = setTimeout(() => {
+            const err = this.#end === null ? d.src.pendingError() : 0;
+            if (err) this.#reset(d, true, err);
+          }, LATE_RESET_MS);
         }
         return;
       }
@@ -341,6 +350,7 @@ export class Relay implements ByteRelay {
     this.#end = reason;
     this.#error = error;
     this.#idle.clear();
+    clearTimeout(this.#lateReset);
     // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN;
     // the side that was reset is closed already, for the kernel: a plain close will do
     if (reason === "done") {
