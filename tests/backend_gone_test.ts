@@ -14,13 +14,11 @@ import {
   clientHelloBytes,
   e2eTest,
   fdOf,
-  kernelEbpf,
   kernelSkipReason,
   type ProxyProcess,
   readOutcome,
+  relayModeProxy,
   type Scope,
-  startKernelProxy,
-  startProxy,
   writeAll,
 } from "./harness/mod.ts";
 
@@ -78,15 +76,6 @@ function resettingBackend(scope: Scope): string {
   return `127.0.0.1:${(listener.addr as Deno.NetAddr).port}`;
 }
 
-function proxyFor(scope: Scope, mode: string, backend: string): Promise<ProxyProcess> {
-  const config = {
-    listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-    routes: [{ match: "a.test", backends: [backend] }],
-  };
-  if (mode === "userspace") return startProxy(scope, { ...config, ebpf: { enabled: false } });
-  return startKernelProxy(scope, { ...config, ebpf: kernelEbpf({ splice_mode: mode }) });
-}
-
 // pipe mode is not here: its relay writes the hello itself, and ends on a reset as it would later
 for (const mode of ["userspace", "sockmap"] as const) {
   e2eTest(
@@ -94,7 +83,7 @@ for (const mode of ["userspace", "sockmap"] as const) {
       `as backend_reset (never error), the client is cut, no session warning`,
     async (scope) => {
       const backend = resettingBackend(scope);
-      const proxy = await proxyFor(scope, mode, backend);
+      const proxy = await relayModeProxy(scope, mode, backend);
       const hello = await clientHelloBytes("a.test");
       const entries: AccessEntry[] = [];
       // the reset must come before the proxy writes the hello: a race, so up to ROUNDS rounds

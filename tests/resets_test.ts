@@ -13,13 +13,12 @@ import {
   fdOf,
   kernelEbpf,
   kernelSkipReason,
-  type ProxyProcess,
   randomPool,
   rawBackend,
   rawSpliced,
   readExact,
   readOutcome,
-  type Scope,
+  relayModeProxy,
   startKernelProxy,
   startProxy,
   writeAll,
@@ -38,17 +37,6 @@ function reset(conn: Deno.Conn): void {
   conn.close();
 }
 
-type Mode = "userspace" | "pipe" | "sockmap";
-
-function proxyFor(scope: Scope, mode: Mode, backend: string): Promise<ProxyProcess> {
-  const config = {
-    listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-    routes: [{ match: "a.test", backends: [backend] }],
-  };
-  if (mode === "userspace") return startProxy(scope, { ...config, ebpf: { enabled: false } });
-  return startKernelProxy(scope, { ...config, ebpf: kernelEbpf({ splice_mode: mode }) });
-}
-
 for (const mode of ["userspace", "pipe", "sockmap"] as const) {
   const ignore = mode !== "userspace" && KERNEL_SKIP !== null;
   for (const side of ["backend", "client"] as const) {
@@ -57,7 +45,7 @@ for (const mode of ["userspace", "pipe", "sockmap"] as const) {
         `bytes, then a reset (never an EOF), logged as ${side}_reset`,
       async (scope) => {
         const backend = rawBackend(scope);
-        const proxy = await proxyFor(scope, mode, backend.address);
+        const proxy = await relayModeProxy(scope, mode, backend.address);
         // the raw backend has read the hello and answered; the client has the answer
         const { conn: client } = await rawSpliced(proxy.port(), "a.test");
         const server = await backend.next();
@@ -88,7 +76,7 @@ for (const mode of ["userspace", "pipe", "sockmap"] as const) {
     `${mode} mode: a backend killed mid-download: all 20 clients see a reset, none an EOF`,
     async (scope) => {
       const backend = rawBackend(scope);
-      const proxy = await proxyFor(scope, mode, backend.address);
+      const proxy = await relayModeProxy(scope, mode, backend.address);
       const pairs: { client: Deno.TcpConn; server: Deno.TcpConn }[] = [];
       for (let i = 0; i < 20; i++) {
         const { conn } = await rawSpliced(proxy.port(), "a.test");

@@ -155,18 +155,11 @@ export function bindUdp(
   options: UdpOptions,
   onReadable: (events: number) => void,
 ): UdpSocket {
-  const fd = udpSocketFor(hostname);
-  if (fd < 0) throw socketError("socket", -fd);
-  setIntOption(fd, SOL_SOCKET, SO_REUSEADDR, 1);
-  if (options.reusePort) setIntOption(fd, SOL_SOCKET, SO_REUSEPORT, 1);
-  if (isV6(hostname)) setIntOption(fd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
-  setBuffers(fd, options);
-  const len = encodeSockaddr(hostname, port, addrBuf);
-  const rc = len === 0 ? -E.EINVAL : rcOrErrno(sys().bind(fd, addrBuf, len));
-  if (rc < 0) {
-    closeFd(fd);
-    throw socketError(`bind udp ${hostname}:${port}`, -rc);
-  }
+  const fd = openUdp("bind", hostname, port, options, (fd) => {
+    setIntOption(fd, SOL_SOCKET, SO_REUSEADDR, 1);
+    if (options.reusePort) setIntOption(fd, SOL_SOCKET, SO_REUSEPORT, 1);
+    if (isV6(hostname)) setIntOption(fd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
+  });
   return watched(loop, fd, null, onReadable);
 }
 
@@ -182,16 +175,33 @@ export function connectUdp(
   options: UdpOptions,
   onReadable: (events: number) => void,
 ): UdpSocket {
+  const fd = openUdp("connect", hostname, port, options, () => {});
+  return watched(loop, fd, { transport: "udp", hostname, port }, onReadable);
+}
+
+/**
+ * A new UDP socket of `hostname`'s family, set up (`prepare`, then the buffers) and bound or
+ * connected to `hostname:port`; its fd. The address is encoded for the socket's family.
+ * @throws {SocketError} naming the call that failed; the fd is closed then.
+ */
+function openUdp(
+  op: "bind" | "connect",
+  hostname: string,
+  port: number,
+  options: UdpOptions,
+  prepare: (fd: number) => void,
+): number {
   const fd = udpSocketFor(hostname);
   if (fd < 0) throw socketError("socket", -fd);
+  prepare(fd);
   setBuffers(fd, options);
-  const len = encodeSockaddr(hostname, port, addrBuf);
-  const rc = len === 0 ? -E.EINVAL : rcOrErrno(sys().connect(fd, addrBuf, len));
+  const len = encodeSockaddr(hostname, port, addrBuf, isV6(hostname));
+  const rc = len === 0 ? -E.EINVAL : rcOrErrno(sys()[op](fd, addrBuf, len));
   if (rc < 0) {
     closeFd(fd);
-    throw socketError(`connect udp ${hostname}:${port}`, -rc);
+    throw socketError(`${op} udp ${hostname}:${port}`, -rc);
   }
-  return watched(loop, fd, { transport: "udp", hostname, port }, onReadable);
+  return fd;
 }
 
 function watched(

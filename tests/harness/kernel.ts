@@ -162,3 +162,17 @@ char _license[] SEC("license") = "Dual BSD/GPL";
   if (!out.success) throw new Error(`clang failed: ${decoder.decode(out.stderr)}`);
   return obj;
 }
+
+/** A proxy with one TLS listener routing `a.test` to `backend`, relaying in `mode`. */
+export function relayModeProxy(
+  scope: Scope,
+  mode: "userspace" | "pipe" | "sockmap",
+  backend: string,
+): Promise<ProxyProcess> {
+  const config = {
+    listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+    routes: [{ match: "a.test", backends: [backend] }],
+  };
+  if (mode === "userspace") return startProxy(scope, { ...config, ebpf: { enabled: false } });
+  return startKernelProxy(scope, { ...config, ebpf: kernelEbpf({ splice_mode: mode }) });
+}
