@@ -1,7 +1,9 @@
 /**
  * Connecting a session to a backend of its route: backends are tried until one connects (a
  * failed one is marked by passive health and skipped); a backend's name is resolved and its
- * addresses the dial guard allows are tried in turn, all within one `connect_ms` budget.
+ * addresses the dial guard allows are tried in turn, all within one `connect_ms` budget. No
+ * promise, timer or abort signal of its own per connection: socket events and a shared deadline
+ * queue drive it.
  *
  * @module
  */
@@ -19,8 +21,11 @@ import { errText } from "../ops/errtext.ts";
 import type { Refusal } from "../proto/protocol.ts";
 import type { HostResolver } from "../dns/resolver.ts";
 import type { CloseReason } from "./conn_record.ts";
-import { connected, connectTcp, type TcpSocket } from "../io/tcp.ts";
+import { connectTcp, socketError, type TcpSocket } from "../io/tcp.ts";
 import { eventLoop } from "../io/loop.ts";
+import { type Deadline, deadline } from "../io/deadlines.ts";
+import { E } from "../../ffi/socket.ts";
+import { isIpAddress } from "../net/ip.ts";
 
 const log = logger("session");
 /** Warnings that can come once per connection: logged once per burst. */
@@ -43,8 +48,6 @@ export interface DialOptions {
   metrics: Metrics;
   /** Told about each backend socket opened, or null. */
   fds: FdBudget | null;
-  /** Aborted when the session is stopped: the connect in progress is given up. */
-  signal: AbortSignal;
   /** Told each backend as it is tried: as dialled (for the access log) and as configured. */
   onTry(dialled: string, configured: string): void;
 }
@@ -75,51 +78,203 @@ export type DialResult =
   | DialFailure
   | { kind: "stopped"; error: unknown };
 
-/** Tries the backends of `pool` until one connects, or none is left to try. */
-export async function dialBackend(pool: BackendPool, o: DialOptions): Promise<DialResult> {
-  const tried = new Set<Backend>();
-  let error: unknown = null;
-  for (;;) {
-    const b = pool.pick(o.clientIp, tried);
-    if (!b) return noBackendLeft(pool, tried, error, o.clientAddr);
-    tried.add(b);
-    b.active++;
-    const host = b.address.dynamic ? o.name! : b.address.host;
-    const dialled = b.address.dynamic ? `${host}:${b.address.port}` : b.address.text;
-    o.onTry(dialled, b.address.text);
-    try {
-      const policy = b.address.dynamic ? pool.internal : null;
-      const t = performance.now();
-      const conn = await connect(host, b.address.port, policy, o);
-      const seconds = (performance.now() - t) / 1000;
-      o.fds?.backendOpened();
-      pool.connected(b);
-      return { kind: "connected", conn, backend: b, seconds };
-    } catch (e) {
-      b.active--;
-      if (o.signal.aborted) return { kind: "stopped", error };
-      error = e;
-      if (e instanceof AddressDeniedError) {
-        // not the backend's failure: its health is untouched; the next backend may do
-        logDenied(pool, e.denied[0], dialled, o.clientAddr);
-        continue;
-      }
-      const lacking = localResourceError(e);
-      if (lacking) {
-        // this host is out of descriptors, ports or memory: no backend is to blame
-        Metrics.bump(o.metrics.localErrors, `connect:${lacking}`);
-        bursts.warn(
-          `local:${lacking}`,
-          `connect to ${dialled} for ${o.clientAddr} failed for lack of a local ` +
-            `resource (${errText(e)}); the backend is not marked down. ` +
-            localResourceHint(lacking),
-        );
-        return { kind: "failed", reason: "resource_exhausted", refusal: "unavailable", error };
-      }
-      o.metrics.connectFailures++;
-      log.warn(`connect to ${dialled} failed for ${o.clientAddr}: ${errText(e)}`);
-      if (!b.address.dynamic) pool.connectFailed(b, errText(e));
+/** A dial under way: {@link stop} gives it up (its callback then gets `stopped`). */
+export interface Dialling {
+  stop(): void;
+}
+
+/**
+ * Tries the backends of `pool` until one connects, or none is left to try; `done` is called
+ * once with the result. Event-driven on the socket engine: an IP-literal backend is connected
+ * with no promise and no timer of its own (the connect_ms deadline shares one timer with every
+ * other session's, see src/io/deadlines.ts).
+ */
+export function dialBackend(
+  pool: BackendPool,
+  o: DialOptions,
+  done: (r: DialResult) => void,
+): Dialling {
+  const dial = new Dial(pool, o, done);
+  dial.next();
+  return dial;
+}
+
+/** One session's dial: backend after backend, each address of one in turn. */
+class Dial implements Dialling {
+  readonly #pool: BackendPool;
+  readonly #o: DialOptions;
+  readonly #done: (r: DialResult) => void;
+  readonly #tried = new Set<Backend>();
+  /** The backend being tried, and how it is dialled (for log lines). */
+  #backend: Backend | null = null;
+  #dialled = "";
+  /** The attempt's addresses still to try, its socket, its deadline, its start. */
+  #addresses: string[] = [];
+  #sock: TcpSocket | null = null;
+  #deadline: Deadline | null = null;
+  #t0 = 0;
+  /** Bumped per attempt: a DNS answer for an attempt given up is ignored. */
+  #attempt = 0;
+  /** The last attempt's error. */
+  #error: unknown = null;
+  #ended = false;
+  readonly #onIo = () => this.#check();
+
+  constructor(pool: BackendPool, o: DialOptions, done: (r: DialResult) => void) {
+    this.#pool = pool;
+    this.#o = o;
+    this.#done = done;
+  }
+
+  stop(): void {
+    if (this.#ended) return;
+    this.#giveUp();
+    this.#end({ kind: "stopped", error: this.#error });
+  }
+
+  /** Tries the next backend the pool picks, or ends when none is left. */
+  next(): void {
+    const o = this.#o;
+    const b = this.#pool.pick(o.clientIp, this.#tried);
+    if (!b) {
+      this.#end(noBackendLeft(this.#pool, this.#tried, this.#error, o.clientAddr));
+      return;
     }
+    this.#tried.add(b);
+    b.active++;
+    this.#backend = b;
+    const host = b.address.dynamic ? o.name! : b.address.host;
+    this.#dialled = b.address.dynamic ? `${host}:${b.address.port}` : b.address.text;
+    o.onTry(this.#dialled, b.address.text);
+    const attempt = ++this.#attempt;
+    this.#t0 = performance.now();
+    this.#deadline = deadline(o.connectMs, () => {
+      this.#failed(this.#giveUp(), new Error(`timed out after ${o.connectMs} ms`));
+    });
+    if (isIpAddress(host)) {
+      this.#resolved(host, [host]);
+      return;
+    }
+    o.resolver.resolve(host).then(
+      (addresses) => {
+        if (attempt === this.#attempt && !this.#ended) this.#resolved(host, addresses);
+      },
+      (e) => {
+        if (attempt === this.#attempt && !this.#ended) this.#failed(this.#giveUp(), e);
+      },
+    );
+  }
+
+  /** The attempt's addresses are known: the guard filters them, the first is dialled. */
+  #resolved(host: string, addresses: string[]): void {
+    const b = this.#backend!;
+    const policy = b.address.dynamic ? this.#pool.internal : null;
+    try {
+      this.#addresses = dialable(host, b.address.port, addresses, policy, this.#o);
+    } catch (e) {
+      this.#failed(this.#giveUp(), e);
+      return;
+    }
+    this.#connectNext();
+  }
+
+  /** Connects the attempt's next address, or fails the attempt when none is left. */
+  #connectNext(): void {
+    const hostname = this.#addresses.shift();
+    if (hostname === undefined) {
+      this.#failed(this.#giveUp(), this.#error ?? new Error("connect failed"));
+      return;
+    }
+    try {
+      this.#sock = connectTcp(eventLoop(), hostname, this.#backend!.address.port);
+    } catch (e) {
+      this.#error = e;
+      this.#connectNext();
+      return;
+    }
+    this.#sock.setHandler(this.#onIo);
+    this.#check();
+  }
+
+  /** The socket's events: connected (room to write, no error), failed, or not yet. */
+  #check(): void {
+    const sock = this.#sock!;
+    if (sock.writable && !sock.failed) {
+      this.#connected(sock);
+      return;
+    }
+    if (!sock.failed) return;
+    const err = sock.pendingError() || E.ECONNREFUSED;
+    const { hostname, port } = sock.remoteAddr;
+    this.#error = socketError(`connect ${hostname}:${port}`, err);
+    sock.close();
+    this.#sock = null;
+    this.#connectNext();
+  }
+
+  #connected(sock: TcpSocket): void {
+    sock.setHandler(null);
+    this.#sock = null;
+    this.#deadline?.cancel();
+    this.#deadline = null;
+    const b = this.#backend!;
+    const seconds = (performance.now() - this.#t0) / 1000;
+    this.#o.fds?.backendOpened();
+    this.#pool.connected(b);
+    this.#end({ kind: "connected", conn: sock, backend: b, seconds });
+  }
+
+  /**
+   * Ends the attempt under way: its socket closed, its deadline cancelled, its backend no
+   * longer counted as taken (returned).
+   */
+  #giveUp(): Backend | null {
+    this.#attempt++;
+    this.#deadline?.cancel();
+    this.#deadline = null;
+    this.#sock?.close();
+    this.#sock = null;
+    this.#addresses = [];
+    const b = this.#backend;
+    if (b) b.active--;
+    this.#backend = null;
+    return b;
+  }
+
+  /** Backend `b`'s attempt failed with `e`: the next one is tried, unless none is to blame. */
+  #failed(b: Backend | null, e: unknown): void {
+    const o = this.#o;
+    this.#error = e;
+    const dialled = this.#dialled;
+    if (e instanceof AddressDeniedError) {
+      // not the backend's failure: its health is untouched; the next backend may do
+      logDenied(this.#pool, e.denied[0], dialled, o.clientAddr);
+      this.next();
+      return;
+    }
+    const lacking = localResourceError(e);
+    if (lacking) {
+      // this host is out of descriptors, ports or memory: no backend is to blame
+      Metrics.bump(o.metrics.localErrors, `connect:${lacking}`);
+      bursts.warn(
+        `local:${lacking}`,
+        `connect to ${dialled} for ${o.clientAddr} failed for lack of a local ` +
+          `resource (${errText(e)}); the backend is not marked down. ` +
+          localResourceHint(lacking),
+      );
+      this.#end({ kind: "failed", reason: "resource_exhausted", refusal: "unavailable", error: e });
+      return;
+    }
+    o.metrics.connectFailures++;
+    log.warn(`connect to ${dialled} failed for ${o.clientAddr}: ${errText(e)}`);
+    if (b && !b.address.dynamic) this.#pool.connectFailed(b, errText(e));
+    this.next();
+  }
+
+  #end(r: DialResult): void {
+    if (this.#ended) return;
+    this.#ended = true;
+    this.#done(r);
   }
 }
 
@@ -169,54 +324,6 @@ function logDenied(
   );
 }
 
-/**
- * Connects to `host:port`, trying each resolved address the guard allows within one
- * connect_ms budget. `policy`: the route's opt-in to internal addresses, for a dynamic backend.
- * @throws {AddressDeniedError} when the guard allows none of them.
- */
-async function connect(
-  host: string,
-  port: number,
-  policy: InternalPolicy | null,
-  o: DialOptions,
-): Promise<TcpSocket> {
-  // one controller per attempt, aborted by its deadline or by the session's stop; the timer
-  // is cleared once connected so no per-connection timer outlives the connect, and a timed-out
-  // attempt leaves the next backend's attempt unaborted
-  const abort = new AbortController();
-  const onStop = () => abort.abort();
-  o.signal.addEventListener("abort", onStop, { once: true });
-  let timedOut = false;
-  const timer = setTimeout(() => {
-    timedOut = true;
-    abort.abort();
-  }, o.connectMs);
-  try {
-    const resolved = await abortable(o.resolver.resolve(host), abort.signal);
-    const addresses = dialable(host, port, resolved, policy, o);
-    let lastError: unknown = null;
-    for (const hostname of addresses) {
-      if (abort.signal.aborted) break;
-      let sock: TcpSocket | null = null;
-      try {
-        sock = connectTcp(eventLoop(), hostname, port);
-        await abortable(connected(sock), abort.signal);
-        return sock;
-      } catch (e) {
-        sock?.close();
-        lastError = e;
-      }
-    }
-    throw lastError ?? new Error("connect aborted");
-  } catch (e) {
-    if (timedOut) throw new Error(`timed out after ${o.connectMs} ms`);
-    throw e;
-  } finally {
-    clearTimeout(timer);
-    o.signal.removeEventListener("abort", onStop);
-  }
-}
-
 /** The addresses of `host` the guard lets this session dial; each refused one is counted. */
 function dialable(
   host: string,
@@ -238,14 +345,4 @@ function dialable(
   const skipped = denied.map((d) => `${d.address} (${d.kind})`).join(", ");
   log.debug(`${o.clientAddr}: ${host}: not dialling ${skipped}`);
   return allowed;
-}
-
-/** `p`, or its rejection with the signal's reason once `signal` aborts. */
-function abortable<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) return Promise.reject(signal.reason);
-  return new Promise((resolve, reject) => {
-    const onAbort = () => reject(signal.reason);
-    signal.addEventListener("abort", onAbort, { once: true });
-    p.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
-  });
 }

@@ -6,12 +6,10 @@
  * @module
  */
 import type { ClientHello } from "../proto/clienthello.ts";
-import { logger, writeAccess } from "../ops/log.ts";
+import { accessLogOn, writeAccess } from "../ops/log.ts";
 import { Metrics, NO_ROUTE } from "../ops/metrics.ts";
 import { errText } from "../ops/errtext.ts";
 import type { ByteRelay, RelayEnd } from "./relay.ts";
-
-const log = logger("session");
 
 /** Why a session ended, as written to the access log. */
 export type CloseReason =
@@ -145,8 +143,11 @@ export class ConnRecord {
     };
   }
 
-  /** Counts the ended connection in `m` and writes its access-log line. */
-  finish(m: Metrics, reason: CloseReason, error: unknown): void {
+  /**
+   * Counts the ended connection in `m` and writes its access-log line (`error`: what ended it,
+   * asked for only when the line is written).
+   */
+  finish(m: Metrics, reason: CloseReason, error: () => unknown): void {
     const relay = this.relay;
     const kernelBytes = this.kernel?.kernelBytes ?? { up: 0, down: 0 };
     const up = this.helloBytes + (relay?.bytesUp ?? 0) + kernelBytes.up;
@@ -165,7 +166,9 @@ export class ConnRecord {
     m.durationSeconds.observe(route, (performance.now() - this.#t0) / 1000);
     m.bytesUpHistogram.observe(route, up);
     m.bytesDownHistogram.observe(route, down);
+    if (!accessLogOn()) return;
     const undelivered = this.kernel?.undelivered;
+    const cause = reason === "done" ? null : error();
     writeAccess({
       time: new Date().toISOString(),
       client: this.client,
@@ -182,8 +185,7 @@ export class ConnRecord {
       close_reason: reason,
       mode,
       ...(undelivered && (undelivered.up || undelivered.down) ? { undelivered } : {}),
-      ...(error && reason !== "done" ? { error: errText(error) } : {}),
+      ...(cause ? { error: errText(cause) } : {}),
     });
-    log.debug(`${this.client} closed: ${reason}`);
   }
 }

@@ -7,19 +7,24 @@
  * closed, and the admin API shows it. What differs between TLS and HTTP listeners is their
  * {@link Protocol} value.
  *
+ * Every step is a synchronous handler of a socket event (the client's bytes, the backend's
+ * connect, room to write the hello), as in the relay: no promise, timer or abort signal per
+ * step. The hello and connect timeouts are deadlines in queues shared by every session
+ * (src/io/deadlines.ts).
+ *
  * @module
  */
 import type { Backend, BackendPool } from "../route/backend.ts";
 import { concat } from "../net/bytes.ts";
 import { E } from "../../ffi/socket.ts";
-import { socketError, type TcpSocket, writeAll } from "../io/tcp.ts";
+import { socketError, type TcpSocket } from "../io/tcp.ts";
+import { type Deadline, deadline } from "../io/deadlines.ts";
 import { formatAddr } from "../net/addr.ts";
 import type { ClientHello } from "../proto/clienthello.ts";
-import type { FingerprintPatterns } from "../proto/fingerprint.ts";
-import type { Head, Protocol, Refusal } from "../proto/protocol.ts";
+import type { Head, HeadReader, Protocol, Refusal } from "../proto/protocol.ts";
 import type { DialGuard } from "../route/dialguard.ts";
 import type { FdBudget } from "./fdbudget.ts";
-import { BurstLog, logger } from "../ops/log.ts";
+import { logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { errText } from "../ops/errtext.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd } from "./relay.ts";
@@ -34,12 +39,11 @@ import {
 import type { HostResolver } from "../dns/resolver.ts";
 import type { RoutingTable } from "../route/table.ts";
 import { type CloseReason, ConnRecord, type SessionInfo } from "./conn_record.ts";
-import { dialBackend } from "./backend_dial.ts";
+import { dialBackend, type Dialling, type DialResult } from "./backend_dial.ts";
+import { pickRoute } from "./route_pick.ts";
 import { type KernelHandoff, kernelHandoff, type RelayPath } from "./kernel_handoff.ts";
 
 const log = logger("session");
-/** Warnings that can come once per connection: logged once per burst. */
-const bursts = new BurstLog(log);
 
 /** What a session needs from the proxy around it. */
 export interface SessionContext {
@@ -72,9 +76,6 @@ export interface SessionContext {
  */
 const helloChunk = new Uint8Array(16 * 1024);
 
-/** Thrown out of a step the session's stop() cut short; run() reports the stop's reason. */
-class Stopped extends Error {}
-
 /** This process's part of every connection id: random, so ids stay unique across restarts. */
 const connIdPrefix = Array.from(
   crypto.getRandomValues(new Uint8Array(6)),
@@ -93,20 +94,31 @@ export class Session {
   #clientNet: Deno.NetAddr;
   /** Null until asked for (a getsockname), unless a PROXY header named it. */
   #serverNet: Deno.NetAddr | null = null;
+  /** The head's parser while the hello is read. */
+  #parser: HeadReader | null = null;
+  /** A trusted balancer's PROXY header read so far (null: none expected, or read). */
+  #proxyBytes: Uint8Array | null = null;
+  /** The client_hello_ms deadline while the hello is read. */
+  #helloDeadline: Deadline | null = null;
   /** Bytes read from the client before the backend was connected; forwarded as-is. */
   #pending: Uint8Array | null = null;
   /** The ALPN protocols of the route taken (null: a route without `alpn`). */
   #routeAlpn: readonly string[] | null = null;
   /** Kernel mode's part, made once the client is known; null in userspace mode. */
   #handoff: KernelHandoff | null = null;
+  /** The dial under way. */
+  #dial: Dialling | null = null;
   #backendConn: TcpSocket | null = null;
   /** The backend connected to: this session is one of its `active` connections. */
   #backend: Backend | null = null;
+  /** The first bytes for the backend (hello, maybe after a PROXY header) not written yet. */
+  #first: Uint8Array | null = null;
   #relay: ByteRelay | null = null;
   #stopReason: CloseReason | null = null;
-  #connectAbort = new AbortController();
   /** The error behind the end so far, for the access log. */
   #error: unknown = null;
+  #ended = false;
+  #resolveRun: (() => void) | null = null;
 
   constructor(client: TcpSocket, ctx: SessionContext) {
     this.#client = client;
@@ -119,31 +131,12 @@ export class Session {
     });
   }
 
-  /** Serves the connection to its end. Never throws. */
-  async run(): Promise<void> {
-    let reason: CloseReason = "error";
-    try {
-      reason = await this.#steps();
-    } catch (e) {
-      if (e instanceof Stopped || this.#stopReason) {
-        reason = this.#stopReason ?? "shutdown";
-      } else {
-        reason = "error";
-        this.#error = e;
-        log.warn(`session ${this.#record.client}: ${errText(e)}`);
-      }
-    } finally {
-      if (this.#backend) this.#backend.active--;
-      this.#handoff?.release();
-      closeQuietly(this.#client);
-      if (this.#backendConn) {
-        closeQuietly(this.#backendConn);
-        this.#ctx.fds?.backendClosed();
-      }
-      const final = this.#stopReason && reason === "error" ? this.#stopReason : reason;
-      this.#record.state = "closed";
-      this.#record.finish(this.#ctx.metrics, final, this.#error);
-    }
+  /** Serves the connection; resolves at its end. Never rejects. */
+  run(): Promise<void> {
+    return new Promise((resolve) => {
+      this.#resolveRun = resolve;
+      this.#guarded(() => this.#begin());
+    });
   }
 
   /** What the admin API shows of this session. */
@@ -153,29 +146,63 @@ export class Session {
 
   /** Ends the session now (drain deadline passed, or closed by the admin API). */
   stop(reason: CloseReason = "shutdown"): void {
-    if (this.#stopReason) return;
+    if (this.#stopReason || this.#ended) return;
     this.#stopReason = reason;
-    if (this.#relay) {
-      this.#relay.stop(reason as RelayEnd);
-    } else {
-      this.#connectAbort.abort();
-      closeQuietly(this.#client);
+    if (this.#relay) this.#relay.stop(reason as RelayEnd);
+    else if (this.#dial) this.#dial.stop();
+    else this.#end(reason);
+  }
+
+  /** Runs a step; a step that throws (a defect) ends the session as `error`, logged. */
+  #guarded(step: () => void): void {
+    try {
+      step();
+    } catch (e) {
+      if (this.#ended) return;
+      this.#error = e;
+      log.warn(`session ${this.#record.client}: ${errText(e)}`);
+      this.#end("error");
     }
   }
 
-  /** The connection's steps; returns why it ended (throws Stopped when stop() cut one short). */
-  async #steps(): Promise<CloseReason> {
-    const record = this.#record;
-    const name = await this.#readName();
-    if (name === undefined) return this.#stopReason!;
-    record.state = "routing";
-    const pool = await this.#route(name);
-    if (typeof pool === "string") return pool;
-    record.state = "connecting";
-    const failed = await this.#connectBackend(name, pool);
-    if (failed) return failed;
-    record.state = "relaying";
-    return await this.#relayPair(pool);
+  /**
+   * Ends the session with `reason` (a stop's reason wins over an error it caused): every socket
+   * closed, the backend's slot given back, the connection counted and logged. Once.
+   */
+  #end(reason: CloseReason): void {
+    if (this.#ended) return;
+    this.#ended = true;
+    this.#helloDeadline?.cancel();
+    this.#dial?.stop();
+    if (this.#backend) this.#backend.active--;
+    this.#handoff?.release();
+    closeQuietly(this.#client);
+    if (this.#backendConn) {
+      closeQuietly(this.#backendConn);
+      this.#ctx.fds?.backendClosed();
+    }
+    const final = this.#stopReason && reason === "error" ? this.#stopReason : reason;
+    this.#record.state = "closed";
+    this.#record.finish(this.#ctx.metrics, final, () => this.#error ?? this.#relay?.error);
+    this.#resolveRun?.();
+  }
+
+  /** Starts reading the hello: the client's events drive the session from here on. */
+  #begin(): void {
+    const { table, protocol } = this.#ctx;
+    const { timeouts, limits } = table.config;
+    this.#parser = protocol.parser({
+      maxBytes: limits.maxClientHelloBytes,
+      fingerprint: table.fingerprints,
+    });
+    if (this.#ctx.trustedProxy) this.#proxyBytes = new Uint8Array(0);
+    this.#helloDeadline = deadline(
+      timeouts.clientHelloMs,
+      () => this.stop("client_hello_timeout"),
+    );
+    // a new connection's hello comes after the accept: epoll says when, rather than a read
+    this.#client.setHandler(() => this.#guarded(() => this.#readHello()));
+    if (this.#client.readable) this.#readHello();
   }
 
   /** The parsed ClientHello (TLS listeners only). */
@@ -184,64 +211,52 @@ export class Session {
   }
 
   /**
-   * Reads until the parser has the name. Returns the name (null: client sent none), or
-   * undefined after closing a connection that sent a bad or no hello in time.
+   * Reads what the client sent until the parser has the head, then routes. A bad or missing
+   * hello (or PROXY header) ends the session.
    */
-  async #readName(): Promise<string | null | undefined> {
-    const { table, protocol } = this.#ctx;
-    const { timeouts, limits } = table.config;
-    const parser = protocol.parser({
-      maxBytes: limits.maxClientHelloBytes,
-      fingerprint: table.fingerprints,
-    });
-    const timer = setTimeout(() => this.stop("client_hello_timeout"), timeouts.clientHelloMs);
-    let header: Uint8Array | null = this.#ctx.trustedProxy ? new Uint8Array(0) : null;
+  #readHello(): void {
+    const client = this.#client;
     const buf = helloChunk;
-    try {
-      for (;;) {
-        const open = await this.#clientReadable();
-        if (this.#stopReason) throw new Stopped();
-        const n = open ? this.#readClient(buf) : socketError("recv", E.EBADF);
-        if (n === 0) continue;
-        if (typeof n !== "number" && n !== null) {
-          this.#finishEarly("client_reset", n);
-          return undefined;
-        }
-        let chunk: Uint8Array | null = n === null ? null : buf.subarray(0, n);
-        if (header !== null) {
-          if (chunk === null) {
-            throw new ProxyHeaderError("connection ended inside the PROXY header");
-          }
-          header = concat(header, chunk);
-          const h = parseProxyHeader(header);
-          if (!h) continue;
-          const rest: Uint8Array = header.subarray(h.headerBytes);
-          header = null;
-          if (!this.#acceptProxyHeader(h)) return undefined;
-          if (rest.length === 0) continue;
-          chunk = rest;
-        }
-        const head = chunk === null ? parser.end() : parser.push(chunk);
-        // a view, not a copy: the parser is not fed again
-        if (head) return this.#headRead(head, parser.data);
+    while (client.readable && this.#parser !== null && !this.#ended) {
+      const n = this.#readClient(buf);
+      if (n === 0) return;
+      if (typeof n !== "number" && n !== null) {
+        this.#finishEarly("client_reset", n);
+        return;
       }
-    } catch (e) {
-      return this.#headFailed(e);
-    } finally {
-      clearTimeout(timer);
+      let head: Head | null;
+      try {
+        const chunk = this.#afterProxyHeader(n === null ? null : buf.subarray(0, n));
+        if (chunk === undefined) continue;
+        head = chunk === null ? this.#parser.end() : this.#parser.push(chunk);
+      } catch (e) {
+        this.#headFailed(e);
+        return;
+      }
+      // a view, not a copy: the parser is not fed again
+      if (head) this.#headRead(head, this.#parser.data);
     }
   }
 
   /**
-   * Resolves once the client has input (true), or its socket was closed (false): a new
-   * connection's hello comes after the accept, so epoll is waited for rather than a read tried.
+   * What of a read (null: EOF) is the client's own, after a trusted balancer's PROXY header:
+   * undefined while the header is incomplete, or it was read and nothing followed, or the ACL
+   * refused its client (the session is ended then).
+   * @throws {ProxyHeaderError} on a bad header or an EOF inside it.
    */
-  async #clientReadable(): Promise<boolean> {
-    const client = this.#client;
-    while (!client.readable) {
-      if ((await client.nextEvent()) === 0) return false;
+  #afterProxyHeader(chunk: Uint8Array | null): Uint8Array | null | undefined {
+    if (this.#proxyBytes === null) return chunk;
+    if (chunk === null) throw new ProxyHeaderError("connection ended inside the PROXY header");
+    const bytes = concat(this.#proxyBytes, chunk);
+    const h = parseProxyHeader(bytes);
+    if (!h) {
+      this.#proxyBytes = bytes;
+      return undefined;
     }
-    return true;
+    this.#proxyBytes = null;
+    if (!this.#acceptProxyHeader(h)) return undefined;
+    const rest = bytes.subarray(h.headerBytes);
+    return rest.length === 0 ? undefined : rest;
   }
 
   /**
@@ -256,23 +271,37 @@ export class Session {
     return n === -E.EAGAIN ? 0 : socketError("recv", -n);
   }
 
-  /** Notes the head read (`data`: every byte read so far); returns the name to route by. */
-  #headRead(head: Head, data: Uint8Array): string | null {
+  /** The head is read (`data`: every byte read so far): routes by its name. */
+  #headRead(head: Head, data: Uint8Array): void {
+    this.#parser = null;
+    this.#helloDeadline?.cancel();
+    this.#helloDeadline = null;
+    this.#client.setHandler(null);
     this.#pending = data;
-    this.#record.noteHelloRead();
-    this.#record.sni = head.serverName;
-    this.#record.hello = this.#ctx.protocol.hello(head);
-    return head.serverName;
+    const record = this.#record;
+    record.noteHelloRead();
+    record.sni = head.serverName;
+    record.hello = this.#ctx.protocol.hello(head);
+    record.state = "routing";
+    const picked = pickRoute(this.#ctx.table, record, head.serverName);
+    if ("refusal" in picked) {
+      this.#refuse(picked.refusal);
+      this.#end(picked.reason);
+      return;
+    }
+    const pool = picked.pool;
+    this.#routeAlpn = picked.alpn;
+    record.state = "connecting";
+    this.#connectBackend(head.serverName, pool);
   }
 
   /** Closes a connection whose head (or PROXY header) could not be read; rethrows the rest. */
-  #headFailed(e: unknown): undefined {
-    if (e instanceof Stopped || this.#stopReason) throw new Stopped();
+  #headFailed(e: unknown): void {
     const client = this.#record.client;
     if (e instanceof ProxyHeaderError) {
       log.warn(`bad PROXY header from trusted ${client}: ${e.message}`);
       this.#finishEarly("bad_proxy_header", e);
-      return undefined;
+      return;
     }
     const protocol = this.#ctx.protocol;
     if (protocol.isHeadError(e)) {
@@ -280,7 +309,7 @@ export class Session {
       log.info(`bad ${protocol.headName} from ${client}: ${e.kind}: ${e.message}`);
       this.#finishEarly("bad_client_hello", e);
       this.#ctx.onBadHello?.();
-      return undefined;
+      return;
     }
     throw e;
   }
@@ -302,89 +331,23 @@ export class Session {
     return false;
   }
 
-  /** Ends the session before routing (bad or missing hello); run() reports it. */
+  /** Ends the session before routing (bad or missing hello). */
   #finishEarly(reason: CloseReason, error: unknown): void {
-    this.#stopReason ??= reason;
     this.#error = error;
-    closeQuietly(this.#client);
+    this.#end(reason);
   }
 
   /**
-   * The pool of the route `name` takes; when the client is refused (by its fingerprint, or no
-   * route takes the name) it is told so and the reason is returned instead.
+   * Tells the client no, as its protocol says `refusal`, and ends its side. One send: a
+   * refusal (an alert, a short HTTP response) fits in a new connection's send buffer; a client
+   * that is gone already gets nothing.
    */
-  async #route(name: string | null): Promise<BackendPool | CloseReason> {
-    if (this.#fingerprintDenied(this.#ctx.table.config.acl.denyFingerprints, "acl")) {
-      await this.#refuse("forbidden");
-      return "fingerprint_denied";
-    }
-    const pool = this.#poolFor(name);
-    if (!pool) {
-      await this.#refuse("misdirected");
-      return "no_route";
-    }
-    if (this.#fingerprintDenied(pool.denyFingerprints, `route "${pool.name}"`)) {
-      await this.#refuse("forbidden");
-      return "fingerprint_denied";
-    }
-    return pool;
+  #refuse(refusal: Refusal): void {
+    if (this.#client.send(this.#ctx.protocol.refusals[refusal]) >= 0) this.#client.shutdownWrite();
   }
 
-  /** Picks the pool for `name`, or null when the connection must be refused. */
-  #poolFor(name: string | null): BackendPool | null {
-    const { router, defaultPool } = this.#ctx.table;
-    const client = this.#record.client;
-    const found = router.lookup(name, this.#hello?.alpn);
-    if (found.kind === "route") {
-      this.#record.route = found.route.target.name;
-      this.#routeAlpn = found.route.alpn;
-      return found.route.target;
-    }
-    if (found.kind === "not_allowed") {
-      log.info(
-        `${client}: name "${name}" matches route "${found.route.pattern.text}" but not its allow list`,
-      );
-      return null;
-    }
-    if (defaultPool) {
-      this.#record.route = "default_backend";
-      return defaultPool;
-    }
-    log.info(`${client}: no route for ${name === null ? "a hello without SNI" : `"${name}"`}`);
-    return null;
-  }
-
-  /**
-   * Whether `patterns` refuse this client's fingerprint (logged once per burst of `by`, which
-   * names the ACL or the route).
-   */
-  #fingerprintDenied(patterns: FingerprintPatterns | null, by: string): boolean {
-    const fp = this.#hello?.fingerprints;
-    const hit = patterns && fp ? patterns.match(fp.ja4, fp.ja3) : null;
-    if (hit === null) return false;
-    bursts.warn(
-      `fingerprint:${by}:${hit}`,
-      `${by}: refusing ${this.#record.client}: its TLS fingerprint matches "${hit}" ` +
-        `(ja4 ${fp!.ja4}, ja3 ${fp!.ja3})`,
-    );
-    return true;
-  }
-
-  /** Tells the client no, as its protocol says `refusal`, and ends its side. */
-  async #refuse(refusal: Refusal): Promise<void> {
-    try {
-      await writeAll(this.#client, this.#ctx.protocol.refusals[refusal]);
-      this.#client.shutdownWrite();
-    } catch {
-      // the client is gone already
-    }
-  }
-
-  /**
-   * Connects a backend of `pool` (in kernel mode with the handoff ready for the pair). Returns
-   * null once connected, else why not (the client told so).
-   */
-  async #connectBackend(name: string | null, pool: BackendPool): Promise<CloseReason | null> {
+  /** Connects a backend of `pool` (in kernel mode with the handoff ready for the pair). */
+  #connectBackend(name: string | null, pool: BackendPool): void {
     const { table, metrics, resolver, guard, fds } = this.#ctx;
     const record = this.#record;
     const handoff = kernelHandoff(this.#client, {
@@ -396,7 +359,7 @@ export class Session {
     });
     this.#handoff = handoff;
     record.kernel = handoff;
-    const dialled = await dialBackend(pool, {
+    this.#dial = dialBackend(pool, {
       name,
       clientIp: this.#clientNet.hostname,
       clientAddr: record.client,
@@ -405,64 +368,91 @@ export class Session {
       guard,
       metrics,
       fds,
-      signal: this.#connectAbort.signal,
       onTry: (backend, configured) => {
         record.backend = backend;
         record.backendLabel = configured;
       },
-    });
+    }, (r) => this.#guarded(() => this.#dialled(pool, r)));
+  }
+
+  /** The dial ended: the pair starts relaying, or the client is told why not. */
+  #dialled(pool: BackendPool, dialled: DialResult): void {
+    this.#dial = null;
     this.#error = dialled.kind === "connected" ? null : dialled.error;
-    if (dialled.kind === "stopped") throw new Stopped();
+    if (dialled.kind === "stopped") {
+      this.#end(this.#stopReason ?? "shutdown");
+      return;
+    }
     if (dialled.kind === "failed") {
-      if (dialled.refusal) await this.#refuse(dialled.refusal);
-      return dialled.reason;
+      if (dialled.refusal) this.#refuse(dialled.refusal);
+      this.#end(dialled.reason);
+      return;
     }
     this.#backendConn = dialled.conn;
     this.#backend = dialled.backend;
-    record.connectSeconds = dialled.seconds;
-    return null;
+    this.#record.connectSeconds = dialled.seconds;
+    this.#record.state = "relaying";
+    this.#startRelay(pool);
   }
 
   /** Forwards what the client sent so far, then relays until both sides are done. */
-  async #relayPair(pool: BackendPool): Promise<CloseReason> {
+  #startRelay(pool: BackendPool): void {
     const backend = this.#backendConn!;
     // pair before forwarding the hello: the backend answers nothing until it has the hello
     // and a TLS client sends nothing more until it has the answer, so no byte can pass the
     // kernel path ahead of one still in userspace
     const pending = this.#pending!;
     const first = pool.proxyProtocol ? concat(this.#proxyHeader(pool), pending) : pending;
-    const idleMs = this.#ctx.table.config.timeouts.idleMs;
     // a kernel relay writes the hello itself
     const handed = this.#handoff?.handOff(backend, {
       first,
       clientBytes: pending.length,
       hello: this.#hello,
     }) ?? null;
-    // a backend that reset or closed before its hello (e.g. overloaded; a sockmap pairing
-    // then fails on it, as not established) ends like a reset in the relay, not as an error
-    if (!handed && !(await this.#writeHello(backend, first))) return "backend_reset";
-    this.#record.helloBytes = pending.length;
+    if (handed) {
+      this.#relayWith(handed);
+      return;
+    }
+    this.#first = first;
+    backend.setHandler(() => this.#guarded(() => this.#writeHello()));
+    this.#writeHello();
+  }
+
+  /**
+   * Writes what is left of the hello to the backend (more when it has room), then starts the
+   * relay. A backend that reset or closed before its hello (e.g. overloaded) ends like a reset
+   * in the relay, not as an error: the client is reset.
+   */
+  #writeHello(): void {
+    const backend = this.#backendConn!;
+    const first = this.#first!;
+    if (!backend.writable) return;
+    const w = backend.send(first);
+    if (w === -E.EAGAIN) return;
+    if (w < 0) {
+      this.#error = socketError("send", -w);
+      this.#client.reset();
+      this.#end("backend_reset");
+      return;
+    }
+    if (w < first.length) {
+      this.#first = first.subarray(w);
+      return;
+    }
+    this.#first = null;
+    backend.setHandler(null);
+    this.#relayWith(new Relay(this.#client, backend, this.#ctx.table.config.timeouts.idleMs));
+  }
+
+  /** The hello is with the backend: `relay` moves the rest until both sides are done. */
+  #relayWith(relay: ByteRelay): void {
+    this.#record.helloBytes = this.#pending!.length;
     this.#pending = null;
-    const relay = handed ?? new Relay(this.#client, backend, idleMs);
     this.#relay = relay;
     this.#record.relay = relay;
     // stopped while the hello was written: the relay ends as stop() would have ended it
     if (this.#stopReason) relay.stop(this.#stopReason as RelayEnd);
-    const reason = await relay.run();
-    this.#error = relay.error;
-    return reason;
-  }
-
-  /** Writes the hello to the backend; false (the client reset) when the backend refused it. */
-  async #writeHello(backend: TcpSocket, first: Uint8Array): Promise<boolean> {
-    try {
-      await writeAll(backend, first);
-      return true;
-    } catch (e) {
-      this.#error = e;
-      this.#client.reset();
-      return false;
-    }
+    relay.run().then((reason) => this.#end(reason));
   }
 
   /** The PROXY protocol header `pool` sends its backends ahead of the client's bytes. */

@@ -142,6 +142,7 @@ function fileSink(
  * @throws {LogSetupError} when a log file cannot be created or opened.
  */
 export async function setupLogging(cfg: Config["log"]): Promise<void> {
+  accessOn = Boolean(cfg.accessLog);
   const sinks: Record<string, Sink> = { stderr: stderrSink };
   const proxySinks = ["stderr"];
   if (cfg.file) {
@@ -222,6 +223,13 @@ export function writeForwarded(worker: number, line: ForwardedLog): void {
 }
 
 const accessLogger = getLogger([ACCESS_ROOT]);
+/** Whether access-log lines go anywhere (a worker forwards them to its supervisor: always). */
+let accessOn = true;
+
+/** Whether the access log is on: a connection's line is worth building. */
+export function accessLogOn(): boolean {
+  return accessOn;
+}
 
 /** Writes one access-log line (a no-op when the access log is off). */
 export function writeAccess(entry: AccessEntry): void {
