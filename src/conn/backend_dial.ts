@@ -78,14 +78,18 @@ export type DialResult =
   | DialFailure
   | { kind: "stopped"; error: unknown };
 
-/** A dial under way: {@link stop} gives it up (its callback then gets `stopped`). */
+/**
+ * A dial: {@link start} it once the caller holds it (its callback may come at once, e.g. when
+ * no backend is up); {@link stop} gives it up (its callback then gets `stopped`).
+ */
 export interface Dialling {
+  start(): void;
   stop(): void;
 }
 
 /**
  * Tries the backends of `pool` until one connects, or none is left to try; `done` is called
- * once with the result. Event-driven on the socket engine: an IP-literal backend is connected
+ * once with the result, from {@link Dialling.start} on. Event-driven on the socket engine: an IP-literal backend is connected
  * with no promise and no timer of its own (the connect_ms deadline shares one timer with every
  * other session's, see src/io/deadlines.ts).
  */
@@ -94,9 +98,7 @@ export function dialBackend(
   o: DialOptions,
   done: (r: DialResult) => void,
 ): Dialling {
-  const dial = new Dial(pool, o, done);
-  dial.next();
-  return dial;
+  return new Dial(pool, o, done);
 }
 
 /** One session's dial: backend after backend, each address of one in turn. */
@@ -124,6 +126,10 @@ class Dial implements Dialling {
     this.#pool = pool;
     this.#o = o;
     this.#done = done;
+  }
+
+  start(): void {
+    this.next();
   }
 
   stop(): void {

@@ -373,6 +373,7 @@ export class Session {
         record.backendLabel = configured;
       },
     }, (r) => this.#guarded(() => this.#dialled(pool, r)));
+    this.#dial.start();
   }
 
   /** The dial ended: the pair starts relaying, or the client is told why not. */
