@@ -119,7 +119,13 @@ function test(name: string, fn: (g: Group) => Promise<void>, maxCids = 64): void
     sanitizeOps: false,
     sanitizeResources: false,
     async fn() {
-      const steer = await QuicSteering.open({ workers: 2, listeners: 1, maxCids, pinDir: PIN_DIR, log });
+      const steer = await QuicSteering.open({
+        workers: 2,
+        listeners: 1,
+        maxCids,
+        pinDir: PIN_DIR,
+        log,
+      });
       const g = new Group(steer);
       try {
         await fn(g);

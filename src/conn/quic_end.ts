@@ -20,7 +20,7 @@ import { Metrics } from "../ops/metrics.ts";
 import type { FdBudget } from "./fdbudget.ts";
 import type { SourceLimiter } from "./sourcelimit.ts";
 import type { QuicRouteResult } from "./quic_route.ts";
-import type { FlowEnd, FlowTable, QuicFlow, QuicKernelPath } from "./quic_flow.ts";
+import type { FlowEnd, FlowTable, QuicFlow, QuicKernelPath, SteeredIds } from "./quic_flow.ts";
 
 /** What a QUIC listener needs from the proxy that owns it. */
 export interface QuicListenerHost {
@@ -37,6 +37,11 @@ export interface QuicListenerHost {
   readonly blocker: OffenceSink | null;
   /** Kernel mode: the kernel forwarding of routed flows, or null (userspace). */
   readonly quicKernel: QuicKernelPath | null;
+  /**
+   * With workers > 1: steering by connection ID. A listener joins with its bound socket and
+   * publishes its flows' server IDs through what it gets (null: not steered, hashed).
+   */
+  readonly quicSteer: { join(listener: number, fd: number): SteeredIds | null } | null;
 }
 
 /** Ends, refusals and routing outcomes of one listener's flows. */

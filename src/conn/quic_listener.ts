@@ -12,6 +12,8 @@
  *
  * A datagram from an unknown address whose Destination Connection ID is one the backend chose
  * for a flow (a client that rebound, e.g. behind a NAT) moves that flow to the new address.
+ * With workers > 1 the kernel brings such a datagram to this worker (host.quicSteer), not to
+ * whichever worker its new address hashes to.
  *
  * Flows end after `quic.idle_ms` without a datagram (a sweep a few times a second, not a timer
  * per flow); flows not routed within `timeouts.client_hello_ms` end too. The end is logged
@@ -77,7 +79,7 @@ export class QuicListener {
   readonly bound: Deno.NetAddr;
   readonly #sock: UdpSocket;
   readonly #host: QuicListenerHost;
-  readonly #flows = new FlowTable();
+  readonly #flows: FlowTable;
   readonly #end: FlowEnder;
   #accepting = true;
   #closed = false;
@@ -105,6 +107,8 @@ export class QuicListener {
     }
     this.bound = this.#sock.addr;
     this.address = formatAddr(this.bound);
+    // workers > 1: the datagrams of this worker's flows come here whatever their source
+    this.#flows = new FlowTable(host.quicSteer?.join(index, this.#sock.fd) ?? null);
     this.#wildcard = this.bound.hostname === "0.0.0.0" || this.bound.hostname === "::";
     // the kernel path rewrites to the address a client sent to: a wildcard one is not it
     if (this.#wildcard) this.#sock.wantDestination();
