@@ -268,6 +268,28 @@ e2eTest(
 );
 
 e2eTest(
+  "QUIC (workers 2) without BPF (nobody): one warning that a client that rebinds may lose its " +
+    "flow, and it serves",
+  async (s) => {
+    const a = await quicBackend(s, { who: "backend A\n" });
+    const proxy = await startProxy(s, {
+      workers: 2,
+      listeners: [{ address: "127.0.0.1:0", protocol: "quic" }],
+      routes: [{ match: "a.test", backends: [`127.0.0.1:${a.port}`] }],
+    }, {
+      wrapper: ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],
+      uid: 65534,
+    });
+    const got = await quicGet(proxy.port(), { name: "a.test", path: "who" });
+    assert.equal(new TextDecoder().decode(got.body!), "backend A\n");
+    const warned = proxy.stderr().split("\n").filter((l) => /steering by connection ID/.test(l));
+    assert.equal(warned.length, 1, proxy.stderr());
+    assert.match(warned[0], /may land on a worker without its flow.*not permitted/);
+  },
+  { ignore: !steerable, timeoutMs: 60_000 },
+);
+
+e2eTest(
   "QUIC: 200 concurrent flows with 1 MiB downloads, every byte compared",
   async (s) => {
     const { bodyA, bodyB, proxy } = await twoBackends(s, { workers: 2 });
