@@ -128,7 +128,7 @@ export class QuicSteering {
       QuicSteerError,
       "QUIC worker steering",
       [5, 8],
-      "SK_REUSEPORT programs for UDP",
+      "bounded loops, CAP_BPF",
       "run one worker",
     );
     await checkBpfAccess(QuicSteerError, "load eBPF programs", "run as root, or grant CAP_BPF");
