@@ -254,7 +254,8 @@ e2eTest(
     assert.equal(sha256(got.body!), sha256(big));
     assert.equal(nat.switched(), switches, `${nat.afterSwitch()} datagrams after the first`);
     const m = await scrapeMetrics(proxy);
-    assert.equal(sample(m, "sni_proxy_quic_rebinds_total"), switches, m);
+    // more only when a datagram from an older port overtook one from the next (it moves back)
+    assert.ok(sample(m, "sni_proxy_quic_rebinds_total") >= switches, m);
     assert.equal(sample(m, "sni_proxy_quic_dropped_total", '{reason="unknown_flow"}'), 0, m);
     assert.ok(sample(m, "sni_proxy_kernel_quic_steer_steered_total") > 0, m);
     assert.equal(sample(m, "sni_proxy_kernel_quic_steer_map_full_total"), 0, m);

@@ -93,7 +93,17 @@ export class FlowEnder {
     flow.pending = [];
     flow.pendingBytes = 0;
     for (const d of held) forward(d);
-    // after the flush: nothing the kernel forwards can overtake a held datagram
+    // The kernel would hide the backend's first datagrams, whose Source Connection ID is what
+    // the flow is found by when its client rebinds (and, with workers, what the kernel steers
+    // by): it takes over once the listener saw that ID (idsSeen). Being after the flush,
+    // nothing the kernel forwards can overtake a held datagram.
+    if (this.#host.quicKernel) flow.kernelAfterIds = true;
+  }
+
+  /** Kernel mode: the backend's connection ID is known (see routed): the kernel takes over. */
+  idsSeen(flow: QuicFlow): void {
+    if (!flow.kernelAfterIds || flow.state !== "routed") return;
+    flow.kernelAfterIds = false;
     this.#toKernel(flow);
   }
 

@@ -125,6 +125,8 @@ export class QuicFlow {
   readonly cids: string[] = [];
   /** Kernel mode: the flow as added to the kernel, or null (userspace). */
   kernel: KernelFlow | null = null;
+  /** Kernel mode: routed, and added to the kernel once the backend's ID was seen. */
+  kernelAfterIds = false;
   /** Whether the kernel forwarded it at some time (the access log's `mode`). */
   wasInKernel = false;
   /** ms since epoch. */

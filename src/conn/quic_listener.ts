@@ -410,11 +410,14 @@ export class QuicListener {
       return;
     }
     let bytes = 0;
+    /** The backend's ID is known, or its handshake is past: the kernel may take over. */
+    let known = false;
     for (let i = 0; i < got; i++) {
       const d = batch.datagram(i);
       bytes += d.length;
       // the server's connection IDs, from its long headers (not Version Negotiation's echo)
-      if ((d[0] & 0x80) !== 0 && d.length > 7) this.#learn(flow, d);
+      if ((d[0] & 0x80) === 0) known = true;
+      else if (d.length > 7 && this.#learn(flow, d)) known = true;
     }
     if (flow.datagramsDown === 0) flow.pool?.connected(flow.backend!);
     flow.lastActive = Date.now();
@@ -432,16 +435,22 @@ export class QuicListener {
     flow.bytesDown += bytes;
     q.datagramsDown += n;
     q.bytesDown += bytes;
+    // after the send: what the kernel forwards from now on comes after these
+    if (known && flow.kernelAfterIds) this.#end.idsSeen(flow);
   }
 
-  /** Follows the flow by the Source Connection ID of the backend's long header `d`. */
-  #learn(flow: QuicFlow, d: Uint8Array): void {
-    if ((d[1] | d[2] | d[3] | d[4]) === 0) return; // Version Negotiation
+  /**
+   * Follows the flow by the Source Connection ID of the backend's long header `d`; true when
+   * that is the ID the connection goes on with (not a Retry's, which the next Initial replaces).
+   */
+  #learn(flow: QuicFlow, d: Uint8Array): boolean {
+    if ((d[1] | d[2] | d[3] | d[4]) === 0) return false; // Version Negotiation
     const n = d.length;
     const scidAt = 6 + d[5];
-    if (scidAt >= n) return;
+    if (scidAt >= n) return false;
     const len = d[scidAt];
     if (len <= 20 && scidAt + 1 + len <= n) this.#flows.learnCid(flow, d, scidAt + 1, len);
+    return classifyDatagram(d) !== "retry";
   }
 
   /** Moves `flow` to the address `src`; false when another flow has it. */
