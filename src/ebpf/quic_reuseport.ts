@@ -131,7 +131,11 @@ export class QuicSteering {
       "bounded loops, CAP_BPF",
       "run one worker",
     );
-    await checkBpfAccess(QuicSteerError, "load eBPF programs", "run as root, or grant CAP_BPF");
+    await checkBpfAccess(
+      QuicSteerError,
+      "load eBPF programs",
+      "run as root, or grant CAP_BPF and CAP_NET_ADMIN",
+    );
     const obj = await openBpfObject(
       QuicSteerError,
       "quic_reuseport.bpf.o",
