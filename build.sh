@@ -107,13 +107,13 @@ verify_binary() {
 compile_binary() {
 	local deno log out=.sni-proxy.build
 	deno="$(find_deno)"
-	[ -f "$BPF_OBJ" ] && [ -f bpf/xdp.bpf.o ] && [ -f bpf/quic.bpf.o ] || build_bpf
+	[ -f "$BPF_OBJ" ] && [ -f bpf/xdp.bpf.o ] && [ -f bpf/quic.bpf.o ] && [ -f bpf/quic_reuseport.bpf.o ] || build_bpf
 	check_denort_bin
 	# deno compile reads DENORT_BIN from the environment; an empty value would be taken as a path
 	[ -n "${DENORT_BIN:-}" ] || unset DENORT_BIN
 	log="$(mktemp)"
 	rm -f "$out"
-	if ! "$deno" compile -A --unstable-net --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" --include bpf/xdp.bpf.o --include bpf/quic.bpf.o -o "$out" main.ts 2>&1 |
+	if ! "$deno" compile -A --unstable-net --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" --include bpf/xdp.bpf.o --include bpf/quic.bpf.o --include bpf/quic_reuseport.bpf.o -o "$out" main.ts 2>&1 |
 		tee "$log"; then
 		if grep -qiE 'denort|download|fetch|network|dns|connect' "$log"; then
 			echo "build.sh: deno compile could not fetch the denort runtime; download denort" \

@@ -113,6 +113,8 @@ export const SO_REUSEPORT = 15;
 /** SO_SNDBUF / SO_RCVBUF past net.core.[rw]mem_max (needs CAP_NET_ADMIN). */
 export const SO_SNDBUFFORCE = 32;
 export const SO_RCVBUFFORCE = 33;
+/** A BPF_PROG_TYPE_SK_REUSEPORT program fd: it picks the socket of the SO_REUSEPORT group. */
+export const SO_ATTACH_REUSEPORT_EBPF = 52;
 export const IPPROTO_TCP = 6;
 export const IPPROTO_IPV6 = 41;
 export const TCP_NODELAY = 1;

@@ -2,7 +2,7 @@
  * End to end, QUIC listeners: real HTTP/3 clients (gtlsclient) through the proxy to real
  * HTTP/3 servers (gtlsserver) chosen by the SNI of the client's Initials, every byte compared;
  * many flows at once; a flow's idle end (metrics, admin view, access log); a client that
- * rebinds its port mid-download.
+ * rebinds its port mid-download, with one worker and with two (steered by connection ID).
  */
 import assert from "node:assert/strict";
 import {
@@ -10,6 +10,7 @@ import {
   cpuTimeMs,
   curl,
   e2eTest,
+  ensureBpfObject,
   identityBackend,
   type ProxyProcess,
   pseudoRandomBytes,
@@ -226,6 +227,67 @@ e2eTest(
     assert.equal(entries[0].client, `127.0.0.1:${nat.outside[1]}`, "logged at its last address");
   },
   { ignore: !tools, timeoutMs: 60_000 },
+);
+
+// workers > 1 steer by connection ID with the program of bpf/quic_reuseport.bpf.c (built here)
+const steerable = tools && (await ensureBpfObject("quic_reuseport")) === null;
+
+e2eTest(
+  "QUIC (workers 2): a client that rebinds its port again and again keeps its download, " +
+    "whichever worker its new ports hash to",
+  async (s) => {
+    const big = pseudoRandomBytes(16 << 20, 4);
+    const a = await quicBackend(s, { "big.bin": big });
+    const proxy = await startProxy(s, {
+      workers: 2,
+      listeners: [{ address: "127.0.0.1:0", protocol: "quic" }],
+      routes: [{ match: "a.test", backends: [`127.0.0.1:${a.port}`] }],
+      metrics: { address: "127.0.0.1:0" },
+    });
+    // the kernel's hash sends each new port to either worker: over 8 switches the flow's
+    // worker is left at least once but for a chance of 1 in 256, and that worker is then
+    // reached by the flow's connection ID alone
+    const switches = 8;
+    const nat = rebindingShim(s, proxy.port(), 150, switches);
+    const got = await quicGet(nat.port, { name: "a.test", path: "big.bin" }, 60);
+    assert.equal(got.code, 0, `download failed after ${nat.switched()} switches`);
+    assert.equal(sha256(got.body!), sha256(big));
+    assert.equal(nat.switched(), switches, `${nat.afterSwitch()} datagrams after the first`);
+    const m = await scrapeMetrics(proxy);
+    // more only when a datagram from an older port overtook one from the next (it moves back)
+    assert.ok(sample(m, "sni_proxy_quic_rebinds_total") >= switches, m);
+    assert.equal(sample(m, "sni_proxy_quic_dropped_total", '{reason="unknown_flow"}'), 0, m);
+    assert.ok(sample(m, "sni_proxy_kernel_quic_steer_steered_total") > 0, m);
+    assert.equal(sample(m, "sni_proxy_kernel_quic_steer_map_full_total"), 0, m);
+    await proxy.stop();
+    const entries = (await proxy.access()).filter((e) => e.protocol === "quic");
+    assert.equal(entries.length, 1, JSON.stringify(entries));
+    assert.equal(entries[0].client, `127.0.0.1:${nat.outside[switches]}`, "at its last address");
+    assert.ok(entries[0].bytes_down >= 16 << 20);
+  },
+  { ignore: !steerable, timeoutMs: 90_000 },
+);
+
+e2eTest(
+  "QUIC (workers 2) without BPF (nobody): one warning that a client that rebinds may lose its " +
+    "flow, and it serves",
+  async (s) => {
+    const a = await quicBackend(s, { who: "backend A\n" });
+    const proxy = await startProxy(s, {
+      workers: 2,
+      listeners: [{ address: "127.0.0.1:0", protocol: "quic" }],
+      routes: [{ match: "a.test", backends: [`127.0.0.1:${a.port}`] }],
+    }, {
+      wrapper: ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],
+      uid: 65534,
+    });
+    const got = await quicGet(proxy.port(), { name: "a.test", path: "who" });
+    assert.equal(new TextDecoder().decode(got.body!), "backend A\n");
+    const warned = proxy.stderr().split("\n").filter((l) => /steering by connection ID/.test(l));
+    assert.equal(warned.length, 1, proxy.stderr());
+    assert.match(warned[0], /may land on a worker without its flow.*not permitted/);
+  },
+  { ignore: !steerable, timeoutMs: 60_000 },
 );
 
 e2eTest(

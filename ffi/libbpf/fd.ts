@@ -12,6 +12,11 @@ export function objGet(path: string): number {
   return check(libbpf().bpf_obj_get(cString(path)), `bpf_obj_get(${path})`);
 }
 
+/** bpf_obj_pin: pin the object of `fd` (map, program or link) at `path` on a bpffs. */
+export function objPin(fd: number, path: string): void {
+  check(libbpf().bpf_obj_pin(fd, cString(path)), `bpf_obj_pin(fd ${fd}, ${path})`);
+}
+
 /** BPF_LINK_DETACH on a link fd (e.g. a stale pinned link of a crashed run). */
 export function linkDetachFd(fd: number, what = "link"): void {
   check(libbpf().bpf_link_detach(fd), `bpf_link_detach(${what})`);

@@ -20,7 +20,7 @@ import { Metrics } from "../ops/metrics.ts";
 import type { FdBudget } from "./fdbudget.ts";
 import type { SourceLimiter } from "./sourcelimit.ts";
 import type { QuicRouteResult } from "./quic_route.ts";
-import type { FlowEnd, FlowTable, QuicFlow, QuicKernelPath } from "./quic_flow.ts";
+import type { FlowEnd, FlowTable, QuicFlow, QuicKernelPath, SteeredIds } from "./quic_flow.ts";
 
 /** What a QUIC listener needs from the proxy that owns it. */
 export interface QuicListenerHost {
@@ -37,6 +37,11 @@ export interface QuicListenerHost {
   readonly blocker: OffenceSink | null;
   /** Kernel mode: the kernel forwarding of routed flows, or null (userspace). */
   readonly quicKernel: QuicKernelPath | null;
+  /**
+   * With workers > 1: steering by connection ID. A listener joins with its bound socket and
+   * publishes its flows' server IDs through what it gets (null: not steered, hashed).
+   */
+  readonly quicSteer: { join(listener: number, fd: number): SteeredIds | null } | null;
 }
 
 /** Ends, refusals and routing outcomes of one listener's flows. */
@@ -88,7 +93,17 @@ export class FlowEnder {
     flow.pending = [];
     flow.pendingBytes = 0;
     for (const d of held) forward(d);
-    // after the flush: nothing the kernel forwards can overtake a held datagram
+    // The kernel would hide the backend's first datagrams, whose Source Connection ID is what
+    // the flow is found by when its client rebinds (and, with workers, what the kernel steers
+    // by): it takes over once the listener saw that ID (idsSeen). Being after the flush,
+    // nothing the kernel forwards can overtake a held datagram.
+    if (this.#host.quicKernel) flow.kernelAfterIds = true;
+  }
+
+  /** Kernel mode: the backend's connection ID is known (see routed): the kernel takes over. */
+  idsSeen(flow: QuicFlow): void {
+    if (!flow.kernelAfterIds || flow.state !== "routed") return;
+    flow.kernelAfterIds = false;
     this.#toKernel(flow);
   }
 

@@ -50,6 +50,16 @@ export interface QuicKernelPath {
   } | null;
 }
 
+/**
+ * With workers > 1: where a listener publishes the server connection IDs its flows are followed
+ * by, so that the kernel sends a datagram carrying one to this worker whatever its source
+ * address (see src/ebpf/quic_reuseport.ts). Calls never throw (a refusal is counted there).
+ */
+export interface SteeredIds {
+  add(cid: string): void;
+  remove(cid: string): void;
+}
+
 /** Where a flow is in its life. */
 export type FlowState =
   /** Reading the ClientHello from the Initials; datagrams are buffered. */
@@ -115,6 +125,8 @@ export class QuicFlow {
   readonly cids: string[] = [];
   /** Kernel mode: the flow as added to the kernel, or null (userspace). */
   kernel: KernelFlow | null = null;
+  /** Kernel mode: routed, and added to the kernel once the backend's ID was seen. */
+  kernelAfterIds = false;
   /** Whether the kernel forwarded it at some time (the access log's `mode`). */
   wasInKernel = false;
   /** ms since epoch. */
@@ -190,6 +202,12 @@ export class FlowTable {
   readonly #pending = new Set<QuicFlow>();
   /** Flows per client IP, for quic.max_flows_per_source. */
   readonly #perSource = new Map<string, number>();
+  /** Where the IDs in #byCid are published for steering (workers > 1), or null. */
+  readonly #steered: SteeredIds | null;
+
+  constructor(steered: SteeredIds | null = null) {
+    this.#steered = steered;
+  }
 
   /** Flows in the table (all states). */
   get size(): number {
@@ -249,6 +267,7 @@ export class FlowTable {
     flow.cids.push(key);
     this.#byCid.set(key, flow);
     this.#cidLengths.add(len);
+    this.#steered?.add(key);
   }
 
   /**
@@ -295,7 +314,11 @@ export class FlowTable {
   remove(flow: QuicFlow): void {
     if (this.#byClient.get(flow.key) === flow) this.#byClient.delete(flow.key);
     this.#pending.delete(flow);
-    for (const c of flow.cids) if (this.#byCid.get(c) === flow) this.#byCid.delete(c);
+    for (const c of flow.cids) {
+      if (this.#byCid.get(c) !== flow) continue;
+      this.#byCid.delete(c);
+      this.#steered?.remove(c);
+    }
     this.#sourceDone(flow.clientNet.hostname);
   }
 

@@ -12,6 +12,8 @@
  *
  * A datagram from an unknown address whose Destination Connection ID is one the backend chose
  * for a flow (a client that rebound, e.g. behind a NAT) moves that flow to the new address.
+ * With workers > 1 the kernel brings such a datagram to this worker (host.quicSteer), not to
+ * whichever worker its new address hashes to.
  *
  * Flows end after `quic.idle_ms` without a datagram (a sweep a few times a second, not a timer
  * per flow); flows not routed within `timeouts.client_hello_ms` end too. The end is logged
@@ -77,7 +79,7 @@ export class QuicListener {
   readonly bound: Deno.NetAddr;
   readonly #sock: UdpSocket;
   readonly #host: QuicListenerHost;
-  readonly #flows = new FlowTable();
+  readonly #flows: FlowTable;
   readonly #end: FlowEnder;
   #accepting = true;
   #closed = false;
@@ -105,6 +107,8 @@ export class QuicListener {
     }
     this.bound = this.#sock.addr;
     this.address = formatAddr(this.bound);
+    // workers > 1: the datagrams of this worker's flows come here whatever their source
+    this.#flows = new FlowTable(host.quicSteer?.join(index, this.#sock.fd) ?? null);
     this.#wildcard = this.bound.hostname === "0.0.0.0" || this.bound.hostname === "::";
     // the kernel path rewrites to the address a client sent to: a wildcard one is not it
     if (this.#wildcard) this.#sock.wantDestination();
@@ -406,11 +410,14 @@ export class QuicListener {
       return;
     }
     let bytes = 0;
+    /** The backend's ID is known, or its handshake is past: the kernel may take over. */
+    let known = false;
     for (let i = 0; i < got; i++) {
       const d = batch.datagram(i);
       bytes += d.length;
       // the server's connection IDs, from its long headers (not Version Negotiation's echo)
-      if ((d[0] & 0x80) !== 0 && d.length > 7) this.#learn(flow, d);
+      if ((d[0] & 0x80) === 0) known = true;
+      else if (d.length > 7 && this.#learn(flow, d)) known = true;
     }
     if (flow.datagramsDown === 0) flow.pool?.connected(flow.backend!);
     flow.lastActive = Date.now();
@@ -428,16 +435,22 @@ export class QuicListener {
     flow.bytesDown += bytes;
     q.datagramsDown += n;
     q.bytesDown += bytes;
+    // after the send: what the kernel forwards from now on comes after these
+    if (known && flow.kernelAfterIds) this.#end.idsSeen(flow);
   }
 
-  /** Follows the flow by the Source Connection ID of the backend's long header `d`. */
-  #learn(flow: QuicFlow, d: Uint8Array): void {
-    if ((d[1] | d[2] | d[3] | d[4]) === 0) return; // Version Negotiation
+  /**
+   * Follows the flow by the Source Connection ID of the backend's long header `d`; true when
+   * that is the ID the connection goes on with (not a Retry's, which the next Initial replaces).
+   */
+  #learn(flow: QuicFlow, d: Uint8Array): boolean {
+    if ((d[1] | d[2] | d[3] | d[4]) === 0) return false; // Version Negotiation
     const n = d.length;
     const scidAt = 6 + d[5];
-    if (scidAt >= n) return;
+    if (scidAt >= n) return false;
     const len = d[scidAt];
     if (len <= 20 && scidAt + 1 + len <= n) this.#flows.learnCid(flow, d, scidAt + 1, len);
+    return classifyDatagram(d) !== "retry";
   }
 
   /** Moves `flow` to the address `src`; false when another flow has it. */

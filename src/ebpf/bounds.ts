@@ -38,6 +38,12 @@ export const QUIC_FLOWS: Readonly<Range> = { min: 1, max: 1_048_576 };
 /** Default of {@link QUIC_FLOWS}. */
 export const QUIC_DEFAULT_FLOWS = 65_536;
 
+/**
+ * Server connection IDs the QUIC worker steering holds (one entry per ID a flow is followed
+ * by, up to 4 per flow: `quic.max_flows` x 4, within these bounds).
+ */
+export const STEER_CIDS: Readonly<Range> = { min: 16, max: 4_194_304 };
+
 /** Whether `n` is a whole number within `range`. */
 export function inRange(n: number, range: Range): boolean {
   return Number.isInteger(n) && n >= range.min && n <= range.max;

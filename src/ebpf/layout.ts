@@ -1,7 +1,8 @@
 /**
- * The TypeScript mirror of bpf/sockmap.h, bpf/xdp.h and bpf/quic.h: map names, key/value sizes and field
- * offsets, the pin directory, and the encoders and decoders of those bytes. Change it together
- * with the headers; the loaders and the tests take every size and offset from here.
+ * The TypeScript mirror of bpf/sockmap.h, bpf/xdp.h, bpf/quic.h and bpf/quic_reuseport.h: map
+ * names, key/value sizes and field offsets, the pin directory, and the encoders and decoders of
+ * those bytes. Change it together with the headers; the loaders and the tests take every size
+ * and offset from here.
  * Host-order fields are little endian: the fast path supports x86_64 and aarch64 only.
  * @module
  */
@@ -275,4 +276,40 @@ export function decodeQuicFlowCounters(
     packets: Number(v.getBigUint64(QUIC_FLOW.packets, true)),
     bytes: Number(v.getBigUint64(QUIC_FLOW.bytes, true)),
   };
+}
+
+// ---------------------------------------------------------------------------------------------
+// bpf/quic_reuseport.h
+
+/** The maps and the program of bpf/quic_reuseport.bpf.c, pinned under the instance's dir. */
+export const STEER_MAPS = {
+  cids: "quic_steer_cids",
+  socks: "quic_steer_socks",
+  lens: "quic_steer_lens",
+  stats: "quic_steer_stats",
+} as const;
+export const STEER_PROGRAM = "sni_quic_steer";
+/** The program's pin (beside its maps' pins), which the workers attach to their sockets. */
+export const STEER_PROGRAM_PIN = "quic_steer_prog";
+
+/** SNI_STEER_CID_MAX: the longest connection ID (RFC 9000). */
+export const STEER_CID_MAX = 20;
+/** struct sni_steer_cid: len u32 (host order), id[20] (zero past len). */
+export const STEER_CID = { size: 24, len: 0, id: 4 } as const;
+/** The cid map's value: a u32 socket-array index; the socket array's value: a u64 fd. */
+export const STEER_SLOT_SIZE = 4;
+export const STEER_SOCK_SIZE = 8;
+
+/** struct sni_steer_stats: u64 counters in this order (per-CPU array, key 0). */
+export const STEER_STATS_FIELDS = ["steered", "unknown_cid", "unparsable", "no_socket"] as const;
+export const STEER_STATS_SIZE = STEER_STATS_FIELDS.length * 8;
+
+/** The cid-map key of a connection ID given as a CID key string (one char per byte). */
+export function encodeSteerCid(cid: string): Uint8Array {
+  const out = new Uint8Array(STEER_CID.size);
+  new DataView(out.buffer).setUint32(STEER_CID.len, cid.length, true);
+  for (let i = 0; i < cid.length && i < STEER_CID_MAX; i++) {
+    out[STEER_CID.id + i] = cid.charCodeAt(i);
+  }
+  return out;
 }

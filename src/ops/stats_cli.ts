@@ -62,7 +62,12 @@ async function instanceDir(configPath: string): Promise<string> {
   const live: number[] = [];
   try {
     for await (const e of Deno.readDir(PIN_ROOT)) {
-      if (/^\d+$/.test(e.name) && (await Deno.stat(`/proc/${e.name}`).catch(() => null))) {
+      // a dir without the sockmap's counters holds other pins (the QUIC steering's) only
+      const stats = `${PIN_ROOT}/${e.name}/${SOCKMAP_MAPS.stats}`;
+      if (
+        /^\d+$/.test(e.name) && (await Deno.stat(`/proc/${e.name}`).catch(() => null)) &&
+        (await Deno.lstat(stats).catch(() => null))
+      ) {
         live.push(Number(e.name));
       }
     }

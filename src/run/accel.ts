@@ -1,7 +1,8 @@
 /**
  * The eBPF parts a proxy process opens: the sockmap fast path (or, in a worker, its
  * supervisor's), the XDP source filter and the block set of `ebpf.xdp.block`, and the QUIC
- * fast path of `ebpf.quic`. Each is optional:
+ * fast path of `ebpf.quic`, and with workers the steering of QUIC datagrams to the worker holding
+ * their flow. Each is optional:
  * when one cannot be had, one warning says why and the proxy goes on without it.
  *
  * @module
@@ -12,7 +13,17 @@ import { KernelAccel, KernelAccelError, type KernelStats } from "../ebpf/sockmap
 import { XdpError, XdpFilter } from "../ebpf/xdp.ts";
 import { SourceBlocker } from "../ebpf/xdpblock.ts";
 import { QuicBpfError, QuicFastPath, type QuicFastPathStats } from "../ebpf/quic.ts";
+import {
+  QuicSteerError,
+  QuicSteering,
+  QuicSteeringWorker,
+  type QuicSteerStats,
+} from "../ebpf/quic_reuseport.ts";
+import type { SteeredIds } from "../conn/quic_flow.ts";
+import { STEER_CIDS } from "../ebpf/bounds.ts";
 import { logger } from "../ops/log.ts";
+import type { Metrics } from "../ops/metrics.ts";
+import type { WorkerRole } from "./proxy.ts";
 const log = logger("proxy");
 
 /** An eBPF loader's log, into the LogTape category `category`. */
@@ -183,4 +194,91 @@ export function flattenQuic(s: QuicFastPathStats): Record<string, number> {
     refusedMixedFamilies: s.refused.mixedFamilies,
     refusedUnsupportedAddress: s.refused.unsupportedAddress,
   };
+}
+
+/** Connection IDs one flow is followed by at most (src/conn/quic_flow.ts). */
+const CIDS_PER_FLOW = 4;
+
+/**
+ * With `workers` > 1 and a QUIC listener: the steering of QUIC datagrams to the worker holding
+ * their flow (src/ebpf/quic_reuseport.ts), loaded and pinned in `pinDir` for the workers; or
+ * null, with one warning when it cannot be had (the kernel's hash then picks the worker, and a
+ * client that rebinds may land on one without its flow). Needs BPF, not `ebpf.enabled`: this
+ * is what makes rebinding work with workers, as it does with one.
+ */
+export async function openQuicSteering(
+  config: Config,
+  pinDir: string,
+): Promise<QuicSteering | null> {
+  const listeners = config.listeners;
+  if (config.workers < 2 || !listeners.some((l) => l.protocol === "quic")) return null;
+  try {
+    return await QuicSteering.open({
+      workers: config.workers,
+      listeners: listeners.length,
+      maxCids: Math.min(
+        Math.max(config.quic.maxFlows * CIDS_PER_FLOW, STEER_CIDS.min),
+        STEER_CIDS.max,
+      ),
+      pinDir,
+      log: ebpfLog("quic"),
+    });
+  } catch (err) {
+    const why = errText(err);
+    log.warn(
+      `QUIC with ${config.workers} workers: datagrams go to the worker the kernel's hash picks, ` +
+        `so a client that rebinds to a new address or port may land on a worker without its ` +
+        `flow and lose it (dropped as unknown_flow); steering by connection ID is unavailable: ${why}`,
+    );
+    return null;
+  }
+}
+
+/** A worker's part of the steering: what its QUIC listeners join with. */
+export interface SteeringMember {
+  /** Joins listener `listener`'s socket `fd`; null, with a warning, when it cannot. */
+  join(listener: number, fd: number): SteeredIds | null;
+  close(): void;
+}
+
+/**
+ * A worker's part of the steering its supervisor pinned under `pinDir`, counted in `metrics`
+ * (`sni_proxy_kernel_quic_steer_*`); null, with a warning, when it cannot be opened.
+ */
+export function joinQuicSteering(
+  pinDir: string,
+  worker: WorkerRole,
+  metrics: Metrics,
+): SteeringMember | null {
+  let member: QuicSteeringWorker;
+  try {
+    member = QuicSteeringWorker.open(pinDir, worker.index, worker.count);
+  } catch (err) {
+    log.warn(`QUIC steering unavailable in this worker (its flows are hashed): ${errText(err)}`);
+    return null;
+  }
+  metrics.kernelSources.set("quic_steer", () => ({
+    mapFull: member.mapFull,
+    updateFailed: member.failed,
+  }));
+  return {
+    join: (listener, fd) => {
+      try {
+        return member.join(listener, fd);
+      } catch (err) {
+        log.warn(`QUIC steering: listener ${listener} not steered (hashed): ${errText(err)}`);
+        return null;
+      }
+    },
+    close: () => member.close(),
+  };
+}
+
+function errText(err: unknown): string {
+  return err instanceof QuicSteerError ? err.message : String(err);
+}
+
+/** The steering program's counters as flat kernel counters. */
+export function flattenSteer(s: QuicSteerStats): Record<string, number> {
+  return { ...s };
 }

@@ -36,10 +36,12 @@ import {
   ebpfLog,
   flattenQuic,
   flattenXdp,
+  joinQuicSteering,
   kernelMode,
   openKernel,
   openQuicFastPath,
   openXdpBlocking,
+  type SteeringMember,
 } from "./accel.ts";
 import type { QuicFastPath } from "../ebpf/quic.ts";
 import type { RelayMode } from "./ready.ts";
@@ -60,6 +62,8 @@ export interface WorkerRole {
   count: number;
   /** Where the supervisor pinned the eBPF fast path it loaded (attach to it there), or null. */
   kernel: string | null;
+  /** Where the supervisor pinned the QUIC steering (join the QUIC listeners to it), or null. */
+  quicSteer?: string | null;
 }
 
 /** A running proxy. */
@@ -75,6 +79,8 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
   /** Kernel mode: the kernel forwarding of routed QUIC flows, or null. */
   quicKernel: QuicKernelPath | null = null;
   #quicFast: QuicFastPath | null = null;
+  /** A worker's part of the steering of QUIC datagrams to the worker of their flow, or null. */
+  quicSteer: SteeringMember | null = null;
   /** QUIC flows may not be sent to the proxy's own UDP sockets (set once they are bound). */
   quicGuard = new DialGuard([]);
   kernel: KernelAccel | null = null;
@@ -157,6 +163,9 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
     const kernel = proxy.kernel;
     if (kernel) proxy.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
     if (!worker) warnIfListened(config.listeners);
+    if (worker?.quicSteer) {
+      proxy.quicSteer = joinQuicSteering(worker.quicSteer, worker, proxy.metrics);
+    }
     try {
       proxy.#bind(config);
       if (config.metrics && !worker) {
@@ -170,6 +179,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
       }
     } catch (e) {
       for (const l of proxy.#all) l.close();
+      proxy.quicSteer?.close();
       proxy.#resolver?.close();
       await proxy.kernel?.close();
       throw e;
@@ -442,6 +452,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
       clearTimeout(timer);
     }
     for (const q of this.quicListeners) q.close();
+    this.quicSteer?.close();
     this.#quicFast?.close();
     await this.#metricsServer?.close();
     this.#resolver?.close();

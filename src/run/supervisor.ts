@@ -3,7 +3,8 @@
  * supervisor: it loads the eBPF fast path and the XDP filter (once per machine), serves the
  * metrics endpoint, owns the log files, and starts `workers` processes of this same program
  * (src/run/worker.ts). The supervisor counts every worker's offences in one place, beside the
- * XDP maps it owns. SIGHUP and SIGTERM are passed on to every worker; a worker that dies is
+ * XDP maps it owns. With a QUIC listener it loads the steering of QUIC datagrams to the worker
+ * holding their flow (src/ebpf/quic_reuseport.ts). SIGHUP and SIGTERM are passed on to every worker; a worker that dies is
  * restarted (with a back-off) and logged.
  *
  * @module
@@ -26,11 +27,15 @@ import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
 import {
   addCounters,
   ebpfLog,
+  flattenSteer,
   flattenXdp,
   kernelMode,
   openKernel,
+  openQuicSteering,
   openXdpBlocking,
 } from "./accel.ts";
+import type { QuicSteering } from "../ebpf/quic_reuseport.ts";
+import { instancePinDir } from "../ebpf/layout.ts";
 import { DEFAULT_DNS_PIN_PATH, pinnedCacheUsable } from "../dns/resolver.ts";
 import type { XdpFilter } from "../ebpf/xdp.ts";
 import { SourceBlocker } from "../ebpf/xdpblock.ts";
@@ -212,6 +217,8 @@ export class Supervisor implements AdminTarget {
   readonly #spec: Omit<WorkerSpec, "index">;
   readonly #workers: (WorkerProcess | null)[];
   readonly #kernel: KernelAccel | null;
+  /** QUIC datagrams to the worker of their flow (by connection ID), or null. */
+  #steer: QuicSteering | null = null;
   #xdp: XdpFilter | null = null;
   /** Every worker's offences, counted in one place (ebpf.xdp.block), once XDP is attached. */
   #blocker: SourceBlocker | null = null;
@@ -239,16 +246,21 @@ export class Supervisor implements AdminTarget {
     const ports = resolvePorts(config.listeners);
     // before the workers: they open its maps where it pinned them
     const kernel = kernelMode(config) === "sockmap" ? await openKernel(config) : null;
+    // after the sockmap: its setup clears the pin dir they share
+    const steer = await openQuicSteering(config, instancePinDir());
     const sup = new Supervisor(config, {
       count: config.workers,
       kernel: kernel?.pinDir ?? null,
+      quicSteer: steer?.pinDir ?? null,
       ports,
       pinnedDns: pinnedDnsUsable(config),
     }, kernel);
+    sup.#steer = steer;
     try {
       await Promise.all(sup.#workers.map((_, i) => sup.#spawn(i)));
     } catch (e) {
       await sup.#stopWorkers();
+      await steer?.close();
       await kernel?.close();
       throw e;
     }
@@ -319,6 +331,8 @@ export class Supervisor implements AdminTarget {
         `${(lived / 1000).toFixed(1)} s; restarting it in ${this.#backoff[i]} ms`,
     );
     this.#workers[i] = null;
+    // its flows are gone: their IDs would steer to its successor's socket
+    this.#steer?.forgetWorker(i + 1);
     this.#restart(i);
   }
 
@@ -385,6 +399,11 @@ export class Supervisor implements AdminTarget {
     const kernel = this.#kernel;
     // the verdict program's counters, read here, plus the sockets the workers paired
     if (kernel) sum.kernel.sockmap = addCounters(sum.kernel.sockmap ?? {}, kernel.stats());
+    // the program's counters, plus the IDs the workers could not publish
+    const steer = this.#steer;
+    if (steer) {
+      sum.kernel.quic_steer = addCounters(sum.kernel.quic_steer ?? {}, flattenSteer(steer.stats()));
+    }
     const xdp = this.#xdp;
     if (xdp) sum.kernel.xdp = flattenXdp(xdp.stats());
     // the workers' part is what they could not report
@@ -427,6 +446,7 @@ export class Supervisor implements AdminTarget {
     await this.#metricsServer?.close();
     this.#blocker?.close();
     this.#xdp?.close();
+    await this.#steer?.close();
     await this.#kernel?.close();
     log.info("stopped");
   }

@@ -32,7 +32,9 @@ async function mtime(path: string): Promise<number> {
  * Builds the BPF objects (build.sh bpf) when bpf/NAME.bpf.o is missing or older than its
  * sources; returns why that failed, or null.
  */
-export async function ensureBpfObject(name: "sockmap" | "xdp"): Promise<string | null> {
+export async function ensureBpfObject(
+  name: "sockmap" | "xdp" | "quic_reuseport",
+): Promise<string | null> {
   const obj = await mtime(`${ROOT}bpf/${name}.bpf.o`);
   const src = Math.max(
     await mtime(`${ROOT}bpf/${name}.bpf.c`),

@@ -167,31 +167,41 @@ export async function quicGet(port: number, get: QuicGet, timeoutS = 20): Promis
 export interface RebindingShim {
   /** Where the client sends (127.0.0.1). */
   port: number;
-  /** The two outside ports: before and after the switch. */
-  outside: [number, number];
-  /** Datagrams the client sent after the switch. */
+  /** The outside ports, in the order they are used: the first, then one per switch. */
+  outside: number[];
+  /** Datagrams the client sent after the (first) switch. */
   afterSwitch(): number;
+  /** Switches made so far (the index in `outside` of the port last sent from). */
+  switched(): number;
 }
 
 /**
  * Forwards one client's datagrams to 127.0.0.1:`target` from an outside socket, and switches
- * to another outside socket (a new source port, as a NAT rebinding) after `switchAfter`
- * datagrams; what comes back on either is sent to the client. Closed with the scope.
+ * to another outside socket (a new source port, as a NAT rebinding) after every `switchAfter`
+ * datagrams, `switches` times; what comes back on any is sent to the client. Closed with the
+ * scope.
  */
-export function rebindingShim(s: Scope, target: number, switchAfter: number): RebindingShim {
+export function rebindingShim(
+  s: Scope,
+  target: number,
+  switchAfter: number,
+  switches = 1,
+): RebindingShim {
   const open = () => Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
   const front = open();
-  const outs = [open(), open()];
+  const outs = Array.from({ length: switches + 1 }, open);
   s.defer(() => [front, ...outs].forEach((x) => x.close()));
   const to: Deno.NetAddr = { transport: "udp", hostname: "127.0.0.1", port: target };
   let client: Deno.Addr | null = null;
   let count = 0;
+  const current = () => Math.min(Math.floor(count / switchAfter), switches);
   (async () => {
     for (;;) {
       const [d, from] = await front.receive();
       client = from;
+      // the datagram numbered switchAfter + 1 is the first from the next port
+      await outs[current()].send(d, to);
       count++;
-      await outs[count > switchAfter ? 1 : 0].send(d, to);
     }
   })().catch(() => {});
   for (const out of outs) {
@@ -205,8 +215,9 @@ export function rebindingShim(s: Scope, target: number, switchAfter: number): Re
   const portOf = (x: Deno.DatagramConn) => (x.addr as Deno.NetAddr).port;
   return {
     port: portOf(front),
-    outside: [portOf(outs[0]), portOf(outs[1])],
+    outside: outs.map(portOf),
     afterSwitch: () => Math.max(0, count - switchAfter),
+    switched: () => Math.min(Math.floor(Math.max(0, count - 1) / switchAfter), switches),
   };
 }
 
