@@ -76,3 +76,17 @@ Deno.test("a deadline that throws does not stop the others", async () => {
   }
   assert.deepEqual(fired, [2]);
 });
+
+Deno.test("cancelled deadlines are dropped once they outnumber the live ones; the rest fire in order", async () => {
+  const q = new DeadlineQueue(30);
+  const fired: number[] = [];
+  const ds = Array.from({ length: 5000 }, (_, i) => q.add(() => fired.push(i)));
+  // an idle timeout is mostly cancelled long before it is due: a connection ended
+  const keep = new Set([0, 7, 1234, 2500, 4999]);
+  for (let i = 4999; i >= 0; i--) if (!keep.has(i)) ds[i].cancel();
+  assert.equal(q.live, keep.size);
+  assert.ok(q.held <= 1024, `held ${q.held}`);
+  await sleep(80);
+  assert.deepEqual(fired, [...keep].sort((a, b) => a - b));
+  assert.equal(q.held, 0);
+});

@@ -13,7 +13,7 @@ import {
   setLibbpfLogger,
 } from "../ffi/libbpf.ts";
 import { socketTuple } from "../src/ebpf/sockmap.ts";
-import { parseIp } from "../src/net/ip.ts";
+import { ipv4Value, parseIp } from "../src/net/ip.ts";
 import {
   KEY_ZERO,
   LPM_V4,
@@ -116,6 +116,31 @@ Deno.test({
       (e) => e instanceof BpfError && e.op === "bpf_object__open_mem(garbage)" && e.errno > 0,
     );
   },
+});
+
+Deno.test("ffi: a dotted quad is scanned to its 32-bit value; anything else is -1", () => {
+  assert.equal(ipv4Value("10.1.2.3"), 0x0a010203);
+  assert.equal(ipv4Value("255.255.255.255"), 0xffffffff);
+  assert.equal(ipv4Value("0.0.0.0"), 0);
+  assert.equal(ipv4Value("001.02.3.4"), 0x01020304);
+  for (
+    const bad of [
+      "",
+      "1.2.3",
+      "1.2.3.4.",
+      ".1.2.3.4",
+      "1..2.3",
+      "1.2.3.4.5",
+      "256.1.1.1",
+      "1.2.3.1000",
+      "1.2.3.-4",
+      " 1.2.3.4",
+      "1.2.3.4 ",
+      "a.b.c.d",
+      "::1",
+      "1.2.3.4/8",
+    ]
+  ) assert.equal(ipv4Value(bad), -1, bad);
 });
 
 Deno.test("ffi: IP literals parse to network-order bytes; IPv4-mapped IPv6 becomes IPv4", () => {

@@ -10,6 +10,7 @@
 
 import { E } from "../../ffi/socket.ts";
 import { socketError, type TcpSocket } from "../io/tcp.ts";
+import { type Deadline, deadline } from "../io/deadlines.ts";
 
 /** Why a relay ended. */
 export type RelayEnd =
@@ -94,7 +95,11 @@ export class IdleTimer {
   readonly #onIdle: () => void;
   #splicedSeen = 0;
   #lastActive = Date.now();
+  /** The first check, in the queue every relay of this idle length shares. */
+  #deadline: Deadline | null = null;
+  /** A later check (the connection was active since the last), on a timer of its own. */
   #timer: ReturnType<typeof setTimeout> | undefined;
+  readonly #check = () => this.#due();
 
   constructor(idleMs: number, splice: SpliceHooks | null, onIdle: () => void) {
     this.#idleMs = idleMs;
@@ -104,7 +109,7 @@ export class IdleTimer {
 
   /** Starts the timer. */
   start(): void {
-    this.#arm(this.#idleMs);
+    this.#deadline = deadline(this.#idleMs, this.#check);
   }
 
   /** Bytes moved now. */
@@ -114,22 +119,23 @@ export class IdleTimer {
 
   /** Stops the timer for good. */
   clear(): void {
+    this.#deadline?.cancel();
+    this.#deadline = null;
     clearTimeout(this.#timer);
   }
 
-  #arm(delay: number): void {
-    this.#timer = setTimeout(() => {
-      if (this.#splice) {
-        const spliced = this.#splice.splicedBytes();
-        if (spliced !== this.#splicedSeen) {
-          this.#splicedSeen = spliced;
-          this.#lastActive = Date.now();
-        }
+  #due(): void {
+    this.#deadline = null;
+    if (this.#splice) {
+      const spliced = this.#splice.splicedBytes();
+      if (spliced !== this.#splicedSeen) {
+        this.#splicedSeen = spliced;
+        this.#lastActive = Date.now();
       }
-      const idleFor = Date.now() - this.#lastActive;
-      if (idleFor >= this.#idleMs) this.#onIdle();
-      else this.#arm(this.#idleMs - idleFor);
-    }, delay);
+    }
+    const idleFor = Date.now() - this.#lastActive;
+    if (idleFor >= this.#idleMs) this.#onIdle();
+    else this.#timer = setTimeout(this.#check, this.#idleMs - idleFor);
   }
 }
 
@@ -184,7 +190,7 @@ export class Relay implements ByteRelay {
   #error: unknown = null;
   #resolve: ((end: RelayEnd) => void) | null = null;
   /** The check of a reset that came after its side's EOF was passed on (see #pump). */
-  #lateReset: ReturnType<typeof setTimeout> | undefined;
+  #lateReset: Deadline | null = null;
   /** The failed call and its errno behind a reset end (0: none). */
   #failedOp = "";
   #errno = 0;
@@ -285,11 +291,11 @@ export class Relay implements ByteRelay {
         // silent): its pending error says so. Given a moment first: a client that closed with
         // bytes unread (curl after its response) is reset by its kernel while the backend's own
         // end is already on its way, and that stream ended whole
-        if (this.#end === null && d.src.failed && this.#lateReset === undefined) {
-          this.#lateReset = setTimeout(() => {
+        if (this.#end === null && d.src.failed && this.#lateReset === null) {
+          this.#lateReset = deadline(LATE_RESET_MS, () => {
             const err = this.#end === null ? d.src.pendingError() : 0;
             if (err) this.#reset(d, true, err);
-          }, LATE_RESET_MS);
+          });
         }
         return;
       }
@@ -350,7 +356,7 @@ export class Relay implements ByteRelay {
     this.#end = reason;
     this.#error = error;
     this.#idle.clear();
-    clearTimeout(this.#lateReset);
+    this.#lateReset?.cancel();
     // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN;
     // the side that was reset is closed already, for the kernel: a plain close will do
     if (reason === "done") {

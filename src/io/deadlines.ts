@@ -1,7 +1,7 @@
 /**
- * Deadlines for many connections at the cost of one timer: a connection's hello and connect
- * timeouts are the same length for every connection of a table, so deadlines of one length come
- * due in the order they were set. Each length has a first-in, first-out queue with one timer,
+ * Deadlines for many connections at the cost of one timer: a connection's hello, connect and
+ * idle timeouts are the same length for every connection of a table, so deadlines of one length
+ * come due in the order they were set. Each length has a first-in, first-out queue with one timer,
  * armed for its oldest live deadline; setting a deadline is an append, cancelling one drops its
  * callback (the entry leaves the queue when its time comes, or at once when none is left live).
  *
@@ -64,7 +64,7 @@ export class DeadlineQueue {
     return this.#live;
   }
 
-  /** Entries held (live or waiting to be dropped): bounded by the rate times the length. */
+  /** Entries held (live, or cancelled and not dropped yet): at most 1024 or 3 per live one. */
   get held(): number {
     return this.#entries.length - this.#head;
   }
@@ -78,9 +78,20 @@ export class DeadlineQueue {
     return d;
   }
 
-  /** A deadline was cancelled: with none live, the queue empties and its timer stops. */
+  /**
+   * A deadline was cancelled: with none live, the queue empties and its timer stops; once most
+   * entries held are cancelled ones, they are dropped (a long deadline, such as an idle
+   * timeout, is mostly cancelled long before it is due).
+   */
   cancelled(): void {
-    if (--this.#live > 0) return;
+    if (--this.#live > 0) {
+      const held = this.#entries.length - this.#head;
+      if (held > 1024 && held > 3 * this.#live) {
+        this.#entries = this.#entries.slice(this.#head).filter((d) => d.live);
+        this.#head = 0;
+      }
+      return;
+    }
     this.#entries = [];
     this.#head = 0;
     clearTimeout(this.#timer);

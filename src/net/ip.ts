@@ -22,10 +22,13 @@ export function parseIp(text: string): IpAddress | null {
   if (s.startsWith("[") && s.endsWith("]")) s = s.slice(1, -1);
   const zone = s.indexOf("%");
   if (zone >= 0) s = s.slice(0, zone);
-  const v4 = parseIpv4(s);
-  if (v4) {
+  const v4 = ipv4Value(s);
+  if (v4 >= 0) {
     const bytes = new Uint8Array(16);
-    bytes.set(v4);
+    bytes[0] = v4 >>> 24;
+    bytes[1] = (v4 >>> 16) & 0xff;
+    bytes[2] = (v4 >>> 8) & 0xff;
+    bytes[3] = v4 & 0xff;
     return { family: 2, bytes };
   }
   const v6 = parseIpv6(s);
@@ -41,21 +44,43 @@ export function parseIp(text: string): IpAddress | null {
 
 /** True when `text` is an IPv4 or IPv6 address literal (no brackets). */
 export function isIpAddress(text: string): boolean {
-  return parseIp(text) !== null;
+  return ipv4Value(text) >= 0 || parseIp(text) !== null;
 }
 
 /** Four network-order bytes of a dotted-quad IPv4 address, or null. */
 export function parseIpv4(s: string): Uint8Array | null {
-  const parts = s.split(".");
-  if (parts.length !== 4) return null;
-  const out = new Uint8Array(4);
-  for (let i = 0; i < 4; i++) {
-    if (!/^\d{1,3}$/.test(parts[i])) return null;
-    const n = Number(parts[i]);
-    if (n > 255) return null;
-    out[i] = n;
+  const v = ipv4Value(s);
+  if (v < 0) return null;
+  return new Uint8Array([v >>> 24, (v >>> 16) & 0xff, (v >>> 8) & 0xff, v & 0xff]);
+}
+
+/**
+ * A dotted-quad IPv4 address as an unsigned 32-bit number, or -1 when `s` is not one (four
+ * decimal parts of 1–3 digits, each ≤ 255). Scans the text without allocating: it runs for
+ * every connection (ACL, dial guard, socket addresses).
+ */
+export function ipv4Value(s: string): number {
+  const len = s.length;
+  if (len < 7 || len > 15) return -1;
+  let value = 0;
+  let part = 0;
+  let digits = 0;
+  let dots = 0;
+  for (let i = 0; i < len; i++) {
+    const c = s.charCodeAt(i);
+    if (c === 46) { // "."
+      if (digits === 0 || ++dots > 3) return -1;
+      value = value * 256 + part;
+      part = 0;
+      digits = 0;
+    } else if (c >= 48 && c <= 57) {
+      if (++digits > 3) return -1;
+      part = part * 10 + (c - 48);
+      if (part > 255) return -1;
+    } else return -1;
   }
-  return out;
+  if (dots !== 3 || digits === 0) return -1;
+  return value * 256 + part;
 }
 
 /**

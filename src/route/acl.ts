@@ -5,7 +5,7 @@
  * @module
  */
 
-import { parseIp } from "../net/ip.ts";
+import { ipv4Value, parseIp } from "../net/ip.ts";
 
 /** An IP address as four 32-bit words (IPv4 uses only the last one). */
 export interface IpWords {
@@ -27,6 +27,8 @@ export interface Cidr {
  * dual-stack listener reports IPv4 clients) is folded to IPv4 so one CIDR list serves both.
  */
 export function parseIpWords(text: string): IpWords | null {
+  const v4 = ipv4Value(text);
+  if (v4 >= 0) return { v6: false, words: [0, 0, 0, v4] };
   const ip = parseIp(text);
   if (!ip) return null;
   const v = new DataView(ip.bytes.buffer, ip.bytes.byteOffset, 16);
