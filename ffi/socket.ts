@@ -3,7 +3,9 @@
  * itself, and the epoll instance that watches them. Every length parameter is a `usize` passed
  * as a BigInt, which keeps Deno's fast call path (a JS number drops a call to the slow one);
  * results come back as numbers, negative errno values on failure (`-EAGAIN`), so no call throws
- * on the hot path.
+ * on the hot path. The byte counts of recv/send/read/write (`ssize_t`) are taken as `i32`: the
+ * low half of the result register, exact for every length the proxy asks for (< 2 GiB) and for
+ * -1, and a number rather than a BigInt allocated per call.
  *
  * @module
  */
@@ -15,10 +17,10 @@ const SOCKET_SYMBOLS = {
   listen: { parameters: ["i32", "i32"], result: "i32" },
   accept4: { parameters: ["i32", "buffer", "buffer", "i32"], result: "i32" },
   connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
-  recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
-  send: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
-  recvfrom: { parameters: ["i32", "buffer", "usize", "i32", "buffer", "buffer"], result: "isize" },
-  sendto: { parameters: ["i32", "buffer", "usize", "i32", "buffer", "u32"], result: "isize" },
+  recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "i32" },
+  send: { parameters: ["i32", "buffer", "usize", "i32"], result: "i32" },
+  recvfrom: { parameters: ["i32", "buffer", "usize", "i32", "buffer", "buffer"], result: "i32" },
+  sendto: { parameters: ["i32", "buffer", "usize", "i32", "buffer", "u32"], result: "i32" },
   recvmmsg: { parameters: ["i32", "buffer", "u32", "i32", "pointer"], result: "i32" },
   sendmmsg: { parameters: ["i32", "buffer", "u32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
@@ -37,8 +39,8 @@ const SOCKET_SYMBOLS = {
     nonblocking: true,
   },
   eventfd: { parameters: ["u32", "i32"], result: "i32" },
-  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
-  read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  write: { parameters: ["i32", "buffer", "usize"], result: "i32" },
+  read: { parameters: ["i32", "buffer", "usize"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type SocketLib = Deno.DynamicLibrary<typeof SOCKET_SYMBOLS>["symbols"];

@@ -60,8 +60,10 @@ export interface ListenerHost {
   waitForSlot(): Promise<void>;
   /** Whether a connection slot is free now (waitForSlot would resolve at once). */
   hasSlot(): boolean;
-  /** Registers a live session until its promise settles. */
-  track(session: Session, done: Promise<void>): void;
+  /** Registers a live session (before it starts). */
+  track(session: Session): void;
+  /** The session ended: it no longer counts. */
+  ended(session: Session): void;
 }
 
 /** A bound listening socket and its accept loop. */
@@ -207,9 +209,11 @@ export class Listener {
         ? () => host.blocker?.offence(remote.hostname, "bad_client_hello")
         : null,
     });
-    const done = session.run();
-    if (perSource) done.finally(() => host.sources.release(remote.hostname));
-    host.track(session, done);
+    host.track(session);
+    session.start(() => {
+      if (perSource) host.sources.release(remote.hostname);
+      host.ended(session);
+    });
   }
 
   /** Closes a connection refused at accept; counts and access-logs it. */

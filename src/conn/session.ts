@@ -118,7 +118,7 @@ export class Session {
   /** The error behind the end so far, for the access log. */
   #error: unknown = null;
   #ended = false;
-  #resolveRun: (() => void) | null = null;
+  #onEnd: (() => void) | null = null;
 
   constructor(client: TcpSocket, ctx: SessionContext) {
     this.#client = client;
@@ -131,12 +131,10 @@ export class Session {
     });
   }
 
-  /** Serves the connection; resolves at its end. Never rejects. */
-  run(): Promise<void> {
-    return new Promise((resolve) => {
-      this.#resolveRun = resolve;
-      this.#guarded(() => this.#begin());
-    });
+  /** Serves the connection; `onEnd` is called once at its end (maybe before this returns). */
+  start(onEnd: () => void): void {
+    this.#onEnd = onEnd;
+    this.#guarded(() => this.#begin());
   }
 
   /** What the admin API shows of this session. */
@@ -183,8 +181,12 @@ export class Session {
     }
     const final = this.#stopReason && reason === "error" ? this.#stopReason : reason;
     this.#record.state = "closed";
-    this.#record.finish(this.#ctx.metrics, final, () => this.#error ?? this.#relay?.error);
-    this.#resolveRun?.();
+    try {
+      this.#record.finish(this.#ctx.metrics, final, () => this.#error ?? this.#relay?.error);
+    } finally {
+      // counted out whatever happened: a session left in would hold a drain to its deadline
+      this.#onEnd?.();
+    }
   }
 
   /** Starts reading the hello: the client's events drive the session from here on. */
@@ -453,7 +455,7 @@ export class Session {
     this.#record.relay = relay;
     // stopped while the hello was written: the relay ends as stop() would have ended it
     if (this.#stopReason) relay.stop(this.#stopReason as RelayEnd);
-    relay.run().then((reason) => this.#end(reason));
+    relay.run().then((reason) => this.#guarded(() => this.#end(reason)));
   }
 
   /** The PROXY protocol header `pool` sends its backends ahead of the client's bytes. */

@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { formatIpv6, parseIp } from "../net/ip.ts";
+import { formatIpv6, ipv4Value, parseIp } from "../net/ip.ts";
 import { AF_INET, AF_INET6, sys } from "../../ffi/socket.ts";
 
 /** sizeof(struct sockaddr_in6): room for either family. */
@@ -24,6 +24,21 @@ export function encodeSockaddr(
   out: Uint8Array,
   v6 = false,
 ): number {
+  const v4 = ipv4Value(hostname);
+  if (v4 >= 0) {
+    // the common case, written without allocating (a backend connect)
+    out.fill(0, 0, SOCKADDR_SIZE);
+    out[2] = port >> 8;
+    out[3] = port & 0xff;
+    const at = v6 ? 20 : 4;
+    if (v6) out[18] = out[19] = 0xff;
+    out[0] = v6 ? AF_INET6 : AF_INET;
+    out[at] = v4 >>> 24;
+    out[at + 1] = (v4 >>> 16) & 0xff;
+    out[at + 2] = (v4 >>> 8) & 0xff;
+    out[at + 3] = v4 & 0xff;
+    return v6 ? SOCKADDR_SIZE : 16;
+  }
   const ip = parseIp(hostname);
   if (!ip) return 0;
   out.fill(0, 0, SOCKADDR_SIZE);

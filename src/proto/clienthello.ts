@@ -185,6 +185,12 @@ export class ClientHelloParser extends HeadParser<ClientHello> {
 }
 
 /**
+ * The extension types of the hello being parsed (repeats are an error): one set for every
+ * parse, cleared at its start, since a parse runs to its end synchronously.
+ */
+const seenExtensions = new Set<number>();
+
+/**
  * Parses one whole ClientHello handshake message (4-byte header included, nothing after it),
  * as QUIC carries it in CRYPTO frames without TLS records; `recordBytes` of the result is the
  * message's length. Throws a {@link ClientHelloError} like the record parser does.
@@ -309,7 +315,8 @@ function parseBody(
       `${r.end - r.pos} bytes after the extensions block, inside the ClientHello`,
     );
   }
-  const seen = new Set<number>();
+  const seen = seenExtensions;
+  seen.clear();
   const ext = new Reader(body, extStart, r.end);
   while (ext.pos < ext.end) {
     if (ext.end - ext.pos < 4) throw new ClientHelloError("bad_extension", "extension header cut");

@@ -100,7 +100,9 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
   readonly fds: FdBudget | null;
   readonly sources = new SourceLimiter();
   #metricsServer: MetricsServer | null = null;
-  readonly #sessions = new Map<Session, Promise<void>>();
+  readonly #sessions = new Set<Session>();
+  /** Told when the last live session ends (a drain waits for it). */
+  #noSessions: (() => void)[] = [];
   readonly #gate: AcceptGate;
   #stopping = false;
   /** SIGTERM came: /healthz answers 503 (the listeners accept until #stopping). */
@@ -312,7 +314,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
 
   /** The live sessions themselves. */
   sessions(): Iterable<AdminSession> {
-    return [...this.#sessions.keys(), ...this.quicListeners.flatMap((q) => q.sessions())];
+    return [...this.#sessions, ...this.quicListeners.flatMap((q) => q.sessions())];
   }
 
   /**
@@ -343,16 +345,27 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
     return this.fds && !this.fds.hasRoom() ? "fd_reserve" : null;
   }
 
-  track(session: Session, done: Promise<void>): void {
-    this.#sessions.set(session, done);
+  track(session: Session): void {
+    this.#sessions.add(session);
     this.fds?.sessionStarted();
     this.metrics.active = this.#sessions.size;
-    done.finally(() => {
-      this.#sessions.delete(session);
-      this.fds?.sessionEnded();
-      this.metrics.active = this.#sessions.size;
-      this.#gate.wake();
-    });
+  }
+
+  ended(session: Session): void {
+    if (!this.#sessions.delete(session)) return;
+    this.fds?.sessionEnded();
+    this.metrics.active = this.#sessions.size;
+    this.#gate.wake();
+    if (this.#sessions.size > 0) return;
+    const waiters = this.#noSessions;
+    this.#noSessions = [];
+    for (const resolve of waiters) resolve();
+  }
+
+  /** Resolves once no session is live. */
+  #sessionsEnded(): Promise<void> {
+    if (this.#sessions.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#noSessions.push(resolve));
   }
 
   /**
@@ -438,7 +451,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
       let timer: ReturnType<typeof setTimeout> | undefined;
       const expired = new Promise<boolean>((r) => (timer = setTimeout(() => r(true), drainMs)));
       const drained = Promise.all([
-        ...this.#sessions.values(),
+        this.#sessionsEnded(),
         ...this.quicListeners.map((q) => q.drained()),
       ]).then(() => false);
       if (await Promise.race([drained, expired])) {
@@ -446,8 +459,8 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
           `drain time over: closing ${this.#sessions.size} connection(s), ${flows()} QUIC flow(s)`,
         );
         for (const q of this.quicListeners) q.close();
-        for (const s of this.#sessions.keys()) s.stop("shutdown");
-        await Promise.all(this.#sessions.values());
+        for (const s of [...this.#sessions]) s.stop("shutdown");
+        await this.#sessionsEnded();
       }
       clearTimeout(timer);
     }
