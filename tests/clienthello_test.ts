@@ -485,6 +485,18 @@ Deno.test("an SNI list without host_name, or with two, is 'bad_server_name'; an 
   assert.equal(sni(new Uint8Array(0)), "bad_extension");
 });
 
+Deno.test("a repeated extension is refused in every parse, over many parses in a row", () => {
+  // the parser's table of seen extensions is shared by all parses: none may see another's
+  const twice = base();
+  twice.exts.push(twice.exts[0]);
+  const bad = records(handshake(twice));
+  const good = records(handshake(base()));
+  for (let i = 0; i < 600; i++) {
+    assertKind(bad, "bad_extension");
+    assert.equal(typeof outcome(good), "object", `parse ${i}`);
+  }
+});
+
 Deno.test("ALPN, early_data and ECH extensions are read and checked", () => {
   const ext = (type: number, data: Uint8Array) =>
     outcome(records(handshake(withExt(base(), type, data))));

@@ -185,10 +185,22 @@ export class ClientHelloParser extends HeadParser<ClientHello> {
 }
 
 /**
- * The extension types of the hello being parsed (repeats are an error): one set for every
- * parse, cleared at its start, since a parse runs to its end synchronously.
+ * The extension types seen in the hello being parsed (a repeat is an error), by type: the
+ * parse's generation number where seen. One table for every parse (a parse runs to its end
+ * synchronously), so a parse allocates nothing for it.
  */
-const seenExtensions = new Set<number>();
+const extensionSeen = new Uint8Array(65536);
+let extensionGeneration = 0;
+
+/** A generation number no entry of {@link extensionSeen} holds yet. */
+function nextExtensionGeneration(): number {
+  extensionGeneration = (extensionGeneration + 1) & 0xff;
+  if (extensionGeneration === 0) {
+    extensionSeen.fill(0);
+    extensionGeneration = 1;
+  }
+  return extensionGeneration;
+}
 
 /**
  * Parses one whole ClientHello handshake message (4-byte header included, nothing after it),
@@ -315,8 +327,7 @@ function parseBody(
       `${r.end - r.pos} bytes after the extensions block, inside the ClientHello`,
     );
   }
-  const seen = seenExtensions;
-  seen.clear();
+  const gen = nextExtensionGeneration();
   const ext = new Reader(body, extStart, r.end);
   while (ext.pos < ext.end) {
     if (ext.end - ext.pos < 4) throw new ClientHelloError("bad_extension", "extension header cut");
@@ -330,8 +341,10 @@ function parseBody(
     }
     const start = ext.pos;
     ext.pos += len;
-    if (seen.has(type)) throw new ClientHelloError("bad_extension", `extension ${type} repeated`);
-    seen.add(type);
+    if (extensionSeen[type] === gen) {
+      throw new ClientHelloError("bad_extension", `extension ${type} repeated`);
+    }
+    extensionSeen[type] = gen;
     switch (type) {
       case EXT_SERVER_NAME:
         hello.serverName = parseServerName(body, start, ext.pos);
