@@ -111,7 +111,9 @@ class Dial implements Dialling {
   #backend: Backend | null = null;
   #dialled = "";
   /** The attempt's addresses still to try, its socket, its deadline, its start. */
-  #addresses: string[] = [];
+  #addresses: readonly string[] = [];
+  /** The next of `#addresses` to dial (the list may be the resolver's: never changed). */
+  #nextAddress = 0;
   #sock: TcpSocket | null = null;
   #deadline: Deadline | null = null;
   #t0 = 0;
@@ -177,6 +179,7 @@ class Dial implements Dialling {
     const policy = b.address.dynamic ? this.#pool.internal : null;
     try {
       this.#addresses = dialable(host, b.address.port, addresses, policy, this.#o);
+      this.#nextAddress = 0;
     } catch (e) {
       this.#failed(this.#giveUp(), e);
       return;
@@ -186,7 +189,7 @@ class Dial implements Dialling {
 
   /** Connects the attempt's next address, or fails the attempt when none is left. */
   #connectNext(): void {
-    const hostname = this.#addresses.shift();
+    const hostname = this.#addresses[this.#nextAddress++];
     if (hostname === undefined) {
       this.#failed(this.#giveUp(), this.#error ?? new Error("connect failed"));
       return;
@@ -338,6 +341,10 @@ function dialable(
   policy: InternalPolicy | null,
   o: DialOptions,
 ): string[] {
+  // the common case (every address allowed, often one) allocates nothing
+  if (addresses.every((address) => o.guard.check(address, port, policy) === null)) {
+    return addresses;
+  }
   const denied: DeniedAddress[] = [];
   const allowed = addresses.filter((address) => {
     const kind = o.guard.check(address, port, policy);

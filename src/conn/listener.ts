@@ -16,14 +16,14 @@ import { closeQuietly } from "./relay.ts";
 import { E } from "../../ffi/socket.ts";
 import { eventLoop } from "../io/loop.ts";
 import { SocketError, socketError, TcpListenSocket, type TcpSocket } from "../io/tcp.ts";
-import { Session } from "./session.ts";
+import { Session, type SessionContext } from "./session.ts";
 import type { CloseReason } from "./conn_record.ts";
 import { formatAddr } from "../net/addr.ts";
 import { errText } from "../ops/errtext.ts";
 import { type Protocol, PROTOCOLS } from "../proto/protocol.ts";
 import type { SourceLimiter } from "./sourcelimit.ts";
 import type { OffenceSink } from "../ebpf/xdpblock.ts";
-import type { RoutingTables } from "../route/table.ts";
+import type { RoutingTable, RoutingTables } from "../route/table.ts";
 
 const log = logger("listener");
 const bursts = new BurstLog(log);
@@ -66,6 +66,9 @@ export interface ListenerHost {
   ended(session: Session): void;
 }
 
+/** A session context as a listener shares it, with the XDP blocker it was made for. */
+type SharedContext = SessionContext & { blocker: OffenceSink | null };
+
 /** A bound listening socket and its accept loop. */
 export class Listener {
   readonly config: ListenerConfig;
@@ -83,6 +86,8 @@ export class Listener {
   readonly #protocol: Protocol;
   #closed = false;
   #onClosed: () => void = () => {};
+  /** The session contexts in use: for clients, and for a trusted balancer's clients. */
+  readonly #contexts: (SharedContext | null)[] = [null, null];
 
   /**
    * Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. Always with
@@ -194,7 +199,27 @@ export class Listener {
       host.blocker?.offence(remote.hostname, refusal);
       return;
     }
-    const session = new Session(conn, {
+    const session = new Session(conn, this.#sessionContext(table, trustedProxy));
+    host.track(session);
+    session.start(() => {
+      if (perSource) host.sources.release(remote.hostname);
+      host.ended(session);
+    });
+  }
+
+  /**
+   * What the sessions of `table` share (with the trusted balancer's clients, or not): made
+   * once per table and kept until a reload changes what it holds.
+   */
+  #sessionContext(table: RoutingTable, trustedProxy: boolean): SharedContext {
+    const host = this.#host;
+    const cached = this.#contexts[trustedProxy ? 1 : 0];
+    if (
+      cached && cached.table === table && cached.guard === host.guard &&
+      cached.blocker === host.blocker && cached.resolver === host.resolver
+    ) return cached;
+    const blocker = host.blocker;
+    const context = {
       table,
       listener: this.address,
       protocol: this.#protocol,
@@ -204,16 +229,14 @@ export class Listener {
       resolver: host.resolver,
       guard: host.guard,
       fds: host.fds,
+      blocker,
       // the socket's source is what XDP sees: a trusted balancer's clients are not blocked
-      onBadHello: host.blocker && !trustedProxy
-        ? () => host.blocker?.offence(remote.hostname, "bad_client_hello")
+      onBadHello: blocker && !trustedProxy
+        ? (source: string) => blocker.offence(source, "bad_client_hello")
         : null,
-    });
-    host.track(session);
-    session.start(() => {
-      if (perSource) host.sources.release(remote.hostname);
-      host.ended(session);
-    });
+    };
+    this.#contexts[trustedProxy ? 1 : 0] = context;
+    return context;
   }
 
   /** Closes a connection refused at accept; counts and access-logs it. */

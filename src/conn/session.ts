@@ -66,8 +66,11 @@ export interface SessionContext {
   guard: DialGuard;
   /** The process's descriptor budget (told about backend sockets), or null when unknown. */
   fds: FdBudget | null;
-  /** Told when the client sent a bad ClientHello / HTTP head (an XDP block offence), or null. */
-  onBadHello?: (() => void) | null;
+  /**
+   * Told when the client sent a bad ClientHello / HTTP head (an XDP block offence), with the
+   * socket's source address; or null.
+   */
+  onBadHello?: ((source: string) => void) | null;
 }
 
 /**
@@ -310,7 +313,7 @@ export class Session {
       Metrics.bump(this.#ctx.metrics.helloErrors, e.kind);
       log.info(`bad ${protocol.headName} from ${client}: ${e.kind}: ${e.message}`);
       this.#finishEarly("bad_client_hello", e);
-      this.#ctx.onBadHello?.();
+      this.#ctx.onBadHello?.(this.#client.remoteAddr.hostname);
       return;
     }
     throw e;
