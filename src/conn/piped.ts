@@ -5,8 +5,10 @@
  * `ebpf.pipe_bytes`) and the socket buffers, and the sender is held back by its closed window.
  *
  * The sockets are the proxy's own (src/io/), watched edge-triggered on its epoll: input, EOF and
- * errors on a source, write space on a destination whose pipe could not be emptied. Pipes come from a small pool and go back to it as soon as they are
- * empty, so an idle connection holds none.
+ * errors on a source, write space on a destination whose pipe could not be emptied. A direction
+ * is copied (recv/send, as in userspace mode) until a read fills the copy buffer: a connection
+ * that never carries bulk makes no pipe and no splice call. Pipes come from a small pool and go
+ * back to it as soon as they are empty, so an idle connection holds none.
  *
  * @module
  */
@@ -373,6 +375,12 @@ export class PipedRelay implements ByteRelay {
         // bulk: spliced from now on, and this pair's events wait behind new connections'
         d.spliced = true;
         this.#pair.client.bulk = this.#pair.backend.bulk = true;
+      }
+      // a short read after the peer's FIN took the last bytes: the EOF needs no read of its own
+      // (after a reset epoll said error too, and a read stops short at an urgent mark: those
+      // read again)
+      if (n < copyChunk.length && src.peerClosed && !src.failed && !src.urgent && !d.urgent) {
+        d.eof = true;
       }
       const w = sendFd(d.dst, n === copyChunk.length ? copyChunk : copyChunk.subarray(0, n));
       if (w === n) return true;

@@ -20,7 +20,7 @@ import {
   tcpState,
 } from "../../ffi/libc.ts";
 import { EPOLLIN, EPOLLRDHUP } from "../../ffi/socket.ts";
-import type { FdWatcher, SocketPair } from "../io/watch.ts";
+import { type FdWatcher, socketOf, type SocketPair } from "../io/watch.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
 import { type ByteRelay, IdleTimer, type RelayEnd, type SpliceHooks } from "./relay.ts";
 
@@ -149,7 +149,9 @@ export class SplicedRelay implements ByteRelay {
       s.again = false;
       clearTimeout(s.retry);
       if (s.eof) {
-        // after EOF only a reset matters (the other direction may still be flowing)
+        // after EOF only a reset matters (the other direction may still be flowing), and epoll
+        // reports it as an error
+        if (!socketOf(this.#pair, s.fd).failed) return;
         const err = socketError(s.fd);
         if (err) this.#reset(s, err);
         return;
@@ -166,15 +168,8 @@ export class SplicedRelay implements ByteRelay {
           continue;
         }
         if (got === 0) {
-          // a reset socket in a sockmap reads 0 bytes too: its pending error tells them apart
-          const err = socketError(s.fd);
-          if (err) {
-            this.#reset(s, err);
-            return;
-          }
-          // a 0-byte read of a sockmap socket is an EOF only after the peer's FIN
-          const state = tcpState(s.fd);
-          if (state >= 0 && !afterPeerFin(state)) {
+          if (!this.#realEof(s)) {
+            if (this.#end !== null) return;
             s.retry = setTimeout(() => this.#onEvent(s), s.retryMs);
             s.retryMs = Math.min(s.retryMs * 2, 100);
             break;
@@ -188,6 +183,28 @@ export class SplicedRelay implements ByteRelay {
         return;
       }
     } while (s.again && this.#end === null);
+  }
+
+  /**
+   * After a read of 0 bytes: true for the peer's FIN. False for a reset (the relay ended) and
+   * for a false EOF (a sockmap socket can read 0 bytes without the peer's FIN; read again
+   * later). epoll said which, mostly: a socket that reported the FIN (EPOLLRDHUP) and no error
+   * costs no syscall here.
+   */
+  #realEof(s: Side): boolean {
+    const sock = socketOf(this.#pair, s.fd);
+    // a reset socket in a sockmap reads 0 bytes too: its pending error tells them apart
+    if (sock.failed || !sock.peerClosed) {
+      const err = socketError(s.fd);
+      if (err) {
+        this.#reset(s, err);
+        return false;
+      }
+    }
+    if (sock.peerClosed) return true;
+    // a 0-byte read of a sockmap socket is an EOF only after the peer's FIN
+    const state = tcpState(s.fd);
+    return state < 0 || afterPeerFin(state);
   }
 
   /** `from` is at EOF: once its peer took every redirected byte, half-close the peer. */
