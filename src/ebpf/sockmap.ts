@@ -6,7 +6,8 @@
  * session then calls pair() with both sockets (fd and addresses): their pairing entries are
  * written and the sockets inserted into the sockhash by fd; from then on what arrives on one
  * socket is redirected inside the kernel to the other. unpair() takes both out again, and a
- * socket that closes leaves the sockhash by itself.
+ * socket that closes leaves the sockhash by itself (the kernel's sock_map_close), so a session
+ * that closes its sockets at once deletes only the pairing entries (release()).
  *
  * Nothing is machine-wide (no cgroup program, no shared pins): two instances on one host, or
  * an old and a new one during a restart, never see each other's sockets or maps.
