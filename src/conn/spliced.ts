@@ -12,6 +12,7 @@
 import {
   EAGAIN,
   EINTR,
+  Errno,
   errnoName,
   sendFd,
   shutdownWrite,
@@ -257,11 +258,15 @@ export class SplicedRelay implements ByteRelay {
   }
 
   #reset(s: Side, code: number): void {
+    if (code === Errno.ECONNRESET || code === Errno.EPIPE) this.#resetFd = s.fd;
     this.#finish(
       s.up ? "client_reset" : "backend_reset",
       new Error(`${errnoName(code)}: ${strerror(code)}`),
     );
   }
+
+  /** The socket its peer reset (ECONNRESET, EPIPE): closed for the kernel already. */
+  #resetFd = -1;
 
   #finish(reason: RelayEnd, error: unknown): void {
     if (this.#end !== null) return;
@@ -273,9 +278,10 @@ export class SplicedRelay implements ByteRelay {
       clearTimeout(s.retry);
       if (s.id) this.#watcher.unwatch(s.id, s.fd);
     }
-    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN
+    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN;
+    // the socket that was reset is closed already, for the kernel: a plain close will do
     for (const sock of [this.#pair.client, this.#pair.backend]) {
-      if (reason === "done") sock.close();
+      if (reason === "done" || sock.fd === this.#resetFd) sock.close();
       else sock.reset();
     }
     this.#done(reason);
