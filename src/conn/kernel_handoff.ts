@@ -175,6 +175,7 @@ class SockmapHandoff implements KernelHandoff {
       clientAddr: this.#options.clientAddr,
       drainMs: this.#options.ebpf.drainTimeoutMs,
       undelivered: this.undelivered,
+      finalBytes: this.#finalBytes,
       unpair: () => this.release(),
     });
     const { idleMs } = this.#options;
@@ -183,10 +184,19 @@ class SockmapHandoff implements KernelHandoff {
     return new SplicedRelay(sockets, { idleMs, hooks, first: opening.first, watcher });
   }
 
+  /**
+   * The redirected bytes of each direction once its drain at the source's EOF succeeded (then
+   * final): with both known, the release reads no counter.
+   */
+  readonly #finalBytes: { up: number | null; down: number | null } = { up: null, down: null };
+
+  // the session closes both sockets right after: they leave the sockhash by themselves
   release(): void {
     if (!this.#pair || this.#released) return;
     this.#released = true;
-    const c = this.#kernel.unpair(this.#pair);
+    const { up, down } = this.#finalBytes;
+    const known = up !== null && down !== null ? { aToB: up, bToA: down } : null;
+    const c = this.#kernel.release(this.#pair, known);
     this.#kernelBytes = { up: c.aToB, down: c.bToA };
   }
 
@@ -209,8 +219,13 @@ class SockmapHandoff implements KernelHandoff {
     const client = this.#client;
     try {
       this.#pair = this.#kernel.pair(
-        { fd: client.fd, local: client.localAddr, remote: client.remoteAddr },
-        { fd: backend.fd, local: backend.localAddr, remote: backend.remoteAddr },
+        { fd: client.fd, local: client.localAddr, remote: client.remoteAddr, opened: "accepted" },
+        {
+          fd: backend.fd,
+          local: backend.localAddr,
+          remote: backend.remoteAddr,
+          opened: "connected",
+        },
       );
     } catch (e) {
       if (e instanceof KernelAccelError && e.reason === "map_full") {
@@ -238,6 +253,8 @@ interface SockmapHooksOptions {
   drainMs: number;
   /** Where the bytes known undelivered are noted when a stalled drain cuts the pair. */
   undelivered: ByteCounts;
+  /** Where a direction's redirected bytes are noted once drained at its source's EOF. */
+  finalBytes: { up: number | null; down: number | null };
   /** Removes the pairing (once). */
   unpair: () => void;
 }
@@ -272,7 +289,10 @@ class SockmapHooks implements SpliceHooks {
       `${clientAddr}: ${atEof ? `${from} EOF` : `bytes from the ${from} in userspace`}; ` +
         `${to} socket took ${r.taken}/${r.expected} bytes in ${r.waitedMs.toFixed(1)} ms`,
     );
-    if (r.drained) return true;
+    if (r.drained) {
+      if (atEof) this.#o.finalBytes[up ? "up" : "down"] = r.redirected;
+      return true;
+    }
     if (r.socketFound && !this.#ended.signal.aborted) {
       this.#o.undelivered[up ? "up" : "down"] = Math.max(0, r.expected - r.taken);
       log.warn(

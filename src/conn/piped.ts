@@ -5,8 +5,10 @@
  * `ebpf.pipe_bytes`) and the socket buffers, and the sender is held back by its closed window.
  *
  * The sockets are the proxy's own (src/io/), watched edge-triggered on its epoll: input, EOF and
- * errors on a source, write space on a destination whose pipe could not be emptied. Pipes come from a small pool and go back to it as soon as they are
- * empty, so an idle connection holds none.
+ * errors on a source, write space on a destination whose pipe could not be emptied. A direction
+ * is copied (recv/send, as in userspace mode) until a read fills the copy buffer: a connection
+ * that never carries bulk makes no pipe and no splice call. Pipes come from a small pool and go
+ * back to it as soon as they are empty, so an idle connection holds none.
  *
  * @module
  */
@@ -14,6 +16,7 @@ import {
   closeFd,
   EAGAIN,
   EINTR,
+  Errno,
   errnoName,
   makePipe,
   sendFd,
@@ -261,6 +264,12 @@ export class PipedRelay implements ByteRelay {
     this.#pump(this.#downDir);
   };
 
+  #queueResume(): void {
+    if (this.#resumeQueued) return;
+    this.#resumeQueued = true;
+    eventLoop().later(this.#resume);
+  }
+
   /**
    * Moves what can be moved now, up to its share of the round; returns at EAGAIN (an event
    * resumes it), EOF or an error.
@@ -268,6 +277,9 @@ export class PipedRelay implements ByteRelay {
   #pump(d: Direction): void {
     for (let fills = 0; this.#end === null && !d.done;) {
       if (d.prefix || d.inPipe > 0) {
+        // a pipe woken by write space waits for the next round once this one's bytes are spent,
+        // as a fill does: up to a pipe's worth per direction would otherwise go out unbudgeted
+        if (d.prefix === null && eventLoop().exhausted) return this.#queueResume();
         if (!this.#deliver(d)) return;
         continue;
       }
@@ -283,13 +295,7 @@ export class PipedRelay implements ByteRelay {
         return;
       }
       // a bulk transfer whose peers keep up would otherwise hold the loop
-      if (++fills > FILLS_PER_ROUND || eventLoop().exhausted) {
-        if (!this.#resumeQueued) {
-          this.#resumeQueued = true;
-          eventLoop().later(this.#resume);
-        }
-        return;
-      }
+      if (++fills > FILLS_PER_ROUND || eventLoop().exhausted) return this.#queueResume();
       if (!this.#fill(d)) return;
     }
   }
@@ -311,6 +317,8 @@ export class PipedRelay implements ByteRelay {
     d.inPipe -= n;
     d.bytes += n;
     this.#idle.touch();
+    // counted as they go out (the costly half: the receiver's TCP runs in this call on loopback)
+    eventLoop().spend(n);
     return true;
   }
 
@@ -336,7 +344,6 @@ export class PipedRelay implements ByteRelay {
     if (n > 0) {
       d.inPipe = n;
       this.#idle.touch();
-      eventLoop().spend(n);
       return true;
     }
     // splice(2) stops at a TCP urgent mark (returning EAGAIN, or 0 once the FIN came), and
@@ -373,6 +380,12 @@ export class PipedRelay implements ByteRelay {
         // bulk: spliced from now on, and this pair's events wait behind new connections'
         d.spliced = true;
         this.#pair.client.bulk = this.#pair.backend.bulk = true;
+      }
+      // a short read after the peer's FIN took the last bytes: the EOF needs no read of its own
+      // (after a reset epoll said error too, and a read stops short at an urgent mark: those
+      // read again)
+      if (n < copyChunk.length && src.peerClosed && !src.failed && !src.urgent && !d.urgent) {
+        d.eof = true;
       }
       const w = sendFd(d.dst, n === copyChunk.length ? copyChunk : copyChunk.subarray(0, n));
       if (w === n) return true;
@@ -429,12 +442,16 @@ export class PipedRelay implements ByteRelay {
     if (n === -EAGAIN) return false;
     // a reset (or a write to a socket whose peer is gone): the side it happened on
     const clientSide = fd === this.#pair.clientFd;
+    if (n === -Errno.ECONNRESET || n === -Errno.EPIPE) this.#resetFd = fd;
     this.#finish(
       clientSide ? "client_reset" : "backend_reset",
       new Error(`${errnoName(-n)}: ${strerror(-n)}`),
     );
     return false;
   }
+
+  /** The socket its peer reset (ECONNRESET, EPIPE): closed for the kernel already. */
+  #resetFd = -1;
 
   #finish(reason: RelayEnd, error: unknown): void {
     if (this.#end !== null) return;
@@ -449,9 +466,10 @@ export class PipedRelay implements ByteRelay {
       if (d.pipe) this.#pool.give(d.pipe, d.inPipe === 0);
       d.pipe = null;
     }
-    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN
+    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN;
+    // the socket that was reset is closed already, for the kernel: a plain close will do
     for (const sock of [this.#pair.client, this.#pair.backend]) {
-      if (reason === "done") sock.close();
+      if (reason === "done" || sock.fd === this.#resetFd) sock.close();
       else sock.reset();
     }
     this.#done(reason);

@@ -12,6 +12,7 @@
 import {
   EAGAIN,
   EINTR,
+  Errno,
   errnoName,
   sendFd,
   shutdownWrite,
@@ -20,7 +21,7 @@ import {
   tcpState,
 } from "../../ffi/libc.ts";
 import { EPOLLIN, EPOLLRDHUP } from "../../ffi/socket.ts";
-import type { FdWatcher, SocketPair } from "../io/watch.ts";
+import { type FdWatcher, socketOf, type SocketPair } from "../io/watch.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
 import { type ByteRelay, IdleTimer, type RelayEnd, type SpliceHooks } from "./relay.ts";
 
@@ -149,7 +150,9 @@ export class SplicedRelay implements ByteRelay {
       s.again = false;
       clearTimeout(s.retry);
       if (s.eof) {
-        // after EOF only a reset matters (the other direction may still be flowing)
+        // after EOF only a reset matters (the other direction may still be flowing), and epoll
+        // reports it as an error
+        if (!socketOf(this.#pair, s.fd).failed) return;
         const err = socketError(s.fd);
         if (err) this.#reset(s, err);
         return;
@@ -166,15 +169,8 @@ export class SplicedRelay implements ByteRelay {
           continue;
         }
         if (got === 0) {
-          // a reset socket in a sockmap reads 0 bytes too: its pending error tells them apart
-          const err = socketError(s.fd);
-          if (err) {
-            this.#reset(s, err);
-            return;
-          }
-          // a 0-byte read of a sockmap socket is an EOF only after the peer's FIN
-          const state = tcpState(s.fd);
-          if (state >= 0 && !afterPeerFin(state)) {
+          if (!this.#realEof(s)) {
+            if (this.#end !== null) return;
             s.retry = setTimeout(() => this.#onEvent(s), s.retryMs);
             s.retryMs = Math.min(s.retryMs * 2, 100);
             break;
@@ -188,6 +184,28 @@ export class SplicedRelay implements ByteRelay {
         return;
       }
     } while (s.again && this.#end === null);
+  }
+
+  /**
+   * After a read of 0 bytes: true for the peer's FIN. False for a reset (the relay ended) and
+   * for a false EOF (a sockmap socket can read 0 bytes without the peer's FIN; read again
+   * later). epoll said which, mostly: a socket that reported the FIN (EPOLLRDHUP) and no error
+   * costs no syscall here.
+   */
+  #realEof(s: Side): boolean {
+    const sock = socketOf(this.#pair, s.fd);
+    // a reset socket in a sockmap reads 0 bytes too: its pending error tells them apart
+    if (sock.failed || !sock.peerClosed) {
+      const err = socketError(s.fd);
+      if (err) {
+        this.#reset(s, err);
+        return false;
+      }
+    }
+    if (sock.peerClosed) return true;
+    // a 0-byte read of a sockmap socket is an EOF only after the peer's FIN
+    const state = tcpState(s.fd);
+    return state < 0 || afterPeerFin(state);
   }
 
   /** `from` is at EOF: once its peer took every redirected byte, half-close the peer. */
@@ -240,11 +258,15 @@ export class SplicedRelay implements ByteRelay {
   }
 
   #reset(s: Side, code: number): void {
+    if (code === Errno.ECONNRESET || code === Errno.EPIPE) this.#resetFd = s.fd;
     this.#finish(
       s.up ? "client_reset" : "backend_reset",
       new Error(`${errnoName(code)}: ${strerror(code)}`),
     );
   }
+
+  /** The socket its peer reset (ECONNRESET, EPIPE): closed for the kernel already. */
+  #resetFd = -1;
 
   #finish(reason: RelayEnd, error: unknown): void {
     if (this.#end !== null) return;
@@ -256,9 +278,10 @@ export class SplicedRelay implements ByteRelay {
       clearTimeout(s.retry);
       if (s.id) this.#watcher.unwatch(s.id, s.fd);
     }
-    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN
+    // a peer's reset, or a cut by the proxy, reaches the other side as a reset, never a FIN;
+    // the socket that was reset is closed already, for the kernel: a plain close will do
     for (const sock of [this.#pair.client, this.#pair.backend]) {
-      if (reason === "done") sock.close();
+      if (reason === "done" || sock.fd === this.#resetFd) sock.close();
       else sock.reset();
     }
     this.#done(reason);

@@ -6,7 +6,8 @@
  * session then calls pair() with both sockets (fd and addresses): their pairing entries are
  * written and the sockets inserted into the sockhash by fd; from then on what arrives on one
  * socket is redirected inside the kernel to the other. unpair() takes both out again, and a
- * socket that closes leaves the sockhash by itself.
+ * socket that closes leaves the sockhash by itself (the kernel's sock_map_close), so a session
+ * that closes its sockets at once deletes only the pairing entries (release()).
  *
  * Nothing is machine-wide (no cgroup program, no shared pins): two instances on one host, or
  * an old and a new one during a restart, never see each other's sockets or maps.
@@ -208,9 +209,16 @@ export class KernelAccel {
    */
   pair(a: SpliceSocket, b: SpliceSocket): SplicePair {
     const p = new SplicePair(a, b, socketTuple(a), socketTuple(b));
-    // acked + write queue counts the SYN of an actively opened socket once it is acked; learn
-    // that offset now, while nothing was written, so waitDrained compares exactly
+    // acked + write queue counts the SYN of an actively opened socket once it is acked (a
+    // connected socket's snd_una starts at its ISN, an accepted one's past it): known from how
+    // the socket was opened, or learnt now, while nothing was written, so waitDrained compares
+    // exactly. A socket no longer established is refused by the sockhash insert below
     for (const side of ["a", "b"] as const) {
+      const opened = (side === "a" ? a : b).opened;
+      if (opened) {
+        p.synOffset[side] = opened === "connected" ? 1 : 0;
+        continue;
+      }
       const info = this.#diag.query(side === "a" ? p.tupleA : p.tupleB);
       if (!info) {
         throw new KernelAccelError(
@@ -257,6 +265,19 @@ export class KernelAccel {
   unpair(p: SplicePair): PairCounters {
     const c = this.counters(p);
     this.#table.remove(p);
+    this.#sockets.live -= 2;
+    return c;
+  }
+
+  /**
+   * Removes the pairing entries of `p` for sockets the caller closes right away (each leaves
+   * the sockhash by itself as it closes: no delete per socket). `final`: the counters when the
+   * caller already knows them (both directions drained at their EOF), which spares reading
+   * them. Returns the final counters.
+   */
+  release(p: SplicePair, final: PairCounters | null = null): PairCounters {
+    const c = final ?? this.counters(p);
+    this.#table.removePairing(p);
     this.#sockets.live -= 2;
     return c;
   }

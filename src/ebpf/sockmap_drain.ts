@@ -36,6 +36,8 @@ export interface DrainResult {
   stalledMs: number;
   /** False when the socket no longer exists (closed, reset). */
   socketFound: boolean;
+  /** Of `expected`, the bytes the kernel redirected (final once drained at the source's EOF). */
+  redirected: number;
 }
 
 /** What the wait reads: the sockets' TCP info and the pairing entries' counters. */
@@ -73,7 +75,8 @@ export async function waitDrained(
     // sequence number), the redirect counter is not final. Call only after a real EOF.
     const src = opts.sourceFinal === false ? null : from.diag.query(source);
     const sourceDone = !src || src.readQueue <= 1;
-    const expected = from.redirected(sourceKey) + userspaceBytes;
+    const redirected = from.redirected(sourceKey);
+    const expected = redirected + userspaceBytes;
     const info = from.diag.query(target);
     const taken = info
       ? info.bytesAcked - synOffset + (opts.until === "acked" ? 0 : info.writeQueue)
@@ -96,6 +99,7 @@ export async function waitDrained(
         waitedMs: now - start,
         stalledMs,
         socketFound: !!info,
+        redirected,
       };
     }
     await new Promise((r) => setTimeout(r, delay));

@@ -27,6 +27,11 @@ export interface SocketAddrs {
 /** A socket of this process: its fd (what the sockhash takes) and its 4-tuple (the keys). */
 export interface SpliceSocket extends SocketAddrs {
   fd: number;
+  /**
+   * How the socket was opened, when the caller knows: an accepted socket's acked count starts
+   * at 0, a connected one's at 1 (its SYN), so pair() need not ask the kernel (sock_diag).
+   */
+  opened?: "accepted" | "connected";
 }
 
 /** Bytes redirected in the kernel, per direction of a pair. */
@@ -167,6 +172,15 @@ export class PairTable {
       this.#pairs.delete(key);
       this.#sockhash.delete(key);
     }
+  }
+
+  /**
+   * Deletes both pairing entries of `p` only, for sockets about to be closed: a socket leaves the
+   * sockhash by itself as it closes (the kernel's sock_map_close unlinks it), so deleting its
+   * entry first would be a syscall per socket for nothing.
+   */
+  removePairing(p: SplicePair): void {
+    for (const key of [p.keyA, p.keyB]) this.#pairs.delete(key);
   }
 
   /** The redirected-bytes counter of the entry `key`, 0 when it is gone. */
