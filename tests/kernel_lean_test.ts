@@ -23,6 +23,7 @@ import {
   type Scope,
   sendRandom,
   startKernelProxy,
+  untilStopped,
   writeAll,
 } from "./harness/mod.ts";
 
@@ -138,16 +139,6 @@ async function shortSessions(
   }
 }
 
-/** Until the process `pid` is stopped (SIGSTOP, or a tracing stop under strace). */
-async function stopped(pid: number): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    const stat = await Deno.readTextFile(`/proc/${pid}/stat`);
-    if (/^[Tt]$/.test(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[0])) return;
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  throw new Error(`process ${pid} did not stop`);
-}
-
 /**
  * `count` sessions whose bytes each way come with their FIN: the proxy is stopped while a side
  * writes and half-closes, so it sees both in one event (a short read with EPOLLRDHUP).
@@ -160,7 +151,7 @@ async function finWithLastBytes(
 ): Promise<void> {
   const burst = async (from: Deno.TcpConn, to: Deno.TcpConn, bytes: Uint8Array) => {
     Deno.kill(pid, "SIGSTOP");
-    await stopped(pid);
+    await untilStopped(pid);
     await writeAll(from, bytes);
     await from.closeWrite();
     Deno.kill(pid, "SIGCONT");

@@ -304,8 +304,9 @@ export class Relay implements ByteRelay {
       if (n > 0) {
         this.#forward(d, n);
         // a short read after the peer's FIN took the last bytes: the EOF needs no read of its
-        // own (after a reset, epoll said error too: the next read reports it)
-        if (n < chunk.length && d.src.peerClosed && !d.src.failed) d.eof = true;
+        // own (after a reset, epoll said error too: the next read reports it; a read also stops
+        // short at a TCP urgent mark, with bytes after it: after urgent data, read on)
+        if (n < chunk.length && d.src.peerClosed && !d.src.failed && !d.src.urgent) d.eof = true;
       } else if (n === 0) {
         // a socket reset after its FIN reads 0: its pending error tells them apart
         const err = d.src.failed ? d.src.pendingError() : 0;

@@ -384,3 +384,13 @@ export async function assertCleanStop(proxy: ProxyProcess): Promise<void> {
   assert.equal(code, 0, `exit code after SIGTERM; output:\n${proxy.stderr()}`);
   assert.doesNotMatch(proxy.stderr(), /Uncaught|panicked/, "no uncaught error in the output");
 }
+
+/** Until the process `pid` is stopped (SIGSTOP, or a tracing stop under strace). */
+export async function untilStopped(pid: number): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    const stat = await Deno.readTextFile(`/proc/${pid}/stat`);
+    if (/^[Tt]$/.test(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[0])) return;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  throw new Error(`process ${pid} did not stop`);
+}
