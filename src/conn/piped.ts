@@ -200,6 +200,9 @@ export class PipedRelay implements ByteRelay {
   }
 
   get error(): unknown {
+    if (this.#error === null && this.#errno !== 0) {
+      this.#error = new Error(`${errnoName(this.#errno)}: ${strerror(this.#errno)}`);
+    }
     return this.#error;
   }
 
@@ -443,12 +446,14 @@ export class PipedRelay implements ByteRelay {
     // a reset (or a write to a socket whose peer is gone): the side it happened on
     const clientSide = fd === this.#pair.clientFd;
     if (n === -Errno.ECONNRESET || n === -Errno.EPIPE) this.#resetFd = fd;
-    this.#finish(
-      clientSide ? "client_reset" : "backend_reset",
-      new Error(`${errnoName(-n)}: ${strerror(-n)}`),
-    );
+    // the error itself is made only if asked for (the access log): most never are
+    if (this.#end === null) this.#errno = -n;
+    this.#finish(clientSide ? "client_reset" : "backend_reset", null);
     return false;
   }
+
+  /** The errno behind a reset end (0: none). */
+  #errno = 0;
 
   /** The socket its peer reset (ECONNRESET, EPIPE): closed for the kernel already. */
   #resetFd = -1;
