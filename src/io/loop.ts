@@ -8,9 +8,9 @@
  * fast FFI call, no promise, blocking at most 1 ms), and every 2 ms it waits off the JS thread
  * once with timeout 0, which gives Deno's loop its turn; when idle it waits off the JS thread
  * (a nonblocking FFI call: one thread hop and one promise per wake). After every round the
- * microtask queue is drained, so sessions awaiting a socket move on at once. A round serves the
- * events of accepts and sessions (and the microtasks they wake) before those of relays, which
- * are bulk, so a new connection never waits behind bulk transfers.
+ * microtask queue is drained (what the handlers resolved runs before the next poll). A round
+ * serves the events of accepts and sessions before those of relays, which are bulk, so a new
+ * connection never waits behind bulk transfers.
  *
  * Handlers are found by fd, with a generation number in the event's data: an event that was
  * already fetched for an fd closed (and maybe reused) in the same round is dropped.
@@ -214,7 +214,9 @@ export class EventLoop {
           const n = s.epoll_wait(this.#epfd, this.#events, MAX_EVENTS, wait);
           if (n > 0 || pending) {
             if (n > 0) lastEvent = performance.now();
-            await this.#round(this.#eventsView, n);
+            this.#round(this.#eventsView, n);
+            // what the round's handlers resolved (a relay's end) runs before the next poll
+            await undefined;
             continue;
           }
           if (hot) continue;
@@ -232,7 +234,8 @@ export class EventLoop {
           s.read(this.#wakeFd, this.#wakeBuf, 8n);
         }
         if (n > 0) lastEvent = lastYield;
-        await this.#round(this.#offEventsView, Math.max(n, 0));
+        this.#round(this.#offEventsView, Math.max(n, 0));
+        await undefined;
       }
     } finally {
       this.#running = false;
@@ -241,18 +244,15 @@ export class EventLoop {
   }
 
   /**
-   * One round: the events of accepts and sessions, then the sessions they woke (microtasks),
-   * then the relays' work carried over from the last round, then this round's bulk events, all
-   * within the round's byte budget (see {@link spend}).
+   * One round: the events of accepts and sessions (synchronous handlers), then the relays' work
+   * carried over from the last round, then this round's bulk events, all within the round's
+   * byte budget (see {@link spend}).
    */
-  async #round(v: DataView, n: number): Promise<void> {
+  #round(v: DataView, n: number): void {
     this.#roundBytes = 0;
     const held = n > 0 ? this.#dispatch(v, n) : 0;
-    await undefined;
     this.#runLater();
     if (held > 0) this.#dispatchHeld(v, held);
-    // sessions a relay's end woke run now, before the next poll
-    await undefined;
   }
 
   /**
