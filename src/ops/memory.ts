@@ -80,7 +80,7 @@ function rss(): number {
 /** Watches the activity and releases memory after each burst that grew the RSS. */
 export class MemoryReleaser {
   readonly #o: MemoryReleaseOptions;
-  readonly #timer: number;
+  readonly #timer: ReturnType<typeof setInterval>;
   #seen: number;
   /** When the activity last changed (performance.now()). */
   #lastChange = performance.now();
