@@ -16,14 +16,14 @@ import { closeQuietly } from "./relay.ts";
 import { E } from "../../ffi/socket.ts";
 import { eventLoop } from "../io/loop.ts";
 import { SocketError, socketError, TcpListenSocket, type TcpSocket } from "../io/tcp.ts";
-import { Session } from "./session.ts";
+import { Session, type SessionContext } from "./session.ts";
 import type { CloseReason } from "./conn_record.ts";
 import { formatAddr } from "../net/addr.ts";
 import { errText } from "../ops/errtext.ts";
 import { type Protocol, PROTOCOLS } from "../proto/protocol.ts";
 import type { SourceLimiter } from "./sourcelimit.ts";
 import type { OffenceSink } from "../ebpf/xdpblock.ts";
-import type { RoutingTables } from "../route/table.ts";
+import type { RoutingTable, RoutingTables } from "../route/table.ts";
 
 const log = logger("listener");
 const bursts = new BurstLog(log);
@@ -81,6 +81,12 @@ export class Listener {
   readonly #protocol: Protocol;
   #closed = false;
   #onClosed: () => void = () => {};
+  /**
+   * The context its sessions share (by whether the client came through a trusted balancer),
+   * made again when the table or a part of the host changes: one object, not one per
+   * connection, since a session keeps its context for its whole life.
+   */
+  readonly #contexts: (SessionContext | null)[] = [null, null];
 
   /**
    * Binds the socket; throws (e.g. EADDRINUSE) with the address in the message. Always with
@@ -192,7 +198,36 @@ export class Listener {
       host.blocker?.offence(remote.hostname, refusal);
       return;
     }
-    const session = new Session(conn, {
+    const session = new Session(conn, this.#context(table, trustedProxy, remote.hostname));
+    const done = session.run();
+    if (perSource) done.finally(() => host.sources.release(remote.hostname));
+    host.track(session, done);
+  }
+
+  /** The context of a new session on `table` from `source`. */
+  #context(table: RoutingTable, trustedProxy: boolean, source: string): SessionContext {
+    const host = this.#host;
+    const blocker = host.blocker;
+    // the socket's source is what XDP sees: a trusted balancer's clients are not blocked
+    if (blocker && !trustedProxy) {
+      return {
+        ...this.#shared(table, false),
+        onBadHello: () => blocker.offence(source, "bad_client_hello"),
+      };
+    }
+    return this.#shared(table, trustedProxy);
+  }
+
+  /** The shared context (no callback of its own) for `table`, made again when stale. */
+  #shared(table: RoutingTable, trustedProxy: boolean): SessionContext {
+    const host = this.#host;
+    const i = trustedProxy ? 1 : 0;
+    const c = this.#contexts[i];
+    if (
+      c && c.table === table && c.guard === host.guard && c.path === host.path &&
+      c.resolver === host.resolver && c.fds === host.fds && c.metrics === host.metrics
+    ) return c;
+    const made: SessionContext = {
       table,
       listener: this.address,
       protocol: this.#protocol,
@@ -202,14 +237,10 @@ export class Listener {
       resolver: host.resolver,
       guard: host.guard,
       fds: host.fds,
-      // the socket's source is what XDP sees: a trusted balancer's clients are not blocked
-      onBadHello: host.blocker && !trustedProxy
-        ? () => host.blocker?.offence(remote.hostname, "bad_client_hello")
-        : null,
-    });
-    const done = session.run();
-    if (perSource) done.finally(() => host.sources.release(remote.hostname));
-    host.track(session, done);
+      onBadHello: null,
+    };
+    this.#contexts[i] = made;
+    return made;
   }
 
   /** Closes a connection refused at accept; counts and access-logs it. */
