@@ -39,21 +39,23 @@ type FullGc = () => void;
 let fullGc: FullGc | null | undefined;
 
 /**
- * The isolate's full collection: `gc` when V8 runs with `--expose-gc`, else the same function
- * from a fresh context once the flag is set (node:v8/node:vm; it collects the whole isolate).
+ * The isolate's full collection: V8's `gc` from a fresh context once `--expose-gc` is set
+ * (node:v8, node:vm), else the global `gc` of a process started with it. The fresh context's
+ * collection gives the heap's pages back; measured, the global one (with the flag given at start)
+ * left 45 MB of an emptied 119 MB heap mapped.
  */
 async function findGc(): Promise<FullGc | null> {
-  const exposed = (globalThis as { gc?: FullGc }).gc;
-  if (typeof exposed === "function") return exposed;
   try {
     const v8 = await import("node:v8");
     const vm = await import("node:vm");
     v8.setFlagsFromString("--expose-gc");
     const gc = vm.runInNewContext("gc");
-    return typeof gc === "function" ? gc as FullGc : null;
+    if (typeof gc === "function") return gc as FullGc;
   } catch {
-    return null;
+    // no node compatibility layer: the global one, if any
   }
+  const exposed = (globalThis as { gc?: FullGc }).gc;
+  return typeof exposed === "function" ? exposed : null;
 }
 
 /**
