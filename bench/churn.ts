@@ -13,6 +13,11 @@ import { rssKiB, sh, sleep } from "./procs.ts";
 export const SETTLE_MS = 15_000;
 /** Connections of the warm-up, before the baseline (code compiled on first use, first buffers). */
 const WARM_UP = 200;
+/**
+ * How long after the warm-up the baseline is taken: a proxy frees what the warm-up left behind
+ * once quiet (sni-proxy after 3 s without socket events), so the baseline is what stays.
+ */
+const BASELINE_SETTLE_MS = 6000;
 /** The longest a run of N connections may take. */
 const MAX_SECONDS = 180;
 
@@ -71,7 +76,7 @@ export async function churnRss(
 ): Promise<ChurnResult> {
   const rss = () => pids.reduce((s, pid) => s + rssKiB(pid), 0);
   await connections(dir, port, WARM_UP);
-  await sleep(1000);
+  await sleep(BASELINE_SETTLE_MS);
   const baselineKiB = rss();
   const t0 = performance.now();
   await connections(dir, port, n);

@@ -11,8 +11,10 @@ import { rssBreakdownKiB, rssKiB, sleep } from "./procs.ts";
 /** Result of the idle test. */
 export interface IdleResult {
   connections: number;
-  /** RSS growth per connection, KiB */
+  /** RSS growth per connection, KiB, both samples {@link SETTLE_MS} after the last connection */
   kibPerConn: number;
+  /** the same, with the connections sampled {@link EARLY_MS} after they were open */
+  kibPerConnEarly: number;
   /** of which anonymous memory (heap, buffers), KiB per connection */
   anonKibPerConn: number;
   /** RSS before opening them and with all of them open, KiB */
@@ -26,6 +28,14 @@ export interface IdleResult {
 
 /** Connections opened at a time. */
 const BATCH = 100;
+/**
+ * When the main RSS samples are taken: this long after the last connection (of the warm-up, and
+ * of the N). A proxy frees what opening connections left behind once quiet (sni-proxy after 3 s
+ * without socket events): what idle connections cost is what stays.
+ */
+const SETTLE_MS = 6000;
+/** The early sample: the proxy has finished its side (backend handshake bytes relayed). */
+const EARLY_MS = 1500;
 
 /** Opens `n` TLS connections to 127.0.0.1:`port` (SNI localhost); closes them via the result. */
 async function openIdle(port: number, n: number, caCert: string): Promise<Deno.TlsConn[]> {
@@ -81,7 +91,7 @@ export async function idleRss(
   caCert: string,
 ): Promise<IdleResult> {
   closeAll(await openIdle(port, Math.min(200, n), caCert));
-  await sleep(1000);
+  await sleep(SETTLE_MS);
   const fdsBefore = fdCount(pids);
   const before = sum(pids, rssKiB);
   const anonBefore = sum(pids, (p) => rssBreakdownKiB(p).anon);
@@ -90,9 +100,12 @@ export async function idleRss(
   const openSeconds = (performance.now() - t0) / 1000;
   let after: number;
   let anonAfter: number;
+  let early: number;
   try {
     // let the proxy finish its side (backend handshake bytes relayed, timers set)
-    await sleep(1500);
+    await sleep(EARLY_MS);
+    early = sum(pids, rssKiB);
+    await sleep(SETTLE_MS - EARLY_MS);
     after = sum(pids, rssKiB);
     anonAfter = sum(pids, (p) => rssBreakdownKiB(p).anon);
   } finally {
@@ -112,6 +125,7 @@ export async function idleRss(
   return {
     connections: n,
     kibPerConn: (after - before) / n,
+    kibPerConnEarly: (early - before) / n,
     anonKibPerConn: (anonAfter - anonBefore) / n,
     rssBeforeKiB: before,
     rssAfterKiB: after,

@@ -274,6 +274,12 @@ function idleRows(s: Settings): Row[] {
     [`RSS KiB per idle connection (${conns})`, (r) => r.idle?.kibPerConn, 1, "lower"],
     ["idle: of which anonymous KiB per connection", (r) => r.idle?.anonKibPerConn, 1, "lower"],
     [
+      "idle: RSS KiB per connection 1.5 s after opening",
+      (r) => r.idle?.kibPerConnEarly,
+      1,
+      "lower",
+    ],
+    [
       `total RSS MB with ${conns} idle connections`,
       (r) => idleTotalMB(r.idle, conns),
       1,

@@ -3,8 +3,8 @@
  * directories (cgroup attach), mount(2) (cgroup2/bpffs), netlink sockets (sock_diag), errno and
  * vsnprintf (rendering libbpf's va_list log messages), the socket, pipe and splice calls of the
  * kernel relays, getrlimit (the descriptor limit the accept loop
- * keeps clear of) and clock_gettime (the clock of XDP block expiries). Opened lazily on first
- * use.
+ * keeps clear of), clock_gettime (the clock of XDP block expiries) and malloc_trim (memory back
+ * to the system after a burst). Opened lazily on first use.
  * @module
  */
 
@@ -32,6 +32,7 @@ const LIBC_SYMBOLS = {
   pipe2: { parameters: ["buffer", "i32"], result: "i32" },
   dup3: { parameters: ["i32", "i32", "i32"], result: "i32" },
   splice: { parameters: ["i32", "pointer", "i32", "pointer", "usize", "u32"], result: "isize" },
+  malloc_trim: { parameters: ["usize"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The opened libc with its typed symbol table. */

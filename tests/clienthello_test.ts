@@ -204,6 +204,21 @@ Deno.test("bytes after the hello (0-RTT records) are kept in data, not counted i
   assert.equal(parser.data.length, f.bytes.length + 5000);
 });
 
+Deno.test("a hello read in one piece is held in a buffer of its own length, one in pieces grows", () => {
+  // a connection keeps its hello's bytes until they are forwarded: no 2 KiB for a 266-byte hello
+  for (const f of fixtures) {
+    const parser = new ClientHelloParser(16384);
+    assert.deepEqual(parser.push(f.bytes), f.expect, f.file);
+    assert.equal(parser.data.buffer.byteLength, f.bytes.length, f.file);
+  }
+  const f = byFile("chromium_pq.bin");
+  const parser = new ClientHelloParser(16384);
+  for (let i = 0; i < f.bytes.length; i += 100) parser.push(f.bytes.subarray(i, i + 100));
+  assert.deepEqual(parser.end(), f.expect);
+  assert.deepEqual(parser.data, f.bytes);
+  assert.ok(parser.data.buffer.byteLength < 2 * 4096, "doubling, not a buffer per piece");
+});
+
 // ---- fragmentation and record versions ----
 
 Deno.test("a hello split over records anywhere (mid-extension, mid-header, 1-byte records) parses the same", () => {

@@ -102,6 +102,26 @@ e2eTest(
     const ja4 = entry.ja4 as string;
     assert.match(ja4, /^t13d\d{4}h2_[0-9a-f]{12}_[0-9a-f]{12}$/, "curl: TLS 1.3, SNI, h2 first");
     assert.match(entry.ja3 as string, /^[0-9a-f]{32}$/);
+    // the record drops the parsed hello once the relay starts: its line still has every field
+    assert.deepEqual(Object.keys(entry).sort(), [
+      "alpn",
+      "backend",
+      "bytes_down",
+      "bytes_up",
+      "client",
+      "close_reason",
+      "duration_ms",
+      "ja3",
+      "ja4",
+      "listener",
+      "mode",
+      "route",
+      "sni",
+      "time",
+    ]);
+    assert.deepEqual(entry.alpn, ["h2", "http/1.1"]);
+    assert.equal(entry.close_reason, "done");
+    assert.ok(entry.bytes_up > 0 && entry.bytes_down > 0, "the relay's bytes");
     assert.equal((await opensslClient(port, "b.test", 5000, ["-tls1_2"])).answer, "legacy");
 
     // curl's JA4 refused by the ACL, TLS 1.2 hellos by b.test's route

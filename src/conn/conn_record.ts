@@ -3,10 +3,15 @@
  * route, the backend, the relay), and what it becomes: the admin API's view while it lives, and
  * the metrics and the access-log line at its end.
  *
+ * A record lives as long as its connection (hours for an idle one, tens of thousands at a time),
+ * so it keeps only what its end needs: once the relay starts, of the parsed ClientHello only the
+ * ALPN list and the fingerprints, and those only when an access log is written.
+ *
  * @module
  */
 import type { ClientHello } from "../proto/clienthello.ts";
-import { accessLogOn, writeAccess } from "../ops/log.ts";
+import type { Fingerprints } from "../proto/fingerprint.ts";
+import { accessLogEnabled, writeAccess } from "../ops/log.ts";
 import { Metrics, NO_ROUTE } from "../ops/metrics.ts";
 import { errText } from "../ops/errtext.ts";
 import type { ByteRelay, RelayEnd } from "./relay.ts";
@@ -75,9 +80,10 @@ export interface KernelPart {
 
 /** One connection's facts, as far as they are known. */
 export class ConnRecord {
-  /** Wall clock at accept (age and duration). */
-  readonly #started = Date.now();
-  /** performance.now() at accept (the hello and connect seconds, the duration histogram). */
+  /**
+   * performance.now() at accept: the age, the duration, the hello and connect seconds (the
+   * wall clock at accept is `performance.timeOrigin` plus it).
+   */
   readonly #t0 = performance.now();
   /** The listener's bound address, e.g. `127.0.0.1:8443`. */
   readonly listener: string;
@@ -87,8 +93,14 @@ export class ConnRecord {
   client: string;
   /** The requested name (SNI or Host), once read. */
   sni: string | null = null;
-  /** The parsed ClientHello (TLS listeners only). */
+  /**
+   * The parsed ClientHello (TLS listeners only), for routing; null again once the relay started
+   * (see {@link relay}).
+   */
   hello: ClientHello | null = null;
+  /** What the access-log line takes of the hello, kept once the relay started. */
+  #alpn: readonly string[] | null = null;
+  #fingerprints: Fingerprints | null = null;
   /** Seconds from accept until the hello was read, and that the backend connect took. */
   helloSeconds: number | null = null;
   connectSeconds: number | null = null;
@@ -102,8 +114,7 @@ export class ConnRecord {
   connId: string | null = null;
   /** Bytes of the hello (or HTTP head) forwarded to the backend before the relay started. */
   helloBytes = 0;
-  /** The relay, once started. */
-  relay: ByteRelay | null = null;
+  #relay: ByteRelay | null = null;
   /** Where the connection is (the session moves it on; relaying becomes draining by itself). */
   state: ConnState = "hello";
   /** Kernel mode's part, when the proxy runs in kernel mode. */
@@ -113,6 +124,26 @@ export class ConnRecord {
     this.client = options.client;
     this.listener = options.listener;
     this.table = options.table;
+  }
+
+  /** The relay, once started. */
+  get relay(): ByteRelay | null {
+    return this.#relay;
+  }
+
+  /**
+   * Sets the relay: routing is over, so the hello goes, but for what the access-log line takes
+   * of it when an access log is written.
+   */
+  set relay(relay: ByteRelay | null) {
+    this.#relay = relay;
+    const hello = this.hello;
+    if (relay === null || hello === null) return;
+    this.hello = null;
+    if (!accessLogEnabled()) return;
+    // an exact-size copy: the parser's array has room for more
+    this.#alpn = hello.alpn.slice();
+    this.#fingerprints = hello.fingerprints ?? null;
   }
 
   /** Notes that the hello (or HTTP head) is read now. */
@@ -136,7 +167,7 @@ export class ConnRecord {
       route: this.route,
       backend: this.backend,
       backend_config: this.backendLabel,
-      age_ms: Date.now() - this.#started,
+      age_ms: Math.round(performance.now() - this.#t0),
       bytes_up: this.helloBytes + (this.relay?.bytesUp ?? 0),
       bytes_down: this.relay?.bytesDown ?? 0,
       mode: this.mode,
@@ -148,7 +179,7 @@ export class ConnRecord {
    * asked for only when the line is written).
    */
   finish(m: Metrics, reason: CloseReason, error: () => unknown): void {
-    const relay = this.relay;
+    const relay = this.#relay;
     const kernelBytes = this.kernel?.kernelBytes ?? { up: 0, down: 0 };
     const up = this.helloBytes + (relay?.bytesUp ?? 0) + kernelBytes.up;
     const down = (relay?.bytesDown ?? 0) + kernelBytes.down;
@@ -166,26 +197,40 @@ export class ConnRecord {
     m.durationSeconds.observe(route, (performance.now() - this.#t0) / 1000);
     m.bytesUpHistogram.observe(route, up);
     m.bytesDownHistogram.observe(route, down);
-    if (!accessLogOn()) return;
+    if (accessLogEnabled()) {
+      this.#writeAccess(reason, reason === "done" ? null : error(), up, down, mode);
+    }
+  }
+
+  /** The connection's access-log line. */
+  #writeAccess(
+    reason: CloseReason,
+    error: unknown,
+    up: number,
+    down: number,
+    mode: "userspace" | "kernel",
+  ): void {
     const undelivered = this.kernel?.undelivered;
-    const cause = reason === "done" ? null : error();
+    // the relay never started: the hello is still here
+    const alpn = this.hello?.alpn ?? this.#alpn;
+    const fingerprints = this.hello?.fingerprints ?? this.#fingerprints;
     writeAccess({
       time: new Date().toISOString(),
       client: this.client,
       listener: this.listener,
       sni: this.sni,
-      ...(this.hello ? { alpn: this.hello.alpn } : {}),
-      ...(this.hello?.fingerprints ?? {}),
+      ...(alpn ? { alpn: alpn as string[] } : {}),
+      ...(fingerprints ?? {}),
       route: this.route,
       backend: this.backend,
       ...(this.connId ? { conn_id: this.connId } : {}),
       bytes_up: up,
       bytes_down: down,
-      duration_ms: Date.now() - this.#started,
+      duration_ms: Math.round(performance.now() - this.#t0),
       close_reason: reason,
       mode,
       ...(undelivered && (undelivered.up || undelivered.down) ? { undelivered } : {}),
-      ...(cause ? { error: errText(cause) } : {}),
+      ...(error ? { error: errText(error) } : {}),
     });
   }
 }

@@ -104,16 +104,23 @@ function kernelFallback(m: Metrics, reason: string, detail: string): void {
   bursts.warn("kernel_fallback", `kernel mode: a connection runs in userspace mode: ${detail}`);
 }
 
-/** `ebpf.splice_mode` "pipe": the pair is relayed by splice(2) through the pool's pipes. */
+/** No bytes, what a pipe handoff reports: shared and never written (not two objects a connection). */
+const NO_BYTES: ByteCounts = Object.freeze({ up: 0, down: 0 });
+
+/**
+ * `ebpf.splice_mode` "pipe": the pair is relayed by splice(2) through the pool's pipes. It lives
+ * as long as its connection (the record reads it at the end), so it keeps nothing it needs only
+ * for the handoff past it.
+ */
 class PipeHandoff implements KernelHandoff {
-  readonly #client: TcpSocket;
+  #client: TcpSocket | null;
   readonly #pipes: PipePool;
-  readonly #options: KernelHandoffOptions;
+  #options: KernelHandoffOptions | null;
   /** The pair is relayed by splice(2). */
   #piped = false;
   /** The relay counts what splice(2) moves as its own bytes. */
-  readonly kernelBytes: ByteCounts = { up: 0, down: 0 };
-  readonly undelivered: ByteCounts = { up: 0, down: 0 };
+  readonly kernelBytes: ByteCounts = NO_BYTES;
+  readonly undelivered: ByteCounts = NO_BYTES;
 
   constructor(client: TcpSocket, pipes: PipePool, options: KernelHandoffOptions) {
     this.#client = client;
@@ -126,9 +133,10 @@ class PipeHandoff implements KernelHandoff {
   }
 
   handOff(backend: TcpSocket, opening: Opening): ByteRelay {
-    const pair = socketPair(this.#client, backend);
+    const pair = socketPair(this.#client!, backend);
     this.#piped = true;
-    const { idleMs, ebpf: { sndbuf, rcvbuf } } = this.#options;
+    const { idleMs, ebpf: { sndbuf, rcvbuf } } = this.#options!;
+    this.#client = this.#options = null;
     const first = opening.first;
     const watcher = new PairWatcher(eventLoop(), pair);
     return new PipedRelay(pair, this.#pipes, { idleMs, first, sndbuf, rcvbuf, watcher });

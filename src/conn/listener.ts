@@ -216,7 +216,8 @@ export class Listener {
     const cached = this.#contexts[trustedProxy ? 1 : 0];
     if (
       cached && cached.table === table && cached.guard === host.guard &&
-      cached.blocker === host.blocker && cached.resolver === host.resolver
+      cached.blocker === host.blocker && cached.resolver === host.resolver &&
+      cached.path === host.path && cached.fds === host.fds && cached.metrics === host.metrics
     ) return cached;
     const blocker = host.blocker;
     const context = {

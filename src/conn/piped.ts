@@ -134,7 +134,9 @@ export class PipedRelay implements ByteRelay {
   readonly #idle: IdleTimer;
   readonly #upDir: Direction;
   readonly #downDir: Direction;
-  readonly #ids: number[] = [];
+  /** The watcher's ids of the client's and the backend's fd (-1: not watched). */
+  #clientWatch = -1;
+  #backendWatch = -1;
   readonly #release: () => void;
   readonly #watcher: FdWatcher;
   #end: RelayEnd | null = null;
@@ -216,14 +218,9 @@ export class PipedRelay implements ByteRelay {
     this.#idle.start();
     const { clientFd, backendFd } = this.#pair;
     try {
-      for (const fd of [clientFd, backendFd]) {
-        // a socket that is readable, writable or at EOF already reports that at once
-        this.#ids.push(this.#watcher.watch(
-          fd,
-          EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI,
-          (events) => this.#onEvent(fd, events),
-        ));
-      }
+      // a socket that is readable, writable or at EOF already reports that at once
+      this.#clientWatch = this.#watch(clientFd);
+      this.#backendWatch = this.#watch(backendFd);
     } catch (e) {
       this.#finish("error", e);
       return ended;
@@ -235,6 +232,11 @@ export class PipedRelay implements ByteRelay {
 
   stop(reason: RelayEnd): void {
     this.#finish(reason, null);
+  }
+
+  #watch(fd: number): number {
+    const events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI;
+    return this.#watcher.watch(fd, events, (ev) => this.#onEvent(fd, ev));
   }
 
   #onEvent(fd: number, events: number): void {
@@ -466,7 +468,8 @@ export class PipedRelay implements ByteRelay {
     clearTimeout(this.#pipeRetry);
     this.#release();
     const { clientFd, backendFd } = this.#pair;
-    this.#ids.forEach((id, i) => this.#watcher.unwatch(id, i === 0 ? clientFd : backendFd));
+    if (this.#clientWatch >= 0) this.#watcher.unwatch(this.#clientWatch, clientFd);
+    if (this.#backendWatch >= 0) this.#watcher.unwatch(this.#backendWatch, backendFd);
     for (const d of [this.#upDir, this.#downDir]) {
       if (d.pipe) this.#pool.give(d.pipe, d.inPipe === 0);
       d.pipe = null;

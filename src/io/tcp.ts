@@ -86,31 +86,86 @@ const addrLenView = new DataView(addrLen.buffer);
 
 const localOf = (fd: number) => localAddrOf(fd, "tcp");
 
+/** Bits of a {@link TcpSocket}'s state: one number, not seven fields (two sockets a connection). */
+const READABLE = 1;
+const WRITABLE = 2;
+const PEER_CLOSED = 4;
+const URGENT = 8;
+const FAILED = 16;
+const CLOSED = 32;
+const BULK = 64;
+
 /** A connected TCP socket: accepted from a listener, or connected to a backend. */
 export class TcpSocket implements IoHandler {
   readonly fd: number;
   readonly remoteAddr: NetAddr;
   readonly #loop: EventLoop;
   #localAddr: NetAddr | null;
-  /** epoll said there is input (or EOF, or an error) and no read has found none since. */
-  readable = false;
-  /** epoll said there is room to write and no write has been refused since. */
-  writable = false;
-  /** The peer's FIN has arrived (EPOLLRDHUP): a short read reached the EOF. */
-  peerClosed = false;
-  /** Urgent data arrived (EPOLLPRI). */
-  urgent = false;
-  /** epoll reported an error (a failed connect, a reset). */
-  failed = false;
+  /** READABLE, WRITABLE...: what epoll said and what calls found since. */
+  #state = 0;
   #handler: ((events: number) => void) | null = null;
   #waiter: ((events: number) => void) | null = null;
-  #closed = false;
 
   constructor(loop: EventLoop, fd: number, remote: NetAddr, local: NetAddr | null = null) {
     this.#loop = loop;
     this.fd = fd;
     this.remoteAddr = remote;
     this.#localAddr = local;
+  }
+
+  #set(bit: number, on: boolean): void {
+    this.#state = on ? this.#state | bit : this.#state & ~bit;
+  }
+
+  /** epoll said there is input (or EOF, or an error) and no read has found none since. */
+  get readable(): boolean {
+    return (this.#state & READABLE) !== 0;
+  }
+  set readable(on: boolean) {
+    this.#set(READABLE, on);
+  }
+
+  /** epoll said there is room to write and no write has been refused since. */
+  get writable(): boolean {
+    return (this.#state & WRITABLE) !== 0;
+  }
+  set writable(on: boolean) {
+    this.#set(WRITABLE, on);
+  }
+
+  /** The peer's FIN has arrived (EPOLLRDHUP): a short read reached the EOF. */
+  get peerClosed(): boolean {
+    return (this.#state & PEER_CLOSED) !== 0;
+  }
+  set peerClosed(on: boolean) {
+    this.#set(PEER_CLOSED, on);
+  }
+
+  /** Urgent data arrived (EPOLLPRI). */
+  get urgent(): boolean {
+    return (this.#state & URGENT) !== 0;
+  }
+  set urgent(on: boolean) {
+    this.#set(URGENT, on);
+  }
+
+  /** epoll reported an error (a failed connect, a reset). */
+  get failed(): boolean {
+    return (this.#state & FAILED) !== 0;
+  }
+  set failed(on: boolean) {
+    this.#set(FAILED, on);
+  }
+
+  /**
+   * The socket carries bulk (its relay says so once a transfer is under way): its events are
+   * served after the round's others. A connection's first bytes (a TLS handshake) are not bulk.
+   */
+  get bulk(): boolean {
+    return (this.#state & BULK) !== 0;
+  }
+  set bulk(on: boolean) {
+    this.#set(BULK, on);
   }
 
   /** The local end (asked of the kernel the first time). */
@@ -124,23 +179,19 @@ export class TcpSocket implements IoHandler {
     return this.#loop;
   }
 
-  /**
-   * The socket carries bulk (its relay says so once a transfer is under way): its events are
-   * served after the round's others. A connection's first bytes (a TLS handshake) are not bulk.
-   */
-  bulk = false;
-
   /** Closed by this process. */
   get closed(): boolean {
-    return this.#closed;
+    return (this.#state & CLOSED) !== 0;
   }
 
   onIo(events: number): void {
-    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) this.readable = true;
-    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) this.writable = true;
-    if (events & (EPOLLRDHUP | EPOLLHUP)) this.peerClosed = true;
-    if (events & EPOLLPRI) this.urgent = true;
-    if (events & EPOLLERR) this.failed = true;
+    let st = this.#state;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) st |= READABLE;
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) st |= WRITABLE;
+    if (events & (EPOLLRDHUP | EPOLLHUP)) st |= PEER_CLOSED;
+    if (events & EPOLLPRI) st |= URGENT;
+    if (events & EPOLLERR) st |= FAILED;
+    this.#state = st;
     if (this.#handler) this.#handler(events);
     else if (this.#waiter) {
       const w = this.#waiter;
@@ -159,7 +210,7 @@ export class TcpSocket implements IoHandler {
 
   /** Resolves with the next events of the socket (0 when it is closed meanwhile). */
   nextEvent(): Promise<number> {
-    if (this.#closed) return Promise.resolve(0);
+    if (this.#state & CLOSED) return Promise.resolve(0);
     return new Promise((resolve) => {
       this.#waiter = resolve;
     });
@@ -168,51 +219,51 @@ export class TcpSocket implements IoHandler {
   /** recv(2) into `buf` (up to `len`, a BigInt): bytes read, 0 at EOF, or -errno. */
   recv(buf: Uint8Array, len: bigint = BigInt(buf.length)): number {
     // a closed fd's number may already belong to another connection
-    if (this.#closed) return -E.EBADF;
+    if (this.#state & CLOSED) return -E.EBADF;
     // never past the buffer: the kernel would write where `len` says
     if (Number(len) > buf.length) len = BigInt(buf.length);
     const n = Number(sys().recv(this.fd, buf, len, 0));
     if (n < 0) {
       const err = lastErrno();
-      if (err === E.EAGAIN) this.readable = false;
+      if (err === E.EAGAIN) this.#state &= ~READABLE;
       return -err;
     }
     // a short read drained the socket: epoll reports the next bytes (edge-triggered)
-    if (n < Number(len) && n > 0 && !this.peerClosed) this.readable = false;
+    if (n < Number(len) && n > 0 && !(this.#state & PEER_CLOSED)) this.#state &= ~READABLE;
     return n;
   }
 
   /** send(2) of `buf`'s first `n` bytes (all by default), without SIGPIPE: bytes sent, or -errno. */
   send(buf: Uint8Array, n: number = buf.length): number {
-    if (this.#closed) return -E.EBADF;
+    if (this.#state & CLOSED) return -E.EBADF;
     if (n > buf.length) n = buf.length;
     const w = Number(sys().send(this.fd, buf, BigInt(n), MSG_NOSIGNAL));
     if (w < 0) {
       const err = lastErrno();
-      if (err === E.EAGAIN) this.writable = false;
+      if (err === E.EAGAIN) this.#state &= ~WRITABLE;
       return -err;
     }
-    if (w < n) this.writable = false;
+    if (w < n) this.#state &= ~WRITABLE;
     return w;
   }
 
   /** Sends the FIN (the peer reads EOF; this side can still read); 0 or -errno. */
   shutdownWrite(): number {
-    if (this.#closed) return -E.EBADF;
+    if (this.#state & CLOSED) return -E.EBADF;
     return rcOrErrno(sys().shutdown(this.fd, SHUT_WR));
   }
 
   /** Closes with a reset (SO_LINGER 0): the peer never takes a cut stream for a whole one. */
   reset(): void {
-    if (this.#closed) return;
+    if (this.#state & CLOSED) return;
     setLingerZero(this.fd);
     this.close();
   }
 
   /** Closes the socket (a FIN, unless reset() was called); a waiter gets 0. */
   close(): void {
-    if (this.#closed) return;
-    this.#closed = true;
+    if (this.#state & CLOSED) return;
+    this.#state |= CLOSED;
     this.#loop.forget(this.fd);
     closeFd(this.fd);
     this.#handler = null;

@@ -102,6 +102,9 @@ export class BurstLog {
 
 const encoder = new TextEncoder();
 
+/** An access log is written (by this process, or by the supervisor it forwards to). */
+let accessOn = false;
+
 /** stderr, written synchronously so a crash or exit never loses the last lines. */
 const stderrSink: Sink = (record: LogRecord) => {
   Deno.stderr.writeSync(encoder.encode(defaultTextFormatter(record)));
@@ -142,13 +145,13 @@ function fileSink(
  * @throws {LogSetupError} when a log file cannot be created or opened.
  */
 export async function setupLogging(cfg: Config["log"]): Promise<void> {
-  accessOn = Boolean(cfg.accessLog);
   const sinks: Record<string, Sink> = { stderr: stderrSink };
   const proxySinks = ["stderr"];
   if (cfg.file) {
     sinks.file = fileSink("log.file", cfg.file, cfg);
     proxySinks.push("file");
   }
+  accessOn = cfg.accessLog !== null;
   if (cfg.accessLog) {
     sinks.access = fileSink(
       "log.access_log",
@@ -192,6 +195,8 @@ export async function setupWorkerLogging(
   const access: Sink = (r: LogRecord) => {
     send({ t: "access", e: { ...(r.properties as unknown as AccessEntry), worker } });
   };
+  // the supervisor decides whether the lines are written
+  accessOn = true;
   await configure({
     reset: true,
     sinks: { forward, access, stderr: stderrSink },
@@ -223,16 +228,14 @@ export function writeForwarded(worker: number, line: ForwardedLog): void {
 }
 
 const accessLogger = getLogger([ACCESS_ROOT]);
-/** Whether access-log lines go anywhere (a worker forwards them to its supervisor: always). */
-let accessOn = true;
-
-/** Whether the access log is on: a connection's line is worth building. */
-export function accessLogOn(): boolean {
+/** Whether access-log lines go anywhere: when not, nothing needs to be kept for them. */
+export function accessLogEnabled(): boolean {
   return accessOn;
 }
 
 /** Writes one access-log line (a no-op when the access log is off). */
 export function writeAccess(entry: AccessEntry): void {
+  if (!accessOn) return;
   accessLogger.info("access", entry as unknown as Record<string, unknown>);
 }
 

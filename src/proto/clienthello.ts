@@ -192,6 +192,14 @@ export class ClientHelloParser extends HeadParser<ClientHello> {
 const extensionSeen = new Uint8Array(65536);
 let extensionGeneration = 0;
 
+/** Notes extension `type` in the parse of generation `gen`; throws on a repeat. */
+function noteExtension(type: number, gen: number): void {
+  if (extensionSeen[type] === gen) {
+    throw new ClientHelloError("bad_extension", `extension ${type} repeated`);
+  }
+  extensionSeen[type] = gen;
+}
+
 /** A generation number no entry of {@link extensionSeen} holds yet. */
 function nextExtensionGeneration(): number {
   extensionGeneration = (extensionGeneration + 1) & 0xff;
@@ -341,10 +349,7 @@ function parseBody(
     }
     const start = ext.pos;
     ext.pos += len;
-    if (extensionSeen[type] === gen) {
-      throw new ClientHelloError("bad_extension", `extension ${type} repeated`);
-    }
-    extensionSeen[type] = gen;
+    noteExtension(type, gen);
     switch (type) {
       case EXT_SERVER_NAME:
         hello.serverName = parseServerName(body, start, ext.pos);

@@ -17,7 +17,10 @@ export abstract class HeadParser<T> {
   #error: Error | null = null;
   readonly #initialBuffer: number;
 
-  /** `maxBytes`: the most bytes the head may take; `initialBuffer`: the first buffer's size. */
+  /**
+   * `maxBytes`: the most bytes the head may take; `initialBuffer`: the buffer's size once the
+   * head needs more than its first read.
+   */
   constructor(maxBytes: number, initialBuffer: number) {
     this.maxBytes = Number.isFinite(maxBytes) && maxBytes > 0 ? Math.floor(maxBytes) : 0;
     this.#initialBuffer = initialBuffer;
@@ -65,7 +68,10 @@ export abstract class HeadParser<T> {
   #append(chunk: Uint8Array): void {
     const need = this.len + chunk.length;
     if (need > this.buf.length) {
-      let cap = Math.max(this.buf.length * 2, this.#initialBuffer);
+      // the first read takes a buffer of its own size: a head that comes in one read (most do)
+      // is then held at its length for as long as its bytes are (until forwarded, or longer);
+      // one that comes in pieces grows by doubling from there
+      let cap = this.len === 0 ? need : Math.max(this.buf.length * 2, this.#initialBuffer);
       while (cap < need) cap *= 2;
       const next = new Uint8Array(cap);
       next.set(this.buf.subarray(0, this.len));

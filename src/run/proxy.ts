@@ -24,6 +24,8 @@ import { Listener, type ListenerHost, warnIfListened } from "../conn/listener.ts
 import { QuicListener, type QuicListenerHost } from "../conn/quic_listener.ts";
 import type { QuicKernelPath } from "../conn/quic_flow.ts";
 import { logger } from "../ops/log.ts";
+import { MemoryReleaser } from "../ops/memory.ts";
+import { eventLoop } from "../io/loop.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { DEFAULT_DNS_PIN_PATH, type HostResolver, Resolver } from "../dns/resolver.ts";
 import { type MetricsServer, serveMetrics } from "../ops/metrics_server.ts";
@@ -100,6 +102,8 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
   readonly fds: FdBudget | null;
   readonly sources = new SourceLimiter();
   #metricsServer: MetricsServer | null = null;
+  /** Gives the garbage of each burst of connections back to the system once it is over. */
+  #memory: MemoryReleaser | null = null;
   readonly #sessions = new Set<Session>();
   /** Told when the last live session ends (a drain waits for it). */
   #noSessions: (() => void)[] = [];
@@ -210,6 +214,8 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
       }
     }
     startHealthChecks(proxy.tables);
+    const loop = eventLoop();
+    proxy.#memory = new MemoryReleaser({ activity: () => loop.stats.events });
     info(
       `ready: ${proxy.#all.length} listener(s), ${routeSummary(config)}, ` +
         `mode ${proxy.mode}`,
@@ -466,6 +472,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
     }
     for (const q of this.quicListeners) q.close();
     this.quicSteer?.close();
+    this.#memory?.close();
     this.#quicFast?.close();
     await this.#metricsServer?.close();
     this.#resolver?.close();
