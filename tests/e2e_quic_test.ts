@@ -54,11 +54,22 @@ async function twoBackends(s: Scope, extra: Record<string, unknown> = {}) {
   return { a, b, bodyA, bodyB, proxy };
 }
 
-for (const workers of [1, 2]) {
+for (
+  const [workers, mode] of [[1, "userspace"], [2, "userspace"], [1, "kernel"], [
+    2,
+    "kernel",
+  ]] as const
+) {
   e2eTest(
-    `QUIC (workers ${workers}): downloads by SNI reach the backend of the name, byte for byte`,
+    `QUIC (workers ${workers}, ${mode} forwarding): downloads by SNI reach the backend of the ` +
+      "name, byte for byte",
     async (s) => {
-      const { a, b, bodyA, bodyB, proxy } = await twoBackends(s, { workers });
+      const kernel = mode === "kernel";
+      const { a, b, bodyA, bodyB, proxy } = await twoBackends(s, {
+        workers,
+        ...(kernel ? { ebpf: { enabled: true, quic: { interfaces: ["lo"] } } } : {}),
+      });
+      if (kernel) assert.doesNotMatch(proxy.stderr(), /QUIC kernel forwarding unavailable/);
       assert.equal(proxy.listeners[0].protocol, "quic");
       const port = proxy.port();
       const got = await quicDownloads(port, [
@@ -76,7 +87,12 @@ for (const workers of [1, 2]) {
       const m = await scrapeMetrics(proxy);
       assert.equal(sample(m, "sni_proxy_quic_flows_total"), 4, m);
       await assertPromtoolClean(m);
-      assert.ok(sample(m, "sni_proxy_quic_bytes_total", '{direction="down"}') > 2 << 20);
+      if (kernel) {
+        // the routed flows' datagrams went by the kernel, not through the process
+        assert.ok(sample(m, "sni_proxy_kernel_quic_to_client_packets_total") > 1000, m);
+      } else {
+        assert.ok(sample(m, "sni_proxy_quic_bytes_total", '{direction="down"}') > 2 << 20);
+      }
       // the flows end when idle; each is logged once with its name, route and backend
       await proxy.stop();
       const entries = (await proxy.access()).filter((e) => e.protocol === "quic");
@@ -84,7 +100,7 @@ for (const workers of [1, 2]) {
       for (const e of entries) {
         const backend = e.sni === "a.test" ? a.port : b.port;
         assert.equal(e.backend, `127.0.0.1:${backend}`);
-        assert.equal(e.mode, "userspace");
+        assert.equal(e.mode, mode);
         assert.ok(e.ja4?.startsWith("q"), e.ja4);
         assert.deepEqual(e.alpn, ["h3"]);
         assert.ok((e.datagrams_down ?? 0) > 0 && (e.datagrams_up ?? 0) > 0);
