@@ -165,15 +165,16 @@ char _license[] SEC("license") = "Dual BSD/GPL";
   return obj;
 }
 
-/** A proxy with one TLS listener routing `a.test` to `backend`, relaying in `mode`. */
+/** A proxy with one TLS listener routing `a.test` to `backend` (`route`: more of its fields), relaying in `mode`. */
 export function relayModeProxy(
   scope: Scope,
   mode: "userspace" | "pipe" | "sockmap",
   backend: string,
+  route: Record<string, unknown> = {},
 ): Promise<ProxyProcess> {
   const config = {
     listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-    routes: [{ match: "a.test", backends: [backend] }],
+    routes: [{ match: "a.test", backends: [backend], ...route }],
   };
   if (mode === "userspace") return startProxy(scope, { ...config, ebpf: { enabled: false } });
   return startKernelProxy(scope, { ...config, ebpf: kernelEbpf({ splice_mode: mode }) });
