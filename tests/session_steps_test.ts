@@ -113,10 +113,13 @@ e2eTest(
   async (scope) => {
     const backend = rawBackend(scope);
     const hosts = await hostsFile(scope, ["backend.test"]);
+    // two addresses, the first refusing: the second is dialled within the same attempt
+    await Deno.writeTextFile(hosts, "127.0.0.2 two.test\n127.0.0.1 two.test\n", { append: true });
     const p = await startProxy(scope, {
       listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
       routes: [
         { match: "named.test", backends: [`backend.test:${backend.port}`] },
+        { match: "two.test", backends: [`two.test:${backend.port}`] },
         { match: "gone.test", backends: [`nowhere.test:${backend.port}`] },
       ],
       dns: { servers: [silentDns(scope)], hosts_file: hosts, timeout_ms: 300, attempts: 1 },
@@ -131,6 +134,9 @@ e2eTest(
       conn.close();
       b.close();
     }
+    const two = await rawSpliced(p.port(), "two.test");
+    two.conn.close();
+    (await backend.next()).close();
     const gone = await helloSent(p.port(), "gone.test");
     const outcome = await within(5000, "client closed", readOutcome(gone));
     gone.close();
