@@ -508,6 +508,17 @@ Deno.test("resolver: IP literals, hosts-file names and bad names ask no server",
   await Deno.remove(hosts);
 });
 
+Deno.test("resolver: lookups that come together before the hosts file was read all find its names, asking no server", async () => {
+  const hosts = await Deno.makeTempFile();
+  await Deno.writeTextFile(hosts, "10.1.0.1 box\n");
+  await withResolver("memory", {}, { hostsFile: hosts }, async ({ dns, resolver }) => {
+    const all = await Promise.all(Array.from({ length: 20 }, () => resolver.resolve("box")));
+    assert.deepEqual(all, Array(20).fill(["10.1.0.1"]));
+    assert.equal(dns.totalQueries, 0);
+  });
+  await Deno.remove(hosts);
+});
+
 Deno.test("resolver: the system hosts file answers localhost by default", async () => {
   const r = Resolver.open({ minTtlMs: 0, maxTtlMs: 1000, negativeTtlMs: 100, maxEntries: 4 });
   try {

@@ -66,6 +66,8 @@ export class HostsFile {
   #hosts = new Map<string, HostsEntry>();
   #mtime = -1;
   #checkedAt = -Infinity;
+  /** The check (and read) under way, or null. */
+  #refreshing: Promise<void> | null = null;
 
   constructor(path: string, log: DnsLog) {
     this.path = path;
@@ -74,14 +76,18 @@ export class HostsFile {
 
   /** The addresses of `name` (normalised) in the file as it is now, or undefined. */
   async lookup(name: string): Promise<HostsEntry | undefined> {
-    await this.#refresh();
+    if (this.#refreshing === null && Date.now() - this.#checkedAt >= HOSTS_CHECK_INTERVAL_MS) {
+      this.#checkedAt = Date.now();
+      this.#refreshing = this.#refresh().finally(() => (this.#refreshing = null));
+    }
+    // every lookup while the file is read waits for it: the first read's burst would otherwise
+    // find nothing (and go to DNS) before the file was ever read
+    if (this.#refreshing !== null) await this.#refreshing;
     return this.#hosts.get(name);
   }
 
+  /** Re-reads the file if its mtime changed. */
   async #refresh(): Promise<void> {
-    const now = Date.now();
-    if (now - this.#checkedAt < HOSTS_CHECK_INTERVAL_MS) return;
-    this.#checkedAt = now;
     let mtime = 0;
     try {
       mtime = (await Deno.stat(this.path)).mtime?.getTime() ?? 0;
