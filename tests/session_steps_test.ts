@@ -9,8 +9,10 @@
  */
 import assert from "node:assert/strict";
 import {
+  blackHole,
   clientHelloBytes,
   e2eTest,
+  fdCount,
   GO,
   type ProxyProcess,
   pseudoRandomBytes,
@@ -28,27 +30,6 @@ import {
   writeAll,
 } from "./harness/mod.ts";
 import net from "node:net";
-import { TcpListenSocket } from "../src/io/tcp.ts";
-import { EventLoop } from "../src/io/loop.ts";
-
-/** A listening socket whose accept queue is full: connects to it stay in progress. */
-async function blackHole(scope: Scope): Promise<string> {
-  const loop = new EventLoop();
-  const sock = new TcpListenSocket(
-    loop,
-    "127.0.0.1",
-    0,
-    { reusePort: false, backlog: 0 },
-    () => {},
-  );
-  const filler = await Deno.connect({ hostname: "127.0.0.1", port: sock.addr.port });
-  scope.defer(() => {
-    filler.close();
-    sock.close();
-    loop.close();
-  });
-  return `127.0.0.1:${sock.addr.port}`;
-}
 
 /** A DNS server that reads nothing: every query to it times out. */
 function silentDns(scope: Scope): string {
@@ -64,13 +45,6 @@ async function hostsFile(scope: Scope, names: string[]): Promise<string> {
   const path = `${dir}/hosts`;
   await Deno.writeTextFile(path, names.map((n) => `127.0.0.1 ${n}\n`).join(""));
   return path;
-}
-
-/** The descriptors the process `pid` holds. */
-function fdCount(pid: number): number {
-  let n = 0;
-  for (const _ of Deno.readDirSync(`/proc/${pid}/fd`)) n++;
-  return n;
 }
 
 async function sessionCount(p: ProxyProcess): Promise<number> {

@@ -9,8 +9,10 @@
  */
 import assert from "node:assert/strict";
 import {
+  blackHole,
   clientHelloBytes,
   e2eTest,
+  fdCount,
   kernelEbpf,
   kernelSkipReason,
   type ProxyProcess,
@@ -18,44 +20,14 @@ import {
   rawSpliced,
   readOutcome,
   runCli,
-  type Scope,
   sleep,
   startKernelProxy,
   startProxy,
   within,
   writeAll,
 } from "./harness/mod.ts";
-import { TcpListenSocket } from "../src/io/tcp.ts";
-import { EventLoop } from "../src/io/loop.ts";
 
 const KERNEL_SKIP = await kernelSkipReason();
-
-/** A listening socket whose accept queue is full: connects to it stay in progress. */
-async function blackHole(scope: Scope): Promise<string> {
-  const loop = new EventLoop();
-  // never resumed: nothing accepts, the one connection the queue holds fills it
-  const sock = new TcpListenSocket(
-    loop,
-    "127.0.0.1",
-    0,
-    { reusePort: false, backlog: 0 },
-    () => {},
-  );
-  const filler = await Deno.connect({ hostname: "127.0.0.1", port: sock.addr.port });
-  scope.defer(() => {
-    filler.close();
-    sock.close();
-    loop.close();
-  });
-  return `127.0.0.1:${sock.addr.port}`;
-}
-
-/** The descriptors the process `pid` holds. */
-function fdCount(pid: number): number {
-  let n = 0;
-  for (const _ of Deno.readDirSync(`/proc/${pid}/fd`)) n++;
-  return n;
-}
 
 /** The number of live sessions `p` lists. */
 async function sessionCount(p: ProxyProcess): Promise<number> {

@@ -9,6 +9,8 @@ import { testCerts } from "./certs.ts";
 import { hostPort, writeAll } from "./bytes.ts";
 import { GO, readClientHello } from "./hello.ts";
 import type { Scope } from "./scope.ts";
+import { TcpListenSocket } from "../../src/io/tcp.ts";
+import { EventLoop } from "../../src/io/loop.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -282,4 +284,24 @@ export function rawBackend(
     },
     close,
   };
+}
+
+/** A listening socket whose accept queue is full: connects to it stay in progress (a backend that drops SYNs). */
+export async function blackHole(scope: Scope): Promise<string> {
+  const loop = new EventLoop();
+  // never resumed: nothing accepts, the one connection the queue holds fills it
+  const sock = new TcpListenSocket(
+    loop,
+    "127.0.0.1",
+    0,
+    { reusePort: false, backlog: 0 },
+    () => {},
+  );
+  const filler = await Deno.connect({ hostname: "127.0.0.1", port: sock.addr.port });
+  scope.defer(() => {
+    filler.close();
+    sock.close();
+    loop.close();
+  });
+  return `127.0.0.1:${sock.addr.port}`;
 }

@@ -394,3 +394,10 @@ export async function untilStopped(pid: number): Promise<void> {
   }
   throw new Error(`process ${pid} did not stop`);
 }
+
+/** The descriptors the process `pid` holds. */
+export function fdCount(pid: number): number {
+  let n = 0;
+  for (const _ of Deno.readDirSync(`/proc/${pid}/fd`)) n++;
+  return n;
+}
