@@ -102,8 +102,12 @@ e2eTest(
     const ja4 = entry.ja4 as string;
     assert.match(ja4, /^t13d\d{4}h2_[0-9a-f]{12}_[0-9a-f]{12}$/, "curl: TLS 1.3, SNI, h2 first");
     assert.match(entry.ja3 as string, /^[0-9a-f]{32}$/);
+    // curl closes with the server's close_notify unread: its kernel resets, and unless the
+    // backend's end came within the relay's 250 ms for it (a busy host) the line says so
+    assert.ok(["done", "client_reset"].includes(entry.close_reason), JSON.stringify(entry));
     // the record drops the parsed hello once the relay starts: its line still has every field
-    assert.deepEqual(Object.keys(entry).sort(), [
+    // (and the reset's error when it was one)
+    assert.deepEqual(Object.keys(entry).filter((k) => k !== "error").sort(), [
       "alpn",
       "backend",
       "bytes_down",
@@ -120,7 +124,7 @@ e2eTest(
       "time",
     ]);
     assert.deepEqual(entry.alpn, ["h2", "http/1.1"]);
-    assert.equal(entry.close_reason, "done");
+    assert.equal("error" in entry, entry.close_reason !== "done", JSON.stringify(entry));
     assert.ok(entry.bytes_up > 0 && entry.bytes_down > 0, "the relay's bytes");
     assert.equal((await opensslClient(port, "b.test", 5000, ["-tls1_2"])).answer, "legacy");
 

@@ -140,7 +140,7 @@ export class IdleTimer {
 }
 
 /** How long a reset that came after its side's EOF waits for the other way to end by itself. */
-const LATE_RESET_MS = 50;
+const LATE_RESET_MS = 250;
 
 /** The relays' one read buffer: a chunk is read into it and written on at once, synchronously. */
 const chunk = new Uint8Array(64 * 1024);
