@@ -29,6 +29,7 @@ import {
 } from "./harness/bytes.ts";
 import { Relay, type RelayEnd } from "../src/conn/relay.ts";
 import { e2eTest, type Scope, sleep, within } from "./harness/scope.ts";
+import { straceDuring } from "./harness/syscalls.ts";
 import {
   closeConn,
   cpuSeconds,
@@ -897,30 +898,7 @@ async function straceWhile(
   pid: number,
   work: () => Promise<void>,
 ): Promise<{ total: number; by: Record<string, number> }> {
-  const file = await Deno.makeTempFile({ prefix: "sni-strace-c-" });
-  scope.defer(() => Deno.remove(file).catch(() => {}));
-  const strace = new Deno.Command("strace", {
-    args: ["-f", "-c", "-o", file, "-p", String(pid)],
-    stderr: "piped",
-  }).spawn();
-  scope.defer(() => {
-    try {
-      strace.kill("SIGKILL");
-    } catch { /* exited */ }
-  });
-  // "Process N attached with M threads": after every thread
-  let said = "";
-  const reader = strace.stderr.pipeThrough(new TextDecoderStream()).getReader();
-  while (!/attached/.test(said)) {
-    const { value, done } = await reader.read();
-    if (done) throw new Error(`strace: ${said}`);
-    said += value;
-  }
-  await work();
-  strace.kill("SIGINT");
-  await strace.status;
-  reader.releaseLock();
-  return straceCounts(await Deno.readTextFile(file));
+  return straceCounts(await straceDuring(scope, pid, ["-c"], work));
 }
 
 for (const parallel of [1, 16]) {

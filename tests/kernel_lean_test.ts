@@ -23,6 +23,7 @@ import {
   type Scope,
   sendRandom,
   startKernelProxy,
+  straceDuring,
   untilStopped,
   writeAll,
 } from "./harness/mod.ts";
@@ -77,30 +78,8 @@ async function traced(
   list: string,
   work: () => Promise<void>,
 ): Promise<string[]> {
-  const file = await Deno.makeTempFile({ prefix: "sni-lean-" });
-  scope.defer(() => Deno.remove(file).catch(() => {}));
-  const strace = new Deno.Command("strace", {
-    args: ["-f", "-e", `trace=${list}`, "-e", "signal=none", "-o", file, "-p", String(pid)],
-    stdout: "null",
-    stderr: "piped",
-  }).spawn();
-  scope.defer(() => {
-    try {
-      strace.kill("SIGKILL");
-    } catch { /* exited */ }
-  });
-  const reader = strace.stderr.pipeThrough(new TextDecoderStream()).getReader();
-  let said = "";
-  while (!/attached/.test(said)) {
-    const { value, done } = await reader.read();
-    if (done) throw new Error(`strace: ${said}`);
-    said += value;
-  }
-  await work();
-  strace.kill("SIGINT");
-  await strace.status;
-  reader.releaseLock();
-  return (await Deno.readTextFile(file)).split("\n").filter((l) => /^\d+\s+\w+\(/.test(l));
+  const text = await straceDuring(scope, pid, ["-e", `trace=${list}`, "-e", "signal=none"], work);
+  return text.split("\n").filter((l) => /^\d+\s+\w+\(/.test(l));
 }
 
 /** A kernel-mode proxy in `mode` routing `a.test` to a raw backend the test drives. */

@@ -143,3 +143,40 @@ export function fdOf(conn: Deno.Conn): number {
   }
   throw new Error(`no fd for ${local} -> ${remote}`);
 }
+
+/**
+ * Runs `work` with strace attached to every thread of `pid` (`args`: what to trace, e.g.
+ * `["-c"]` or `["-e", "trace=recvfrom"]`); returns what strace wrote once detached.
+ */
+export async function straceDuring(
+  scope: Scope,
+  pid: number,
+  args: string[],
+  work: () => Promise<void>,
+): Promise<string> {
+  const file = await Deno.makeTempFile({ prefix: "sni-strace-" });
+  scope.defer(() => Deno.remove(file).catch(() => {}));
+  const strace = new Deno.Command("strace", {
+    args: ["-f", ...args, "-o", file, "-p", String(pid)],
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  scope.defer(() => {
+    try {
+      strace.kill("SIGKILL");
+    } catch { /* exited */ }
+  });
+  // "Process N attached with M threads": after every thread
+  const reader = strace.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  let said = "";
+  while (!/attached/.test(said)) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error(`strace: ${said}`);
+    said += value;
+  }
+  await work();
+  strace.kill("SIGINT");
+  await strace.status;
+  reader.releaseLock();
+  return await Deno.readTextFile(file);
+}
