@@ -21,10 +21,9 @@ import { errText } from "../ops/errtext.ts";
 import type { Refusal } from "../proto/protocol.ts";
 import type { HostResolver } from "../dns/resolver.ts";
 import type { CloseReason } from "./conn_record.ts";
-import { connectTcp, socketError, type TcpSocket } from "../io/tcp.ts";
+import { connectOutcome, connectTcp, type TcpSocket } from "../io/tcp.ts";
 import { eventLoop } from "../io/loop.ts";
 import { type Deadline, deadline } from "../io/deadlines.ts";
-import { E } from "../../ffi/socket.ts";
 import { isIpAddress } from "../net/ip.ts";
 
 const log = logger("session");
@@ -208,14 +207,13 @@ class Dial implements Dialling {
   /** The socket's events: connected (room to write, no error), failed, or not yet. */
   #check(): void {
     const sock = this.#sock!;
-    if (sock.writable && !sock.failed) {
+    const outcome = connectOutcome(sock);
+    if (outcome === true) {
       this.#connected(sock);
       return;
     }
-    if (!sock.failed) return;
-    const err = sock.pendingError() || E.ECONNREFUSED;
-    const { hostname, port } = sock.remoteAddr;
-    this.#error = socketError(`connect ${hostname}:${port}`, err);
+    if (outcome === null) return;
+    this.#error = outcome;
     sock.close();
     this.#sock = null;
     this.#connectNext();

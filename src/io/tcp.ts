@@ -325,14 +325,22 @@ export function connectTcp(loop: EventLoop, hostname: string, port: number): Tcp
 export async function connected(sock: TcpSocket): Promise<void> {
   for (;;) {
     if (sock.closed) throw socketError("connect", E.ECONNABORTED);
-    // room to write without an error: connected (no getsockopt needed)
-    if (sock.writable && !sock.failed) return;
-    if (sock.failed) {
-      const err = sock.pendingError() || E.ECONNREFUSED;
-      throw socketError(`connect ${sock.remoteAddr.hostname}:${sock.remoteAddr.port}`, err);
-    }
+    const outcome = connectOutcome(sock);
+    if (outcome === true) return;
+    if (outcome !== null) throw outcome;
     await sock.nextEvent();
   }
+}
+
+/**
+ * How `sock`'s connect stands by its events so far: true once connected (room to write
+ * without an error: no getsockopt needed), its error once failed, null while under way.
+ */
+export function connectOutcome(sock: TcpSocket): true | SocketError | null {
+  if (sock.writable && !sock.failed) return true;
+  if (!sock.failed) return null;
+  const err = sock.pendingError() || E.ECONNREFUSED;
+  return socketError(`connect ${sock.remoteAddr.hostname}:${sock.remoteAddr.port}`, err);
 }
 
 /**
