@@ -1,6 +1,7 @@
 /**
  * The measurements of a run: the idle test and the churn test of each subject, each on a fresh
- * instance, then the load tests (load_tests.ts) in rounds with the columns interleaved. A
+ * instance, then the load tests (load_tests.ts) in rounds with the columns interleaved, after a
+ * warm-up of each column. A
  * column that may fail ({@link optional}) is skipped or dropped with its reason instead.
  *
  * @module
@@ -13,6 +14,7 @@ import {
   summarizeBusy,
   summarizeWrk,
   type WrkResult,
+  wrkRun,
 } from "./load.ts";
 import { type Column, type LoadTest, loadTests, type SyscallRun } from "./load_tests.ts";
 import { type IdleResult, idleRss } from "./idle_conns.ts";
@@ -135,6 +137,7 @@ export async function measureLoad(o: MeasureOptions & { withDirect: boolean }): 
   }
   try {
     await startColumns(columns, o);
+    await warmUp(columns, o);
     await runRounds(columns, loadTests(o), o.settings.rounds, o.skipped);
   } finally {
     for (const c of columns) await c.proxy?.stop();
@@ -183,6 +186,29 @@ function newColumn(
     starve: [],
   };
 }
+
+/**
+ * Runs new connections, then keep-alive requests, through every proxied column, unmeasured: a
+ * JIT-compiled proxy (ours) compiles its hot code in its first ~10 s of load, which a short
+ * measured run would count as cost per connection; in production that happens once. The peers
+ * get the same runs.
+ */
+async function warmUp(columns: Column[], o: MeasureOptions): Promise<void> {
+  const wrk = { ...o.settings.wrk, duration: WARM_UP.newConnections };
+  for (const c of columns) {
+    if (!c.proxy) continue;
+    try {
+      await wrkRun(c.port, true, wrk, c.watch);
+      await wrkRun(c.port, false, { ...wrk, duration: WARM_UP.keepAlive }, c.watch);
+      console.log(`warm-up ${c.name}: done`);
+    } catch (e) {
+      console.log(`warm-up ${c.name}: ${firstLines(e)}`); // its measured runs will say more
+    }
+  }
+}
+
+/** How long each column is warmed up before the load tests. */
+const WARM_UP = { newConnections: "8s", keepAlive: "2s" };
 
 /** Starts each subject and adds its column to `columns` (the caller stops them). */
 async function startColumns(columns: Column[], o: MeasureOptions): Promise<void> {

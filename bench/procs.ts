@@ -58,29 +58,38 @@ export async function stop(
   await child.status;
 }
 
-/** Grandchildren (e.g. nginx workers) to kill if they outlive their parent: pid → cmdline. */
+/**
+ * Grandchildren (e.g. nginx workers) to kill if they outlive their parent: pid → start time
+ * (the identity of a process: a pid may be reused; a command line changes after a fork).
+ */
 const adopted = new Map<number, string>();
 
-/**
- * Registers a grandchild: {@link killAdopted} kills it if it is still running with the same
- * command line (an nginx worker whose master was killed keeps running and serving).
- */
-export function adopt(pid: number): void {
+/** A process's start time (field 22 of its stat), or null when it is gone. */
+function startTime(pid: number): string | null {
   try {
-    adopted.set(pid, Deno.readTextFileSync(`/proc/${pid}/cmdline`));
-  } catch { /* already gone */ }
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19];
+  } catch {
+    return null;
+  }
 }
 
 /**
- * SIGKILLs the adopted processes that are still running (checked by command line): `pids`, or
- * all of them.
+ * Registers a grandchild: {@link killAdopted} kills it if it is still running (the same process,
+ * by start time: an nginx worker whose master was killed keeps running and serving).
  */
+export function adopt(pid: number): void {
+  const started = startTime(pid);
+  if (started !== null) adopted.set(pid, started);
+}
+
+/** SIGKILLs the adopted processes that are still running: `pids`, or all of them. */
 export function killAdopted(pids: Iterable<number> = [...adopted.keys()]): void {
   for (const pid of pids) {
-    const cmdline = adopted.get(pid);
-    if (cmdline === undefined) continue;
+    const started = adopted.get(pid);
+    if (started === undefined) continue;
     try {
-      if (Deno.readTextFileSync(`/proc/${pid}/cmdline`) === cmdline) Deno.kill(pid, "SIGKILL");
+      if (startTime(pid) === started) Deno.kill(pid, "SIGKILL");
     } catch { /* gone */ }
     adopted.delete(pid);
   }

@@ -1,7 +1,7 @@
 /**
  * The shared deadline queues behind the sessions' hello and connect timeouts
  * (src/io/deadlines.ts): they fire in time and in order, a cancelled one never fires, and a
- * queue with nothing live holds no timer and no entry.
+ * queue with nothing live holds no entry and keeps no process alive.
  */
 import assert from "node:assert/strict";
 import { DeadlineQueue } from "../src/io/deadlines.ts";
@@ -36,8 +36,8 @@ Deno.test("a cancelled deadline never fires; the others still do", async () => {
   assert(!ds[1].live);
 });
 
-Deno.test("with every deadline cancelled the queue holds nothing and no timer", () => {
-  // the test's sanitizer fails it when a timer is left behind
+Deno.test("with every deadline cancelled the queue holds nothing and keeps no process alive", () => {
+  // the test's sanitizer fails it when a timer that keeps the process alive is left behind
   const q = new DeadlineQueue(60_000);
   const ds = Array.from({ length: 10_000 }, () => q.add(() => {}));
   assert.deepEqual(q.held, 10_000);
@@ -89,4 +89,19 @@ Deno.test("cancelled deadlines are dropped once they outnumber the live ones; th
   await sleep(80);
   assert.deepEqual(fired, [...keep].sort((a, b) => a - b));
   assert.equal(q.held, 0);
+});
+
+Deno.test("a queue emptied and used again fires the new deadline in its own time, not the old one's", async () => {
+  const q = new DeadlineQueue(50);
+  q.add(() => assert.fail("cancelled deadline fired")).cancel();
+  await sleep(30);
+  // the first deadline's timer (due in 20 ms) is still armed: it must not fire this one early
+  const t0 = performance.now();
+  let firedAt = -1;
+  q.add(() => firedAt = performance.now() - t0);
+  await sleep(35);
+  assert.equal(firedAt, -1, "fired at the emptied queue's old time");
+  await sleep(40);
+  assert(firedAt >= 49, `fired after ${firedAt} ms`);
+  assert.deepEqual([q.live, q.held], [0, 0]);
 });

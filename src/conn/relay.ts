@@ -121,7 +121,7 @@ export class IdleTimer {
   clear(): void {
     this.#deadline?.cancel();
     this.#deadline = null;
-    clearTimeout(this.#timer);
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
   }
 
   #due(): void {

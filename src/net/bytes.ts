@@ -1,6 +1,6 @@
 /**
- * Byte and stream helpers every module shares: joining byte arrays, writing a buffer whole,
- * splitting a byte stream into lines.
+ * Byte and stream helpers every module shares: joining byte arrays, short byte strings as text,
+ * writing a buffer whole, splitting a byte stream into lines.
  * @module
  */
 
@@ -13,6 +13,28 @@ export function concat(...parts: Uint8Array[]): Uint8Array<ArrayBuffer> {
   for (const p of parts) {
     out.set(p, at);
     at += p.length;
+  }
+  return out;
+}
+
+/** Characters made at once from a byte string (a host name fits in one go). */
+const TEXT_STEP = 256;
+const textStep = new Uint16Array(TEXT_STEP);
+
+/**
+ * Bytes `start`..`end` of `b` as a string, one character per byte (ISO-8859-1); `lower`: ASCII
+ * letters in lower case (a host name: DNS names compare case-insensitively). Made in JS, not by
+ * a TextDecoder: for a name that costs less than the decoder's call.
+ */
+export function latin1String(b: Uint8Array, start: number, end: number, lower = false): string {
+  let out = "";
+  for (let at = start; at < end; at += TEXT_STEP) {
+    const n = Math.min(TEXT_STEP, end - at);
+    for (let i = 0; i < n; i++) {
+      const c = b[at + i];
+      textStep[i] = lower && c >= 0x41 && c <= 0x5a ? c | 0x20 : c;
+    }
+    out += String.fromCharCode.apply(null, textStep.subarray(0, n) as unknown as number[]);
   }
   return out;
 }

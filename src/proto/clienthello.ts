@@ -17,6 +17,7 @@ import { fingerprints, type HelloTransport } from "./fingerprint.ts";
 import { HeadParser } from "./headparser.ts";
 import { type ClientHello, ClientHelloError, type ClientHelloErrorKind } from "./hello.ts";
 import { isSslv2Start, parseSslv2Hello } from "./sslv2.ts";
+import { latin1String } from "../net/bytes.ts";
 
 export { type ClientHello, ClientHelloError, type ClientHelloErrorKind } from "./hello.ts";
 
@@ -37,8 +38,6 @@ const EXT_ECH = 0xfe0d;
 const NAME_TYPE_HOST_NAME = 0;
 /** First buffer size: most hellos fit (517 B from OpenSSL, ~1.9 KB post-quantum browsers). */
 const INITIAL_BUFFER = 2048;
-
-const latin1 = new TextDecoder("latin1");
 
 /** Parses one ClientHello from bytes as they arrive. */
 export class ClientHelloParser extends HeadParser<ClientHello> {
@@ -423,7 +422,7 @@ function parseAlpn(b: Uint8Array, start: number, end: number): string[] {
     if (r.pos + len > end) {
       throw new ClientHelloError("bad_extension", `ALPN name length ${len} runs past its list`);
     }
-    names.push(latin1.decode(b.subarray(r.pos, r.pos + len)));
+    names.push(latin1String(b, r.pos, r.pos + len));
     r.pos += len;
   }
   return names;
@@ -460,7 +459,7 @@ function validateHostName(b: Uint8Array, s: number, e: number): string {
   if (trimmed - s > 253) {
     throw new ClientHelloError("bad_server_name", `server name of ${trimmed - s} bytes, over 253`);
   }
-  return latin1.decode(b.subarray(s, trimmed)).toLowerCase();
+  return latin1String(b, s, trimmed, true);
 }
 
 function hex(n: number): string {
