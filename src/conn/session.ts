@@ -32,8 +32,6 @@ import {
   parseProxyHeader,
   proxyHeader,
   ProxyHeaderError,
-  type ProxyTlv,
-  type ProxyTlvValues,
   type ReceivedProxyHeader,
 } from "../proto/proxyproto.ts";
 import type { HostResolver } from "../dns/resolver.ts";
@@ -41,6 +39,9 @@ import type { RoutingTable } from "../route/table.ts";
 import { type CloseReason, ConnRecord, type SessionInfo } from "./conn_record.ts";
 import { dialBackend, type Dialling, type DialResult } from "./backend_dial.ts";
 import { pickRoute } from "./route_pick.ts";
+import { type FirstWrite, type FirstWriteEnd, writeFirst } from "./first_write.ts";
+import { lingerClose } from "./linger.ts";
+import { tlvValues } from "./proxy_tlvs.ts";
 import { type KernelHandoff, kernelHandoff, type RelayPath } from "./kernel_handoff.ts";
 
 const log = logger("session");
@@ -79,14 +80,6 @@ export interface SessionContext {
  */
 const helloChunk = new Uint8Array(16 * 1024);
 
-/** This process's part of every connection id: random, so ids stay unique across restarts. */
-const connIdPrefix = Array.from(
-  crypto.getRandomValues(new Uint8Array(6)),
-  (b) => b.toString(16).padStart(2, "0"),
-).join("");
-/** Connection ids made by this process so far (process-wide, so no two sessions share one). */
-let connIds = 0;
-
 /** One accepted client connection. */
 export class Session {
   readonly #client: TcpSocket;
@@ -114,8 +107,10 @@ export class Session {
   #backendConn: TcpSocket | null = null;
   /** The backend connected to: this session is one of its `active` connections. */
   #backend: Backend | null = null;
-  /** The first bytes for the backend (hello, maybe after a PROXY header) not written yet. */
-  #first: Uint8Array | null = null;
+  /** The write of the first bytes to the backend (hello, maybe after a PROXY header). */
+  #firstWrite: FirstWrite | null = null;
+  /** The client was told no and sent its FIN: it is closed by a lingering close. */
+  #refused = false;
   #relay: ByteRelay | null = null;
   #stopReason: CloseReason | null = null;
   /** The error behind the end so far, for the access log. */
@@ -175,9 +170,14 @@ export class Session {
     this.#ended = true;
     this.#helloDeadline?.cancel();
     this.#dial?.stop();
+    this.#firstWrite?.stop();
     if (this.#backend) this.#backend.active--;
     this.#handoff?.release();
-    closeQuietly(this.#client);
+    if (this.#refused) {
+      const { timeouts, limits } = this.#ctx.table.config;
+      const { metrics, fds } = this.#ctx;
+      lingerClose(this.#client, { ms: timeouts.lingerMs, max: limits.maxLingering, metrics, fds });
+    } else closeQuietly(this.#client);
     if (this.#backendConn) {
       closeQuietly(this.#backendConn);
       this.#ctx.fds?.backendClosed();
@@ -343,12 +343,16 @@ export class Session {
   }
 
   /**
-   * Tells the client no, as its protocol says `refusal`, and ends its side. One send: a
-   * refusal (an alert, a short HTTP response) fits in a new connection's send buffer; a client
-   * that is gone already gets nothing.
+   * Tells the client no, as its protocol says `refusal`, and ends its side; its socket is then
+   * closed by a lingering close (src/conn/linger.ts), so bytes it sent that were never read do
+   * not turn the close into a reset that discards the refusal. One send: a refusal (an alert, a
+   * short HTTP response) fits in a new connection's send buffer; a client that is gone already
+   * gets nothing.
    */
   #refuse(refusal: Refusal): void {
-    if (this.#client.send(this.#ctx.protocol.refusals[refusal]) >= 0) this.#client.shutdownWrite();
+    const bytes = this.#ctx.protocol.refusals[refusal];
+    if (this.#client.send(bytes) !== bytes.length) return;
+    this.#refused = this.#client.shutdownWrite() === 0;
   }
 
   /** Connects a backend of `pool` (in kernel mode with the handoff ready for the pair). */
@@ -419,35 +423,42 @@ export class Session {
       this.#relayWith(handed);
       return;
     }
-    this.#first = first;
-    backend.setHandler(() => this.#guarded(() => this.#writeHello()));
-    this.#writeHello();
+    const ms = this.#ctx.table.config.timeouts.connectMs;
+    this.#firstWrite = writeFirst(backend, first, ms, (end) => {
+      this.#firstWrite = null;
+      this.#guarded(() => this.#firstWritten(pool, end));
+    });
   }
 
   /**
-   * Writes what is left of the hello to the backend (more when it has room), then starts the
-   * relay. A backend that reset or closed before its hello (e.g. overloaded) ends like a reset
-   * in the relay, not as an error: the client is reset.
+   * The hello is written: the relay starts. A backend that reset or closed before its hello
+   * (e.g. overloaded) ends like a reset in the relay, not as an error: the client is reset. One
+   * that took no more of it within connect_ms is the backend's failure (logged, counted, its
+   * passive health told): the client is told the backend timed out.
    */
-  #writeHello(): void {
-    const backend = this.#backendConn!;
-    const first = this.#first!;
-    if (!backend.writable) return;
-    const w = backend.send(first);
-    if (w === -E.EAGAIN) return;
-    if (w < 0) {
-      this.#error = socketError("send", -w);
+  #firstWritten(pool: BackendPool, end: FirstWriteEnd): void {
+    if (end.kind === "written") {
+      this.#relayWith(
+        new Relay(this.#client, this.#backendConn!, this.#ctx.table.config.timeouts.idleMs),
+      );
+      return;
+    }
+    if (end.kind === "failed") {
+      this.#error = end.error;
       this.#client.reset();
       this.#end("backend_reset");
       return;
     }
-    if (w < first.length) {
-      this.#first = first.subarray(w);
-      return;
-    }
-    this.#first = null;
-    backend.setHandler(null);
-    this.#relayWith(new Relay(this.#client, backend, this.#ctx.table.config.timeouts.idleMs));
+    const backend = this.#backend!;
+    const what = `backend ${this.#record.backend} took ${end.written} of the ${end.total} bytes ` +
+      `of the hello within connect_ms (${end.ms} ms)`;
+    this.#error = new Error(`${what}: it accepts but does not read`);
+    log.warn(`${what} for ${this.#record.client}: it accepts but does not read; giving up`);
+    this.#ctx.metrics.connectFailures++;
+    if (!backend.address.dynamic) pool.connectFailed(backend, "took no hello");
+    this.#backendConn!.reset();
+    this.#refuse("timed_out");
+    this.#end("backend_timeout");
   }
 
   /** The hello is with the backend: `relay` moves the rest until both sides are done. */
@@ -467,26 +478,7 @@ export class Session {
       pool.proxyProtocol!,
       this.#clientNet,
       this.#serverNet ?? this.#client.localAddr,
-      pool.proxyTlvs.length ? this.#tlvValues(pool.proxyTlvs) : undefined,
+      pool.proxyTlvs.length ? tlvValues(pool.proxyTlvs, this.#record, this.#routeAlpn) : undefined,
     );
-  }
-
-  /**
-   * The values of the PROXY v2 TLVs `tlvs`: the requested name, the application protocol (the
-   * proxy does not see the server's choice: for a route with `alpn` the client's first offer
-   * the route lists, else the client's first offer) and a new connection id.
-   */
-  #tlvValues(tlvs: readonly ProxyTlv[]): ProxyTlvValues {
-    const offered = this.#hello?.alpn ?? [];
-    const routeAlpn = this.#routeAlpn;
-    const record = this.#record;
-    if (tlvs.includes("unique_id")) record.connId = `${connIdPrefix}-${(++connIds).toString(36)}`;
-    return {
-      authority: tlvs.includes("authority") ? record.sni : null,
-      alpn: tlvs.includes("alpn")
-        ? (routeAlpn ? offered.find((p) => routeAlpn.includes(p)) : offered[0]) ?? null
-        : null,
-      uniqueId: record.connId,
-    };
   }
 }

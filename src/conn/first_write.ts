@@ -1,0 +1,73 @@
+/**
+ * Writing a session's first bytes (the client's hello, after any PROXY header) to the backend
+ * it just connected, in userspace mode. A backend that accepts but never reads (hung, or its
+ * accept queue served by a process that stopped reading) would hold the session there for ever:
+ * the relay and its idle timeout start only once the hello is written. So the write is bounded
+ * by `timeouts.connect_ms`, counted from the first write the backend refused (just after the
+ * connect): taking the hello is part of getting a backend. The deadline is armed only then (its
+ * buffers full): a hello written in one send costs none.
+ *
+ * @module
+ */
+import { E } from "../../ffi/socket.ts";
+import { socketError, type TcpSocket } from "../io/tcp.ts";
+import { type Deadline, deadline } from "../io/deadlines.ts";
+
+/** How writing the first bytes ended. */
+export type FirstWriteEnd =
+  | { kind: "written" }
+  /** The backend reset or closed (e.g. overloaded): the send's error. */
+  | { kind: "failed"; error: Error }
+  /** The backend took only `written` of `total` bytes within `ms`. */
+  | { kind: "stalled"; written: number; total: number; ms: number };
+
+/** What {@link writeFirst} returns: stop() gives the write up (no callback then). */
+export interface FirstWrite {
+  stop(): void;
+}
+
+/**
+ * Writes `first` to `backend`, now and whenever it has room; `done` is called once (maybe
+ * before this returns) unless the write is stopped first.
+ */
+export function writeFirst(
+  backend: TcpSocket,
+  first: Uint8Array,
+  ms: number,
+  done: (end: FirstWriteEnd) => void,
+): FirstWrite {
+  let rest: Uint8Array | null = first;
+  let due: Deadline | null = null;
+  const finish = (end: FirstWriteEnd) => {
+    if (rest === null) return;
+    rest = null;
+    due?.cancel();
+    backend.setHandler(null);
+    done(end);
+  };
+  const write = () => {
+    if (rest === null) return;
+    if (backend.writable) {
+      const w = backend.send(rest);
+      if (w < 0 && w !== -E.EAGAIN) {
+        return finish({ kind: "failed", error: socketError("send", -w) });
+      }
+      if (w === rest.length) return finish({ kind: "written" });
+      if (w > 0) rest = rest.subarray(w);
+    }
+    due ??= deadline(ms, () => {
+      const written = first.length - (rest?.length ?? 0);
+      finish({ kind: "stalled", written, total: first.length, ms });
+    });
+  };
+  backend.setHandler(write);
+  write();
+  return {
+    stop: () => {
+      if (rest === null) return;
+      rest = null;
+      due?.cancel();
+      backend.setHandler(null);
+    },
+  };
+}
