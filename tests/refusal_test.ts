@@ -16,16 +16,17 @@ import {
   e2eTest,
   fdCount,
   fdOf,
-  ip,
   kernelEbpf,
   kernelSkipReason,
   opensslClient,
   type ProxyProcess,
+  runChecked,
   type Scope,
   scrapeMetrics,
   sleep,
   startKernelProxy,
   startProxy,
+  testNamespace,
   writeAll,
 } from "./harness/mod.ts";
 
@@ -129,24 +130,6 @@ async function lingerCounts(p: ProxyProcess): Promise<Record<string, number>> {
   return out;
 }
 
-/** A network namespace of this test with its loopback up; removed when the test ends. */
-async function namespace(scope: Scope, tag: string): Promise<string[]> {
-  const ns = `sni-refusal-${Deno.pid}-${tag}`;
-  await ip("netns", "del", ns).catch(() => {});
-  await ip("netns", "add", ns);
-  scope.defer(() => ip("netns", "del", ns));
-  await ip("-n", ns, "link", "set", "lo", "up");
-  return ["ip", "netns", "exec", ns];
-}
-
-/** Runs `cmd` and asserts it succeeds; returns its stdout. */
-async function run(cmd: string[]): Promise<string> {
-  const out = await new Deno.Command(cmd[0], { args: cmd.slice(1), stderr: "piped" }).output();
-  const text = (b: Uint8Array) => new TextDecoder().decode(b);
-  assert.ok(out.success, `${cmd.join(" ")}: ${text(out.stderr)}`);
-  return text(out.stdout);
-}
-
 /**
  * Attaches tests/fixtures/drop_first_alert.bpf.c (compiled now) to the loopback of the
  * namespace `wrapper` enters: the first TLS alert segment of each connection is lost.
@@ -156,7 +139,7 @@ async function loseFirstAlerts(scope: Scope, wrapper: string[]): Promise<void> {
   scope.defer(() => Deno.remove(dir, { recursive: true }));
   const src = new URL("./fixtures/drop_first_alert.bpf.c", import.meta.url).pathname;
   const multiarch = `/usr/include/${Deno.build.arch}-linux-gnu`;
-  await run([
+  await runChecked([
     "clang",
     "-O2",
     "-g",
@@ -169,8 +152,8 @@ async function loseFirstAlerts(scope: Scope, wrapper: string[]): Promise<void> {
     `${dir}/f.o`,
   ]);
   const ns = wrapper[3];
-  await run(["tc", "-n", ns, "qdisc", "add", "dev", "lo", "clsact"]);
-  await run([
+  await runChecked(["tc", "-n", ns, "qdisc", "add", "dev", "lo", "clsact"]);
+  await runChecked([
     "tc",
     "-n",
     ns,
@@ -199,7 +182,7 @@ async function refusedOverLossyLink(
   mode: Mode,
   lingerMs: number,
 ): Promise<{ alerted: number; outcomes: string[] }> {
-  const wrapper = await namespace(scope, `${mode}-${lingerMs}`);
+  const wrapper = await testNamespace(scope, `refusal-${mode}-${lingerMs}`);
   const config = {
     listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
     routes: [{ match: "a.test", backends: ["127.0.0.1:1"] }],
@@ -209,19 +192,18 @@ async function refusedOverLossyLink(
   const p = await startProxy(scope, config, { wrapper });
   assert.equal(p.ready.mode, mode === "userspace" ? "userspace" : "kernel");
   await loseFirstAlerts(scope, wrapper);
-  const bytes = await clientHelloBytes("nope.test");
-  const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-  const fixture = `${new URL("./fixtures/refused_clients.ts", import.meta.url).pathname}`;
-  const out = await run([
+  const fixture = new URL("./fixtures/refused_clients.ts", import.meta.url).pathname;
+  const port = String(p.port());
+  const out = await runChecked([
     ...wrapper,
     Deno.execPath(),
     "run",
     "-A",
     fixture,
     "127.0.0.1",
-    String(p.port()),
+    port,
     "40",
-    hex,
+    "nope.test",
     String(64 * 1024),
   ]);
   const results = JSON.parse(out) as { got: string; end: string }[];

@@ -1,0 +1,103 @@
+/**
+ * Writing the client's first bytes (the hello, after any PROXY header) to a backend that
+ * accepts and never reads: given up at `timeouts.connect_ms` as the backend's failure (a log
+ * line naming it, `connect_failures_total`, passive health), the client told (a TLS
+ * internal_error alert) and closed, nothing left behind.
+ *
+ * The write blocks only once the proxy's send buffer is full: the test runs in a network
+ * namespace of its own whose `net.ipv4.tcp_wmem` caps send buffers at 16 KiB (the host's let
+ * them grow to 4 MiB), with a ~120 KB hello (`limits.max_client_hello_bytes` raised) and a backend
+ * whose receive buffer is 2 KiB and whose queue is never accepted.
+ *
+ * @module
+ */
+import assert from "node:assert/strict";
+import {
+  e2eTest,
+  kernelSkipReason,
+  runChecked,
+  type Scope,
+  startProxy,
+  testNamespace,
+} from "./harness/mod.ts";
+import { lines } from "../src/net/bytes.ts";
+
+const SKIP = await kernelSkipReason();
+if (SKIP) console.warn(`\n!!! SKIPPING tests/hello_write_test.ts (needs root): ${SKIP}\n`);
+
+/** The fatal alert internal_error, in hex. */
+const INTERNAL_ERROR = "15030300020250";
+
+/** A backend in `wrapper`'s namespace that never accepts, with a 2 KiB receive buffer. */
+async function deafBackend(scope: Scope, wrapper: string[]): Promise<string> {
+  const script = "import socket, time\n" +
+    "l = socket.socket()\n" +
+    "l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)\n" +
+    "l.bind(('127.0.0.1', 0))\n" +
+    "l.listen(64)\n" +
+    "print(l.getsockname()[1], flush=True)\n" +
+    "time.sleep(120)\n";
+  const child = new Deno.Command(wrapper[0], {
+    args: [...wrapper.slice(1), "python3", "-c", script],
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  scope.defer(() => {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* exited */ }
+  });
+  const { value } = await lines(child.stdout).next();
+  return `127.0.0.1:${Number(value)}`;
+}
+
+e2eTest(
+  "a backend that accepts and never reads: a 120 KB hello is given up at connect_ms, the " +
+    "client reads internal_error then the end, logged and counted as the backend's failure",
+  async (scope) => {
+    const wrapper = await testNamespace(scope, "hello-write");
+    await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
+    const backend = await deafBackend(scope, wrapper);
+    const p = await startProxy(scope, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+      routes: [{ match: "a.test", backends: [backend], health: { max_fails: 1 } }],
+      timeouts: { connect_ms: 1000 },
+      limits: { max_client_hello_bytes: 262144 },
+      metrics: { address: "127.0.0.1:0" },
+      ebpf: { enabled: false },
+    }, { wrapper });
+    const fixture = new URL("./fixtures/refused_clients.ts", import.meta.url).pathname;
+    const out = await runChecked([
+      ...wrapper,
+      Deno.execPath(),
+      "run",
+      "-A",
+      fixture,
+      "127.0.0.1",
+      String(p.port()),
+      "1",
+      "a.test",
+      "0",
+      "grow",
+    ]);
+    const [r] = JSON.parse(out) as { got: string; end: string; ms: number }[];
+    assert.deepEqual(r.got, INTERNAL_ERROR, JSON.stringify(r));
+    assert.equal(r.end, "eof");
+    assert.ok(r.ms >= 900 && r.ms < 3000, `given up after ${r.ms} ms`);
+    const e = await p.waitAccess((e) => e.sni === "a.test");
+    assert.equal(e.close_reason, "backend_timeout");
+    assert.equal(e.backend, backend);
+    await p.waitForLog(new RegExp(`backend ${backend} took \\d+ of the \\d+ bytes of the hello`));
+    await p.waitForLog(`backend ${backend} of route "a.test" down`);
+    const metrics = await runChecked([
+      ...wrapper,
+      "curl",
+      "-sS",
+      `http://${p.ready.metrics}/metrics`,
+    ]);
+    assert.match(metrics, /^sni_proxy_connect_failures_total 1$/m);
+    assert.match(metrics, /^sni_proxy_connections_closed_total\{reason="backend_timeout"\} 1$/m);
+    assert.match(metrics, /^sni_proxy_connections_active 0$/m);
+  },
+  { ignore: SKIP !== null },
+);
