@@ -14,6 +14,7 @@
 import assert from "node:assert/strict";
 import {
   e2eTest,
+  kernelEbpf,
   kernelSkipReason,
   runChecked,
   type Scope,
@@ -51,53 +52,63 @@ async function deafBackend(scope: Scope, wrapper: string[]): Promise<string> {
   return `127.0.0.1:${Number(value)}`;
 }
 
-e2eTest(
-  "a backend that accepts and never reads: a 120 KB hello is given up at connect_ms, the " +
-    "client reads internal_error then the end, logged and counted as the backend's failure",
-  async (scope) => {
-    const wrapper = await testNamespace(scope, "hello-write");
-    await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
-    const backend = await deafBackend(scope, wrapper);
-    const p = await startProxy(scope, {
-      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-      routes: [{ match: "a.test", backends: [backend], health: { max_fails: 1 } }],
-      timeouts: { connect_ms: 1000 },
-      limits: { max_client_hello_bytes: 262144 },
-      metrics: { address: "127.0.0.1:0" },
-      ebpf: { enabled: false },
-    }, { wrapper });
-    const fixture = new URL("./fixtures/refused_clients.ts", import.meta.url).pathname;
-    const out = await runChecked([
-      ...wrapper,
-      Deno.execPath(),
-      "run",
-      "-A",
-      fixture,
-      "127.0.0.1",
-      String(p.port()),
-      "1",
-      "a.test",
-      "0",
-      "grow",
-    ]);
-    const [r] = JSON.parse(out) as { got: string; end: string; ms: number }[];
-    assert.deepEqual(r.got, INTERNAL_ERROR, JSON.stringify(r));
-    assert.equal(r.end, "eof");
-    assert.ok(r.ms >= 900 && r.ms < 3000, `given up after ${r.ms} ms`);
-    const e = await p.waitAccess((e) => e.sni === "a.test");
-    assert.equal(e.close_reason, "backend_timeout");
-    assert.equal(e.backend, backend);
-    await p.waitForLog(new RegExp(`backend ${backend} took \\d+ of the \\d+ bytes of the hello`));
-    await p.waitForLog(`backend ${backend} of route "a.test" down`);
-    const metrics = await runChecked([
-      ...wrapper,
-      "curl",
-      "-sS",
-      `http://${p.ready.metrics}/metrics`,
-    ]);
-    assert.match(metrics, /^sni_proxy_connect_failures_total 1$/m);
-    assert.match(metrics, /^sni_proxy_connections_closed_total\{reason="backend_timeout"\} 1$/m);
-    assert.match(metrics, /^sni_proxy_connections_active 0$/m);
-  },
-  { ignore: SKIP !== null },
-);
+for (const mode of ["userspace", "pipe", "sockmap"] as const) {
+  e2eTest(
+    `${mode} mode: a backend that accepts and never reads: a 120 KB hello is given up at ` +
+      `connect_ms, logged and counted as the backend's failure; the client reads internal_error ` +
+      `then the end (a kernel relay, which holds the client's socket, resets it)`,
+    async (scope) => {
+      const wrapper = await testNamespace(scope, `hello-write-${mode}`);
+      await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
+      const backend = await deafBackend(scope, wrapper);
+      const p = await startProxy(scope, {
+        listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+        routes: [{ match: "a.test", backends: [backend], health: { max_fails: 1 } }],
+        timeouts: { connect_ms: 1000 },
+        limits: { max_client_hello_bytes: 262144 },
+        metrics: { address: "127.0.0.1:0" },
+        ebpf: mode === "userspace" ? { enabled: false } : kernelEbpf({ splice_mode: mode }),
+      }, { wrapper });
+      const fixture = new URL("./fixtures/refused_clients.ts", import.meta.url).pathname;
+      const out = await runChecked([
+        ...wrapper,
+        Deno.execPath(),
+        "run",
+        "-A",
+        fixture,
+        "127.0.0.1",
+        String(p.port()),
+        "1",
+        "a.test",
+        "0",
+        "grow",
+      ]);
+      const [r] = JSON.parse(out) as { got: string; end: string; ms: number }[];
+      const e = await p.waitAccess((e) => e.sni === "a.test");
+      assert.equal(e.close_reason, "backend_timeout", JSON.stringify(e));
+      assert.equal(e.backend, backend);
+      if (e.mode === "kernel") {
+        assert.deepEqual([r.got, r.end], ["", "ConnectionReset"], JSON.stringify(r));
+        await p.waitForLog(`backend ${backend} did not take the hello within connect_ms`);
+      } else {
+        assert.deepEqual([r.got, r.end], [INTERNAL_ERROR, "eof"], JSON.stringify(r));
+        await p.waitForLog(
+          new RegExp(`backend ${backend} took \\d+ of the \\d+ bytes of the hello`),
+        );
+      }
+      assert.equal(e.mode, mode === "pipe" ? "kernel" : e.mode);
+      assert.ok(r.ms >= 900 && r.ms < 3000, `given up after ${r.ms} ms`);
+      await p.waitForLog(`backend ${backend} of route "a.test" down`);
+      const metrics = await runChecked([
+        ...wrapper,
+        "curl",
+        "-sS",
+        `http://${p.ready.metrics}/metrics`,
+      ]);
+      assert.match(metrics, /^sni_proxy_connect_failures_total 1$/m);
+      assert.match(metrics, /^sni_proxy_connections_closed_total\{reason="backend_timeout"\} 1$/m);
+      assert.match(metrics, /^sni_proxy_connections_active 0$/m);
+    },
+    { ignore: SKIP !== null },
+  );
+}

@@ -23,7 +23,6 @@ export type CloseReason =
   | "bad_client_hello"
   | "no_route"
   | "connect_failed"
-  | "backend_timeout"
   | "no_backend"
   | "address_denied"
   | "resource_exhausted"

@@ -1,6 +1,7 @@
 /**
  * Writing a session's first bytes (the client's hello, after any PROXY header) to the backend
- * it just connected, in userspace mode. A backend that accepts but never reads (hung, or its
+ * it just connected, in userspace mode (a kernel relay writes them itself; the session bounds
+ * that the same way, see {@link backendStalled}). A backend that accepts but never reads (hung, or its
  * accept queue served by a process that stopped reading) would hold the session there for ever:
  * the relay and its idle timeout start only once the hello is written. So the write is bounded
  * by `timeouts.connect_ms`, counted from the first write the backend refused (just after the
@@ -12,6 +13,13 @@
 import { E } from "../../ffi/socket.ts";
 import { socketError, type TcpSocket } from "../io/tcp.ts";
 import { type Deadline, deadline } from "../io/deadlines.ts";
+import type { Backend, BackendPool } from "../route/backend.ts";
+import { logger } from "../ops/log.ts";
+import type { Metrics } from "../ops/metrics.ts";
+import type { ConnRecord } from "./conn_record.ts";
+import type { ByteRelay } from "./relay.ts";
+
+const log = logger("session");
 
 /** How writing the first bytes ended. */
 export type FirstWriteEnd =
@@ -70,4 +78,48 @@ export function writeFirst(
       backend.setHandler(null);
     },
   };
+}
+
+/** A backend that did not take a session's first bytes in time, as it is reported. */
+export interface StalledBackend {
+  pool: BackendPool;
+  backend: Backend;
+  /** The connection (its backend as dialled, and its client: for the log line). */
+  record: Pick<ConnRecord, "backend" | "client">;
+  /** How much of them it took, when known (userspace mode writes them itself). */
+  taken: { written: number; total: number } | null;
+  /** `timeouts.connect_ms`. */
+  ms: number;
+  metrics: Metrics;
+}
+
+/**
+ * Reports a backend that accepted a connection and did not take its first bytes within
+ * connect_ms as the backend's failure, not this host's: logged, counted in
+ * `connect_failures_total`, told to passive health. Returns the error for the access log.
+ */
+export function backendStalled(s: StalledBackend): Error {
+  const took = s.taken
+    ? `took ${s.taken.written} of the ${s.taken.total} bytes of the hello`
+    : "did not take the hello";
+  const what = `backend ${s.record.backend} ${took} within connect_ms (${s.ms} ms)`;
+  log.warn(`${what} for ${s.record.client}: it accepts but does not read; giving up`);
+  s.metrics.connectFailures++;
+  if (!s.backend.address.dynamic) s.pool.connectFailed(s.backend, "took no hello");
+  return new Error(`${what}: it accepts but does not read`);
+}
+
+/**
+ * A kernel relay writes the first bytes itself: calls `stalled` when they are not all in the
+ * backend's socket `ms` after it started; null (no deadline) when they already are.
+ */
+export function boundFirstWrite(
+  relay: ByteRelay,
+  ms: number,
+  stalled: () => void,
+): Deadline | null {
+  if (!relay.firstPending) return null;
+  return deadline(ms, () => {
+    if (relay.firstPending) stalled();
+  });
 }

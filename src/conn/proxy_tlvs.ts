@@ -1,10 +1,12 @@
 /**
- * The values a session sends in the PROXY v2 TLVs its route asks for (`proxy_protocol_tlvs`),
- * and the connection ids behind `unique_id`.
+ * The PROXY protocol header a session sends its backend ahead of the client's bytes: the values
+ * of the v2 TLVs its route asks for (`proxy_protocol_tlvs`), and the connection ids behind
+ * `unique_id`.
  *
  * @module
  */
-import type { ProxyTlv, ProxyTlvValues } from "../proto/proxyproto.ts";
+import { proxyHeader, type ProxyTlv, type ProxyTlvValues } from "../proto/proxyproto.ts";
+import type { BackendPool } from "../route/backend.ts";
 import type { ConnRecord } from "./conn_record.ts";
 
 /** This process's part of every connection id: random, so ids stay unique across restarts. */
@@ -35,4 +37,20 @@ export function tlvValues(
       : null,
     uniqueId: record.connId,
   };
+}
+
+/**
+ * The PROXY protocol header `pool` sends its backends ahead of the bytes of `client`, which
+ * connected to `server` (the connection of `record`; `routeAlpn`: its route's `alpn`).
+ */
+export function proxyHeaderFor(
+  pool: BackendPool,
+  client: Deno.NetAddr,
+  server: Deno.NetAddr,
+  record: ConnRecord,
+  routeAlpn: readonly string[] | null,
+): Uint8Array {
+  const tlvs = pool.proxyTlvs;
+  const values = tlvs.length ? tlvValues(tlvs, record, routeAlpn) : undefined;
+  return proxyHeader(pool.proxyProtocol!, client, server, values);
 }

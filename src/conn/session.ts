@@ -30,7 +30,6 @@ import { errText } from "../ops/errtext.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd } from "./relay.ts";
 import {
   parseProxyHeader,
-  proxyHeader,
   ProxyHeaderError,
   type ReceivedProxyHeader,
 } from "../proto/proxyproto.ts";
@@ -39,9 +38,16 @@ import type { RoutingTable } from "../route/table.ts";
 import { type CloseReason, ConnRecord, type SessionInfo } from "./conn_record.ts";
 import { dialBackend, type Dialling, type DialResult } from "./backend_dial.ts";
 import { pickRoute } from "./route_pick.ts";
-import { type FirstWrite, type FirstWriteEnd, writeFirst } from "./first_write.ts";
+import {
+  backendStalled,
+  boundFirstWrite,
+  type FirstWrite,
+  type FirstWriteEnd,
+  type StalledBackend,
+  writeFirst,
+} from "./first_write.ts";
 import { lingerClose } from "./linger.ts";
-import { tlvValues } from "./proxy_tlvs.ts";
+import { proxyHeaderFor } from "./proxy_tlvs.ts";
 import { type KernelHandoff, kernelHandoff, type RelayPath } from "./kernel_handoff.ts";
 
 const log = logger("session");
@@ -109,6 +115,8 @@ export class Session {
   #backend: Backend | null = null;
   /** The write of the first bytes to the backend (hello, maybe after a PROXY header). */
   #firstWrite: FirstWrite | null = null;
+  /** A kernel relay writes them: the connect_ms deadline of that write, while it lasts. */
+  #firstDue: Deadline | null = null;
   /** The client was told no and sent its FIN: it is closed by a lingering close. */
   #refused = false;
   #relay: ByteRelay | null = null;
@@ -171,6 +179,7 @@ export class Session {
     this.#helloDeadline?.cancel();
     this.#dial?.stop();
     this.#firstWrite?.stop();
+    this.#firstDue?.cancel();
     if (this.#backend) this.#backend.active--;
     this.#handoff?.release();
     if (this.#refused) {
@@ -412,7 +421,13 @@ export class Session {
     // and a TLS client sends nothing more until it has the answer, so no byte can pass the
     // kernel path ahead of one still in userspace
     const pending = this.#pending!;
-    const first = pool.proxyProtocol ? concat(this.#proxyHeader(pool), pending) : pending;
+    const server = this.#serverNet ?? this.#client.localAddr;
+    const first = pool.proxyProtocol
+      ? concat(
+        proxyHeaderFor(pool, this.#clientNet, server, this.#record, this.#routeAlpn),
+        pending,
+      )
+      : pending;
     // a kernel relay writes the hello itself
     const handed = this.#handoff?.handOff(backend, {
       first,
@@ -420,7 +435,7 @@ export class Session {
       hello: this.#hello,
     }) ?? null;
     if (handed) {
-      this.#relayWith(handed);
+      this.#relayWith(handed, pool);
       return;
     }
     const ms = this.#ctx.table.config.timeouts.connectMs;
@@ -438,9 +453,8 @@ export class Session {
    */
   #firstWritten(pool: BackendPool, end: FirstWriteEnd): void {
     if (end.kind === "written") {
-      this.#relayWith(
-        new Relay(this.#client, this.#backendConn!, this.#ctx.table.config.timeouts.idleMs),
-      );
+      const idleMs = this.#ctx.table.config.timeouts.idleMs;
+      this.#relayWith(new Relay(this.#client, this.#backendConn!, idleMs), pool);
       return;
     }
     if (end.kind === "failed") {
@@ -449,20 +463,31 @@ export class Session {
       this.#end("backend_reset");
       return;
     }
-    const backend = this.#backend!;
-    const what = `backend ${this.#record.backend} took ${end.written} of the ${end.total} bytes ` +
-      `of the hello within connect_ms (${end.ms} ms)`;
-    this.#error = new Error(`${what}: it accepts but does not read`);
-    log.warn(`${what} for ${this.#record.client}: it accepts but does not read; giving up`);
-    this.#ctx.metrics.connectFailures++;
-    if (!backend.address.dynamic) pool.connectFailed(backend, "took no hello");
+    this.#error = this.#backendStalled(pool, { written: end.written, total: end.total });
     this.#backendConn!.reset();
     this.#refuse("timed_out");
     this.#end("backend_timeout");
   }
 
-  /** The hello is with the backend: `relay` moves the rest until both sides are done. */
-  #relayWith(relay: ByteRelay): void {
+  /** Reports the backend, which did not take the hello in time (see backendStalled). */
+  #backendStalled(pool: BackendPool, taken: StalledBackend["taken"]): Error {
+    const { metrics, table: { config } } = this.#ctx;
+    const [backend, record, ms] = [this.#backend!, this.#record, config.timeouts.connectMs];
+    return backendStalled({ pool, backend, record, taken, ms, metrics });
+  }
+
+  /**
+   * The hello is with the backend, or with a kernel relay that writes it (within connect_ms,
+   * else the relay is cut as the backend's failure): `relay` moves the rest until both sides
+   * are done.
+   */
+  #relayWith(relay: ByteRelay, pool: BackendPool): void {
+    const ms = this.#ctx.table.config.timeouts.connectMs;
+    this.#firstDue = boundFirstWrite(relay, ms, () =>
+      this.#guarded(() => {
+        this.#error = this.#backendStalled(pool, null);
+        relay.stop("backend_timeout");
+      }));
     this.#record.helloBytes = this.#pending!.length;
     this.#pending = null;
     this.#relay = relay;
@@ -470,15 +495,5 @@ export class Session {
     // stopped while the hello was written: the relay ends as stop() would have ended it
     if (this.#stopReason) relay.stop(this.#stopReason as RelayEnd);
     relay.run().then((reason) => this.#guarded(() => this.#end(reason)));
-  }
-
-  /** The PROXY protocol header `pool` sends its backends ahead of the client's bytes. */
-  #proxyHeader(pool: BackendPool): Uint8Array {
-    return proxyHeader(
-      pool.proxyProtocol!,
-      this.#clientNet,
-      this.#serverNet ?? this.#client.localAddr,
-      pool.proxyTlvs.length ? tlvValues(pool.proxyTlvs, this.#record, this.#routeAlpn) : undefined,
-    );
   }
 }
