@@ -18,6 +18,7 @@ import {
   kernelSkipReason,
   runChecked,
   type Scope,
+  sleep,
   startProxy,
   testNamespace,
 } from "./harness/mod.ts";
@@ -112,3 +113,54 @@ for (const mode of ["userspace", "pipe", "sockmap"] as const) {
     { ignore: SKIP !== null },
   );
 }
+
+/** TCP connections established in `wrapper`'s namespace with `filter` (an ss filter). */
+async function established(wrapper: string[], filter: string): Promise<number> {
+  const out = await runChecked([...wrapper, "ss", "-Htn", "state", "established", filter]);
+  return out.split("\n").filter((l) => l.trim()).length;
+}
+
+e2eTest(
+  "a session stopped while its hello is written (the drain ran out) resets the backend's " +
+    "connection: the backend is not left holding a part of the hello",
+  async (scope) => {
+    const wrapper = await testNamespace(scope, "hello-write-stop");
+    await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
+    const backend = await deafBackend(scope, wrapper);
+    const port = backend.split(":")[1];
+    const p = await startProxy(scope, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+      routes: [{ match: "a.test", backends: [backend] }],
+      timeouts: { connect_ms: 20_000, drain_ms: 300 },
+      limits: { max_client_hello_bytes: 262144 },
+      ebpf: { enabled: false },
+    }, { wrapper });
+    const fixture = new URL("./fixtures/refused_clients.ts", import.meta.url).pathname;
+    const client = runChecked([
+      ...wrapper,
+      Deno.execPath(),
+      "run",
+      "-A",
+      fixture,
+      "127.0.0.1",
+      String(p.port()),
+      "1",
+      "a.test",
+      "0",
+      "grow",
+    ]);
+    // the backend's side of the connection, holding the part of the hello it was given
+    const end = Date.now() + 10_000;
+    while ((await established(wrapper, `( sport = :${port} )`)) !== 1) {
+      assert.ok(Date.now() < end, "the proxy connected the backend");
+      await sleep(50);
+    }
+    await sleep(200);
+    p.signal("SIGTERM");
+    const e = await p.waitAccess((e) => e.sni === "a.test");
+    assert.equal(e.close_reason, "shutdown");
+    await client;
+    assert.equal(await established(wrapper, `( sport = :${port} )`), 0, "reset");
+  },
+  { ignore: SKIP !== null },
+);

@@ -29,8 +29,12 @@ export type FirstWriteEnd =
   /** The backend took only `written` of `total` bytes within `ms`. */
   | { kind: "stalled"; written: number; total: number; ms: number };
 
-/** What {@link writeFirst} returns: stop() gives the write up (no callback then). */
+/** What {@link writeFirst} returns. */
 export interface FirstWrite {
+  /**
+   * Gives the write up (no callback then): the backend's socket is reset, so that it never takes
+   * a part of the hello for all of it.
+   */
   stop(): void;
 }
 
@@ -75,7 +79,7 @@ export function writeFirst(
       if (rest === null) return;
       rest = null;
       due?.cancel();
-      backend.setHandler(null);
+      backend.reset();
     },
   };
 }
