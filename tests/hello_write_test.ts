@@ -164,3 +164,43 @@ e2eTest(
   },
   { ignore: SKIP !== null },
 );
+
+e2eTest(
+  "an HTTP listener: a 120 KB request head to a backend that never reads is answered 504 at " +
+    "connect_ms",
+  async (scope) => {
+    const wrapper = await testNamespace(scope, "hello-write-http");
+    await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
+    const backend = await deafBackend(scope, wrapper);
+    const p = await startProxy(scope, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "http" }],
+      routes: [{ match: "a.test", backends: [backend] }],
+      timeouts: { connect_ms: 1000 },
+      limits: { max_client_hello_bytes: 262144 },
+      ebpf: { enabled: false },
+    }, { wrapper });
+    const fixture = new URL("./fixtures/refused_clients.ts", import.meta.url).pathname;
+    const out = await runChecked([
+      ...wrapper,
+      Deno.execPath(),
+      "run",
+      "-A",
+      fixture,
+      "127.0.0.1",
+      String(p.port()),
+      "1",
+      "a.test",
+      "0",
+      "http",
+    ]);
+    const [r] = JSON.parse(out) as { got: string; end: string; ms: number }[];
+    const text = new TextDecoder().decode(
+      new Uint8Array((r.got.match(/../g) ?? []).map((b) => parseInt(b, 16))),
+    );
+    assert.match(text, /^HTTP\/1\.1 504 Gateway Timeout\r\n/, JSON.stringify(r));
+    assert.equal(r.end, "eof");
+    const e = await p.waitAccess((e) => e.sni === "a.test");
+    assert.equal(e.close_reason, "backend_timeout");
+  },
+  { ignore: SKIP !== null },
+);

@@ -9,8 +9,9 @@
  *
  * Every step is a synchronous handler of a socket event (the client's bytes, the backend's
  * connect, room to write the hello), as in the relay: no promise, timer or abort signal per
- * step. The hello and connect timeouts are deadlines in queues shared by every session
- * (src/io/deadlines.ts).
+ * step. The hello and connect timeouts (connect_ms bounds the hello's write too:
+ * src/conn/first_write.ts) are deadlines in queues shared by every session (src/io/deadlines.ts);
+ * a refused client's socket outlives its session in a lingering close (src/conn/linger.ts).
  *
  * @module
  */
