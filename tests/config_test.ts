@@ -33,9 +33,11 @@ Deno.test("a minimal config gets the documented defaults", () => {
     connectMs: 5000,
     idleMs: 300000,
     drainMs: 30000,
+    lingerMs: 5000,
     stopDelayMs: 0,
   });
   assert.equal(c.limits.maxClientHelloBytes, 16384);
+  assert.equal(c.limits.maxLingering, 1024);
   assert.equal(c.routes[0].balance, "round_robin");
   assert.equal(c.log.file, "/etc/sni/logs/sni-proxy.log", "relative to the config's directory");
   assert.equal(c.log.accessLog, "/etc/sni/logs/access.log");

@@ -130,6 +130,12 @@ const timeoutsSchema = z.strictObject({
   connect_ms: ms(5_000),
   idle_ms: ms(300_000),
   drain_ms: ms(30_000),
+  /**
+   * A refused client's lingering close: after the refusal and a FIN, what it still sends is
+   * read and dropped for up to this long, so its unread bytes do not turn the close into a reset
+   * that discards the refusal; 0: closed at once.
+   */
+  linger_ms: z.number().int().min(0).max(600_000).default(5_000),
   /** After SIGTERM, how long /healthz answers 503 while the listeners still accept. */
   stop_delay_ms: z.number().int().min(0).max(600_000).default(0),
 });
@@ -137,6 +143,8 @@ const timeoutsSchema = z.strictObject({
 const limitsSchema = z.strictObject({
   max_connections: z.number().int().min(1).max(1_000_000).default(10_000),
   max_client_hello_bytes: z.number().int().min(512).max(1_048_576).default(16_384),
+  /** Refused clients in their lingering close at once; more are closed at once. */
+  max_lingering: z.number().int().min(1).max(1_000_000).default(1024),
   /** Per client address, checked at accept; absent: no such limit. */
   per_source: z.strictObject({
     max_connections: z.number().int().min(1).max(1_000_000).optional(),

@@ -70,6 +70,8 @@ export class FdBudget {
   #other = 0;
   #sessions = 0;
   #backends = 0;
+  /** Refused clients in their lingering close (src/conn/linger.ts): one descriptor each. */
+  #lingering = 0;
   #countedAt = -Infinity;
   #countMs = 0;
 
@@ -116,14 +118,24 @@ export class FdBudget {
     this.#backends--;
   }
 
+  /** A refused client's descriptor is kept while it lingers (its session has ended). */
+  lingerStarted(): void {
+    this.#lingering++;
+  }
+
+  /** That descriptor is closed. */
+  lingerEnded(): void {
+    this.#lingering--;
+  }
+
   /** Descriptors open now: as of the last count, plus the sessions' changes since. */
   get open(): number {
-    return this.#other + this.#sessions + this.#backends;
+    return this.#other + this.#sessions + this.#backends + this.#lingering;
   }
 
   /** Descriptors open, plus one for each live session's backend that is not connected yet. */
   get committed(): number {
-    return this.#other + 2 * this.#sessions;
+    return this.#other + 2 * this.#sessions + this.#lingering;
   }
 
   /** Whether one more client (two descriptors) fits with the reserve to spare. */
@@ -155,7 +167,7 @@ export class FdBudget {
     }
     this.#countedAt = performance.now();
     this.#countMs = this.#countedAt - start;
-    this.#other = Math.max(0, n - this.#sessions - this.#backends);
+    this.#other = Math.max(0, n - this.#sessions - this.#backends - this.#lingering);
     return null;
   }
 }

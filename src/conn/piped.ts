@@ -212,6 +212,10 @@ export class PipedRelay implements ByteRelay {
     return this.#upDir.done !== this.#downDir.done;
   }
 
+  get firstPending(): boolean {
+    return this.#upDir.prefix !== null;
+  }
+
   run(): Promise<RelayEnd> {
     if (this.#end !== null) return Promise.resolve(this.#end);
     const ended = new Promise<RelayEnd>((resolve) => this.#done = resolve);

@@ -18,6 +18,8 @@ export type RelayEnd =
   | "idle_timeout"
   | "client_reset"
   | "backend_reset"
+  /** The backend did not take the session's first bytes within connect_ms (kernel relays). */
+  | "backend_timeout"
   | "shutdown"
   | "drain_stalled"
   | "error";
@@ -83,6 +85,11 @@ export interface ByteRelay {
   readonly bytesDown: number;
   /** One direction has ended (its EOF passed on) while the other still flows. */
   readonly halfClosed: boolean;
+  /**
+   * The session's first bytes (the hello, after any PROXY header), which a kernel relay writes
+   * itself, are not all in the backend's socket yet.
+   */
+  readonly firstPending: boolean;
 }
 
 /**
@@ -196,6 +203,8 @@ export class Relay implements ByteRelay {
   #errno = 0;
   /** A direction used up its share of a round: #move is called again in the next one. */
   #resumeQueued = false;
+  /** The session wrote the first bytes before this relay started. */
+  readonly firstPending = false;
   readonly #resume = () => {
     this.#resumeQueued = false;
     this.#move();

@@ -9,8 +9,9 @@
  *
  * Every step is a synchronous handler of a socket event (the client's bytes, the backend's
  * connect, room to write the hello), as in the relay: no promise, timer or abort signal per
- * step. The hello and connect timeouts are deadlines in queues shared by every session
- * (src/io/deadlines.ts).
+ * step. The hello and connect timeouts (connect_ms bounds the hello's write too:
+ * src/conn/first_write.ts) are deadlines in queues shared by every session (src/io/deadlines.ts);
+ * a refused client's socket outlives its session in a lingering close (src/conn/linger.ts).
  *
  * @module
  */
@@ -30,10 +31,7 @@ import { errText } from "../ops/errtext.ts";
 import { type ByteRelay, closeQuietly, Relay, type RelayEnd } from "./relay.ts";
 import {
   parseProxyHeader,
-  proxyHeader,
   ProxyHeaderError,
-  type ProxyTlv,
-  type ProxyTlvValues,
   type ReceivedProxyHeader,
 } from "../proto/proxyproto.ts";
 import type { HostResolver } from "../dns/resolver.ts";
@@ -41,6 +39,16 @@ import type { RoutingTable } from "../route/table.ts";
 import { type CloseReason, ConnRecord, type SessionInfo } from "./conn_record.ts";
 import { dialBackend, type Dialling, type DialResult } from "./backend_dial.ts";
 import { pickRoute } from "./route_pick.ts";
+import {
+  backendStalled,
+  boundFirstWrite,
+  type FirstWrite,
+  type FirstWriteEnd,
+  type StalledBackend,
+  writeFirst,
+} from "./first_write.ts";
+import { lingerClose } from "./linger.ts";
+import { proxyHeaderFor } from "./proxy_tlvs.ts";
 import { type KernelHandoff, kernelHandoff, type RelayPath } from "./kernel_handoff.ts";
 
 const log = logger("session");
@@ -79,14 +87,6 @@ export interface SessionContext {
  */
 const helloChunk = new Uint8Array(16 * 1024);
 
-/** This process's part of every connection id: random, so ids stay unique across restarts. */
-const connIdPrefix = Array.from(
-  crypto.getRandomValues(new Uint8Array(6)),
-  (b) => b.toString(16).padStart(2, "0"),
-).join("");
-/** Connection ids made by this process so far (process-wide, so no two sessions share one). */
-let connIds = 0;
-
 /** One accepted client connection. */
 export class Session {
   readonly #client: TcpSocket;
@@ -114,8 +114,12 @@ export class Session {
   #backendConn: TcpSocket | null = null;
   /** The backend connected to: this session is one of its `active` connections. */
   #backend: Backend | null = null;
-  /** The first bytes for the backend (hello, maybe after a PROXY header) not written yet. */
-  #first: Uint8Array | null = null;
+  /** The write of the first bytes to the backend (hello, maybe after a PROXY header). */
+  #firstWrite: FirstWrite | null = null;
+  /** A kernel relay writes them: the connect_ms deadline of that write, while it lasts. */
+  #firstDue: Deadline | null = null;
+  /** The client was told no and sent its FIN: it is closed by a lingering close. */
+  #refused = false;
   #relay: ByteRelay | null = null;
   #stopReason: CloseReason | null = null;
   /** The error behind the end so far, for the access log. */
@@ -175,9 +179,15 @@ export class Session {
     this.#ended = true;
     this.#helloDeadline?.cancel();
     this.#dial?.stop();
+    this.#firstWrite?.stop();
+    this.#firstDue?.cancel();
     if (this.#backend) this.#backend.active--;
     this.#handoff?.release();
-    closeQuietly(this.#client);
+    if (this.#refused) {
+      const { timeouts, limits } = this.#ctx.table.config;
+      const { metrics, fds } = this.#ctx;
+      lingerClose(this.#client, { ms: timeouts.lingerMs, max: limits.maxLingering, metrics, fds });
+    } else closeQuietly(this.#client);
     if (this.#backendConn) {
       closeQuietly(this.#backendConn);
       this.#ctx.fds?.backendClosed();
@@ -343,12 +353,16 @@ export class Session {
   }
 
   /**
-   * Tells the client no, as its protocol says `refusal`, and ends its side. One send: a
-   * refusal (an alert, a short HTTP response) fits in a new connection's send buffer; a client
-   * that is gone already gets nothing.
+   * Tells the client no, as its protocol says `refusal`, and ends its side; its socket is then
+   * closed by a lingering close (src/conn/linger.ts), so bytes it sent that were never read do
+   * not turn the close into a reset that discards the refusal. One send: a refusal (an alert, a
+   * short HTTP response) fits in a new connection's send buffer; a client that is gone already
+   * gets nothing.
    */
   #refuse(refusal: Refusal): void {
-    if (this.#client.send(this.#ctx.protocol.refusals[refusal]) >= 0) this.#client.shutdownWrite();
+    const bytes = this.#ctx.protocol.refusals[refusal];
+    if (this.#client.send(bytes) !== bytes.length) return;
+    this.#refused = this.#client.shutdownWrite() === 0;
   }
 
   /** Connects a backend of `pool` (in kernel mode with the handoff ready for the pair). */
@@ -408,7 +422,13 @@ export class Session {
     // and a TLS client sends nothing more until it has the answer, so no byte can pass the
     // kernel path ahead of one still in userspace
     const pending = this.#pending!;
-    const first = pool.proxyProtocol ? concat(this.#proxyHeader(pool), pending) : pending;
+    const server = this.#serverNet ?? this.#client.localAddr;
+    const first = pool.proxyProtocol
+      ? concat(
+        proxyHeaderFor(pool, this.#clientNet, server, this.#record, this.#routeAlpn),
+        pending,
+      )
+      : pending;
     // a kernel relay writes the hello itself
     const handed = this.#handoff?.handOff(backend, {
       first,
@@ -416,42 +436,59 @@ export class Session {
       hello: this.#hello,
     }) ?? null;
     if (handed) {
-      this.#relayWith(handed);
+      this.#relayWith(handed, pool);
       return;
     }
-    this.#first = first;
-    backend.setHandler(() => this.#guarded(() => this.#writeHello()));
-    this.#writeHello();
+    const ms = this.#ctx.table.config.timeouts.connectMs;
+    this.#firstWrite = writeFirst(backend, first, ms, (end) => {
+      this.#firstWrite = null;
+      this.#guarded(() => this.#firstWritten(pool, end));
+    });
   }
 
   /**
-   * Writes what is left of the hello to the backend (more when it has room), then starts the
-   * relay. A backend that reset or closed before its hello (e.g. overloaded) ends like a reset
-   * in the relay, not as an error: the client is reset.
+   * The hello is written: the relay starts. A backend that reset or closed before its hello
+   * (e.g. overloaded) ends like a reset in the relay, not as an error: the client is reset. One
+   * that took no more of it within connect_ms is the backend's failure (logged, counted, its
+   * passive health told): the client is told the backend timed out.
    */
-  #writeHello(): void {
-    const backend = this.#backendConn!;
-    const first = this.#first!;
-    if (!backend.writable) return;
-    const w = backend.send(first);
-    if (w === -E.EAGAIN) return;
-    if (w < 0) {
-      this.#error = socketError("send", -w);
+  #firstWritten(pool: BackendPool, end: FirstWriteEnd): void {
+    if (end.kind === "written") {
+      const idleMs = this.#ctx.table.config.timeouts.idleMs;
+      this.#relayWith(new Relay(this.#client, this.#backendConn!, idleMs), pool);
+      return;
+    }
+    if (end.kind === "failed") {
+      this.#error = end.error;
       this.#client.reset();
       this.#end("backend_reset");
       return;
     }
-    if (w < first.length) {
-      this.#first = first.subarray(w);
-      return;
-    }
-    this.#first = null;
-    backend.setHandler(null);
-    this.#relayWith(new Relay(this.#client, backend, this.#ctx.table.config.timeouts.idleMs));
+    this.#error = this.#backendStalled(pool, { written: end.written, total: end.total });
+    this.#backendConn!.reset();
+    this.#refuse("timed_out");
+    this.#end("backend_timeout");
   }
 
-  /** The hello is with the backend: `relay` moves the rest until both sides are done. */
-  #relayWith(relay: ByteRelay): void {
+  /** Reports the backend, which did not take the hello in time (see backendStalled). */
+  #backendStalled(pool: BackendPool, taken: StalledBackend["taken"]): Error {
+    const { metrics, table: { config } } = this.#ctx;
+    const [backend, record, ms] = [this.#backend!, this.#record, config.timeouts.connectMs];
+    return backendStalled({ pool, backend, record, taken, ms, metrics });
+  }
+
+  /**
+   * The hello is with the backend, or with a kernel relay that writes it (within connect_ms,
+   * else the relay is cut as the backend's failure): `relay` moves the rest until both sides
+   * are done.
+   */
+  #relayWith(relay: ByteRelay, pool: BackendPool): void {
+    const ms = this.#ctx.table.config.timeouts.connectMs;
+    this.#firstDue = boundFirstWrite(relay, ms, () =>
+      this.#guarded(() => {
+        this.#error = this.#backendStalled(pool, null);
+        relay.stop("backend_timeout");
+      }));
     this.#record.helloBytes = this.#pending!.length;
     this.#pending = null;
     this.#relay = relay;
@@ -459,34 +496,5 @@ export class Session {
     // stopped while the hello was written: the relay ends as stop() would have ended it
     if (this.#stopReason) relay.stop(this.#stopReason as RelayEnd);
     relay.run().then((reason) => this.#guarded(() => this.#end(reason)));
-  }
-
-  /** The PROXY protocol header `pool` sends its backends ahead of the client's bytes. */
-  #proxyHeader(pool: BackendPool): Uint8Array {
-    return proxyHeader(
-      pool.proxyProtocol!,
-      this.#clientNet,
-      this.#serverNet ?? this.#client.localAddr,
-      pool.proxyTlvs.length ? this.#tlvValues(pool.proxyTlvs) : undefined,
-    );
-  }
-
-  /**
-   * The values of the PROXY v2 TLVs `tlvs`: the requested name, the application protocol (the
-   * proxy does not see the server's choice: for a route with `alpn` the client's first offer
-   * the route lists, else the client's first offer) and a new connection id.
-   */
-  #tlvValues(tlvs: readonly ProxyTlv[]): ProxyTlvValues {
-    const offered = this.#hello?.alpn ?? [];
-    const routeAlpn = this.#routeAlpn;
-    const record = this.#record;
-    if (tlvs.includes("unique_id")) record.connId = `${connIdPrefix}-${(++connIds).toString(36)}`;
-    return {
-      authority: tlvs.includes("authority") ? record.sni : null,
-      alpn: tlvs.includes("alpn")
-        ? (routeAlpn ? offered.find((p) => routeAlpn.includes(p)) : offered[0]) ?? null
-        : null,
-      uniqueId: record.connId,
-    };
   }
 }

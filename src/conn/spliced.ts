@@ -68,6 +68,8 @@ export class SplicedRelay implements ByteRelay {
   readonly #client: Side;
   readonly #backend: Side;
   #first: Uint8Array | null;
+  /** The first bytes are not all in the backend's socket yet. */
+  #firstPending = true;
   #end: RelayEnd | null = null;
   #error: unknown = null;
   #done: (end: RelayEnd) => void = () => {};
@@ -104,6 +106,10 @@ export class SplicedRelay implements ByteRelay {
     return this.#client.passed !== this.#backend.passed;
   }
 
+  get firstPending(): boolean {
+    return this.#firstPending;
+  }
+
   run(): Promise<RelayEnd> {
     const ended = new Promise<RelayEnd>((resolve) => this.#done = resolve);
     if (this.#end !== null) return Promise.resolve(this.#end);
@@ -121,7 +127,15 @@ export class SplicedRelay implements ByteRelay {
     // the hello is the session's bytes, not the relay's: not counted in bytesUp
     const first = this.#first!;
     this.#first = null;
-    this.#write(this.#backend, first, false).catch((e) => this.#finish("error", e));
+    // most often taken whole at once: no promise for it then
+    const sent = sendFd(this.#backend.fd, first);
+    if (sent === first.length) this.#firstPending = false;
+    else {
+      this.#write(this.#backend, sent > 0 ? first.subarray(sent) : first, false).then(
+        () => this.#firstPending = false,
+        (e) => this.#finish("error", e),
+      );
+    }
     return ended;
   }
 

@@ -113,6 +113,10 @@ export class Metrics {
   readonly addressDenied = new Map<string, number>();
   /** Failures for lack of a local resource, by `operation:errno` (`connect:EMFILE`). */
   readonly localErrors = new Map<string, number>();
+  /** Refused clients in their lingering close now (src/conn/linger.ts). */
+  lingering = 0;
+  /** Lingering closes by how they ended (`eof`, `reset`, `timeout`, `bytes`, `over_limit`). */
+  readonly lingerCloses = new Map<string, number>();
   /** Times the accept loops paused, by the limit reached. */
   readonly acceptPauses = new Map<string, number>();
   /** Open descriptors and their limit, when known. */
@@ -170,6 +174,8 @@ export class Metrics {
         connect_failures: this.connectFailures,
         kernel_fallbacks: Object.fromEntries(this.kernelFallbacks),
         accept_paused: Object.fromEntries(this.acceptPauses),
+        lingering: this.lingering,
+        lingering_closes: Object.fromEntries(this.lingerCloses),
       },
       backend_address_denied: Object.fromEntries(this.addressDenied),
       local_resource_errors: Object.fromEntries(this.localErrors),
@@ -336,6 +342,14 @@ function renderConnections(out: PromText, snap: MetricsSnapshot): void {
     "Times accepting paused, by the limit reached.",
     "reason",
     c.accept_paused,
+  );
+  out.family("lingering_connections", "gauge", "Refused clients in their lingering close now.");
+  out.sample("lingering_connections", c.lingering);
+  out.labelled(
+    "lingering_closes_total",
+    "Lingering closes of refused clients, by how they ended.",
+    "result",
+    c.lingering_closes,
   );
 }
 

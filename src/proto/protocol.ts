@@ -32,9 +32,10 @@ export type HeadError = ClientHelloError | HttpRequestError;
  * Why a client is refused, in protocol-neutral words; each protocol says it its own way:
  * `misdirected`: no route takes the name (or the backend's address is refused);
  * `unavailable`: no backend of the route is up or free; `forbidden`: refused by the client's
- * fingerprint.
+ * fingerprint; `timed_out`: the backend connected but did not take the client's first bytes in
+ * time.
  */
-export type Refusal = "misdirected" | "unavailable" | "forbidden";
+export type Refusal = "misdirected" | "unavailable" | "forbidden" | "timed_out";
 
 /** One listener protocol. */
 export interface Protocol {
@@ -78,6 +79,7 @@ export const TLS: Protocol = {
     misdirected: tlsAlert(112), // unrecognized_name
     unavailable: tlsAlert(80), // internal_error
     forbidden: tlsAlert(40), // handshake_failure
+    timed_out: tlsAlert(80), // internal_error: TLS has no alert for a server that timed out
   },
 };
 
@@ -93,6 +95,7 @@ export const HTTP: Protocol = {
     unavailable: httpStatus("503 Service Unavailable"),
     // a request head has no fingerprint, so no HTTP client is refused by one
     forbidden: httpStatus("403 Forbidden"),
+    timed_out: httpStatus("504 Gateway Timeout"),
   },
 };
 

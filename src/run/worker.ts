@@ -56,6 +56,7 @@ export function workerConfig(config: Config, spec: WorkerSpec): Config {
     limits: {
       ...config.limits,
       maxConnections: share(config.limits.maxConnections),
+      maxLingering: share(config.limits.maxLingering),
       perSource: perSource && {
         maxConnections: perSource.maxConnections && share(perSource.maxConnections),
         newPerSecond: perSource.newPerSecond && perSource.newPerSecond / spec.count,

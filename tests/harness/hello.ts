@@ -174,3 +174,48 @@ export function sslv2ClientHello(
   ];
   return new Uint8Array([0x80 | (msg.length >> 8), msg.length & 255, ...msg]);
 }
+
+/**
+ * `hello` (one record, as {@linkcode clientHelloBytes} gives it) grown by `cipherSuites` more
+ * (GREASE) cipher suites and a padding extension of `padding` bytes, in records of 16 KiB: a
+ * hello of up to ~130 KB that is still valid (for a large `limits.max_client_hello_bytes`).
+ */
+export function grownClientHello(
+  hello: Uint8Array,
+  cipherSuites: number,
+  padding: number,
+): Uint8Array {
+  const body = hello.subarray(9);
+  const u16 = (at: number) => (body[at] << 8) | body[at + 1];
+  const csAt = 34 + 1 + body[34];
+  const csLen = u16(csAt);
+  const compAt = csAt + 2 + csLen;
+  const extAt = compAt + 1 + body[compAt];
+  const extLen = u16(extAt);
+  const newExt = extLen + 4 + padding;
+  if (newExt > 0xffff || csLen + 2 * cipherSuites > 0xffff) throw new Error("a field past 64 KiB");
+  const out: number[] = [];
+  const put = (bytes: ArrayLike<number>) => {
+    for (let i = 0; i < bytes.length; i++) out.push(bytes[i]);
+  };
+  put(body.subarray(0, csAt));
+  put([(csLen + 2 * cipherSuites) >> 8, (csLen + 2 * cipherSuites) & 255]);
+  put(body.subarray(csAt + 2, compAt));
+  for (let i = 0; i < cipherSuites; i++) put([0x0a, 0x0a]);
+  put(body.subarray(compAt, extAt));
+  put([newExt >> 8, newExt & 255]);
+  put(body.subarray(extAt + 2, extAt + 2 + extLen));
+  put([0, 21, padding >> 8, padding & 255]);
+  put(new Uint8Array(padding));
+  const hs = [1, out.length >> 16, (out.length >> 8) & 255, out.length & 255];
+  const handshake = new Uint8Array(4 + out.length);
+  handshake.set(hs);
+  handshake.set(out, 4);
+  const records: number[] = [];
+  for (let at = 0; at < handshake.length; at += 16384) {
+    const part = handshake.subarray(at, at + 16384);
+    records.push(22, 3, 1, part.length >> 8, part.length & 255);
+    for (const b of part) records.push(b);
+  }
+  return new Uint8Array(records);
+}

@@ -16,6 +16,27 @@ export async function ip(...args: string[]): Promise<void> {
 }
 
 /**
+ * A network namespace of the running test (`sni-TAG-PID`) with its loopback up, removed when
+ * `scope` closes; returns its `ip netns exec` wrapper.
+ */
+export async function testNamespace(scope: Scope, tag: string): Promise<string[]> {
+  const ns = `sni-${tag}-${Deno.pid}`;
+  await ip("netns", "del", ns).catch(() => {});
+  await ip("netns", "add", ns);
+  scope.defer(() => ip("netns", "del", ns));
+  await ip("-n", ns, "link", "set", "lo", "up");
+  return ["ip", "netns", "exec", ns];
+}
+
+/** Runs `cmd` and asserts it succeeds (its stderr in the message); returns its stdout. */
+export async function runChecked(cmd: string[]): Promise<string> {
+  const out = await new Deno.Command(cmd[0], { args: cmd.slice(1), stderr: "piped" }).output();
+  const text = (b: Uint8Array) => new TextDecoder().decode(b);
+  if (!out.success) throw new Error(`${cmd.join(" ")}: ${text(out.stderr)}`);
+  return text(out.stdout);
+}
+
+/**
  * tests/fixtures/restart_traffic.ts run by `wrapper` (`ip netns exec NS`) with `args`: its echo
  * backend (its port, or null) and client loops (`start` them against a proxy, `stop` them for
  * their result). Killed when the scope closes.
