@@ -447,7 +447,8 @@ export class Session {
     }
     this.#first = null;
     backend.setHandler(null);
-    this.#relayWith(new Relay(this.#client, backend, this.#ctx.table.config.timeouts.idleMs));
+    const idleMs = this.#ctx.table.config.timeouts.idleMs;
+    this.#relayWith(new Relay(this.#client, backend, idleMs, this.#handoff?.bulk ?? null));
   }
 
   /** The hello is with the backend: `relay` moves the rest until both sides are done. */
