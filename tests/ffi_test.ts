@@ -7,6 +7,8 @@
 import assert from "node:assert/strict";
 import {
   BpfError,
+  BpfMapFd,
+  BpfMapType,
   BpfObject,
   type LibbpfLogLevel,
   libbpfVersion,
@@ -212,5 +214,41 @@ Deno.test({
         assert.deepEqual([m.keySize, m.valueSize], [key, value], `${url.pathname}: ${name}`);
       }
     }
+  },
+});
+
+Deno.test({
+  name: "ffi: a batch writes and deletes several hash entries in one call; a full map refuses " +
+    "the element past its size, and a delete stops at the first absent key and says how many",
+  ignore: !!SKIP,
+  fn() {
+    using map = BpfMapFd.create({
+      type: BpfMapType.HASH,
+      name: "batch_test",
+      keySize: 4,
+      valueSize: 8,
+      maxEntries: 2,
+    });
+    const keys = (...ks: number[]) => new Uint8Array(new Uint32Array(ks).buffer);
+    const values = (...vs: number[]) => new Uint8Array(new BigUint64Array(vs.map(BigInt)).buffer);
+    const value = (k: number) => {
+      const out = new Uint8Array(8);
+      return map.lookup(keys(k), out) ? Number(new BigUint64Array(out.buffer)[0]) : null;
+    };
+    map.updateBatch(keys(1, 2), values(10, 20), 2);
+    assert.deepEqual([value(1), value(2)], [10, 20]);
+    map.updateBatch(keys(1, 2), values(11, 21), 2);
+    assert.deepEqual([value(1), value(2)], [11, 21], "a batch replaces entries (BPF_ANY)");
+    assert.throws(
+      () => map.updateBatch(keys(1, 3), values(12, 30), 2),
+      (e) => e instanceof BpfError && e.errno === 7, // E2BIG: the map is full
+    );
+    assert.deepEqual([value(1), value(3)], [12, null], "the elements before the failure stay");
+    assert.equal(map.deleteBatch(keys(3, 1), 2), 0, "stops at the absent key");
+    assert.equal(value(1), 12, "and deletes nothing past it");
+    assert.equal(map.deleteBatch(keys(1, 3), 2), 1);
+    assert.equal(map.deleteBatch(keys(2), 1), 1);
+    assert.deepEqual([value(1), value(2)], [null, null]);
+    assert.throws(() => map.deleteBatch(keys(1, 2), 3), BpfError, "keys must match the count");
   },
 });

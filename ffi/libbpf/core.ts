@@ -58,6 +58,11 @@ const LIBBPF_SYMBOLS = {
   bpf_map_update_elem: { parameters: ["i32", "buffer", "buffer", "u64"], result: "i32" },
   bpf_map_lookup_elem: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
   bpf_map_delete_elem: { parameters: ["i32", "buffer"], result: "i32" },
+  bpf_map_update_batch: {
+    parameters: ["i32", "buffer", "buffer", "buffer", "pointer"],
+    result: "i32",
+  },
+  bpf_map_delete_batch: { parameters: ["i32", "buffer", "buffer", "pointer"], result: "i32" },
   bpf_map_get_next_key: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
 
   btf__new_empty: { parameters: [], result: "pointer" },
@@ -258,4 +263,37 @@ export function ptrOrThrow(p: Deno.PointerValue, op: string): Deno.PointerObject
 export function check(rc: number, op: string): number {
   if (rc < 0) throw new BpfError(op, -rc);
   return rc;
+}
+
+/** The element count in and out of a batch call. */
+const batchCount = new Uint32Array(1);
+
+/**
+ * BPF_MAP_UPDATE_BATCH: writes `count` elements (keys and values packed one after another) in
+ * one call. Throws the error of the element that failed (those before it are written).
+ */
+export function updateBatch(
+  fd: number,
+  keys: Uint8Array,
+  values: Uint8Array,
+  count: number,
+  what: string,
+): void {
+  batchCount[0] = count;
+  check(
+    libbpf().bpf_map_update_batch(fd, keys, values, new Uint8Array(batchCount.buffer), null),
+    `bpf_map_update_batch(${what})`,
+  );
+}
+
+/**
+ * BPF_MAP_DELETE_BATCH: deletes `count` keys (packed one after another) in one call; stops at
+ * the first absent key. Returns how many were deleted before it; throws any other error.
+ */
+export function deleteBatch(fd: number, keys: Uint8Array, count: number, what: string): number {
+  batchCount[0] = count;
+  const rc = libbpf().bpf_map_delete_batch(fd, keys, new Uint8Array(batchCount.buffer), null);
+  if (rc === -Errno.ENOENT) return batchCount[0];
+  check(rc, `bpf_map_delete_batch(${what})`);
+  return count;
 }

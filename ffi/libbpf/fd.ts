@@ -5,7 +5,7 @@
  */
 
 import { closeFd, cString, Errno } from "../libc.ts";
-import { BPF_ANY, BpfError, check, libbpf, ptrOrThrow } from "./core.ts";
+import { BPF_ANY, BpfError, check, deleteBatch, libbpf, ptrOrThrow, updateBatch } from "./core.ts";
 
 /** bpf_obj_get: an fd for a pinned object (map, program or link); close it with closeFd. */
 export function objGet(path: string): number {
@@ -243,6 +243,41 @@ export class BpfMapFd implements Disposable {
     if (rc === -Errno.ENOENT) return false;
     check(rc, `bpf_map_delete_elem(${this.name})`);
     return true;
+  }
+
+  /**
+   * Writes `count` elements in one call (keys and values packed one after another, BPF_ANY).
+   * Throws the error of the element that failed; those before it are written.
+   */
+  updateBatch(keys: Uint8Array, values: Uint8Array, count: number): void {
+    this.#checkBatch("updateBatch", keys, count);
+    if (values.length !== count * this.info.valueSize) {
+      throw new BpfError(`updateBatch(${this.name})`, 22, {
+        detail: `values are ${values.length} bytes, ${count} values of the map take ${
+          count * this.info.valueSize
+        }`,
+      });
+    }
+    updateBatch(this.fd, keys, values, count, this.name);
+  }
+
+  /**
+   * Deletes `count` keys (packed one after another) in one call; stops at the first absent
+   * key and returns how many it deleted before it.
+   */
+  deleteBatch(keys: Uint8Array, count: number): number {
+    this.#checkBatch("deleteBatch", keys, count);
+    return deleteBatch(this.fd, keys, count, this.name);
+  }
+
+  #checkBatch(op: string, keys: Uint8Array, count: number): void {
+    if (keys.length !== count * this.info.keySize) {
+      throw new BpfError(`${op}(${this.name})`, 22, {
+        detail: `keys are ${keys.length} bytes, ${count} keys of the map take ${
+          count * this.info.keySize
+        }`,
+      });
+    }
   }
 
   /** Iterate keys (copies); the map may change meanwhile, as with any BPF map walk. */

@@ -4,7 +4,17 @@
  */
 
 import { cString, Errno } from "../libc.ts";
-import { BPF_ANY, BpfError, BpfMapType, check, libbpf, possibleCpus, ptrOrThrow } from "./core.ts";
+import {
+  BPF_ANY,
+  BpfError,
+  BpfMapType,
+  check,
+  deleteBatch,
+  libbpf,
+  possibleCpus,
+  ptrOrThrow,
+  updateBatch,
+} from "./core.ts";
 const VERIFIER_LOG_SIZE = 1 << 20;
 const OPEN_OPTS_SIZE = 80; // sizeof(struct bpf_object_open_opts) in libbpf 1.1 (x86_64/aarch64)
 
@@ -329,6 +339,41 @@ export class BpfMap {
     if (rc === -Errno.ENOENT) return false;
     check(rc, `bpf_map__delete_elem(${this.name})`);
     return true;
+  }
+
+  /**
+   * Writes `count` elements in one call (keys and values packed one after another, BPF_ANY).
+   * Throws the error of the element that failed; those before it are written.
+   */
+  updateBatch(keys: Uint8Array, values: Uint8Array, count: number): void {
+    this.#checkBatch("updateBatch", keys, count);
+    if (values.length !== count * this.valueBufferSize) {
+      throw new BpfError(`updateBatch(${this.name})`, 22, {
+        detail: `values are ${values.length} bytes, ${count} values of the map take ${
+          count * this.valueBufferSize
+        }`,
+      });
+    }
+    updateBatch(this.fd, keys, values, count, this.name);
+  }
+
+  /**
+   * Deletes `count` keys (packed one after another) in one call; stops at the first absent
+   * key and returns how many it deleted before it.
+   */
+  deleteBatch(keys: Uint8Array, count: number): number {
+    this.#checkBatch("deleteBatch", keys, count);
+    return deleteBatch(this.fd, keys, count, this.name);
+  }
+
+  #checkBatch(op: string, keys: Uint8Array, count: number): void {
+    if (keys.length !== count * this.keySize) {
+      throw new BpfError(`${op}(${this.name})`, 22, {
+        detail: `keys are ${keys.length} bytes, ${count} keys of the map take ${
+          count * this.keySize
+        }`,
+      });
+    }
   }
 
   /** Iterate keys (copies); the map may change meanwhile, as with any BPF map walk. */

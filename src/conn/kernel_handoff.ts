@@ -13,7 +13,8 @@ import type { ClientHello } from "../proto/clienthello.ts";
 import { BurstLog, logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { errText } from "../ops/errtext.ts";
-import type { ByteRelay, SpliceHooks } from "./relay.ts";
+import type { BulkHandover, ByteRelay, RelayState, SpliceHooks } from "./relay.ts";
+import { setSocketBuffer } from "../../ffi/libc.ts";
 import type { ByteCounts, KernelPart } from "./conn_record.ts";
 import { SplicedRelay } from "./spliced.ts";
 import { PipedRelay, type PipePool } from "./piped.ts";
@@ -80,11 +81,14 @@ export interface Opening {
 export interface KernelHandoff extends KernelPart {
   /**
    * Hands the connected pair to a kernel relay, which writes `opening.first` itself; or returns
-   * null when the pair does not qualify (the session writes it and relays in userspace).
+   * null when the session writes it and relays in userspace (the pair does not qualify, or
+   * moves to the kernel only once it carries bulk: see `bulk`).
    */
   handOff(backend: TcpSocket, opening: Opening): ByteRelay | null;
   /** Removes the kernel pairing (once; before the sockets close), keeping its byte counts. */
   release(): void;
+  /** Who takes a pair the session relays in userspace once it carries bulk, or null. */
+  readonly bulk: BulkHandover | null;
 }
 
 /** The handoff of `client`'s session in the proxy's kernel mode; null in userspace mode. */
@@ -108,38 +112,58 @@ function kernelFallback(m: Metrics, reason: string, detail: string): void {
 const NO_BYTES: ByteCounts = Object.freeze({ up: 0, down: 0 });
 
 /**
- * `ebpf.splice_mode` "pipe": the pair is relayed by splice(2) through the pool's pipes. It lives
- * as long as its connection (the record reads it at the end), so it keeps nothing it needs only
- * for the handoff past it.
+ * `ebpf.splice_mode` "pipe": the pair starts in the userspace relay, as in userspace mode (the
+ * session writes the hello), and a direction moves to splice(2) through the pool's pipes once it
+ * carries bulk: the relay hands the pair over ({@link BulkHandover}). It lives as long as its
+ * connection (the record reads it at the end), so it keeps little past the handoff.
  */
-class PipeHandoff implements KernelHandoff {
-  #client: TcpSocket | null;
+class PipeHandoff implements KernelHandoff, BulkHandover {
   readonly #pipes: PipePool;
-  #options: KernelHandoffOptions | null;
-  /** The pair is relayed by splice(2). */
+  readonly #idleMs: number;
+  /** The client and the buffer sizes to set on the pair (`ebpf.sndbuf`/`rcvbuf`), when set. */
+  #sizes: { client: TcpSocket; sndbuf: number; rcvbuf: number } | null = null;
+  /** The pair is relayed by kernel mode's relays (spliced once it carries bulk). */
   #piped = false;
   /** The relay counts what splice(2) moves as its own bytes. */
   readonly kernelBytes: ByteCounts = NO_BYTES;
   readonly undelivered: ByteCounts = NO_BYTES;
 
   constructor(client: TcpSocket, pipes: PipePool, options: KernelHandoffOptions) {
-    this.#client = client;
     this.#pipes = pipes;
-    this.#options = options;
+    this.#idleMs = options.idleMs;
+    const { sndbuf, rcvbuf } = options.ebpf;
+    if (sndbuf || rcvbuf) this.#sizes = { client, sndbuf, rcvbuf };
   }
 
   get mode(): "userspace" | "kernel" {
     return this.#piped ? "kernel" : "userspace";
   }
 
-  handOff(backend: TcpSocket, opening: Opening): ByteRelay {
-    const pair = socketPair(this.#client!, backend);
+  get bulk(): BulkHandover {
+    return this;
+  }
+
+  /**
+   * Sizes the pair's socket buffers (when set: with the pipe they bound what a direction holds
+   * for a reader that stops); the session then writes the hello and starts its relay.
+   */
+  handOff(backend: TcpSocket): null {
     this.#piped = true;
-    const { idleMs, ebpf: { sndbuf, rcvbuf } } = this.#options!;
-    this.#client = this.#options = null;
-    const first = opening.first;
+    const sizes = this.#sizes;
+    this.#sizes = null;
+    if (sizes) {
+      for (const fd of [sizes.client.fd, backend.fd]) {
+        if (sizes.sndbuf) setSocketBuffer(fd, "send", sizes.sndbuf);
+        if (sizes.rcvbuf) setSocketBuffer(fd, "receive", sizes.rcvbuf);
+      }
+    }
+    return null;
+  }
+
+  relayBulk(client: TcpSocket, backend: TcpSocket, state: RelayState): ByteRelay {
+    const pair = socketPair(client, backend);
     const watcher = new PairWatcher(eventLoop(), pair);
-    return new PipedRelay(pair, this.#pipes, { idleMs, first, sndbuf, rcvbuf, watcher });
+    return new PipedRelay(pair, this.#pipes, { idleMs: this.#idleMs, resume: state, watcher });
   }
 
   // nothing is paired in the kernel: the relay gives its pipes back to the pool when it ends
@@ -156,6 +180,7 @@ class SockmapHandoff implements KernelHandoff {
   #released = false;
   #kernelBytes: ByteCounts = { up: 0, down: 0 };
   readonly undelivered: ByteCounts = { up: 0, down: 0 };
+  readonly bulk = null;
 
   constructor(client: TcpSocket, kernel: KernelAccel, options: KernelHandoffOptions) {
     this.#client = client;

@@ -5,10 +5,12 @@
  * `ebpf.pipe_bytes`) and the socket buffers, and the sender is held back by its closed window.
  *
  * The sockets are the proxy's own (src/io/), watched edge-triggered on its epoll: input, EOF and
- * errors on a source, write space on a destination whose pipe could not be emptied. A direction
- * is copied (recv/send, as in userspace mode) until a read fills the copy buffer: a connection
- * that never carries bulk makes no pipe and no splice call. Pipes come from a small pool and go
- * back to it as soon as they are empty, so an idle connection holds none.
+ * errors on a source, write space on a destination whose pipe could not be emptied. A pair starts
+ * in the userspace relay (src/conn/relay.ts), which hands it over, with what it holds, once a
+ * read fills its buffer: a connection that never carries bulk runs the userspace code path, with
+ * no pipe and no splice call. Here the direction that went bulk splices; the other one is copied
+ * (recv/send) until a read fills the copy buffer too. Pipes come from a small pool and go back to
+ * it as soon as they are empty, so an idle connection holds none.
  *
  * @module
  */
@@ -20,7 +22,6 @@ import {
   errnoName,
   makePipe,
   sendFd,
-  setSocketBuffer,
   shutdownWrite,
   socketError,
   spliceFd,
@@ -30,7 +31,13 @@ import { EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLPRI, EPOLLRDHUP } from "../
 import { type FdWatcher, socketOf, type SocketPair } from "../io/watch.ts";
 import type { TcpSocket } from "../io/tcp.ts";
 import { eventLoop } from "../io/loop.ts";
-import { type ByteRelay, IdleTimer, type RelayEnd } from "./relay.ts";
+import {
+  type ByteRelay,
+  type DirectionState,
+  IdleTimer,
+  type RelayEnd,
+  type RelayState,
+} from "./relay.ts";
 import { logger } from "../ops/log.ts";
 
 const log = logger("piped");
@@ -145,20 +152,19 @@ export class PipedRelay implements ByteRelay {
 
   /**
    * `first`: what to write to the backend before the client's bytes (the hello, after any
-   * PROXY header); `release`: called once as the relay ends, before the sockets close;
-   * `sndbuf`/`rcvbuf` (when above 0): both sockets' buffer sizes (`ebpf.sndbuf`/`ebpf.rcvbuf`),
-   * which with the pipe bound what a direction holds for a reader that stops; `watcher`: watches
-   * the detached sockets, and its read buffer takes the rare bytes read past an urgent mark.
+   * PROXY header); or `resume`: where the userspace relay that handed the pair over stood (its
+   * bytes waiting, EOFs, and which direction carries bulk: that one splices from the start);
+   * `release`: called once as the relay ends, before the sockets close; `watcher`: watches the
+   * detached sockets, and its read buffer takes the rare bytes read past an urgent mark.
    */
   constructor(
     pair: SocketPair,
     pool: PipePool,
     opts: {
       idleMs: number;
-      first: Uint8Array;
+      first?: Uint8Array;
+      resume?: RelayState;
       release?: () => void;
-      sndbuf?: number;
-      rcvbuf?: number;
       watcher: FdWatcher;
     },
   ) {
@@ -167,28 +173,24 @@ export class PipedRelay implements ByteRelay {
     this.#pool = pool;
     this.#release = opts.release ?? (() => {});
     this.#idle = new IdleTimer(opts.idleMs, null, () => this.#finish("idle_timeout", null));
-    const dir = (up: boolean, src: number, dst: number): Direction => ({
+    const dir = (up: boolean, src: number, dst: number, at?: DirectionState): Direction => ({
       up,
       src,
       dst,
       pipe: null,
       inPipe: 0,
-      prefix: null,
+      prefix: at?.pending ?? null,
       prefixOff: 0,
-      eof: false,
-      done: false,
-      bytes: 0,
+      eof: at?.eof ?? false,
+      done: at?.done ?? false,
+      bytes: at?.bytes ?? 0,
       urgent: false,
       srcSocket: socketOf(pair, src),
-      spliced: false,
+      spliced: at?.bulk ?? false,
     });
-    this.#upDir = dir(true, pair.clientFd, pair.backendFd);
-    this.#downDir = dir(false, pair.backendFd, pair.clientFd);
-    this.#upDir.prefix = opts.first.length ? opts.first : null;
-    for (const fd of [pair.clientFd, pair.backendFd]) {
-      if (opts.sndbuf) setSocketBuffer(fd, "send", opts.sndbuf);
-      if (opts.rcvbuf) setSocketBuffer(fd, "receive", opts.rcvbuf);
-    }
+    this.#upDir = dir(true, pair.clientFd, pair.backendFd, opts.resume?.up);
+    this.#downDir = dir(false, pair.backendFd, pair.clientFd, opts.resume?.down);
+    if (opts.first?.length) this.#upDir.prefix = opts.first;
   }
 
   /** Bytes client → backend the relay delivered (the hello not counted). */
@@ -229,8 +231,10 @@ export class PipedRelay implements ByteRelay {
       this.#finish("error", e);
       return ended;
     }
-    // the hello goes out now, not one epoll round trip later: a new connection's latency
+    // the hello goes out now, not one epoll round trip later: a new connection's latency; a
+    // relay carrying on from another moves what either way has at once
     this.#pump(this.#upDir);
+    this.#pump(this.#downDir);
     return ended;
   }
 

@@ -71,6 +71,37 @@ export interface SpliceHooks {
   release(): void;
 }
 
+/** Where one direction of a {@link Relay} stands when it hands its pair over. */
+export interface DirectionState {
+  /** Bytes read from the source so far (the pending ones included). */
+  bytes: number;
+  /** Bytes read but not yet written to the destination (null: none). */
+  pending: Uint8Array | null;
+  /** The source's EOF was read. */
+  eof: boolean;
+  /** The EOF was passed on. */
+  done: boolean;
+  /** This direction's read filled the buffer: it carries bulk. */
+  bulk: boolean;
+}
+
+/** Where a {@link Relay} stands when it hands its pair over: each direction's state. */
+export interface RelayState {
+  /** Client → backend. */
+  up: DirectionState;
+  /** Backend → client. */
+  down: DirectionState;
+}
+
+/**
+ * Takes a pair from a {@link Relay} once a direction carries bulk (kernel mode's splice(2)
+ * relay): a connection that never does costs what it costs in userspace mode.
+ */
+export interface BulkHandover {
+  /** A relay that carries on from `state` (not yet run: the caller runs it). */
+  relayBulk(client: TcpSocket, backend: TcpSocket, state: RelayState): ByteRelay;
+}
+
 /** What a session needs of a relay, userspace or spliced. */
 export interface ByteRelay {
   /** Relays until both directions are done (or the relay is stopped); closes both sockets. */
@@ -209,17 +240,34 @@ export class Relay implements ByteRelay {
     this.#resumeQueued = false;
     this.#move();
   };
+  /** Who takes the pair once a direction carries bulk (null: nobody, or taken already). */
+  #bulkHandover: BulkHandover | null;
+  /** The direction whose read just filled the buffer, with a taker for bulk. */
+  #bulkDir: Direction | null = null;
+  /** The relay that carries on since the handover (null: this one relays). */
+  #next: ByteRelay | null = null;
 
-  constructor(client: TcpSocket, backend: TcpSocket, idleMs: number) {
+  /**
+   * `bulk`: who takes the pair once a direction carries bulk (a read fills the buffer);
+   * null: this relay copies to the end.
+   */
+  constructor(
+    client: TcpSocket,
+    backend: TcpSocket,
+    idleMs: number,
+    bulk: BulkHandover | null = null,
+  ) {
     this.#client = client;
     this.#backend = backend;
     this.#up = new Direction(true, client, backend);
     this.#down = new Direction(false, backend, client);
     this.#idle = new IdleTimer(idleMs, null, () => this.#finish("idle_timeout", null));
+    this.#bulkHandover = bulk;
   }
 
   /** The error behind a reset or error end, for the log (made when asked: most are never). */
   get error(): unknown {
+    if (this.#next) return this.#next.error;
     if (this.#error === null && this.#errno !== 0) {
       this.#error = socketError(this.#failedOp, this.#errno);
     }
@@ -228,16 +276,16 @@ export class Relay implements ByteRelay {
 
   /** Bytes client → backend copied by this relay. */
   get bytesUp(): number {
-    return this.#up.bytes;
+    return this.#next ? this.#next.bytesUp : this.#up.bytes;
   }
 
   get halfClosed(): boolean {
-    return this.#up.done !== this.#down.done;
+    return this.#next ? this.#next.halfClosed : this.#up.done !== this.#down.done;
   }
 
   /** Bytes backend → client copied by this relay. */
   get bytesDown(): number {
-    return this.#down.bytes;
+    return this.#next ? this.#next.bytesDown : this.#down.bytes;
   }
 
   /** Relays until both directions are done (or the relay is stopped); closes both sockets. */
@@ -256,7 +304,8 @@ export class Relay implements ByteRelay {
 
   /** Ends the relay now with `reason` (e.g. shutdown); both sockets are closed. */
   stop(reason: RelayEnd): void {
-    this.#finish(reason, null);
+    if (this.#next) this.#next.stop(reason);
+    else this.#finish(reason, null);
   }
 
   /** Asks to move on in the next round (once). */
@@ -274,7 +323,7 @@ export class Relay implements ByteRelay {
   /** Moves what `d` can move now, up to its share of the round. */
   #pump(d: Direction): void {
     const loop = this.#client.loop;
-    for (let reads = 0; this.#end === null; reads++) {
+    for (let reads = 0; this.#end === null && this.#next === null; reads++) {
       if (reads === READS_PER_ROUND || (loop.exhausted && d.pending === null)) {
         this.#queueResume();
         return;
@@ -312,6 +361,7 @@ export class Relay implements ByteRelay {
       const n = d.src.recv(chunk, CHUNK_LEN);
       if (n > 0) {
         this.#forward(d, n);
+        if (this.#bulkDir !== null && this.#end === null) return this.#handOver();
         // a short read after the peer's FIN took the last bytes: the EOF needs no read of its
         // own (after a reset, epoll said error too: the next read reports it; a read also stops
         // short at a TCP urgent mark, with bytes after it: after urgent data, read on)
@@ -330,7 +380,11 @@ export class Relay implements ByteRelay {
     this.#idle.touch();
     this.#client.loop.spend(n);
     // a full read is bulk: from now on this pair's events wait behind new connections'
-    if (n === chunk.length && !this.#client.bulk) this.#client.bulk = this.#backend.bulk = true;
+    if (n === chunk.length) {
+      if (!this.#client.bulk) this.#client.bulk = this.#backend.bulk = true;
+      // a reset being checked (#lateReset) is seen through here
+      if (this.#bulkHandover !== null && this.#lateReset === null) this.#bulkDir = d;
+    }
     const w = d.dst.send(chunk, n);
     if (w === n) {
       d.bytes += n;
@@ -343,6 +397,32 @@ export class Relay implements ByteRelay {
     const sent = Math.max(w, 0);
     d.bytes += sent;
     d.pending = chunk.slice(sent, n);
+  }
+
+  /**
+   * Hands the pair to the bulk relay, which carries on from where this one stands: its end is
+   * this relay's end, and its counts and error are read through this one.
+   */
+  #handOver(): void {
+    const state = (d: Direction): DirectionState => ({
+      bytes: d.bytes + (d.pending?.length ?? 0),
+      pending: d.pending,
+      eof: d.eof,
+      done: d.done,
+      bulk: d === this.#bulkDir,
+    });
+    const taker = this.#bulkHandover!;
+    this.#bulkHandover = null;
+    this.#idle.clear();
+    const next = taker.relayBulk(this.#client, this.#backend, {
+      up: state(this.#up),
+      down: state(this.#down),
+    });
+    this.#next = next;
+    next.run().then((reason) => {
+      this.#end = reason;
+      this.#resolve?.(reason);
+    });
   }
 
   /** Half-closes `d.dst` (once); ends the relay when both directions are through. */

@@ -429,7 +429,7 @@ export class Session {
         pending,
       )
       : pending;
-    // a kernel relay writes the hello itself
+    // a sockmap relay writes the hello itself
     const handed = this.#handoff?.handOff(backend, {
       first,
       clientBytes: pending.length,
@@ -455,7 +455,8 @@ export class Session {
   #firstWritten(pool: BackendPool, end: FirstWriteEnd): void {
     if (end.kind === "written") {
       const idleMs = this.#ctx.table.config.timeouts.idleMs;
-      this.#relayWith(new Relay(this.#client, this.#backendConn!, idleMs), pool);
+      const bulk = this.#handoff?.bulk ?? null; // pipe mode: splice(2) takes a bulk pair over
+      this.#relayWith(new Relay(this.#client, this.#backendConn!, idleMs, bulk), pool);
       return;
     }
     if (end.kind === "failed") {
@@ -478,9 +479,8 @@ export class Session {
   }
 
   /**
-   * The hello is with the backend, or with a kernel relay that writes it (within connect_ms,
-   * else the relay is cut as the backend's failure): `relay` moves the rest until both sides
-   * are done.
+   * The hello is with the backend, or with a sockmap relay that writes it (within connect_ms, else
+   * the relay is cut as the backend's failure): `relay` moves the rest until both sides are done.
    */
   #relayWith(relay: ByteRelay, pool: BackendPool): void {
     const ms = this.#ctx.table.config.timeouts.connectMs;

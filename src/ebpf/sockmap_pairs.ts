@@ -5,7 +5,7 @@
  * @module
  */
 
-import { BPF_ANY, BPF_NOEXIST, BpfError } from "../../ffi/libbpf.ts";
+import { BPF_NOEXIST, BpfError } from "../../ffi/libbpf.ts";
 import { Errno } from "../../ffi/libc.ts";
 import { parseIp } from "../net/ip.ts";
 import type { SocketTuple } from "../conn/tcpinfo.ts";
@@ -47,6 +47,8 @@ export class SplicePair {
   /** The sockets as given to pair(). */
   readonly a: SpliceSocket;
   readonly b: SpliceSocket;
+  /** @internal both keys, a's then b's (one batch call writes or deletes both entries) */
+  readonly keys: Uint8Array;
   /** @internal */
   readonly keyA: Uint8Array;
   /** @internal */
@@ -63,8 +65,12 @@ export class SplicePair {
     this.b = b;
     this.tupleA = tupleA;
     this.tupleB = tupleB;
-    this.keyA = encodeSockKey(tupleA);
-    this.keyB = encodeSockKey(tupleB);
+    const keyA = encodeSockKey(tupleA);
+    this.keys = new Uint8Array(2 * keyA.length);
+    this.keys.set(keyA);
+    this.keys.set(encodeSockKey(tupleB), keyA.length);
+    this.keyA = this.keys.subarray(0, keyA.length);
+    this.keyB = this.keys.subarray(keyA.length);
   }
 }
 
@@ -108,6 +114,10 @@ export interface ElementMap {
   update(key: Uint8Array, value: Uint8Array, flags?: bigint): void;
   lookup(key: Uint8Array, out: Uint8Array): boolean;
   delete(key: Uint8Array): boolean;
+  /** Writes `count` elements (packed keys and values) in one call. */
+  updateBatch(keys: Uint8Array, values: Uint8Array, count: number): void;
+  /** Deletes `count` packed keys in one call, up to the first absent one; returns how many. */
+  deleteBatch(keys: Uint8Array, count: number): number;
   keys(): Generator<Uint8Array>;
 }
 
@@ -120,6 +130,8 @@ export class PairTable {
   readonly #pairs: ElementMap;
   readonly #log: EbpfLog;
   readonly #pairBuf = new Uint8Array(PAIR.size);
+  /** Both entries' values of a pair, a's then b's. */
+  readonly #bothBuf = new Uint8Array(2 * PAIR.size);
   readonly #cookieBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
   readonly #cookieView = new DataView(this.#cookieBuf.buffer);
   readonly #fdBuf = new Uint8Array(SOCKHASH_VALUE_SIZE);
@@ -151,14 +163,13 @@ export class PairTable {
   insert(p: SplicePair): void {
     let inserted = 0;
     try {
-      this.#write(p.keyA, p.keyB, true);
-      this.#write(p.keyB, p.keyA, false);
+      this.#writeBoth(p);
       this.#insertSocket(p.keyB, p.b);
       inserted++;
       this.#insertSocket(p.keyA, p.a);
     } catch (e) {
       if (inserted) this.#sockhash.delete(p.keyB);
-      for (const key of [p.keyA, p.keyB]) this.#pairs.delete(key);
+      this.removePairing(p);
       throw e;
     }
   }
@@ -180,7 +191,8 @@ export class PairTable {
    * entry first would be a syscall per socket for nothing.
    */
   removePairing(p: SplicePair): void {
-    for (const key of [p.keyA, p.keyB]) this.#pairs.delete(key);
+    // one call for both; it stops at an absent entry (swept meanwhile): b's is tried alone then
+    if (this.#pairs.deleteBatch(p.keys, 2) === 0) this.#pairs.delete(p.keyB);
   }
 
   /** The redirected-bytes counter of the entry `key`, 0 when it is gone. */
@@ -222,18 +234,19 @@ export class PairTable {
     }
   }
 
-  /** `upstream`: `key` is the client side (a of pair()), so its bytes count as upstream. */
-  #write(key: Uint8Array, peer: Uint8Array, upstream: boolean): void {
-    this.#update(key, encodePair(this.#pairBuf, peer, upstream));
-  }
   /**
-   * A map update; a full map (E2BIG, or ENOMEM on preallocation) is swept of entries whose
-   * socket is gone (left by a worker that was killed) once, then refused with `map_full`.
+   * Writes both pairing entries of `p` in one call (a's bytes count as upstream). A full map
+   * (E2BIG, or ENOMEM on preallocation) is swept of entries whose socket is gone (left by a
+   * worker that was killed) once, then refused with `map_full` (the caller removes what was
+   * written).
    */
-  #update(key: Uint8Array, value: Uint8Array): void {
+  #writeBoth(p: SplicePair): void {
+    const both = this.#bothBuf;
+    both.set(encodePair(this.#pairBuf, p.keyB, true));
+    both.set(encodePair(this.#pairBuf, p.keyA, false), PAIR.size);
     for (let attempt = 0;; attempt++) {
       try {
-        this.#pairs.update(key, value, BPF_ANY);
+        this.#pairs.updateBatch(p.keys, both, 2);
         return;
       } catch (e) {
         const full = e instanceof BpfError && (e.errno === Errno.E2BIG || e.errno === Errno.ENOMEM);
