@@ -134,6 +134,8 @@ export class PipedRelay implements ByteRelay {
   readonly #idle: IdleTimer;
   readonly #upDir: Direction;
   readonly #downDir: Direction;
+  /** The session's first bytes, the up direction's prefix until written (later ones are copies). */
+  readonly #first: Uint8Array;
   /** The watcher's ids of the client's and the backend's fd (-1: not watched). */
   #clientWatch = -1;
   #backendWatch = -1;
@@ -184,6 +186,7 @@ export class PipedRelay implements ByteRelay {
     });
     this.#upDir = dir(true, pair.clientFd, pair.backendFd);
     this.#downDir = dir(false, pair.backendFd, pair.clientFd);
+    this.#first = opts.first;
     this.#upDir.prefix = opts.first.length ? opts.first : null;
     for (const fd of [pair.clientFd, pair.backendFd]) {
       if (opts.sndbuf) setSocketBuffer(fd, "send", opts.sndbuf);
@@ -213,7 +216,8 @@ export class PipedRelay implements ByteRelay {
   }
 
   get firstPending(): boolean {
-    return this.#upDir.prefix !== null;
+    // a later read the backend did not take whole is kept as the prefix too: not the hello
+    return this.#upDir.prefix === this.#first;
   }
 
   run(): Promise<RelayEnd> {
