@@ -13,6 +13,7 @@
  */
 import assert from "node:assert/strict";
 import {
+  clientHelloBytes,
   e2eTest,
   kernelEbpf,
   kernelSkipReason,
@@ -202,6 +203,67 @@ e2eTest(
     assert.equal(r.end, "eof");
     const e = await p.waitAccess((e) => e.sni === "a.test");
     assert.equal(e.close_reason, "backend_timeout");
+  },
+  { ignore: SKIP !== null },
+);
+
+e2eTest(
+  "pipe mode: client bytes after the hello that a slow backend has not taken yet are not taken " +
+    "for the hello: the connection outlives connect_ms and every byte arrives",
+  async (scope) => {
+    const wrapper = await testNamespace(scope, "hello-write-later");
+    await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
+    // reads what comes at once (the hello), pauses 2.5 s, then reads to the end and says how much
+    const script = "import socket, time\n" +
+      "l = socket.socket()\n" +
+      "l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)\n" +
+      "l.bind(('127.0.0.1', 0))\n" +
+      "l.listen(8)\n" +
+      "print(l.getsockname()[1], flush=True)\n" +
+      "c, _ = l.accept()\n" +
+      "n = len(c.recv(65536))\n" +
+      "time.sleep(2.5)\n" +
+      "while True:\n" +
+      "  b = c.recv(65536)\n" +
+      "  if not b: break\n" +
+      "  n += len(b)\n" +
+      "c.sendall(str(n).encode())\n" +
+      "c.close()\n" +
+      "time.sleep(30)\n";
+    const child = new Deno.Command(wrapper[0], {
+      args: [...wrapper.slice(1), "python3", "-c", script],
+      stdout: "piped",
+    }).spawn();
+    scope.defer(() => {
+      try {
+        child.kill("SIGKILL");
+      } catch { /* exited */ }
+    });
+    const { value } = await lines(child.stdout).next();
+    const p = await startProxy(scope, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+      routes: [{ match: "a.test", backends: [`127.0.0.1:${Number(value)}`] }],
+      timeouts: { connect_ms: 1000 },
+      ebpf: kernelEbpf({ splice_mode: "pipe" }),
+    }, { wrapper });
+    assert.equal(p.ready.mode, "kernel");
+    const hello = Array.from(await clientHelloBytes("a.test"));
+    // the hello, then 200 KB in small writes (copied, not spliced), then the end
+    const client = "import socket, sys, time\n" +
+      `c = socket.create_connection(('127.0.0.1', ${p.port()}))\n` +
+      `c.sendall(bytes(${JSON.stringify(hello)}))\n` +
+      "time.sleep(0.2)\n" +
+      "for i in range(200): c.sendall(b'x' * 1000); time.sleep(0.002)\n" +
+      "c.shutdown(socket.SHUT_WR)\n" +
+      "c.settimeout(10)\n" +
+      "try:\n" +
+      "  print(c.recv(100).decode() or 'eof')\n" +
+      "except Exception as e:\n" +
+      "  print(type(e).__name__)\n";
+    const out = await runChecked([...wrapper, "python3", "-c", client]);
+    assert.equal(out.trim(), String(hello.length + 200_000));
+    const e = await p.waitAccess((e) => e.sni === "a.test");
+    assert.notEqual(e.close_reason, "backend_timeout", JSON.stringify(e));
   },
   { ignore: SKIP !== null },
 );

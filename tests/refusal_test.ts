@@ -16,6 +16,7 @@ import {
   e2eTest,
   fdCount,
   fdOf,
+  identityBackend,
   kernelEbpf,
   kernelSkipReason,
   opensslClient,
@@ -27,6 +28,7 @@ import {
   startKernelProxy,
   startProxy,
   testNamespace,
+  whoAnswers,
   writeAll,
 } from "./harness/mod.ts";
 
@@ -120,13 +122,14 @@ async function untilCounts(
   }
 }
 
-/** The lingering closes the proxy counted, by result. */
+/** The lingering closes the proxy counted, by result, and those under way (`gauge`). */
 async function lingerCounts(p: ProxyProcess): Promise<Record<string, number>> {
   const text = await scrapeMetrics(p);
   const out: Record<string, number> = {};
   for (const m of text.matchAll(/^sni_proxy_lingering_closes_total\{result="(\w+)"\} (\d+)$/gm)) {
     out[m[1]] = Number(m[2]);
   }
+  out.gauge = Number(/^sni_proxy_lingering_connections (\d+)$/m.exec(text)?.[1] ?? -1);
   return out;
 }
 
@@ -326,5 +329,42 @@ e2eTest(
     for (const c of held) c.close();
     held.length = 0;
     await untilCounts(p, "three ends", (c) => c.eof === 3);
+  },
+);
+
+e2eTest(
+  "refused clients lingering near the descriptor limit (prlimit --nofile=256) do not keep a " +
+    "client with a route out: the oldest lingering closes are cut for it (counted as " +
+    "fd_reserve), each after its alert",
+  async (scope) => {
+    const b = await identityBackend(scope, "a.test");
+    const p = await startProxy(scope, {
+      listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
+      routes: [{ match: "a.test", backends: [b.address] }],
+      metrics: { address: "127.0.0.1:0" },
+      timeouts: { linger_ms: 20_000 },
+      ebpf: { enabled: false },
+    }, { wrapper: ["prlimit", "--nofile=256"] });
+    const hello = await clientHelloBytes("nope.test");
+    const held: Deno.TcpConn[] = [];
+    scope.defer(() => held.forEach((c) => c.close()));
+    // silent refused clients: each would hold its descriptor for linger_ms
+    for (let i = 0; i < 240; i++) {
+      const c = await Deno.connect({ hostname: "127.0.0.1", port: p.port() });
+      held.push(c);
+      await writeAll(c, hello);
+    }
+    await sleep(300);
+    const t0 = Date.now();
+    assert.equal(await whoAnswers(p.port(), "a.test"), "a.test");
+    assert.ok(Date.now() - t0 < 2000, `served after ${Date.now() - t0} ms`);
+    // every refused client is lingering or was cut, each counted once
+    const c = await untilCounts(p, "240 refused", (c) => c.gauge + (c.fd_reserve ?? 0) === 240);
+    assert.ok(c.fd_reserve > 0, JSON.stringify(c));
+    // the first was cut: it read its alert, then the end
+    const buf = new Uint8Array(64);
+    const n = await held[0].read(buf);
+    assert.deepEqual([...buf.subarray(0, n ?? 0)], UNRECOGNIZED_NAME);
+    assert.equal(await held[0].read(buf), null);
   },
 );

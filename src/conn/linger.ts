@@ -10,7 +10,10 @@
  * close of that length shares: no timer per connection), in bytes ({@link DISCARD_MAX_BYTES}: a
  * client that keeps sending is closed then, with the reset), and in count (`limits.max_lingering`
  * per process: past it a refused client is closed at once, as without lingering, and counted as
- * `over_limit`). A client that resets is closed as it is (its reset is not turned into anything
+ * `over_limit`). Their descriptors come last: when the accept loops would pause for want of
+ * descriptors, the oldest lingering closes are cut to make room ({@link shedLingering}, counted
+ * as `fd_reserve`), so refused clients never keep a client with a route waiting. A client that
+ * resets is closed as it is (its reset is not turned into anything
  * else). Every end is counted by how it came.
  *
  * @module
@@ -25,7 +28,7 @@ import type { FdBudget } from "./fdbudget.ts";
 export const DISCARD_MAX_BYTES = 256 * 1024;
 
 /** How a lingering close ended: the label of `sni_proxy_lingering_closes_total`. */
-export type LingerEnd = "eof" | "reset" | "timeout" | "bytes" | "over_limit";
+export type LingerEnd = "eof" | "reset" | "timeout" | "bytes" | "over_limit" | "fd_reserve";
 
 /** What a lingering close needs. */
 export interface LingerOptions {
@@ -44,10 +47,26 @@ const SINK_LEN = BigInt(sink.length);
 
 /** Lingering closes under way in this process. */
 let lingering = 0;
+/** How to end each lingering close under way, oldest first (a Set keeps insertion order). */
+const ends = new Set<(how: LingerEnd) => void>();
 
 /** Lingering closes under way in this process now. */
 export function lingeringNow(): number {
   return lingering;
+}
+
+/**
+ * Ends the oldest lingering closes while `fds` has no room for a new client (counted as
+ * `fd_reserve`): a refused client's descriptor is the first to give up. Returns how many.
+ */
+export function shedLingering(fds: FdBudget): number {
+  let shed = 0;
+  for (const end of ends) {
+    if (fds.hasRoom()) break;
+    end("fd_reserve");
+    shed++;
+  }
+  return shed;
 }
 
 /**
@@ -72,6 +91,7 @@ export function lingerClose(sock: TcpSocket, o: LingerOptions): void {
   const end = (how: LingerEnd) => {
     if (sock.closed) return;
     due.cancel();
+    ends.delete(end);
     sock.close();
     lingering--;
     o.metrics.lingering = lingering;
@@ -89,6 +109,7 @@ export function lingerClose(sock: TcpSocket, o: LingerOptions): void {
     }
   };
   const due = deadline(o.ms, () => end("timeout"));
+  ends.add(end);
   sock.setHandler(drop);
   drop();
 }

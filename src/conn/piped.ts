@@ -141,6 +141,11 @@ export class PipedRelay implements ByteRelay {
   readonly #idle: IdleTimer;
   readonly #upDir: Direction;
   readonly #downDir: Direction;
+  /**
+   * The session's first bytes when this relay writes them, the up direction's prefix until
+   * written (later ones are copies); null when the session wrote them (pipe mode's handover).
+   */
+  readonly #first: Uint8Array | null;
   /** The watcher's ids of the client's and the backend's fd (-1: not watched). */
   #clientWatch = -1;
   #backendWatch = -1;
@@ -190,7 +195,8 @@ export class PipedRelay implements ByteRelay {
     });
     this.#upDir = dir(true, pair.clientFd, pair.backendFd, opts.resume?.up);
     this.#downDir = dir(false, pair.backendFd, pair.clientFd, opts.resume?.down);
-    if (opts.first?.length) this.#upDir.prefix = opts.first;
+    this.#first = opts.first?.length ? opts.first : null;
+    if (this.#first) this.#upDir.prefix = this.#first;
   }
 
   /** Bytes client → backend the relay delivered (the hello not counted). */
@@ -215,7 +221,8 @@ export class PipedRelay implements ByteRelay {
   }
 
   get firstPending(): boolean {
-    return this.#upDir.prefix !== null;
+    // a later read the backend did not take whole is kept as the prefix too: not the hello
+    return this.#first !== null && this.#upDir.prefix === this.#first;
   }
 
   run(): Promise<RelayEnd> {

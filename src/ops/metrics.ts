@@ -115,7 +115,7 @@ export class Metrics {
   readonly localErrors = new Map<string, number>();
   /** Refused clients in their lingering close now (src/conn/linger.ts). */
   lingering = 0;
-  /** Lingering closes by how they ended (`eof`, `reset`, `timeout`, `bytes`, `over_limit`). */
+  /** Lingering closes by how they ended (`eof`, `reset`, `timeout`, `bytes`, `over_limit`, `fd_reserve`). */
   readonly lingerCloses = new Map<string, number>();
   /** Times the accept loops paused, by the limit reached. */
   readonly acceptPauses = new Map<string, number>();

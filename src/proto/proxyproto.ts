@@ -64,14 +64,15 @@ function asV6(a: { v6: boolean; bytes: number[]; text: string }) {
 /** The TLV bytes (type, 2-byte length, value) of `values`, in type order. */
 function tlvBytes(values: ProxyTlvValues): number[] {
   const out: number[] = [];
-  const add = (type: number, value: string | null | undefined) => {
-    if (!value) return;
-    const bytes = encoder.encode(value);
-    out.push(type, bytes.length >> 8, bytes.length & 0xff, ...bytes);
+  const add = (type: number, bytes: Uint8Array | null) => {
+    if (bytes?.length) out.push(type, bytes.length >> 8, bytes.length & 0xff, ...bytes);
   };
-  add(PP2_TYPE_ALPN, values.alpn);
-  add(PP2_TYPE_AUTHORITY, values.authority);
-  add(PP2_TYPE_UNIQUE_ID, values.uniqueId);
+  const text = (value: string | null | undefined) => value ? encoder.encode(value) : null;
+  // an ALPN name was read one character per byte (src/net/bytes.ts): its bytes go back as they came
+  const alpn = values.alpn;
+  add(PP2_TYPE_ALPN, alpn ? Uint8Array.from(alpn, (c) => c.charCodeAt(0) & 0xff) : null);
+  add(PP2_TYPE_AUTHORITY, text(values.authority));
+  add(PP2_TYPE_UNIQUE_ID, text(values.uniqueId));
   return out;
 }
 

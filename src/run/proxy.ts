@@ -16,6 +16,7 @@ import {
 import { type Config, type ListenerConfig, reloadable, routeSummary } from "../config/mod.ts";
 import { DialGuard, type OwnSocket } from "../route/dialguard.ts";
 import { FdBudget } from "../conn/fdbudget.ts";
+import { shedLingering } from "../conn/linger.ts";
 import type { KernelAccel } from "../ebpf/sockmap.ts";
 import { PipePool } from "../conn/piped.ts";
 import { pathMode, type RelayPath, USERSPACE_PATH } from "../conn/kernel_handoff.ts";
@@ -348,7 +349,9 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
   #full(): PauseReason | null {
     if (this.#stopping) return null;
     if (this.#sessions.size >= this.tables.config.limits.maxConnections) return "max_connections";
-    return this.fds && !this.fds.hasRoom() ? "fd_reserve" : null;
+    if (!this.fds || this.fds.hasRoom()) return null;
+    // refused clients' lingering closes give their descriptors up first
+    return shedLingering(this.fds) > 0 && this.fds.hasRoom() ? null : "fd_reserve";
   }
 
   track(session: Session): void {
