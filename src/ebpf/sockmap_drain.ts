@@ -6,6 +6,7 @@
  */
 
 import type { SockDiag } from "../conn/tcpinfo.ts";
+import { eventLoop } from "../io/loop.ts";
 import type { SplicePair } from "./sockmap_pairs.ts";
 
 /** Options of {@link waitDrained}. */
@@ -102,6 +103,8 @@ export async function waitDrained(
         redirected,
       };
     }
+    // a connection's end waits for this: Deno's loop gets its turn when it is due
+    eventLoop().turnWithin(delay);
     await new Promise((r) => setTimeout(r, delay));
     delay = Math.min(delay * 2, 50);
   }

@@ -58,6 +58,11 @@ const IDLE_WAIT_MS = 1000;
  * this much later under load.
  */
 const YIELD_EVERY_MS = 10;
+/**
+ * How far ahead (ms) {@link EventLoop.turnWithin} tracks the timers the data path waits on (a
+ * kernel relay's drain polls, retries); later ones wait for the regular turn.
+ */
+const TURN_SLOTS = 128;
 /** How long after the last event the loop counts as busy and waits on the JS thread (ms). */
 const HOT_MS = 5;
 /** How long one wait on the JS thread may block (ms): the delay it can add to Deno's loop. */
@@ -102,6 +107,10 @@ export class EventLoop {
   /** The wake eventfd was written for later() and is not drained yet. */
   #woken = false;
   readonly #wakeBuf = new Uint8Array(8);
+  /** When Deno's loop must get a turn for a timer the data path waits on (ms, or Infinity). */
+  #turnAt = Infinity;
+  /** Those timers' due times by ms modulo TURN_SLOTS (0: none): bounded, no allocation. */
+  readonly #turnSlots = new Float64Array(TURN_SLOTS);
   readonly stats: LoopStats = { polls: 0, waits: 0, events: 0 };
 
   /** `onError`: told about a handler that threw (the loop goes on). */
@@ -172,6 +181,32 @@ export class EventLoop {
     }
   }
 
+  /**
+   * A timer the data path waits on was just set for `ms` (a setTimeout: Deno's loop runs it):
+   * while busy, the loop gives Deno's loop its turn once the timer is due rather than at the
+   * next regular turn, up to YIELD_EVERY_MS later. Timers over TURN_SLOTS ms wait for that.
+   */
+  turnWithin(ms: number): void {
+    if (!(ms < TURN_SLOTS - 2)) return;
+    // Deno's timers fire on the millisecond tick after they are due
+    const at = Math.ceil(performance.now() + ms) + 1;
+    this.#turnSlots[at % TURN_SLOTS] = at;
+    if (at < this.#turnAt) this.#turnAt = at;
+  }
+
+  /** After a turn of Deno's loop at `now`: forgets the timers it ran, finds the next. */
+  #nextTurn(now: number): void {
+    const slots = this.#turnSlots;
+    let next = Infinity;
+    for (let i = 0; i < TURN_SLOTS; i++) {
+      const at = slots[i];
+      if (at === 0) continue;
+      if (at <= now) slots[i] = 0;
+      else if (at < next) next = at;
+    }
+    this.#turnAt = next;
+  }
+
   /** Stops the loop (after the current round); watched fds stay open. */
   close(): void {
     if (this.#closed) return;
@@ -208,7 +243,7 @@ export class EventLoop {
       // process alive); the next add() starts it again
       while (!this.#closed && this.#count > 0) {
         const now = performance.now();
-        const yieldDue = now - lastYield >= YIELD_EVERY_MS;
+        const yieldDue = now - lastYield >= YIELD_EVERY_MS || now >= this.#turnAt;
         if (!yieldDue) {
           // while traffic flows, wait on the JS thread (briefly): the next event is near, and an
           // off-thread wait would cost a thread hop and a promise for each
@@ -233,6 +268,8 @@ export class EventLoop {
         const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
         this.#waiting = false;
         lastYield = performance.now();
+        // the timers due when the wait began have run; later ones may not have
+        if (this.#turnAt <= now) this.#nextTurn(now);
         if (this.#woken) {
           // drained, or the level-triggered eventfd would end every wait at once
           this.#woken = false;
