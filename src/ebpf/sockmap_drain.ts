@@ -103,9 +103,8 @@ export async function waitDrained(
         redirected,
       };
     }
-    // a connection's end waits for this: Deno's loop gets its turn when it is due
-    eventLoop().turnWithin(delay);
-    await new Promise((r) => setTimeout(r, delay));
+    // a connection's end waits for this: on the loop's clock, not a timer of Deno's loop
+    await eventLoop().sleep(delay);
     delay = Math.min(delay * 2, 50);
   }
 }

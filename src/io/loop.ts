@@ -111,6 +111,10 @@ export class EventLoop {
   #turnAt = Infinity;
   /** Those timers' due times by ms modulo TURN_SLOTS (0: none): bounded, no allocation. */
   readonly #turnSlots = new Float64Array(TURN_SLOTS);
+  /** Sleeps on the loop's own clock ({@link sleep}): at most one per kernel relay's drain. */
+  #sleepers: { at: number; wake: () => void }[] = [];
+  /** When the first of them is due (ms, or Infinity). */
+  #sleeperAt = Infinity;
   readonly stats: LoopStats = { polls: 0, waits: 0, events: 0 };
 
   /** `onError`: told about a handler that threw (the loop goes on). */
@@ -172,8 +176,14 @@ export class EventLoop {
    */
   later(work: () => void): void {
     this.#later.push(work);
-    // called outside a round (a relay started by a session), it would otherwise wait for an
-    // event or the idle wait's end
+    this.#wake();
+  }
+
+  /**
+   * Ends an off-thread wait under way: work handed to the loop outside a round (a relay started
+   * by a session) would otherwise wait for an event or the idle wait's end.
+   */
+  #wake(): void {
     if (this.#waiting && !this.#woken) {
       this.#woken = true;
       this.#wakeBuf[0] = 1;
@@ -192,6 +202,38 @@ export class EventLoop {
     const at = Math.ceil(performance.now() + ms) + 1;
     this.#turnSlots[at % TURN_SLOTS] = at;
     if (at < this.#turnAt) this.#turnAt = at;
+  }
+
+  /**
+   * Resolves after `ms`, by the loop's own clock: a round wakes it, so a busy loop need not give
+   * Deno's loop a turn for it (a kernel relay's drain poll, every ms at a connection's end).
+   * With the loop not running, a plain timer.
+   */
+  sleep(ms: number): Promise<void> {
+    if (!this.#running || this.#closed) return new Promise((r) => setTimeout(r, ms));
+    return new Promise((wake) => {
+      const at = performance.now() + ms;
+      this.#sleepers.push({ at, wake });
+      if (at < this.#sleeperAt) this.#sleeperAt = at;
+      this.#wake();
+    });
+  }
+
+  /** Wakes the sleepers due at `now`. */
+  #wakeSleepers(now: number): void {
+    const due: (() => void)[] = [];
+    const left: { at: number; wake: () => void }[] = [];
+    let next = Infinity;
+    for (const s of this.#sleepers) {
+      if (s.at <= now) due.push(s.wake);
+      else {
+        left.push(s);
+        if (s.at < next) next = s.at;
+      }
+    }
+    this.#sleepers = left;
+    this.#sleeperAt = next;
+    for (const wake of due) wake();
   }
 
   /** After a turn of Deno's loop at `now`: forgets the timers it ran, finds the next. */
@@ -243,6 +285,10 @@ export class EventLoop {
       // process alive); the next add() starts it again
       while (!this.#closed && this.#count > 0) {
         const now = performance.now();
+        if (now >= this.#sleeperAt) {
+          this.#wakeSleepers(now);
+          await undefined;
+        }
         const yieldDue = now - lastYield >= YIELD_EVERY_MS || now >= this.#turnAt;
         if (!yieldDue) {
           // while traffic flows, wait on the JS thread (briefly): the next event is near, and an
@@ -263,7 +309,9 @@ export class EventLoop {
         }
         // Deno's loop gets its turn: timers, DNS, the admin socket, reloads
         this.stats.waits++;
-        const timeout = yieldDue || this.#later.length > 0 ? 0 : IDLE_WAIT_MS;
+        const timeout = yieldDue || this.#later.length > 0
+          ? 0
+          : Math.max(0, Math.min(IDLE_WAIT_MS, Math.ceil(this.#sleeperAt - now)));
         this.#waiting = true;
         const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
         this.#waiting = false;
