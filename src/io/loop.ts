@@ -8,7 +8,9 @@
  * fast FFI call, no promise, blocking at most 1 ms), and every 10 ms it waits off the JS thread
  * once with timeout 0, which gives Deno's loop its turn; when idle it waits off the JS thread
  * (a nonblocking FFI call: one thread hop and one promise per wake). After every round the
- * microtask queue is drained (what the handlers resolved runs before the next poll). A round
+ * microtask queue is drained (what the handlers resolved runs before the next poll). Timers the
+ * data path waits on do not wait for that turn: {@link EventLoop.sleep} is kept by the loop's own
+ * clock, and a setTimeout announced with {@link EventLoop.turnWithin} gets a turn when due. A round
  * serves the events of accepts and sessions before those of relays, which are bulk, so a new
  * connection never waits behind bulk transfers.
  *
