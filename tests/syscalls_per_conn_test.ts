@@ -2,9 +2,9 @@
  * What a new connection costs the proxy in syscalls, against the real proxy (started as the
  * benchmark starts it), the benchmark's nginx behind it and wrk in front: 20 clients each making
  * one HTTPS request per connection (`Connection: close`) for 3 s, with `strace -c -f` attached to
- * every thread of the proxy. The syscalls per request must stay within the bound each mode
- * reached (nginx stream, measured the same way: 21.1), so that a change that adds a syscall to
- * every connection fails here rather than in the next benchmark.
+ * every thread of the proxy. The syscalls per request must stay within the bounds reached (nginx
+ * stream, measured the same way: 21.1), so that a change that adds a syscall to every connection
+ * fails here rather than in the next benchmark.
  *
  * @module
  */
@@ -21,11 +21,40 @@ if (KERNEL_SKIP) {
 }
 
 /**
- * The most syscalls a request on a new connection may cost, all threads (measured under strace
- * on the 2-core machine: userspace 21.6–22.0, kernel 21.7–22.1; before this bound 22.7 and 22.9,
- * the yields to Deno's loop every 2 ms and a V8 that woke its GC threads for every scavenge).
+ * The most socket syscalls (accept4, socket, connect, setsockopt, epoll_ctl, recvfrom, sendto,
+ * shutdown, close...: all but the runtime's own, {@link RUNTIME}) a request on a new connection
+ * may cost: one more per connection fails. Measured 21.2–21.6 in both modes (more when the
+ * machine is busy: TLS records then come in more reads). wrk's client closes with a reset after
+ * the backend's FIN: the relay passes the FIN on, forwards the client's close_notify, reads the
+ * reset and resets the backend; nginx stream, which does not half-close, spends 21.1 in all.
  */
-const BOUND: Record<string, number> = { userspace: 22.4, kernel: 22.4 };
+const SOCKET_BOUND = 21.8;
+/**
+ * The most syscalls of any kind a request may cost while the proxy runs at full speed (wrk gets
+ * at least {@link FULL_SPEED} requests through in 3 s under strace): the runtime's part (Deno's
+ * loop getting its turn, garbage collection) is per unit of time, so per request it grows when
+ * the machine is busy. Measured 21.9–22.0 in both modes (22.7–22.9 before: a turn of Deno's loop
+ * every 2 ms, at five syscalls each).
+ */
+const TOTAL_BOUND = 22.4;
+const FULL_SPEED = 2500;
+/** The runtime's syscalls: threads waking each other, waits, memory, the loop's eventfd. */
+const RUNTIME = new Set([
+  "futex",
+  "epoll_wait",
+  "epoll_pwait",
+  "write",
+  "read",
+  "mprotect",
+  "madvise",
+  "mmap",
+  "munmap",
+  "brk",
+  "restart_syscall",
+  "sched_yield",
+  "getpid",
+  "gettid",
+]);
 
 /** One wrk run of new connections against `port`; the requests it completed. */
 async function wrk(port: number, seconds: number): Promise<number> {
@@ -80,27 +109,36 @@ async function perRequest(scope: Scope, mode: string): Promise<void> {
     requests = await wrk(proxy.port, 3);
   });
   const { total, by } = callCounts(table);
-  const per = total / requests;
+  const socket = [...by].filter(([name]) => !RUNTIME.has(name)).reduce((n, [, c]) => n + c, 0);
+  const per = (n: number) => (n / requests).toFixed(2);
   const top = [...by].sort((a, b) => b[1] - a[1]).slice(0, 14)
-    .map(([name, n]) => `${name} ${(n / requests).toFixed(2)}`).join(", ");
-  console.log(`${mode}: ${requests} requests, ${per.toFixed(2)} syscalls each (${top})`);
+    .map(([name, n]) => `${name} ${per(n)}`).join(", ");
+  console.log(
+    `${mode}: ${requests} requests, ${per(total)} syscalls each, ${per(socket)} of them on ` +
+      `sockets (${top})`,
+  );
   assert.ok(requests >= 200, `only ${requests} requests`);
   assert.ok(
-    per <= BOUND[mode],
-    `${per.toFixed(2)} syscalls per request (bound ${BOUND[mode]}): ${top}`,
+    socket / requests <= SOCKET_BOUND,
+    `${per(socket)} socket syscalls per request: ${top}`,
   );
+  if (requests >= FULL_SPEED) {
+    assert.ok(total / requests <= TOTAL_BOUND, `${per(total)} syscalls per request: ${top}`);
+  } else {
+    console.warn(`${mode}: ${requests} requests in 3 s: a busy machine, the total is not judged`);
+  }
 }
 
 e2eTest(
-  `userspace mode: a request on a new connection costs at most ${BOUND.userspace} syscalls ` +
-    "(wrk -c20 Connection: close, strace -c of every thread)",
+  `userspace mode: a request on a new connection costs at most ${SOCKET_BOUND} socket ` +
+    `syscalls, ${TOTAL_BOUND} in all (wrk -c20 Connection: close, strace -c of every thread)`,
   (scope) => perRequest(scope, "userspace"),
   { timeoutMs: 90_000 },
 );
 
 e2eTest(
-  `kernel mode (pipes): a request on a new connection costs at most ${BOUND.kernel} syscalls ` +
-    "(wrk -c20 Connection: close, strace -c of every thread)",
+  `kernel mode (pipes): a request on a new connection costs at most ${SOCKET_BOUND} socket ` +
+    `syscalls, ${TOTAL_BOUND} in all (wrk -c20 Connection: close, strace -c of every thread)`,
   (scope) => perRequest(scope, "kernel"),
   { timeoutMs: 90_000, ignore: KERNEL_SKIP !== null },
 );
