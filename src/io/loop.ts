@@ -331,6 +331,8 @@ export class EventLoop {
       }
     } finally {
       this.#running = false;
+      // no round will wake them: now, and a sleep taken again is a plain timer
+      if (this.#sleepers.length > 0) this.#wakeSleepers(Infinity);
       if (this.#closed) this.#release();
     }
   }
