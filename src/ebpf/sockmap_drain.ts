@@ -6,6 +6,7 @@
  */
 
 import type { SockDiag } from "../conn/tcpinfo.ts";
+import { eventLoop } from "../io/loop.ts";
 import type { SplicePair } from "./sockmap_pairs.ts";
 
 /** Options of {@link waitDrained}. */
@@ -102,7 +103,8 @@ export async function waitDrained(
         redirected,
       };
     }
-    await new Promise((r) => setTimeout(r, delay));
+    // a connection's end waits for this: on the loop's clock, not a timer of Deno's loop
+    await eventLoop().sleep(delay);
     delay = Math.min(delay * 2, 50);
   }
 }

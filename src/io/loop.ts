@@ -8,7 +8,9 @@
  * fast FFI call, no promise, blocking at most 1 ms), and every 2 ms it waits off the JS thread
  * once with timeout 0, which gives Deno's loop its turn; when idle it waits off the JS thread
  * (a nonblocking FFI call: one thread hop and one promise per wake). After every round the
- * microtask queue is drained (what the handlers resolved runs before the next poll). A round
+ * microtask queue is drained (what the handlers resolved runs before the next poll). A timer the
+ * data path waits on need not wait for that turn: {@link EventLoop.sleep} keeps the loop's own
+ * clock. A round
  * serves the events of accepts and sessions before those of relays, which are bulk, so a new
  * connection never waits behind bulk transfers.
  *
@@ -50,7 +52,13 @@ const MAX_EVENTS = 64;
 const IDLE_WAIT_MS = 1000;
 /**
  * While events keep coming, Deno's loop (timers, DNS answers, the admin socket) gets a turn at
- * least this often (ms).
+ * least this often (ms). Each turn is a wait off the JS thread: about five syscalls (the worker's
+ * wake and wait, its epoll_wait, its wake of Deno's loop, that loop's epoll_wait) and ~0.1 ms,
+ * 0.8 syscalls per new connection under load (strace -c, wrk -c20 `Connection: close`); at 10
+ * ms 0.3, but an idle timeout under 200 bulk transfers then fired up to 0.75 s late (2 ms: up to
+ * 0.2 s; tests/loop_fairness_test.ts). Only `setImmediate` is cheaper, and it never lets Deno's
+ * loop poll its sockets (an admin request waited 100+ ms). The data path's own timers do not
+ * wait for it (see {@link EventLoop.sleep}).
  */
 const YIELD_EVERY_MS = 2;
 /** How long after the last event the loop counts as busy and waits on the JS thread (ms). */
@@ -97,6 +105,10 @@ export class EventLoop {
   /** The wake eventfd was written for later() and is not drained yet. */
   #woken = false;
   readonly #wakeBuf = new Uint8Array(8);
+  /** Sleeps on the loop's own clock ({@link sleep}): at most one per kernel relay's drain. */
+  #sleepers: { at: number; wake: () => void }[] = [];
+  /** When the first of them is due (ms, or Infinity). */
+  #sleeperAt = Infinity;
   readonly stats: LoopStats = { polls: 0, waits: 0, events: 0 };
 
   /** `onError`: told about a handler that threw (the loop goes on). */
@@ -158,13 +170,51 @@ export class EventLoop {
    */
   later(work: () => void): void {
     this.#later.push(work);
-    // called outside a round (a relay started by a session), it would otherwise wait for an
-    // event or the idle wait's end
+    this.#wake();
+  }
+
+  /**
+   * Ends an off-thread wait under way: work handed to the loop outside a round (a relay started
+   * by a session) would otherwise wait for an event or the idle wait's end.
+   */
+  #wake(): void {
     if (this.#waiting && !this.#woken) {
       this.#woken = true;
       this.#wakeBuf[0] = 1;
       sys().write(this.#wakeFd, this.#wakeBuf, 8n);
     }
+  }
+
+  /**
+   * Resolves after `ms`, by the loop's own clock: a round wakes it, so a busy loop need not give
+   * Deno's loop a turn for it (a kernel relay's drain poll, every ms at a connection's end).
+   * With the loop not running, a plain timer.
+   */
+  sleep(ms: number): Promise<void> {
+    if (!this.#running || this.#closed) return new Promise((r) => setTimeout(r, ms));
+    return new Promise((wake) => {
+      const at = performance.now() + ms;
+      this.#sleepers.push({ at, wake });
+      if (at < this.#sleeperAt) this.#sleeperAt = at;
+      this.#wake();
+    });
+  }
+
+  /** Wakes the sleepers due at `now`. */
+  #wakeSleepers(now: number): void {
+    const due: (() => void)[] = [];
+    const left: { at: number; wake: () => void }[] = [];
+    let next = Infinity;
+    for (const s of this.#sleepers) {
+      if (s.at <= now) due.push(s.wake);
+      else {
+        left.push(s);
+        if (s.at < next) next = s.at;
+      }
+    }
+    this.#sleepers = left;
+    this.#sleeperAt = next;
+    for (const wake of due) wake();
   }
 
   /** Stops the loop (after the current round); watched fds stay open. */
@@ -203,6 +253,10 @@ export class EventLoop {
       // process alive); the next add() starts it again
       while (!this.#closed && this.#count > 0) {
         const now = performance.now();
+        if (now >= this.#sleeperAt) {
+          this.#wakeSleepers(now);
+          await undefined;
+        }
         const yieldDue = now - lastYield >= YIELD_EVERY_MS;
         if (!yieldDue) {
           // while traffic flows, wait on the JS thread (briefly): the next event is near, and an
@@ -223,7 +277,9 @@ export class EventLoop {
         }
         // Deno's loop gets its turn: timers, DNS, the admin socket, reloads
         this.stats.waits++;
-        const timeout = yieldDue || this.#later.length > 0 ? 0 : IDLE_WAIT_MS;
+        const timeout = yieldDue || this.#later.length > 0
+          ? 0
+          : Math.max(0, Math.min(IDLE_WAIT_MS, Math.ceil(this.#sleeperAt - now)));
         this.#waiting = true;
         const n = await s.epoll_wait_off_thread(this.#epfd, this.#offEvents, MAX_EVENTS, timeout);
         this.#waiting = false;
@@ -239,6 +295,8 @@ export class EventLoop {
       }
     } finally {
       this.#running = false;
+      // no round will wake them: now, and a sleep taken again is a plain timer
+      if (this.#sleepers.length > 0) this.#wakeSleepers(Infinity);
       if (this.#closed) this.#release();
     }
   }

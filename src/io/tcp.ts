@@ -200,6 +200,11 @@ export class TcpSocket implements IoHandler {
     }
   }
 
+  /** Who gets the socket's events now (null: {@link nextEvent}'s waiter). */
+  get handler(): ((events: number) => void) | null {
+    return this.#handler;
+  }
+
   /**
    * Who gets the socket's events from now on (a relay): called synchronously with them. Null:
    * events wake {@link nextEvent} again.

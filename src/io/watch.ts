@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { EPOLLET } from "../../ffi/socket.ts";
+import { EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN } from "../../ffi/socket.ts";
 import type { EventLoop } from "./loop.ts";
 import { CONN_EVENTS, type TcpSocket } from "./tcp.ts";
 
@@ -52,12 +52,32 @@ export class PairWatcher implements FdWatcher {
   }
 
   watch(fd: number, events: number, onEvent: (events: number) => void): number {
-    // a socket is on epoll for everything already: only a narrower set needs a call
-    if ((events | EPOLLET) !== CONN_EVENTS) {
-      const rc = this.#loop.modify(fd, events | EPOLLET);
-      if (rc < 0) throw new Error(`epoll_ctl(MOD, ${fd}): errno ${-rc}`);
+    const sock = socketOf(this.#pair, fd);
+    // a socket is on epoll for everything already: only a narrower set needs a call, and not
+    // before an event the handler did not ask for comes (most short connections never see
+    // one: two epoll_ctl calls spared per connection)
+    if ((events | EPOLLET) === CONN_EVENTS) {
+      sock.setHandler(onEvent);
+      return fd + 1;
     }
-    socketOf(this.#pair, fd).setHandler(onEvent);
+    const wanted = events | EPOLLERR | EPOLLHUP;
+    let narrowed = false;
+    const handler = (ev: number) => {
+      if (!narrowed && (ev & ~wanted) !== 0) {
+        narrowed = true;
+        // a failure leaves the socket watched for more: wakeups for nothing, no harm
+        this.#loop.modify(fd, events | EPOLLET);
+      }
+      if (ev & wanted) onEvent(ev);
+    };
+    sock.setHandler(handler);
+    // input that came before (edge-triggered: reported once, to the previous handler) is
+    // served in the next round, as the epoll_ctl would have reported it again
+    if (sock.readable) {
+      this.#loop.later(() => {
+        if (!sock.closed && sock.handler === handler) onEvent(EPOLLIN);
+      });
+    }
     return fd + 1;
   }
 
