@@ -30,7 +30,7 @@ import { EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLPRI, EPOLLRDHUP } from "../
 import { type FdWatcher, socketOf, type SocketPair } from "../io/watch.ts";
 import type { TcpSocket } from "../io/tcp.ts";
 import { eventLoop } from "../io/loop.ts";
-import { type ByteRelay, IdleTimer, type RelayEnd } from "./relay.ts";
+import { type ByteRelay, endLater, IdleTimer, type RelayEnd } from "./relay.ts";
 import { logger } from "../ops/log.ts";
 
 const log = logger("piped");
@@ -141,7 +141,7 @@ export class PipedRelay implements ByteRelay {
   readonly #watcher: FdWatcher;
   #end: RelayEnd | null = null;
   #error: unknown = null;
-  #done: (end: RelayEnd) => void = () => {};
+  #onEnd: ((end: RelayEnd) => void) | null = null;
 
   /**
    * `first`: what to write to the backend before the client's bytes (the hello, after any
@@ -212,9 +212,9 @@ export class PipedRelay implements ByteRelay {
     return this.#upDir.done !== this.#downDir.done;
   }
 
-  run(): Promise<RelayEnd> {
-    if (this.#end !== null) return Promise.resolve(this.#end);
-    const ended = new Promise<RelayEnd>((resolve) => this.#done = resolve);
+  run(onEnd: (end: RelayEnd) => void): void {
+    if (this.#end !== null) return endLater(onEnd, this.#end);
+    this.#onEnd = onEnd;
     this.#idle.start();
     const { clientFd, backendFd } = this.#pair;
     try {
@@ -223,11 +223,10 @@ export class PipedRelay implements ByteRelay {
       this.#backendWatch = this.#watch(backendFd);
     } catch (e) {
       this.#finish("error", e);
-      return ended;
+      return;
     }
     // the hello goes out now, not one epoll round trip later: a new connection's latency
     this.#pump(this.#upDir);
-    return ended;
   }
 
   stop(reason: RelayEnd): void {
@@ -480,6 +479,6 @@ export class PipedRelay implements ByteRelay {
       if (reason === "done" || sock.fd === this.#resetFd) sock.close();
       else sock.reset();
     }
-    this.#done(reason);
+    if (this.#onEnd) endLater(this.#onEnd, reason);
   }
 }

@@ -71,8 +71,12 @@ export interface SpliceHooks {
 
 /** What a session needs of a relay, userspace or spliced. */
 export interface ByteRelay {
-  /** Relays until both directions are done (or the relay is stopped); closes both sockets. */
-  run(): Promise<RelayEnd>;
+  /**
+   * Relays until both directions are done (or the relay is stopped), closes both sockets, then
+   * calls `onEnd` once, in a microtask (never inside the call that ended the relay). A callback,
+   * not a promise: an idle connection holds no promise and no reaction.
+   */
+  run(onEnd: (end: RelayEnd) => void): void;
   /** Ends the relay now with `reason` (e.g. shutdown); both sockets are closed. */
   stop(reason: RelayEnd): void;
   /** The error behind a reset or error end, for the log. */
@@ -188,7 +192,7 @@ export class Relay implements ByteRelay {
   readonly #idle: IdleTimer;
   #end: RelayEnd | null = null;
   #error: unknown = null;
-  #resolve: ((end: RelayEnd) => void) | null = null;
+  #onEnd: ((end: RelayEnd) => void) | null = null;
   /** The check of a reset that came after its side's EOF was passed on (see #pump). */
   #lateReset: Deadline | null = null;
   /** The failed call and its errno behind a reset end (0: none). */
@@ -231,10 +235,10 @@ export class Relay implements ByteRelay {
     return this.#down.bytes;
   }
 
-  /** Relays until both directions are done (or the relay is stopped); closes both sockets. */
-  run(): Promise<RelayEnd> {
-    if (this.#end !== null) return Promise.resolve(this.#end);
-    const done = new Promise<RelayEnd>((resolve) => this.#resolve = resolve);
+  /** Relays until both directions are done (or the relay is stopped); see {@link ByteRelay.run}. */
+  run(onEnd: (end: RelayEnd) => void): void {
+    if (this.#end !== null) return endLater(onEnd, this.#end);
+    this.#onEnd = onEnd;
     // past the round's byte budget a direction queues itself for the next round (#pump)
     const onIo = () => this.#move();
     this.#client.setHandler(onIo);
@@ -242,7 +246,6 @@ export class Relay implements ByteRelay {
     this.#idle.start();
     // either socket may have input already (what followed the hello, the backend's answer)
     this.#move();
-    return done;
   }
 
   /** Ends the relay now with `reason` (e.g. shutdown); both sockets are closed. */
@@ -369,8 +372,13 @@ export class Relay implements ByteRelay {
       if (reason === "backend_reset") this.#backend.close();
       else this.#backend.reset();
     }
-    this.#resolve?.(reason);
+    if (this.#onEnd) endLater(this.#onEnd, reason);
   }
+}
+
+/** Tells `onEnd` the relay's end in a microtask, as a settled promise would. */
+export function endLater(onEnd: (end: RelayEnd) => void, end: RelayEnd): void {
+  queueMicrotask(() => onEnd(end));
 }
 
 /** Closes a socket or conn, ignoring "already closed". */

@@ -458,7 +458,7 @@ export class Session {
     this.#record.relay = relay;
     // stopped while the hello was written: the relay ends as stop() would have ended it
     if (this.#stopReason) relay.stop(this.#stopReason as RelayEnd);
-    relay.run().then((reason) => this.#guarded(() => this.#end(reason)));
+    relay.run((reason) => this.#guarded(() => this.#end(reason)));
   }
 
   /** The PROXY protocol header `pool` sends its backends ahead of the client's bytes. */

@@ -23,7 +23,7 @@ import {
 import { EPOLLIN, EPOLLRDHUP } from "../../ffi/socket.ts";
 import { type FdWatcher, socketOf, type SocketPair } from "../io/watch.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
-import { type ByteRelay, IdleTimer, type RelayEnd, type SpliceHooks } from "./relay.ts";
+import { type ByteRelay, endLater, IdleTimer, type RelayEnd, type SpliceHooks } from "./relay.ts";
 
 /** One socket of the pair and the direction it is the source of. */
 interface Side {
@@ -70,7 +70,7 @@ export class SplicedRelay implements ByteRelay {
   #first: Uint8Array | null;
   #end: RelayEnd | null = null;
   #error: unknown = null;
-  #done: (end: RelayEnd) => void = () => {};
+  #onEnd: ((end: RelayEnd) => void) | null = null;
   bytesUp = 0;
   bytesDown = 0;
 
@@ -104,9 +104,9 @@ export class SplicedRelay implements ByteRelay {
     return this.#client.passed !== this.#backend.passed;
   }
 
-  run(): Promise<RelayEnd> {
-    const ended = new Promise<RelayEnd>((resolve) => this.#done = resolve);
-    if (this.#end !== null) return Promise.resolve(this.#end);
+  run(onEnd: (end: RelayEnd) => void): void {
+    if (this.#end !== null) return endLater(onEnd, this.#end);
+    this.#onEnd = onEnd;
     this.#idle.start();
     try {
       for (const s of [this.#client, this.#backend]) {
@@ -116,13 +116,12 @@ export class SplicedRelay implements ByteRelay {
       }
     } catch (e) {
       this.#finish("error", e);
-      return ended;
+      return;
     }
     // the hello is the session's bytes, not the relay's: not counted in bytesUp
     const first = this.#first!;
     this.#first = null;
     this.#write(this.#backend, first, false).catch((e) => this.#finish("error", e));
-    return ended;
   }
 
   stop(reason: RelayEnd): void {
@@ -284,6 +283,6 @@ export class SplicedRelay implements ByteRelay {
       if (reason === "done" || sock.fd === this.#resetFd) sock.close();
       else sock.reset();
     }
-    this.#done(reason);
+    if (this.#onEnd) endLater(this.#onEnd, reason);
   }
 }
