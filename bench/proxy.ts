@@ -113,11 +113,13 @@ export async function startProxy(
  */
 export async function launchProxy(path: string, mode: ProxyMode): Promise<Proxy> {
   const proc = spawn(Deno.execPath(), {
-    // the same flags as `deno task start` (a small V8 young generation keeps idle RSS down)
+    // the same flags as `deno task start` (a small V8 young generation and no code cache keep
+    // idle RSS down)
     args: [
       "run",
       "-A",
       "--unstable-net",
+      "--no-code-cache",
       "--v8-flags=--max-semi-space-size=4",
       `${ROOT}main.ts`,
       "--config",

@@ -8,7 +8,8 @@
  *
  * @module
  */
-import { type KernelAccel, KernelAccelError, type SplicePair } from "../ebpf/sockmap.ts";
+import type { KernelAccel, SplicePair } from "../ebpf/sockmap.ts";
+import { KernelAccelError } from "../ebpf/errors.ts";
 import type { ClientHello } from "../proto/clienthello.ts";
 import { BurstLog, logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";

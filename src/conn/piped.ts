@@ -1,5 +1,5 @@
 /**
- * Kernel mode's default relay: splice(2) moves each direction's bytes socket → pipe → socket
+ * Kernel mode's default relay: splice(2) moves each direction's bytes socket -> pipe -> socket
  * inside the kernel, so payload never enters the process, and TCP flow control works as in
  * userspace mode: what a slow reader does not take stays in the pipe (at most its capacity,
  * `ebpf.pipe_bytes`) and the socket buffers, and the sender is held back by its closed window.
@@ -88,7 +88,7 @@ export class PipePool {
 
 /** One direction of a pair. */
 interface Direction {
-  /** Client → backend. */
+  /** Client -> backend. */
   up: boolean;
   src: number;
   dst: number;
@@ -191,12 +191,12 @@ export class PipedRelay implements ByteRelay {
     }
   }
 
-  /** Bytes client → backend the relay delivered (the hello not counted). */
+  /** Bytes client -> backend the relay delivered (the hello not counted). */
   get bytesUp(): number {
     return this.#upDir.bytes;
   }
 
-  /** Bytes backend → client the relay delivered. */
+  /** Bytes backend -> client the relay delivered. */
   get bytesDown(): number {
     return this.#downDir.bytes;
   }

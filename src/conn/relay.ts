@@ -34,11 +34,11 @@ export function cutByProxy(reason: RelayEnd): boolean {
 /** Hooks for a relay whose bytes are (mostly) spliced in the kernel. */
 export interface SpliceHooks {
   /**
-   * Resolves once the receiving socket of a direction (`up`: client → backend) has taken every
+   * Resolves once the receiving socket of a direction (`up`: client -> backend) has taken every
    * byte the kernel redirected to it, so whatever userspace does to that socket next comes after
    * those bytes. Called at EOF, before the half-close is passed on (shutting down earlier loses
    * bytes still in the kernel's redirect queue), and before writing bytes that a spliced socket
-   * delivered to userspace: a socket leaves the sockmap when it closes (e.g. FIN_WAIT2 →
+   * delivered to userspace: a socket leaves the sockmap when it closes (e.g. FIN_WAIT2 ->
    * TIME_WAIT with its last data and FIN in one segment), and that data then reaches the reader
    * instead of the redirect; written at once it could overtake redirected bytes still queued.
    * `userspaceBytes`: what this relay wrote that way so far, not counting bytes written before
@@ -81,9 +81,9 @@ export interface ByteRelay {
   stop(reason: RelayEnd): void;
   /** The error behind a reset or error end, for the log. */
   readonly error: unknown;
-  /** Bytes client → backend this relay copied itself (not the kernel's). */
+  /** Bytes client -> backend this relay copied itself (not the kernel's). */
   readonly bytesUp: number;
-  /** Bytes backend → client this relay copied itself. */
+  /** Bytes backend -> client this relay copied itself. */
   readonly bytesDown: number;
   /** One direction has ended (its EOF passed on) while the other still flows. */
   readonly halfClosed: boolean;
@@ -221,7 +221,7 @@ export class Relay implements ByteRelay {
     return this.#error;
   }
 
-  /** Bytes client → backend copied by this relay. */
+  /** Bytes client -> backend copied by this relay. */
   get bytesUp(): number {
     return this.#up.bytes;
   }
@@ -230,7 +230,7 @@ export class Relay implements ByteRelay {
     return this.#up.done !== this.#down.done;
   }
 
-  /** Bytes backend → client copied by this relay. */
+  /** Bytes backend -> client copied by this relay. */
   get bytesDown(): number {
     return this.#down.bytes;
   }

@@ -1,9 +1,9 @@
 /**
- * One client connection's life, in steps: read the ClientHello (or HTTP head) → route by name →
- * connect a backend (src/conn/backend_dial.ts) → forward the bytes read so far → relay until
- * both sides are done (in kernel mode handed to the kernel: src/conn/kernel_handoff.ts) → access
+ * One client connection's life, in steps: read the ClientHello (or HTTP head) -> route by name ->
+ * connect a backend (src/conn/backend_dial.ts) -> forward the bytes read so far -> relay until
+ * both sides are done (in kernel mode handed to the kernel: src/conn/kernel_handoff.ts) -> access
  * log (src/conn/conn_record.ts). The connection is an explicit state machine: its record's
- * `state` goes hello → routing → connecting → relaying (→ draining once one side has ended) →
+ * `state` goes hello -> routing -> connecting -> relaying (-> draining once one side has ended) ->
  * closed, and the admin API shows it. What differs between TLS and HTTP listeners is their
  * {@link Protocol} value.
  *

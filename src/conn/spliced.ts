@@ -28,7 +28,7 @@ import { type ByteRelay, endLater, IdleTimer, type RelayEnd, type SpliceHooks } 
 /** One socket of the pair and the direction it is the source of. */
 interface Side {
   fd: number;
-  /** The source of the client → backend direction. */
+  /** The source of the client -> backend direction. */
   up: boolean;
   id: number;
   /** Its EOF was read: from now on only a reset matters. */

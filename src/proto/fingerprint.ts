@@ -31,7 +31,7 @@ const EXT_SIGNATURE_ALGORITHMS = 0x000d;
 const EXT_ALPN = 0x0010;
 const EXT_SUPPORTED_VERSIONS = 0x002b;
 
-/** RFC 8701 GREASE values: 0x0a0a, 0x1a1a, … 0xfafa. */
+/** RFC 8701 GREASE values: 0x0a0a, 0x1a1a, ... 0xfafa. */
 function isGrease(v: number): boolean {
   return (v & 0x0f0f) === 0x0a0a && (v >> 8) === (v & 0xff);
 }
