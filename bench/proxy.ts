@@ -129,6 +129,8 @@ export async function launchProxy(path: string, mode: ProxyMode): Promise<Proxy>
     ],
     stdout: "piped",
     stderr: "piped",
+    // as `deno task start`: no update check (the CA bundle and an HTTP client in the process)
+    env: { DENO_NO_UPDATE_CHECK: "1" },
   });
   const log = keepLog(proc.stderr);
   const ready = await waitReady(proc, log, mode);

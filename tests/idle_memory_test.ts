@@ -103,6 +103,7 @@ async function startAsDeployed(s: Scope, backendPort: number, ebpf: Record<strin
   const words = task.split(" ");
   const flags = words.slice(words.indexOf("run") + 1, words.indexOf("main.ts"));
   return await startProxy(s, {}, {
+    env: { DENO_NO_UPDATE_CHECK: "1" },
     command: (
       ready,
     ) => [Deno.execPath(), "run", ...flags, `${ROOT}main.ts`, "--config", path, ...ready],

@@ -123,7 +123,9 @@ class WorkerProcess {
     const { cmd, args } = selfCommand(configPath);
     this.child = new Deno.Command(cmd, {
       args,
-      env: { [WORKER_ENV]: JSON.stringify(spec) },
+      // no update check: deno's would load the system's CA bundle and its HTTP client into
+      // every worker (about 1 MB each) to ask the network for a newer deno
+      env: { [WORKER_ENV]: JSON.stringify(spec), DENO_NO_UPDATE_CHECK: "1" },
       stdin: "piped",
       stdout: "piped",
       stderr: "inherit",
