@@ -113,7 +113,7 @@ compile_binary() {
 	[ -n "${DENORT_BIN:-}" ] || unset DENORT_BIN
 	log="$(mktemp)"
 	rm -f "$out"
-	if ! "$deno" compile -A --unstable-net --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" --include bpf/xdp.bpf.o --include bpf/quic.bpf.o --include bpf/quic_reuseport.bpf.o -o "$out" main.ts 2>&1 |
+	if ! "$deno" compile -A --unstable-net --no-code-cache --v8-flags=--max-semi-space-size=4 --include "$BPF_OBJ" --include bpf/xdp.bpf.o --include bpf/quic.bpf.o --include bpf/quic_reuseport.bpf.o -o "$out" main.ts 2>&1 |
 		tee "$log"; then
 		if grep -qiE 'denort|download|fetch|network|dns|connect' "$log"; then
 			echo "build.sh: deno compile could not fetch the denort runtime; download denort" \

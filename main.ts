@@ -4,14 +4,13 @@
  * @module
  */
 import { serveAdmin } from "./src/ops/admin.ts";
-import { ConfigError, loadConfig } from "./src/config/mod.ts";
+import { type Config, ConfigError, loadConfig } from "./src/config/mod.ts";
 import { parseCommandLine, runCtl } from "./src/ops/ctl_cli.ts";
 import { runUntilStopped } from "./src/run/lifecycle.ts";
 import { logger, LogSetupError, setupLogging } from "./src/ops/log.ts";
 import { Proxy } from "./src/run/proxy.ts";
-import { printStats } from "./src/ops/stats_cli.ts";
 import { notifySystemd, ReadyFd, ReadyFdError, readyLine } from "./src/run/ready.ts";
-import { Supervisor } from "./src/run/supervisor.ts";
+import type { Supervisor } from "./src/run/supervisor.ts";
 import { runWorker, workerSpec } from "./src/run/worker.ts";
 
 /** The release this source tree is. */
@@ -83,7 +82,7 @@ async function main(args: string[]): Promise<number> {
     console.log("config OK");
     return 0;
   }
-  if (command === "stats") return await printStats(config);
+  if (command === "stats") return await (await import("./src/ops/stats_cli.ts")).printStats(config);
 
   let readyFd: ReadyFd | null = null;
   if (flags["ready-fd"] !== undefined) {
@@ -105,8 +104,7 @@ async function main(args: string[]): Promise<number> {
   }
   const proxyConfig = config;
   return await runUntilStopped({
-    start: (): Promise<Proxy | Supervisor> =>
-      proxyConfig.workers > 1 ? Supervisor.start(proxyConfig) : Proxy.start(proxyConfig),
+    start: () => startProxy(proxyConfig),
     configPath: flags.config,
     log: logger("main"),
     serve: async (running, reload) =>
@@ -117,6 +115,12 @@ async function main(args: string[]): Promise<number> {
       if (failed) logger("main").warn(`cannot tell systemd the proxy is ready: ${failed}`);
     },
   });
+}
+
+/** The proxy, or with workers their supervisor (whose modules only such a process loads). */
+async function startProxy(config: Config): Promise<Proxy | Supervisor> {
+  if (config.workers <= 1) return await Proxy.start(config);
+  return await (await import("./src/run/supervisor.ts")).Supervisor.start(config);
 }
 
 if (import.meta.main) {

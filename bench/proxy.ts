@@ -113,11 +113,13 @@ export async function startProxy(
  */
 export async function launchProxy(path: string, mode: ProxyMode): Promise<Proxy> {
   const proc = spawn(Deno.execPath(), {
-    // the same flags as `deno task start` (a small V8 young generation keeps idle RSS down)
+    // the same flags as `deno task start` (a small V8 young generation and no code cache keep
+    // idle RSS down)
     args: [
       "run",
       "-A",
       "--unstable-net",
+      "--no-code-cache",
       "--v8-flags=--max-semi-space-size=4",
       `${ROOT}main.ts`,
       "--config",
@@ -127,6 +129,8 @@ export async function launchProxy(path: string, mode: ProxyMode): Promise<Proxy>
     ],
     stdout: "piped",
     stderr: "piped",
+    // as `deno task start`: no update check (the CA bundle and an HTTP client in the process)
+    env: { DENO_NO_UPDATE_CHECK: "1" },
   });
   const log = keepLog(proc.stderr);
   const ready = await waitReady(proc, log, mode);

@@ -559,9 +559,14 @@ async function relayed<C extends Peer, B extends Peer>(
     ({ a: bs, b: backend } = await enginePair(rig, o.backendReceiveBuffer ?? 0));
   }
   const relay = new Relay(cs, bs, o.idleMs ?? 60_000);
-  const end = o.start === false ? null : relay.run();
+  const end = o.start === false ? null : relayEnd(relay);
   // deno-lint-ignore no-explicit-any -- the conditional types of the peers
   return { client: client as any, backend: backend as any, relay, cs, bs, end: end! };
+}
+
+/** Runs `relay`; resolves with how it ended. */
+function relayEnd(relay: Relay): Promise<RelayEnd> {
+  return new Promise((resolve) => relay.run(resolve));
 }
 
 /** Reads a Deno conn to its end: the bytes, and how it ended (`eof`, or the error's name). */
@@ -752,7 +757,7 @@ engineTest(
     });
     const reading = readToEnd(backend);
     const t0 = performance.now();
-    const end = relay.run();
+    const end = relayEnd(relay);
     const got = await reading;
     const ms = performance.now() - t0;
     assert.equal(describeMismatch(stream, got, 11), "identical");

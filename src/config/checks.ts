@@ -41,7 +41,7 @@ class Errors {
   }
 }
 
-/** A backend's address text (`"host:port"` or `{ "address": … }`) and where it is. */
+/** A backend's address text (`"host:port"` or `{ "address": ... }`) and where it is. */
 function backendAt(where: PropertyKey[], b: unknown): [PropertyKey[], unknown] {
   return typeof b === "string" ? [where, b] : [[...where, "address"], obj(b).address];
 }

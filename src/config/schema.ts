@@ -51,7 +51,7 @@ const backendSchema = z.preprocess(
   }, {
     error: (issue) =>
       issue.code === "invalid_type"
-        ? 'expected "host:port" or { "address": "host:port", … }'
+        ? 'expected "host:port" or { "address": "host:port", ... }'
         : undefined,
   }),
 );

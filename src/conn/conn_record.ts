@@ -56,13 +56,13 @@ export interface SessionInfo {
 }
 
 /**
- * The states of a connection, in order: reading the hello (or HTTP head) → routing by its name
- * → connecting a backend → relaying both ways → draining (one side has ended, the other still
- * sends) → closed. A QUIC flow is `hello` until its ClientHello is complete, then `relaying`.
+ * The states of a connection, in order: reading the hello (or HTTP head) -> routing by its name
+ * -> connecting a backend -> relaying both ways -> draining (one side has ended, the other still
+ * sends) -> closed. A QUIC flow is `hello` until its ClientHello is complete, then `relaying`.
  */
 export type ConnState = "hello" | "routing" | "connecting" | "relaying" | "draining" | "closed";
 
-/** Bytes of each direction: `up` client → backend, `down` backend → client. */
+/** Bytes of each direction: `up` client -> backend, `down` backend -> client. */
 export interface ByteCounts {
   up: number;
   down: number;

@@ -8,7 +8,8 @@
  *
  * @module
  */
-import { type KernelAccel, KernelAccelError, type SplicePair } from "../ebpf/sockmap.ts";
+import type { KernelAccel, SplicePair } from "../ebpf/sockmap.ts";
+import { KernelAccelError } from "../ebpf/errors.ts";
 import type { ClientHello } from "../proto/clienthello.ts";
 import { BurstLog, logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
@@ -295,8 +296,12 @@ interface SockmapHooksOptions {
 /** The relays' hooks for a pair in the sockmap (see {@link SpliceHooks}). */
 class SockmapHooks implements SpliceHooks {
   readonly #o: SockmapHooksOptions;
-  /** Aborted when the relay is done: a drain still waiting gives up. */
-  readonly #ended = new AbortController();
+  /**
+   * Aborted when the relay is done: a drain still waiting gives up. Made by the first drain (most
+   * pairs never wait for one: an idle connection holds no controller).
+   */
+  #ended: AbortController | null = null;
+  #released = false;
 
   constructor(options: SockmapHooksOptions) {
     this.#o = options;
@@ -310,6 +315,8 @@ class SockmapHooks implements SpliceHooks {
   ): Promise<boolean> {
     const { kernel, pair, clientAddr, drainMs } = this.#o;
     const bytes = up ? this.#o.firstBytes + userspaceBytes : userspaceBytes;
+    this.#ended ??= new AbortController();
+    if (this.#released) this.#ended.abort();
     const r = await kernel.waitDrained(pair, up ? "b" : "a", bytes, {
       timeoutMs: drainMs,
       sourceFinal: atEof,
@@ -326,7 +333,7 @@ class SockmapHooks implements SpliceHooks {
       if (atEof) this.#o.finalBytes[up ? "up" : "down"] = r.redirected;
       return true;
     }
-    if (r.socketFound && !this.#ended.signal.aborted) {
+    if (r.socketFound && !this.#released) {
       this.#o.undelivered[up ? "up" : "down"] = Math.max(0, r.expected - r.taken);
       log.warn(
         `${clientAddr}: ${to} socket took ${r.taken} of ${r.expected} bytes and then ` +
@@ -338,7 +345,8 @@ class SockmapHooks implements SpliceHooks {
   }
 
   release(): void {
-    this.#ended.abort();
+    this.#released = true;
+    this.#ended?.abort();
     this.#o.unpair();
   }
 

@@ -1,5 +1,5 @@
 /**
- * Kernel mode's default relay: splice(2) moves each direction's bytes socket → pipe → socket
+ * Kernel mode's default relay: splice(2) moves each direction's bytes socket -> pipe -> socket
  * inside the kernel, so payload never enters the process, and TCP flow control works as in
  * userspace mode: what a slow reader does not take stays in the pipe (at most its capacity,
  * `ebpf.pipe_bytes`) and the socket buffers, and the sender is held back by its closed window.
@@ -34,6 +34,7 @@ import { eventLoop } from "../io/loop.ts";
 import {
   type ByteRelay,
   type DirectionState,
+  endLater,
   IdleTimer,
   type RelayEnd,
   type RelayState,
@@ -95,7 +96,7 @@ export class PipePool {
 
 /** One direction of a pair. */
 interface Direction {
-  /** Client → backend. */
+  /** Client -> backend. */
   up: boolean;
   src: number;
   dst: number;
@@ -153,7 +154,7 @@ export class PipedRelay implements ByteRelay {
   readonly #watcher: FdWatcher;
   #end: RelayEnd | null = null;
   #error: unknown = null;
-  #done: (end: RelayEnd) => void = () => {};
+  #onEnd: ((end: RelayEnd) => void) | null = null;
 
   /**
    * `first`: what to write to the backend before the client's bytes (the hello, after any
@@ -199,12 +200,12 @@ export class PipedRelay implements ByteRelay {
     if (this.#first) this.#upDir.prefix = this.#first;
   }
 
-  /** Bytes client → backend the relay delivered (the hello not counted). */
+  /** Bytes client -> backend the relay delivered (the hello not counted). */
   get bytesUp(): number {
     return this.#upDir.bytes;
   }
 
-  /** Bytes backend → client the relay delivered. */
+  /** Bytes backend -> client the relay delivered. */
   get bytesDown(): number {
     return this.#downDir.bytes;
   }
@@ -225,9 +226,9 @@ export class PipedRelay implements ByteRelay {
     return this.#first !== null && this.#upDir.prefix === this.#first;
   }
 
-  run(): Promise<RelayEnd> {
-    if (this.#end !== null) return Promise.resolve(this.#end);
-    const ended = new Promise<RelayEnd>((resolve) => this.#done = resolve);
+  run(onEnd: (end: RelayEnd) => void): void {
+    if (this.#end !== null) return endLater(onEnd, this.#end);
+    this.#onEnd = onEnd;
     this.#idle.start();
     const { clientFd, backendFd } = this.#pair;
     try {
@@ -236,13 +237,12 @@ export class PipedRelay implements ByteRelay {
       this.#backendWatch = this.#watch(backendFd);
     } catch (e) {
       this.#finish("error", e);
-      return ended;
+      return;
     }
     // the hello goes out now, not one epoll round trip later: a new connection's latency; a
     // relay carrying on from another moves what either way has at once
     this.#pump(this.#upDir);
     this.#pump(this.#downDir);
-    return ended;
   }
 
   stop(reason: RelayEnd): void {
@@ -495,6 +495,6 @@ export class PipedRelay implements ByteRelay {
       if (reason === "done" || sock.fd === this.#resetFd) sock.close();
       else sock.reset();
     }
-    this.#done(reason);
+    if (this.#onEnd) endLater(this.#onEnd, reason);
   }
 }

@@ -26,7 +26,7 @@ export interface FlowAddr {
   port: number;
 }
 
-/** A routed flow's four addresses (client C → listener L, socket S → backend B). */
+/** A routed flow's four addresses (client C -> listener L, socket S -> backend B). */
 export interface KernelFlow {
   client: FlowAddr;
   listener: FlowAddr;

@@ -36,11 +36,11 @@ export function cutByProxy(reason: RelayEnd): boolean {
 /** Hooks for a relay whose bytes are (mostly) spliced in the kernel. */
 export interface SpliceHooks {
   /**
-   * Resolves once the receiving socket of a direction (`up`: client → backend) has taken every
+   * Resolves once the receiving socket of a direction (`up`: client -> backend) has taken every
    * byte the kernel redirected to it, so whatever userspace does to that socket next comes after
    * those bytes. Called at EOF, before the half-close is passed on (shutting down earlier loses
    * bytes still in the kernel's redirect queue), and before writing bytes that a spliced socket
-   * delivered to userspace: a socket leaves the sockmap when it closes (e.g. FIN_WAIT2 →
+   * delivered to userspace: a socket leaves the sockmap when it closes (e.g. FIN_WAIT2 ->
    * TIME_WAIT with its last data and FIN in one segment), and that data then reaches the reader
    * instead of the redirect; written at once it could overtake redirected bytes still queued.
    * `userspaceBytes`: what this relay wrote that way so far, not counting bytes written before
@@ -104,15 +104,19 @@ export interface BulkHandover {
 
 /** What a session needs of a relay, userspace or spliced. */
 export interface ByteRelay {
-  /** Relays until both directions are done (or the relay is stopped); closes both sockets. */
-  run(): Promise<RelayEnd>;
+  /**
+   * Relays until both directions are done (or the relay is stopped), closes both sockets, then
+   * calls `onEnd` once, in a microtask (never inside the call that ended the relay). A callback,
+   * not a promise: an idle connection holds no promise and no reaction.
+   */
+  run(onEnd: (end: RelayEnd) => void): void;
   /** Ends the relay now with `reason` (e.g. shutdown); both sockets are closed. */
   stop(reason: RelayEnd): void;
   /** The error behind a reset or error end, for the log. */
   readonly error: unknown;
-  /** Bytes client → backend this relay copied itself (not the kernel's). */
+  /** Bytes client -> backend this relay copied itself (not the kernel's). */
   readonly bytesUp: number;
-  /** Bytes backend → client this relay copied itself. */
+  /** Bytes backend -> client this relay copied itself. */
   readonly bytesDown: number;
   /** One direction has ended (its EOF passed on) while the other still flows. */
   readonly halfClosed: boolean;
@@ -226,7 +230,7 @@ export class Relay implements ByteRelay {
   readonly #idle: IdleTimer;
   #end: RelayEnd | null = null;
   #error: unknown = null;
-  #resolve: ((end: RelayEnd) => void) | null = null;
+  #onEnd: ((end: RelayEnd) => void) | null = null;
   /** The check of a reset that came after its side's EOF was passed on (see #pump). */
   #lateReset: Deadline | null = null;
   /** The failed call and its errno behind a reset end (0: none). */
@@ -274,7 +278,7 @@ export class Relay implements ByteRelay {
     return this.#error;
   }
 
-  /** Bytes client → backend copied by this relay. */
+  /** Bytes client -> backend copied by this relay. */
   get bytesUp(): number {
     return this.#next ? this.#next.bytesUp : this.#up.bytes;
   }
@@ -283,15 +287,15 @@ export class Relay implements ByteRelay {
     return this.#next ? this.#next.halfClosed : this.#up.done !== this.#down.done;
   }
 
-  /** Bytes backend → client copied by this relay. */
+  /** Bytes backend -> client copied by this relay. */
   get bytesDown(): number {
     return this.#next ? this.#next.bytesDown : this.#down.bytes;
   }
 
-  /** Relays until both directions are done (or the relay is stopped); closes both sockets. */
-  run(): Promise<RelayEnd> {
-    if (this.#end !== null) return Promise.resolve(this.#end);
-    const done = new Promise<RelayEnd>((resolve) => this.#resolve = resolve);
+  /** Relays until both directions are done (or the relay is stopped); see {@link ByteRelay.run}. */
+  run(onEnd: (end: RelayEnd) => void): void {
+    if (this.#end !== null) return endLater(onEnd, this.#end);
+    this.#onEnd = onEnd;
     // past the round's byte budget a direction queues itself for the next round (#pump)
     const onIo = () => this.#move();
     this.#client.setHandler(onIo);
@@ -299,7 +303,6 @@ export class Relay implements ByteRelay {
     this.#idle.start();
     // either socket may have input already (what followed the hello, the backend's answer)
     this.#move();
-    return done;
   }
 
   /** Ends the relay now with `reason` (e.g. shutdown); both sockets are closed. */
@@ -419,9 +422,9 @@ export class Relay implements ByteRelay {
       down: state(this.#down),
     });
     this.#next = next;
-    next.run().then((reason) => {
+    next.run((reason) => {
       this.#end = reason;
-      this.#resolve?.(reason);
+      this.#onEnd?.(reason);
     });
   }
 
@@ -458,8 +461,13 @@ export class Relay implements ByteRelay {
       if (reason === "backend_reset") this.#backend.close();
       else this.#backend.reset();
     }
-    this.#resolve?.(reason);
+    if (this.#onEnd) endLater(this.#onEnd, reason);
   }
+}
+
+/** Tells `onEnd` the relay's end in a microtask, as a settled promise would. */
+export function endLater(onEnd: (end: RelayEnd) => void, end: RelayEnd): void {
+  queueMicrotask(() => onEnd(end));
 }
 
 /** Closes a socket or conn, ignoring "already closed". */

@@ -1,9 +1,9 @@
 /**
- * One client connection's life, in steps: read the ClientHello (or HTTP head) → route by name →
- * connect a backend (src/conn/backend_dial.ts) → forward the bytes read so far → relay until
- * both sides are done (in kernel mode handed to the kernel: src/conn/kernel_handoff.ts) → access
+ * One client connection's life, in steps: read the ClientHello (or HTTP head) -> route by name ->
+ * connect a backend (src/conn/backend_dial.ts) -> forward the bytes read so far -> relay until
+ * both sides are done (in kernel mode handed to the kernel: src/conn/kernel_handoff.ts) -> access
  * log (src/conn/conn_record.ts). The connection is an explicit state machine: its record's
- * `state` goes hello → routing → connecting → relaying (→ draining once one side has ended) →
+ * `state` goes hello -> routing -> connecting -> relaying (-> draining once one side has ended) ->
  * closed, and the admin API shows it. What differs between TLS and HTTP listeners is their
  * {@link Protocol} value.
  *
@@ -483,18 +483,18 @@ export class Session {
    * the relay is cut as the backend's failure): `relay` moves the rest until both sides are done.
    */
   #relayWith(relay: ByteRelay, pool: BackendPool): void {
-    const ms = this.#ctx.table.config.timeouts.connectMs;
-    this.#firstDue = boundFirstWrite(relay, ms, () =>
-      this.#guarded(() => {
-        this.#error = this.#backendStalled(pool, null);
-        relay.stop("backend_timeout");
-      }));
     this.#record.helloBytes = this.#pending!.length;
     this.#pending = null;
     this.#relay = relay;
     this.#record.relay = relay;
     // stopped while the hello was written: the relay ends as stop() would have ended it
     if (this.#stopReason) relay.stop(this.#stopReason as RelayEnd);
-    relay.run().then((reason) => this.#guarded(() => this.#end(reason)));
+    relay.run((reason) => this.#guarded(() => this.#end(reason)));
+    const ms = this.#ctx.table.config.timeouts.connectMs; // after run(), which writes at once
+    this.#firstDue = boundFirstWrite(relay, ms, () =>
+      this.#guarded(() => {
+        this.#error = this.#backendStalled(pool, null);
+        relay.stop("backend_timeout");
+      }));
   }
 }

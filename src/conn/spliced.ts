@@ -23,12 +23,12 @@ import {
 import { EPOLLIN, EPOLLRDHUP } from "../../ffi/socket.ts";
 import { type FdWatcher, socketOf, type SocketPair } from "../io/watch.ts";
 import { afterPeerFin } from "./tcpinfo.ts";
-import { type ByteRelay, IdleTimer, type RelayEnd, type SpliceHooks } from "./relay.ts";
+import { type ByteRelay, endLater, IdleTimer, type RelayEnd, type SpliceHooks } from "./relay.ts";
 
 /** One socket of the pair and the direction it is the source of. */
 interface Side {
   fd: number;
-  /** The source of the client → backend direction. */
+  /** The source of the client -> backend direction. */
   up: boolean;
   id: number;
   /** Its EOF was read: from now on only a reset matters. */
@@ -72,7 +72,7 @@ export class SplicedRelay implements ByteRelay {
   #firstPending = true;
   #end: RelayEnd | null = null;
   #error: unknown = null;
-  #done: (end: RelayEnd) => void = () => {};
+  #onEnd: ((end: RelayEnd) => void) | null = null;
   bytesUp = 0;
   bytesDown = 0;
 
@@ -110,9 +110,9 @@ export class SplicedRelay implements ByteRelay {
     return this.#firstPending;
   }
 
-  run(): Promise<RelayEnd> {
-    const ended = new Promise<RelayEnd>((resolve) => this.#done = resolve);
-    if (this.#end !== null) return Promise.resolve(this.#end);
+  run(onEnd: (end: RelayEnd) => void): void {
+    if (this.#end !== null) return endLater(onEnd, this.#end);
+    this.#onEnd = onEnd;
     this.#idle.start();
     try {
       for (const s of [this.#client, this.#backend]) {
@@ -122,7 +122,7 @@ export class SplicedRelay implements ByteRelay {
       }
     } catch (e) {
       this.#finish("error", e);
-      return ended;
+      return;
     }
     // the hello is the session's bytes, not the relay's: not counted in bytesUp
     const first = this.#first!;
@@ -136,7 +136,6 @@ export class SplicedRelay implements ByteRelay {
         (e) => this.#finish("error", e),
       );
     }
-    return ended;
   }
 
   stop(reason: RelayEnd): void {
@@ -298,6 +297,6 @@ export class SplicedRelay implements ByteRelay {
       if (reason === "done" || sock.fd === this.#resetFd) sock.close();
       else sock.reset();
     }
-    this.#done(reason);
+    if (this.#onEnd) endLater(this.#onEnd, reason);
   }
 }

@@ -20,7 +20,7 @@ export const SOCKMAP_ENTRIES: Readonly<Range> = { min: 64, max: 16_777_216 };
  */
 export const SOCKET_BUFFER_BYTES: Readonly<Range> = { min: 0, max: 0x3fffffff };
 
-/** Capacity of each XDP trie and of each block set (`ebpf.xdp.max_entries`, `….block.max_entries`). */
+/** Capacity of each XDP trie and of each block set (`ebpf.xdp.max_entries`, `....block.max_entries`). */
 export const XDP_ENTRIES: Readonly<Range> = { min: 1, max: 1_048_576 };
 
 /** Default capacity of each XDP trie (deny/allow x IPv4/IPv6). */

@@ -7,31 +7,9 @@
 
 import { BpfError, BpfObject, libbpf, logTail, setLibbpfLogger } from "../../ffi/libbpf.ts";
 import { Errno } from "../../ffi/libc.ts";
+import { EbpfError, type EbpfLog, KernelAccelError } from "./errors.ts";
 
-/** Log sink of a loader (same levels as the proxy's logger). */
-export type EbpfLog = (level: "debug" | "info" | "warning" | "error", message: string) => void;
-
-/** Why an eBPF feature is unavailable or failed: `message` names the cause and the fix. */
-export class EbpfError extends Error {
-  /** Short machine-readable cause, e.g. `not_root`, `no_libbpf`, `load_failed`. */
-  readonly reason: string;
-  /** What the operator can do about it. */
-  readonly fix: string;
-  /** The network interface concerned, when there is one. */
-  readonly interface?: string;
-  constructor(
-    reason: string,
-    cause: string,
-    fix: string,
-    options?: { cause?: unknown; interface?: string },
-  ) {
-    super(`${cause}; ${fix}`, options);
-    this.name = "EbpfError";
-    this.reason = reason;
-    this.fix = fix;
-    this.interface = options?.interface;
-  }
-}
+export { EbpfError, type EbpfLog, KernelAccelError };
 
 /** The error class a loader reports with (a subclass of {@link EbpfError}). */
 export type EbpfErrorClass = new (
@@ -252,11 +230,6 @@ export class Undo {
       } catch { /* the step's resource is gone already, or freed with what follows */ }
     }
   }
-}
-
-/** Why the sockmap fast path (or the pinned DNS cache) is unavailable. */
-export class KernelAccelError extends EbpfError {
-  override name = "KernelAccelError";
 }
 
 /**

@@ -9,7 +9,14 @@ import { BPF_NOEXIST, BpfError } from "../../ffi/libbpf.ts";
 import { Errno } from "../../ffi/libc.ts";
 import { parseIp } from "../net/ip.ts";
 import type { SocketTuple } from "../conn/tcpinfo.ts";
-import { encodePair, encodeSockKey, PAIR, pairBytes, SOCKHASH_VALUE_SIZE } from "./layout.ts";
+import {
+  encodePair,
+  encodeSockKey,
+  PAIR,
+  pairBytes,
+  SOCK_KEY,
+  SOCKHASH_VALUE_SIZE,
+} from "./layout.ts";
 import { type EbpfLog, KernelAccelError } from "./loader.ts";
 
 /** One end of a TCP connection (a socket's localAddr / remoteAddr). */
@@ -47,31 +54,47 @@ export class SplicePair {
   /** The sockets as given to pair(). */
   readonly a: SpliceSocket;
   readonly b: SpliceSocket;
-  /** @internal both keys, a's then b's (one batch call writes or deletes both entries) */
-  readonly keys: Uint8Array;
-  /** @internal */
+  /**
+   * @internal Both sockets' map keys, a's then b's, in one buffer: one batch call writes or
+   * deletes both entries, and a pair lives as long as its connection (one allocation, not two).
+   */
+  readonly keys: Uint8Array<ArrayBuffer>;
+  /** @internal a's key (a view of `keys`) */
   readonly keyA: Uint8Array;
   /** @internal */
   readonly keyB: Uint8Array;
-  /** @internal */
-  readonly tupleA: SocketTuple;
-  /** @internal */
-  readonly tupleB: SocketTuple;
   /** @internal 1 for a socket whose acked count includes its SYN (actively opened), else 0. */
   readonly synOffset = { a: 0, b: 0 };
   /** @internal */
   constructor(a: SpliceSocket, b: SpliceSocket, tupleA: SocketTuple, tupleB: SocketTuple) {
     this.a = a;
     this.b = b;
-    this.tupleA = tupleA;
-    this.tupleB = tupleB;
-    const keyA = encodeSockKey(tupleA);
-    this.keys = new Uint8Array(2 * keyA.length);
-    this.keys.set(keyA);
-    this.keys.set(encodeSockKey(tupleB), keyA.length);
-    this.keyA = this.keys.subarray(0, keyA.length);
-    this.keyB = this.keys.subarray(keyA.length);
+    this.keys = new Uint8Array(2 * SOCK_KEY.size);
+    this.keyA = encodeSockKey(tupleA, this.keys.subarray(0, SOCK_KEY.size));
+    this.keyB = encodeSockKey(tupleB, this.keys.subarray(SOCK_KEY.size));
   }
+
+  /** @internal Socket a's 4-tuple, read from its key (its addresses are views of the key). */
+  get tupleA(): SocketTuple {
+    return tupleOfKey(this.keyA);
+  }
+
+  /** @internal */
+  get tupleB(): SocketTuple {
+    return tupleOfKey(this.keyB);
+  }
+}
+
+/** The 4-tuple a map key was encoded from; the addresses are views of `key`. */
+function tupleOfKey(key: Uint8Array): SocketTuple {
+  const v = new DataView(key.buffer, key.byteOffset, key.byteLength);
+  return {
+    family: v.getUint32(SOCK_KEY.family, true) as SocketTuple["family"],
+    localPort: v.getUint32(SOCK_KEY.localPort, true),
+    remotePort: v.getUint32(SOCK_KEY.remotePort, true),
+    localIp: key.subarray(SOCK_KEY.localIp, SOCK_KEY.localIp + 16),
+    remoteIp: key.subarray(SOCK_KEY.remoteIp, SOCK_KEY.remoteIp + 16),
+  };
 }
 
 /**

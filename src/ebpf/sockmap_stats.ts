@@ -25,11 +25,11 @@ export interface SocketCounts {
  */
 export interface KernelStats {
   bytesSpliced: number;
-  /** Of bytesSpliced: client → backend (the `a` side of pair() is the client's). */
+  /** Of bytesSpliced: client -> backend (the `a` side of pair() is the client's). */
   bytesUpstream: number;
-  /** Of bytesSpliced: backend → client. */
+  /** Of bytesSpliced: backend -> client. */
   bytesDownstream: number;
-  /** Of packetsSpliced: client → backend / backend → client. */
+  /** Of packetsSpliced: client -> backend / backend -> client. */
   packetsUpstream: number;
   packetsDownstream: number;
   packetsSpliced: number;

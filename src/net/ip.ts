@@ -56,7 +56,7 @@ export function parseIpv4(s: string): Uint8Array | null {
 
 /**
  * A dotted-quad IPv4 address as an unsigned 32-bit number, or -1 when `s` is not one (four
- * decimal parts of 1–3 digits, each ≤ 255). Scans the text without allocating: it runs for
+ * decimal parts of 1-3 digits, each <= 255). Scans the text without allocating: it runs for
  * every connection (ACL, dial guard, socket addresses).
  */
 export function ipv4Value(s: string): number {

@@ -30,7 +30,7 @@ export interface AdminRequest {
   cmd: string;
   /** drain / disable / enable / weight: the backend as configured (`127.0.0.1:9443`). */
   backend?: string;
-  /** weight: the backend's new weight (1–1000, as `routes[].backends[].weight`). */
+  /** weight: the backend's new weight (1-1000, as `routes[].backends[].weight`). */
   weight?: number;
   /** Narrow a backend change, or a session filter, to one route (`match`) or table. */
   route?: string;

@@ -13,7 +13,7 @@ export class QuicCounters {
   active = 0;
   /** Flows routed to a backend. */
   routed = 0;
-  /** Datagrams forwarded client → backend (`up`) and backend → client (`down`) in userspace. */
+  /** Datagrams forwarded client -> backend (`up`) and backend -> client (`down`) in userspace. */
   datagramsUp = 0;
   datagramsDown = 0;
   /** Their bytes (UDP payload). */

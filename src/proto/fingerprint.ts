@@ -12,7 +12,7 @@
  *
  * @module
  */
-import { createHash } from "node:crypto";
+import { md5Hex, sha256Hex } from "../net/digest.ts";
 
 /** The transport a hello came over: JA4's first character, `t` for TCP, `q` for QUIC. */
 export type HelloTransport = "tcp" | "quic";
@@ -31,7 +31,7 @@ const EXT_SIGNATURE_ALGORITHMS = 0x000d;
 const EXT_ALPN = 0x0010;
 const EXT_SUPPORTED_VERSIONS = 0x002b;
 
-/** RFC 8701 GREASE values: 0x0a0a, 0x1a1a, … 0xfafa. */
+/** RFC 8701 GREASE values: 0x0a0a, 0x1a1a, ... 0xfafa. */
 function isGrease(v: number): boolean {
   return (v & 0x0f0f) === 0x0a0a && (v >> 8) === (v & 0xff);
 }
@@ -50,7 +50,7 @@ function hex4(v: number): string {
 }
 
 function hash12(text: string): string {
-  return createHash("sha256").update(text).digest("hex").slice(0, 12);
+  return sha256Hex(text).slice(0, 12);
 }
 
 function count2(n: number): string {
@@ -143,11 +143,9 @@ export function fingerprints(
       hashed.map(hex4).join(",") + (sigalgs.length ? "_" + sigalgs.map(hex4).join(",") : ""),
     )
     : "000000000000";
-  const ja3 = createHash("md5").update(
-    [legacy, ciphers.join("-"), exts.join("-"), groups.join("-"), pointFormats.join("-")].join(
-      ",",
-    ),
-  ).digest("hex");
+  const ja3 = md5Hex(
+    [legacy, ciphers.join("-"), exts.join("-"), groups.join("-"), pointFormats.join("-")].join(","),
+  );
   return { ja4: `${a}_${b}_${c}`, ja3 };
 }
 
@@ -168,7 +166,7 @@ export function sslv2Fingerprints(version: number, specs: Uint8Array): Fingerpri
   const b = ciphers.length
     ? hash12([...ciphers].sort((x, y) => x - y).map(hex4).join(","))
     : "000000000000";
-  const ja3 = createHash("md5").update(`${version},${ciphers.join("-")},,,`).digest("hex");
+  const ja3 = md5Hex(`${version},${ciphers.join("-")},,,`);
   return { ja4: `${a}_${b}_000000000000`, ja3 };
 }
 

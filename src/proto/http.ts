@@ -180,7 +180,7 @@ function printable(s: string): string {
   return cut.replace(/[^\x20-\x7e]/g, "?");
 }
 
-/** `host[:port]` or `[v6][:port]` → the host, lower-cased, without trailing dot or brackets. */
+/** `host[:port]` or `[v6][:port]` -> the host, lower-cased, without trailing dot or brackets. */
 function normalizeHost(value: string): string {
   const bad = (why: string) =>
     new HttpRequestError("bad_host", `bad Host "${printable(value)}": ${why}`);

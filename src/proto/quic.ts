@@ -100,7 +100,7 @@ export interface QuicReaderOptions {
   maxPackets?: number;
   /** The most separate pieces the CRYPTO data may be in at a time (default 32). */
   maxPieces?: number;
-  /** Also compute the hello's JA4 (QUIC form, `q…`) and JA3. */
+  /** Also compute the hello's JA4 (QUIC form, `q...`) and JA3. */
   fingerprint?: boolean;
 }
 

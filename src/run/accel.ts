@@ -8,7 +8,6 @@
  * @module
  */
 import type { Config } from "../config/mod.ts";
-import type { EbpfLog } from "../ebpf/loader.ts";
 import { KernelAccel, KernelAccelError, type KernelStats } from "../ebpf/sockmap.ts";
 import { XdpError, XdpFilter } from "../ebpf/xdp.ts";
 import { SourceBlocker } from "../ebpf/xdpblock.ts";
@@ -24,13 +23,10 @@ import { STEER_CIDS } from "../ebpf/bounds.ts";
 import { logger } from "../ops/log.ts";
 import type { Metrics } from "../ops/metrics.ts";
 import type { WorkerRole } from "./proxy.ts";
-const log = logger("proxy");
+import { ebpfLog, kernelMode } from "./kernel_mode.ts";
 
-/** An eBPF loader's log, into the LogTape category `category`. */
-export function ebpfLog(category: string): EbpfLog {
-  const to = logger(category);
-  return (level, message) => to[level === "warning" ? "warn" : level](message);
-}
+export { ebpfLog, kernelMode };
+const log = logger("proxy");
 
 const kernelLog = ebpfLog("kernel");
 
@@ -47,15 +43,6 @@ export function attachKernel(config: Config, pinDir: string, workers: number): K
     log.warn(`eBPF fast path unavailable in this worker, userspace mode in use: ${why}`);
     return null;
   }
-}
-
-/**
- * How the config asks kernel mode to move bytes: through splice(2) pipes, the eBPF sockmap, or
- * not at all (userspace mode).
- */
-export function kernelMode(config: Config): "pipe" | "sockmap" | null {
-  if (!config.ebpf.enabled || !config.ebpf.sockmapEnabled) return null;
-  return config.ebpf.spliceMode;
 }
 
 /** Opens the fast path, or logs one warning with cause and fix and returns null. */

@@ -22,7 +22,8 @@ import { PipePool } from "../conn/piped.ts";
 import { pathMode, type RelayPath, USERSPACE_PATH } from "../conn/kernel_handoff.ts";
 import type { XdpFilter } from "../ebpf/xdp.ts";
 import { Listener, type ListenerHost, warnIfListened } from "../conn/listener.ts";
-import { QuicListener, type QuicListenerHost } from "../conn/quic_listener.ts";
+import type { QuicListener } from "../conn/quic_listener.ts";
+import type { QuicListenerHost } from "../conn/quic_end.ts";
 import type { QuicKernelPath } from "../conn/quic_flow.ts";
 import { logger } from "../ops/log.ts";
 import { MemoryReleaser } from "../ops/memory.ts";
@@ -34,18 +35,8 @@ import type { Session } from "../conn/session.ts";
 import { SourceLimiter } from "../conn/sourcelimit.ts";
 import { AcceptGate, type PauseReason } from "./acceptgate.ts";
 import type { OffenceSink, SourceBlocker } from "../ebpf/xdpblock.ts";
-import {
-  attachKernel,
-  ebpfLog,
-  flattenQuic,
-  flattenXdp,
-  joinQuicSteering,
-  kernelMode,
-  openKernel,
-  openQuicFastPath,
-  openXdpBlocking,
-  type SteeringMember,
-} from "./accel.ts";
+import type { SteeringMember } from "./accel.ts";
+import { ebpfLog, kernelMode } from "./kernel_mode.ts";
 import type { QuicFastPath } from "../ebpf/quic.ts";
 import type { RelayMode } from "./ready.ts";
 import {
@@ -56,6 +47,9 @@ import {
 } from "../route/table.ts";
 
 const log = logger("proxy");
+
+/** The eBPF parts (and libbpf behind them), loaded by a process that opens one. */
+const accel = () => import("./accel.ts");
 
 /** This process's part when the proxy runs as several worker processes (see supervisor.ts and worker.ts). */
 export interface WorkerRole {
@@ -157,24 +151,18 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
     }
     // a worker's warnings would repeat its supervisor's once per worker
     if (!worker) { for (const w of config.warnings) log.warn(w); }
-    // A worker uses what its supervisor loaded (and reports the sockets it paired); the
-    // supervisor reads the kernel counters and serves the metrics endpoint and the XDP filter.
-    if (kernelMode(config) === "pipe") {
-      proxy.pipes = new PipePool(config.ebpf.pipeBytes);
-    } else if (worker) {
-      if (worker.kernel) proxy.kernel = attachKernel(config, worker.kernel, worker.count);
-    } else if (kernelMode(config) === "sockmap") {
-      proxy.kernel = await openKernel(config);
-    }
+    await proxy.#openKernelPath(config);
     proxy.#configureDns(config);
-    const kernel = proxy.kernel;
-    if (kernel) proxy.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
     if (!worker) warnIfListened(config.listeners);
     if (worker?.quicSteer) {
-      proxy.quicSteer = joinQuicSteering(worker.quicSteer, worker, proxy.metrics);
+      proxy.quicSteer = (await accel()).joinQuicSteering(worker.quicSteer, worker, proxy.metrics);
     }
+    // QUIC's modules (its crypto among them) only where a listener speaks it
+    const quic = config.listeners.some((l) => l.protocol === "quic")
+      ? (await import("../conn/quic_listener.ts")).QuicListener
+      : null;
     try {
-      proxy.#bind(config);
+      proxy.#bind(config, quic);
       if (config.metrics && !worker) {
         const { hostname, port } = config.metrics;
         proxy.#metricsServer = await serveMetrics(
@@ -206,6 +194,7 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
       log.info("ebpf.sockmap_enabled is false: userspace mode in use");
     }
     if (config.ebpf.enabled && config.ebpf.xdp && !worker) {
+      const { openXdpBlocking, flattenXdp } = await accel();
       const { xdp, blocker } = await openXdpBlocking(config, proxy.#listeningPorts());
       proxy.xdp = xdp;
       if (xdp) proxy.metrics.kernelSources.set("xdp", () => flattenXdp(xdp.stats()));
@@ -224,9 +213,30 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
     return proxy;
   }
 
+  /**
+   * Kernel mode's relay path as the config asks: splice pipes, or the sockmap fast path (in a
+   * worker, its supervisor's: the worker reports the sockets it paired, the supervisor reads the
+   * kernel counters and serves the metrics endpoint and the XDP filter).
+   */
+  async #openKernelPath(config: Config): Promise<void> {
+    const worker = this.worker;
+    if (kernelMode(config) === "pipe") {
+      this.pipes = new PipePool(config.ebpf.pipeBytes);
+    } else if (worker) {
+      if (worker.kernel) {
+        this.kernel = (await accel()).attachKernel(config, worker.kernel, worker.count);
+      }
+    } else if (kernelMode(config) === "sockmap") {
+      this.kernel = await (await accel()).openKernel(config);
+    }
+    const kernel = this.kernel;
+    if (kernel) this.metrics.kernelSources.set("sockmap", () => ({ ...kernel.stats() }));
+  }
+
   /** Kernel mode for QUIC listeners (`ebpf.quic`): the fast path, or userspace (warned). */
   async #openQuicKernel(config: Config): Promise<void> {
     if (this.quicListeners.length === 0) return;
+    const { openQuicFastPath, flattenQuic } = await accel();
     const fast = await openQuicFastPath(config, this.worker?.count ?? 1);
     if (!fast) return;
     this.#quicFast = fast;
@@ -234,11 +244,14 @@ export class Proxy implements ListenerHost, QuicListenerHost, AdminTarget {
     this.metrics.kernelSources.set("quic", () => flattenQuic(fast.stats()));
   }
 
-  /** Binds every listener of `config`, TCP or QUIC (throws at the first that fails). */
-  #bind(config: Config): void {
+  /**
+   * Binds every listener of `config`, TCP or QUIC (throws at the first that fails); `quic`: the
+   * QUIC listener's class, loaded when the config has one.
+   */
+  #bind(config: Config, quic: typeof QuicListener | null): void {
     config.listeners.forEach((l, i) => {
       if (l.protocol === "quic") {
-        const q = new QuicListener(l, i, this);
+        const q = new quic!(l, i, this);
         this.quicListeners.push(q);
         this.#all.push(q);
       } else {

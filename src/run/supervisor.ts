@@ -85,6 +85,9 @@ function selfCommand(configPath: string): { cmd: string; args: string[] } {
       "run",
       "-A",
       "--unstable-net",
+      // as `deno task start`: no code cache (its mapped database and buffers stay resident for
+      // the process's life, about 2.5 MB, to save a one-time compile at start)
+      "--no-code-cache",
       "--v8-flags=--max-semi-space-size=4",
       ...config,
       main.pathname,
@@ -120,7 +123,9 @@ class WorkerProcess {
     const { cmd, args } = selfCommand(configPath);
     this.child = new Deno.Command(cmd, {
       args,
-      env: { [WORKER_ENV]: JSON.stringify(spec) },
+      // no update check: deno's would load the system's CA bundle and its HTTP client into
+      // every worker (about 1 MB each) to ask the network for a newer deno
+      env: { [WORKER_ENV]: JSON.stringify(spec), DENO_NO_UPDATE_CHECK: "1" },
       stdin: "piped",
       stdout: "piped",
       stderr: "inherit",
