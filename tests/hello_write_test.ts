@@ -15,6 +15,7 @@ import assert from "node:assert/strict";
 import {
   clientHelloBytes,
   e2eTest,
+  fixtureClients,
   kernelEbpf,
   kernelSkipReason,
   runChecked,
@@ -31,15 +32,24 @@ if (SKIP) console.warn(`\n!!! SKIPPING tests/hello_write_test.ts (needs root): $
 /** The fatal alert internal_error, in hex. */
 const INTERNAL_ERROR = "15030300020250";
 
-/** A backend in `wrapper`'s namespace that never accepts, with a 2 KiB receive buffer. */
-async function deafBackend(scope: Scope, wrapper: string[]): Promise<string> {
+/** A namespace of the test whose send buffers are capped at 16 KiB (see the module comment). */
+async function smallSendBuffers(scope: Scope, tag: string): Promise<string[]> {
+  const wrapper = await testNamespace(scope, tag);
+  await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
+  return wrapper;
+}
+
+/**
+ * A backend in `wrapper`'s namespace with a 2 KiB receive buffer: a python `body` run after it
+ * listens on `l` (backlog `backlog`) and printed its port; its address. Killed with the scope.
+ */
+async function pyBackend(scope: Scope, wrapper: string[], body: string, backlog = 64) {
   const script = "import socket, time\n" +
     "l = socket.socket()\n" +
     "l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)\n" +
     "l.bind(('127.0.0.1', 0))\n" +
-    "l.listen(64)\n" +
-    "print(l.getsockname()[1], flush=True)\n" +
-    "time.sleep(120)\n";
+    `l.listen(${backlog})\n` +
+    "print(l.getsockname()[1], flush=True)\n" + body;
   const child = new Deno.Command(wrapper[0], {
     args: [...wrapper.slice(1), "python3", "-c", script],
     stdout: "piped",
@@ -54,14 +64,18 @@ async function deafBackend(scope: Scope, wrapper: string[]): Promise<string> {
   return `127.0.0.1:${Number(value)}`;
 }
 
+/** A backend that never accepts (nor reads), with a 2 KiB receive buffer. */
+function deafBackend(scope: Scope, wrapper: string[]): Promise<string> {
+  return pyBackend(scope, wrapper, "time.sleep(120)\n");
+}
+
 for (const mode of ["userspace", "pipe", "sockmap"] as const) {
   e2eTest(
     `${mode} mode: a backend that accepts and never reads: a 120 KB hello is given up at ` +
       `connect_ms, logged and counted as the backend's failure; the client reads internal_error ` +
       `then the end (a sockmap relay, which holds the client's socket, resets it)`,
     async (scope) => {
-      const wrapper = await testNamespace(scope, `hello-write-${mode}`);
-      await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
+      const wrapper = await smallSendBuffers(scope, `hello-write-${mode}`);
       const backend = await deafBackend(scope, wrapper);
       const p = await startProxy(scope, {
         listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
@@ -71,21 +85,11 @@ for (const mode of ["userspace", "pipe", "sockmap"] as const) {
         metrics: { address: "127.0.0.1:0" },
         ebpf: mode === "userspace" ? { enabled: false } : kernelEbpf({ splice_mode: mode }),
       }, { wrapper });
-      const fixture = new URL("./fixtures/refused_clients.ts", import.meta.url).pathname;
-      const out = await runChecked([
-        ...wrapper,
-        Deno.execPath(),
-        "run",
-        "-A",
-        fixture,
-        "127.0.0.1",
-        String(p.port()),
-        "1",
-        "a.test",
-        "0",
-        "grow",
-      ]);
-      const [r] = JSON.parse(out) as { got: string; end: string; ms: number }[];
+      const [r] = await fixtureClients(wrapper, p.port(), {
+        count: 1,
+        name: "a.test",
+        kind: "grow",
+      });
       const e = await p.waitAccess((e) => e.sni === "a.test");
       assert.equal(e.close_reason, "backend_timeout", JSON.stringify(e));
       assert.equal(e.backend, backend);
@@ -126,8 +130,7 @@ e2eTest(
   "a session stopped while its hello is written (the drain ran out) resets the backend's " +
     "connection: the backend is not left holding a part of the hello",
   async (scope) => {
-    const wrapper = await testNamespace(scope, "hello-write-stop");
-    await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
+    const wrapper = await smallSendBuffers(scope, "hello-write-stop");
     const backend = await deafBackend(scope, wrapper);
     const port = backend.split(":")[1];
     const p = await startProxy(scope, {
@@ -137,20 +140,7 @@ e2eTest(
       limits: { max_client_hello_bytes: 262144 },
       ebpf: { enabled: false },
     }, { wrapper });
-    const fixture = new URL("./fixtures/refused_clients.ts", import.meta.url).pathname;
-    const client = runChecked([
-      ...wrapper,
-      Deno.execPath(),
-      "run",
-      "-A",
-      fixture,
-      "127.0.0.1",
-      String(p.port()),
-      "1",
-      "a.test",
-      "0",
-      "grow",
-    ]);
+    const client = fixtureClients(wrapper, p.port(), { count: 1, name: "a.test", kind: "grow" });
     // the backend's side of the connection, holding the part of the hello it was given
     const end = Date.now() + 10_000;
     while ((await established(wrapper, `( sport = :${port} )`)) !== 1) {
@@ -171,8 +161,7 @@ e2eTest(
   "an HTTP listener: a 120 KB request head to a backend that never reads is answered 504 at " +
     "connect_ms",
   async (scope) => {
-    const wrapper = await testNamespace(scope, "hello-write-http");
-    await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
+    const wrapper = await smallSendBuffers(scope, "hello-write-http");
     const backend = await deafBackend(scope, wrapper);
     const p = await startProxy(scope, {
       listeners: [{ address: "127.0.0.1:0", protocol: "http" }],
@@ -181,21 +170,7 @@ e2eTest(
       limits: { max_client_hello_bytes: 262144 },
       ebpf: { enabled: false },
     }, { wrapper });
-    const fixture = new URL("./fixtures/refused_clients.ts", import.meta.url).pathname;
-    const out = await runChecked([
-      ...wrapper,
-      Deno.execPath(),
-      "run",
-      "-A",
-      fixture,
-      "127.0.0.1",
-      String(p.port()),
-      "1",
-      "a.test",
-      "0",
-      "http",
-    ]);
-    const [r] = JSON.parse(out) as { got: string; end: string; ms: number }[];
+    const [r] = await fixtureClients(wrapper, p.port(), { count: 1, name: "a.test", kind: "http" });
     const text = new TextDecoder().decode(
       new Uint8Array((r.got.match(/../g) ?? []).map((b) => parseInt(b, 16))),
     );
@@ -211,38 +186,26 @@ e2eTest(
   "pipe mode: client bytes after the hello that a slow backend has not taken yet are not taken " +
     "for the hello: the connection outlives connect_ms and every byte arrives",
   async (scope) => {
-    const wrapper = await testNamespace(scope, "hello-write-later");
-    await runChecked([...wrapper, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 16384"]);
+    const wrapper = await smallSendBuffers(scope, "hello-write-later");
     // reads what comes at once (the hello), pauses 2.5 s, then reads to the end and says how much
-    const script = "import socket, time\n" +
-      "l = socket.socket()\n" +
-      "l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)\n" +
-      "l.bind(('127.0.0.1', 0))\n" +
-      "l.listen(8)\n" +
-      "print(l.getsockname()[1], flush=True)\n" +
+    const backend = await pyBackend(
+      scope,
+      wrapper,
       "c, _ = l.accept()\n" +
-      "n = len(c.recv(65536))\n" +
-      "time.sleep(2.5)\n" +
-      "while True:\n" +
-      "  b = c.recv(65536)\n" +
-      "  if not b: break\n" +
-      "  n += len(b)\n" +
-      "c.sendall(str(n).encode())\n" +
-      "c.close()\n" +
-      "time.sleep(30)\n";
-    const child = new Deno.Command(wrapper[0], {
-      args: [...wrapper.slice(1), "python3", "-c", script],
-      stdout: "piped",
-    }).spawn();
-    scope.defer(() => {
-      try {
-        child.kill("SIGKILL");
-      } catch { /* exited */ }
-    });
-    const { value } = await lines(child.stdout).next();
+        "n = len(c.recv(65536))\n" +
+        "time.sleep(2.5)\n" +
+        "while True:\n" +
+        "  b = c.recv(65536)\n" +
+        "  if not b: break\n" +
+        "  n += len(b)\n" +
+        "c.sendall(str(n).encode())\n" +
+        "c.close()\n" +
+        "time.sleep(30)\n",
+      8,
+    );
     const p = await startProxy(scope, {
       listeners: [{ address: "127.0.0.1:0", protocol: "tls" }],
-      routes: [{ match: "a.test", backends: [`127.0.0.1:${Number(value)}`] }],
+      routes: [{ match: "a.test", backends: [backend] }],
       timeouts: { connect_ms: 1000 },
       ebpf: kernelEbpf({ splice_mode: "pipe" }),
     }, { wrapper });

@@ -16,6 +16,7 @@ import {
   e2eTest,
   fdCount,
   fdOf,
+  fixtureClients,
   identityBackend,
   kernelEbpf,
   kernelSkipReason,
@@ -195,21 +196,11 @@ async function refusedOverLossyLink(
   const p = await startProxy(scope, config, { wrapper });
   assert.equal(p.ready.mode, mode === "userspace" ? "userspace" : "kernel");
   await loseFirstAlerts(scope, wrapper);
-  const fixture = new URL("./fixtures/refused_clients.ts", import.meta.url).pathname;
-  const port = String(p.port());
-  const out = await runChecked([
-    ...wrapper,
-    Deno.execPath(),
-    "run",
-    "-A",
-    fixture,
-    "127.0.0.1",
-    port,
-    "40",
-    "nope.test",
-    String(64 * 1024),
-  ]);
-  const results = JSON.parse(out) as { got: string; end: string }[];
+  const results = await fixtureClients(wrapper, p.port(), {
+    count: 40,
+    name: "nope.test",
+    extra: 64 * 1024,
+  });
   const alert = UNRECOGNIZED_NAME.map((b) => b.toString(16).padStart(2, "0")).join("");
   return {
     alerted: results.filter((r) => r.got === alert).length,

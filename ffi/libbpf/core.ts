@@ -265,24 +265,48 @@ export function check(rc: number, op: string): number {
   return rc;
 }
 
-/** The element count in and out of a batch call. */
+/** The element count in and out of a batch call (and its bytes, as the call takes them). */
 const batchCount = new Uint32Array(1);
+const batchCountBytes = new Uint8Array(batchCount.buffer);
+
+/**
+ * A map as its batch calls see it: its fd, its name for errors, and the bytes of one key and of
+ * one value buffer (all CPUs' slots for per-CPU maps).
+ */
+export interface BatchMap {
+  fd: number;
+  name: string;
+  keyBytes: number;
+  valueBytes: number;
+}
+
+/** Throws unless `bytes` holds exactly `count` items of `size` bytes. */
+function checkBatch(
+  op: string,
+  map: BatchMap,
+  what: string,
+  bytes: number,
+  size: number,
+  count: number,
+) {
+  if (bytes !== count * size) {
+    throw new BpfError(`${op}(${map.name})`, Errno.EINVAL, {
+      detail: `${what} are ${bytes} bytes, ${count} ${what} of the map take ${count * size}`,
+    });
+  }
+}
 
 /**
  * BPF_MAP_UPDATE_BATCH: writes `count` elements (keys and values packed one after another) in
  * one call. Throws the error of the element that failed (those before it are written).
  */
-export function updateBatch(
-  fd: number,
-  keys: Uint8Array,
-  values: Uint8Array,
-  count: number,
-  what: string,
-): void {
+export function updateBatch(map: BatchMap, keys: Uint8Array, values: Uint8Array, count: number) {
+  checkBatch("updateBatch", map, "keys", keys.length, map.keyBytes, count);
+  checkBatch("updateBatch", map, "values", values.length, map.valueBytes, count);
   batchCount[0] = count;
   check(
-    libbpf().bpf_map_update_batch(fd, keys, values, new Uint8Array(batchCount.buffer), null),
-    `bpf_map_update_batch(${what})`,
+    libbpf().bpf_map_update_batch(map.fd, keys, values, batchCountBytes, null),
+    `bpf_map_update_batch(${map.name})`,
   );
 }
 
@@ -290,10 +314,11 @@ export function updateBatch(
  * BPF_MAP_DELETE_BATCH: deletes `count` keys (packed one after another) in one call; stops at
  * the first absent key. Returns how many were deleted before it; throws any other error.
  */
-export function deleteBatch(fd: number, keys: Uint8Array, count: number, what: string): number {
+export function deleteBatch(map: BatchMap, keys: Uint8Array, count: number): number {
+  checkBatch("deleteBatch", map, "keys", keys.length, map.keyBytes, count);
   batchCount[0] = count;
-  const rc = libbpf().bpf_map_delete_batch(fd, keys, new Uint8Array(batchCount.buffer), null);
+  const rc = libbpf().bpf_map_delete_batch(map.fd, keys, batchCountBytes, null);
   if (rc === -Errno.ENOENT) return batchCount[0];
-  check(rc, `bpf_map_delete_batch(${what})`);
+  check(rc, `bpf_map_delete_batch(${map.name})`);
   return count;
 }

@@ -5,7 +5,16 @@
  */
 
 import { closeFd, cString, Errno } from "../libc.ts";
-import { BPF_ANY, BpfError, check, deleteBatch, libbpf, ptrOrThrow, updateBatch } from "./core.ts";
+import {
+  type BatchMap,
+  BPF_ANY,
+  BpfError,
+  check,
+  deleteBatch,
+  libbpf,
+  ptrOrThrow,
+  updateBatch,
+} from "./core.ts";
 
 /** bpf_obj_get: an fd for a pinned object (map, program or link); close it with closeFd. */
 export function objGet(path: string): number {
@@ -250,15 +259,7 @@ export class BpfMapFd implements Disposable {
    * Throws the error of the element that failed; those before it are written.
    */
   updateBatch(keys: Uint8Array, values: Uint8Array, count: number): void {
-    this.#checkBatch("updateBatch", keys, count);
-    if (values.length !== count * this.info.valueSize) {
-      throw new BpfError(`updateBatch(${this.name})`, 22, {
-        detail: `values are ${values.length} bytes, ${count} values of the map take ${
-          count * this.info.valueSize
-        }`,
-      });
-    }
-    updateBatch(this.fd, keys, values, count, this.name);
+    updateBatch(this.#batchMap(), keys, values, count);
   }
 
   /**
@@ -266,18 +267,17 @@ export class BpfMapFd implements Disposable {
    * key and returns how many it deleted before it.
    */
   deleteBatch(keys: Uint8Array, count: number): number {
-    this.#checkBatch("deleteBatch", keys, count);
-    return deleteBatch(this.fd, keys, count, this.name);
+    return deleteBatch(this.#batchMap(), keys, count);
   }
 
-  #checkBatch(op: string, keys: Uint8Array, count: number): void {
-    if (keys.length !== count * this.info.keySize) {
-      throw new BpfError(`${op}(${this.name})`, 22, {
-        detail: `keys are ${keys.length} bytes, ${count} keys of the map take ${
-          count * this.info.keySize
-        }`,
-      });
-    }
+  /** What the batch calls check the buffers against (the fd as it is now). */
+  #batchMap(): BatchMap {
+    return {
+      fd: this.fd,
+      name: this.name,
+      keyBytes: this.info.keySize,
+      valueBytes: this.info.valueSize,
+    };
   }
 
   /** Iterate keys (copies); the map may change meanwhile, as with any BPF map walk. */

@@ -5,6 +5,7 @@
 
 import { cString, Errno } from "../libc.ts";
 import {
+  type BatchMap,
   BPF_ANY,
   BpfError,
   BpfMapType,
@@ -346,15 +347,7 @@ export class BpfMap {
    * Throws the error of the element that failed; those before it are written.
    */
   updateBatch(keys: Uint8Array, values: Uint8Array, count: number): void {
-    this.#checkBatch("updateBatch", keys, count);
-    if (values.length !== count * this.valueBufferSize) {
-      throw new BpfError(`updateBatch(${this.name})`, 22, {
-        detail: `values are ${values.length} bytes, ${count} values of the map take ${
-          count * this.valueBufferSize
-        }`,
-      });
-    }
-    updateBatch(this.fd, keys, values, count, this.name);
+    updateBatch(this.#batchMap(), keys, values, count);
   }
 
   /**
@@ -362,18 +355,17 @@ export class BpfMap {
    * key and returns how many it deleted before it.
    */
   deleteBatch(keys: Uint8Array, count: number): number {
-    this.#checkBatch("deleteBatch", keys, count);
-    return deleteBatch(this.fd, keys, count, this.name);
+    return deleteBatch(this.#batchMap(), keys, count);
   }
 
-  #checkBatch(op: string, keys: Uint8Array, count: number): void {
-    if (keys.length !== count * this.keySize) {
-      throw new BpfError(`${op}(${this.name})`, 22, {
-        detail: `keys are ${keys.length} bytes, ${count} keys of the map take ${
-          count * this.keySize
-        }`,
-      });
-    }
+  /** What the batch calls check the buffers against (the fd as it is now). */
+  #batchMap(): BatchMap {
+    return {
+      fd: this.fd,
+      name: this.name,
+      keyBytes: this.keySize,
+      valueBytes: this.valueBufferSize,
+    };
   }
 
   /** Iterate keys (copies); the map may change meanwhile, as with any BPF map walk. */

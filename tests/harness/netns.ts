@@ -83,3 +83,39 @@ export async function traffic(s: Scope, wrapper: string[], args: string[] = []) 
     },
   };
 }
+
+/** One client's outcome from tests/fixtures/refused_clients.ts. */
+export interface FixtureClient {
+  /** The bytes it read, in hex. */
+  got: string;
+  /** How its read ended: `eof`, `timeout`, or the error's name. */
+  end: string;
+  /** When, in ms after connecting. */
+  ms: number;
+}
+
+/**
+ * tests/fixtures/refused_clients.ts run by `wrapper`: `count` clients at once to
+ * 127.0.0.1:`port`, each sending a hello for `name` with `extra` bytes behind it (`kind`
+ * `grow`: a ~120 KB hello; `http`: a ~120 KB HTTP head); their outcomes.
+ */
+export async function fixtureClients(
+  wrapper: string[],
+  port: number,
+  o: { count: number; name: string; extra?: number; kind?: "grow" | "http" },
+): Promise<FixtureClient[]> {
+  const out = await runChecked([
+    ...wrapper,
+    Deno.execPath(),
+    "run",
+    "-A",
+    `${ROOT}tests/fixtures/refused_clients.ts`,
+    "127.0.0.1",
+    String(port),
+    String(o.count),
+    o.name,
+    String(o.extra ?? 0),
+    ...(o.kind ? [o.kind] : []),
+  ]);
+  return JSON.parse(out);
+}
