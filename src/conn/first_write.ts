@@ -1,7 +1,7 @@
 /**
  * Writing a session's first bytes (the client's hello, after any PROXY header) to the backend
- * it just connected, in userspace mode (a kernel relay writes them itself; the session bounds
- * that the same way, see {@link backendStalled}). A backend that accepts but never reads (hung, or its
+ * it just connected, in userspace and pipe mode (a sockmap relay writes them itself; the session
+ * bounds that the same way, see {@link boundFirstWrite}). A backend that accepts but never reads (hung, or its
  * accept queue served by a process that stopped reading) would hold the session there for ever:
  * the relay and its idle timeout start only once the hello is written. So the write is bounded
  * by `timeouts.connect_ms`, counted from the first write the backend refused (just after the
@@ -114,7 +114,7 @@ export function backendStalled(s: StalledBackend): Error {
 }
 
 /**
- * A kernel relay writes the first bytes itself: calls `stalled` when they are not all in the
+ * A sockmap relay writes the first bytes itself: calls `stalled` when they are not all in the
  * backend's socket `ms` after it started; null (no deadline) when they already are.
  */
 export function boundFirstWrite(

@@ -103,7 +103,7 @@ interface Direction {
   pipe: Pipe | null;
   /** Bytes in the pipe now. */
   inPipe: number;
-  /** Bytes to write to dst before anything spliced (the hello), and how far it got. */
+  /** Bytes to write to dst before anything spliced (what the handing-over relay held), and how far it got. */
   prefix: Uint8Array | null;
   prefixOff: number;
   /** The source's EOF was read. */
@@ -142,11 +142,6 @@ export class PipedRelay implements ByteRelay {
   readonly #idle: IdleTimer;
   readonly #upDir: Direction;
   readonly #downDir: Direction;
-  /**
-   * The session's first bytes when this relay writes them, the up direction's prefix until
-   * written (later ones are copies); null when the session wrote them (pipe mode's handover).
-   */
-  readonly #first: Uint8Array | null;
   /** The watcher's ids of the client's and the backend's fd (-1: not watched). */
   #clientWatch = -1;
   #backendWatch = -1;
@@ -157,9 +152,9 @@ export class PipedRelay implements ByteRelay {
   #onEnd: ((end: RelayEnd) => void) | null = null;
 
   /**
-   * `first`: what to write to the backend before the client's bytes (the hello, after any
-   * PROXY header); or `resume`: where the userspace relay that handed the pair over stood (its
-   * bytes waiting, EOFs, and which direction carries bulk: that one splices from the start);
+   * `resume`: where the userspace relay that handed the pair over stood (the session wrote the
+   * hello before that relay started): its bytes waiting, EOFs, and which direction carries bulk
+   * (that one splices from the start);
    * `release`: called once as the relay ends, before the sockets close; `watcher`: watches the
    * detached sockets, and its read buffer takes the rare bytes read past an urgent mark.
    */
@@ -168,8 +163,7 @@ export class PipedRelay implements ByteRelay {
     pool: PipePool,
     opts: {
       idleMs: number;
-      first?: Uint8Array;
-      resume?: RelayState;
+      resume: RelayState;
       release?: () => void;
       watcher: FdWatcher;
     },
@@ -179,25 +173,23 @@ export class PipedRelay implements ByteRelay {
     this.#pool = pool;
     this.#release = opts.release ?? (() => {});
     this.#idle = new IdleTimer(opts.idleMs, null, () => this.#finish("idle_timeout", null));
-    const dir = (up: boolean, src: number, dst: number, at?: DirectionState): Direction => ({
+    const dir = (up: boolean, src: number, dst: number, at: DirectionState): Direction => ({
       up,
       src,
       dst,
       pipe: null,
       inPipe: 0,
-      prefix: at?.pending ?? null,
+      prefix: at.pending,
       prefixOff: 0,
-      eof: at?.eof ?? false,
-      done: at?.done ?? false,
-      bytes: at?.bytes ?? 0,
+      eof: at.eof,
+      done: at.done,
+      bytes: at.bytes,
       urgent: false,
       srcSocket: socketOf(pair, src),
-      spliced: at?.bulk ?? false,
+      spliced: at.bulk,
     });
-    this.#upDir = dir(true, pair.clientFd, pair.backendFd, opts.resume?.up);
-    this.#downDir = dir(false, pair.backendFd, pair.clientFd, opts.resume?.down);
-    this.#first = opts.first?.length ? opts.first : null;
-    if (this.#first) this.#upDir.prefix = this.#first;
+    this.#upDir = dir(true, pair.clientFd, pair.backendFd, opts.resume.up);
+    this.#downDir = dir(false, pair.backendFd, pair.clientFd, opts.resume.down);
   }
 
   /** Bytes client -> backend the relay delivered (the hello not counted). */
@@ -221,9 +213,9 @@ export class PipedRelay implements ByteRelay {
     return this.#upDir.done !== this.#downDir.done;
   }
 
+  /** Never: the session wrote the hello before the pair was handed over. */
   get firstPending(): boolean {
-    // a later read the backend did not take whole is kept as the prefix too: not the hello
-    return this.#first !== null && this.#upDir.prefix === this.#first;
+    return false;
   }
 
   run(onEnd: (end: RelayEnd) => void): void {
@@ -239,8 +231,7 @@ export class PipedRelay implements ByteRelay {
       this.#finish("error", e);
       return;
     }
-    // the hello goes out now, not one epoll round trip later: a new connection's latency; a
-    // relay carrying on from another moves what either way has at once
+    // carrying on from the relay that handed the pair over: what either way holds moves at once
     this.#pump(this.#upDir);
     this.#pump(this.#downDir);
   }

@@ -121,8 +121,8 @@ export interface ByteRelay {
   /** One direction has ended (its EOF passed on) while the other still flows. */
   readonly halfClosed: boolean;
   /**
-   * The session's first bytes (the hello, after any PROXY header), which a kernel relay writes
-   * itself, are not all in the backend's socket yet.
+   * The session's first bytes (the hello, after any PROXY header), which a sockmap relay writes
+   * itself, are not all in the backend's socket yet (false for relays that never write them).
    */
   readonly firstPending: boolean;
 }

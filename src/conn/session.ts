@@ -116,7 +116,7 @@ export class Session {
   #backend: Backend | null = null;
   /** The write of the first bytes to the backend (hello, maybe after a PROXY header). */
   #firstWrite: FirstWrite | null = null;
-  /** A kernel relay writes them: the connect_ms deadline of that write, while it lasts. */
+  /** A sockmap relay writes them: the connect_ms deadline of that write, while it lasts. */
   #firstDue: Deadline | null = null;
   /** The client was told no and sent its FIN: it is closed by a lingering close. */
   #refused = false;
